@@ -1,0 +1,1 @@
+"""Pallas kernels (with pure-jnp references) used by qwen_jax."""

@@ -1,0 +1,133 @@
+"""Public entry point of the gated delta rule: validation and dispatch.
+
+Implementations live in a registry (`_IMPLEMENTATIONS`) so adding a backend
+is one line. "auto" picks Pallas on GPU/TPU when it is registered and the
+chunked jnp reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+
+from pallas_kernels.gated_delta_rule import reference
+
+
+def _recurrent(q, k, v, g, beta, initial_state, scale, segment_ids,
+               chunk_size, interpret):
+  del chunk_size, interpret  # unused by the per-token scan
+  return reference.recurrent_gated_delta_rule(
+      q, k, v, g, beta, initial_state, scale, segment_ids)
+
+
+def _chunked(q, k, v, g, beta, initial_state, scale, segment_ids,
+             chunk_size, interpret):
+  del interpret
+  return reference.chunked_gated_delta_rule(
+      q, k, v, g, beta, initial_state, scale, segment_ids, chunk_size)
+
+
+# name -> fn(q, k, v, g, beta, initial_state, scale, segment_ids, chunk_size,
+#            interpret) -> (o, final_state)
+_IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "recurrent": _recurrent,
+    "chunked": _chunked,
+}
+
+
+def available_implementations() -> tuple[str, ...]:
+  """Names accepted by `implementation` (besides "auto")."""
+  return tuple(_IMPLEMENTATIONS)
+
+
+def _resolve(implementation: str) -> str:
+  if implementation == "auto":
+    if jax.default_backend() in ("gpu", "tpu") and "pallas" in _IMPLEMENTATIONS:
+      return "pallas"
+    return "chunked"
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation: expected one of {('auto',) + available_implementations()}"
+        f", found {implementation!r}")
+  return implementation
+
+
+def _check(name: str, shape, expected) -> None:
+  if tuple(shape) != tuple(expected):
+    raise ValueError(
+        f"{name}: expected shape {tuple(expected)}, found {tuple(shape)}")
+
+
+def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
+  if q.ndim != 4:
+    raise ValueError(f"q: expected rank 4 [b, t, hk, dk], found shape "
+                     f"{tuple(q.shape)}")
+  b, t, hk, dk = q.shape
+  _check("k", k.shape, (b, t, hk, dk))
+  if v.ndim != 4 or tuple(v.shape[:2]) != (b, t):
+    raise ValueError(f"v: expected shape ({b}, {t}, hv, dv), found "
+                     f"{tuple(v.shape)}")
+  hv, dv = v.shape[2], v.shape[3]
+  if hv % hk:
+    raise ValueError(f"v: expected a head count hv that is a multiple of "
+                     f"hk={hk}, found hv={hv}")
+  _check("g", g.shape, (b, t, hv))
+  _check("beta", beta.shape, (b, t, hv))
+  if initial_state is not None:
+    _check("initial_state", initial_state.shape, (b, hv, dk, dv))
+  if segment_ids is not None:
+    _check("segment_ids", segment_ids.shape, (b, t))
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size: expected a positive int, found "
+                     f"{chunk_size!r}")
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    initial_state: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+    chunk_size: int = 64,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Gated delta rule over a sequence (Gated DeltaNet's token mixer).
+
+  Per value head, with state S [dk, dv]:
+    S~_t = exp(g_t) S_{t-1}
+    S_t = S~_t + beta_t k_t (v_t - S~_t^T k_t)^T
+    o_t = S_t^T (scale q_t)
+  No L2 normalisation happens here (the layer does it). Math is float32.
+
+  Args:
+    q: [b, t, hk, dk] queries.
+    k: [b, t, hk, dk] keys.
+    v: [b, t, hv, dv] values; hv a multiple of hk, value head j uses key head
+      j // (hv // hk).
+    g: [b, t, hv] log decay (<= 0).
+    beta: [b, t, hv] write strength, usually in (0, 1).
+    initial_state: [b, hv, dk, dv] or None (zeros). With segment_ids it seeds
+      only the first segment.
+    scale: query scale; default dk ** -0.5.
+    implementation: "auto", or a name from `available_implementations()`.
+    interpret: run Pallas kernels in interpret mode (CPU tests).
+    chunk_size: tokens per chunk for chunked implementations.
+    segment_ids: [b, t] ints or None. Packed documents: the state resets to
+      zero wherever the id differs from the previous position's.
+
+  Returns:
+    (o [b, t, hv, dv] in v.dtype, final_state [b, hv, dk, dv] float32).
+
+  Raises:
+    ValueError: unknown implementation or inconsistent shapes.
+  """
+  name = _resolve(implementation)
+  _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
+  return _IMPLEMENTATIONS[name](q, k, v, g, beta, initial_state, scale,
+                                segment_ids, chunk_size, interpret)

@@ -1,0 +1,172 @@
+"""Gated full attention of Qwen3.5 (GQA, q/k norm, partial RoPE, output gate).
+
+  qg       = x W_q          reshaped [b, t, h, 2e]; q = qg[..., :e],
+                            gate = qg[..., e:]   (interleaved per head)
+  k, v     = x W_k, x W_v   [b, t, n, e]
+  q, k     = RMSNorm_zc(q), RMSNorm_zc(k)        (over e, before RoPE)
+  q, k     = RoPE on the first rotary_dim dims   (NeoX half split)
+  o        = softmax(q k^T / sqrt(e) + mask) v   (query head i uses kv head
+                                                  i // (h / n))
+  y        = (o * sigmoid(gate)) W_o             (element-wise gate)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax import layers
+from qwen_jax.array_typing import Array, PyTree
+from qwen_jax.config import QwenConfig
+
+# Queries are processed in blocks of this many tokens when the sequence is
+# longer, so the score matrix never holds more than block x s entries.
+QUERY_BLOCK = 1024
+_NEG = -1e30
+
+
+def _attend_block(q, k, v, q_pos, k_pos, key_valid, q_seg, k_seg):
+  """Softmax attention for one block of queries.
+
+  q: [b, tq, n, g, e] (already scaled); k, v: [b, s, n, e]; q_pos [b, tq];
+  k_pos [b, s]; key_valid [b, s] bool; q_seg [b, tq] / k_seg [b, s] or None.
+  """
+  scores = jnp.einsum("btnge,bsne->bngts", q, k,
+                      preferred_element_type=jnp.float32)
+  allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]
+  if q_seg is not None:
+    allowed &= q_seg[:, :, None] == k_seg[:, None, :]
+  scores = jnp.where(allowed[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bngts,bsne->btnge", probs, v,
+                    preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array,
+                          k_pos: Array, key_valid: Array,
+                          q_seg: Array | None = None,
+                          k_seg: Array | None = None,
+                          block: int = QUERY_BLOCK) -> Array:
+  """Causal GQA attention with padding and packing masks, in jnp.
+
+  Args:
+    q: [b, t, h, e] queries; k, v: [b, s, n, e] with h a multiple of n.
+    q_pos: [b, t] query positions; k_pos: [b, s] key positions (a key is
+      visible when k_pos <= q_pos).
+    key_valid: [b, s] bool, False for padding and unwritten cache slots.
+    q_seg, k_seg: packed-document ids, or None.
+    block: queries per block (memory O(block * s)).
+
+  Returns:
+    [b, t, h, e] in v.dtype.
+  """
+  b, t, h, e = q.shape
+  n = k.shape[2]
+  q = (q * (e ** -0.5)).reshape(b, t, n, h // n, e).astype(q.dtype)
+  if t <= block:
+    o = _attend_block(q, k, v, q_pos, k_pos, key_valid, q_seg, k_seg)
+    return o.reshape(b, t, h, e)
+  nb = -(-t // block)
+  pad = nb * block - t
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  pp = jnp.pad(q_pos, ((0, 0), (0, pad)))
+  blocks = [qp.reshape(b, nb, block, n, h // n, e).swapaxes(0, 1),
+            pp.reshape(b, nb, block).swapaxes(0, 1)]
+  if q_seg is not None:
+    sp = jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1)
+    blocks.append(sp.reshape(b, nb, block).swapaxes(0, 1))
+
+  def one(args):
+    qb, pb = args[0], args[1]
+    sb = args[2] if q_seg is not None else None
+    return _attend_block(qb, k, v, pb, k_pos, key_valid, sb, k_seg)
+
+  o = jax.lax.map(one, tuple(blocks))  # [nb, b, block, n, g, e]
+  o = o.swapaxes(0, 1).reshape(b, nb * block, h, e)
+  return o[:, :t]
+
+
+class GatedAttention(nn.Module):
+  """Qwen3.5 gated full-attention layer.
+
+  Attributes:
+    cfg: the model config.
+  """
+  cfg: QwenConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array,
+               attention_mask: Array | None = None,
+               cache: PyTree | None = None,
+               cache_index: Array | None = None,
+               segment_ids: Array | None = None
+               ) -> tuple[Array, PyTree | None]:
+    """Applies the layer.
+
+    Args:
+      x: [b, t, d] normalised hidden states.
+      positions: [b, t] int positions (RoPE and causality).
+      attention_mask: [b, s] 1 for real tokens, 0 for padding, over the keys:
+        s = t without a cache, s = the cache length with one.
+      cache: {"k": [b, S, n, e], "v": [b, S, n, e]} or None.
+      cache_index: int32 scalar, tokens already in the cache.
+      segment_ids: [b, t] packed-document ids (no cache), or None.
+
+    Returns:
+      ([b, t, d] output, updated cache or None).
+    """
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t, _ = x.shape
+    h, n, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dense = lambda f, names, name: layers.Dense(  # pylint: disable=g-long-lambda
+        f, names, cfg.attention_bias, dtype, pdtype, name=name)
+
+    qg = dense(2 * h * e, ("embed", "heads"), "q_proj")(x)
+    qg = qg.reshape(b, t, h, 2 * e)
+    q, gate = qg[..., :e], qg[..., e:]
+    k = dense(n * e, ("embed", "kv_heads"), "k_proj")(x).reshape(b, t, n, e)
+    v = dense(n * e, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, n, e)
+    q = layers.RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="q_norm")(q)
+    k = layers.RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="k_norm")(k)
+    cos, sin = layers.rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta,
+                                   dtype)
+    q = layers.apply_partial_rope(q, cos, sin)
+    k = layers.apply_partial_rope(k, cos, sin)
+    q = layers.constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k = layers.constrain(k, ("batch", "seq", "kv_heads_act", "head_dim"))
+
+    if cache is not None:
+      # Write this step's keys/values at cache_index, attend over the cache.
+      k_all = jax.lax.dynamic_update_slice(
+          cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(
+          cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k_all, "v": v_all}
+      s = k_all.shape[1]
+      k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      q_pos = cache_index + jnp.broadcast_to(
+          jnp.arange(t, dtype=jnp.int32), (b, t))
+      key_valid = k_pos < cache_index + t
+      if attention_mask is not None:
+        key_valid &= attention_mask.astype(bool)
+      o = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype),
+                                q_pos, k_pos, key_valid)
+    else:
+      new_cache = None
+      ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      key_valid = (jnp.ones((b, t), bool) if attention_mask is None
+                   else attention_mask.astype(bool))
+      if (cfg.attention_implementation == "cudnn" and attention_mask is None
+          and segment_ids is None):
+        o = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=e ** -0.5,
+            implementation="cudnn")
+      else:
+        o = dot_product_attention(q, k, v, ar, ar, key_valid,
+                                  segment_ids, segment_ids)
+    o = o.reshape(b, t, h * e) * jax.nn.sigmoid(
+        gate.reshape(b, t, h * e).astype(jnp.float32)).astype(dtype)
+    y = dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(o)
+    return y, new_cache

@@ -1,0 +1,36 @@
+"""Tolerances keyed by dtype: the one place tests take them from."""
+
+import numpy as np
+import jax.numpy as jnp
+
+# (rtol, atol) for comparisons against an independent reference.
+_TOLERANCES = {
+    "float64": (1e-10, 1e-10),
+    "float32": (2e-4, 2e-4),
+    "bfloat16": (3e-2, 3e-2),
+    "float16": (1e-2, 1e-2),
+}
+
+# Parity with Hugging Face logits: largest |diff| relative to largest |logit|.
+HF_LOGITS_REL = 1e-4
+
+
+def tol(dtype) -> tuple[float, float]:
+  """Returns (rtol, atol) for arrays of `dtype`."""
+  return _TOLERANCES[np.dtype(jnp.dtype(dtype)).name]
+
+
+def assert_close(actual, expected, dtype, *, scale: float = 1.0,
+                 err_msg: str = ""):
+  """Asserts `actual` ~ `expected` with the tolerance of `dtype` (x scale)."""
+  rtol, atol = tol(dtype)
+  np.testing.assert_allclose(
+      np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+      rtol=rtol * scale, atol=atol * scale, err_msg=err_msg)
+
+
+def max_rel_err(actual, expected) -> float:
+  """Largest |actual - expected| relative to the largest |expected|."""
+  a = np.asarray(actual, np.float64)
+  e = np.asarray(expected, np.float64)
+  return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30))
