@@ -1,0 +1,21 @@
+"""qwen-jax: a JAX/Flax reimplementation of the Qwen3.5 hybrid language model.
+
+Public API (DESIGN §3):
+  QwenConfig, Qwen35, load_hf_checkpoint, save_hf_checkpoint, generate.
+"""
+
+from qwen_jax.checkpoint import load_hf_checkpoint
+from qwen_jax.checkpoint import save_hf_checkpoint
+from qwen_jax.config import QwenConfig
+from qwen_jax.config import layer_types_from_ratio
+from qwen_jax.model import Qwen35
+
+__all__ = [
+    "QwenConfig",
+    "Qwen35",
+    "layer_types_from_ratio",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
+]
+
+__version__ = "0.1.0"
