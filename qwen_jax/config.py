@@ -64,9 +64,10 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
     raise ValueError(f"ratio: expected non-negative counts, not both zero; "
                      f"found {lin}:{full}")
   period = lin + full
-  if num_layers % period:
+  if num_layers < 1 or num_layers % period:
     raise ValueError(
-        f"num_layers: expected a multiple of the ratio period {period} "
+        f"num_layers: expected a positive multiple of the ratio period "
+        f"{period} "
         f"({lin}:{full}), found {num_layers}")
   group = (LINEAR,) * lin + (FULL,) * full
   return group * (num_layers // period)

@@ -13,6 +13,10 @@ _TOLERANCES = {
 
 # Parity with Hugging Face logits: largest |diff| relative to largest |logit|.
 HF_LOGITS_REL = 1e-4
+# The same in bfloat16 (ours bf16 vs transformers bf16). Rounding compounds
+# over layers; on the tiny random models HF's own bf16 logits sit ~7e-2 from
+# its float32 ones (QWEN35_SPEC.md §5.10), so only gross errors show here.
+HF_BF16_LOGITS_REL = 0.2
 
 
 def tol(dtype) -> tuple[float, float]:
