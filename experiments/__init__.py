@@ -1,0 +1,1 @@
+"""absl-flag experiment scripts (run as `python -m experiments.NAME`)."""
