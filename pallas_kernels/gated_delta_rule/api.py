@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 
+from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import reference
 
 
@@ -34,6 +35,7 @@ def _chunked(q, k, v, g, beta, initial_state, scale, segment_ids,
 _IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     "recurrent": _recurrent,
     "chunked": _chunked,
+    "pallas": pallas_gdr.api_entry,
 }
 
 

@@ -1,0 +1,232 @@
+"""Times gated delta rule implementations side by side, in one process.
+
+Forward and forward+backward of `pallas_kernels.gated_delta_rule` for each
+implementation asked for ("pallas", "chunked", "recurrent") and, when torch
+with CUDA and flash-linear-attention are importable, FLA's
+`chunk_gated_delta_rule` ("fla") on the same shapes. Prints a table of
+milliseconds (median), tokens/s and the speedup over each baseline measured
+in the same run (baseline time / this time), and writes it as JSON.
+
+  # GPU, the ANCHORS.md shape:
+  python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 8192 \
+      --heads 16 --dk 128 --dv 128 --implementations pallas,chunked,fla
+  # CPU smoke run: Pallas in interpret mode, small shapes by default.
+  python -m experiments.bench_gated_delta_rule --interpret
+
+q, k, v use --dtype; g and beta are float32 (as the model passes them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.gated_delta_rule import gated_delta_rule
+
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Value heads (hv).")
+_KEY_HEADS = flags.DEFINE_integer("key_heads", None,
+                                  "Key heads (hk); default = --heads.")
+_DK = flags.DEFINE_integer("dk", 128, "Key head dim.")
+_DV = flags.DEFINE_integer("dv", 128, "Value head dim.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "dtype of q, k, v.")
+_IMPLS = flags.DEFINE_list("implementations", ["pallas", "chunked", "fla"],
+                           "pallas, chunked, recurrent, fla.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed runs (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
+_INTERPRET = flags.DEFINE_bool(
+    "interpret", False,
+    "Pallas interpret mode (CPU). Shrinks the shape flags not given on the "
+    "command line to batch 1, seq_len 128, heads 2, dk 32, dv 32, iters 2.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
+_SEED = flags.DEFINE_integer("seed", 0, "Input seed.")
+
+_SMALL = dict(batch=1, seq_len=128, heads=2, dk=32, dv=32, iters=2,
+              warmup=1)
+BASELINES = ("chunked", "fla")
+
+
+def make_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int,
+                dtype, seed: int) -> dict[str, np.ndarray]:
+  """Random float32 NumPy inputs: unit-norm q, k; g <= 0; beta in (0, 1)."""
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, t, hk, dk)).astype(np.float32)
+  k = rng.normal(size=(b, t, hk, dk)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=-1, keepdims=True)
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  v = rng.normal(size=(b, t, hv, dv)).astype(np.float32)
+  g = -np.log1p(np.exp(rng.normal(size=(b, t, hv)) - 2.0)).astype(np.float32)
+  beta = (1.0 / (1.0 + np.exp(-rng.normal(size=(b, t, hv))))).astype(
+      np.float32)
+  del dtype
+  return dict(q=q, k=k, v=v, g=g, beta=beta)
+
+
+def _median_ms(fn: Callable[[], object], sync: Callable[[object], None],
+               iters: int, warmup: int) -> float:
+  sync(fn())  # compile
+  for _ in range(warmup):
+    sync(fn())
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
+             warmup: int) -> dict[str, float]:
+  """Forward and forward+backward times (ms) of one JAX implementation."""
+  args = [jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v")]
+  args += [jnp.asarray(inputs[n]) for n in ("g", "beta")]
+
+  def fwd(q, k, v, g, beta):
+    return gated_delta_rule(q, k, v, g, beta, implementation=impl,
+                            interpret=interpret)
+
+  def fwd_bwd(q, k, v, g, beta):
+    (o, s), vjp = jax.vjp(fwd, q, k, v, g, beta)
+    return vjp((jnp.ones_like(o), jnp.ones_like(s)))
+
+  sync = jax.block_until_ready
+  f = jax.jit(fwd)
+  fb = jax.jit(fwd_bwd)
+  return dict(fwd=_median_ms(lambda: f(*args), sync, iters, warmup),
+              fwd_bwd=_median_ms(lambda: fb(*args), sync, iters, warmup))
+
+
+def time_fla(inputs: dict, dtype, iters: int, warmup: int):
+  """FLA's chunk_gated_delta_rule times, or a reason string if unavailable."""
+  try:
+    torch = importlib.import_module("torch")
+    fla_gdr = importlib.import_module("fla.ops.gated_delta_rule")
+    chunk_gated_delta_rule = fla_gdr.chunk_gated_delta_rule
+  except ImportError as e:
+    return f"not importable ({e})"
+  if not torch.cuda.is_available():
+    return "torch has no CUDA device"
+  tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+  dev = "cuda"
+  hk, hv = inputs["q"].shape[2], inputs["v"].shape[2]
+
+  def tensor(x, dt, grad=True):
+    return torch.tensor(x, device=dev, dtype=dt).requires_grad_(grad)
+
+  q, k, v = (tensor(inputs[n], tdtype) for n in ("q", "k", "v"))
+  g, beta = (tensor(inputs[n], torch.float32) for n in ("g", "beta"))
+  if hv != hk:  # older FLA versions have no grouped value heads
+    q_in = q.repeat_interleave(hv // hk, dim=2)
+    k_in = k.repeat_interleave(hv // hk, dim=2)
+  else:
+    q_in, k_in = q, k
+
+  def fwd():
+    with torch.no_grad():
+      return chunk_gated_delta_rule(q_in, k_in, v, g, beta,
+                                    output_final_state=True)
+
+  def fwd_bwd():
+    o, s = chunk_gated_delta_rule(q_in, k_in, v, g, beta,
+                                  output_final_state=True)
+    (o.float().sum() + s.sum()).backward(retain_graph=hv != hk)
+    return o
+
+  sync = lambda _: torch.cuda.synchronize()
+  try:
+    return dict(fwd=_median_ms(fwd, sync, iters, warmup),
+                fwd_bwd=_median_ms(fwd_bwd, sync, iters, warmup))
+  except Exception as e:  # pylint: disable=broad-except
+    return f"failed ({type(e).__name__}: {e})"
+
+
+def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
+        dv: int, dtype: str, implementations: list[str], iters: int,
+        warmup: int, interpret: bool, seed: int = 0) -> dict:
+  """Times every implementation; returns the JSON-able results."""
+  jdtype = jnp.dtype(dtype)
+  inputs = make_inputs(batch, seq_len, key_heads, heads, dk, dv, jdtype,
+                       seed)
+  times, skipped = {}, {}
+  for impl in implementations:
+    if impl == "fla":
+      res = time_fla(inputs, jdtype, iters, warmup)
+    else:
+      res = time_jax(impl, inputs, jdtype, interpret, iters, warmup)
+    if isinstance(res, str):
+      skipped[impl] = res
+    else:
+      times[impl] = res
+  tokens = batch * seq_len
+  rows = []
+  for impl, modes in times.items():
+    for mode, ms in modes.items():
+      speedup = {base: times[base][mode] / ms for base in BASELINES
+                 if base in times and base != impl}
+      rows.append(dict(implementation=impl, mode=mode, ms=ms,
+                       tokens_per_s=tokens / (ms * 1e-3),
+                       speedup_vs=speedup))
+  return dict(
+      config=dict(batch=batch, seq_len=seq_len, heads=heads,
+                  key_heads=key_heads, dk=dk, dv=dv, dtype=dtype,
+                  iters=iters, interpret=interpret),
+      device=str(jax.devices()[0].device_kind),
+      backend=jax.default_backend(), jax_version=jax.__version__,
+      date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped)
+
+
+def format_table(result: dict) -> str:
+  bases = [b for b in BASELINES
+           if any(r["implementation"] == b for r in result["results"])]
+  head = ["implementation", "mode", "ms", "tokens/s"]
+  head += [f"speedup vs {b}" for b in bases]
+  lines = [" | ".join(head), " | ".join("---" for _ in head)]
+  for r in result["results"]:
+    cells = [r["implementation"], r["mode"], f"{r['ms']:.3f}",
+             f"{r['tokens_per_s']:.3g}"]
+    cells += [f"{r['speedup_vs'][b]:.2f}x" if b in r["speedup_vs"] else "-"
+              for b in bases]
+    lines.append(" | ".join(cells))
+  for impl, why in result["skipped"].items():
+    lines.append(f"skipped {impl}: {why}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  values = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value,
+                heads=_HEADS.value, dk=_DK.value, dv=_DV.value,
+                iters=_ITERS.value, warmup=_WARMUP.value)
+  if _INTERPRET.value:
+    for name, small in _SMALL.items():
+      if not flags.FLAGS[name].present:
+        values[name] = small
+  key_heads = _KEY_HEADS.value or values["heads"]
+  result = run(key_heads=key_heads, dtype=_DTYPE.value,
+               implementations=_IMPLS.value, interpret=_INTERPRET.value,
+               seed=_SEED.value, **values)
+  c = result["config"]
+  print(f"gated delta rule on {result['device']} ({result['backend']}), "
+        f"jax {result['jax_version']}: B={c['batch']} T={c['seq_len']} "
+        f"hk={c['key_heads']} hv={c['heads']} dk={c['dk']} dv={c['dv']} "
+        f"{c['dtype']}{' interpret' if c['interpret'] else ''}")
+  print(format_table(result))
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

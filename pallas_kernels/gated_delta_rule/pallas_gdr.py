@@ -1,0 +1,414 @@
+"""Pallas chunked gated delta rule: pallas_call builders and the custom_vjp.
+
+Layout inside: head-major, time padded to whole chunks,
+
+  q, k     [b, hk, tp, dk]   (input dtype; value head h reads key head h // r)
+  v        [b, hv, tp, dv]   (input dtype)
+  scalars  [b, hv, tp, 4]    f32: g, beta, resets-so-far-in-chunk, 0
+  state    [b, hv, dk, dv]   f32
+
+The forward kernel writes o, the final state and (only under autodiff) the
+state entering every chunk, [b, hv, n, dk, dv] f32: the one thing the
+backward does not recompute. The backward kernel walks the chunks last to
+first, recomputes each chunk's decays, masks and UT/WY inverse, and carries
+dS, the cotangent of the state, from chunk to chunk.
+
+Backends: GPU lowers through Pallas Triton ("kernel" chunk loop), TPU
+through Mosaic ("grid" chunk loop with VMEM scratch); `interpret=True` runs
+either on any backend (CPU tests). Without interpret on CPU,
+`gated_delta_rule_pallas` raises a ValueError naming `interpret`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule import reference
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+
+_F32 = jnp.float32
+# A dimension dropped from the kernel's view of a block (jax >= 0.7 spells
+# it pl.squeezed / pl.Squeezed(); None still works on older versions).
+_SQ = getattr(pl, "squeezed", None)
+
+
+# ---------------------------------------------------------------------------
+# Compatibility shim: names moved between jax 0.10.x and 0.11.x.
+# ---------------------------------------------------------------------------
+
+
+def _triton_compiler_params(num_warps: int, num_stages: int):
+  pl_triton = importlib.import_module("jax.experimental.pallas.triton")
+  cls = (getattr(pl_triton, "CompilerParams", None)
+         or getattr(pl_triton, "TritonCompilerParams"))
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _tpu_module():
+  return importlib.import_module("jax.experimental.pallas.tpu")
+
+
+def _tpu_compiler_params(dimension_semantics: tuple[str, ...]):
+  pltpu = _tpu_module()
+  cls = (getattr(pltpu, "CompilerParams", None)
+         or getattr(pltpu, "TPUCompilerParams"))
+  return cls(dimension_semantics=dimension_semantics)
+
+
+def _vmem(shape, dtype):
+  """A VMEM scratch buffer (also understood by the interpreter)."""
+  pltpu = _tpu_module()
+  vmem = getattr(pltpu, "VMEM", None)
+  if vmem is None:  # older spelling
+    vmem = pltpu.TPUMemorySpace.VMEM
+  return vmem(shape, dtype)
+
+
+# ---------------------------------------------------------------------------
+# Static configuration.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static arguments of the core (hashable for custom_vjp / jit)."""
+  scale: float
+  group: int  # r = hv // hk
+  block_sizes: BlockSizes
+  backend: str  # "gpu", "tpu" or "cpu"
+  interpret: bool
+  has_segments: bool
+
+  def compiler_params(self, semantics: tuple[str, ...]):
+    if self.interpret:
+      return None
+    if self.backend == "gpu":
+      return _triton_compiler_params(self.block_sizes.num_warps,
+                                     self.block_sizes.num_stages)
+    if self.backend == "tpu":
+      return _tpu_compiler_params(semantics)
+    return None
+
+
+def _call(body, *args, grid, in_specs, out_specs, out_shape, cfg,
+          semantics, scratch_shapes=(), name):
+  kwargs = {}
+  params = cfg.compiler_params(semantics)
+  if params is not None:
+    kwargs["compiler_params"] = params
+  if scratch_shapes:
+    kwargs["scratch_shapes"] = list(scratch_shapes)
+  return pl.pallas_call(
+      body, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=cfg.interpret, name=name,
+      **kwargs)(*args)
+
+
+# ---------------------------------------------------------------------------
+# Forward / backward builders.
+# ---------------------------------------------------------------------------
+
+
+def _fwd(q, k, v, sc, s0, cfg: _Config, store_states: bool):
+  """Runs the forward kernel; returns (o, final_state, states or None)."""
+  b, _, tp, dk = q.shape
+  hv, dv = v.shape[1], v.shape[3]
+  bs = cfg.block_sizes
+  c, bv, r = bs.chunk_size, bs.dv_tile(dv), cfg.group
+  n, nv = tp // c, dv // bs.dv_tile(dv)
+  out_shape = [jax.ShapeDtypeStruct((b, hv, tp, dv), v.dtype),
+               jax.ShapeDtypeStruct((b, hv, dk, dv), _F32)]
+  if store_states:
+    out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), _F32))
+  semantics = ("parallel",) * 3 + ("arbitrary",)
+  state_spec_shape = (_SQ, _SQ, dk, bv)
+  if bs.chunk_loop == "kernel":
+    grid = (b, hv, nv)
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, tp, dk), lambda i, h, j: (i, h // r, 0, 0)),
+        pl.BlockSpec((_SQ, _SQ, tp, dk), lambda i, h, j: (i, h // r, 0, 0)),
+        pl.BlockSpec((_SQ, _SQ, tp, bv), lambda i, h, j: (i, h, 0, j)),
+        pl.BlockSpec((_SQ, _SQ, tp, kernel.NUM_SCALARS),
+                     lambda i, h, j: (i, h, 0, 0)),
+        pl.BlockSpec(state_spec_shape, lambda i, h, j: (i, h, 0, j)),
+    ]
+    out_specs = [
+        pl.BlockSpec((_SQ, _SQ, tp, bv), lambda i, h, j: (i, h, 0, j)),
+        pl.BlockSpec(state_spec_shape, lambda i, h, j: (i, h, 0, j)),
+    ]
+    if store_states:
+      out_specs.append(pl.BlockSpec((_SQ, _SQ, n, dk, bv),
+                                    lambda i, h, j: (i, h, 0, 0, j)))
+    body = kernel.bind(kernel.fwd_loop_kernel, num_chunks=n, chunk=c,
+                       scale=cfg.scale, has_segments=cfg.has_segments)
+    scratch = ()
+  else:
+    grid = (b, hv, nv, n)
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, c, dk),
+                     lambda i, h, j, t: (i, h // r, t, 0)),
+        pl.BlockSpec((_SQ, _SQ, c, dk),
+                     lambda i, h, j, t: (i, h // r, t, 0)),
+        pl.BlockSpec((_SQ, _SQ, c, bv), lambda i, h, j, t: (i, h, t, j)),
+        pl.BlockSpec((_SQ, _SQ, c, kernel.NUM_SCALARS),
+                     lambda i, h, j, t: (i, h, t, 0)),
+        pl.BlockSpec(state_spec_shape, lambda i, h, j, t: (i, h, 0, j)),
+    ]
+    out_specs = [
+        pl.BlockSpec((_SQ, _SQ, c, bv), lambda i, h, j, t: (i, h, t, j)),
+        pl.BlockSpec(state_spec_shape, lambda i, h, j, t: (i, h, 0, j)),
+    ]
+    if store_states:
+      out_specs.append(pl.BlockSpec((_SQ, _SQ, _SQ, dk, bv),
+                                    lambda i, h, j, t: (i, h, t, 0, j)))
+    body = kernel.bind(kernel.fwd_grid_kernel, scale=cfg.scale,
+                       has_segments=cfg.has_segments,
+                       store_states=store_states)
+    scratch = (_vmem((dk, bv), _F32),)
+  outs = _call(body, q, k, v, sc, s0, grid=grid, in_specs=in_specs,
+               out_specs=out_specs, out_shape=out_shape, cfg=cfg,
+               semantics=semantics, scratch_shapes=scratch,
+               name="gated_delta_rule_fwd")
+  if store_states:
+    return outs[0], outs[1], outs[2]
+  return outs[0], outs[1], None
+
+
+def _bwd(q, k, v, sc, states, do, dst, cfg: _Config):
+  """Runs the backward kernel; returns per-value-head partial gradients.
+
+  Returns:
+    dq, dk [b, hv, nv, tp, dk] f32 (partial over dv tiles), dv [b, hv, tp,
+    dv] f32, dsc [b, hv, nv, tp, 2] f32 (dg, dbeta partials), ds0 [b, hv,
+    dk, dv] f32.
+  """
+  b, _, tp, dk = q.shape
+  hv, dv = v.shape[1], v.shape[3]
+  bs = cfg.block_sizes
+  c, bv, r = bs.chunk_size, bs.dv_tile(dv), cfg.group
+  n, nv = tp // c, dv // bs.dv_tile(dv)
+  nsc, ndsc = kernel.NUM_SCALARS, kernel.NUM_DSCALARS
+  out_shape = [
+      jax.ShapeDtypeStruct((b, hv, nv, tp, dk), _F32),
+      jax.ShapeDtypeStruct((b, hv, nv, tp, dk), _F32),
+      jax.ShapeDtypeStruct((b, hv, tp, dv), _F32),
+      jax.ShapeDtypeStruct((b, hv, nv, tp, ndsc), _F32),
+      jax.ShapeDtypeStruct((b, hv, dk, dv), _F32),
+  ]
+  semantics = ("parallel",) * 3 + ("arbitrary",)
+  st = (_SQ, _SQ, dk, bv)
+  if bs.chunk_loop == "kernel":
+    grid = (b, hv, nv)
+    kmap = lambda i, h, j: (i, h // r, 0, 0)
+    vmap = lambda i, h, j: (i, h, 0, j)
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, tp, dk), kmap),
+        pl.BlockSpec((_SQ, _SQ, tp, dk), kmap),
+        pl.BlockSpec((_SQ, _SQ, tp, bv), vmap),
+        pl.BlockSpec((_SQ, _SQ, tp, nsc), lambda i, h, j: (i, h, 0, 0)),
+        pl.BlockSpec((_SQ, _SQ, n, dk, bv), lambda i, h, j: (i, h, 0, 0, j)),
+        pl.BlockSpec((_SQ, _SQ, tp, bv), vmap),
+        pl.BlockSpec(st, vmap),
+    ]
+    pmap = lambda i, h, j: (i, h, j, 0, 0)
+    out_specs = [
+        pl.BlockSpec((_SQ, _SQ, _SQ, tp, dk), pmap),
+        pl.BlockSpec((_SQ, _SQ, _SQ, tp, dk), pmap),
+        pl.BlockSpec((_SQ, _SQ, tp, bv), vmap),
+        pl.BlockSpec((_SQ, _SQ, _SQ, tp, ndsc), pmap),
+        pl.BlockSpec(st, vmap),
+    ]
+    body = kernel.bind(kernel.bwd_loop_kernel, num_chunks=n, chunk=c,
+                       scale=cfg.scale, has_segments=cfg.has_segments)
+    scratch = ()
+  else:
+    grid = (b, hv, nv, n)
+    last = n - 1  # chunks are visited in reverse: block index last - t
+    kmap = lambda i, h, j, t: (i, h // r, last - t, 0)
+    vmap = lambda i, h, j, t: (i, h, last - t, j)
+    smap = lambda i, h, j, t: (i, h, 0, j)
+    pmap = lambda i, h, j, t: (i, h, j, last - t, 0)
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, c, dk), kmap),
+        pl.BlockSpec((_SQ, _SQ, c, dk), kmap),
+        pl.BlockSpec((_SQ, _SQ, c, bv), vmap),
+        pl.BlockSpec((_SQ, _SQ, c, nsc),
+                     lambda i, h, j, t: (i, h, last - t, 0)),
+        pl.BlockSpec((_SQ, _SQ, _SQ, dk, bv),
+                     lambda i, h, j, t: (i, h, last - t, 0, j)),
+        pl.BlockSpec((_SQ, _SQ, c, bv), vmap),
+        pl.BlockSpec(st, smap),
+    ]
+    out_specs = [
+        pl.BlockSpec((_SQ, _SQ, _SQ, c, dk), pmap),
+        pl.BlockSpec((_SQ, _SQ, _SQ, c, dk), pmap),
+        pl.BlockSpec((_SQ, _SQ, c, bv), vmap),
+        pl.BlockSpec((_SQ, _SQ, _SQ, c, ndsc), pmap),
+        pl.BlockSpec(st, smap),
+    ]
+    body = kernel.bind(kernel.bwd_grid_kernel, scale=cfg.scale,
+                       has_segments=cfg.has_segments)
+    scratch = (_vmem((dk, bv), _F32),)
+  return _call(body, q, k, v, sc, states, do, dst, grid=grid,
+               in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+               cfg=cfg, semantics=semantics, scratch_shapes=scratch,
+               name="gated_delta_rule_bwd")
+
+
+# ---------------------------------------------------------------------------
+# custom_vjp over the padded, head-major layout.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, sc, s0, cfg: _Config):
+  o, st, _ = _fwd(q, k, v, sc, s0, cfg, store_states=False)
+  return o, st
+
+
+def _core_fwd(q, k, v, sc, s0, cfg: _Config):
+  o, st, states = _fwd(q, k, v, sc, s0, cfg, store_states=True)
+  return (o, st), (q, k, v, sc, states)
+
+
+def _core_bwd(cfg: _Config, res, cts):
+  q, k, v, sc, states = res
+  do, dst = cts
+  dq, dk, dv, dsc, ds0 = _bwd(q, k, v, sc, states, do, dst.astype(_F32), cfg)
+  b, hk, tp = q.shape[:3]
+
+  def fold(x):  # [b, hv, nv, tp, d] -> [b, hk, tp, d]: tiles and groups
+    x = jnp.sum(x, axis=2)
+    return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
+
+  dq = fold(dq).astype(q.dtype)
+  dk = fold(dk).astype(k.dtype)
+  dsc = jnp.sum(dsc, axis=2)
+  pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
+  dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
+  return dq, dk, dv.astype(v.dtype), dsc, ds0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public entry.
+# ---------------------------------------------------------------------------
+
+
+def _next_pow2(x: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << (x - 1).bit_length())
+
+
+def _heads_first(x: jax.Array, tp: int, d_pad: int = 0) -> jax.Array:
+  """[b, t, h, d] -> [b, h, tp, d + d_pad] (zero padding)."""
+  t = x.shape[1]
+  x = jnp.swapaxes(x, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, d_pad)))
+
+
+def gated_delta_rule_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    initial_state: jax.Array | None = None,
+    scale: float | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+    backend: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Chunked gated delta rule in Pallas (forward and backward kernels).
+
+  Same contract as `api.gated_delta_rule` (shapes are assumed validated).
+
+  Args:
+    q, k: [b, t, hk, dk] (bf16 or f32).
+    v: [b, t, hv, dv], hv a multiple of hk.
+    g: [b, t, hv] log decay (<= 0).
+    beta: [b, t, hv].
+    initial_state: [b, hv, dk, dv] or None (zeros).
+    scale: query scale, default dk ** -0.5.
+    segment_ids: [b, t] ints or None; the state resets where the id changes.
+    block_sizes: tiles; default `BlockSizes.get_default(backend)`.
+    interpret: run the kernels in Pallas interpret mode.
+    backend: "gpu", "tpu" or "cpu"; default `jax.default_backend()`. Picks
+      the lowering, the default block sizes and dk / dv padding (GPU pads
+      both to a power of two, at least 16, as Triton requires).
+
+  Returns:
+    (o [b, t, hv, dv] in v.dtype, final_state [b, hv, dk, dv] float32).
+
+  Raises:
+    ValueError: on a backend without a Pallas lowering (CPU) when
+      `interpret` is False, or on bad block sizes.
+  """
+  backend = backend or jax.default_backend()
+  if backend not in ("gpu", "tpu") and not interpret:
+    raise ValueError(
+        f"interpret: the Pallas gated delta rule has no lowering for backend "
+        f"{backend!r}; pass interpret=True (slow, for tests) or use "
+        f"implementation='chunked'")
+  bs = block_sizes or BlockSizes.get_default(backend)
+  b, t, hk, dk = q.shape
+  hv, dv = v.shape[2], v.shape[3]
+  if scale is None:
+    scale = dk ** -0.5
+  c = bs.chunk_size
+  tp = max(c, -(-t // c) * c)
+  if backend == "gpu":
+    dk_p, dv_p = _next_pow2(dk), _next_pow2(dv)
+  else:
+    dk_p, dv_p = dk, dv
+  bs.dv_tile(dv_p)  # validates block_dv early
+
+  qh = _heads_first(q, tp, dk_p - dk)
+  kh = _heads_first(k, tp, dk_p - dk)
+  vh = _heads_first(v, tp, dv_p - dv)
+  gb = jnp.stack([g.astype(_F32), beta.astype(_F32)], axis=-1)
+  gb = _heads_first(gb, tp)  # [b, hv, tp, 2]; padded tokens: g = beta = 0
+  if segment_ids is None:
+    resets = jnp.zeros((b, tp), _F32)
+  else:
+    # Edge padding keeps padded tokens in the last segment.
+    seg = reference.pad_to_chunks(segment_ids, c, mode="edge")
+    flags = reference.reset_flags(seg).astype(_F32)  # [b, tp]
+    # Resets so far within each chunk (one at position 0 counts: the
+    # carried state does not reach that chunk).
+    resets = jnp.cumsum(flags.reshape(b, -1, c), axis=-1).reshape(b, tp)
+  resets = jnp.broadcast_to(resets[:, None, :, None], (b, hv, tp, 1))
+  sc = jnp.concatenate(
+      [gb, resets, jnp.zeros_like(resets)], axis=-1)  # [b, hv, tp, 4]
+  if initial_state is None:
+    s0 = jnp.zeros((b, hv, dk_p, dv_p), _F32)
+  else:
+    s0 = jnp.pad(initial_state.astype(_F32),
+                 ((0, 0), (0, 0), (0, dk_p - dk), (0, dv_p - dv)))
+  cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
+                backend=backend, interpret=bool(interpret),
+                has_segments=segment_ids is not None)
+  o, st = _core(qh, kh, vh, sc, s0, cfg)
+  o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
+  return o, st[:, :, :dk, :dv]
+
+
+def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
+              chunk_size: int, interpret: bool):
+  """Adapter with the signature of `api._IMPLEMENTATIONS` entries."""
+  backend = jax.default_backend()
+  bs = dataclasses.replace(BlockSizes.get_default(backend),
+                           chunk_size=chunk_size)
+  return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
+                                 segment_ids, block_sizes=bs,
+                                 interpret=interpret, backend=backend)

@@ -1,0 +1,188 @@
+"""Pallas gated delta rule kernels (interpret mode) vs float64 references.
+
+Both chunk drivers run on CPU in Pallas interpret mode: "kernel" (the GPU /
+Triton layout, one program loops over chunks) and "grid" (the TPU / Mosaic
+layout, chunks on a sequential grid axis with the state in scratch). Each
+case checks the output, the final state and all six gradients against the
+float64 per-token references of tests/test_gated_delta_rule.py. Lowering
+tests trace the kernels through the Triton and Mosaic lowerings on CPU (no
+GPU / TPU compilation happens; that needs the hardware).
+
+On CPU, implementation="pallas" without interpret=True raises a ValueError
+naming `interpret` (there is no CPU lowering); this is tested too.
+"""
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.gated_delta_rule import gated_delta_rule
+from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule import pallas_gdr
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from tests import tolerances
+from tests.test_gated_delta_rule import assert_scaled_close
+from tests.test_gated_delta_rule import make_inputs
+from tests.test_gated_delta_rule import np_recurrence
+from tests.test_gated_delta_rule import reference_grads
+
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  t: int
+  dtype: object = jnp.float32
+  with_state: bool = True
+  with_segments: bool = False
+  chunk_loop: str | None = "kernel"  # None: the backend's defaults
+  hk: int = 2
+  hv: int = 4
+  dk: int = 16
+  dv: int = 24
+  block_dv: int | None = None
+  chunk_size: int = 64
+  backend: str = "cpu"
+
+
+CASES = {
+    "t1": Case(1),
+    "t70_segments_no_state": Case(70, with_state=False, with_segments=True),
+    "t130_segments_grid": Case(130, with_segments=True, chunk_loop="grid"),
+    "t70_bf16_segments": Case(70, jnp.bfloat16, with_segments=True),
+    "t70_bf16_grid_no_state": Case(70, jnp.bfloat16, with_state=False,
+                                   chunk_loop="grid"),
+    "t130_dv_tiles_chunk32": Case(130, hk=1, hv=2, dv=32, block_dv=16,
+                                  chunk_size=32),
+    # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), two
+    # value tiles of 64.
+    "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
+                             backend="gpu"),
+}
+
+
+def _run_case(case: Case):
+  inputs = make_inputs(500 + case.t, case.t, dtype=case.dtype,
+                       with_state=case.with_state,
+                       with_segments=case.with_segments, b=2, hk=case.hk,
+                       hv=case.hv, dk=case.dk, dv=case.dv)
+  if case.chunk_loop is None:
+    bs = BlockSizes.get_default(case.backend)
+  else:
+    bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
+                    chunk_loop=case.chunk_loop)
+  s0 = inputs["initial_state"]
+  if s0 is None:
+    s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
+
+  def fn(q, k, v, g, beta, s0):
+    return pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, s0, segment_ids=inputs["segment_ids"],
+        block_sizes=bs, interpret=True, backend=case.backend)
+
+  rng = np.random.default_rng(case.t)
+  r_o = rng.normal(size=(2, case.t, case.hv, case.dv)).astype(np.float32)
+  r_s = rng.normal(size=(2, case.hv, case.dk, case.dv)).astype(np.float32)
+
+  @jax.jit
+  def fwd_and_grads(*args):
+    (o, s), vjp = jax.vjp(fn, *args)
+    return o, s, vjp((jnp.asarray(r_o, o.dtype), jnp.asarray(r_s)))
+
+  o, s, grads = fwd_and_grads(*[inputs[n] for n in NAMES[:5]], s0)
+  return inputs, (o, s), grads, (r_o, r_s)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64(name):
+  case = CASES[name]
+  inputs, (o, s), grads, (r_o, r_s) = _run_case(case)
+  assert o.shape == (2, case.t, case.hv, case.dv) and o.dtype == case.dtype
+  assert s.shape == (2, case.hv, case.dk, case.dv) and s.dtype == jnp.float32
+  o_ref, s_ref = np_recurrence(**inputs)
+  assert_scaled_close(o, o_ref, case.dtype, "output")
+  assert_scaled_close(s, s_ref, case.dtype, "final state")
+  # The output cotangent r_o reaches the kernel rounded to o's dtype.
+  r_o = np.asarray(jnp.asarray(r_o, case.dtype).astype(jnp.float32))
+  expected = reference_grads(inputs, r_o, r_s)
+  for n, got, want in zip(NAMES, grads, expected):
+    assert got.shape == want.shape, n
+    want_dtype = jnp.float32 if n == "initial_state" else case.dtype
+    assert got.dtype == want_dtype, n
+    assert_scaled_close(got, want, case.dtype, f"d{n}")
+
+
+def test_api_dispatch_pallas_matches_chunked():
+  inputs = make_inputs(3, 37, with_segments=True, hk=1, hv=3)
+  o, s = gated_delta_rule(**inputs, implementation="pallas", interpret=True,
+                          scale=0.3, chunk_size=16)
+  o_ref, s_ref = gated_delta_rule(**inputs, implementation="chunked",
+                                  scale=0.3, chunk_size=16)
+  assert_scaled_close(o, o_ref, jnp.float32)
+  assert_scaled_close(s, s_ref, jnp.float32)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU behaviour")
+def test_pallas_without_interpret_on_cpu_raises():
+  inputs = make_inputs(0, 4)
+  with pytest.raises(ValueError, match="interpret"):
+    gated_delta_rule(**inputs, implementation="pallas")
+
+
+def test_unit_lower_inverse():
+  rng = np.random.default_rng(0)
+  a = np.tril(rng.normal(size=(64, 64)) * 0.2, -1).astype(np.float32)
+  got = kernel.unit_lower_inverse(jnp.asarray(a))
+  want = np.linalg.inv(np.eye(64) + a.astype(np.float64))
+  tolerances.assert_close(got, want, jnp.float32)
+
+
+def test_block_sizes_validation():
+  with pytest.raises(ValueError, match="chunk_size"):
+    BlockSizes(chunk_size=12)
+  with pytest.raises(ValueError, match="chunk_loop"):
+    BlockSizes(chunk_loop="warp")
+  with pytest.raises(ValueError, match="block_dv"):
+    BlockSizes(block_dv=24).dv_tile(64)
+  assert BlockSizes.get_default("tpu").chunk_loop == "grid"
+  assert BlockSizes.get_default("gpu").chunk_loop == "kernel"
+
+
+def _fake_tpu_info():
+  """Lets the Mosaic lowering run on CPU (it asks for the TPU generation)."""
+  try:
+    tpu_info = importlib.import_module("jax._src.pallas.mosaic.tpu_info")
+    registry = tpu_info.registry
+    chip = tpu_info.ChipVersion.TPU_V5E
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"cannot fake a TPU for lowering on this jax: {e}")
+  registry.setdefault(
+      "cpu", lambda: tpu_info.get_tpu_info_for_chip(chip, 1))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_for_accelerators(platform):
+  """Forward and backward trace through the Triton / Mosaic lowerings."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering smoke test for CPU-only machines")
+  if platform == "tpu":
+    _fake_tpu_info()
+  backend = "gpu" if platform == "cuda" else "tpu"
+  inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
+                       hk=1, hv=2, dk=128, dv=128)
+  seg = inputs.pop("segment_ids")
+
+  def loss(q, k, v, g, beta, initial_state):
+    o, s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, initial_state, segment_ids=seg, backend=backend)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  fn = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+  text = fn.trace(*[inputs[n] for n in NAMES]).lower(
+      lowering_platforms=(platform,)).as_text()
+  target = "triton" if platform == "cuda" else "tpu_custom_call"
+  assert text.count(target) >= 2, target  # forward and backward kernels
