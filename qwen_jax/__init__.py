@@ -8,11 +8,13 @@ from qwen_jax.checkpoint import load_hf_checkpoint
 from qwen_jax.checkpoint import save_hf_checkpoint
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import layer_types_from_ratio
+from qwen_jax.generate import generate
 from qwen_jax.model import Qwen35
 
 __all__ = [
     "QwenConfig",
     "Qwen35",
+    "generate",
     "layer_types_from_ratio",
     "load_hf_checkpoint",
     "save_hf_checkpoint",

@@ -1,0 +1,137 @@
+"""Decoding caches of the hybrid stack, as plain pytrees.
+
+Only the full-attention layers keep a KV cache that grows with the context;
+the Gated DeltaNet layers keep a fixed-size state whatever the length:
+
+  full-attention layer:  {"k": [b, S, n, e], "v": [b, S, n, e]}   cfg.dtype
+  Gated DeltaNet layer:  {"conv": [b, K-1, conv_dim]}             cfg.dtype
+                         {"state": [b, hv, dk, dv]}               float32
+
+The model cache is `{"layers": {slot: layer_cache}, "index": int32 scalar}`,
+`slot` running over `qwen_jax.model.stack_slots(cfg)`; when the stack is
+scanned (`qwen_jax.model.is_scanned`) every leaf of a slot carries a leading
+[num_periods] axis, matching the parameter tree. `index` counts the tokens
+already written (the next token goes to slot `index`).
+
+`cache_bytes` gives the exact size of what `init_cache` allocates, so memory
+can be compared across attention ratios without allocating anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax.array_typing import PyTree
+from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax.model import is_scanned, stack_slots
+
+# The recurrent state is always float32 (it integrates over the whole
+# context; bf16 would drift).
+STATE_DTYPE = jnp.float32
+INDEX_DTYPE = jnp.int32
+
+
+def _validate(cfg: QwenConfig, batch: int, max_len: int) -> None:
+  if not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise ValueError(f"batch: expected a positive int, found {batch!r}")
+  if not isinstance(max_len, (int, np.integer)) or max_len < 1:
+    raise ValueError(f"max_len: expected a positive int, found {max_len!r}")
+  if max_len > cfg.max_position_embeddings:
+    raise ValueError(
+        f"max_len: expected at most max_position_embeddings="
+        f"{cfg.max_position_embeddings}, found {max_len}")
+
+
+def cache_shapes(cfg: QwenConfig, batch: int, max_len: int,
+                 dtype: Any = None) -> PyTree:
+  """The cache as a pytree of `jax.ShapeDtypeStruct` (nothing allocated).
+
+  Args:
+    cfg: the model config.
+    batch: sequences decoded together.
+    max_len: KV slots per full-attention layer (prompt + new tokens).
+    dtype: dtype of K/V and of the conv state; default cfg.dtype.
+
+  Returns:
+    {"layers": {slot: {...}}, "index": ShapeDtypeStruct((), int32)}.
+
+  Raises:
+    ValueError: batch or max_len not positive, or max_len past
+      cfg.max_position_embeddings.
+  """
+  _validate(cfg, batch, max_len)
+  dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
+  lead = (cfg.num_periods,) if is_scanned(cfg) else ()
+  sds = jax.ShapeDtypeStruct
+  layers = {}
+  for name, layer_type in stack_slots(cfg):
+    if layer_type == FULL:
+      kv = lead + (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+      layers[name] = {"k": sds(kv, dt), "v": sds(kv, dt)}
+    elif layer_type == LINEAR:
+      conv = lead + (batch, cfg.linear_conv_kernel_dim - 1,
+                     cfg.linear_conv_dim)
+      state = lead + (batch, cfg.linear_num_value_heads,
+                      cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+      layers[name] = {"conv": sds(conv, dt), "state": sds(state, STATE_DTYPE)}
+    else:
+      raise ValueError(f"layer_types: expected {LINEAR!r} or {FULL!r}, "
+                       f"found {layer_type!r}")
+  return {"layers": layers, "index": sds((), INDEX_DTYPE)}
+
+
+def init_cache(cfg: QwenConfig, batch: int, max_len: int,
+               dtype: Any = None) -> PyTree:
+  """A zero cache for `batch` sequences of up to `max_len` tokens.
+
+  Args:
+    cfg: the model config.
+    batch: sequences decoded together.
+    max_len: KV slots per full-attention layer (prompt + new tokens); at most
+      cfg.max_position_embeddings.
+    dtype: dtype of K/V and of the conv state; default cfg.dtype. The
+      recurrent state is float32 whatever this says.
+
+  Returns:
+    The cache pytree (see the module docstring), index 0.
+
+  Raises:
+    ValueError: batch or max_len not positive, or max_len past
+      cfg.max_position_embeddings.
+  """
+  shapes = cache_shapes(cfg, batch, max_len, dtype)
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def cache_bytes(cfg: QwenConfig, batch: int, max_len: int,
+                dtype: Any = None) -> int:
+  """Bytes that `init_cache(cfg, batch, max_len, dtype)` allocates (exact).
+
+  Args:
+    cfg: the model config.
+    batch: sequences decoded together.
+    max_len: KV slots per full-attention layer.
+    dtype: dtype of K/V and of the conv state; default cfg.dtype.
+
+  Returns:
+    The total size of every leaf, the int32 index included.
+  """
+  shapes = cache_shapes(cfg, batch, max_len, dtype)
+  return int(sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize
+                 for s in jax.tree_util.tree_leaves(shapes)))
+
+
+def cache_bytes_by_kind(cfg: QwenConfig, batch: int, max_len: int,
+                        dtype: Any = None) -> dict[str, int]:
+  """Bytes per kind of cache: "kv" (full attention), "conv", "state"."""
+  shapes = cache_shapes(cfg, batch, max_len, dtype)
+  out = {"kv": 0, "conv": 0, "state": 0}
+  for path, s in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]:
+    key = path[-1].key
+    n = int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize
+    out["kv" if key in ("k", "v") else key] += n
+  return out
