@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax import layers
+from qwen_jax import sequence_parallel
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 
@@ -151,15 +152,28 @@ class GatedAttention(nn.Module):
       key_valid = k_pos < cache_index + t
       if attention_mask is not None:
         key_valid &= attention_mask.astype(bool)
-      o = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype),
-                                q_pos, k_pos, key_valid)
+      sp = sequence_parallel.current() if t > 1 else None
+      if sp is not None:
+        # Sequence-parallel prefill: the cache holds nothing before this call
+        # (qwen_jax.sharding starts prefill from an empty cache).
+        mask = (None if attention_mask is None else
+                jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, t,
+                                             1))
+        o = sequence_parallel.attention(q, k, v, mask)
+      else:
+        o = dot_product_attention(q, k_all.astype(dtype),
+                                  v_all.astype(dtype), q_pos, k_pos,
+                                  key_valid)
     else:
       new_cache = None
       ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       key_valid = (jnp.ones((b, t), bool) if attention_mask is None
                    else attention_mask.astype(bool))
-      if (cfg.attention_implementation == "cudnn" and attention_mask is None
-          and segment_ids is None):
+      sp = sequence_parallel.current()
+      if sp is not None:  # the token axis split over devices
+        o = sequence_parallel.attention(q, k, v, attention_mask, segment_ids)
+      elif (cfg.attention_implementation == "cudnn" and attention_mask is None
+            and segment_ids is None):
         o = jax.nn.dot_product_attention(
             q, k, v, is_causal=True, scale=e ** -0.5,
             implementation="cudnn")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from qwen_jax import layers
+from qwen_jax import sequence_parallel
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 
@@ -82,7 +83,14 @@ class GatedDeltaNet(nn.Module):
     prefix = cache["conv"] if cache is not None else conv_prefix
     conv = layers.CausalConv(cfg.linear_conv_kernel_dim, dtype, pdtype,
                              name="conv1d")
-    mixed_act = jax.nn.silu(conv(mixed, prefix, segment_ids))
+    # Under qwen_jax.sharding the token axis may be split over devices.
+    sp = sequence_parallel.current() if t > 1 else None
+    if sp is not None:
+      mixed_act = jax.nn.silu(sequence_parallel.causal_conv(
+          lambda xb, sb: conv(xb, None, sb), mixed,
+          cfg.linear_conv_kernel_dim, segment_ids, prefix))
+    else:
+      mixed_act = jax.nn.silu(conv(mixed, prefix, segment_ids))
     q = mixed_act[..., :kd].reshape(b, t, hk, dk)
     k = mixed_act[..., kd:2 * kd].reshape(b, t, hk, dk)
     v = mixed_act[..., 2 * kd:].reshape(b, t, hv, dv)
@@ -101,7 +109,9 @@ class GatedDeltaNet(nn.Module):
     impl = cfg.gdr_implementation
     if cache is not None and t == 1:
       impl = "recurrent"  # one token: the plain update, no chunk padding
-    o, state = gated_delta_rule(
+    rule = (gated_delta_rule if sp is None
+            else sequence_parallel.gated_delta_rule)
+    o, state = rule(
         q, k, v, g, beta, initial_state=initial_state,
         implementation=impl, interpret=cfg.gdr_interpret,
         segment_ids=segment_ids)

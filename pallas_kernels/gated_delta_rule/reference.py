@@ -135,6 +135,70 @@ def chunk_masks(seg: jax.Array, seg_prev: jax.Array):
   return same, carry
 
 
+def _substitute(a: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Row-by-row forward substitution: X with (I + A) X = rhs, A strict."""
+  c = a.shape[-1]
+
+  def row(i, x):
+    # Rows >= i of x are still zero, so the full row of `a` can be used.
+    a_i = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)
+    r_i = jax.lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False)
+    x_i = r_i - _einsum("...j,...jm->...m", a_i, x)
+    return jax.lax.dynamic_update_index_in_dim(x, x_i, i, axis=-2)
+
+  return jax.lax.fori_loop(0, c, row, jnp.zeros_like(rhs))
+
+
+@jax.custom_vjp
+def _solve_unit_lower_loop(a: jax.Array, rhs: jax.Array) -> jax.Array:
+  return _substitute(a, rhs)
+
+
+def _solve_fwd(a, rhs):
+  x = _substitute(a, rhs)
+  return x, (a, x)
+
+
+def _solve_bwd(res, dx):
+  a, x = res
+  # (I + A)^T d_rhs = dx: an upper solve, i.e. a lower one with reversed
+  # rows and columns.
+  flip = lambda m: jnp.flip(m, axis=(-2, -1))
+  at = flip(jnp.swapaxes(a, -1, -2))
+  d_rhs = jnp.flip(_substitute(at, jnp.flip(dx, axis=-2)), axis=-2)
+  c = a.shape[-1]
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  d_a = jnp.where(strict, -_einsum("...im,...jm->...ij", d_rhs, x), 0.0)
+  return d_a.astype(a.dtype), d_rhs.astype(dx.dtype)
+
+
+_solve_unit_lower_loop.defvjp(_solve_fwd, _solve_bwd)
+
+
+def solve_unit_lower(a: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Solves (I + A) X = rhs for strictly lower-triangular A.
+
+  On CPU this is a forward-substitution loop with a custom VJP (which keeps
+  only A and X for the backward): jaxlib 0.10's batched CPU LAPACK trsm,
+  behind jax.scipy.linalg.solve_triangular, can deadlock when two solves
+  run at once on a 2-thread pool (e.g. two layers' solves in one program).
+  Elsewhere it is jax.scipy.linalg.solve_triangular.
+
+  Args:
+    a: [..., c, c] strictly lower-triangular (the diagonal and above must be
+      zero).
+    rhs: [..., c, m].
+
+  Returns:
+    X: [..., c, m].
+  """
+  if jax.default_backend() == "cpu":
+    return _solve_unit_lower_loop(a, rhs)
+  c = a.shape[-1]
+  return jax.scipy.linalg.solve_triangular(
+      a + jnp.eye(c, dtype=a.dtype), rhs, lower=True, unit_diagonal=True)
+
+
 def chunk_intra(k, v, g, beta, same=None, carry=None):
   """Per-chunk quantities of the UT/WY transform, all heads and chunks.
 
@@ -163,12 +227,10 @@ def chunk_intra(k, v, g, beta, same=None, carry=None):
   kk = _einsum("...id,...jd->...ij", k, k)
   a = beta[..., :, None] * kk * gamma
   strict = jnp.tril(jnp.ones((c, c), bool), -1)
-  lhs = jnp.where(strict, a, 0.0) + jnp.eye(c, dtype=a.dtype)
   rhs = jnp.concatenate(
       [beta[..., None] * v, (beta * eg)[..., None] * k], axis=-1)
   # T = (I + A)^-1 applied by a unit-lower-triangular solve.
-  sol = jax.scipy.linalg.solve_triangular(
-      lhs, rhs, lower=True, unit_diagonal=True)
+  sol = solve_unit_lower(jnp.where(strict, a, 0.0), rhs)
   dv = v.shape[-1]
   u, w = sol[..., :dv], sol[..., dv:]
   last_g = big_g[..., -1:]

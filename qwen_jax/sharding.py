@@ -1,0 +1,544 @@
+"""Device meshes, the logical-axis rules table and sharded jit programs.
+
+One mesh with the named axes ("data", "fsdp", "tensor", "seq"), built from
+a spec such as "data:2,fsdp:2,tensor:1,seq:4" (absent axes have size 1).
+Parameters and activations carry logical axis names (qwen_jax/layers.py,
+model.py, ...); `RULES` maps them to mesh axes, and every sharding here is
+derived from it:
+
+  data, fsdp  the batch (plain data parallelism; fsdp also shards weights)
+  tensor      heads, MLP width, vocabulary (Megatron-style)
+  seq         the token axis, in contiguous shards (sequence parallelism,
+              qwen_jax/sequence_parallel.py); weights are also sharded over
+              it (ZeRO-3 style, gathered layer by layer) so that a long
+              sequence on many devices does not replicate the model.
+
+`make_forward`, `make_prefill` and `make_train_step` return `jax.jit`
+programs with `NamedSharding`s for a (config, mesh); inside them the
+sequence-parallel context is active, so Gated DeltaNet passes its state
+between shards and attention is context parallel. They run unchanged over a
+multi-host mesh after `jax.distributed.initialize()` (docs/sharding.md).
+
+Example:
+  mesh = make_mesh("data:2,seq:4")
+  params = shard_params(params, cfg, mesh)
+  logits = make_forward(cfg, mesh)(params, put_batch(ids, mesh))
+  loss, grads = make_train_step(cfg, mesh)(params, batch)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qwen_jax import cache as cache_lib
+from qwen_jax import sequence_parallel
+from qwen_jax.array_typing import Array, PyTree
+from qwen_jax.config import QwenConfig
+from qwen_jax.model import Qwen35
+
+AXES = ("data", "fsdp", "tensor", "seq")
+
+# The one table from logical axis names to mesh axes. Flax applies the first
+# rule whose mesh axes are still free in the array, so order matters only
+# when two names of one array would claim the same mesh axis.
+RULES: tuple[tuple[str, Any], ...] = (
+    # Parameters.
+    ("vocab", "tensor"),
+    ("embed", ("fsdp", "seq")),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("linear_qkv", "tensor"),
+    ("linear_v", "tensor"),
+    ("linear_heads", "tensor"),
+    ("conv_width", None),
+    ("norm", None),
+    ("layers", None),
+    # Activations ("heads" above serves the query activations too).
+    ("batch", ("data", "fsdp")),
+    ("seq", "seq"),
+    ("embed_act", None),
+    ("kv_heads_act", "tensor"),
+    ("linear_heads_act", "tensor"),
+    ("mlp_act", "tensor"),
+    ("vocab_act", "tensor"),
+)
+
+
+# ------------------------------------------------------------------- mesh
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+  """{"data": 2, ...} from "data:2,seq:4" (every axis present, default 1).
+
+  Raises:
+    ValueError: an unknown or repeated axis, a size that is not a positive
+      integer, or an entry that is not `axis:size`.
+  """
+  if isinstance(spec, Mapping):
+    items = list(spec.items())
+  else:
+    items = []
+    for part in (p.strip() for p in str(spec).split(",")):
+      if not part:
+        continue
+      name, sep, size = part.partition(":")
+      if not sep:
+        raise ValueError(f"mesh spec: expected entries 'axis:size' such as "
+                         f"'data:2,seq:4', found {part!r} in {spec!r}")
+      items.append((name.strip(), size.strip()))
+  sizes = {a: 1 for a in AXES}
+  seen = set()
+  for name, size in items:
+    if name not in AXES:
+      raise ValueError(f"mesh spec: unknown axis {name!r}; expected axes "
+                       f"from {AXES}")
+    if name in seen:
+      raise ValueError(f"mesh spec: axis {name!r} given twice in {spec!r}")
+    seen.add(name)
+    try:
+      n = int(size)
+    except (TypeError, ValueError):
+      n = 0
+    if n < 1 or str(n) != str(size).strip():
+      raise ValueError(f"mesh spec: size of axis {name!r} must be a "
+                       f"positive integer, found {size!r}")
+    sizes[name] = n
+  return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes AXES from a spec such as "data:2,fsdp:2,seq:4".
+
+  Args:
+    spec: "axis:size,..." over AXES (absent axes are 1), or a mapping.
+    devices: the devices to use; default all of `jax.devices()` (every
+      host's, after `jax.distributed.initialize()`).
+
+  Returns:
+    A `jax.sharding.Mesh` (axis types Auto: the compiler propagates
+    shardings between the constraints the model sets).
+
+  Raises:
+    ValueError: a bad spec (see `parse_mesh_spec`), or axis sizes whose
+      product differs from the number of devices.
+  """
+  sizes = parse_mesh_spec(spec)
+  devices = list(jax.devices() if devices is None else devices)
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ValueError(
+        f"mesh spec: axis sizes {spec!r} multiply to {total}, expected the "
+        f"device count {len(devices)}")
+  shape = tuple(sizes[a] for a in AXES)
+  return jax.make_mesh(shape, AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def mesh_spec_string(mesh: Mesh) -> str:
+  """"data:2,seq:4" (axes of size 1 left out; "seq:1" for one device)."""
+  parts = [f"{a}:{mesh.shape[a]}" for a in AXES if mesh.shape[a] > 1]
+  return ",".join(parts) or "seq:1"
+
+
+# ------------------------------------------------------------- shardings
+def fit_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
+             mesh: Mesh, rules=RULES) -> P:
+  """Mesh PartitionSpec for logical names, dropping axes that do not divide.
+
+  A dimension whose size the mesh axes do not divide loses the innermost
+  of them until they do (at worst it is replicated); a jit argument must
+  split evenly.
+  """
+  if logical is None:
+    return P()
+  axes_per_dim = nn.logical_to_mesh_axes(tuple(logical), rules)
+  out = []
+  for axes, size in zip(axes_per_dim, shape):
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def abstract_params(cfg: QwenConfig) -> PyTree:
+  """Boxed (logically partitioned) parameter shapes, nothing allocated."""
+  model = Qwen35(cfg)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))[
+      "params"]
+
+
+def logical_param_specs(cfg: QwenConfig) -> PyTree:
+  """The logical PartitionSpec of every parameter (from Qwen35 init)."""
+  return nn.get_partition_spec(abstract_params(cfg))
+
+
+def param_shardings(cfg: QwenConfig, mesh: Mesh) -> PyTree:
+  """NamedSharding of every parameter (unboxed tree structure)."""
+  boxed = abstract_params(cfg)
+  logical = nn.get_partition_spec(boxed)
+  shapes = nn.unbox(boxed)
+  return jax.tree_util.tree_map(
+      lambda spec, s: NamedSharding(mesh, fit_spec(tuple(spec), s.shape,
+                                                   mesh)),
+      logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """[b, t, ...] batch arrays: batch over (data, fsdp), tokens over seq."""
+  names = ("batch", "seq") + (None,) * (len(shape) - 2)
+  spec = fit_spec(names, shape, mesh)
+  n = mesh.shape["seq"]
+  if len(shape) > 1 and n > 1 and shape[1] % n:
+    raise ValueError(f"sequence length: expected a multiple of the mesh's "
+                     f"seq axis ({n}), found {shape[1]}")
+  return NamedSharding(mesh, spec)
+
+
+def cache_shardings(cfg: QwenConfig, mesh: Mesh, batch: int,
+                    max_len: int) -> PyTree:
+  """NamedShardings of a `qwen_jax.cache` pytree (KV slots over seq)."""
+  shapes = cache_lib.cache_shapes(cfg, batch, max_len)
+  names = {"k": ("batch", "seq", "kv_heads_act", None),
+           "v": ("batch", "seq", "kv_heads_act", None),
+           "conv": ("batch", None, "linear_qkv"),
+           "state": ("batch", "linear_heads_act", None, None)}
+
+  def one(path, s):
+    key = path[-1].key
+    if key == "index":
+      return NamedSharding(mesh, P())
+    n = names[key]
+    n = (None,) * (len(s.shape) - len(n)) + n  # scanned: leading periods
+    return NamedSharding(mesh, fit_spec(n, s.shape, mesh))
+
+  return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def shard_params(params: PyTree, cfg: QwenConfig, mesh: Mesh) -> PyTree:
+  """Places (unboxed) params on the mesh with `param_shardings`."""
+  params = nn.unbox(params)
+  return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def put_batch(x: Any, mesh: Mesh) -> jax.Array:
+  """Places a global [b, t, ...] array (the same on every host) on the mesh.
+
+  Multi-host: every process passes the whole global array and each keeps
+  its addressable shards (`jax.make_array_from_callback`).
+  """
+  x = np.asarray(x)
+  sharding = batch_sharding(mesh, x.shape)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+# ----------------------------------------------------- tracing context
+def sp_context(mesh: Mesh, **options: Any) -> sequence_parallel.SPContext:
+  """The sequence-parallel context of a mesh (options: SPContext fields)."""
+  return sequence_parallel.SPContext(mesh=mesh, rules=RULES, **options)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, sequence_parallel_options: Mapping[str, Any] | None
+             = None, sequence_parallel_on: bool = True) -> Iterator[None]:
+  """Inside a traced function: the mesh, the rules and (optionally) SP.
+
+  Use it around `model.apply` in your own jitted functions; the programs
+  below do.
+  """
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(RULES))
+    if sequence_parallel_on:
+      stack.enter_context(sequence_parallel.activate(
+          sp_context(mesh, **dict(sequence_parallel_options or {}))))
+    yield
+
+
+# --------------------------------------------------------------- the head
+def lm_head_weight(cfg: QwenConfig, params: PyTree) -> Array:
+  """[d, vocab] output projection (the embedding's transpose when tied)."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def _chunk_len(t: int, chunk: int) -> int:
+  c = min(chunk, t)
+  while t % c:
+    c -= 1
+  return c
+
+
+def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
+                    targets: Array, loss_mask: Array | None = None,
+                    chunk: int = 1024, num_seq_shards: int = 1,
+                    mesh: Mesh | None = None) -> tuple[Array, Array]:
+  """Summed next-token cross-entropy without materialising [t, vocab].
+
+  The sequence is cut into chunks inside each sequence shard; each chunk's
+  logits are computed in float32, reduced and rematerialised for the
+  backward pass.
+
+  Args:
+    cfg: the model config.
+    params: unboxed params (for the head weight).
+    hidden: [b, t, d] final normalised hidden states.
+    targets: [b, t] int ids to predict at each position.
+    loss_mask: [b, t] weights (1 = counts) or None.
+    chunk: tokens per chunk (at most; a divisor of the shard length).
+    num_seq_shards: sequence shards of `hidden` (chunks never straddle one).
+    mesh: the mesh when sharded (keeps the shard axis on "seq").
+
+  Returns:
+    (sum of losses, sum of weights), float32 scalars.
+  """
+  b, t, d = hidden.shape
+  n = num_seq_shards
+  tl = t // n
+  c = _chunk_len(tl, chunk)
+  nc = tl // c
+  w = lm_head_weight(cfg, params).astype(hidden.dtype)
+  if loss_mask is None:
+    loss_mask = jnp.ones((b, t), jnp.float32)
+
+  def split(x):  # [b, t, ...] -> [nc, b, n, c, ...]
+    x = x.reshape((b, n, nc, c) + x.shape[2:])
+    if mesh is not None:
+      spec = fit_spec(("batch", "seq") + (None,) * (x.ndim - 2), x.shape,
+                      mesh)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jnp.moveaxis(x, 2, 0)
+
+  xs = (split(hidden), split(targets), split(loss_mask.astype(jnp.float32)))
+
+  @jax.checkpoint
+  def step(carry, x):
+    h, tgt, m = x
+    logits = jnp.einsum("bncd,dv->bncv", h, w,
+                        preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 3)
+    picked = jnp.sum(jnp.where(iota == tgt[..., None], logits, 0.0), -1)
+    return (carry[0] + jnp.sum((lse - picked) * m), carry[1] + jnp.sum(m)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(step, (zero, zero), xs)
+  return total, count
+
+
+def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
+            loss_chunk: int = 1024, num_seq_shards: int = 1,
+            mesh: Mesh | None = None) -> Array:
+  """Mean next-token cross-entropy of a batch (unsharded or inside SP).
+
+  batch: "input_ids" [b, t]; "targets" [b, t]; optional "loss_mask",
+  "attention_mask", "segment_ids" [b, t].
+  """
+  _, hidden = Qwen35(cfg).apply(
+      {"params": params}, batch["input_ids"],
+      attention_mask=batch.get("attention_mask"),
+      segment_ids=batch.get("segment_ids"), return_hidden=True)
+  total, count = chunked_lm_loss(cfg, params, hidden, batch["targets"],
+                                 batch.get("loss_mask"), loss_chunk,
+                                 num_seq_shards, mesh)
+  return total / jnp.maximum(count, 1.0)
+
+
+# --------------------------------------------------------------- programs
+def _sp_args(mesh: Mesh, sequence_parallel_on: bool,
+             options: Mapping[str, Any] | None):
+  return dict(sequence_parallel_options=options,
+              sequence_parallel_on=sequence_parallel_on)
+
+
+def make_forward(cfg: QwenConfig, mesh: Mesh, logits: str = "all",
+                 sequence_parallel_on: bool = True,
+                 sequence_parallel_options: Mapping[str, Any] | None = None
+                 ) -> Callable[..., Array]:
+  """Sharded forward pass: fn(params, input_ids, attention_mask=None,
+  segment_ids=None) -> logits.
+
+  Args:
+    cfg: the model config.
+    mesh: the device mesh.
+    logits: "all" ([b, t, vocab], vocab over tensor, tokens over seq),
+      "last" ([b, vocab] of the last position) or "hidden" (the final
+      normalised hidden states [b, t, d]; long sequences).
+    sequence_parallel_on: route GDN / attention through the SP ops.
+    sequence_parallel_options: SPContext fields (attention block sizes,
+      balance_attention).
+
+  Returns:
+    A jitted function.
+  """
+  if logits not in ("all", "last", "hidden"):
+    raise ValueError(f"logits: expected 'all', 'last' or 'hidden', found "
+                     f"{logits!r}")
+  model = Qwen35(cfg)
+  p_sh = param_shardings(cfg, mesh)
+  sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
+
+  def fn(params, input_ids, attention_mask=None, segment_ids=None):
+    with activate(mesh, **sp):
+      out, hidden = model.apply(
+          {"params": params}, input_ids, attention_mask=attention_mask,
+          segment_ids=segment_ids, return_hidden=True)
+      if logits == "all":
+        return out
+      if logits == "hidden":
+        return hidden
+      return jnp.einsum("bd,dv->bv", hidden[:, -1],
+                        lm_head_weight(cfg, params).astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+
+  def bsh(x):
+    return None if x is None else batch_sharding(mesh, x.shape)
+
+  def call(params, input_ids, attention_mask=None, segment_ids=None):
+    shapes = (input_ids, attention_mask, segment_ids)
+    jitted = _jit_cached(fn, (p_sh,) + tuple(bsh(x) for x in shapes))
+    return jitted(params, input_ids, attention_mask, segment_ids)
+
+  call.lower = lambda params, input_ids, attention_mask=None, segment_ids=None: (  # pylint: disable=g-long-lambda
+      _jit_cached(fn, (p_sh,) + tuple(bsh(x) for x in (
+          input_ids, attention_mask, segment_ids))).lower(
+              params, input_ids, attention_mask, segment_ids))
+  return call
+
+
+_JIT_CACHE: dict[Any, Any] = {}
+
+
+def _jit_cached(fn, in_shardings, out_shardings=None):
+  key = (fn, tuple(map(_hashable, in_shardings)), _hashable(out_shardings))
+  if key not in _JIT_CACHE:
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    _JIT_CACHE[key] = jax.jit(fn, in_shardings=in_shardings, **kw)
+  return _JIT_CACHE[key]
+
+
+def _hashable(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return (treedef, tuple(leaves))
+
+
+def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
+                 sequence_parallel_on: bool = True,
+                 sequence_parallel_options: Mapping[str, Any] | None = None
+                 ) -> Callable[..., tuple[Array, PyTree]]:
+  """Sharded prefill into an empty cache: fn(params, input_ids,
+  attention_mask=None) -> (last-position logits [b, vocab] f32, cache).
+
+  The prompt runs in one call with its tokens split over "seq"; the cache
+  (`qwen_jax.cache`, KV slots over "seq" when they divide) is then ready for
+  `qwen_jax.generate`'s decode step on any mesh or one device.
+
+  Args:
+    cfg: the model config.
+    mesh: the device mesh.
+    max_len: cache slots (prompt + tokens to generate).
+    sequence_parallel_on, sequence_parallel_options: as in `make_forward`.
+
+  Returns:
+    A function; `fn.lower(...)` gives the lowered program (AOT).
+  """
+  model = Qwen35(cfg)
+  p_sh = param_shardings(cfg, mesh)
+  sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
+
+  def fn(params, input_ids, attention_mask=None):
+    b, t = input_ids.shape
+    if t > max_len:
+      raise ValueError(f"prompt length: expected at most max_len={max_len},"
+                       f" found {t}")
+    cache = cache_lib.init_cache(cfg, b, max_len)
+    if attention_mask is not None:  # [b, t] prompt mask -> [b, S] slots
+      attention_mask = jnp.concatenate(
+          [attention_mask.astype(jnp.int32),
+           jnp.ones((b, max_len - t), jnp.int32)], axis=1)
+    with activate(mesh, **sp):
+      _, new_cache, hidden = model.apply(
+          {"params": params}, input_ids, attention_mask=attention_mask,
+          cache=cache, return_hidden=True)
+      last = jnp.einsum("bd,dv->bv", hidden[:, -1],
+                        lm_head_weight(cfg, params).astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return last, new_cache
+
+  def jitted(input_ids, attention_mask):
+    b = input_ids.shape[0]
+    ins = (p_sh, batch_sharding(mesh, input_ids.shape),
+           None if attention_mask is None
+           else batch_sharding(mesh, attention_mask.shape))
+    outs = (NamedSharding(mesh, fit_spec(("batch", "vocab_act"),
+                                         (b, cfg.vocab_size), mesh)),
+            cache_shardings(cfg, mesh, b, max_len))
+    return _jit_cached(fn, ins, outs)
+
+  def call(params, input_ids, attention_mask=None):
+    return jitted(input_ids, attention_mask)(params, input_ids,
+                                             attention_mask)
+
+  call.lower = lambda params, input_ids, attention_mask=None: jitted(  # pylint: disable=g-long-lambda
+      input_ids, attention_mask).lower(params, input_ids, attention_mask)
+  return call
+
+
+def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
+                    sequence_parallel_on: bool = True,
+                    sequence_parallel_options: Mapping[str, Any] | None = None
+                    ) -> Callable[..., tuple[Array, PyTree]]:
+  """Sharded loss and gradients: fn(params, batch) -> (loss, grads).
+
+  batch: {"input_ids", "targets"[, "loss_mask", "attention_mask",
+  "segment_ids"]}, each [b, t]. The loss is the mean next-token
+  cross-entropy (`loss_fn`), computed in chunks (no [t, vocab] logits);
+  gradients come back with the parameters' shardings. Rematerialisation
+  follows `cfg.remat_policy` ("full" for long sequences).
+
+  Args:
+    cfg: the model config.
+    mesh: the device mesh.
+    loss_chunk: tokens per chunk of the loss.
+    sequence_parallel_on, sequence_parallel_options: as in `make_forward`.
+
+  Returns:
+    A function; `fn.lower(params, batch)` gives the lowered program.
+  """
+  p_sh = param_shardings(cfg, mesh)
+  sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
+  n = mesh.shape["seq"] if sequence_parallel_on else 1
+
+  def fn(params, batch):
+    def f(p):
+      with activate(mesh, **sp):
+        return loss_fn(cfg, p, batch, loss_chunk, n, mesh)
+    return jax.value_and_grad(f)(params)
+
+  def jitted(batch):
+    some = next(iter(batch.values()))
+    bsh = batch_sharding(mesh, some.shape)
+    return _jit_cached(fn, (p_sh, bsh), (NamedSharding(mesh, P()), p_sh))
+
+  def call(params, batch):
+    return jitted(batch)(params, dict(batch))
+
+  call.lower = lambda params, batch: jitted(batch).lower(params, dict(batch))  # pylint: disable=g-long-lambda
+  return call
