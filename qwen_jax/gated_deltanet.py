@@ -114,7 +114,7 @@ class GatedDeltaNet(nn.Module):
     o, state = rule(
         q, k, v, g, beta, initial_state=initial_state,
         implementation=impl, interpret=cfg.gdr_interpret,
-        segment_ids=segment_ids)
+        chunk_size=cfg.gdr_chunk_size, segment_ids=segment_ids)
     o = layers.constrain(o, ("batch", "seq", "linear_heads_act", None))
 
     o = layers.GatedRMSNorm(cfg.rms_norm_eps, pdtype, name="norm")(
