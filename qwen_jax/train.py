@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -57,7 +58,14 @@ BatchFn = Callable[[int], Batch]
 # QwenConfig fields that change how, not what, is computed: a checkpoint may
 # be restored under different values of these.
 IMPLEMENTATION_FIELDS = ("dtype", "remat_policy", "gdr_implementation",
-                         "gdr_interpret", "attention_implementation")
+                         "gdr_interpret", "gdr_chunk_size",
+                         "attention_implementation")
+
+# TrainConfig fields that the compiled step does not read: runs that differ
+# only in these share one compiled step (see `make_train_step`).
+_LOOP_ONLY_FIELDS = ("seed", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "async_checkpointing", "peak_flops",
+                     "save_checkpoints", "batch_size", "seq_len")
 
 # Dense bf16 peak FLOP/s per device, by a substring of `device_kind`.
 PEAK_FLOPS = (
@@ -96,6 +104,8 @@ class TrainConfig:
     keep_checkpoints: newest checkpoints kept.
     async_checkpointing: let orbax write in the background.
     peak_flops: per-device peak FLOP/s for MFU (0 = look up the device).
+    save_checkpoints: write orbax checkpoints when a workdir is given
+      (False: metrics.csv only, no resume; for benchmarks of big models).
   """
   batch_size: int = 32
   seq_len: int = 64
@@ -116,6 +126,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = False
   peak_flops: float = 0.0
+  save_checkpoints: bool = True
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
@@ -154,8 +165,9 @@ def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (no decay on vectors: norms, biases)."""
-  decay_mask = lambda params: jax.tree_util.tree_map(  # pylint: disable=g-long-lambda
-      lambda p: p.ndim >= 2, params)
+  def decay_mask(params):
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
   parts = []
   if tcfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
@@ -179,11 +191,18 @@ class TrainState:
   opt_state: PyTree
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: QwenConfig) -> Callable:
+  # One jit object per config, so repeated runs (resume, seeds) reuse the
+  # compiled init.
+  model = Qwen35(cfg)
+  return jax.jit(model.init)
+
+
 def init_params(cfg: QwenConfig, seed: int = 0) -> PyTree:
   """Random parameters (unboxed from their partitioning metadata)."""
-  model = Qwen35(cfg)
   dummy = jnp.zeros((1, 8), jnp.int32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), dummy)
+  variables = _jitted_init(cfg)(jax.random.PRNGKey(seed), dummy)
   return nn.meta.unbox(variables)["params"]
 
 
@@ -318,7 +337,18 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
 
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
+  Calls with the same model config and the same optimizer settings return
+  the same jit object, so a second run in the process (a resume, another
+  seed) does not compile again.
   """
+  key = tcfg.replace(**{f: getattr(TrainConfig, f)
+                        for f in _LOOP_ONLY_FIELDS})
+  return _make_train_step(cfg, key, donate)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
+                     donate: bool) -> Callable:
   tx = make_optimizer(tcfg)
   schedule = learning_rate_schedule(tcfg)
 
@@ -337,9 +367,11 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
+@functools.lru_cache(maxsize=16)
 def make_eval_step(cfg: QwenConfig, chunk_size: int = 0) -> Callable:
   """jit-compiled `eval(params, batch) -> {"loss_sum", "tokens",
-  "correct"}` (sums over the batch's masked tokens)."""
+  "correct"}` (sums over the batch's masked tokens; one jit object per
+  (cfg, chunk_size))."""
 
   def evaluate(params, batch):
     return loss_and_stats(params, cfg, batch, chunk_size)[1]
@@ -394,10 +426,13 @@ def config_differences(saved: Mapping[str, Any],
                        cfg: QwenConfig) -> list[str]:
   """'field: checkpoint X, this run Y' for fields that change the model."""
   now = _config_record(cfg)
+  defaults = {f.name: f.default for f in dataclasses.fields(QwenConfig)}
   out = []
   for key in sorted(set(saved) | set(now)):
     if key in IMPLEMENTATION_FIELDS:
       continue
+    if key not in saved and now.get(key) == defaults.get(key):
+      continue  # a field added since the checkpoint, at its default
     if saved.get(key) != now.get(key):
       out.append(f"{key}: checkpoint {saved.get(key)!r}, this run "
                  f"{now.get(key)!r}")
@@ -465,8 +500,12 @@ class Checkpointer:
       raise ValueError(
           f"checkpoint {self.directory} (step {step}) was written for a "
           f"different model config; " + "; ".join(diffs))
+    # Restore onto `like`'s shardings: the arrays then match the ones the
+    # step was compiled for (no second compile after a resume).
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _as_dict(like))
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None)),
+        _as_dict(like))
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     d = out["state"]
@@ -520,6 +559,7 @@ class ProgressBar:
     self._last_print = -1.0
     self._last_decile = -1
     self._postfix = ""
+    self._drawn: tuple[int, str] | None = None
 
   def update(self, n: int, postfix: str = "", force: bool = False) -> None:
     self.n, self._postfix = n, postfix or self._postfix
@@ -549,10 +589,14 @@ class ProgressBar:
     else:
       self.stream.write(line + "\n")
     self.stream.flush()
+    self._drawn = (self.n, self._postfix)
 
   def close(self) -> None:
     if self.enabled:
-      self._draw(time.time())
+      # Off a terminal, a line already printed for this state is not
+      # repeated.
+      if self.tty or self._drawn != (self.n, self._postfix):
+        self._draw(time.time())
       if self.tty:
         self.stream.write("\n")
       self.stream.flush()
@@ -615,7 +659,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       "loss_mask", "segment_ids"), a pure function of the step so that a
       resumed run sees the same data.
     workdir: where checkpoints and metrics.csv go; None keeps nothing.
-    params: initial parameters (default random from tcfg.seed).
+    params: initial parameters (default random from tcfg.seed); copied,
+      the caller's arrays are not donated.
     progress: show a progress bar (a string sets its label).
     callback: called after every step with (step, {"loss": ...}) once the
       loss is fetched (at log points); raising stops the run without saving
@@ -625,19 +670,31 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     A TrainResult.
   """
   cfg = model_config_for_training(cfg, tcfg)
+  if params is not None:
+    # The step donates the state: train on a copy so that the caller's
+    # arrays stay valid.
+    params = jax.tree_util.tree_map(jnp.copy, params)
   state = init_state(cfg, tcfg, params)
   ckpt = None
   resumed_from = None
   csv_path = None
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(workdir, cfg, tcfg)
-    restored = ckpt.restore(state)
-    if restored is not None:
-      state = restored
-      resumed_from = int(jax.device_get(state.step))
+    if tcfg.save_checkpoints:
+      ckpt = Checkpointer(workdir, cfg, tcfg)
+      restored = ckpt.restore(state)
+      if restored is not None:
+        state = restored
+        resumed_from = int(jax.device_get(state.step))
     csv_path = os.path.join(workdir, "metrics.csv")
     _rewrite_csv(csv_path, resumed_from or 0)
+  # One placement for fresh and restored states (orbax returns committed
+  # arrays, a fresh init does not): the step then lowers to one program, and
+  # a resumed run in the same process reuses its compilation.
+  devices = {d for x in jax.tree_util.tree_leaves(state)
+             for d in getattr(x, "devices", set)()}
+  if len(devices) == 1:  # a sharded state keeps its placement
+    state = jax.device_put(state, devices.pop())
   start = int(jax.device_get(state.step))
   step_fn = make_train_step(cfg, tcfg)
   first = batch_fn(start) if start < tcfg.num_steps else batch_fn(0)

@@ -1,0 +1,349 @@
+"""Trains a Qwen3.5 model from an ml_collections config, then evaluates it.
+
+The config (see experiments/configs/) names a model preset with overrides,
+the TrainConfig fields, the data (MQAR or byte-level text) and the held-out
+evaluation. The workdir receives orbax checkpoints (a rerun with the same
+workdir resumes from the newest), metrics.csv, run_config.json and, after
+training, eval.json (MQAR accuracy or text loss on held-out data, and a
+summary of the run). A progress bar goes to stderr.
+
+  python -m experiments.train --config=experiments/configs/mqar.py:runlocal \
+      --workdir=/tmp/qwen_mqar_local
+  python -m experiments.train --config=experiments/configs/mqar.py \
+      --workdir=/tmp/qwen_mqar --config.train.num_steps=5000 \
+      --config.model.hidden_size=256
+  python -m experiments.train --config=experiments/configs/text.py \
+      --workdir=/tmp/qwen_text --export_hf=/tmp/qwen_text/hf
+  python -m experiments.train --config=experiments/configs/qwen3_5_0_8b.py \
+      --workdir=/tmp/qwen08b_bench                      # GPU benchmark
+
+`--export_hf DIR` writes the trained weights as a transformers checkpoint
+folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from qwen_jax import data
+from qwen_jax import train as train_lib
+from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
+
+DATA_KINDS = ("mqar", "text")
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "run_config.json"
+
+
+# ------------------------------------------------------------------ config
+def _as_dict(cd: Any) -> dict[str, Any]:
+  return cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+
+
+def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
+                       data_vocab_size: int | None = None) -> QwenConfig:
+  """QwenConfig from the `model` part of a config.
+
+  Args:
+    model: `preset`, optional `ratio`, and QwenConfig fields (None keeps
+      the preset's value).
+    data_vocab_size: tokens the data uses; the model's vocabulary when
+      `model.vocab_size` is None and it is given.
+
+  Returns:
+    The model config.
+
+  Raises:
+    ValueError: an unknown preset or field, a bad ratio, or a vocabulary
+      smaller than the data's.
+  """
+  values = _as_dict(model)
+  preset = values.pop("preset", None)
+  ratio = values.pop("ratio", None)
+  fields = {f.name for f in dataclasses.fields(QwenConfig)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"config.model: expected QwenConfig fields, found "
+                     f"unknown {unknown}")
+  overrides = {k: v for k, v in values.items() if v is not None}
+  if "vocab_size" not in overrides and data_vocab_size is not None:
+    overrides["vocab_size"] = int(data_vocab_size)
+  base = QwenConfig.from_preset(preset)  # ValueError naming a bad preset
+  if ratio:
+    n = overrides.get("num_hidden_layers", base.num_hidden_layers)
+    overrides["layer_types"] = layer_types_from_ratio(ratio, n)
+  cfg = base.replace(**overrides)
+  if data_vocab_size is not None and cfg.vocab_size < data_vocab_size:
+    raise ValueError(f"config.model.vocab_size: expected >= "
+                     f"{data_vocab_size} (the data's vocabulary), found "
+                     f"{cfg.vocab_size}")
+  return cfg
+
+
+def build_train_config(
+    train: Mapping[str, Any] | ml_collections.ConfigDict,
+) -> train_lib.TrainConfig:
+  """TrainConfig from the `train` part of a config.
+
+  Raises:
+    ValueError: an unknown field or a value out of range.
+  """
+  values = _as_dict(train)
+  names = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"config.train: expected TrainConfig fields, found "
+                     f"unknown {unknown}")
+  tcfg = train_lib.TrainConfig(**values)
+  for name in ("batch_size", "seq_len", "num_steps", "log_every"):
+    if getattr(tcfg, name) < 1:
+      raise ValueError(f"config.train.{name}: expected >= 1, found "
+                       f"{getattr(tcfg, name)}")
+  for name in ("warmup_steps", "checkpoint_every", "ce_chunk_size"):
+    if getattr(tcfg, name) < 0:
+      raise ValueError(f"config.train.{name}: expected >= 0, found "
+                       f"{getattr(tcfg, name)}")
+  if not tcfg.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate: expected > 0, found "
+                     f"{tcfg.learning_rate}")
+  return tcfg
+
+
+@dataclasses.dataclass
+class Task:
+  """The data side of a run.
+
+  Attributes:
+    kind: "mqar" or "text".
+    vocab_size: token ids the data uses (the model needs at least these).
+    batch_fn: step -> training batch, a pure function of the step.
+    eval_batches: builds the held-out batches (called after training).
+    info: settings recorded in eval.json.
+  """
+  kind: str
+  vocab_size: int
+  batch_fn: Callable[[int], data.Batch]
+  eval_batches: Callable[[], list[data.Batch]]
+  info: dict[str, Any]
+
+
+def build_task(config: ml_collections.ConfigDict,
+               tcfg: train_lib.TrainConfig) -> Task:
+  """The Task of `config.data` / `config.eval` at tcfg's batch shape.
+
+  Raises:
+    ValueError: an unknown data kind or bad task settings.
+  """
+  d, ev = config.data, config.eval
+  kind = d.kind
+  bs, seed = tcfg.batch_size, d.get("seed", 0)
+  if kind == "mqar":
+    task = data.MQARConfig(
+        seq_len=tcfg.seq_len, num_pairs=d.num_pairs,
+        num_queries=d.get("num_queries"), key_vocab=d.key_vocab,
+        value_vocab=d.value_vocab)
+    eval_seed = ev.get("seed", seed + 1)
+    return Task(
+        kind=kind, vocab_size=task.vocab_size,
+        batch_fn=lambda step: data.mqar_batch(task, bs, seed, step),
+        eval_batches=lambda: [
+            data.mqar_batch(task, ev.batch_size, eval_seed, i)
+            for i in range(ev.num_batches)],
+        info={"task": dataclasses.asdict(task), "queries": task.queries,
+              "chance_accuracy": task.chance_accuracy})
+  if kind == "text":
+    text = data.TextData(tcfg.seq_len, "train", d.get("max_bytes"))
+
+    def eval_batches() -> list[data.Batch]:
+      held_out = data.TextData(tcfg.seq_len, "eval", ev.get("max_bytes"))
+      return held_out.eval_batches(ev.batch_size, ev.get("num_batches"))
+
+    return Task(
+        kind=kind, vocab_size=data.BYTE_VOCAB,
+        batch_fn=lambda step: text.batch(bs, seed, step),
+        eval_batches=eval_batches,
+        info={"train_rows": text.num_rows, "train_tokens": text.num_tokens})
+  raise ValueError(f"config.data.kind: expected one of {DATA_KINDS}, found "
+                   f"{kind!r}")
+
+
+def build(config: ml_collections.ConfigDict,
+          ) -> tuple[QwenConfig, train_lib.TrainConfig, Task]:
+  """(model config, train config, task) of a config, all validated."""
+  for part in ("model", "train", "data", "eval"):
+    if part not in config:
+      raise ValueError(f"config.{part}: expected a section, found none")
+  tcfg = build_train_config(config.train)
+  task = build_task(config, tcfg)
+  cfg = build_model_config(
+      config.model, task.vocab_size if task.kind == "mqar" else None)
+  if cfg.vocab_size < task.vocab_size:
+    raise ValueError(f"config.model.vocab_size: expected >= "
+                     f"{task.vocab_size} for {task.kind} data, found "
+                     f"{cfg.vocab_size}")
+  if tcfg.seq_len > cfg.max_position_embeddings:
+    raise ValueError(f"config.train.seq_len: expected <= "
+                     f"max_position_embeddings={cfg.max_position_embeddings}"
+                     f", found {tcfg.seq_len}")
+  return cfg, tcfg, task
+
+
+# --------------------------------------------------------------------- run
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        export_hf: str | None = None,
+        progress: bool | str = True) -> dict[str, Any]:
+  """Trains (resuming from `workdir`), evaluates, writes eval.json.
+
+  Args:
+    config: a config as returned by experiments/configs/*.py.
+    workdir: output folder (checkpoints, metrics.csv, run_config.json,
+      eval.json); created if needed.
+    export_hf: also write the trained weights as a transformers folder.
+    progress: progress bar on stderr (a string sets its label).
+
+  Returns:
+    The summary written to eval.json.
+
+  Raises:
+    ValueError: a bad config (before anything is written), or a checkpoint
+      in `workdir` written for another model.
+  """
+  cfg, tcfg, task = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  label = progress if isinstance(progress, str) else task.kind
+  result = train_lib.train(cfg, tcfg, task.batch_fn, workdir,
+                           progress=label if progress else False)
+  params = result.state.params
+  batches = task.eval_batches()
+  ev = train_lib.evaluate(result.cfg, params, batches, tcfg.ce_chunk_size)
+  ev["batches"] = len(batches)
+  if task.kind == "text":
+    ev["bits_per_byte"] = ev["loss"] / math.log(2.0)
+  losses = [result.losses[s] for s in sorted(result.losses)]
+  kinds = cfg.layer_types
+  summary = {
+      "task": task.kind,
+      "workdir": os.path.abspath(workdir),
+      "step": int(jax.device_get(result.state.step)),
+      "model": {
+          "preset": config.model.preset,
+          "num_hidden_layers": cfg.num_hidden_layers,
+          "linear_layers": kinds.count(LINEAR),
+          "full_layers": kinds.count(FULL),
+          "hidden_size": cfg.hidden_size,
+          "vocab_size": cfg.vocab_size,
+          "params": train_lib.param_count(params),
+          "compute_dtype": result.cfg.dtype,
+      },
+      "train": {
+          "num_steps": tcfg.num_steps,
+          "resumed_from": result.resumed_from,
+          "first_loss": losses[0] if losses else None,
+          "final_loss": losses[-1] if losses else None,
+          "compile_s": result.compile_s,
+          "train_s": result.train_s,
+          "tokens_per_s": result.tokens_per_s,
+          "device": jax.devices()[0].device_kind,
+      },
+      "data": task.info,
+      "eval": ev,
+  }
+  if export_hf:
+    train_lib.export_hf(export_hf, result.cfg, params)
+    summary["export_hf"] = os.path.abspath(export_hf)
+  with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """A few human-readable lines of a `run` summary."""
+  m, t, ev = summary["model"], summary["train"], summary["eval"]
+  lines = [
+      f"model:   {m['preset']}, {m['num_hidden_layers']} layers "
+      f"({m['linear_layers']} Gated DeltaNet, {m['full_layers']} full "
+      f"attention), width {m['hidden_size']}, {m['params']:,} parameters",
+  ]
+  if t["resumed_from"] is not None:
+    lines.append(f"resumed: from step {t['resumed_from']}")
+  if t["final_loss"] is not None:
+    lines.append(
+        f"train:   step {summary['step']}/{t['num_steps']}, loss "
+        f"{t['first_loss']:.4f} -> {t['final_loss']:.4f}, "
+        f"{t['tokens_per_s']:,.0f} tokens/s on {t['device']} (compile "
+        f"{t['compile_s']:.1f} s)")
+  if summary["task"] == "mqar":
+    lines.append(
+        f"eval:    MQAR accuracy {ev['accuracy']:.4f} (chance "
+        f"{summary['data']['chance_accuracy']:.4f}), loss {ev['loss']:.4f} "
+        f"over {ev['tokens']:.0f} queries")
+  else:
+    lines.append(f"eval:    held-out loss {ev['loss']:.4f} "
+                 f"({ev['bits_per_byte']:.3f} bits/byte) over "
+                 f"{ev['tokens']:.0f} tokens")
+  lines.append(f"wrote:   {os.path.join(summary['workdir'], EVAL_FILE)}")
+  if summary.get("export_hf"):
+    lines.append(f"export:  {summary['export_hf']}")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- flags
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Sequence[str] | None = None):
+  """Defines --config, --workdir and --export_hf on `flag_values`.
+
+  Called when the script runs, not on import, so that importing this module
+  next to other experiment scripts (which define --workdir too) is safe.
+
+  Args:
+    flag_values: where to define the flags.
+    argv: the command line that `--config.*` overrides are read from
+      (default sys.argv; ml_collections reads them from there, not from
+      the list given to `flag_values`).
+
+  Returns:
+    The (config, workdir, export_hf) flag holders.
+  """
+  config = config_flags.DEFINE_config_file(
+      "config", None, "A config file, e.g. experiments/configs/mqar.py or "
+      "experiments/configs/mqar.py:runlocal.", flag_values=flag_values,
+      sys_argv=None if argv is None else list(argv))
+  workdir = flags.DEFINE_string(
+      "workdir", None, "Folder for checkpoints, metrics.csv and eval.json "
+      "(a rerun resumes from its checkpoints).", flag_values=flag_values)
+  export = flags.DEFINE_string(
+      "export_hf", None, "Also write the trained weights as a transformers "
+      "checkpoint folder here.", flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"],
+                               flag_values=flag_values)
+  return config, workdir, export
+
+
+_HOLDERS = None
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  config, workdir, export = (h.value for h in _HOLDERS)
+  summary = run(config, workdir, export_hf=export)
+  print(format_summary(summary))
+
+
+if __name__ == "__main__":
+  _HOLDERS = define_flags()
+  app.run(main)

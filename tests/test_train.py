@@ -1,0 +1,650 @@
+"""Training: loss, gradients, checkpoints, export, data and the train script.
+
+What is checked:
+  * a few AdamW steps on one fixed batch lower the loss clearly;
+  * jax.grad of `train.loss_and_stats` (whole model, float64 parameters)
+    matches central finite differences along random directions and for
+    single entries of a norm weight, A_log, dt_bias, a conv kernel and the
+    embedding;
+  * `chunked_cross_entropy` equals the cross-entropy of the full logits
+    (values, argmax hits and gradients), for chunk sizes that do and do not
+    divide the token count, both head layouts;
+  * a run stopped by an exception mid-run and restarted from its workdir
+    gives bit-equal losses for every step and bit-equal final parameters;
+  * restoring a checkpoint written for another model config raises a
+    ValueError naming the field (implementation fields are free);
+  * `export_hf` writes a folder that transformers loads, with our logits;
+  * MQAR: targets equal the value of the queried key in the context (an
+    independent lookup), keys are distinct, batches are pure functions of
+    (seed, step); bad task shapes raise ValueError;
+  * packing: the loss never crosses a document boundary, segment ids are
+    right, text batches are deterministic;
+  * experiments/train.py: `run` writes metrics.csv, checkpoints and
+    eval.json and resumes; flags parse; bad config values raise ValueError.
+
+The training tests share one compiled step: they all use the model and
+TrainConfig of `experiments/configs/mqar.py:runlocal`.
+"""
+
+import csv
+import json
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import configs
+from experiments import train as train_script
+from experiments.configs import mqar as mqar_config
+from experiments.configs import qwen3_5_0_8b as qwen08b_config
+from experiments.configs import text as text_config
+from qwen_jax import data
+from qwen_jax import train
+from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax.model import Qwen35
+from tests import tolerances
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
+
+
+def _local():
+  """(config, cfg, tcfg, task) of the MQAR runlocal config."""
+  config = mqar_config.get_config("runlocal")
+  cfg, tcfg, task = train_script.build(config)
+  return config, cfg, tcfg, task
+
+
+def _tree_equal(a, b) -> bool:
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+          and all(np.array_equal(np.asarray(x), np.asarray(y))
+                  for x, y in zip(la, lb)))
+
+
+def _csv_rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted run of the runlocal MQAR config, with checkpoints."""
+  _, cfg, tcfg, task = _local()
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = train.train(cfg, tcfg, task.batch_fn, workdir, progress=False)
+  return cfg, tcfg, task, result, workdir
+
+
+# ------------------------------------------------------------- optimisation
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+  _, cfg, tcfg, _ = _local()
+  rng = np.random.default_rng(101)
+  seq = rng.integers(0, cfg.vocab_size, (tcfg.batch_size, tcfg.seq_len + 1))
+  batch = {"inputs": seq[:, :-1].astype(np.int32),
+           "targets": seq[:, 1:].astype(np.int32),
+           "loss_mask": np.ones((tcfg.batch_size, tcfg.seq_len), np.float32),
+           "segment_ids": np.ones((tcfg.batch_size, tcfg.seq_len),
+                                  np.int32)}
+  params = train.init_params(cfg, seed=7)
+  before = jax.tree_util.tree_map(np.array, params)
+  result = train.train(cfg, tcfg, lambda step: batch, params=params,
+                       progress=False)
+  # The caller's parameters are neither donated (deleted) nor changed.
+  assert _tree_equal(params, before)
+  assert not _tree_equal(result.state.params, before)
+  losses = np.array([result.losses[s] for s in range(tcfg.num_steps)])
+  # Starts near the uniform guess, ends clearly below it.
+  assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.3, losses
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert np.all(np.isfinite(losses))
+  grad_norms = [row["grad_norm"] for row in result.history]
+  assert all(np.isfinite(g) and g > 0 for g in grad_norms)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  """A copy of the nested dict `tree` with the leaf at `path` replaced."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def _randomize(shapes, rng):
+  """Random parameters of the given shapes, at scales where each matters
+  (zero-centred norms off 0, decays spread, unit-variance projections)."""
+  def draw(path, p):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    normal = rng.standard_normal(p.shape)
+    if name.endswith("A_log"):  # decays exp(A) in [0.02, 4]
+      return np.log(rng.uniform(0.02, 4.0, p.shape))
+    if name.endswith("dt_bias"):
+      return normal
+    if name.endswith("linear_attn/norm/weight"):  # plain weight, init 1
+      return 1.0 + 0.3 * normal
+    if name.endswith("weight"):  # zero-centred norms: (1 + w)
+      return 0.3 * normal
+    if "embed" in name:
+      return 0.5 * normal
+    if "conv1d" in name:
+      return 0.3 * normal
+    return normal / np.sqrt(p.shape[-2])  # kernels [..., in, out]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.asarray(draw(path, p), p.dtype), shapes)
+
+
+def test_gradients_match_finite_differences():
+  """jax.grad vs central differences (Richardson-extrapolated), float64.
+
+  Parameters, matmuls and the loss are float64, but the model computes its
+  norms, gates, conv, delta rule and softmax in float32 (as transformers
+  does), so the loss carries float32 rounding (~1e-7 relative) and the
+  differences are good to about 1e-3 of the largest gradient entry, not to
+  float64 precision. The tolerance (2% of the value plus 1e-5 of the
+  gradient norm) sits well above that and far below what a wrong gradient
+  (a missing factor, a sign, a stopped path) gives.
+  """
+  with jax.enable_x64(True):
+    cfg = QwenConfig.from_preset(
+        "tiny", vocab_size=24, hidden_size=16, intermediate_size=24,
+        num_hidden_layers=2, layer_types=(LINEAR, FULL),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8, dtype="float64",
+        param_dtype="float64", gdr_implementation="chunked",
+        gdr_chunk_size=4)  # 10 tokens: three chunks, the last one padded
+    rng = np.random.default_rng(202)
+    shapes = jax.eval_shape(lambda: train.init_params(cfg))
+    params = _randomize(shapes, rng)
+    b, t = 2, 10
+    seq = rng.integers(0, cfg.vocab_size, (b, t + 1))
+    batch = {
+        "inputs": jnp.asarray(seq[:, :-1], jnp.int32),
+        "targets": jnp.asarray(seq[:, 1:], jnp.int32),
+        "loss_mask": jnp.asarray(rng.random((b, t)) < 0.8, jnp.float64),
+        # Two packed documents in each row.
+        "segment_ids": jnp.asarray(np.repeat([[1] * 6 + [2] * 4], b, 0),
+                                   jnp.int32),
+    }
+
+    def loss_fn(p):
+      return train.loss_and_stats(p, cfg, batch, chunk_size=7)[0]
+
+    # One compiled program for the gradient and every difference quotient.
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+    loss = lambda p: value_and_grad(p)[0]
+    grads = value_and_grad(params)[1]
+    assert jax.tree_util.tree_leaves(grads)[0].dtype == jnp.float64
+    gnorm = np.sqrt(sum(float(jnp.sum(x * x))
+                        for x in jax.tree_util.tree_leaves(grads)))
+
+    def central(direction, h):
+      up = jax.tree_util.tree_map(lambda p, v: p + h * v, params, direction)
+      down = jax.tree_util.tree_map(lambda p, v: p - h * v, params,
+                                    direction)
+      return (float(loss(up)) - float(loss(down))) / (2 * h)
+
+    def richardson(direction, h):
+      return (4 * central(direction, h / 2) - central(direction, h)) / 3
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    lin, full = "layer_0", "layer_1"
+    paths = {
+        "input norm": ("layers", lin, "input_layernorm", "weight"),
+        "gated norm": ("layers", lin, "linear_attn", "norm", "weight"),
+        "q_norm": ("layers", full, "self_attn", "q_norm", "weight"),
+        "A_log": ("layers", lin, "linear_attn", "A_log"),
+        "dt_bias": ("layers", lin, "linear_attn", "dt_bias"),
+        "conv kernel": ("layers", lin, "linear_attn", "conv1d", "kernel"),
+        "embedding": ("embed_tokens", "embedding"),
+        "final norm": ("norm", "weight"),
+    }
+    checked = 0
+    for name, path in paths.items():
+      g = np.asarray(_get(grads, path))
+      # The entry with the largest gradient, and a random one.
+      for flat in (int(np.argmax(np.abs(g))), int(rng.integers(g.size))):
+        idx = np.unravel_index(flat, g.shape)
+        e = np.zeros(g.shape)
+        e[idx] = 1.0
+        fd = richardson(_set(zeros, path, jnp.asarray(e)), 3e-3)
+        assert abs(fd - g[idx]) <= 2e-2 * abs(g[idx]) + 1e-5 * gnorm, (
+            name, idx, fd, g[idx])
+        checked += abs(g[idx]) > 1e-3 * gnorm
+    assert checked >= len(paths)  # not only vanishing gradients
+
+    def unit(tree):
+      n = np.sqrt(sum(float(jnp.sum(x * x))
+                      for x in jax.tree_util.tree_leaves(tree)))
+      return jax.tree_util.tree_map(lambda x: x / n, tree)
+
+    # Along the gradient (checks its norm; the loss curves fastest there, so
+    # a smaller step) and along random directions through every parameter.
+    directions = [(unit(grads), 3e-4)] + [(unit(jax.tree_util.tree_map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)), 1e-2)
+                                          for _ in range(2)]
+    for v, h in directions:
+      gv = sum(float(jnp.vdot(a, c)) for a, c in zip(
+          jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(v)))
+      fd = richardson(v, h)
+      assert abs(fd - gv) <= 1e-2 * abs(gv) + 1e-5 * gnorm, (fd, gv, h)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+def test_chunked_cross_entropy_equals_full_logits(vocab_major):
+  rng = np.random.default_rng(303 + vocab_major)
+  b, t, d, vocab = 3, 7, 16, 50  # 21 tokens
+  hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  shape = (vocab, d) if vocab_major else (d, vocab)
+  w = jnp.asarray(rng.standard_normal(shape) * 0.5, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+  mask = jnp.asarray(rng.random((b, t)) < 0.7, jnp.float32)
+  mask = mask.at[0, 0].set(0.5)  # weights, not only 0/1
+  spec = "btd,vd->btv" if vocab_major else "btd,dv->btv"
+
+  def full(h, w):
+    return train.cross_entropy(jnp.einsum(spec, h, w), targets, mask)[0]
+
+  ref_loss, (ref_dh, ref_dw) = jax.jit(jax.value_and_grad(full, (0, 1)))(
+      hidden, w)
+  logits = np.asarray(jnp.einsum(spec, hidden, w))
+  hits = (logits.argmax(-1) == np.asarray(targets)) * np.asarray(mask)
+
+  # 1 and 4 leave a padded last chunk or many chunks; 7 divides 21; 0 picks
+  # the automatic size (all 21 tokens here).
+  for chunk in (1, 4, 7, 0):
+    def chunked(h, w, chunk=chunk):
+      loss, tokens, correct = train.chunked_cross_entropy(
+          h, w, targets, mask, vocab_major=vocab_major, chunk_size=chunk)
+      return loss, (tokens, correct)
+
+    (loss, (tokens, correct)), (dh, dw) = jax.jit(jax.value_and_grad(
+        chunked, (0, 1), has_aux=True))(hidden, w)
+    msg = f"chunk_size={chunk}"
+    tolerances.assert_close(loss, ref_loss, jnp.float32, err_msg=msg)
+    assert float(tokens) == float(np.asarray(mask).sum()), msg
+    assert float(correct) == pytest.approx(hits.sum()), msg
+    tolerances.assert_close(dh, ref_dh, jnp.float32, err_msg=msg)
+    tolerances.assert_close(dw, ref_dw, jnp.float32, err_msg=msg)
+
+
+# -------------------------------------------------------------- checkpoints
+class _Crash(Exception):
+  pass
+
+
+def test_killed_run_resumes_with_identical_losses(reference_run, tmp_path):
+  cfg, tcfg, task, ref, ref_dir = reference_run
+  workdir = str(tmp_path / "crashed")
+  crash_at = 6
+  seen = {}
+
+  def crash(step, metrics):
+    seen[step] = metrics["loss"]
+    if step == crash_at:
+      raise _Crash()
+
+  with pytest.raises(_Crash):
+    train.train(cfg, tcfg, task.batch_fn, workdir, progress=False,
+                callback=crash)
+  ckpt_steps = sorted(int(s) for s in os.listdir(
+      os.path.join(workdir, "checkpoints")) if s.isdigit())
+  # Saved every 4 steps; the save after step index 7 never happened.
+  assert ckpt_steps == [4], ckpt_steps
+
+  resumed = train.train(cfg, tcfg, task.batch_fn, workdir, progress=False)
+  assert resumed.resumed_from == 4
+  assert sorted(resumed.losses) == list(range(4, tcfg.num_steps))
+  for step, value in seen.items():
+    assert value == ref.losses[step], (step, value, ref.losses[step])
+  for step, value in resumed.losses.items():
+    assert value == ref.losses[step], (step, value, ref.losses[step])
+  assert int(resumed.state.step) == tcfg.num_steps
+  assert _tree_equal(resumed.state.params, ref.state.params)
+  assert _tree_equal(resumed.state.opt_state, ref.state.opt_state)
+  # metrics.csv holds each logged step once, as in the uninterrupted run.
+  rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
+  ref_rows = _csv_rows(os.path.join(ref_dir, "metrics.csv"))
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+  assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def test_restore_for_another_model_config_names_the_field(reference_run):
+  cfg, tcfg, _, ref, workdir = reference_run
+  for changes, fields in (
+      ({"hidden_size": 48}, ["hidden_size"]),
+      ({"layer_types": (FULL, LINEAR)}, ["layer_types"]),
+      ({"vocab_size": 40, "tie_word_embeddings": False},
+       ["vocab_size", "tie_word_embeddings"])):
+    ckpt = train.Checkpointer(workdir, cfg.replace(**changes), tcfg)
+    try:
+      with pytest.raises(ValueError) as err:
+        ckpt.restore(ref.state)
+    finally:
+      ckpt.close()
+    for field in fields:
+      assert field in str(err.value), str(err.value)
+    assert "num_hidden_layers" not in str(err.value)  # unchanged: not named
+  # How the model is computed may change between save and restore.
+  other = cfg.replace(remat_policy="full", gdr_implementation="recurrent")
+  ckpt = train.Checkpointer(workdir, other, tcfg)
+  try:
+    state = ckpt.restore(ref.state)
+  finally:
+    ckpt.close()
+  assert int(state.step) == tcfg.num_steps
+  assert _tree_equal(state.params, ref.state.params)
+
+
+def test_export_hf_loads_in_transformers(reference_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  _, _, _, ref, _ = reference_run
+  cfg, params = ref.cfg, ref.state.params
+  path = str(tmp_path / "hf")
+  train.export_hf(path, cfg, params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32).eval()
+  ids = np.random.default_rng(404).integers(0, cfg.vocab_size, (2, 19))
+  with torch.no_grad():
+    theirs = model(input_ids=torch.as_tensor(ids), use_cache=False)
+  theirs = theirs.logits.float().numpy()
+  ours = np.asarray(Qwen35(cfg).apply({"params": params},
+                                      jnp.asarray(ids, jnp.int32)))
+  assert theirs.shape == ours.shape == (2, 19, cfg.vocab_size)
+  err = tolerances.max_rel_err(ours, theirs)
+  assert err < tolerances.HF_LOGITS_REL, err
+
+
+# --------------------------------------------------------------------- MQAR
+def _lookup(inputs_row, num_pairs):
+  """{key: value} of a row's context, asserting distinct keys."""
+  table = {}
+  for i in range(num_pairs):
+    key, value = int(inputs_row[2 * i]), int(inputs_row[2 * i + 1])
+    assert key not in table, f"key {key} repeated in the context"
+    table[key] = value
+  return table
+
+
+@pytest.mark.parametrize("kw", [
+    dict(seq_len=64, num_pairs=8, key_vocab=10, value_vocab=5),
+    dict(seq_len=40, num_pairs=6, num_queries=3, key_vocab=50,
+         value_vocab=50),
+    dict(seq_len=23, num_pairs=6, key_vocab=6, value_vocab=3),  # tight
+])
+def test_mqar_targets_are_the_values_of_the_queried_keys(kw):
+  task = data.MQARConfig(**kw)
+  seed, step = int(np.random.default_rng(kw["seq_len"]).integers(1000)), 7
+  batch = data.mqar_batch(task, 16, seed=seed, step=step)
+  inputs, targets = batch["inputs"], batch["targets"]
+  mask = batch["loss_mask"]
+  p, q = task.num_pairs, task.queries
+  assert inputs.shape == targets.shape == mask.shape == (16, task.seq_len)
+  assert inputs.dtype == targets.dtype == np.int32
+  np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
+  assert set(np.unique(mask)) <= {0.0, 1.0}
+  keys = range(1, 1 + task.key_vocab)
+  values = range(1 + task.key_vocab, task.vocab_size)
+  for r in range(16):
+    table = _lookup(inputs[r], p)
+    assert all(k in keys for k in table) and all(
+        v in values for v in table.values())
+    queries = np.nonzero(mask[r])[0]
+    assert len(queries) == q
+    assert queries.min() >= 2 * p  # queries follow the context
+    asked = set()
+    for pos in queries:
+      key = int(inputs[r, pos])
+      assert key in table, (r, pos, key)
+      assert int(targets[r, pos]) == table[key], (r, pos)
+      assert data.mqar_answer_from_context(inputs[r], pos, task) == table[key]
+      asked.add(key)
+    assert len(asked) == q  # distinct queried keys
+    # Outside the context and the query pairs there is only padding.
+    rest = np.ones(task.seq_len, bool)
+    rest[:2 * p] = False
+    rest[queries] = False
+    rest[np.minimum(queries + 1, task.seq_len - 1)] = False
+    assert np.all(inputs[r][rest] == data.PAD)
+
+  again = data.mqar_batch(task, 16, seed=seed, step=step)
+  for name in batch:
+    np.testing.assert_array_equal(batch[name], again[name])
+  for other in (data.mqar_batch(task, 16, seed=seed, step=step + 1),
+                data.mqar_batch(task, 16, seed=seed + 1, step=step)):
+    assert not np.array_equal(other["inputs"], inputs)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(num_pairs=0), "num_pairs"),
+    (dict(num_pairs=8, key_vocab=7), "key_vocab"),
+    (dict(value_vocab=0), "value_vocab"),
+    (dict(num_pairs=4, num_queries=5), "num_queries"),
+    (dict(num_pairs=4, num_queries=0), "num_queries"),
+    (dict(seq_len=14, num_pairs=4), "seq_len"),
+])
+def test_bad_mqar_config_raises(kw, field):
+  with pytest.raises(ValueError, match=field):
+    data.MQARConfig(**kw)
+
+
+def test_mqar_answer_from_context_rejects_a_repeated_key():
+  task = data.MQARConfig(seq_len=9, num_pairs=2, key_vocab=4, value_vocab=4)
+  row = np.array([1, 6, 1, 7, 0, 0, 1, 0, 0])
+  assert data.mqar_answer_from_context(row, 6, task) is None
+
+
+# ------------------------------------------------------------------ packing
+def _random_docs(rng, n):
+  lengths = rng.integers(0, 30, n)
+  lengths[rng.integers(n)] = 0  # an empty document is skipped
+  return [rng.integers(1, 256, size=k).astype(np.uint8) for k in lengths]
+
+
+def test_packing_never_crosses_a_document_boundary():
+  rng = np.random.default_rng(505)
+  docs = _random_docs(rng, 14)
+  row_len = 9
+  tokens, seg = data.pack_documents(docs, row_len)
+  # Independent record of which document each packed position holds.
+  owner = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
+  stream = np.concatenate(docs)
+  rows = -(-len(stream) // row_len)
+  assert tokens.shape == seg.shape == (rows, row_len)
+  flat_owner = np.full(rows * row_len, -1)
+  flat_owner[:len(owner)] = owner
+  np.testing.assert_array_equal(tokens.reshape(-1)[:len(stream)], stream)
+  assert np.all(tokens.reshape(-1)[len(stream):] == data.PAD)
+  flat_owner = flat_owner.reshape(rows, row_len)
+  for r in range(rows):
+    expect, current, last = [], 0, None
+    for c in range(row_len):
+      o = flat_owner[r, c]
+      if o < 0:
+        expect.append(0)
+        continue
+      if o != last:
+        current, last = current + 1, o
+      expect.append(current)
+    np.testing.assert_array_equal(seg[r], expect, err_msg=f"row {r}")
+
+  batch = data.lm_batch_from_rows(tokens, seg)
+  t = row_len - 1
+  for name in ("inputs", "targets", "loss_mask", "segment_ids"):
+    assert batch[name].shape == (rows, t)
+  np.testing.assert_array_equal(batch["inputs"], tokens[:, :-1])
+  np.testing.assert_array_equal(batch["targets"], tokens[:, 1:])
+  same_doc = ((flat_owner[:, :-1] == flat_owner[:, 1:])
+              & (flat_owner[:, :-1] >= 0))
+  np.testing.assert_array_equal(batch["loss_mask"], same_doc.astype(
+      np.float32))
+  ids = batch["segment_ids"]
+  for r in range(rows):
+    for i in range(t):
+      for j in range(t):
+        same = flat_owner[r, i] == flat_owner[r, j]
+        assert (ids[r, i] == ids[r, j]) == same, (r, i, j)
+  # Every adjacent same-document pair is trained on, except those split by
+  # a row boundary.
+  cut = sum(owner[pos - 1] == owner[pos]
+            for pos in range(row_len, len(owner), row_len))
+  assert batch["loss_mask"].sum() == sum(
+      max(0, len(d) - 1) for d in docs) - cut
+
+
+def test_text_batches_are_deterministic():
+  rng = np.random.default_rng(606)
+  docs = _random_docs(rng, 20)
+  text = data.TextData(seq_len=11, docs=docs)
+  n, bs = text.num_rows, 3
+  a = text.batch(bs, seed=5, step=2)
+  b = text.batch(bs, seed=5, step=2)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name])
+  assert not np.array_equal(text.batch(bs, seed=5, step=3)["inputs"],
+                            a["inputs"])
+  assert not np.array_equal(text.batch(bs, seed=6, step=2)["inputs"],
+                            a["inputs"])
+  # One epoch visits every row once.
+  per_epoch = np.concatenate([text.batch(1, seed=5, step=s)["inputs"]
+                              for s in range(n)])
+  assert sorted(map(tuple, per_epoch)) == sorted(
+      map(tuple, text.tokens[:, :-1]))
+  # Eval batches cover all rows in order (the last one padded, no loss).
+  ev = text.eval_batches(4)
+  got = np.concatenate([e["inputs"] for e in ev])
+  np.testing.assert_array_equal(got[:n], text.tokens[:, :-1])
+  assert np.all(got[n:] == data.PAD)
+  one_epoch = text.batch(n, seed=0, step=0)
+  assert sum(e["loss_mask"].sum() for e in ev) == one_epoch["loss_mask"].sum()
+
+  corpus = data.TextData(seq_len=32, max_bytes=4000)
+  again = data.TextData(seq_len=32, max_bytes=4000)
+  np.testing.assert_array_equal(corpus.tokens, again.tokens)
+  held_out = data.TextData(seq_len=32, split="eval", max_bytes=4000)
+  assert not np.array_equal(held_out.tokens[:4], corpus.tokens[:4])
+  with pytest.raises(ValueError, match="split"):
+    data.text_documents("validation")
+
+
+# ------------------------------------------------------------------- script
+def test_train_script_writes_metrics_checkpoints_and_eval(reference_run,
+                                                          tmp_path):
+  config = mqar_config.get_config("runlocal")
+  _, tcfg, _, ref, ref_dir = reference_run
+  workdir = str(tmp_path / "run")
+  hf_dir = str(tmp_path / "hf")
+  summary = train_script.run(config, workdir, export_hf=hf_dir,
+                             progress=False)
+  assert sorted(os.listdir(hf_dir)) == ["config.json", "model.safetensors"]
+  rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
+  assert [int(r["step"]) for r in rows] == list(
+      range(tcfg.log_every - 1, tcfg.num_steps, tcfg.log_every))
+  # Same config, same data: the losses of the library run above.
+  ref_rows = _csv_rows(os.path.join(ref_dir, "metrics.csv"))
+  assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+  steps = sorted(int(s) for s in os.listdir(
+      os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps == [4, 8, 12]
+  with open(os.path.join(workdir, train_script.EVAL_FILE)) as f:
+    written = json.load(f)
+  assert written["step"] == tcfg.num_steps
+  ev = written["eval"]
+  assert 0.0 <= ev["accuracy"] <= 1.0 and np.isfinite(ev["loss"])
+  queries = written["data"]["queries"]
+  assert ev["tokens"] == config.eval.batch_size * config.eval.num_batches * (
+      queries)
+  assert written["train"]["final_loss"] == ref.losses[tcfg.num_steps - 1]
+  assert summary["eval"] == ev and written["export_hf"] == hf_dir
+  with open(os.path.join(workdir, train_script.CONFIG_FILE)) as f:
+    assert json.load(f)["train"]["num_steps"] == tcfg.num_steps
+  text = train_script.format_summary(summary)
+  assert "MQAR accuracy" in text and "Gated DeltaNet" in text
+
+  # A second call resumes from the final checkpoint and trains no more.
+  again = train_script.run(config, workdir, progress=False)
+  assert again["train"]["resumed_from"] == tcfg.num_steps
+  assert again["eval"] == ev
+
+
+def test_train_script_flags_parse_config_overrides(tmp_path):
+  argv = ["train",
+          f"--config={os.path.join(CONFIG_DIR, 'mqar.py')}:runlocal,"
+          "ratio=3:1,layers=4",
+          f"--workdir={tmp_path}", "--config.train.num_steps=3",
+          "--config.model.hidden_size=48", "--config.data.num_pairs=5",
+          f"--export_hf={tmp_path / 'hf'}"]
+  fv = flags.FlagValues()
+  holders = train_script.define_flags(fv, argv)
+  fv(argv)
+  config, workdir, export = (h.value for h in holders)
+  assert workdir == str(tmp_path) and export == str(tmp_path / "hf")
+  cfg, tcfg, task = train_script.build(config)
+  assert tcfg.num_steps == 3 and cfg.hidden_size == 48
+  assert cfg.layer_types == (LINEAR, LINEAR, LINEAR, FULL)
+  assert task.info["task"]["num_pairs"] == 5
+  assert cfg.vocab_size == task.vocab_size
+
+
+def _with(config, path, value):
+  config = config.copy_and_resolve_references()
+  node = config
+  for k in path[:-1]:
+    node = node[k]
+  with config.ignore_type():
+    node[path[-1]] = value
+  return config
+
+
+@pytest.mark.parametrize("path,value,field", [
+    (("model", "preset"), "qwen9.9-1b", "preset"),
+    (("model", "vocab_size"), 8, "vocab_size"),
+    (("model", "ratio"), "2:1", "num_layers"),
+    (("model", "remat_policy"), "some", "remat_policy"),
+    (("train", "bogus_rate"), 1.0, "bogus_rate"),
+    (("train", "num_steps"), 0, "num_steps"),
+    (("data", "kind"), "images", "config.data.kind"),
+    (("data", "num_pairs"), 15, "seq_len"),
+])
+def test_train_script_rejects_bad_config_values(path, value, field,
+                                                tmp_path):
+  config = _with(mqar_config.get_config("runlocal"), path, value)
+  workdir = str(tmp_path / "never")
+  with pytest.raises(ValueError, match=field):
+    train_script.run(config, workdir, progress=False)
+  assert not os.path.exists(workdir)  # nothing written
+
+
+@pytest.mark.parametrize("module", [mqar_config, text_config, qwen08b_config])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_every_config_builds(module, arg):
+  config = module.get_config(arg)
+  cfg, tcfg, task = train_script.build(config)
+  assert tcfg.num_steps >= 1 and task.vocab_size <= cfg.vocab_size
+  assert task.batch_fn(0)["inputs"].shape == (tcfg.batch_size, tcfg.seq_len)
+  if module is qwen08b_config and arg is None:
+    preset = QwenConfig.from_preset("qwen3.5-0.8b")
+    assert cfg == preset.replace(remat_policy="full")
+    assert (tcfg.batch_size, tcfg.seq_len) == (1, 8192)
+  with pytest.raises(ValueError, match="nonsense"):
+    module.get_config("nonsense")
+
+
+def test_parse_arg_types():
+  arg = configs.parse_arg("runlocal,layers=8,ratio=1:1,lr=0.5",
+                          runlocal=False, layers=0, ratio=None, lr=1.0)
+  assert arg.runlocal is True and arg.layers == 8
+  assert arg.ratio == "1:1" and arg.lr == 0.5
+  with pytest.raises(ValueError, match="layers"):
+    configs.parse_arg("layers=eight", layers=0)
