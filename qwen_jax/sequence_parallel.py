@@ -23,7 +23,12 @@ The (A, B) pairs (dk * (dk + dv) floats per head, whatever the length) are
 all-gathered over "seq" and folded in float32, S_in(j+1) = A_j S_in(j) + B_j,
 every shard computing every prefix (n is small) and the final state. Packed
 documents: a shard whose first token starts a new document gets S_in = 0.
-With one shard the rule simply runs with its true initial state.
+With one shard the rule simply runs with its true initial state. With
+`SPContext.gdr_block` set, each shard runs the rule over blocks of that many
+tokens, carrying the (augmented) state from block to block and
+rematerialising each block in the backward pass: the rule's intermediates
+(all of a shard's chunks at once in the chunked jnp implementation) and its
+saved per-chunk states then scale with the block, not the shard.
 
 Full attention (`attention`): the few K/V heads are all-gathered over "seq";
 queries stay local. Causal work is balanced without moving the tokens the
@@ -78,6 +83,11 @@ class SPContext:
     attention_block_q: queries per block of the local flash attention.
     attention_block_k: keys per block of the local flash attention.
     balance_attention: swap query halves so causal work is even.
+    gdr_block: when set, each shard runs the gated delta rule over blocks
+      of this many tokens (a `lax.scan` carrying the state, each block
+      rematerialised in the backward pass), so the rule's per-chunk
+      intermediates and saved states are those of one block instead of the
+      whole shard. None: one call per shard.
   """
   mesh: Mesh
   rules: tuple[tuple[str, Any], ...]
@@ -85,6 +95,7 @@ class SPContext:
   attention_block_q: int = 512
   attention_block_k: int = 512
   balance_attention: bool = True
+  gdr_block: int | None = None
 
   @property
   def num_shards(self) -> int:
@@ -254,6 +265,59 @@ def _fold_states(a_all: Array, b_all: Array, s0: Array,
   return jnp.stack(ins), s
 
 
+def _block_len(t: int, block: int | None, chunk: int) -> int:
+  """Tokens per block of a t-token shard (t: no blocking).
+
+  The largest divisor of t that is at most `block` and a multiple of the
+  chunk size, else the largest divisor of t at most `block`.
+  """
+  if block is None or block >= t:
+    return t
+  best = None
+  for c in range(min(block, t), 0, -1):
+    if t % c == 0:
+      if c % chunk == 0:
+        return c
+      best = best or c
+  return best or t
+
+
+def _blocked_rule(rule, block: int, q, k, v, g, beta, s0, seg):
+  """`rule` over consecutive blocks of `block` tokens, carrying the state.
+
+  Each block runs from the previous block's final state (reset to zero
+  where a packed document starts on the block's first token, as the rule
+  itself resets mid-block). The block body is a `jax.checkpoint`, so the
+  backward pass keeps only the states between blocks.
+  """
+  b, t = v.shape[:2]
+  nb = t // block
+  split = lambda x: jnp.moveaxis(  # pylint: disable=g-long-lambda
+      x.reshape((b, nb, block) + x.shape[2:]), 1, 0)
+  xs = [split(x) for x in (q, k, v, g, beta)]
+  has_seg = seg is not None
+  if has_seg:
+    segs = split(seg)
+    # Id of the token before each block (block 0: its own first token).
+    before = jnp.concatenate([segs[:1, :, 0], segs[:-1, :, -1]], axis=0)
+    keep = segs[:, :, 0] == before  # [nb, b]
+    xs += [segs, keep]
+
+  @jax.checkpoint
+  def step(s, x):
+    if has_seg:
+      qb, kb, vb, gb, bb, sb, kp = x
+      s = s * kp[:, None, None, None].astype(s.dtype)
+    else:
+      (qb, kb, vb, gb, bb), sb = x, None
+    o, s = rule(qb, kb, vb, gb, bb, initial_state=s, segment_ids=sb)
+    return s, o
+
+  final, o = jax.lax.scan(step, s0.astype(jnp.float32), tuple(xs))
+  o = jnp.moveaxis(o, 0, 1)
+  return o.reshape((b, t) + o.shape[3:]), final
+
+
 def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
                      initial_state: Array | None = None,
                      segment_ids: Array | None = None,
@@ -288,8 +352,17 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
   ss = P(bspec, hspec, None, None)
   has_seg = segment_ids is not None
   f32 = jnp.float32
-  rule = functools.partial(gdr, scale=scale, implementation=implementation,
-                           interpret=interpret, chunk_size=chunk_size)
+  one_call = functools.partial(gdr, scale=scale,
+                               implementation=implementation,
+                               interpret=interpret, chunk_size=chunk_size)
+  block = _block_len(t // n, ctx.gdr_block, chunk_size)
+
+  def rule(q, k, v, g, beta, initial_state, segment_ids):
+    if block == q.shape[1]:
+      return one_call(q, k, v, g, beta, initial_state=initial_state,
+                      segment_ids=segment_ids)
+    return _blocked_rule(one_call, block, q, k, v, g, beta, initial_state,
+                         segment_ids)
 
   def body(q, k, v, g, beta, s0, seg):
     seg = seg if has_seg else None
@@ -566,10 +639,11 @@ def attention(q: Array, k: Array, v: Array,
 
   def body(q, k, v, kvalid, seg):
     idx = jax.lax.axis_index(seq)
-    kg = jax.lax.all_gather(k, seq, axis=1, tiled=True)
-    vg = jax.lax.all_gather(v, seq, axis=1, tiled=True)
-    kval = jax.lax.all_gather(kvalid, seq, axis=1, tiled=True)
-    kseg = jax.lax.all_gather(seg, seq, axis=1, tiled=True) if has_seg else None
+    # One shard: its keys are all the keys (XLA would still copy them).
+    gather = ((lambda x: x) if n == 1 else functools.partial(
+        jax.lax.all_gather, axis_name=seq, axis=1, tiled=True))
+    kg, vg, kval = gather(k), gather(v), gather(kvalid)
+    kseg = gather(seg) if has_seg else None
     k_pos = jnp.arange(t, dtype=jnp.int32)
     attend = functools.partial(flash_attention, block_q=bq, block_k=bk)
     if not balance:

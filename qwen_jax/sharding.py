@@ -286,6 +286,48 @@ def _chunk_len(t: int, chunk: int) -> int:
   return c
 
 
+def _chunk_losses(h: Array, tgt: Array, m: Array, w: Array, chunk: int,
+                  vocab_axis: Any = None, vocab_offset: Any = 0
+                  ) -> tuple[Array, Array]:
+  """Summed cross-entropy of [b, t, d] hidden states, chunk by chunk.
+
+  Each chunk's logits [b, c, vocab] are computed in float32, reduced and
+  rematerialised for the backward pass. With `vocab_axis` (inside a
+  shard_map) w holds the vocabulary slice starting at `vocab_offset`, and
+  the log-sum-exp and the picked logit are combined over that axis.
+  """
+  b, t, _ = h.shape
+  c = _chunk_len(t, chunk)
+  nc = t // c
+  split = lambda x: jnp.moveaxis(  # pylint: disable=g-long-lambda
+      x.reshape((b, nc, c) + x.shape[2:]), 1, 0)
+  xs = (split(h), split(tgt), split(m))
+
+  @jax.checkpoint
+  def step(carry, x):
+    hc, tc, mc = x
+    logits = jnp.einsum("bcd,dv->bcv", hc, w,
+                        preferred_element_type=jnp.float32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    picked = jnp.sum(jnp.where(iota == (tc - vocab_offset)[..., None],
+                               logits, 0.0), -1)
+    if vocab_axis is None:
+      lse = jax.nn.logsumexp(logits, axis=-1)
+    else:
+      # The shift only steadies exp; it cancels, so no gradient through it.
+      top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)),
+                         vocab_axis)
+      lse = top + jnp.log(jax.lax.psum(
+          jnp.sum(jnp.exp(logits - top[..., None]), -1), vocab_axis))
+      picked = jax.lax.psum(picked, vocab_axis)
+    loss = jnp.sum((lse - picked) * mc)
+    return (carry[0] + loss, carry[1] + jnp.sum(mc)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(step, (zero, zero), xs)
+  return total, count
+
+
 def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
                     targets: Array, loss_mask: Array | None = None,
                     chunk: int = 1024, num_seq_shards: int = 1,
@@ -296,6 +338,13 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
   logits are computed in float32, reduced and rematerialised for the
   backward pass.
 
+  Sharded (`mesh` given): a `jax.shard_map` over the mesh. The head weight
+  is gathered once, before the chunk loop (vocabulary still split over
+  "tensor"), every device runs the loop over its own tokens, and the
+  weight's gradient is accumulated locally and reduced once after it (left
+  to the compiler, the gather and a full-size gradient all-reduce happen in
+  every chunk).
+
   Args:
     cfg: the model config.
     params: unboxed params (for the head weight).
@@ -303,44 +352,50 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
     targets: [b, t] int ids to predict at each position.
     loss_mask: [b, t] weights (1 = counts) or None.
     chunk: tokens per chunk (at most; a divisor of the shard length).
-    num_seq_shards: sequence shards of `hidden` (chunks never straddle one).
-    mesh: the mesh when sharded (keeps the shard axis on "seq").
+    num_seq_shards: sequence shards of `hidden` (chunks never straddle
+      one); the mesh's "seq" size decides when `mesh` is given.
+    mesh: the mesh when sharded.
 
   Returns:
     (sum of losses, sum of weights), float32 scalars.
   """
   b, t, d = hidden.shape
-  n = num_seq_shards
-  tl = t // n
-  c = _chunk_len(tl, chunk)
-  nc = tl // c
   w = lm_head_weight(cfg, params).astype(hidden.dtype)
   if loss_mask is None:
     loss_mask = jnp.ones((b, t), jnp.float32)
+  loss_mask = loss_mask.astype(jnp.float32)
+  if mesh is None:
+    n = num_seq_shards
+    tl = t // n
+    # Chunks of each shard: [b, n * tl] -> [b * n, tl] keeps them inside.
+    fold = [x.reshape((b * n, tl) + x.shape[2:])
+            for x in (hidden, targets, loss_mask)]
+    return _chunk_losses(*fold, w, chunk)
 
-  def split(x):  # [b, t, ...] -> [nc, b, n, c, ...]
-    x = x.reshape((b, n, nc, c) + x.shape[2:])
-    if mesh is not None:
-      spec = fit_spec(("batch", "seq") + (None,) * (x.ndim - 2), x.shape,
-                      mesh)
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-    return jnp.moveaxis(x, 2, 0)
+  hs = fit_spec(("batch", "seq", None), hidden.shape, mesh)
+  ws = fit_spec((None, "vocab"), w.shape, mesh)
+  ms = P(hs[0], hs[1])
+  token_axes = tuple(a for e in (hs[0], hs[1]) if e is not None
+                     for a in ((e,) if isinstance(e, str) else e))
+  vocab_axis = ws[1]
 
-  xs = (split(hidden), split(targets), split(loss_mask.astype(jnp.float32)))
+  def body(w, h, tgt, m):
+    offset = 0
+    if vocab_axis is not None:
+      offset = jax.lax.axis_index(vocab_axis) * w.shape[1]
+    total, count = _chunk_losses(h, tgt, m, w, chunk, vocab_axis, offset)
+    if token_axes:
+      total = jax.lax.psum(total, token_axes)
+      count = jax.lax.psum(count, token_axes)
+    return total, count
 
-  @jax.checkpoint
-  def step(carry, x):
-    h, tgt, m = x
-    logits = jnp.einsum("bncd,dv->bncv", h, w,
-                        preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 3)
-    picked = jnp.sum(jnp.where(iota == tgt[..., None], logits, 0.0), -1)
-    return (carry[0] + jnp.sum((lse - picked) * m), carry[1] + jnp.sum(m)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (total, count), _ = jax.lax.scan(step, (zero, zero), xs)
-  return total, count
+  # check_vma=False, as in qwen_jax.sequence_parallel: the chunk loop's
+  # zero carries would fail the varying-type check. The outputs are summed
+  # over every axis they vary on, so P() holds, and the transpose sums the
+  # weight's gradient over the axes it is replicated on.
+  return jax.shard_map(body, mesh=mesh, in_specs=(ws, hs, ms, ms),
+                       out_specs=(P(), P()), check_vma=False)(
+                           w, hidden, targets, loss_mask)
 
 
 def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
