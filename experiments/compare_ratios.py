@@ -28,7 +28,7 @@ task weighted equally. Writes under --workdir:
 
   # The README's main job (8 minutes on a 2-core CPU):
   python -m experiments.compare_ratios --workdir /tmp/qwen_jax_ratios
-  # A one-minute smoke run:
+  # A two-minute smoke run (the numbers mean little):
   python -m experiments.compare_ratios --workdir /tmp/r --preset smoke
   # Your own sweep:
   python -m experiments.compare_ratios --workdir /tmp/r \\
@@ -130,8 +130,8 @@ class StudyConfig:
     return data.BYTE_VOCAB + self.mqar().vocab_size
 
 
-# Named settings. "default" is the README's main job; "smoke" is for tests
-# and a first look (about a minute; the numbers mean little).
+# Named settings. "default" is the README's main job; "smoke" checks the
+# plumbing (about two minutes on 2 cores; the numbers mean little).
 PRESETS: dict[str, StudyConfig] = {
     "default": StudyConfig(),
     "smoke": StudyConfig(
@@ -291,7 +291,10 @@ def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
   t0 = time.time()
   eval_len = max(study.eval_lengths + (study.seq_len,))
   eval_step = train_lib.make_eval_step(cfg)
-  pad = lambda batches: [data.pad_batch(b, eval_len) for b in batches]  # pylint: disable=g-long-lambda
+
+  def pad(batches):
+    return [data.pad_batch(b, eval_len) for b in batches]
+
   recall = {}
   for n in study.eval_lengths:
     ev = train_lib.evaluate(cfg, params, pad(mqar_eval_batches(study, n)),
@@ -517,61 +520,80 @@ def write_plots(record: dict[str, Any], workdir: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ flags
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.",
-                               required=True)
-_PRESET = flags.DEFINE_enum("preset", "default", sorted(PRESETS),
-                            "Named settings; the flags below override them.")
-_RATIOS = flags.DEFINE_list("ratios", None,
-                            "Ratios, e.g. all-full,1:1,3:1,7:1,all-linear.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Depth.")
-_HIDDEN = flags.DEFINE_integer("hidden_size", None, "Width.")
-_STEPS = flags.DEFINE_integer("steps", None, "Steps per ratio.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Training length.")
-_LR = flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
-_EVAL_LENGTHS = flags.DEFINE_list("eval_lengths", None,
-                                  "MQAR evaluation lengths.")
-_MEMORY_LENGTHS = flags.DEFINE_list("memory_lengths", None,
-                                    "Context lengths of the memory table.")
-_PAIRS = flags.DEFINE_integer("num_pairs", None,
-                              "MQAR pairs at the training length.")
-_KEY_VOCAB = flags.DEFINE_integer("key_vocab", None, "MQAR key tokens.")
-_VALUE_VOCAB = flags.DEFINE_integer("value_vocab", None,
-                                    "MQAR value tokens.")
-_SEED = flags.DEFINE_integer("seed", None, "Seed.")
-_NO_PLOTS = flags.DEFINE_bool("no_plots", False, "Skip the PNG plots.")
+def _list_of_ints(v: Sequence[str]) -> tuple[int, ...]:
+  return tuple(int(x) for x in v)
 
 
-def study_from_flags() -> StudyConfig:
-  study = PRESETS[_PRESET.value]
+# (flag = StudyConfig field, parser, help); an absent flag keeps the
+# preset's value.
+_FLAG_FIELDS = (
+    ("ratios", tuple, "Ratios, e.g. all-full,1:1,3:1,7:1,all-linear."),
+    ("num_layers", int, "Depth (a multiple of every ratio's period)."),
+    ("hidden_size", int, "Width."),
+    ("steps", int, "Optimizer steps per ratio."),
+    ("batch_size", int, "Rows per step."),
+    ("seq_len", int, "Training length."),
+    ("learning_rate", float, "Peak learning rate."),
+    ("num_pairs", int, "MQAR pairs at the training length."),
+    ("key_vocab", int, "MQAR key tokens."),
+    ("value_vocab", int, "MQAR value tokens (chance = 1 / value_vocab)."),
+    ("eval_lengths", _list_of_ints, "MQAR evaluation lengths."),
+    ("memory_lengths", _list_of_ints, "Context lengths of the memory table."),
+    ("seed", int, "Seed of parameters and data."),
+)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS
+                 ) -> dict[str, flags.FlagHolder]:
+  """Defines the script's flags on `flag_values`.
+
+  Called when the script runs, not on import, so that this module can be
+  imported next to other experiment scripts that define --workdir or
+  --preset too.
+  """
+  holders = {
+      "workdir": flags.DEFINE_string("workdir", None, "Output folder.",
+                                     required=True, flag_values=flag_values),
+      "preset": flags.DEFINE_enum(
+          "preset", "default", sorted(PRESETS),
+          "Named settings; the flags below override them.",
+          flag_values=flag_values),
+      "no_plots": flags.DEFINE_bool("no_plots", False, "Skip the PNG plots.",
+                                    flag_values=flag_values),
+  }
+  for name, parse, help_text in _FLAG_FIELDS:
+    define = (flags.DEFINE_list if parse in (tuple, _list_of_ints) else
+              {int: flags.DEFINE_integer,
+               float: flags.DEFINE_float}[parse])
+    holders[name] = define(name, None, help_text, flag_values=flag_values)
+  return holders
+
+
+def study_from_flags(holders: dict[str, flags.FlagHolder]) -> StudyConfig:
+  """The preset named by --preset with the flags that were given."""
+  study = PRESETS[holders["preset"].value]
   changes = {}
-  for flag, name, conv in (
-      (_RATIOS, "ratios", tuple), (_NUM_LAYERS, "num_layers", int),
-      (_HIDDEN, "hidden_size", int), (_STEPS, "steps", int),
-      (_BATCH, "batch_size", int), (_SEQ_LEN, "seq_len", int),
-      (_LR, "learning_rate", float), (_SEED, "seed", int),
-      (_PAIRS, "num_pairs", int), (_KEY_VOCAB, "key_vocab", int),
-      (_VALUE_VOCAB, "value_vocab", int),
-      (_EVAL_LENGTHS, "eval_lengths", lambda v: tuple(int(x) for x in v)),
-      (_MEMORY_LENGTHS, "memory_lengths",
-       lambda v: tuple(int(x) for x in v))):
-    if flag.value is not None:
-      changes[name] = conv(flag.value)
+  for name, parse, _ in _FLAG_FIELDS:
+    value = holders[name].value
+    if value is not None:
+      changes[name] = parse(value)
   return study.replace(**changes)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  workdir = _HOLDERS["workdir"].value
   try:
-    study = study_from_flags()
-    record = run_study(study, _WORKDIR.value, plots=not _NO_PLOTS.value)
+    study = study_from_flags(_HOLDERS)
+    record = run_study(study, workdir, plots=not _HOLDERS["no_plots"].value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print()
   print(markdown_table(record))
-  print(f"Results, plots and runs under {os.path.abspath(_WORKDIR.value)}")
+  print(f"Results, plots and runs under {os.path.abspath(workdir)}")
 
 
 if __name__ == "__main__":
+  _HOLDERS = define_flags()
   app.run(main)

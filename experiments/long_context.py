@@ -65,57 +65,69 @@ from qwen_jax.model import Qwen35
 
 MODES = ("forward", "prefill", "train")
 
-_PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b",
-                              "QwenConfig preset name (random weights).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 262144, "Tokens per sequence.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
-_MESH = flags.DEFINE_string("mesh", None, "Mesh spec such as "
-                            "'data:2,seq:4' over the axes data, fsdp, "
-                            "tensor, seq; default 'seq:N' over all devices.")
-_MODE = flags.DEFINE_enum("mode", "train", list(MODES),
-                          "forward: logits (--logits); prefill: the cache "
-                          "and the last logits; train: loss and gradients.")
-_REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots"],
-                           "Per-layer rematerialisation; default 'full' for "
-                           "train, 'none' otherwise.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "Compute dtype (--verify always runs float32).")
-_PARAM_DTYPE = flags.DEFINE_enum(
-    "param_dtype", None, ["bfloat16", "float32"],
-    "Parameter dtype; default float32 for train (master weights), --dtype "
-    "otherwise.")
-_AOT = flags.DEFINE_bool("aot", False, "Compile ahead of time and report "
-                         "memory, FLOPs and collectives.")
-_VERIFY = flags.DEFINE_bool("verify", False, "Run sharded and unsharded "
-                            "and compare.")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", None, "Fake CPU devices (sets the CPU platform with N "
-    "devices before jax starts; for --aot / --verify on one machine).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (several "
-    "hosts: run the same command on every host; --aot only).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the report here.")
-_LOGITS = flags.DEFINE_enum("logits", "last", ["hidden", "last", "all"],
-                            "What --mode forward returns (--aot).")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache slots of --mode "
-                                "prefill; default --seq_len.")
-_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk "
-                                   "of the cross-entropy.")
-_ATTENTION_BLOCK = flags.DEFINE_integer(
-    "attention_block", 512, "Query and key block of the context-parallel "
-    "flash attention.")
-_GDR_BLOCK = flags.DEFINE_integer(
-    "gdr_block", None, "Tokens per gated-delta-rule call inside a sequence "
-    "shard (SPContext.gdr_block); default: the whole shard in one call.")
-_RATIO = flags.DEFINE_string("ratio", None, "Override the layer pattern: "
-                             "'3:1', 'all-linear', ...")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Override the "
-                                   "number of layers.")
-_TOLERANCE = flags.DEFINE_float("tolerance", 2e-4, "--verify: largest "
-                                "accepted relative deviation (float32).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and tokens.")
-_HLO_OUT = flags.DEFINE_string("hlo_out", None, "--aot: write the compiled "
-                               "HLO text here.")
+
+def define_flags() -> None:
+  """Defines the script's flags.
+
+  Called when the script runs, not on import, so that tests can import this
+  module next to other experiment scripts that define --preset or --seq_len
+  too.
+  """
+  global _PRESET, _SEQ_LEN, _BATCH, _MESH, _MODE, _REMAT, _DTYPE, _PARAM_DTYPE
+  global _AOT, _VERIFY, _NUM_DEVICES, _DISTRIBUTED, _JSON_OUT, _LOGITS
+  global _MAX_LEN, _LOSS_CHUNK, _ATTENTION_BLOCK, _GDR_BLOCK, _RATIO
+  global _NUM_LAYERS, _TOLERANCE, _SEED, _HLO_OUT
+  _PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b",
+                                "QwenConfig preset name (random weights).")
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 262144, "Tokens per sequence.")
+  _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
+  _MESH = flags.DEFINE_string("mesh", None, "Mesh spec such as "
+                              "'data:2,seq:4' over the axes data, fsdp, "
+                              "tensor, seq; default 'seq:N' over all devices.")
+  _MODE = flags.DEFINE_enum("mode", "train", list(MODES),
+                            "forward: logits (--logits); prefill: the cache "
+                            "and the last logits; train: loss and gradients.")
+  _REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "dots"],
+                             "Per-layer rematerialisation; default 'full' for "
+                             "train, 'none' otherwise.")
+  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                             "Compute dtype (--verify always runs float32).")
+  _PARAM_DTYPE = flags.DEFINE_enum(
+      "param_dtype", None, ["bfloat16", "float32"],
+      "Parameter dtype; default float32 for train (master weights), --dtype "
+      "otherwise.")
+  _AOT = flags.DEFINE_bool("aot", False, "Compile ahead of time and report "
+                           "memory, FLOPs and collectives.")
+  _VERIFY = flags.DEFINE_bool("verify", False, "Run sharded and unsharded "
+                              "and compare.")
+  _NUM_DEVICES = flags.DEFINE_integer(
+      "num_devices", None, "Fake CPU devices (sets the CPU platform with N "
+      "devices before jax starts; for --aot / --verify on one machine).")
+  _DISTRIBUTED = flags.DEFINE_bool(
+      "distributed", False, "Call jax.distributed.initialize() first (several "
+      "hosts: run the same command on every host; --aot only).")
+  _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the report here.")
+  _LOGITS = flags.DEFINE_enum("logits", "last", ["hidden", "last", "all"],
+                              "What --mode forward returns (--aot).")
+  _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache slots of --mode "
+                                  "prefill; default --seq_len.")
+  _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk "
+                                     "of the cross-entropy.")
+  _ATTENTION_BLOCK = flags.DEFINE_integer(
+      "attention_block", 512, "Query and key block of the context-parallel "
+      "flash attention.")
+  _GDR_BLOCK = flags.DEFINE_integer(
+      "gdr_block", None, "Tokens per gated-delta-rule call inside a sequence "
+      "shard (SPContext.gdr_block); default: the whole shard in one call.")
+  _RATIO = flags.DEFINE_string("ratio", None, "Override the layer pattern: "
+                               "'3:1', 'all-linear', ...")
+  _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Override the "
+                                     "number of layers.")
+  _TOLERANCE = flags.DEFINE_float("tolerance", 2e-4, "--verify: largest "
+                                  "accepted relative deviation (float32).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and tokens.")
+  _HLO_OUT = flags.DEFINE_string("hlo_out", None, "--aot: write the compiled "
+                                 "HLO text here.")
 
 # What the collective table counts (printed with it).
 COLLECTIVES_NOTE = (
@@ -824,4 +836,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

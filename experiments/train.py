@@ -226,6 +226,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   result = train_lib.train(cfg, tcfg, task.batch_fn, workdir,
                            progress=label if progress else False)
   params = result.state.params
+  # Peak device memory of the training so far (GPU/TPU; None on a CPU).
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_bytes = stats.get("peak_bytes_in_use")
   batches = task.eval_batches()
   ev = train_lib.evaluate(result.cfg, params, batches, tcfg.ce_chunk_size)
   ev["batches"] = len(batches)
@@ -255,6 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "compile_s": result.compile_s,
           "train_s": result.train_s,
           "tokens_per_s": result.tokens_per_s,
+          "peak_memory_bytes": peak_bytes,
           "device": jax.devices()[0].device_kind,
       },
       "data": task.info,
@@ -284,6 +288,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{t['first_loss']:.4f} -> {t['final_loss']:.4f}, "
         f"{t['tokens_per_s']:,.0f} tokens/s on {t['device']} (compile "
         f"{t['compile_s']:.1f} s)")
+  if t.get("peak_memory_bytes"):
+    lines.append(f"memory:  peak {t['peak_memory_bytes'] / 2**30:.2f} GiB "
+                 f"on the device")
   if summary["task"] == "mqar":
     lines.append(
         f"eval:    MQAR accuracy {ev['accuracy']:.4f} (chance "

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -102,7 +103,9 @@ def test_mixed_batches():
   mixed = cr.MixedData(study)
   b = mixed(3)
   assert b["inputs"].shape == (6, study.seq_len)
-  recall, text = slice(0, 3), slice(3, 6)
+  n = mixed.n_mqar
+  assert n == round(6 * study.mqar_fraction) and 0 < n < 6
+  recall, text = slice(0, n), slice(n, 6)
   # Separate token ranges: bytes for text, the MQAR tokens above them.
   assert b["inputs"][recall].min() >= data.BYTE_VOCAB
   assert b["inputs"][text].max() < data.BYTE_VOCAB
@@ -130,6 +133,17 @@ def test_models_differ_only_in_the_pattern():
     d = dataclasses.asdict(cfg)
     diff = {k for k in d if d[k] != base[k]}
     assert diff == {"layer_types"}
+
+
+def test_flags_build_the_study():
+  fv = flags.FlagValues()
+  holders = cr.define_flags(fv)
+  fv(["prog", "--workdir=/tmp/x", "--preset=smoke", "--ratios=3:1,all-full",
+      "--steps=7", "--learning_rate=0.01", "--eval_lengths=64,256"])
+  study = cr.study_from_flags(holders)
+  assert study == cr.PRESETS["smoke"].replace(
+      ratios=("3:1", "all-full"), steps=7, learning_rate=0.01,
+      eval_lengths=(64, 256))
 
 
 def test_bad_ratio_fails_before_training(tmp_path):
