@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -42,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwen_jax import cache as cache_lib
 from qwen_jax import sequence_parallel
+from qwen_jax import train as train_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import Qwen35
@@ -279,71 +281,20 @@ def lm_head_weight(cfg: QwenConfig, params: PyTree) -> Array:
   return params["lm_head"]["kernel"]
 
 
-def _chunk_len(t: int, chunk: int) -> int:
-  c = min(chunk, t)
-  while t % c:
-    c -= 1
-  return c
-
-
-def _chunk_losses(h: Array, tgt: Array, m: Array, w: Array, chunk: int,
-                  vocab_axis: Any = None, vocab_offset: Any = 0
-                  ) -> tuple[Array, Array]:
-  """Summed cross-entropy of [b, t, d] hidden states, chunk by chunk.
-
-  Each chunk's logits [b, c, vocab] are computed in float32, reduced and
-  rematerialised for the backward pass. With `vocab_axis` (inside a
-  shard_map) w holds the vocabulary slice starting at `vocab_offset`, and
-  the log-sum-exp and the picked logit are combined over that axis.
-  """
-  b, t, _ = h.shape
-  c = _chunk_len(t, chunk)
-  nc = t // c
-  split = lambda x: jnp.moveaxis(  # pylint: disable=g-long-lambda
-      x.reshape((b, nc, c) + x.shape[2:]), 1, 0)
-  xs = (split(h), split(tgt), split(m))
-
-  @jax.checkpoint
-  def step(carry, x):
-    hc, tc, mc = x
-    logits = jnp.einsum("bcd,dv->bcv", hc, w,
-                        preferred_element_type=jnp.float32)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    picked = jnp.sum(jnp.where(iota == (tc - vocab_offset)[..., None],
-                               logits, 0.0), -1)
-    if vocab_axis is None:
-      lse = jax.nn.logsumexp(logits, axis=-1)
-    else:
-      # The shift only steadies exp; it cancels, so no gradient through it.
-      top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)),
-                         vocab_axis)
-      lse = top + jnp.log(jax.lax.psum(
-          jnp.sum(jnp.exp(logits - top[..., None]), -1), vocab_axis))
-      picked = jax.lax.psum(picked, vocab_axis)
-    loss = jnp.sum((lse - picked) * mc)
-    return (carry[0] + loss, carry[1] + jnp.sum(mc)), None
-
-  zero = jnp.zeros((), jnp.float32)
-  (total, count), _ = jax.lax.scan(step, (zero, zero), xs)
-  return total, count
-
-
 def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
                     targets: Array, loss_mask: Array | None = None,
-                    chunk: int = 1024, num_seq_shards: int = 1,
-                    mesh: Mesh | None = None) -> tuple[Array, Array]:
+                    chunk: int = 1024, mesh: Mesh | None = None
+                    ) -> tuple[Array, Array]:
   """Summed next-token cross-entropy without materialising [t, vocab].
 
-  The sequence is cut into chunks inside each sequence shard; each chunk's
-  logits are computed in float32, reduced and rematerialised for the
-  backward pass.
-
-  Sharded (`mesh` given): a `jax.shard_map` over the mesh. The head weight
-  is gathered once, before the chunk loop (vocabulary still split over
-  "tensor"), every device runs the loop over its own tokens, and the
-  weight's gradient is accumulated locally and reduced once after it (left
-  to the compiler, the gather and a full-size gradient all-reduce happen in
-  every chunk).
+  `qwen_jax.train.chunked_cross_entropy` (chunks of tokens, float32 logits
+  of one chunk at a time, rematerialised for the backward pass), run on
+  the whole batch, or on each device's own tokens inside a `jax.shard_map`
+  over `mesh`. Sharded, the head weight is gathered once, before the chunk
+  loop (the vocabulary still split over "tensor"), and the weight's
+  gradient is accumulated locally and reduced once after it (left to the
+  compiler, the gather and a full-size gradient all-reduce happen in every
+  chunk).
 
   Args:
     cfg: the model config.
@@ -351,26 +302,21 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
     hidden: [b, t, d] final normalised hidden states.
     targets: [b, t] int ids to predict at each position.
     loss_mask: [b, t] weights (1 = counts) or None.
-    chunk: tokens per chunk (at most; a divisor of the shard length).
-    num_seq_shards: sequence shards of `hidden` (chunks never straddle
-      one); the mesh's "seq" size decides when `mesh` is given.
+    chunk: tokens per chunk (on each device when sharded).
     mesh: the mesh when sharded.
 
   Returns:
     (sum of losses, sum of weights), float32 scalars.
   """
-  b, t, d = hidden.shape
+  b, t, _ = hidden.shape
   w = lm_head_weight(cfg, params).astype(hidden.dtype)
   if loss_mask is None:
     loss_mask = jnp.ones((b, t), jnp.float32)
   loss_mask = loss_mask.astype(jnp.float32)
+  ce = functools.partial(train_lib.chunked_cross_entropy, vocab_major=False,
+                         chunk_size=chunk)
   if mesh is None:
-    n = num_seq_shards
-    tl = t // n
-    # Chunks of each shard: [b, n * tl] -> [b * n, tl] keeps them inside.
-    fold = [x.reshape((b * n, tl) + x.shape[2:])
-            for x in (hidden, targets, loss_mask)]
-    return _chunk_losses(*fold, w, chunk)
+    return ce(hidden, w, targets, loss_mask)[:2]
 
   hs = fit_spec(("batch", "seq", None), hidden.shape, mesh)
   ws = fit_spec((None, "vocab"), w.shape, mesh)
@@ -383,7 +329,8 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
     offset = 0
     if vocab_axis is not None:
       offset = jax.lax.axis_index(vocab_axis) * w.shape[1]
-    total, count = _chunk_losses(h, tgt, m, w, chunk, vocab_axis, offset)
+    total, count, _ = ce(h, w, tgt, m, vocab_axis=vocab_axis,
+                         vocab_offset=offset)
     if token_axes:
       total = jax.lax.psum(total, token_axes)
       count = jax.lax.psum(count, token_axes)
@@ -399,8 +346,7 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
 
 
 def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
-            loss_chunk: int = 1024, num_seq_shards: int = 1,
-            mesh: Mesh | None = None) -> Array:
+            loss_chunk: int = 1024, mesh: Mesh | None = None) -> Array:
   """Mean next-token cross-entropy of a batch (unsharded or inside SP).
 
   batch: "input_ids" [b, t]; "targets" [b, t]; optional "loss_mask",
@@ -411,8 +357,7 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
       attention_mask=batch.get("attention_mask"),
       segment_ids=batch.get("segment_ids"), return_hidden=True)
   total, count = chunked_lm_loss(cfg, params, hidden, batch["targets"],
-                                 batch.get("loss_mask"), loss_chunk,
-                                 num_seq_shards, mesh)
+                                 batch.get("loss_mask"), loss_chunk, mesh)
   return total / jnp.maximum(count, 1.0)
 
 
@@ -579,12 +524,11 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
   """
   p_sh = param_shardings(cfg, mesh)
   sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
-  n = mesh.shape["seq"] if sequence_parallel_on else 1
 
   def fn(params, batch):
     def f(p):
       with activate(mesh, **sp):
-        return loss_fn(cfg, p, batch, loss_chunk, n, mesh)
+        return loss_fn(cfg, p, batch, loss_chunk, mesh)
     return jax.value_and_grad(f)(params)
 
   def jitted(batch):

@@ -234,13 +234,16 @@ def _logits(h: Array, w: Array, vocab_major: bool, dtype) -> Array:
 def chunked_cross_entropy(hidden: Array, w: Array, targets: Array,
                           loss_mask: Array, *, vocab_major: bool,
                           chunk_size: int = 0, dtype=None,
+                          vocab_axis: Any = None, vocab_offset: Any = 0,
                           ) -> tuple[Array, Array, Array]:
   """Sum of token cross-entropies without materialising all the logits.
 
   Tokens are split into chunks; a `lax.scan` computes each chunk's logits
   (float32 accumulation), log-sum-exp and target logit under
   `jax.checkpoint`, so the backward recomputes one chunk's logits at a time
-  and the head gradient accumulates in the scan carry.
+  and the head gradient accumulates in the scan carry. The one
+  implementation of the loss: `qwen_jax.sharding.chunked_lm_loss` calls it
+  on each device's tokens inside a `shard_map`.
 
   Args:
     hidden: [b, t, d] final normalised hidden states.
@@ -250,10 +253,16 @@ def chunked_cross_entropy(hidden: Array, w: Array, targets: Array,
     vocab_major: layout of `w`.
     chunk_size: tokens per chunk; 0 picks about 2^27 logits per chunk.
     dtype: matmul input dtype (default hidden.dtype).
+    vocab_axis: inside a `shard_map` whose mesh splits the vocabulary: the
+      mesh axis (or axes) of the split; `w` then holds the slice of the
+      vocabulary that starts at `vocab_offset`, and the log-sum-exp and the
+      target logit are combined over the axis.
+    vocab_offset: first vocabulary id of this device's slice of `w`.
 
   Returns:
     (sum of mask * loss, sum of mask, sum of mask * [argmax == target]),
-    float32 scalars (float64 under x64 with float64 inputs).
+    float32 scalars (float64 under x64 with float64 inputs). With
+    `vocab_axis`, a hit is a target logit equal to the largest logit.
   """
   b, t, d = hidden.shape
   vocab = w.shape[0] if vocab_major else w.shape[1]
@@ -275,10 +284,23 @@ def chunked_cross_entropy(hidden: Array, w: Array, targets: Array,
   @jax.checkpoint
   def one_chunk(w, h_c, y_c, m_c):
     logits = _logits(h_c, w, vocab_major, dtype)  # [c, vocab] f32
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+    if vocab_axis is None:
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      tgt = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+      hit = jnp.argmax(logits, axis=-1) == y_c
+    else:
+      # Each device holds a slice of the vocabulary. The shift only steadies
+      # exp and cancels, so no gradient flows through it.
+      top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)),
+                         vocab_axis)
+      lse = top + jnp.log(jax.lax.psum(
+          jnp.sum(jnp.exp(logits - top[:, None]), -1), vocab_axis))
+      iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+      tgt = jax.lax.psum(jnp.sum(jnp.where(
+          iota == (y_c - vocab_offset)[:, None], logits, 0.0), -1),
+                         vocab_axis)
+      hit = tgt >= top
     loss = jnp.sum((lse - tgt) * m_c)
-    hit = jnp.argmax(logits, axis=-1) == y_c
     correct = jax.lax.stop_gradient(jnp.sum(hit.astype(acc) * m_c))
     return loss, correct
 
