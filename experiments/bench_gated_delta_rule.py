@@ -18,6 +18,7 @@ q, k, v use --dtype; g and beta are float32 (as the model passes them).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import statistics
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
+from pallas_kernels.gated_delta_rule import pallas_gdr
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
@@ -43,6 +46,16 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "dtype of q, k, v.")
 _IMPLS = flags.DEFINE_list("implementations", ["pallas", "chunked", "fla"],
                            "pallas, chunked, recurrent, fla.")
+_VARIANTS = flags.DEFINE_list(
+    "pallas_variants", [],
+    "Extra Pallas BlockSizes to time, each as '/'-separated field=value "
+    "pairs over the backend's defaults, e.g. 'kernels=fused/block_dv=64' "
+    "or 'num_warps_intra=8'; reported as pallas[...].")
+_FLA_HOPPER_BYPASS = flags.DEFINE_bool(
+    "fla_bypass_hopper_check", True,
+    "FLA refuses its gated backward on Hopper with Triton < 3.7.1 (its issue "
+    "#640: possibly wrong results). Bypass that check so the backward can be "
+    "timed; the output says so. Timing only.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _INTERPRET = flags.DEFINE_bool(
@@ -86,13 +99,33 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[object], None],
   return statistics.median(times)
 
 
+def parse_variant(spec: str) -> tuple[str, BlockSizes]:
+  """'kernels=fused/block_dv=64' -> ("pallas[kernels=fused/block_dv=64]",
+  the backend's default BlockSizes with those fields replaced)."""
+  fields = {f.name: f for f in dataclasses.fields(BlockSizes)}
+  changes = {}
+  for item in spec.split("/"):
+    name, sep, value = item.partition("=")
+    if not sep or name not in fields:
+      raise ValueError(f"pallas_variants: expected field=value pairs with "
+                       f"fields from {sorted(fields)}, found {item!r}")
+    changes[name] = (None if value == "None" else
+                     int(value) if value.lstrip("-").isdigit() else value)
+  base = BlockSizes.get_default(jax.default_backend())
+  return f"pallas[{spec}]", dataclasses.replace(base, **changes)
+
+
 def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
-             warmup: int) -> dict[str, float]:
+             warmup: int,
+             block_sizes: BlockSizes | None = None) -> dict[str, float]:
   """Forward and forward+backward times (ms) of one JAX implementation."""
   args = [jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v")]
   args += [jnp.asarray(inputs[n]) for n in ("g", "beta")]
 
   def fwd(q, k, v, g, beta):
+    if block_sizes is not None:
+      return pallas_gdr.gated_delta_rule_pallas(
+          q, k, v, g, beta, block_sizes=block_sizes, interpret=interpret)
     return gated_delta_rule(q, k, v, g, beta, implementation=impl,
                             interpret=interpret)
 
@@ -103,11 +136,29 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
   sync = jax.block_until_ready
   f = jax.jit(fwd)
   fb = jax.jit(fwd_bwd)
-  return dict(fwd=_median_ms(lambda: f(*args), sync, iters, warmup),
-              fwd_bwd=_median_ms(lambda: fb(*args), sync, iters, warmup))
+  res = {}
+  try:
+    o, s = f(*args)
+    # The output and final state, kept to check implementations agree.
+    res["outputs"] = (np.asarray(o.astype(jnp.float32)), np.asarray(s))
+    res["fwd"] = _median_ms(lambda: f(*args), sync, iters, warmup)
+  except Exception as e:  # pylint: disable=broad-except
+    res["fwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  try:
+    res["fwd_bwd"] = _median_ms(lambda: fb(*args), sync, iters, warmup)
+  except Exception as e:  # pylint: disable=broad-except
+    res["fwd_bwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  return res
 
 
-def time_fla(inputs: dict, dtype, iters: int, warmup: int):
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+  """max |a - b| / max |b| in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def time_fla(inputs: dict, dtype, iters: int, warmup: int,
+             bypass_hopper_check: bool = False):
   """FLA's chunk_gated_delta_rule times, or a reason string if unavailable."""
   try:
     torch = importlib.import_module("torch")
@@ -117,6 +168,16 @@ def time_fla(inputs: dict, dtype, iters: int, warmup: int):
     return f"not importable ({e})"
   if not torch.cuda.is_available():
     return "torch has no CUDA device"
+  if bypass_hopper_check:
+    try:
+      chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+      if not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        print("NOTE: FLA's Hopper check for Triton < 3.7.1 (gated backward, "
+              "its issue #640) was bypassed to time the backward; its "
+              "gradients are not checked here. Timing only.")
+    except ImportError:
+      pass
   tdtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
   dev = "cuda"
   hk, hv = inputs["q"].shape[2], inputs["v"].shape[2]
@@ -153,27 +214,50 @@ def time_fla(inputs: dict, dtype, iters: int, warmup: int):
 
 def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
         dv: int, dtype: str, implementations: list[str], iters: int,
-        warmup: int, interpret: bool, seed: int = 0) -> dict:
+        warmup: int, interpret: bool, seed: int = 0,
+        pallas_variants: tuple[str, ...] = (),
+        fla_bypass_hopper_check: bool = False) -> dict:
   """Times every implementation; returns the JSON-able results."""
   jdtype = jnp.dtype(dtype)
   inputs = make_inputs(batch, seq_len, key_heads, heads, dk, dv, jdtype,
                        seed)
   times, skipped = {}, {}
-  for impl in implementations:
+  jobs = [(impl, None) for impl in implementations]
+  jobs += [parse_variant(spec) for spec in pallas_variants]
+  for impl, bs in jobs:
     if impl == "fla":
-      res = time_fla(inputs, jdtype, iters, warmup)
+      res = time_fla(inputs, jdtype, iters, warmup, fla_bypass_hopper_check)
     else:
-      res = time_jax(impl, inputs, jdtype, interpret, iters, warmup)
+      res = time_jax(impl, inputs, jdtype, interpret, iters, warmup, bs)
+      for mode in ("fwd", "fwd_bwd"):
+        if f"{mode}_error" in res:
+          skipped[f"{impl} {mode}"] = f"failed ({res.pop(f'{mode}_error')})"
+      if not any(m in res for m in ("fwd", "fwd_bwd")):
+        res = "failed (see the per-mode lines)"
     if isinstance(res, str):
       skipped[impl] = res
     else:
       times[impl] = res
+    # Progress as it is measured (a run cut short still leaves numbers).
+    print(f"measured {impl}: " + (res if isinstance(res, str) else ", ".join(
+        f"{m} {res[m]:.3f} ms" for m in ("fwd", "fwd_bwd") if m in res)),
+          flush=True)
+  # Agreement with the chunked jnp reference (same inputs, same process).
+  errors = {}
+  if "chunked" in times:
+    ref_o, ref_s = times["chunked"]["outputs"]
+    for impl, res in times.items():
+      if "outputs" in res and impl != "chunked":
+        errors[impl] = dict(output=_rel_err(res["outputs"][0], ref_o),
+                            final_state=_rel_err(res["outputs"][1], ref_s))
+  for res in times.values():
+    res.pop("outputs", None)
   tokens = batch * seq_len
   rows = []
   for impl, modes in times.items():
     for mode, ms in modes.items():
       speedup = {base: times[base][mode] / ms for base in BASELINES
-                 if base in times and base != impl}
+                 if base in times and base != impl and mode in times[base]}
       rows.append(dict(implementation=impl, mode=mode, ms=ms,
                        tokens_per_s=tokens / (ms * 1e-3),
                        speedup_vs=speedup))
@@ -183,7 +267,8 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
                   iters=iters, interpret=interpret),
       device=str(jax.devices()[0].device_kind),
       backend=jax.default_backend(), jax_version=jax.__version__,
-      date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped)
+      date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped,
+      rel_err_vs_chunked=errors)
 
 
 def format_table(result: dict) -> str:
@@ -200,6 +285,9 @@ def format_table(result: dict) -> str:
     lines.append(" | ".join(cells))
   for impl, why in result["skipped"].items():
     lines.append(f"skipped {impl}: {why}")
+  for impl, err in result.get("rel_err_vs_chunked", {}).items():
+    lines.append(f"{impl} vs chunked (max|diff|/max|ref|): output "
+                 f"{err['output']:.2e}, final state {err['final_state']:.2e}")
   return "\n".join(lines)
 
 
@@ -215,7 +303,8 @@ def main(argv):
   key_heads = _KEY_HEADS.value or values["heads"]
   result = run(key_heads=key_heads, dtype=_DTYPE.value,
                implementations=_IMPLS.value, interpret=_INTERPRET.value,
-               seed=_SEED.value, **values)
+               seed=_SEED.value, pallas_variants=tuple(_VARIANTS.value),
+               fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value, **values)
   c = result["config"]
   print(f"gated delta rule on {result['device']} ({result['backend']}), "
         f"jax {result['jax_version']}: B={c['batch']} T={c['seq_len']} "

@@ -11,6 +11,10 @@ the hardware).
 
 On CPU, implementation="pallas" without interpret=True raises a ValueError
 naming `interpret` (there is no CPU lowering); this is tested too.
+
+On a GPU the same cases run compiled (Triton lowering, no interpret), except
+the "grid" driver, which is the Mosaic TPU layout (VMEM scratch) and has no
+Triton lowering.
 """
 
 import dataclasses
@@ -31,6 +35,8 @@ from tests.test_gated_delta_rule import np_recurrence
 from tests.test_gated_delta_rule import reference_grads
 
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+# Compiled kernels on a GPU / TPU; interpret mode on CPU.
+_HW = jax.default_backend() if jax.default_backend() in ("gpu", "tpu") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,7 @@ class Case:
   with_state: bool = True
   with_segments: bool = False
   chunk_loop: str | None = "kernel"  # None: the backend's defaults
+  kernels: str = "split"
   hk: int = 2
   hv: int = 4
   dk: int = 16
@@ -52,29 +59,42 @@ class Case:
 CASES = {
     "t1": Case(1),
     "t70_segments_no_state": Case(70, with_state=False, with_segments=True),
-    "t130_segments_grid": Case(130, with_segments=True, chunk_loop="grid"),
-    "t70_bf16_segments": Case(70, jnp.bfloat16, with_segments=True),
-    "t70_bf16_grid_no_state": Case(70, jnp.bfloat16, with_state=False,
-                                   chunk_loop="grid"),
+    "t200_bf16_segments": Case(200, jnp.bfloat16, with_segments=True),
     "t130_dv_tiles_chunk32": Case(130, hk=1, hv=2, dv=32, block_dv=16,
                                   chunk_size=32),
-    # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), two
-    # value tiles of 64.
+    # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
+    # sequential kernels in four value tiles of 32.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
+    # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
+    # driver (chunks on the grid, state in VMEM scratch).
+    "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
+                                    kernels="fused"),
+    "t130_dv_tiles_fused": Case(130, hk=1, hv=2, dv=32, block_dv=16,
+                                chunk_size=32, kernels="fused"),
+    "t130_segments_grid": Case(130, with_segments=True, chunk_loop="grid",
+                               kernels="fused"),
+    "t70_bf16_grid_no_state": Case(70, jnp.bfloat16, with_state=False,
+                                   chunk_loop="grid", kernels="fused"),
 }
 
 
 def _run_case(case: Case):
+  backend, interpret = case.backend, True
+  if _HW is not None:
+    if _HW == "gpu" and case.chunk_loop == "grid":
+      pytest.skip("the 'grid' chunk driver is the Mosaic TPU layout (VMEM "
+                  "scratch); it has no Triton lowering")
+    backend, interpret = _HW, False
   inputs = make_inputs(500 + case.t, case.t, dtype=case.dtype,
                        with_state=case.with_state,
                        with_segments=case.with_segments, b=2, hk=case.hk,
                        hv=case.hv, dk=case.dk, dv=case.dv)
   if case.chunk_loop is None:
-    bs = BlockSizes.get_default(case.backend)
+    bs = BlockSizes.get_default(backend)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
-                    chunk_loop=case.chunk_loop)
+                    chunk_loop=case.chunk_loop, kernels=case.kernels)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -82,7 +102,7 @@ def _run_case(case: Case):
   def fn(q, k, v, g, beta, s0):
     return pallas_gdr.gated_delta_rule_pallas(
         q, k, v, g, beta, s0, segment_ids=inputs["segment_ids"],
-        block_sizes=bs, interpret=True, backend=case.backend)
+        block_sizes=bs, interpret=interpret, backend=backend)
 
   rng = np.random.default_rng(case.t)
   r_o = rng.normal(size=(2, case.t, case.hv, case.dv)).astype(np.float32)
@@ -118,7 +138,8 @@ def test_matches_float64(name):
 
 def test_api_dispatch_pallas_matches_chunked():
   inputs = make_inputs(3, 37, with_segments=True, hk=1, hv=3)
-  o, s = gated_delta_rule(**inputs, implementation="pallas", interpret=True,
+  o, s = gated_delta_rule(**inputs, implementation="pallas",
+                          interpret=_HW is None,
                           scale=0.3, chunk_size=16)
   o_ref, s_ref = gated_delta_rule(**inputs, implementation="chunked",
                                   scale=0.3, chunk_size=16)
@@ -146,10 +167,16 @@ def test_block_sizes_validation():
     BlockSizes(chunk_size=12)
   with pytest.raises(ValueError, match="chunk_loop"):
     BlockSizes(chunk_loop="warp")
+  with pytest.raises(ValueError, match="kernels"):
+    BlockSizes(kernels="many")
+  with pytest.raises(ValueError, match="kernels"):
+    BlockSizes(chunk_loop="grid")  # "split" needs the in-kernel chunk loop
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
   assert BlockSizes.get_default("tpu").chunk_loop == "grid"
   assert BlockSizes.get_default("gpu").chunk_loop == "kernel"
+  assert BlockSizes.get_default("gpu").kernels == "split"
+  assert BlockSizes.get_default("tpu").kernels == "fused"
 
 
 # Lowering without the hardware: the Triton lowering asks for the GPU's
@@ -185,8 +212,20 @@ def _abstract_target(platform):
   return sharding.use_abstract_mesh(mesh)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_for_accelerators(platform):
+# (platform, kernels) -> pallas_calls in an inference forward, the custom_vjp
+# forward and the backward, and kernel names that must appear.
+_LOWERINGS = {
+    ("cuda", "split"): (3 + 3 + 6, ("gated_delta_rule_state_fwd",
+                                    "gated_delta_rule_output",
+                                    "gated_delta_rule_state_bwd",
+                                    "gated_delta_rule_bwd_wy_k")),
+    ("cuda", "fused"): (3, ("gated_delta_rule_fwd", "gated_delta_rule_bwd")),
+    ("tpu", "fused"): (3, ("gated_delta_rule_fwd", "gated_delta_rule_bwd")),
+}
+
+
+@pytest.mark.parametrize("platform,kernels", list(_LOWERINGS))
+def test_lowers_for_accelerators(platform, kernels):
   """Forward (with and without autodiff) and backward lower on CPU.
 
   Traces through the real Triton / Mosaic lowerings (Pallas -> Triton IR /
@@ -195,13 +234,16 @@ def test_lowers_for_accelerators(platform):
   if jax.default_backend() != "cpu":
     pytest.skip("lowering smoke test for CPU-only machines")
   backend = "gpu" if platform == "cuda" else "tpu"
+  block_sizes = dataclasses.replace(BlockSizes.get_default(backend),
+                                    kernels=kernels)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")
 
   def fwd(q, k, v, g, beta, initial_state):
     return pallas_gdr.gated_delta_rule_pallas(
-        q, k, v, g, beta, initial_state, segment_ids=seg, backend=backend)
+        q, k, v, g, beta, initial_state, segment_ids=seg, backend=backend,
+        block_sizes=block_sizes)
 
   def loss(*args):
     o, s = fwd(*args)
@@ -217,6 +259,8 @@ def test_lowers_for_accelerators(platform):
         *[inputs[n] for n in NAMES]).lower(
             lowering_platforms=(platform,)).as_text()
   other = "tpu" if platform == "cuda" else "cuda"
-  assert text.count(_CUSTOM_CALLS[platform]) == 3, _CUSTOM_CALLS[platform]
+  calls, names = _LOWERINGS[(platform, kernels)]
+  assert text.count(_CUSTOM_CALLS[platform]) == calls, _CUSTOM_CALLS[platform]
   assert _CUSTOM_CALLS[other] not in text
-  assert "gated_delta_rule_fwd" in text and "gated_delta_rule_bwd" in text
+  for name in names:
+    assert name in text, name

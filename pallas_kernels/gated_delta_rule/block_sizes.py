@@ -19,6 +19,16 @@ import dataclasses
 #     VMEM).
 CHUNK_LOOPS = ("kernel", "grid")
 
+# How the work is split into kernels:
+#   "split": state-independent work (decays, the UT / WY solve, outputs,
+#     most gradients) in kernels parallel over chunks; the sequential pass
+#     only carries the state (kernel_split.py). GPU default. Needs
+#     chunk_loop "kernel".
+#   "fused": one forward and one backward kernel that do all of a chunk's
+#     work inside the sequential pass (kernel.py). TPU default (with
+#     chunk_loop "grid"); on GPU kept for comparison.
+KERNELS = ("split", "fused")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -31,14 +41,20 @@ class BlockSizes:
       is an independent program (more parallelism, the intra-chunk solve is
       recomputed per tile); the backward sums the tiles' partial gradients.
     chunk_loop: "kernel" or "grid", see `CHUNK_LOOPS`.
-    num_warps: Triton warps per program (GPU only).
+    num_warps: Triton warps per program (GPU only); for "split", of the
+      sequential kernels.
     num_stages: Triton pipelining stages (GPU only).
+    kernels: "split" or "fused", see `KERNELS`. block_dv tiles the
+      sequential kernels of "split"; its parallel kernels take all of dv.
+    num_warps_intra: Triton warps of the parallel kernels of "split".
   """
   chunk_size: int = 64
   block_dv: int | None = None
   chunk_loop: str = "kernel"
   num_warps: int = 4
   num_stages: int = 1
+  kernels: str = "split"
+  num_warps_intra: int = 4
 
   def __post_init__(self):
     if self.chunk_size < 1 or self.chunk_size % 8:
@@ -50,17 +66,26 @@ class BlockSizes:
     if self.chunk_loop not in CHUNK_LOOPS:
       raise ValueError(f"chunk_loop: expected one of {CHUNK_LOOPS}, found "
                        f"{self.chunk_loop!r}")
+    if self.kernels not in KERNELS:
+      raise ValueError(f"kernels: expected one of {KERNELS}, found "
+                       f"{self.kernels!r}")
+    if self.kernels == "split" and self.chunk_loop != "kernel":
+      raise ValueError("kernels: 'split' loops over chunks inside its "
+                       "sequential kernels (chunk_loop='kernel'); found "
+                       f"chunk_loop={self.chunk_loop!r}. Use kernels="
+                       "'fused' for the 'grid' driver")
 
   @classmethod
   def get_default(cls, backend: str) -> "BlockSizes":
     """Defaults for `backend` ("gpu", "tpu" or "cpu" for interpret mode)."""
     if backend == "tpu":
-      return cls(chunk_loop="grid")
+      return cls(chunk_loop="grid", kernels="fused")
     if backend == "gpu":
-      # A [128, 128] f32 state per program spills registers; tiles of 64
-      # value columns halve it (dv is padded to a power of two on GPU).
-      return cls(chunk_loop="kernel", block_dv=64, num_warps=4,
-                 num_stages=1)
+      # The sequential kernels tile dv by 32: 4x the programs of one tile
+      # per head (b * hv alone is 16 programs for 132 SMs at batch 1), and
+      # a [128, 32] f32 state per program (dv is padded to a power of two).
+      return cls(chunk_loop="kernel", block_dv=32, num_warps=4,
+                 num_stages=1, kernels="split", num_warps_intra=4)
     return cls()
 
   def dv_tile(self, dv: int) -> int:

@@ -129,6 +129,7 @@ class _Intra:
   decay_last: jax.Array  # [1, 1] exp(G_last) if the state carries through
   kk: jax.Array         # [c, c] k k^T
   t: jax.Array          # [c, c] (I + A)^-1
+  g_cum: jax.Array      # [c, 1] G = cumsum(g), inclusive
 
 
 def chunk_intra(k: jax.Array, scalars: jax.Array,
@@ -169,7 +170,8 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
   kk = _dot_nt(k, k)
   a = jnp.where(rows > cols, beta * kk * gamma, 0.0)
   return _Intra(beta=beta, gamma=gamma, decay_q=decay_q, decay_k=decay_k,
-                decay_last=decay_last, kk=kk, t=unit_lower_inverse(a))
+                decay_last=decay_last, kk=kk, t=unit_lower_inverse(a),
+                g_cum=g_col)
 
 
 def chunk_forward(q, k, v, scalars, s, *, scale: float, has_segments: bool):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
@@ -89,11 +90,12 @@ class _Config:
   interpret: bool
   has_segments: bool
 
-  def compiler_params(self, semantics: tuple[str, ...]):
+  def compiler_params(self, semantics: tuple[str, ...],
+                      num_warps: int | None = None):
     if self.interpret:
       return None
     if self.backend == "gpu":
-      return _triton_compiler_params(self.block_sizes.num_warps,
+      return _triton_compiler_params(num_warps or self.block_sizes.num_warps,
                                      self.block_sizes.num_stages)
     if self.backend == "tpu":
       return _tpu_compiler_params(semantics)
@@ -272,18 +274,27 @@ def _bwd(q, k, v, sc, states, do, dst, cfg: _Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core(q, k, v, sc, s0, cfg: _Config):
-  o, st, _ = _fwd(q, k, v, sc, s0, cfg, store_states=False)
+  if cfg.block_sizes.kernels == "split":
+    o, st, _ = pallas_split.forward(q, k, v, sc, s0, cfg, _SQ)
+  else:
+    o, st, _ = _fwd(q, k, v, sc, s0, cfg, store_states=False)
   return o, st
 
 
 def _core_fwd(q, k, v, sc, s0, cfg: _Config):
-  o, st, states = _fwd(q, k, v, sc, s0, cfg, store_states=True)
+  if cfg.block_sizes.kernels == "split":
+    o, st, states = pallas_split.forward(q, k, v, sc, s0, cfg, _SQ)
+  else:
+    o, st, states = _fwd(q, k, v, sc, s0, cfg, store_states=True)
   return (o, st), (q, k, v, sc, states)
 
 
 def _core_bwd(cfg: _Config, res, cts):
   q, k, v, sc, states = res
   do, dst = cts
+  if cfg.block_sizes.kernels == "split":
+    return pallas_split.backward(q, k, v, sc, states, do, dst.astype(_F32),
+                                 cfg, _SQ)
   dq, dk, dv, dsc, ds0 = _bwd(q, k, v, sc, states, do, dst.astype(_F32), cfg)
   b, hk, tp = q.shape[:3]
 
@@ -364,6 +375,11 @@ def gated_delta_rule_pallas(
         f"{backend!r}; pass interpret=True (slow, for tests) or use "
         f"implementation='chunked'")
   bs = block_sizes or BlockSizes.get_default(backend)
+  if backend == "tpu" and bs.kernels == "split" and not interpret:
+    raise ValueError(
+        "block_sizes: kernels='split' keeps whole sequences per program in "
+        "its sequential kernels, which does not fit TPU VMEM; use "
+        "kernels='fused' with chunk_loop='grid' (the TPU default)")
   b, t, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
   if scale is None:

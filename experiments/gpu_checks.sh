@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU checks in one call: the Pallas kernel tests compiled on the GPU, the
+# model on the Pallas path, and the gated-delta-rule benchmark against the
+# jnp chunked path and flash-linear-attention (when its wheel is carried in
+# .whl/). Made for a short, metered GPU lease: every step has a time limit,
+# everything is logged to $OUT/gpu_checks.log and the benchmark JSON to $OUT.
+#
+#   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
+#
+# Steps (default: all, in this order): env tests bench32k bench8k model.
+set -u
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_checks.log"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_TILELANG=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$LOG"
+}
+
+bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
+  local name=$1 limit=$2 t=$3 iters=$4
+  shift 4
+  step "$name" "$limit" python3 -m experiments.bench_gated_delta_rule \
+    --batch 1 --seq_len "$t" --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+    --implementations pallas,fla,chunked --iters "$iters" --warmup 2 \
+    --json_out "$OUT/$name.json" "$@"
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env tests bench32k bench8k model)
+for s in "${steps[@]}"; do
+  case $s in
+    env)
+      step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
+        python3 -c "import sys, jax, jaxlib, flax, triton, torch; print(sys.version); print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"triton\", triton.__version__, \"torch\", torch.__version__); print(jax.devices())"' ;;
+    tests)  # GPU defaults (split), bf16 with segments, the fused kernels
+      step tests 100 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+        -q -p no:cacheprovider -W ignore::DeprecationWarning \
+        tests/test_pallas_gated_delta_rule.py \
+        -k "gpu_defaults or t200_bf16 or bf16_segments_fused or api_dispatch" ;;
+    tests_all)
+      step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+        -q -p no:cacheprovider -W ignore::DeprecationWarning \
+        tests/test_pallas_gated_delta_rule.py ;;
+    model)
+      step model 70 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+        -q -p no:cacheprovider -W ignore::DeprecationWarning \
+        tests/test_model_packing.py -k pallas ;;
+    bench32k) bench bench32k 170 32768 5 --pallas_variants \
+      num_warps_intra=8,block_dv=16,block_dv=64,kernels=fused/block_dv=32 ;;
+    bench8k) bench bench8k 70 8192 10 ;;
+    *) echo "unknown step $s" | tee -a "$LOG" ;;
+  esac
+done
+grep -E "^(===|gated delta rule on|implementation|pallas|chunked|fla|skipped|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80

@@ -1,0 +1,289 @@
+"""Kernel bodies of the split (multi-kernel) Pallas gated delta rule.
+
+The fused kernels of `kernel.py` do all of a chunk's work inside the
+sequential pass over chunks, so only b x hv x (dv tiles) programs run, each
+paying the intra-chunk triangular solve 64 times in a row. Here the work that
+does not depend on the carried state runs in kernels that are parallel over
+chunks, and the sequential pass keeps only the state algebra (the layout of
+flash-linear-attention's chunked kernels):
+
+  forward   prep    (b, hv, n)   G, decays, T = (I + A)^-1, w = T(beta e^G k),
+                                 u = T(beta v)                     [parallel]
+            state   (b, hv, nv)  per chunk: h_n = S, v' = u - w S,
+                                 S <- e^{G_last} S + k^T (e^{G_last-G} v')
+                                                                 [sequential]
+            output  (b, hv, n)   o = scale e^G (q h_n) + ((q k^T scale) * Gam) v'
+                                                                   [parallel]
+  backward  prep again (w, u are recomputed, not stored)
+            local   (b, hv, n)   v' = u - w h_n, dv'_local = P^T dO
+            state   (b, hv, nv)  chunks last to first, carrying dS:
+                                 dh_n = dS, dv' = dv'_local + e^{G_last-G} (k dS),
+                                 dS <- e^{G_last} dS + q^T (scale e^G dO) - w^T dv'
+            out     (b, hv, n)   dq, dk, dw and the decay gradient of the
+                                 output / state path
+            wy_v    (b, hv, n)   dv, dbeta and dT through u = T(beta v)
+            wy_k    (b, hv, n)   dk, dbeta and the decay gradient through
+                                 w = T(beta e^G k) and T = (I + A)^-1
+  (the backward's prep also writes T [c, c] per chunk for the two wy
+  kernels, so the solve runs twice per training step, not four times).
+
+What autodiff keeps from the forward is the state entering every chunk,
+h [b, hv, n, dk, dv], in the matmul dtype.
+
+Matmul dtype `md`: the input dtype when q, k, v are all bf16, else f32. Dots
+whose operands are stored in `md` (q, k, v, w, u, h, v') run in `md` on the
+tensor cores with f32 accumulation, as flash-linear-attention does; products
+of two bf16 numbers are exact in f32, so decays and the query scale are
+applied to f32 results rather than folded into bf16 operands. Everything
+involving T (the solve, w, u and their gradients) is IEEE f32, since the
+solve amplifies rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta_rule import kernel
+
+_F32 = jnp.float32
+_dot, _dot_nt, _dot_tn = kernel._dot, kernel._dot_nt, kernel._dot_tn  # pylint: disable=protected-access
+_iota = kernel._iota  # pylint: disable=protected-access
+_pick_col = kernel._pick_col  # pylint: disable=protected-access
+_col_to_row = kernel._col_to_row  # pylint: disable=protected-access
+_sum_all = kernel._sum_all  # pylint: disable=protected-access
+_load = kernel._load  # pylint: disable=protected-access
+
+# Columns of the per-token "aux" array [.., t, 4] that `prep_kernel` writes.
+AUX_G, AUX_DECAY_Q, AUX_DECAY_K, AUX_RESETS = 0, 1, 2, 3
+NUM_AUX = 4
+
+
+def _mm_general(a, b, dims, md):
+  precision = (lax.Precision.HIGHEST if md == _F32
+               else lax.Precision.DEFAULT)
+  return lax.dot_general(a.astype(md), b.astype(md), (dims, ((), ())),
+                         precision=(precision, precision),
+                         preferred_element_type=_F32)
+
+
+def _mm(a, b, md):
+  """a @ b with operands in `md`, f32 accumulation."""
+  return _mm_general(a, b, ((1,), (0,)), md)
+
+
+def _mm_nt(a, b, md):
+  """a @ b^T."""
+  return _mm_general(a, b, ((1,), (1,)), md)
+
+
+def _mm_tn(a, b, md):
+  """a^T @ b."""
+  return _mm_general(a, b, ((0,), (0,)), md)
+
+
+def _last(col: jax.Array) -> jax.Array:
+  """The last element of a column [c, 1] as [1, 1]."""
+  c = col.shape[0]
+  return jnp.sum(jnp.where(_iota((c, 1), 0) == c - 1, col, 0.0), axis=0,
+                 keepdims=True)
+
+
+def _decays(aux: jax.Array, has_segments: bool):
+  """(gamma [c, c], e^G [c, 1], e^{G_last - G} [c, 1], e^{G_last} [1, 1]).
+
+  The masked values that `kernel.chunk_intra` computes, rebuilt from the aux
+  columns without the triangular solve.
+  """
+  c = aux.shape[0]
+  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+  g = _pick_col(aux, AUX_G)
+  decay_q = _pick_col(aux, AUX_DECAY_Q)
+  decay_k = _pick_col(aux, AUX_DECAY_K)
+  mask = rows >= cols
+  if has_segments:
+    resets = _pick_col(aux, AUX_RESETS)
+    mask = mask & (resets == _col_to_row(resets))
+  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g - _col_to_row(g), 0.0)),
+                    0.0)
+  # e^{G_last} masked as chunk_intra masks it = decay_q at the last row.
+  return gamma, decay_q, decay_k, _last(decay_q)
+
+
+def _decay_grad(dgg, col_terms, last_term):
+  """dg [c, 1] from the gradient w.r.t. G, then through G = cumsum(g).
+
+  Args:
+    dgg: [c, c] dGamma * Gamma (Gamma_ij = exp(G_i - G_j)).
+    col_terms: [c, 1] terms of dG_i that are per row.
+    last_term: [1, 1] extra gradient of G_last.
+  """
+  c = dgg.shape[0]
+  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+  dg_row = (_col_to_row(jnp.sum(dgg, axis=1, keepdims=True) + col_terms)
+            - jnp.sum(dgg, axis=0, keepdims=True))
+  dg_row = dg_row + jnp.where(_iota((1, c), 1) == c - 1, last_term, 0.0)
+  # G = cumsum(g)  =>  dg_i = sum_{j >= i} dG_j.
+  return jnp.sum(jnp.where(cols >= rows, dg_row, 0.0), axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+# ---------------------------------------------------------------------------
+
+
+def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
+                has_segments: bool):
+  """One chunk: decays, the UT / WY inverse, w and u (parallel over chunks).
+
+  With a fourth output (the backward's call) T itself is written too.
+  """
+  k, v, sc = _load(k_ref), _load(v_ref), _load(sc_ref)
+  x = kernel.chunk_intra(k, sc, has_segments)
+  if t_ref:
+    t_ref[0][...] = x.t
+  u_ref[...] = _dot(x.t, x.beta * v).astype(u_ref.dtype)
+  w_ref[...] = _dot(x.t, (x.beta * x.decay_q) * k).astype(w_ref.dtype)
+  col = _iota(aux_ref.shape, 1)
+  resets = _pick_col(sc, kernel.RESET_COL)
+  aux_ref[...] = jnp.where(
+      col == AUX_G, x.g_cum,
+      jnp.where(col == AUX_DECAY_Q, x.decay_q,
+                jnp.where(col == AUX_DECAY_K, x.decay_k, resets)))
+
+
+def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
+                     st_ref, *, num_chunks: int, chunk: int, md):
+  """The sequential pass: states entering each chunk and v' (one dv tile)."""
+
+  def body(i, s):
+    rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    h_ref[i] = s.astype(h_ref.dtype)
+    aux = _load(aux_ref, rows)
+    vn = _load(u_ref, rows) - _mm(w_ref[rows, :], s, md)
+    vn_ref[rows, :] = vn.astype(vn_ref.dtype)
+    decay_k = _pick_col(aux, AUX_DECAY_K)
+    decay_last = _last(_pick_col(aux, AUX_DECAY_Q))
+    return decay_last * s + _mm_tn(k_ref[rows, :], decay_k * vn, md)
+
+  st_ref[...] = lax.fori_loop(0, num_chunks, body, _load(s0_ref))
+
+
+def output_kernel(q_ref, k_ref, vn_ref, h_ref, aux_ref, o_ref, *,
+                  scale: float, has_segments: bool, md):
+  """One chunk's output from the state entering it (parallel over chunks)."""
+  q, k = q_ref[...], k_ref[...]
+  gamma, decay_q, _, _ = _decays(_load(aux_ref), has_segments)
+  p = _mm_nt(q, k, md) * (gamma * scale)
+  o = (decay_q * scale) * _mm(q, h_ref[...], md) + _mm(p, vn_ref[...], md)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Backward.
+# ---------------------------------------------------------------------------
+
+
+def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
+                     vn_ref, dvl_ref, *, scale: float, has_segments: bool,
+                     md):
+  """v' recomputed from the stored state, and P^T dO (parallel)."""
+  vn = _load(u_ref) - _mm(w_ref[...], h_ref[...], md)
+  vn_ref[...] = vn.astype(vn_ref.dtype)
+  gamma, _, _, _ = _decays(_load(aux_ref), has_segments)
+  p = _mm_nt(q_ref[...], k_ref[...], md) * (gamma * scale)
+  dvl_ref[...] = _mm_tn(p, do_ref[...], md)
+
+
+def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
+                     dvn_ref, dh_ref, ds0_ref, *, num_chunks: int, chunk: int,
+                     scale: float, md):
+  """The sequential backward pass (chunks last to first), one dv tile."""
+
+  def body(j, ds):
+    i = num_chunks - 1 - j
+    rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    dh_ref[i] = ds.astype(dh_ref.dtype)
+    aux = _load(aux_ref, rows)
+    decay_q = _pick_col(aux, AUX_DECAY_Q)
+    decay_k = _pick_col(aux, AUX_DECAY_K)
+    dvn = _load(dvl_ref, rows) + decay_k * _mm(k_ref[rows, :], ds, md)
+    dvn_ref[rows, :] = dvn.astype(dvn_ref.dtype)
+    do = _load(do_ref, rows) * (decay_q * scale)
+    return (_last(decay_q) * ds + _mm_tn(q_ref[rows, :], do, md)
+            - _mm_tn(w_ref[rows, :], dvn, md))
+
+  ds0_ref[...] = lax.fori_loop(0, num_chunks, body, _load(dst_ref))
+
+
+def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
+                   do_ref, dq_ref, dk_ref, dw_ref, dg_ref, *, scale: float,
+                   has_segments: bool, md):
+  """Gradients through the output and the state update (parallel).
+
+  Writes dq, the part of dk from those paths, dw (the cotangent of
+  w = T(beta e^G k), finished by `wy_k_kernel`) and that part of dg as
+  [c, 2] (dg, 0).
+  """
+  q, k, do = _load(q_ref), _load(k_ref), _load(do_ref)
+  vn, h, dh = vn_ref[...], h_ref[...], dh_ref[...]
+  gamma, decay_q, decay_k, decay_last = _decays(_load(aux_ref), has_segments)
+  qk = _mm_nt(q_ref[...], k_ref[...], md) * scale
+  dp = _mm_nt(do_ref[...], vn, md)
+  dpg = dp * gamma
+  dos = _mm_nt(do_ref[...], h, md)                       # dO h^T  [c, dk]
+  dq_ref[...] = (decay_q * dos + _mm(dpg, k, md)) * scale
+  dkd = _mm_nt(vn, dh, md)                               # v' dS'^T [c, dk]
+  dk_ref[...] = _mm_tn(dpg, q, md) * scale + decay_k * dkd
+  dw_ref[...] = -_mm_nt(dvn_ref[...], h, md)
+  deg = jnp.sum(q * dos, axis=1, keepdims=True) * scale
+  dkdec = jnp.sum(k * dkd, axis=1, keepdims=True) * decay_k
+  ddl = _sum_all(h.astype(_F32) * dh.astype(_F32)) * decay_last
+  dg = _decay_grad(dp * qk * gamma, deg * decay_q - dkdec,
+                   jnp.sum(dkdec, axis=0, keepdims=True) + ddl)
+  # [c, 2] like wy_k_kernel's (dg, dbeta); no dbeta on this path.
+  dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
+
+
+def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref):
+  """Gradients through u = T(beta v) (parallel over chunks).
+
+  Writes dv, dT's part from u (du (beta v)^T, [c, c]) and (0, dbeta part).
+  """
+  t, v = _load(t_ref), _load(v_ref)
+  beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
+  du = _load(dvn_ref)
+  dxu = _dot_tn(t, du)
+  dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
+  dtu_ref[...] = _dot_nt(du, beta * v)
+  dbeta = jnp.sum(v * dxu, axis=1, keepdims=True)
+  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
+
+
+def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
+                dsc_ref, *, has_segments: bool):
+  """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
+
+  Writes the rest of dk and (dg part, dbeta part) as [c, 2].
+  """
+  c = k_ref.shape[0]
+  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+  t, k = _load(t_ref), _load(k_ref)
+  beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
+  gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
+  kk = _dot_nt(k, k)
+  dw = _load(dw_ref)
+  dxw = _dot_tn(t, dw)
+  dt = _load(dtu_ref) + _dot_nt(dw, (beta * eg) * k)
+  kdxw = jnp.sum(k * dxw, axis=1, keepdims=True)
+  # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
+  da = -_dot_nt(_dot_tn(t, dt), t)
+  da = jnp.where(rows > cols, da, 0.0)
+  dbeta = eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
+  dkk = da * beta * gamma
+  dk_ref[...] = (beta * eg) * dxw + _dot(dkk, k) + _dot_tn(dkk, k)
+  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
+                   jnp.zeros((1, 1), _F32))
+  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)

@@ -1,0 +1,204 @@
+"""pallas_call builders and the custom_vjp of the split gated delta rule.
+
+Same padded, head-major layout as `pallas_gdr` (q, k [b, hk, tp, dk]; v
+[b, hv, tp, dv]; scalars [b, hv, tp, 4]; state [b, hv, dk, dv] f32). The
+kernel bodies and the plan (which kernel runs over which grid) are in
+`kernel_split`. Parallel kernels take whole chunks and the whole dk / dv; the
+two sequential kernels tile dv by `BlockSizes.block_dv` and loop over chunks
+inside the program (the GPU driver of `BlockSizes.chunk_loop == "kernel"`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule import kernel_split as ks
+
+_F32 = jnp.float32
+
+
+def matmul_dtype(q, k, v):
+  """bf16 / f16 when q, k, v all are, else f32 (see `kernel_split`)."""
+  dt = q.dtype
+  if dt == k.dtype == v.dtype and dt in (jnp.bfloat16, jnp.float16):
+    return dt
+  return jnp.dtype(_F32)
+
+
+class _Plan:
+  """Shapes and BlockSpecs shared by the builders of one call."""
+
+  def __init__(self, q, v, cfg, sq):
+    self.b, _, self.tp, self.dk = q.shape
+    self.hv, self.dv = v.shape[1], v.shape[3]
+    bs = cfg.block_sizes
+    self.c, self.r = bs.chunk_size, cfg.group
+    self.bv = bs.dv_tile(self.dv)
+    self.n, self.nv = self.tp // self.c, self.dv // self.bv
+    self.sq = sq
+    self.cfg = cfg
+    c, r = self.c, self.r
+    # Parallel kernels: grid (b, hv, n), one chunk per program.
+    self.par_grid = (self.b, self.hv, self.n)
+    self.key_chunk = pl.BlockSpec((sq, sq, c, self.dk),
+                                  lambda i, h, t: (i, h // r, t, 0))
+    self.val_chunk = lambda width: pl.BlockSpec(
+        (sq, sq, c, width), lambda i, h, t: (i, h, t, 0))
+    self.state_chunk = pl.BlockSpec((sq, sq, sq, self.dk, self.dv),
+                                    lambda i, h, t: (i, h, t, 0, 0))
+    # Sequential kernels: grid (b, hv, nv), whole sequence per program.
+    self.seq_grid = (self.b, self.hv, self.nv)
+    tp = self.tp
+    self.key_seq = pl.BlockSpec((sq, sq, tp, self.dk),
+                                lambda i, h, j: (i, h // r, 0, 0))
+    self.head_seq = lambda width: pl.BlockSpec(
+        (sq, sq, tp, width), lambda i, h, j: (i, h, 0, 0))
+    self.tile_seq = pl.BlockSpec((sq, sq, tp, self.bv),
+                                 lambda i, h, j: (i, h, 0, j))
+    self.state_tile = pl.BlockSpec((sq, sq, self.dk, self.bv),
+                                   lambda i, h, j: (i, h, 0, j))
+    self.states_tile = pl.BlockSpec((sq, sq, self.n, self.dk, self.bv),
+                                    lambda i, h, j: (i, h, 0, 0, j))
+
+  def call(self, body, *args, grid, in_specs, out_specs, out_shape, name,
+           parallel: bool):
+    bs = self.cfg.block_sizes
+    warps = bs.num_warps_intra if parallel else bs.num_warps
+    kwargs = {}
+    params = self.cfg.compiler_params(("parallel",) * 3, num_warps=warps)
+    if params is not None:
+      kwargs["compiler_params"] = params
+    return pl.pallas_call(
+        body, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=self.cfg.interpret, name=name,
+        **kwargs)(*args)
+
+  def shape(self, *dims, dtype=_F32):
+    return jax.ShapeDtypeStruct(dims, dtype)
+
+
+def _prep(p: _Plan, k, v, sc, md, with_t: bool = False):
+  """w [b, hv, tp, dk], u [b, hv, tp, dv] in md; aux [b, hv, tp, 4] f32;
+  with_t: also T, [b, hv, tp, c] f32 (row block n holds chunk n's T)."""
+  b, hv, tp = p.b, p.hv, p.tp
+  body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments)
+  out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
+  out_shape = [p.shape(b, hv, tp, p.dk, dtype=md),
+               p.shape(b, hv, tp, p.dv, dtype=md),
+               p.shape(b, hv, tp, ks.NUM_AUX)]
+  if with_t:
+    out_specs.append(p.val_chunk(p.c))
+    out_shape.append(p.shape(b, hv, tp, p.c))
+  return p.call(
+      body, k, v, sc, grid=p.par_grid,
+      in_specs=[p.key_chunk, p.val_chunk(p.dv),
+                p.val_chunk(kernel.NUM_SCALARS)],
+      out_specs=out_specs, out_shape=out_shape,
+      name="gated_delta_rule_prep", parallel=True)
+
+
+def _state_fwd(p: _Plan, w, u, k, aux, s0, md):
+  """v' [b, hv, tp, dv] md, states h [b, hv, n, dk, dv] md, final state."""
+  body = functools.partial(ks.state_fwd_kernel, num_chunks=p.n, chunk=p.c,
+                           md=md)
+  return p.call(
+      body, w, u, k, aux, s0, grid=p.seq_grid,
+      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq,
+                p.head_seq(ks.NUM_AUX), p.state_tile],
+      out_specs=[p.tile_seq, p.states_tile, p.state_tile],
+      out_shape=[p.shape(p.b, p.hv, p.tp, p.dv, dtype=md),
+                 p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=md),
+                 p.shape(p.b, p.hv, p.dk, p.dv)],
+      name="gated_delta_rule_state_fwd", parallel=False)
+
+
+def _output(p: _Plan, q, k, vn, h, aux, out_dtype, md):
+  body = functools.partial(ks.output_kernel, scale=p.cfg.scale,
+                           has_segments=p.cfg.has_segments, md=md)
+  return p.call(
+      body, q, k, vn, h, aux, grid=p.par_grid,
+      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(p.dv), p.state_chunk,
+                p.val_chunk(ks.NUM_AUX)],
+      out_specs=p.val_chunk(p.dv),
+      out_shape=p.shape(p.b, p.hv, p.tp, p.dv, dtype=out_dtype),
+      name="gated_delta_rule_output", parallel=True)
+
+
+def forward(q, k, v, sc, s0, cfg, sq):
+  """(o [b, hv, tp, dv] in v.dtype, final state f32, states h in md)."""
+  md = matmul_dtype(q, k, v)
+  p = _Plan(q, v, cfg, sq)
+  w, u, aux = _prep(p, k, v, sc, md)
+  vn, h, st = _state_fwd(p, w, u, k, aux, s0, md)
+  return _output(p, q, k, vn, h, aux, v.dtype, md), st, h
+
+
+def backward(q, k, v, sc, h, do, dst, cfg, sq):
+  """Gradients of q, k (per key head), v, the scalars and the state."""
+  md = matmul_dtype(q, k, v)
+  p = _Plan(q, v, cfg, sq)
+  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  opts = dict(has_segments=cfg.has_segments)
+  w, u, aux, t = _prep(p, k, v, sc, md, with_t=True)
+  vn, dvl = p.call(
+      functools.partial(ks.bwd_local_kernel, scale=cfg.scale, md=md, **opts),
+      q, k, w, u, h, aux, do, grid=p.par_grid,
+      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
+                p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
+      out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
+      out_shape=[p.shape(b, hv, tp, dv, dtype=md), p.shape(b, hv, tp, dv)],
+      name="gated_delta_rule_bwd_local", parallel=True)
+  dvn, dh, ds0 = p.call(
+      functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
+                        scale=cfg.scale, md=md),
+      q, k, w, aux, do, dvl, dst, grid=p.seq_grid,
+      in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
+                p.tile_seq, p.tile_seq, p.state_tile],
+      out_specs=[p.tile_seq, p.states_tile, p.state_tile],
+      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, p.n, dk, dv, dtype=md),
+                 p.shape(b, hv, dk, dv)],
+      name="gated_delta_rule_state_bwd", parallel=False)
+  dq, dk_out, dw, dg_out = p.call(
+      functools.partial(ks.bwd_out_kernel, scale=cfg.scale, md=md, **opts),
+      q, k, vn, dvn, h, dh, aux, do, grid=p.par_grid,
+      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.val_chunk(dv),
+                p.state_chunk, p.state_chunk, p.val_chunk(ks.NUM_AUX),
+                p.val_chunk(dv)],
+      out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
+                 p.val_chunk(kernel.NUM_DSCALARS)],
+      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, dk),
+                 p.shape(b, hv, tp, dk),
+                 p.shape(b, hv, tp, kernel.NUM_DSCALARS)],
+      name="gated_delta_rule_bwd_out", parallel=True)
+  nsc, ndsc = kernel.NUM_SCALARS, kernel.NUM_DSCALARS
+  dv_, dtu, dsc_v = p.call(
+      ks.wy_v_kernel, t, v, sc, dvn, grid=p.par_grid,
+      in_specs=[p.val_chunk(p.c), p.val_chunk(dv), p.val_chunk(nsc),
+                p.val_chunk(dv)],
+      out_specs=[p.val_chunk(dv), p.val_chunk(p.c), p.val_chunk(ndsc)],
+      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, tp, p.c),
+                 p.shape(b, hv, tp, ndsc)],
+      name="gated_delta_rule_bwd_wy_v", parallel=True)
+  dk_wy, dsc_k = p.call(
+      functools.partial(ks.wy_k_kernel, **opts),
+      t, k, sc, aux, dw, dtu, grid=p.par_grid,
+      in_specs=[p.val_chunk(p.c), p.key_chunk, p.val_chunk(nsc),
+                p.val_chunk(ks.NUM_AUX), p.val_chunk(dk), p.val_chunk(p.c)],
+      out_specs=[p.val_chunk(dk), p.val_chunk(ndsc)],
+      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, ndsc)],
+      name="gated_delta_rule_bwd_wy_k", parallel=True)
+  hk = q.shape[1]
+
+  def fold(x):  # [b, hv, tp, d] -> [b, hk, tp, d]: sum over the group
+    return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
+
+  dsc = dsc_v + dsc_k + dg_out  # columns (dg, dbeta), each a partial sum
+  pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
+  dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
+  return (fold(dq).astype(q.dtype), fold(dk_out + dk_wy).astype(k.dtype),
+          dv_.astype(v.dtype), dsc, ds0)
