@@ -33,6 +33,7 @@ import numpy as np
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
+from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
@@ -56,6 +57,10 @@ _FLA_HOPPER_BYPASS = flags.DEFINE_bool(
     "FLA refuses its gated backward on Hopper with Triton < 3.7.1 (its issue "
     "#640: possibly wrong results). Bypass that check so the backward can be "
     "timed; the output says so. Timing only.")
+_PROFILE = flags.DEFINE_bool(
+    "profile_kernels", False,
+    "Also time each kernel of the split Pallas pipeline on its own (the "
+    "backend's default BlockSizes), to see where the time goes.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _INTERPRET = flags.DEFINE_bool(
@@ -151,6 +156,35 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
   return res
 
 
+def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
+                    warmup: int, block_sizes: BlockSizes | None = None
+                    ) -> list[dict]:
+  """Median ms of each kernel of the split pipeline, run on its own."""
+  backend = "cpu" if interpret else jax.default_backend()
+  bs = block_sizes or BlockSizes.get_default(backend)
+  q, k, v = (jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v"))
+  b, _, hk, dk = q.shape
+  hv, dv = v.shape[2], v.shape[3]
+  pad = (lambda d: pallas_gdr._next_pow2(d) - d) if backend == "gpu" else (  # pylint: disable=protected-access
+      lambda d: 0)
+  qh, kh, vh, sc = pallas_gdr._padded_inputs(  # pylint: disable=protected-access
+      q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]), None,
+      bs.chunk_size, pad(dk), pad(dv))
+  cfg = pallas_gdr._Config(  # pylint: disable=protected-access
+      scale=dk ** -0.5, group=hv // hk, block_sizes=bs, backend=backend,
+      interpret=interpret, has_segments=False)
+  rng = np.random.default_rng(1)
+  s0 = jnp.zeros((b, hv, dk + pad(dk), dv + pad(dv)), jnp.float32)
+  do = jnp.asarray(rng.normal(size=vh.shape), v.dtype)
+  dst = jnp.asarray(rng.normal(size=s0.shape), jnp.float32)
+  stages = pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg,
+                                        pallas_gdr._SQ)  # pylint: disable=protected-access
+  return [dict(kernel=name, first_call_s=first,
+               ms=_median_ms(lambda: fn(*args), jax.block_until_ready, iters,
+                             warmup))
+          for name, fn, args, first in stages]
+
+
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
   """max |a - b| / max |b| in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -216,7 +250,8 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
         dv: int, dtype: str, implementations: list[str], iters: int,
         warmup: int, interpret: bool, seed: int = 0,
         pallas_variants: tuple[str, ...] = (),
-        fla_bypass_hopper_check: bool = False) -> dict:
+        fla_bypass_hopper_check: bool = False,
+        profile: bool = False) -> dict:
   """Times every implementation; returns the JSON-able results."""
   jdtype = jnp.dtype(dtype)
   inputs = make_inputs(batch, seq_len, key_heads, heads, dk, dv, jdtype,
@@ -252,6 +287,13 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
                             final_state=_rel_err(res["outputs"][1], ref_s))
   for res in times.values():
     res.pop("outputs", None)
+  kernel_profile = []
+  if profile:
+    kernel_profile = profile_kernels(inputs, jdtype, interpret, iters, warmup)
+    for row in kernel_profile:
+      print(f"measured kernel {row['kernel']}: {row['ms']:.3f} ms (first "
+            f"call, with compilation: {row['first_call_s']:.1f} s)",
+            flush=True)
   tokens = batch * seq_len
   rows = []
   for impl, modes in times.items():
@@ -268,7 +310,7 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       device=str(jax.devices()[0].device_kind),
       backend=jax.default_backend(), jax_version=jax.__version__,
       date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped,
-      rel_err_vs_chunked=errors)
+      rel_err_vs_chunked=errors, kernel_profile=kernel_profile)
 
 
 def format_table(result: dict) -> str:
@@ -285,6 +327,13 @@ def format_table(result: dict) -> str:
     lines.append(" | ".join(cells))
   for impl, why in result["skipped"].items():
     lines.append(f"skipped {impl}: {why}")
+  profile = result.get("kernel_profile") or []
+  if profile:
+    total = sum(r["ms"] for r in profile)
+    lines += ["", "split kernel (alone) | ms | share | first call s",
+              "--- | --- | --- | ---"]
+    lines += [f"{r['kernel']} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
+              f"{r['first_call_s']:.1f}" for r in profile]
   for impl, err in result.get("rel_err_vs_chunked", {}).items():
     lines.append(f"{impl} vs chunked (max|diff|/max|ref|): output "
                  f"{err['output']:.2e}, final state {err['final_state']:.2e}")
@@ -304,7 +353,8 @@ def main(argv):
   result = run(key_heads=key_heads, dtype=_DTYPE.value,
                implementations=_IMPLS.value, interpret=_INTERPRET.value,
                seed=_SEED.value, pallas_variants=tuple(_VARIANTS.value),
-               fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value, **values)
+               fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value,
+               profile=_PROFILE.value, **values)
   c = result["config"]
   print(f"gated delta rule on {result['device']} ({result['backend']}), "
         f"jax {result['jax_version']}: B={c['batch']} T={c['seq_len']} "

@@ -27,6 +27,7 @@ import pytest
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import pallas_gdr
+from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 from tests import tolerances
 from tests.test_gated_delta_rule import assert_scaled_close
@@ -54,6 +55,7 @@ class Case:
   block_dv: int | None = None
   chunk_size: int = 64
   backend: str = "cpu"
+  solve_block: int | None = None
 
 
 CASES = {
@@ -62,6 +64,10 @@ CASES = {
     "t200_bf16_segments": Case(200, jnp.bfloat16, with_segments=True),
     "t130_dv_tiles_chunk32": Case(130, hk=1, hv=2, dv=32, block_dv=16,
                                   chunk_size=32),
+    # The solve in 16-token tiles.
+    "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
+    "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
+                                       solve_block=16, hk=1),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
     # sequential kernels in four value tiles of 32.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
@@ -94,7 +100,8 @@ def _run_case(case: Case):
     bs = BlockSizes.get_default(backend)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
-                    chunk_loop=case.chunk_loop, kernels=case.kernels)
+                    chunk_loop=case.chunk_loop, kernels=case.kernels,
+                    solve_block=case.solve_block)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -171,6 +178,8 @@ def test_block_sizes_validation():
     BlockSizes(kernels="many")
   with pytest.raises(ValueError, match="kernels"):
     BlockSizes(chunk_loop="grid")  # "split" needs the in-kernel chunk loop
+  with pytest.raises(ValueError, match="solve_block"):
+    BlockSizes(solve_block=24)
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
   assert BlockSizes.get_default("tpu").chunk_loop == "grid"
@@ -212,20 +221,23 @@ def _abstract_target(platform):
   return sharding.use_abstract_mesh(mesh)
 
 
-# (platform, kernels) -> pallas_calls in an inference forward, the custom_vjp
-# forward and the backward, and kernel names that must appear.
+# (platform, kernels, solve_block) -> pallas_calls in an inference forward,
+# the custom_vjp forward and the backward, and kernel names that must appear.
+_SPLIT_NAMES = ("gated_delta_rule_prep", "gated_delta_rule_state_fwd",
+                "gated_delta_rule_output", "gated_delta_rule_state_bwd",
+                "gated_delta_rule_bwd_wy_k")
 _LOWERINGS = {
-    ("cuda", "split"): (3 + 3 + 6, ("gated_delta_rule_state_fwd",
-                                    "gated_delta_rule_output",
-                                    "gated_delta_rule_state_bwd",
-                                    "gated_delta_rule_bwd_wy_k")),
-    ("cuda", "fused"): (3, ("gated_delta_rule_fwd", "gated_delta_rule_bwd")),
-    ("tpu", "fused"): (3, ("gated_delta_rule_fwd", "gated_delta_rule_bwd")),
+    ("cuda", "split", None): (3 + 3 + 6, _SPLIT_NAMES),
+    ("cuda", "split", 16): (3 + 3 + 6, _SPLIT_NAMES),
+    ("cuda", "fused", None): (3, ("gated_delta_rule_fwd",
+                                  "gated_delta_rule_bwd")),
+    ("tpu", "fused", None): (3, ("gated_delta_rule_fwd",
+                                 "gated_delta_rule_bwd")),
 }
 
 
-@pytest.mark.parametrize("platform,kernels", list(_LOWERINGS))
-def test_lowers_for_accelerators(platform, kernels):
+@pytest.mark.parametrize("platform,kernels,solve_block", list(_LOWERINGS))
+def test_lowers_for_accelerators(platform, kernels, solve_block):
   """Forward (with and without autodiff) and backward lower on CPU.
 
   Traces through the real Triton / Mosaic lowerings (Pallas -> Triton IR /
@@ -235,7 +247,7 @@ def test_lowers_for_accelerators(platform, kernels):
     pytest.skip("lowering smoke test for CPU-only machines")
   backend = "gpu" if platform == "cuda" else "tpu"
   block_sizes = dataclasses.replace(BlockSizes.get_default(backend),
-                                    kernels=kernels)
+                                    kernels=kernels, solve_block=solve_block)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")
@@ -259,8 +271,32 @@ def test_lowers_for_accelerators(platform, kernels):
         *[inputs[n] for n in NAMES]).lower(
             lowering_platforms=(platform,)).as_text()
   other = "tpu" if platform == "cuda" else "cuda"
-  calls, names = _LOWERINGS[(platform, kernels)]
+  calls, names = _LOWERINGS[(platform, kernels, solve_block)]
   assert text.count(_CUSTOM_CALLS[platform]) == calls, _CUSTOM_CALLS[platform]
   assert _CUSTOM_CALLS[other] not in text
   for name in names:
     assert name in text, name
+
+
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_blocked_solve_matches_row_by_row(with_segments):
+  """The prep kernel's tiled solve gives the row-by-row T, w, u and decays."""
+  inputs = make_inputs(7, 150, with_segments=with_segments, b=1, hk=1, hv=2,
+                       dk=16, dv=32)
+  outs = {}
+  for solve_block in (None, 8, 16):
+    bs = BlockSizes(solve_block=solve_block)
+    cfg = pallas_gdr._Config(  # pylint: disable=protected-access
+        scale=0.25, group=2, block_sizes=bs, backend="cpu", interpret=True,
+        has_segments=with_segments)
+    q, k, v, sc = pallas_gdr._padded_inputs(  # pylint: disable=protected-access
+        inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+        inputs["segment_ids"], bs.chunk_size, 0, 0)
+    plan = pallas_split._Plan(q, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
+    outs[solve_block] = pallas_split._prep(  # pylint: disable=protected-access
+        plan, k, v, sc, jnp.float32, with_t=True)
+  for solve_block in (8, 16):
+    for name, got, want in zip(("w", "u", "aux", "T"), outs[solve_block],
+                               outs[None]):
+      tolerances.assert_close(got, want, jnp.float32,
+                              err_msg=f"{name}, solve_block={solve_block}")

@@ -47,6 +47,11 @@ class BlockSizes:
     kernels: "split" or "fused", see `KERNELS`. block_dv tiles the
       sequential kernels of "split"; its parallel kernels take all of dv.
     num_warps_intra: Triton warps of the parallel kernels of "split".
+    solve_block: None, or a divisor of chunk_size (16 or more on GPU):
+      "split" then builds and inverts the chunk's triangular matrix in
+      tiles of this many tokens (forward substitution on the diagonal
+      tiles, block substitution below them) instead of row by row over the
+      whole chunk.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -55,6 +60,7 @@ class BlockSizes:
   num_stages: int = 1
   kernels: str = "split"
   num_warps_intra: int = 4
+  solve_block: int | None = None
 
   def __post_init__(self):
     if self.chunk_size < 1 or self.chunk_size % 8:
@@ -69,6 +75,11 @@ class BlockSizes:
     if self.kernels not in KERNELS:
       raise ValueError(f"kernels: expected one of {KERNELS}, found "
                        f"{self.kernels!r}")
+    if self.solve_block is not None and (
+        self.solve_block < 1 or self.chunk_size % self.solve_block):
+      raise ValueError(f"solve_block: expected None or a divisor of "
+                       f"chunk_size={self.chunk_size}, found "
+                       f"{self.solve_block}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

@@ -154,6 +154,85 @@ def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
                 jnp.where(col == AUX_DECAY_K, x.decay_k, resets)))
 
 
+def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
+                        has_segments: bool, block: int):
+  """`prep_kernel` with the solve done in blocks of `block` tokens.
+
+  The chunk's [c, c] matrix A is built and inverted as (c / block)^2 tiles:
+  each diagonal tile by forward substitution (block - 1 steps on
+  [block, block] arrays instead of c - 1 steps on [c, c]), the tiles below
+  it by block forward substitution,
+    T_ab = -T_aa sum_{b <= e < a} A_ae T_eb,
+  then w and u tile by tile. Rows are read from and written to the refs in
+  tiles (Triton has no value slicing); all statically unrolled.
+  """
+  c = k_ref.shape[0]
+  m, nb = block, c // block
+  rows, cols = _iota((m, m), 0), _iota((m, m), 1)
+  tiles = [slice(a * m, (a + 1) * m) for a in range(nb)]
+  ks, vs, betas, resets, g_cols, g_rows = [], [], [], [], [], []
+  offset = jnp.zeros((1, 1), _F32)
+  for sl in tiles:
+    sc = _load(sc_ref, sl)
+    ks.append(_load(k_ref, sl))
+    vs.append(_load(v_ref, sl))
+    betas.append(_pick_col(sc, kernel.BETA_COL))
+    resets.append(_pick_col(sc, kernel.RESET_COL))
+    g = _pick_col(sc, kernel.G_COL)
+    # G over the whole chunk: this tile's inclusive cumsum plus the tiles
+    # before it.
+    g_row = jnp.sum(jnp.where(rows <= cols, g, 0.0), axis=0,
+                    keepdims=True) + offset
+    g_rows.append(g_row)
+    g_cols.append(kernel._row_to_col(g_row))  # pylint: disable=protected-access
+    offset = _pick_col(g_row, m - 1)
+  g_last, resets_last = offset, _last(resets[-1])
+
+  def gamma(a, b):  # masked exp(G_i - G_j), tile (a, b), a >= b
+    mask = (rows >= cols) if a == b else jnp.full((m, m), True)
+    if has_segments:
+      mask = mask & (resets[a] == _col_to_row(resets[b]))
+    return jnp.where(mask, jnp.exp(jnp.where(mask, g_cols[a] - g_rows[b],
+                                             0.0)), 0.0)
+
+  a_tiles = {}
+  for a in range(nb):
+    for b in range(a + 1):
+      x = betas[a] * _dot_nt(ks[a], ks[b]) * gamma(a, b)
+      a_tiles[a, b] = jnp.where(rows > cols, x, 0.0) if a == b else x
+  t = {(a, a): kernel.unit_lower_inverse(a_tiles[a, a]) for a in range(nb)}
+  for a in range(1, nb):
+    for b in range(a - 1, -1, -1):
+      acc = _dot(a_tiles[a, b], t[b, b])
+      for e in range(b + 1, a):
+        acc = acc + _dot(a_tiles[a, e], t[e, b])
+      t[a, b] = -_dot(t[a, a], acc)
+  for a, sl in enumerate(tiles):
+    decay_q = jnp.exp(g_cols[a])
+    decay_k = jnp.exp(g_last - g_cols[a])
+    if has_segments:
+      decay_q = jnp.where(resets[a] == 0.0, decay_q, 0.0)
+      decay_k = jnp.where(resets[a] == resets_last, decay_k, 0.0)
+    ks[a] = (betas[a] * decay_q) * ks[a]  # now beta e^G k
+    vs[a] = betas[a] * vs[a]              # now beta v
+    col = _iota((m, NUM_AUX), 1)
+    aux_ref[sl, :] = jnp.where(
+        col == AUX_G, g_cols[a],
+        jnp.where(col == AUX_DECAY_Q, decay_q,
+                  jnp.where(col == AUX_DECAY_K, decay_k, resets[a])))
+  for a, sl in enumerate(tiles):
+    u = _dot(t[a, 0], vs[0])
+    w = _dot(t[a, 0], ks[0])
+    for b in range(1, a + 1):
+      u = u + _dot(t[a, b], vs[b])
+      w = w + _dot(t[a, b], ks[b])
+    u_ref[sl, :] = u.astype(u_ref.dtype)
+    w_ref[sl, :] = w.astype(w_ref.dtype)
+    if t_ref:
+      for b, sl_b in enumerate(tiles):
+        t_ref[0][sl, sl_b] = t[a, b] if b <= a else jnp.zeros((m, m), _F32)
+
+
 def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
                      st_ref, *, num_chunks: int, chunk: int, md):
   """The sequential pass: states entering each chunk and v' (one dv tile)."""

@@ -329,6 +329,33 @@ def _heads_first(x: jax.Array, tp: int, d_pad: int = 0) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, d_pad)))
 
 
+def _padded_inputs(q, k, v, g, beta, segment_ids, chunk: int, dk_pad: int,
+                   dv_pad: int):
+  """The kernels' layout: (q, k [b, hk, tp, dk + dk_pad], v [b, hv, tp,
+  dv + dv_pad], scalars [b, hv, tp, 4] f32), tp = t rounded up to chunks."""
+  b, t = q.shape[:2]
+  hv = v.shape[2]
+  tp = max(chunk, -(-t // chunk) * chunk)
+  qh = _heads_first(q, tp, dk_pad)
+  kh = _heads_first(k, tp, dk_pad)
+  vh = _heads_first(v, tp, dv_pad)
+  gb = jnp.stack([g.astype(_F32), beta.astype(_F32)], axis=-1)
+  gb = _heads_first(gb, tp)  # [b, hv, tp, 2]; padded tokens: g = beta = 0
+  if segment_ids is None:
+    resets = jnp.zeros((b, tp), _F32)
+  else:
+    # Edge padding keeps padded tokens in the last segment.
+    seg = reference.pad_to_chunks(segment_ids, chunk, mode="edge")
+    flags = reference.reset_flags(seg).astype(_F32)  # [b, tp]
+    # Resets so far within each chunk (one at position 0 counts: the
+    # carried state does not reach that chunk).
+    resets = jnp.cumsum(flags.reshape(b, -1, chunk), axis=-1).reshape(b, tp)
+  resets = jnp.broadcast_to(resets[:, None, :, None], (b, hv, tp, 1))
+  sc = jnp.concatenate(
+      [gb, resets, jnp.zeros_like(resets)], axis=-1)  # [b, hv, tp, 4]
+  return qh, kh, vh, sc
+
+
 def gated_delta_rule_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -385,30 +412,14 @@ def gated_delta_rule_pallas(
   if scale is None:
     scale = dk ** -0.5
   c = bs.chunk_size
-  tp = max(c, -(-t // c) * c)
   if backend == "gpu":
     dk_p, dv_p = _next_pow2(dk), _next_pow2(dv)
   else:
     dk_p, dv_p = dk, dv
   bs.dv_tile(dv_p)  # validates block_dv early
 
-  qh = _heads_first(q, tp, dk_p - dk)
-  kh = _heads_first(k, tp, dk_p - dk)
-  vh = _heads_first(v, tp, dv_p - dv)
-  gb = jnp.stack([g.astype(_F32), beta.astype(_F32)], axis=-1)
-  gb = _heads_first(gb, tp)  # [b, hv, tp, 2]; padded tokens: g = beta = 0
-  if segment_ids is None:
-    resets = jnp.zeros((b, tp), _F32)
-  else:
-    # Edge padding keeps padded tokens in the last segment.
-    seg = reference.pad_to_chunks(segment_ids, c, mode="edge")
-    flags = reference.reset_flags(seg).astype(_F32)  # [b, tp]
-    # Resets so far within each chunk (one at position 0 counts: the
-    # carried state does not reach that chunk).
-    resets = jnp.cumsum(flags.reshape(b, -1, c), axis=-1).reshape(b, tp)
-  resets = jnp.broadcast_to(resets[:, None, :, None], (b, hv, tp, 1))
-  sc = jnp.concatenate(
-      [gb, resets, jnp.zeros_like(resets)], axis=-1)  # [b, hv, tp, 4]
+  qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids, c,
+                                  dk_p - dk, dv_p - dv)
   if initial_state is None:
     s0 = jnp.zeros((b, hv, dk_p, dv_p), _F32)
   else:

@@ -11,6 +11,7 @@ inside the program (the GPU driver of `BlockSizes.chunk_loop == "kernel"`).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,14 @@ def _prep(p: _Plan, k, v, sc, md, with_t: bool = False):
   """w [b, hv, tp, dk], u [b, hv, tp, dv] in md; aux [b, hv, tp, 4] f32;
   with_t: also T, [b, hv, tp, c] f32 (row block n holds chunk n's T)."""
   b, hv, tp = p.b, p.hv, p.tp
-  body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments)
+  solve_block = p.cfg.block_sizes.solve_block
+  if solve_block is None or solve_block >= p.c:
+    body = functools.partial(ks.prep_kernel,
+                             has_segments=p.cfg.has_segments)
+  else:
+    body = functools.partial(ks.prep_blocked_kernel,
+                             has_segments=p.cfg.has_segments,
+                             block=solve_block)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
   out_shape = [p.shape(b, hv, tp, p.dk, dtype=md),
                p.shape(b, hv, tp, p.dv, dtype=md),
@@ -138,24 +146,26 @@ def forward(q, k, v, sc, s0, cfg, sq):
   return _output(p, q, k, vn, h, aux, v.dtype, md), st, h
 
 
-def backward(q, k, v, sc, h, do, dst, cfg, sq):
-  """Gradients of q, k (per key head), v, the scalars and the state."""
-  md = matmul_dtype(q, k, v)
-  p = _Plan(q, v, cfg, sq)
+def _bwd_local(p: _Plan, q, k, w, u, h, aux, do, md):
+  """v' recomputed [b, hv, tp, dv] md, and P^T dO f32."""
   b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
-  opts = dict(has_segments=cfg.has_segments)
-  w, u, aux, t = _prep(p, k, v, sc, md, with_t=True)
-  vn, dvl = p.call(
-      functools.partial(ks.bwd_local_kernel, scale=cfg.scale, md=md, **opts),
+  return p.call(
+      functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, md=md,
+                        has_segments=p.cfg.has_segments),
       q, k, w, u, h, aux, do, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
       out_shape=[p.shape(b, hv, tp, dv, dtype=md), p.shape(b, hv, tp, dv)],
       name="gated_delta_rule_bwd_local", parallel=True)
-  dvn, dh, ds0 = p.call(
+
+
+def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst, md):
+  """dv' f32, state cotangents dh [b, hv, n, dk, dv] md, d initial state."""
+  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  return p.call(
       functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
-                        scale=cfg.scale, md=md),
+                        scale=p.cfg.scale, md=md),
       q, k, w, aux, do, dvl, dst, grid=p.seq_grid,
       in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
                 p.tile_seq, p.tile_seq, p.state_tile],
@@ -163,36 +173,64 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
       out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, p.n, dk, dv, dtype=md),
                  p.shape(b, hv, dk, dv)],
       name="gated_delta_rule_state_bwd", parallel=False)
-  dq, dk_out, dw, dg_out = p.call(
-      functools.partial(ks.bwd_out_kernel, scale=cfg.scale, md=md, **opts),
+
+
+def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do, md):
+  """dq, dk (output / state paths), dw, (dg part, 0); per value head."""
+  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  ndsc = kernel.NUM_DSCALARS
+  return p.call(
+      functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, md=md,
+                        has_segments=p.cfg.has_segments),
       q, k, vn, dvn, h, dh, aux, do, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.val_chunk(dv),
                 p.state_chunk, p.state_chunk, p.val_chunk(ks.NUM_AUX),
                 p.val_chunk(dv)],
       out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
-                 p.val_chunk(kernel.NUM_DSCALARS)],
-      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, dk),
-                 p.shape(b, hv, tp, dk),
-                 p.shape(b, hv, tp, kernel.NUM_DSCALARS)],
+                 p.val_chunk(ndsc)],
+      out_shape=[p.shape(b, hv, tp, dk)] * 3 + [p.shape(b, hv, tp, ndsc)],
       name="gated_delta_rule_bwd_out", parallel=True)
-  nsc, ndsc = kernel.NUM_SCALARS, kernel.NUM_DSCALARS
-  dv_, dtu, dsc_v = p.call(
+
+
+def _wy_v(p: _Plan, t, v, sc, dvn):
+  """dv, dT's part from u, (0, dbeta part)."""
+  b, hv, tp, dv, c = p.b, p.hv, p.tp, p.dv, p.c
+  ndsc = kernel.NUM_DSCALARS
+  return p.call(
       ks.wy_v_kernel, t, v, sc, dvn, grid=p.par_grid,
-      in_specs=[p.val_chunk(p.c), p.val_chunk(dv), p.val_chunk(nsc),
-                p.val_chunk(dv)],
-      out_specs=[p.val_chunk(dv), p.val_chunk(p.c), p.val_chunk(ndsc)],
-      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, tp, p.c),
+      in_specs=[p.val_chunk(c), p.val_chunk(dv),
+                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(dv)],
+      out_specs=[p.val_chunk(dv), p.val_chunk(c), p.val_chunk(ndsc)],
+      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, tp, c),
                  p.shape(b, hv, tp, ndsc)],
       name="gated_delta_rule_bwd_wy_v", parallel=True)
-  dk_wy, dsc_k = p.call(
-      functools.partial(ks.wy_k_kernel, **opts),
+
+
+def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
+  """dk (through w and T), (dg part, dbeta part)."""
+  b, hv, tp, dk, c = p.b, p.hv, p.tp, p.dk, p.c
+  ndsc = kernel.NUM_DSCALARS
+  return p.call(
+      functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments),
       t, k, sc, aux, dw, dtu, grid=p.par_grid,
-      in_specs=[p.val_chunk(p.c), p.key_chunk, p.val_chunk(nsc),
-                p.val_chunk(ks.NUM_AUX), p.val_chunk(dk), p.val_chunk(p.c)],
+      in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(kernel.NUM_SCALARS),
+                p.val_chunk(ks.NUM_AUX), p.val_chunk(dk), p.val_chunk(c)],
       out_specs=[p.val_chunk(dk), p.val_chunk(ndsc)],
       out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, ndsc)],
       name="gated_delta_rule_bwd_wy_k", parallel=True)
-  hk = q.shape[1]
+
+
+def backward(q, k, v, sc, h, do, dst, cfg, sq):
+  """Gradients of q, k (per key head), v, the scalars and the state."""
+  md = matmul_dtype(q, k, v)
+  p = _Plan(q, v, cfg, sq)
+  w, u, aux, t = _prep(p, k, v, sc, md, with_t=True)
+  vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do, md)
+  dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst, md)
+  dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do, md)
+  dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
+  dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
+  b, hk, tp = q.shape[:3]
 
   def fold(x):  # [b, hv, tp, d] -> [b, hk, tp, d]: sum over the group
     return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
@@ -201,4 +239,40 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
   dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
   return (fold(dq).astype(q.dtype), fold(dk_out + dk_wy).astype(k.dtype),
-          dv_.astype(v.dtype), dsc, ds0)
+          dv.astype(v.dtype), dsc, ds0)
+
+
+def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
+  """Every kernel of the forward and backward as (name, jitted fn, args,
+  seconds of its first call: compilation and one run).
+
+  The args of each stage are the outputs of the stages before it, computed
+  here once, so each kernel can be timed on its own (per-kernel profile of
+  `experiments.bench_gated_delta_rule --profile_kernels`).
+  """
+  md = matmul_dtype(q, k, v)
+  p = _Plan(q, v, cfg, sq)
+  stages = []
+
+  def run(name, fn, *args):
+    fn = jax.jit(fn)
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    stages.append((name, fn, args, time.perf_counter() - start))
+    return out
+
+  w, u, aux = run("prep", lambda *a: _prep(p, *a, md), k, v, sc)
+  vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a, md),
+                 w, u, k, aux, s0)
+  run("output", lambda *a: _output(p, *a, v.dtype, md), q, k, vn, h, aux)
+  w, u, aux, t = run("prep (with T)",
+                     lambda *a: _prep(p, *a, md, with_t=True), k, v, sc)
+  vn, dvl = run("bwd_local", lambda *a: _bwd_local(p, *a, md),
+                q, k, w, u, h, aux, do)
+  dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a, md),
+                   q, k, w, aux, do, dvl, dst)
+  _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a, md),
+                    q, k, vn, dvn, h, dh, aux, do)
+  _, dtu, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
+  run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dtu)
+  return stages
