@@ -180,6 +180,11 @@ def test_block_sizes_validation():
     BlockSizes(chunk_loop="grid")  # "split" needs the in-kernel chunk loop
   with pytest.raises(ValueError, match="solve_block"):
     BlockSizes(solve_block=24)
+  inputs = make_inputs(0, 4)
+  with pytest.raises(ValueError, match="solve_block"):
+    pallas_gdr.gated_delta_rule_pallas(  # a GPU target, checked before lowering
+        *(inputs[n] for n in NAMES[:5]), backend="gpu",
+        block_sizes=BlockSizes(solve_block=8))
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
   assert BlockSizes.get_default("tpu").chunk_loop == "grid"
