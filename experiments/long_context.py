@@ -280,8 +280,8 @@ def abstract_inputs(mesh: jax.sharding.Mesh, mode: str, batch: int,
   ids = jax.ShapeDtypeStruct(shape, jnp.int32,
                              sharding=sharding.batch_sharding(mesh, shape))
   if mode == "train":
-    return {"input_ids": ids, "targets": ids}
-  return {"input_ids": ids}
+    return {"inputs": ids, "targets": ids}
+  return {"inputs": ids}
 
 
 def build_program(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
@@ -310,10 +310,10 @@ def build_program(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
     raise ConfigError(f"--mode: expected one of {MODES}, found {mode!r}")
 
   def call(params, inputs):
-    return f(params, inputs["input_ids"])
+    return f(params, inputs["inputs"])
 
   def lower(params, inputs):
-    return f.lower(params, inputs["input_ids"])
+    return f.lower(params, inputs["inputs"])
 
   call.lower = lower
   return call
@@ -655,7 +655,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
   model = Qwen35(cfg)
   ids = np.random.default_rng(seed).integers(
       0, cfg.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
-  batch_np = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+  batch_np = {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
   dev = reference_device or jax.devices()[0]
   params = jax.jit(lambda k: nn.unbox(model.init(k, ids[:1, :8])["params"]))(
       jax.random.PRNGKey(seed))
@@ -668,7 +668,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
 
   if mode == "forward":
     want = jax.jit(lambda p, i: model.apply({"params": p}, i))(
-        params, ref_batch["input_ids"])
+        params, ref_batch["inputs"])
     got = build_program(cfg, mesh, "forward", seq_len, "all",
                         options=opts)(sparams, placed)
     out["logits"] = max_rel_dev(got, want)
@@ -681,7 +681,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
       return logits[:, -1].astype(jnp.float32), c
 
     want_last, want_cache = jax.jit(ref_prefill)(params,
-                                                 ref_batch["input_ids"])
+                                                 ref_batch["inputs"])
     got_last, got_cache = build_program(
         cfg, mesh, "prefill", seq_len, max_len=slots, options=opts)(
             sparams, placed)

@@ -349,11 +349,12 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
             loss_chunk: int = 1024, mesh: Mesh | None = None) -> Array:
   """Mean next-token cross-entropy of a batch (unsharded or inside SP).
 
-  batch: "input_ids" [b, t]; "targets" [b, t]; optional "loss_mask",
-  "attention_mask", "segment_ids" [b, t].
+  batch: "inputs" [b, t]; "targets" [b, t]; optional "loss_mask",
+  "attention_mask", "segment_ids" [b, t] (`train.check_batch`).
   """
+  train_lib.check_batch(batch)
   _, hidden = Qwen35(cfg).apply(
-      {"params": params}, batch["input_ids"],
+      {"params": params}, batch["inputs"],
       attention_mask=batch.get("attention_mask"),
       segment_ids=batch.get("segment_ids"), return_hidden=True)
   total, count = chunked_lm_loss(cfg, params, hidden, batch["targets"],
@@ -507,7 +508,7 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
                     ) -> Callable[..., tuple[Array, PyTree]]:
   """Sharded loss and gradients: fn(params, batch) -> (loss, grads).
 
-  batch: {"input_ids", "targets"[, "loss_mask", "attention_mask",
+  batch: {"inputs", "targets"[, "loss_mask", "attention_mask",
   "segment_ids"]}, each [b, t]. The loss is the mean next-token
   cross-entropy (`loss_fn`), computed in chunks (no [t, vocab] logits);
   gradients come back with the parameters' shardings. Rematerialisation

@@ -323,6 +323,25 @@ def cross_entropy(logits: Array, targets: Array,
   return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
 
 
+BATCH_KEYS = ("inputs", "targets")
+OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask")
+
+
+def check_batch(batch: Mapping[str, Any]) -> None:
+  """Raises a ValueError naming the keys a batch lacks or should not have.
+
+  Every batch in the project (data generators, training, the sharded
+  programs) is a dict with "inputs" and "targets" [b, t] and optionally
+  "loss_mask", "segment_ids", "attention_mask" [b, t].
+  """
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
+  if missing or unknown:
+    raise ValueError(
+        f"batch: expected keys {BATCH_KEYS} and optionally "
+        f"{OPTIONAL_BATCH_KEYS}; missing {missing}, unknown {unknown}")
+
+
 def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
                    chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """Mean masked cross-entropy of a batch, and its sums.
@@ -337,12 +356,14 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   Returns:
     (mean loss, {"loss_sum", "tokens", "correct"}).
   """
+  check_batch(batch)
   inputs, targets = batch["inputs"], batch["targets"]
   mask = batch.get("loss_mask")
   if mask is None:
     mask = jnp.ones(inputs.shape, jnp.float32)
   _, hidden = Qwen35(cfg).apply(
       {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
+      attention_mask=batch.get("attention_mask"),
       return_hidden=True)
   w, vocab_major = head_weights(cfg, params)
   loss_sum, tokens, correct = chunked_cross_entropy(

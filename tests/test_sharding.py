@@ -231,7 +231,7 @@ def _reference(segmented):
     cfg, params, ids = _model()
     batch = _batch(ids, segmented)
     logits = jax.jit(Qwen35(cfg).apply)(
-        {"params": params}, batch["input_ids"],
+        {"params": params}, batch["inputs"],
         segment_ids=batch.get("segment_ids"))
     loss, grads = jax.jit(jax.value_and_grad(
         lambda p: sharding.loss_fn(cfg, p, batch, 64)))(params)
@@ -240,7 +240,7 @@ def _reference(segmented):
 
 
 def _batch(ids, segmented):
-  batch = {"input_ids": ids[:, :T], "targets": ids[:, 1:T + 1]}
+  batch = {"inputs": ids[:, :T], "targets": ids[:, 1:T + 1]}
   if segmented:
     batch["segment_ids"] = _segments(T)
   return batch
@@ -262,7 +262,7 @@ def test_model_logits_and_gradients(spec, segmented, remat):
   sparams = sharding.shard_params(params, cfg, mesh)
 
   fwd = sharding.make_forward(cfg, mesh, sequence_parallel_options=BLOCKS)
-  logits = fwd(sparams, placed["input_ids"],
+  logits = fwd(sparams, placed["inputs"],
                segment_ids=placed.get("segment_ids"))
   assert logits.sharding.spec[1] == "seq"
   assert tolerances.max_rel_err(logits, want_logits) < 1e-5

@@ -29,6 +29,7 @@ TrainConfig of `experiments/configs/mqar.py:runlocal`.
 import csv
 import json
 import os
+import re
 
 from absl import flags
 import jax
@@ -42,6 +43,7 @@ from experiments.configs import mqar as mqar_config
 from experiments.configs import qwen3_5_0_8b as qwen08b_config
 from experiments.configs import text as text_config
 from qwen_jax import data
+from qwen_jax import sharding
 from qwen_jax import train
 from qwen_jax.config import FULL, LINEAR, QwenConfig
 from qwen_jax.model import Qwen35
@@ -141,6 +143,21 @@ def _randomize(shapes, rng):
     return normal / np.sqrt(p.shape[-2])  # kernels [..., in, out]
   return jax.tree_util.tree_map_with_path(
       lambda path, p: jnp.asarray(draw(path, p), p.dtype), shapes)
+
+
+@pytest.mark.parametrize("keys,named", [
+    (("input_ids", "targets"), "missing ['inputs']"),
+    (("inputs", "targets", "labels"), "unknown ['labels']"),
+])
+def test_a_batch_with_wrong_keys_is_refused_by_name(keys, named):
+  _, cfg, _, _ = _local()
+  ids = np.ones((1, 8), np.int32)
+  batch = {k: ids for k in keys}
+  params = train.init_params(cfg, seed=0)
+  with pytest.raises(ValueError, match=re.escape(named)):
+    train.loss_and_stats(params, cfg, batch)
+  with pytest.raises(ValueError, match=re.escape(named)):
+    sharding.loss_fn(cfg, params, batch)
 
 
 def test_gradients_match_finite_differences():
