@@ -46,6 +46,7 @@ from qwen_jax import data
 from qwen_jax import sharding
 from qwen_jax import train
 from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax import model as model_lib
 from qwen_jax.model import Qwen35
 from tests import tolerances
 
@@ -254,6 +255,54 @@ def test_gradients_match_finite_differences():
       gv = sum(float(jnp.vdot(a, c)) for a, c in zip(
           jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(v)))
       fd = richardson(v, h)
+      assert abs(fd - gv) <= 1e-2 * abs(gv) + 1e-5 * gnorm, (fd, gv, h)
+
+
+def test_scanned_remat_stack_gradients_match_finite_differences():
+  """The scanned stack (two periods of linear + full) with remat "full":
+  directional derivatives of the float64 loss along the gradient and along
+  random directions through every parameter (tolerances as above)."""
+  with jax.enable_x64(True):
+    cfg = QwenConfig.from_preset(
+        "tiny", vocab_size=24, hidden_size=16, intermediate_size=24,
+        num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        linear_num_key_heads=1, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8, dtype="float64",
+        param_dtype="float64", gdr_implementation="chunked",
+        gdr_chunk_size=4, scan_layers=True, remat_policy="full")
+    assert model_lib.is_scanned(cfg)
+    rng = np.random.default_rng(303)
+    params = _randomize(jax.eval_shape(lambda: train.init_params(cfg)), rng)
+    b, t = 2, 9
+    seq = rng.integers(0, cfg.vocab_size, (b, t + 1))
+    batch = {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
+             "targets": jnp.asarray(seq[:, 1:], jnp.int32)}
+    value_and_grad = jax.jit(jax.value_and_grad(
+        lambda p: train.loss_and_stats(p, cfg, batch)[0]))
+    grads = value_and_grad(params)[1]
+    leaves = jax.tree_util.tree_leaves
+    gnorm = np.sqrt(sum(float(jnp.sum(x * x)) for x in leaves(grads)))
+
+    def unit(tree):
+      n = np.sqrt(sum(float(jnp.sum(x * x)) for x in leaves(tree)))
+      return jax.tree_util.tree_map(lambda x: x / n, tree)
+
+    def derivative(v, h):  # Richardson-extrapolated central difference
+      def central(h):
+        up = jax.tree_util.tree_map(lambda p, d: p + h * d, params, v)
+        down = jax.tree_util.tree_map(lambda p, d: p - h * d, params, v)
+        return (float(value_and_grad(up)[0])
+                - float(value_and_grad(down)[0])) / (2 * h)
+      return (4 * central(h / 2) - central(h)) / 3
+
+    directions = [(unit(grads), 3e-4)] + [(unit(jax.tree_util.tree_map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)), 1e-2)
+                                          for _ in range(2)]
+    for v, h in directions:
+      gv = sum(float(jnp.vdot(a, c)) for a, c in zip(leaves(grads),
+                                                      leaves(v)))
+      fd = derivative(v, h)
       assert abs(fd - gv) <= 1e-2 * abs(gv) + 1e-5 * gnorm, (fd, gv, h)
 
 
