@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gated_delta_rule import api
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from tests import tolerances
 
@@ -214,6 +215,11 @@ def test_chunk_size_and_jit():
   o_ref, s_ref = np_recurrence(**inputs)
   assert_scaled_close(o, o_ref, jnp.float32)
   assert_scaled_close(s, s_ref, jnp.float32)
+
+
+def test_auto_names_registered_implementations():
+  for backend, name in api.AUTO.items():
+    assert name in api.available_implementations(), (backend, name)
 
 
 def test_auto_and_custom_scale():
