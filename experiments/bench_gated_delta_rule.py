@@ -161,7 +161,14 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
                     ) -> list[dict]:
   """Median ms of each kernel of the split pipeline, run on its own."""
   backend = "cpu" if interpret else jax.default_backend()
+  if backend == "tpu":
+    raise ValueError("profile_kernels: times the split kernels, which run "
+                     "on GPU and in interpret mode; the TPU runs the fused "
+                     "ones")
   bs = block_sizes or BlockSizes.get_default(backend)
+  if bs.kernels != "split":
+    raise ValueError(f"profile_kernels: expected block sizes of the split "
+                     f"kernels, found kernels={bs.kernels!r}")
   q, k, v = (jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v"))
   b, _, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
