@@ -151,6 +151,11 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
     res["fwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
   try:
     res["fwd_bwd"] = _median_ms(lambda: fb(*args), sync, iters, warmup)
+    # XLA's buffer assignment of the compiled forward+backward: the peak of
+    # its intermediate buffers (inputs and gradients not included).
+    mem = fb.lower(*args).compile().memory_analysis()
+    if mem is not None:
+      res["fwd_bwd_temp_bytes"] = int(mem.temp_size_in_bytes)
   except Exception as e:  # pylint: disable=broad-except
     res["fwd_bwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
   return res
@@ -292,8 +297,11 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       if "outputs" in res and impl != "chunked":
         errors[impl] = dict(output=_rel_err(res["outputs"][0], ref_o),
                             final_state=_rel_err(res["outputs"][1], ref_s))
-  for res in times.values():
+  temp_bytes = {}
+  for impl, res in times.items():
     res.pop("outputs", None)
+    if "fwd_bwd_temp_bytes" in res:
+      temp_bytes[impl] = res.pop("fwd_bwd_temp_bytes")
   kernel_profile = []
   if profile:
     kernel_profile = profile_kernels(inputs, jdtype, interpret, iters, warmup)
@@ -317,7 +325,13 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       device=str(jax.devices()[0].device_kind),
       backend=jax.default_backend(), jax_version=jax.__version__,
       date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped,
-      rel_err_vs_chunked=errors, kernel_profile=kernel_profile)
+      rel_err_vs_chunked=errors, kernel_profile=kernel_profile,
+      fwd_bwd_temp_bytes=temp_bytes,
+      # What the issue allows a forward+backward to hold beyond its inputs
+      # and outputs: the state entering every chunk, [b, hv, n, dk, dv]
+      # (bf16 or f32 as the inputs; chunk 64).
+      chunk_states_bytes=(batch * heads * -(-seq_len // 64) * dk * dv
+                          * jnp.dtype(dtype).itemsize))
 
 
 def format_table(result: dict) -> str:
@@ -341,6 +355,13 @@ def format_table(result: dict) -> str:
               "--- | --- | --- | ---"]
     lines += [f"{r['kernel']} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
               f"{r['first_call_s']:.1f}" for r in profile]
+  if result.get("fwd_bwd_temp_bytes"):
+    mib = 2.0 ** 20
+    lines.append(
+        "fwd+bwd temporaries (XLA memory analysis), MiB: " + ", ".join(
+            f"{impl} {b / mib:.1f}"
+            for impl, b in result["fwd_bwd_temp_bytes"].items())
+        + f"; per-chunk states: {result['chunk_states_bytes'] / mib:.1f}")
   for impl, err in result.get("rel_err_vs_chunked", {}).items():
     lines.append(f"{impl} vs chunked (max|diff|/max|ref|): output "
                  f"{err['output']:.2e}, final state {err['final_state']:.2e}")

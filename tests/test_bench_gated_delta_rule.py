@@ -48,6 +48,10 @@ def test_bench_reports_every_implementation(tmp_path):
   for impl, err in result["rel_err_vs_chunked"].items():
     assert err["output"] < rtol and err["final_state"] < rtol, (impl, err)
   assert "fla" in result["skipped"]
+  assert set(result["fwd_bwd_temp_bytes"]) == set(impls)
+  assert all(b > 0 for b in result["fwd_bwd_temp_bytes"].values())
+  # 2 value heads, 2 chunks, 32 x 32 states in float32.
+  assert result["chunk_states_bytes"] == 1 * 2 * 2 * 32 * 32 * 4
   assert [r["kernel"] for r in result["kernel_profile"]] == _KERNELS
   assert all(r["ms"] > 0 and r["first_call_s"] > 0
              for r in result["kernel_profile"])
