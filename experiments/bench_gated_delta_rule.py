@@ -34,6 +34,7 @@ import numpy as np
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import pallas_split
+from pallas_kernels.gated_delta_rule import seq_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
@@ -61,6 +62,11 @@ _PROFILE = flags.DEFINE_bool(
     "profile_kernels", False,
     "Also time each kernel of the split Pallas pipeline on its own (the "
     "backend's default BlockSizes), to see where the time goes.")
+_SEQ_SPLITS = flags.DEFINE_list(
+    "seq_splits", [],
+    "Also time each JAX implementation with the sequence cut into this many "
+    "parallel pieces (pallas_kernels.gated_delta_rule.seq_split); reported "
+    "as IMPL/splitN.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _INTERPRET = flags.DEFINE_bool(
@@ -121,18 +127,25 @@ def parse_variant(spec: str) -> tuple[str, BlockSizes]:
 
 
 def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
-             warmup: int,
-             block_sizes: BlockSizes | None = None) -> dict[str, float]:
+             warmup: int, block_sizes: BlockSizes | None = None,
+             seq_splits: int = 1) -> dict[str, float]:
   """Forward and forward+backward times (ms) of one JAX implementation."""
   args = [jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v")]
   args += [jnp.asarray(inputs[n]) for n in ("g", "beta")]
 
-  def fwd(q, k, v, g, beta):
+  def rule(q, k, v, g, beta, initial_state=None, segment_ids=None):
     if block_sizes is not None:
       return pallas_gdr.gated_delta_rule_pallas(
-          q, k, v, g, beta, block_sizes=block_sizes, interpret=interpret)
-    return gated_delta_rule(q, k, v, g, beta, implementation=impl,
-                            interpret=interpret)
+          q, k, v, g, beta, initial_state, segment_ids=segment_ids,
+          block_sizes=block_sizes, interpret=interpret)
+    return gated_delta_rule(q, k, v, g, beta, initial_state,
+                            implementation=impl, interpret=interpret,
+                            segment_ids=segment_ids)
+
+  def fwd(q, k, v, g, beta):
+    if seq_splits > 1:
+      return seq_split.split_sequence(rule, seq_splits, 64, q, k, v, g, beta)
+    return rule(q, k, v, g, beta)
 
   def fwd_bwd(q, k, v, g, beta):
     (o, s), vjp = jax.vjp(fwd, q, k, v, g, beta)
@@ -263,19 +276,24 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
         warmup: int, interpret: bool, seed: int = 0,
         pallas_variants: tuple[str, ...] = (),
         fla_bypass_hopper_check: bool = False,
-        profile: bool = False) -> dict:
+        profile: bool = False, seq_splits: tuple[int, ...] = ()) -> dict:
   """Times every implementation; returns the JSON-able results."""
   jdtype = jnp.dtype(dtype)
   inputs = make_inputs(batch, seq_len, key_heads, heads, dk, dv, jdtype,
                        seed)
   times, skipped = {}, {}
-  jobs = [(impl, None) for impl in implementations]
-  jobs += [parse_variant(spec) for spec in pallas_variants]
-  for impl, bs in jobs:
-    if impl == "fla":
+  # (label, implementation, BlockSizes or None, sequence pieces)
+  jobs = [(impl, impl, None, 1) for impl in implementations]
+  jobs += [(label, "pallas", bs, 1)
+           for label, bs in map(parse_variant, pallas_variants)]
+  jobs += [(f"{impl}/split{n}", impl, None, n) for n in seq_splits
+           for impl in implementations if impl != "fla"]
+  for impl, name, bs, pieces in jobs:
+    if name == "fla":
       res = time_fla(inputs, jdtype, iters, warmup, fla_bypass_hopper_check)
     else:
-      res = time_jax(impl, inputs, jdtype, interpret, iters, warmup, bs)
+      res = time_jax(name, inputs, jdtype, interpret, iters, warmup, bs,
+                     pieces)
       for mode in ("fwd", "fwd_bwd"):
         if f"{mode}_error" in res:
           skipped[f"{impl} {mode}"] = f"failed ({res.pop(f'{mode}_error')})"
@@ -382,7 +400,8 @@ def main(argv):
                implementations=_IMPLS.value, interpret=_INTERPRET.value,
                seed=_SEED.value, pallas_variants=tuple(_VARIANTS.value),
                fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value,
-               profile=_PROFILE.value, **values)
+               profile=_PROFILE.value,
+               seq_splits=tuple(int(n) for n in _SEQ_SPLITS.value), **values)
   c = result["config"]
   print(f"gated delta rule on {result['device']} ({result['backend']}), "
         f"jax {result['jax_version']}: B={c['batch']} T={c['seq_len']} "

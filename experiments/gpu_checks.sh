@@ -65,8 +65,9 @@ for s in "${steps[@]}"; do
     bench32k) bench bench32k 330 32768 5 --profile_kernels ;;
     variants32k) step variants32k 300 python3 -m experiments.bench_gated_delta_rule \
       --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-      --implementations pallas --iters 5 --warmup 1 --json_out "$OUT/variants32k.json" \
-      --pallas_variants solve_block=16,solve_block=16/num_warps_intra=8,block_dv=64 ;;
+      --implementations pallas,chunked --iters 5 --warmup 1 --json_out "$OUT/variants32k.json" \
+      --pallas_variants solve_block=16,solve_block=16/num_warps_intra=8,block_dv=64 \
+      --seq_splits 8 ;;
     bench8k) bench bench8k 200 8192 10 ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac

@@ -23,6 +23,8 @@ The (A, B) pairs (dk * (dk + dv) floats per head, whatever the length) are
 all-gathered over "seq" and folded in float32, S_in(j+1) = A_j S_in(j) + B_j,
 every shard computing every prefix (n is small) and the final state. Packed
 documents: a shard whose first token starts a new document gets S_in = 0.
+The algebra lives in `pallas_kernels.gated_delta_rule.seq_split`, which
+also cuts one sequence into parallel pieces inside a device.
 With one shard the rule simply runs with its true initial state. With
 `SPContext.gdr_block` set, each shard runs the rule over blocks of that many
 tokens, carrying the (augmented) state from block to block and
@@ -65,9 +67,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule as gdr
+from pallas_kernels.gated_delta_rule import seq_split
 from qwen_jax.array_typing import Array
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _NEG = -1e30  # same fill as qwen_jax.attention: rows behave identically
 _FAR = np.iinfo(np.int32).max // 2  # position of padded keys (never seen)
 
@@ -248,23 +250,6 @@ def causal_conv(conv_fn: Callable[[Array, Array | None], Array], x: Array,
 
 
 # ------------------------------------------------------- gated delta rule
-def _fold_states(a_all: Array, b_all: Array, s0: Array,
-                 cont: Array | None) -> tuple[Array, Array]:
-  """Incoming state of every shard and the final state (float32).
-
-  a_all: [n, b, h, dk, dk]; b_all: [n, b, h, dk, dv]; s0: [b, h, dk, dv];
-  cont: [n, b] bool (False: the shard starts a new document) or None.
-  """
-  s, ins = s0, []
-  for i in range(a_all.shape[0]):
-    if cont is not None:
-      s = s * cont[i][:, None, None, None].astype(s.dtype)
-    ins.append(s)
-    s = jnp.einsum("bhij,bhjv->bhiv", a_all[i], s,
-                   precision=_HIGHEST) + b_all[i]
-  return jnp.stack(ins), s
-
-
 def _block_len(t: int, block: int | None, chunk: int) -> int:
   """Tokens per block of a t-token shard (t: no blocking).
 
@@ -368,25 +353,20 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
     seg = seg if has_seg else None
     if n == 1:
       return rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg)
-    bl, tl, hl = v.shape[0], v.shape[1], v.shape[2]
-    eye = jnp.broadcast_to(jnp.eye(dk, dtype=f32), (bl, hl, dk, dk))
-    s_aug = jnp.concatenate([eye, jnp.zeros((bl, hl, dk, dv), f32)], -1)
-    v_aug = jnp.concatenate([jnp.zeros((bl, tl, hl, dk), f32),
-                             v.astype(f32)], -1)
-    o_aug, end = rule(q, k, v_aug, g, beta, initial_state=s_aug,
-                      segment_ids=seg)
-    a_all = jax.lax.all_gather(end[..., :dk], seq)
-    b_all = jax.lax.all_gather(end[..., dk:], seq)
+    # The shard's own outputs and its affine maps in one call
+    # (pallas_kernels.gated_delta_rule.seq_split, which also splits one
+    # sequence inside a device).
+    o_own, o_map, a, b_own = seq_split.augmented_call(
+        rule, q, k, v, g, beta, seg, value_dtype=f32)
+    a_all = jax.lax.all_gather(a, seq)
+    b_all = jax.lax.all_gather(b_own, seq)
     idx = jax.lax.axis_index(seq)
     cont = None
     if has_seg:
       prev_last = _shift_right(seg[:, -1], seq, n)
       cont = jax.lax.all_gather((seg[:, 0] == prev_last) | (idx == 0), seq)
-    ins, final = _fold_states(a_all, b_all, s0.astype(f32), cont)
-    s_in = ins[idx]
-    o = o_aug[..., dk:] + jnp.einsum("bthk,bhkv->bthv", o_aug[..., :dk],
-                                     s_in, precision=_HIGHEST)
-    return o.astype(v.dtype), final
+    ins, final = seq_split.fold_states(a_all, b_all, s0, cont)
+    return seq_split.apply_incoming(o_own, o_map, ins[idx], v.dtype), final
 
   if initial_state is None:
     initial_state = jnp.zeros((b, hv, dk, dv), f32)

@@ -34,13 +34,14 @@ def test_bench_reports_every_implementation(tmp_path):
        "--interpret", "--dtype", "float32", "--seq_len", "100",
        "--implementations", "pallas,chunked,fla",
        "--pallas_variants", "solve_block=16,kernels=fused",
-       "--profile_kernels", "--iters", "1", "--warmup", "0",
+       "--profile_kernels", "--seq_splits", "2", "--iters", "1",
+       "--warmup", "0",
        "--seed", "3", "--json_out", str(out)],
       check=True, cwd=_ROOT, env=env, timeout=900)
   result = json.loads(out.read_text())
   timed = {(r["implementation"], r["mode"]) for r in result["results"]}
   impls = ["pallas", "chunked", "pallas[solve_block=16]",
-           "pallas[kernels=fused]"]
+           "pallas[kernels=fused]", "pallas/split2", "chunked/split2"]
   assert timed == {(i, m) for i in impls for m in ("fwd", "fwd_bwd")}
   assert all(r["ms"] > 0 for r in result["results"])
   rtol, _ = tolerances.tol(jnp.float32)

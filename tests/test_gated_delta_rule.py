@@ -247,3 +247,56 @@ def test_bad_arguments_raise(change, argname):
   kwargs.update(change)
   with pytest.raises(ValueError, match=argname):
     gated_delta_rule(**kwargs)
+
+
+# In-device sequence splits: pieces joined through their affine state maps.
+SPLIT_CASES = [
+    # (impl, t, seq_splits, chunk_size, with_state, with_segments)
+    ("recurrent", 37, 3, 64, True, True),
+    ("chunked", 150, 4, 16, True, True),   # pieces of 48 tokens, last padded
+    ("chunked", 70, 2, 64, False, True),
+    ("chunked", 9, 5, 16, True, False),    # more pieces than needed
+    ("pallas", 100, 3, 16, True, True),    # interpret mode on CPU
+]
+
+
+@pytest.mark.parametrize("impl,t,splits,chunk,with_state,with_segments",
+                         SPLIT_CASES)
+def test_seq_splits_match_float64(impl, t, splits, chunk, with_state,
+                                  with_segments):
+  inputs = make_inputs(400 + t, t, with_state=with_state,
+                       with_segments=with_segments)
+  rng = np.random.default_rng(t + splits)
+  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
+  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
+  s0 = inputs["initial_state"]
+  if s0 is None:
+    s0 = jnp.zeros((B, HV, DK, DV), jnp.float32)
+  interpret = impl == "pallas" and jax.default_backend() == "cpu"
+
+  def fwd(q, k, v, g, beta, s0):
+    return gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
+                            segment_ids=inputs["segment_ids"],
+                            chunk_size=chunk, seq_splits=splits,
+                            interpret=interpret)
+
+  def loss(*args):
+    o, s = fwd(*args)
+    return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(s * r_s)
+
+  names = ("q", "k", "v", "g", "beta")
+  args = [inputs[n] for n in names] + [s0]
+  o, s = jax.jit(fwd)(*args)
+  o_ref, s_ref = np_recurrence(**inputs)
+  assert o.shape == (B, t, HV, DV)
+  assert_scaled_close(o, o_ref, jnp.float32, "output")
+  assert_scaled_close(s, s_ref, jnp.float32, "final state")
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+  expected = reference_grads(inputs, r_o, r_s)
+  for name, got, want in zip(names + ("initial_state",), grads, expected):
+    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+
+
+def test_seq_splits_must_be_positive():
+  with pytest.raises(ValueError, match="seq_splits"):
+    run("chunked", make_inputs(0, 8), seq_splits=0)
