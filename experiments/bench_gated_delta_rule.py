@@ -33,7 +33,6 @@ import numpy as np
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
-from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule import seq_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
@@ -153,7 +152,6 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
 
   sync = jax.block_until_ready
   f = jax.jit(fwd)
-  fb = jax.jit(fwd_bwd)
   res = {}
   try:
     o, s = f(*args)
@@ -163,10 +161,12 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
   except Exception as e:  # pylint: disable=broad-except
     res["fwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
   try:
+    # Compiled once (minutes for the Pallas kernels on a GPU): timed, and
+    # XLA's buffer assignment read from it, the peak of its intermediate
+    # buffers (inputs and gradients not included).
+    fb = jax.jit(fwd_bwd).lower(*args).compile()
     res["fwd_bwd"] = _median_ms(lambda: fb(*args), sync, iters, warmup)
-    # XLA's buffer assignment of the compiled forward+backward: the peak of
-    # its intermediate buffers (inputs and gradients not included).
-    mem = fb.lower(*args).compile().memory_analysis()
+    mem = fb.memory_analysis()
     if mem is not None:
       res["fwd_bwd_temp_bytes"] = int(mem.temp_size_in_bytes)
   except Exception as e:  # pylint: disable=broad-except
@@ -183,27 +183,10 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
     raise ValueError("profile_kernels: times the split kernels, which run "
                      "on GPU and in interpret mode; the TPU runs the fused "
                      "ones")
-  bs = block_sizes or BlockSizes.get_default(backend)
-  if bs.kernels != "split":
-    raise ValueError(f"profile_kernels: expected block sizes of the split "
-                     f"kernels, found kernels={bs.kernels!r}")
   q, k, v = (jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v"))
-  b, _, hk, dk = q.shape
-  hv, dv = v.shape[2], v.shape[3]
-  pad = (lambda d: pallas_gdr._next_pow2(d) - d) if backend == "gpu" else (  # pylint: disable=protected-access
-      lambda d: 0)
-  qh, kh, vh, sc = pallas_gdr._padded_inputs(  # pylint: disable=protected-access
-      q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]), None,
-      bs.chunk_size, pad(dk), pad(dv))
-  cfg = pallas_gdr._Config(  # pylint: disable=protected-access
-      scale=dk ** -0.5, group=hv // hk, block_sizes=bs, backend=backend,
-      interpret=interpret, has_segments=False)
-  rng = np.random.default_rng(1)
-  s0 = jnp.zeros((b, hv, dk + pad(dk), dv + pad(dv)), jnp.float32)
-  do = jnp.asarray(rng.normal(size=vh.shape), v.dtype)
-  dst = jnp.asarray(rng.normal(size=s0.shape), jnp.float32)
-  stages = pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg,
-                                        pallas_gdr._SQ)  # pylint: disable=protected-access
+  stages = pallas_gdr.split_pipeline_stages(
+      q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]),
+      block_sizes=block_sizes, interpret=interpret, backend=backend, seed=1)
   return [dict(kernel=name, first_call_s=first,
                ms=_median_ms(lambda: fn(*args), jax.block_until_ready, iters,
                              warmup))

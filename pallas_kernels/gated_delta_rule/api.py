@@ -148,9 +148,7 @@ def gated_delta_rule(
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size,
             seq_splits)
   if seq_splits > 1:
-    if scale is None:
-      scale = q.shape[-1] ** -0.5
-
+    # (the pieces keep q's dk, so a default scale stays dk ** -0.5)
     def rule(q, k, v, g, beta, initial_state, segment_ids):
       return _IMPLEMENTATIONS[name](q, k, v, g, beta, initial_state, scale,
                                     segment_ids, chunk_size, interpret)

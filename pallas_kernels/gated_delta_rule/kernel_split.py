@@ -112,6 +112,15 @@ def _decays(aux: jax.Array, has_segments: bool):
   return gamma, decay_q, decay_k, _last(decay_q)
 
 
+def _aux(g_cum, decay_q, decay_k, resets):
+  """The aux columns [c, NUM_AUX] from four [c, 1] columns."""
+  col = _iota((g_cum.shape[0], NUM_AUX), 1)
+  return jnp.where(
+      col == AUX_G, g_cum,
+      jnp.where(col == AUX_DECAY_Q, decay_q,
+                jnp.where(col == AUX_DECAY_K, decay_k, resets)))
+
+
 def _decay_grad(dgg, col_terms, last_term):
   """dg [c, 1] from the gradient w.r.t. G, then through G = cumsum(g).
 
@@ -146,12 +155,8 @@ def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
     t_ref[0][...] = x.t
   u_ref[...] = _dot(x.t, x.beta * v).astype(u_ref.dtype)
   w_ref[...] = _dot(x.t, (x.beta * x.decay_q) * k).astype(w_ref.dtype)
-  col = _iota(aux_ref.shape, 1)
-  resets = _pick_col(sc, kernel.RESET_COL)
-  aux_ref[...] = jnp.where(
-      col == AUX_G, x.g_cum,
-      jnp.where(col == AUX_DECAY_Q, x.decay_q,
-                jnp.where(col == AUX_DECAY_K, x.decay_k, resets)))
+  aux_ref[...] = _aux(x.g_cum, x.decay_q, x.decay_k,
+                      _pick_col(sc, kernel.RESET_COL))
 
 
 def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
@@ -215,11 +220,7 @@ def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
       decay_k = jnp.where(resets[a] == resets_last, decay_k, 0.0)
     ks[a] = (betas[a] * decay_q) * ks[a]  # now beta e^G k
     vs[a] = betas[a] * vs[a]              # now beta v
-    col = _iota((m, NUM_AUX), 1)
-    aux_ref[sl, :] = jnp.where(
-        col == AUX_G, g_cols[a],
-        jnp.where(col == AUX_DECAY_Q, decay_q,
-                  jnp.where(col == AUX_DECAY_K, decay_k, resets[a])))
+    aux_ref[sl, :] = _aux(g_cols[a], decay_q, decay_k, resets[a])
   for a, sl in enumerate(tiles):
     u = _dot(t[a, 0], vs[0])
     w = _dot(t[a, 0], ks[0])

@@ -28,6 +28,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import numpy as np
 
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import pallas_split
@@ -293,21 +294,22 @@ def _core_bwd(cfg: _Config, res, cts):
   q, k, v, sc, states = res
   do, dst = cts
   if cfg.block_sizes.kernels == "split":
-    return pallas_split.backward(q, k, v, sc, states, do, dst.astype(_F32),
-                                 cfg, _SQ)
-  dq, dk, dv, dsc, ds0 = _bwd(q, k, v, sc, states, do, dst.astype(_F32), cfg)
+    dq, dk, dv, dsc, ds0 = pallas_split.backward(
+        q, k, v, sc, states, do, dst.astype(_F32), cfg, _SQ)
+  else:
+    dq, dk, dv, dsc, ds0 = _bwd(q, k, v, sc, states, do, dst.astype(_F32),
+                                cfg)
+    # Sum the partials of the dv tiles: [b, hv, nv, tp, d] -> [b, hv, tp, d].
+    dq, dk, dsc = (jnp.sum(x, axis=2) for x in (dq, dk, dsc))
   b, hk, tp = q.shape[:3]
 
-  def fold(x):  # [b, hv, nv, tp, d] -> [b, hk, tp, d]: tiles and groups
-    x = jnp.sum(x, axis=2)
+  def fold(x):  # [b, hv, tp, d] -> [b, hk, tp, d]: value heads of a key head
     return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
 
-  dq = fold(dq).astype(q.dtype)
-  dk = fold(dk).astype(k.dtype)
-  dsc = jnp.sum(dsc, axis=2)
   pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
   dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
-  return dq, dk, dv.astype(v.dtype), dsc, ds0
+  return (fold(dq).astype(q.dtype), fold(dk).astype(k.dtype),
+          dv.astype(v.dtype), dsc, ds0)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -395,6 +397,19 @@ def gated_delta_rule_pallas(
     ValueError: on a backend without a Pallas lowering (CPU) when
       `interpret` is False, or on bad block sizes.
   """
+  qh, kh, vh, sc, s0, cfg = _prepare(q, k, v, g, beta, initial_state,
+                                     scale, segment_ids, block_sizes,
+                                     interpret, backend)
+  o, st = _core(qh, kh, vh, sc, s0, cfg)
+  t, dk, dv = q.shape[1], q.shape[3], v.shape[3]
+  o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
+  return o, st[:, :, :dk, :dv]
+
+
+def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
+             block_sizes, interpret, backend):
+  """Checks the backend and tiles; returns the kernels' inputs and config:
+  (q, k, v, scalars, initial state, _Config) in the padded layout."""
   backend = backend or jax.default_backend()
   if backend not in ("gpu", "tpu") and not interpret:
     raise ValueError(
@@ -411,19 +426,17 @@ def gated_delta_rule_pallas(
       and bs.solve_block < 16):
     raise ValueError(f"block_sizes: solve_block={bs.solve_block} is below "
                      f"16, the smallest matmul tile Triton accepts on GPU")
-  b, t, hk, dk = q.shape
+  b, _, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
   if scale is None:
     scale = dk ** -0.5
-  c = bs.chunk_size
   if backend == "gpu":
     dk_p, dv_p = _next_pow2(dk), _next_pow2(dv)
   else:
     dk_p, dv_p = dk, dv
   bs.dv_tile(dv_p)  # validates block_dv early
-
-  qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids, c,
-                                  dk_p - dk, dv_p - dv)
+  qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids,
+                                  bs.chunk_size, dk_p - dk, dv_p - dv)
   if initial_state is None:
     s0 = jnp.zeros((b, hv, dk_p, dv_p), _F32)
   else:
@@ -432,9 +445,29 @@ def gated_delta_rule_pallas(
   cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
                 backend=backend, interpret=bool(interpret),
                 has_segments=segment_ids is not None)
-  o, st = _core(qh, kh, vh, sc, s0, cfg)
-  o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
-  return o, st[:, :, :dk, :dv]
+  return qh, kh, vh, sc, s0, cfg
+
+
+def split_pipeline_stages(q, k, v, g, beta, *,
+                          block_sizes: BlockSizes | None = None,
+                          interpret: bool = False,
+                          backend: str | None = None, seed: int = 0):
+  """Each kernel of the split family on these inputs, for timing one by one.
+
+  Same arguments as `gated_delta_rule_pallas` (no initial state or
+  segments); the backward's cotangents are random. Returns
+  `pallas_split.pipeline_stages`'s list of (name, jitted fn, args, seconds
+  of the first call).
+  """
+  qh, kh, vh, sc, s0, cfg = _prepare(q, k, v, g, beta, None, None, None,
+                                     block_sizes, interpret, backend)
+  if cfg.block_sizes.kernels != "split":
+    raise ValueError(f"block_sizes: expected the split kernels, found "
+                     f"kernels={cfg.block_sizes.kernels!r}")
+  rng = np.random.default_rng(seed)
+  do = jnp.asarray(rng.normal(size=vh.shape), vh.dtype)
+  dst = jnp.asarray(rng.normal(size=s0.shape), _F32)
+  return pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg, _SQ)
 
 
 def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,

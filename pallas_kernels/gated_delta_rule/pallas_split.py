@@ -221,7 +221,8 @@ def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
 
 
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
-  """Gradients of q, k (per key head), v, the scalars and the state."""
+  """Gradients per value head: dq, dk [b, hv, tp, dk] f32, dv [b, hv, tp,
+  dv] f32, (dg, dbeta) [b, hv, tp, 2] f32 and the initial state's."""
   md = matmul_dtype(q, k, v)
   p = _Plan(q, v, cfg, sq)
   w, u, aux, t = _prep(p, k, v, sc, md, with_t=True)
@@ -230,16 +231,8 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do, md)
   dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
   dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
-  b, hk, tp = q.shape[:3]
-
-  def fold(x):  # [b, hv, tp, d] -> [b, hk, tp, d]: sum over the group
-    return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
-
-  dsc = dsc_v + dsc_k + dg_out  # columns (dg, dbeta), each a partial sum
-  pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
-  dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
-  return (fold(dq).astype(q.dtype), fold(dk_out + dk_wy).astype(k.dtype),
-          dv.astype(v.dtype), dsc, ds0)
+  # Per value head; `pallas_gdr` sums the heads that share a key head.
+  return dq, dk_out + dk_wy, dv, dsc_v + dsc_k + dg_out, ds0
 
 
 def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
