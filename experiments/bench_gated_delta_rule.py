@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -61,6 +62,16 @@ _PROFILE = flags.DEFINE_bool(
     "profile_kernels", False,
     "Also time each kernel of the split Pallas pipeline on its own (the "
     "backend's default BlockSizes), to see where the time goes.")
+_PROFILE_VARIANTS = flags.DEFINE_list(
+    "profile_variants", [],
+    "BlockSizes variants (as --pallas_variants) whose split kernels are "
+    "also profiled one by one; implies --profile_kernels.")
+_VARIANTS_FROM = flags.DEFINE_string(
+    "variants_from_profile", None,
+    "JSON of an earlier run with --profile_variants: the profiled BlockSizes "
+    "whose kernels summed to the least time, if not the defaults, is added "
+    "to --pallas_variants (a GPU lease can profile and then time the best "
+    "tiling end to end in one call).")
 _SEQ_SPLITS = flags.DEFINE_list(
     "seq_splits", [],
     "Also time each JAX implementation with the sequence cut into this many "
@@ -107,6 +118,20 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[object], None],
     sync(fn())
     times.append((time.perf_counter() - t0) * 1e3)
   return statistics.median(times)
+
+
+def best_profiled_variant(kernel_profile: list[dict]) -> str | None:
+  """The spec of the profiled variant with the least summed kernel time,
+  or None when the defaults ("pallas") are fastest or nothing was profiled.
+  Labels are "pallas" or "pallas[spec]" (see `parse_variant`)."""
+  totals = {}
+  for row in kernel_profile:
+    label = row.get("blocks", "pallas")
+    totals[label] = totals.get(label, 0.0) + row["ms"]
+  if not totals:
+    return None
+  best = min(totals, key=totals.get)
+  return None if best == "pallas" else best[len("pallas["):-1]
 
 
 def parse_variant(spec: str) -> tuple[str, BlockSizes]:
@@ -259,7 +284,9 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
         warmup: int, interpret: bool, seed: int = 0,
         pallas_variants: tuple[str, ...] = (),
         fla_bypass_hopper_check: bool = False,
-        profile: bool = False, seq_splits: tuple[int, ...] = ()) -> dict:
+        profile: bool = False, seq_splits: tuple[int, ...] = (),
+        profile_variants: tuple[str, ...] = (),
+        progress_path: str | None = None) -> dict:
   """Times every implementation; returns the JSON-able results."""
   jdtype = jnp.dtype(dtype)
   inputs = make_inputs(batch, seq_len, key_heads, heads, dk, dv, jdtype,
@@ -304,12 +331,24 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
     if "fwd_bwd_temp_bytes" in res:
       temp_bytes[impl] = res.pop("fwd_bwd_temp_bytes")
   kernel_profile = []
-  if profile:
-    kernel_profile = profile_kernels(inputs, jdtype, interpret, iters, warmup)
-    for row in kernel_profile:
-      print(f"measured kernel {row['kernel']}: {row['ms']:.3f} ms (first "
-            f"call, with compilation: {row['first_call_s']:.1f} s)",
+  profiles = ([("pallas", None)] if profile else []) + [
+      parse_variant(spec) for spec in profile_variants]
+  for label, bs in profiles:
+    try:
+      rows = profile_kernels(inputs, jdtype, interpret, iters, warmup, bs)
+    except Exception as e:  # pylint: disable=broad-except
+      skipped[f"profile {label}"] = f"failed ({type(e).__name__}: {str(e)[:300]})"
+      print(f"profile {label} failed: {e}", flush=True)
+      continue
+    for row in rows:
+      row["blocks"] = label
+      kernel_profile.append(row)
+      print(f"measured kernel {label} {row['kernel']}: {row['ms']:.3f} ms "
+            f"(first call, with compilation: {row['first_call_s']:.1f} s)",
             flush=True)
+    if progress_path:  # a run cut short keeps the tilings profiled so far
+      with open(progress_path, "w") as f:
+        json.dump(dict(kernel_profile=kernel_profile, partial=True), f)
   tokens = batch * seq_len
   rows = []
   for impl, modes in times.items():
@@ -350,12 +389,15 @@ def format_table(result: dict) -> str:
   for impl, why in result["skipped"].items():
     lines.append(f"skipped {impl}: {why}")
   profile = result.get("kernel_profile") or []
-  if profile:
-    total = sum(r["ms"] for r in profile)
-    lines += ["", "split kernel (alone) | ms | share | first call s",
+  for label in dict.fromkeys(r.get("blocks", "pallas") for r in profile):
+    part = [r for r in profile if r.get("blocks", "pallas") == label]
+    total = sum(r["ms"] for r in part)
+    lines += ["", f"{label}: split kernel (alone) | ms | share | first call s",
               "--- | --- | --- | ---"]
     lines += [f"{r['kernel']} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
-              f"{r['first_call_s']:.1f}" for r in profile]
+              f"{r['first_call_s']:.1f}" for r in part]
+    lines.append(f"sum | {total:.3f} | 100% | "
+                 f"{sum(r['first_call_s'] for r in part):.1f}")
   if result.get("fwd_bwd_temp_bytes"):
     mib = 2.0 ** 20
     lines.append(
@@ -379,11 +421,25 @@ def main(argv):
       if not flags.FLAGS[name].present:
         values[name] = small
   key_heads = _KEY_HEADS.value or values["heads"]
+  variants = tuple(_VARIANTS.value)
+  if _VARIANTS_FROM.value:
+    if os.path.exists(_VARIANTS_FROM.value):
+      with open(_VARIANTS_FROM.value) as f:
+        best = best_profiled_variant(json.load(f).get("kernel_profile", []))
+      print(f"fastest profiled tiling in {_VARIANTS_FROM.value}: "
+            f"{best or 'the defaults'}", flush=True)
+    else:  # the profiling run did not finish: time the defaults only
+      best = None
+      print(f"no profile at {_VARIANTS_FROM.value}", flush=True)
+    if best is not None and best not in variants:
+      variants += (best,)
   result = run(key_heads=key_heads, dtype=_DTYPE.value,
                implementations=_IMPLS.value, interpret=_INTERPRET.value,
-               seed=_SEED.value, pallas_variants=tuple(_VARIANTS.value),
+               seed=_SEED.value, pallas_variants=variants,
                fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value,
                profile=_PROFILE.value,
+               profile_variants=tuple(_PROFILE_VARIANTS.value),
+               progress_path=_JSON_OUT.value,
                seq_splits=tuple(int(n) for n in _SEQ_SPLITS.value), **values)
   c = result["config"]
   print(f"gated delta rule on {result['device']} ({result['backend']}), "

@@ -8,7 +8,7 @@
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
 # Steps (default: env tests bench32k; also: tests_all variants32k bench8k
-# model). A 15-minute lease fits the default three.
+# model profile32k base32k best32k). A 15-minute lease fits the default three.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -50,7 +50,7 @@ for s in "${steps[@]}"; do
       step tests 100 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
-        -k "gpu_defaults or t200_bf16 or bf16_segments_fused or api_dispatch" ;;
+        -k "gpu_defaults or t200_bf16_segments_solve16 or api_dispatch" ;;
     tests_all)
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
@@ -63,13 +63,27 @@ for s in "${steps[@]}"; do
     # forward+backward took 2 minutes, and FLA's autotuning had not finished
     # 40 s later; give a 32k run with FLA about 5 minutes.
     bench32k) bench bench32k 330 32768 5 --profile_kernels ;;
+    # The defaults, the fastest tiling of profile32k (if it ran first and
+    # found one), chunked and FLA, forward and forward+backward.
+    best32k) bench best32k 220 32768 5 --variants_from_profile "$OUT/profile32k.json" ;;
     variants32k) step variants32k 300 python3 -m experiments.bench_gated_delta_rule \
       --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
       --implementations pallas,chunked --iters 5 --warmup 1 --json_out "$OUT/variants32k.json" \
       --pallas_variants solve_block=16,solve_block=16/num_warps_intra=8,block_dv=64 \
       --seq_splits 8 ;;
     bench8k) bench bench8k 200 8192 10 ;;
+    profile32k)  # each split kernel alone, for three tilings; no pipeline timing
+      step profile32k 150 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations= --iters 5 --warmup 1 --profile_kernels \
+        --profile_variants "${PROFILE_VARIANTS:-num_stages=3,num_warps_intra=8,num_stages=3/num_warps_intra=8,block_dv=16/num_stages=3,num_stages=2,solve_block=None,f32_dot=bf16x3}" \
+        --json_out "$OUT/profile32k.json" ;;
+    base32k)  # the baselines alone: chunked jnp, then FLA
+      step base32k 200 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations chunked,fla --iters 5 --warmup 1 \
+        --json_out "$OUT/base32k.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
-grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy_|pallas|chunked|fla|skipped|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80
+grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy_|pallas|chunked|fla|skipped|sum|profile|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80

@@ -56,3 +56,27 @@ def test_bench_reports_every_implementation(tmp_path):
   assert [r["kernel"] for r in result["kernel_profile"]] == _KERNELS
   assert all(r["ms"] > 0 and r["first_call_s"] > 0
              for r in result["kernel_profile"])
+
+
+def test_best_profiled_variant():
+  """The tiling picked for end-to-end timing is the one whose kernels sum
+  to the least time (run in a subprocess: the module defines absl flags)."""
+  code = (
+      "import random\n"
+      "from experiments.bench_gated_delta_rule import best_profiled_variant\n"
+      "rng = random.Random(0)\n"
+      "labels = ['pallas', 'pallas[num_stages=3]', 'pallas[block_dv=16]']\n"
+      "for _ in range(20):\n"
+      "  rows = [dict(blocks=l, kernel=k, ms=rng.uniform(0.1, 5.0))\n"
+      "          for l in labels for k in ('prep', 'state_fwd', 'output')]\n"
+      "  sums = {l: sum(r['ms'] for r in rows if r['blocks'] == l)\n"
+      "          for l in labels}\n"
+      "  best = min(sums, key=sums.get)\n"
+      "  want = None if best == 'pallas' else best[7:-1]\n"
+      "  assert best_profiled_variant(rows) == want, (rows, want)\n"
+      "assert best_profiled_variant([]) is None\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.strip() == "ok"

@@ -72,6 +72,9 @@ CASES = {
     # sequential kernels in four value tiles of 32.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
+    # The same in bf16 (bf16 tensor-core dots; on a GPU, TF32 x3 for T).
+    "t200_bf16_gpu_defaults": Case(200, jnp.bfloat16, with_segments=True,
+                                   chunk_loop=None, backend="gpu"),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -297,9 +300,9 @@ def test_blocked_solve_matches_row_by_row(with_segments):
     q, k, v, sc = pallas_gdr._padded_inputs(  # pylint: disable=protected-access
         inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
         inputs["segment_ids"], bs.chunk_size, 0, 0)
-    plan = pallas_split._Plan(q, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
+    plan = pallas_split._Plan(q, k, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
     outs[solve_block] = pallas_split._prep(  # pylint: disable=protected-access
-        plan, k, v, sc, jnp.float32, with_t=True)
+        plan, k, v, sc, with_t=True)
   for solve_block in (8, 16):
     for name, got, want in zip(("w", "u", "aux", "T"), outs[solve_block],
                                outs[None]):

@@ -29,6 +29,9 @@ CHUNK_LOOPS = ("kernel", "grid")
 #     chunk_loop "grid"); on GPU kept for comparison.
 KERNELS = ("split", "fused")
 
+# Names of the f32 x f32 dot algorithms (`kernel_split.F32_DOTS`).
+F32_DOTS = ("highest", "tf32x3", "bf16x3", "bf16x6")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -52,6 +55,11 @@ class BlockSizes:
       tiles of this many tokens (forward substitution on the diagonal
       tiles, block substitution below them) instead of row by row over the
       whole chunk.
+    f32_dot: how the split kernels multiply f32 matrices (T, w, u and
+      their gradients; everything when the inputs are f32): "highest"
+      (IEEE f32, on Triton the CUDA cores), "tf32x3" (three TF32
+      tensor-core products, about f32 accuracy), "bf16x3" or "bf16x6".
+      Interpret mode always computes IEEE f32 (the CPU has no TF32).
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -61,6 +69,7 @@ class BlockSizes:
   kernels: str = "split"
   num_warps_intra: int = 4
   solve_block: int | None = None
+  f32_dot: str = "highest"
 
   def __post_init__(self):
     if self.chunk_size < 1 or self.chunk_size % 8:
@@ -80,6 +89,9 @@ class BlockSizes:
       raise ValueError(f"solve_block: expected None or a divisor of "
                        f"chunk_size={self.chunk_size}, found "
                        f"{self.solve_block}")
+    if self.f32_dot not in F32_DOTS:
+      raise ValueError(f"f32_dot: expected one of {F32_DOTS}, found "
+                       f"{self.f32_dot!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "
@@ -95,8 +107,13 @@ class BlockSizes:
       # The sequential kernels tile dv by 32: 4x the programs of one tile
       # per head (b * hv alone is 16 programs for 132 SMs at batch 1), and
       # a [128, 32] f32 state per program (dv is padded to a power of two).
+      # f32 products on the tensor cores (TF32 x3) and the solve in 16-token
+      # tiles: with IEEE f32 dots and the row-by-row solve, the parallel
+      # kernels took 18 to 85 ms each at 32k tokens on an H200
+      # (BENCHMARKS.md).
       return cls(chunk_loop="kernel", block_dv=32, num_warps=4,
-                 num_stages=1, kernels="split", num_warps_intra=4)
+                 num_stages=1, kernels="split", num_warps_intra=4,
+                 solve_block=16, f32_dot="tf32x3")
     return cls()
 
   def dv_tile(self, dv: int) -> int:

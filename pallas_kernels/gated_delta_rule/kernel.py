@@ -133,7 +133,7 @@ class _Intra:
 
 
 def chunk_intra(k: jax.Array, scalars: jax.Array,
-                has_segments: bool) -> _Intra:
+                has_segments: bool, kk: jax.Array | None = None) -> _Intra:
   """Decays, masks and the UT/WY inverse of one chunk.
 
   Args:
@@ -141,6 +141,8 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
     scalars: [c, NUM_SCALARS] f32: g, beta, and the number of segment
       resets in the chunk up to and including each token.
     has_segments: whether to apply segment masks.
+    kk: k k^T [c, c] f32 if the caller computed it (in its own precision),
+      else computed here in IEEE f32.
 
   Returns:
     An `_Intra`.
@@ -167,7 +169,8 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
     decay_last = jnp.where(resets_last == 0.0, decay_last, 0.0)
   # Mask before exp: above the diagonal G_i - G_j > 0 may overflow.
   gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g_col - g_row, 0.0)), 0.0)
-  kk = _dot_nt(k, k)
+  if kk is None:
+    kk = _dot_nt(k, k)
   a = jnp.where(rows > cols, beta * kk * gamma, 0.0)
   return _Intra(beta=beta, gamma=gamma, decay_q=decay_q, decay_k=decay_k,
                 decay_last=decay_last, kk=kk, t=unit_lower_inverse(a),

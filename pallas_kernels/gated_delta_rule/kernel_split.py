@@ -41,6 +41,8 @@ solve amplifies rounding.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -49,11 +51,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels.gated_delta_rule import kernel
 
 _F32 = jnp.float32
-_dot, _dot_nt, _dot_tn = kernel._dot, kernel._dot_nt, kernel._dot_tn  # pylint: disable=protected-access
 _iota = kernel._iota  # pylint: disable=protected-access
 _pick_col = kernel._pick_col  # pylint: disable=protected-access
 _col_to_row = kernel._col_to_row  # pylint: disable=protected-access
-_sum_all = kernel._sum_all  # pylint: disable=protected-access
 _load = kernel._load  # pylint: disable=protected-access
 
 # Columns of the per-token "aux" array [.., t, 4] that `prep_kernel` writes.
@@ -61,27 +61,69 @@ AUX_G, AUX_DECAY_Q, AUX_DECAY_K, AUX_RESETS = 0, 1, 2, 3
 NUM_AUX = 4
 
 
-def _mm_general(a, b, dims, md):
-  precision = (lax.Precision.HIGHEST if md == _F32
-               else lax.Precision.DEFAULT)
-  return lax.dot_general(a.astype(md), b.astype(md), (dims, ((), ())),
-                         precision=(precision, precision),
-                         preferred_element_type=_F32)
+# How f32 x f32 products are computed (`BlockSizes.f32_dot`). "highest" is
+# IEEE f32; on Triton that is a dot on the CUDA cores, not the tensor cores
+# (measured on an H200: the kernels built on it took 18 to 85 ms at 32k
+# tokens where tensor-core versions take well under one). "tf32x3" splits
+# each operand into a TF32 high and low part and sums three tensor-core
+# products: about f32 accuracy. The bf16 splits are the same idea with bf16
+# parts (x3: ~16 bits, x6: ~24 bits).
+F32_DOTS = {
+    "highest": lax.Precision.HIGHEST,
+    "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+}
 
 
-def _mm(a, b, md):
-  """a @ b with operands in `md`, f32 accumulation."""
-  return _mm_general(a, b, ((1,), (0,)), md)
+@dataclasses.dataclass(frozen=True)
+class Dots:
+  """How a kernel multiplies.
 
+  Attributes:
+    md: dtype of the dots whose operands are stored tensors (q, k, v, w, u,
+      h, v'): bf16 when the inputs are (products of two bf16 numbers are
+      exact in f32), else f32.
+    f32: name in `F32_DOTS`: the algorithm of f32 x f32 products (T, w, u
+      and their gradients, and stored operands when md is f32).
+  """
+  md: object = _F32
+  f32: str = "highest"
 
-def _mm_nt(a, b, md):
-  """a @ b^T."""
-  return _mm_general(a, b, ((1,), (1,)), md)
+  def _general(self, a, b, dims, dtype):
+    if jnp.dtype(dtype) == _F32:
+      algo = F32_DOTS[self.f32]
+      precision = (algo if isinstance(algo, lax.DotAlgorithmPreset)
+                   else (algo, algo))
+    else:
+      precision = (lax.Precision.DEFAULT, lax.Precision.DEFAULT)
+    return lax.dot_general(a.astype(dtype), b.astype(dtype),
+                           (dims, ((), ())), precision=precision,
+                           preferred_element_type=_F32)
 
+  def mm(self, a, b):
+    """a @ b, operands in md (stored tensors), f32 accumulation."""
+    return self._general(a, b, ((1,), (0,)), self.md)
 
-def _mm_tn(a, b, md):
-  """a^T @ b."""
-  return _mm_general(a, b, ((0,), (0,)), md)
+  def mm_nt(self, a, b):
+    """a @ b^T in md."""
+    return self._general(a, b, ((1,), (1,)), self.md)
+
+  def mm_tn(self, a, b):
+    """a^T @ b in md."""
+    return self._general(a, b, ((0,), (0,)), self.md)
+
+  def f(self, a, b):
+    """a @ b in f32 (the `f32` algorithm)."""
+    return self._general(a, b, ((1,), (0,)), _F32)
+
+  def f_nt(self, a, b):
+    """a @ b^T in f32."""
+    return self._general(a, b, ((1,), (1,)), _F32)
+
+  def f_tn(self, a, b):
+    """a^T @ b in f32."""
+    return self._general(a, b, ((0,), (0,)), _F32)
 
 
 def _last(col: jax.Array) -> jax.Array:
@@ -144,23 +186,23 @@ def _decay_grad(dgg, col_terms, last_term):
 
 
 def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
-                has_segments: bool):
+                has_segments: bool, d: Dots):
   """One chunk: decays, the UT / WY inverse, w and u (parallel over chunks).
 
   With a fourth output (the backward's call) T itself is written too.
   """
   k, v, sc = _load(k_ref), _load(v_ref), _load(sc_ref)
-  x = kernel.chunk_intra(k, sc, has_segments)
+  x = kernel.chunk_intra(k, sc, has_segments, kk=d.mm_nt(k, k))
   if t_ref:
     t_ref[0][...] = x.t
-  u_ref[...] = _dot(x.t, x.beta * v).astype(u_ref.dtype)
-  w_ref[...] = _dot(x.t, (x.beta * x.decay_q) * k).astype(w_ref.dtype)
+  u_ref[...] = d.f(x.t, x.beta * v).astype(u_ref.dtype)
+  w_ref[...] = d.f(x.t, (x.beta * x.decay_q) * k).astype(w_ref.dtype)
   aux_ref[...] = _aux(x.g_cum, x.decay_q, x.decay_k,
                       _pick_col(sc, kernel.RESET_COL))
 
 
 def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
-                        has_segments: bool, block: int):
+                        has_segments: bool, block: int, d: Dots):
   """`prep_kernel` with the solve done in blocks of `block` tokens.
 
   The chunk's [c, c] matrix A is built and inverted as (c / block)^2 tiles:
@@ -203,15 +245,15 @@ def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
   a_tiles = {}
   for a in range(nb):
     for b in range(a + 1):
-      x = betas[a] * _dot_nt(ks[a], ks[b]) * gamma(a, b)
+      x = betas[a] * d.mm_nt(ks[a], ks[b]) * gamma(a, b)
       a_tiles[a, b] = jnp.where(rows > cols, x, 0.0) if a == b else x
   t = {(a, a): kernel.unit_lower_inverse(a_tiles[a, a]) for a in range(nb)}
   for a in range(1, nb):
     for b in range(a - 1, -1, -1):
-      acc = _dot(a_tiles[a, b], t[b, b])
+      acc = d.f(a_tiles[a, b], t[b, b])
       for e in range(b + 1, a):
-        acc = acc + _dot(a_tiles[a, e], t[e, b])
-      t[a, b] = -_dot(t[a, a], acc)
+        acc = acc + d.f(a_tiles[a, e], t[e, b])
+      t[a, b] = -d.f(t[a, a], acc)
   for a, sl in enumerate(tiles):
     decay_q = jnp.exp(g_cols[a])
     decay_k = jnp.exp(g_last - g_cols[a])
@@ -222,11 +264,11 @@ def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
     vs[a] = betas[a] * vs[a]              # now beta v
     aux_ref[sl, :] = _aux(g_cols[a], decay_q, decay_k, resets[a])
   for a, sl in enumerate(tiles):
-    u = _dot(t[a, 0], vs[0])
-    w = _dot(t[a, 0], ks[0])
+    u = d.f(t[a, 0], vs[0])
+    w = d.f(t[a, 0], ks[0])
     for b in range(1, a + 1):
-      u = u + _dot(t[a, b], vs[b])
-      w = w + _dot(t[a, b], ks[b])
+      u = u + d.f(t[a, b], vs[b])
+      w = w + d.f(t[a, b], ks[b])
     u_ref[sl, :] = u.astype(u_ref.dtype)
     w_ref[sl, :] = w.astype(w_ref.dtype)
     if t_ref:
@@ -235,29 +277,29 @@ def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
 
 
 def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
-                     st_ref, *, num_chunks: int, chunk: int, md):
+                     st_ref, *, num_chunks: int, chunk: int, d: Dots):
   """The sequential pass: states entering each chunk and v' (one dv tile)."""
 
   def body(i, s):
     rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
     h_ref[i] = s.astype(h_ref.dtype)
     aux = _load(aux_ref, rows)
-    vn = _load(u_ref, rows) - _mm(w_ref[rows, :], s, md)
+    vn = _load(u_ref, rows) - d.mm(w_ref[rows, :], s)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     decay_k = _pick_col(aux, AUX_DECAY_K)
     decay_last = _last(_pick_col(aux, AUX_DECAY_Q))
-    return decay_last * s + _mm_tn(k_ref[rows, :], decay_k * vn, md)
+    return decay_last * s + d.mm_tn(k_ref[rows, :], decay_k * vn)
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, _load(s0_ref))
 
 
 def output_kernel(q_ref, k_ref, vn_ref, h_ref, aux_ref, o_ref, *,
-                  scale: float, has_segments: bool, md):
+                  scale: float, has_segments: bool, d: Dots):
   """One chunk's output from the state entering it (parallel over chunks)."""
   q, k = q_ref[...], k_ref[...]
   gamma, decay_q, _, _ = _decays(_load(aux_ref), has_segments)
-  p = _mm_nt(q, k, md) * (gamma * scale)
-  o = (decay_q * scale) * _mm(q, h_ref[...], md) + _mm(p, vn_ref[...], md)
+  p = d.mm_nt(q, k) * (gamma * scale)
+  o = (decay_q * scale) * d.mm(q, h_ref[...]) + d.mm(p, vn_ref[...])
   o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -268,18 +310,18 @@ def output_kernel(q_ref, k_ref, vn_ref, h_ref, aux_ref, o_ref, *,
 
 def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
                      vn_ref, dvl_ref, *, scale: float, has_segments: bool,
-                     md):
+                     d: Dots):
   """v' recomputed from the stored state, and P^T dO (parallel)."""
-  vn = _load(u_ref) - _mm(w_ref[...], h_ref[...], md)
+  vn = _load(u_ref) - d.mm(w_ref[...], h_ref[...])
   vn_ref[...] = vn.astype(vn_ref.dtype)
   gamma, _, _, _ = _decays(_load(aux_ref), has_segments)
-  p = _mm_nt(q_ref[...], k_ref[...], md) * (gamma * scale)
-  dvl_ref[...] = _mm_tn(p, do_ref[...], md)
+  p = d.mm_nt(q_ref[...], k_ref[...]) * (gamma * scale)
+  dvl_ref[...] = d.mm_tn(p, do_ref[...])
 
 
 def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
                      dvn_ref, dh_ref, ds0_ref, *, num_chunks: int, chunk: int,
-                     scale: float, md):
+                     scale: float, d: Dots):
   """The sequential backward pass (chunks last to first), one dv tile."""
 
   def body(j, ds):
@@ -289,45 +331,47 @@ def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
     aux = _load(aux_ref, rows)
     decay_q = _pick_col(aux, AUX_DECAY_Q)
     decay_k = _pick_col(aux, AUX_DECAY_K)
-    dvn = _load(dvl_ref, rows) + decay_k * _mm(k_ref[rows, :], ds, md)
+    dvn = _load(dvl_ref, rows) + decay_k * d.mm(k_ref[rows, :], ds)
     dvn_ref[rows, :] = dvn.astype(dvn_ref.dtype)
     do = _load(do_ref, rows) * (decay_q * scale)
-    return (_last(decay_q) * ds + _mm_tn(q_ref[rows, :], do, md)
-            - _mm_tn(w_ref[rows, :], dvn, md))
+    return (_last(decay_q) * ds + d.mm_tn(q_ref[rows, :], do)
+            - d.mm_tn(w_ref[rows, :], dvn))
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, _load(dst_ref))
 
 
 def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
                    do_ref, dq_ref, dk_ref, dw_ref, dg_ref, *, scale: float,
-                   has_segments: bool, md):
+                   has_segments: bool, d: Dots):
   """Gradients through the output and the state update (parallel).
 
   Writes dq, the part of dk from those paths, dw (the cotangent of
   w = T(beta e^G k), finished by `wy_k_kernel`) and that part of dg as
-  [c, 2] (dg, 0).
+  [c, 2] (dg, 0). Not included: the state path's gradient of G_last,
+  <h_n, dh_n> e^{G_last}, which `pallas_split.backward` adds with one XLA
+  reduction (here it would hold two [dk, dv] f32 tiles in registers).
   """
   q, k, do = _load(q_ref), _load(k_ref), _load(do_ref)
   vn, h, dh = vn_ref[...], h_ref[...], dh_ref[...]
-  gamma, decay_q, decay_k, decay_last = _decays(_load(aux_ref), has_segments)
-  qk = _mm_nt(q_ref[...], k_ref[...], md) * scale
-  dp = _mm_nt(do_ref[...], vn, md)
+  gamma, decay_q, decay_k, _ = _decays(_load(aux_ref), has_segments)
+  qk = d.mm_nt(q_ref[...], k_ref[...]) * scale
+  dp = d.mm_nt(do_ref[...], vn)
   dpg = dp * gamma
-  dos = _mm_nt(do_ref[...], h, md)                       # dO h^T  [c, dk]
-  dq_ref[...] = (decay_q * dos + _mm(dpg, k, md)) * scale
-  dkd = _mm_nt(vn, dh, md)                               # v' dS'^T [c, dk]
-  dk_ref[...] = _mm_tn(dpg, q, md) * scale + decay_k * dkd
-  dw_ref[...] = -_mm_nt(dvn_ref[...], h, md)
+  dos = d.mm_nt(do_ref[...], h)                       # dO h^T  [c, dk]
+  dq_ref[...] = (decay_q * dos + d.mm(dpg, k)) * scale
+  dkd = d.mm_nt(vn, dh)                               # v' dS'^T [c, dk]
+  dk_ref[...] = d.mm_tn(dpg, q) * scale + decay_k * dkd
+  dw_ref[...] = -d.mm_nt(dvn_ref[...], h)
   deg = jnp.sum(q * dos, axis=1, keepdims=True) * scale
   dkdec = jnp.sum(k * dkd, axis=1, keepdims=True) * decay_k
-  ddl = _sum_all(h.astype(_F32) * dh.astype(_F32)) * decay_last
   dg = _decay_grad(dp * qk * gamma, deg * decay_q - dkdec,
-                   jnp.sum(dkdec, axis=0, keepdims=True) + ddl)
+                   jnp.sum(dkdec, axis=0, keepdims=True))
   # [c, 2] like wy_k_kernel's (dg, dbeta); no dbeta on this path.
   dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
 
 
-def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref):
+def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref, *,
+                d: Dots):
   """Gradients through u = T(beta v) (parallel over chunks).
 
   Writes dv, dT's part from u (du (beta v)^T, [c, c]) and (0, dbeta part).
@@ -335,15 +379,15 @@ def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref):
   t, v = _load(t_ref), _load(v_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   du = _load(dvn_ref)
-  dxu = _dot_tn(t, du)
+  dxu = d.f_tn(t, du)
   dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
-  dtu_ref[...] = _dot_nt(du, beta * v)
+  dtu_ref[...] = d.f_nt(du, beta * v)
   dbeta = jnp.sum(v * dxu, axis=1, keepdims=True)
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
 
 
 def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
-                dsc_ref, *, has_segments: bool):
+                dsc_ref, *, has_segments: bool, d: Dots):
   """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
 
   Writes the rest of dk and (dg part, dbeta part) as [c, 2].
@@ -353,17 +397,17 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
   t, k = _load(t_ref), _load(k_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
-  kk = _dot_nt(k, k)
+  kk = d.mm_nt(k, k)  # exact products of stored keys
   dw = _load(dw_ref)
-  dxw = _dot_tn(t, dw)
-  dt = _load(dtu_ref) + _dot_nt(dw, (beta * eg) * k)
+  dxw = d.f_tn(t, dw)
+  dt = _load(dtu_ref) + d.f_nt(dw, (beta * eg) * k)
   kdxw = jnp.sum(k * dxw, axis=1, keepdims=True)
   # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
-  da = -_dot_nt(_dot_tn(t, dt), t)
+  da = -d.f_nt(d.f_tn(t, dt), t)
   da = jnp.where(rows > cols, da, 0.0)
   dbeta = eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
   dkk = da * beta * gamma
-  dk_ref[...] = (beta * eg) * dxw + _dot(dkk, k) + _dot_tn(dkk, k)
+  dk_ref[...] = (beta * eg) * dxw + d.f(dkk, k) + d.f_tn(dkk, k)
   dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
                    jnp.zeros((1, 1), _F32))
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)

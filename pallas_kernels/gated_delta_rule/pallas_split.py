@@ -34,8 +34,12 @@ def matmul_dtype(q, k, v):
 class _Plan:
   """Shapes and BlockSpecs shared by the builders of one call."""
 
-  def __init__(self, q, v, cfg, sq):
+  def __init__(self, q, k, v, cfg, sq):
     self.b, _, self.tp, self.dk = q.shape
+    self.md = matmul_dtype(q, k, v)
+    # Interpret mode runs on the CPU, which has no TF32: IEEE f32 there.
+    self.d = ks.Dots(md=self.md, f32=("highest" if cfg.interpret
+                                      else cfg.block_sizes.f32_dot))
     self.hv, self.dv = v.shape[1], v.shape[3]
     bs = cfg.block_sizes
     self.c, self.r = bs.chunk_size, cfg.group
@@ -83,21 +87,21 @@ class _Plan:
     return jax.ShapeDtypeStruct(dims, dtype)
 
 
-def _prep(p: _Plan, k, v, sc, md, with_t: bool = False):
+def _prep(p: _Plan, k, v, sc, with_t: bool = False):
   """w [b, hv, tp, dk], u [b, hv, tp, dv] in md; aux [b, hv, tp, 4] f32;
   with_t: also T, [b, hv, tp, c] f32 (row block n holds chunk n's T)."""
   b, hv, tp = p.b, p.hv, p.tp
   solve_block = p.cfg.block_sizes.solve_block
   if solve_block is None or solve_block >= p.c:
     body = functools.partial(ks.prep_kernel,
-                             has_segments=p.cfg.has_segments)
+                             has_segments=p.cfg.has_segments, d=p.d)
   else:
     body = functools.partial(ks.prep_blocked_kernel,
                              has_segments=p.cfg.has_segments,
-                             block=solve_block)
+                             block=solve_block, d=p.d)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
-  out_shape = [p.shape(b, hv, tp, p.dk, dtype=md),
-               p.shape(b, hv, tp, p.dv, dtype=md),
+  out_shape = [p.shape(b, hv, tp, p.dk, dtype=p.md),
+               p.shape(b, hv, tp, p.dv, dtype=p.md),
                p.shape(b, hv, tp, ks.NUM_AUX)]
   if with_t:
     out_specs.append(p.val_chunk(p.c))
@@ -110,24 +114,24 @@ def _prep(p: _Plan, k, v, sc, md, with_t: bool = False):
       name="gated_delta_rule_prep", parallel=True)
 
 
-def _state_fwd(p: _Plan, w, u, k, aux, s0, md):
+def _state_fwd(p: _Plan, w, u, k, aux, s0):
   """v' [b, hv, tp, dv] md, states h [b, hv, n, dk, dv] md, final state."""
   body = functools.partial(ks.state_fwd_kernel, num_chunks=p.n, chunk=p.c,
-                           md=md)
+                           d=p.d)
   return p.call(
       body, w, u, k, aux, s0, grid=p.seq_grid,
       in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq,
                 p.head_seq(ks.NUM_AUX), p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.shape(p.b, p.hv, p.tp, p.dv, dtype=md),
-                 p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=md),
+      out_shape=[p.shape(p.b, p.hv, p.tp, p.dv, dtype=p.md),
+                 p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md),
                  p.shape(p.b, p.hv, p.dk, p.dv)],
       name="gated_delta_rule_state_fwd", parallel=False)
 
 
-def _output(p: _Plan, q, k, vn, h, aux, out_dtype, md):
+def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
   body = functools.partial(ks.output_kernel, scale=p.cfg.scale,
-                           has_segments=p.cfg.has_segments, md=md)
+                           has_segments=p.cfg.has_segments, d=p.d)
   return p.call(
       body, q, k, vn, h, aux, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(p.dv), p.state_chunk,
@@ -139,48 +143,47 @@ def _output(p: _Plan, q, k, vn, h, aux, out_dtype, md):
 
 def forward(q, k, v, sc, s0, cfg, sq):
   """(o [b, hv, tp, dv] in v.dtype, final state f32, states h in md)."""
-  md = matmul_dtype(q, k, v)
-  p = _Plan(q, v, cfg, sq)
-  w, u, aux = _prep(p, k, v, sc, md)
-  vn, h, st = _state_fwd(p, w, u, k, aux, s0, md)
-  return _output(p, q, k, vn, h, aux, v.dtype, md), st, h
+  p = _Plan(q, k, v, cfg, sq)
+  w, u, aux = _prep(p, k, v, sc)
+  vn, h, st = _state_fwd(p, w, u, k, aux, s0)
+  return _output(p, q, k, vn, h, aux, v.dtype), st, h
 
 
-def _bwd_local(p: _Plan, q, k, w, u, h, aux, do, md):
+def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
   """v' recomputed [b, hv, tp, dv] md, and P^T dO f32."""
   b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
   return p.call(
-      functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, md=md,
+      functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, d=p.d,
                         has_segments=p.cfg.has_segments),
       q, k, w, u, h, aux, do, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
-      out_shape=[p.shape(b, hv, tp, dv, dtype=md), p.shape(b, hv, tp, dv)],
+      out_shape=[p.shape(b, hv, tp, dv, dtype=p.md), p.shape(b, hv, tp, dv)],
       name="gated_delta_rule_bwd_local", parallel=True)
 
 
-def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst, md):
+def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
   """dv' f32, state cotangents dh [b, hv, n, dk, dv] md, d initial state."""
   b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
   return p.call(
       functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
-                        scale=p.cfg.scale, md=md),
+                        scale=p.cfg.scale, d=p.d),
       q, k, w, aux, do, dvl, dst, grid=p.seq_grid,
       in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
                 p.tile_seq, p.tile_seq, p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, p.n, dk, dv, dtype=md),
+      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, p.n, dk, dv, dtype=p.md),
                  p.shape(b, hv, dk, dv)],
       name="gated_delta_rule_state_bwd", parallel=False)
 
 
-def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do, md):
+def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
   """dq, dk (output / state paths), dw, (dg part, 0); per value head."""
   b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
   ndsc = kernel.NUM_DSCALARS
   return p.call(
-      functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, md=md,
+      functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, d=p.d,
                         has_segments=p.cfg.has_segments),
       q, k, vn, dvn, h, dh, aux, do, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.val_chunk(dv),
@@ -197,7 +200,8 @@ def _wy_v(p: _Plan, t, v, sc, dvn):
   b, hv, tp, dv, c = p.b, p.hv, p.tp, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
-      ks.wy_v_kernel, t, v, sc, dvn, grid=p.par_grid,
+      functools.partial(ks.wy_v_kernel, d=p.d), t, v, sc, dvn,
+      grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.val_chunk(dv),
                 p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(c), p.val_chunk(ndsc)],
@@ -211,7 +215,8 @@ def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
   b, hv, tp, dk, c = p.b, p.hv, p.tp, p.dk, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
-      functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments),
+      functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments,
+                        d=p.d),
       t, k, sc, aux, dw, dtu, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(kernel.NUM_SCALARS),
                 p.val_chunk(ks.NUM_AUX), p.val_chunk(dk), p.val_chunk(c)],
@@ -223,16 +228,22 @@ def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
   """Gradients per value head: dq, dk [b, hv, tp, dk] f32, dv [b, hv, tp,
   dv] f32, (dg, dbeta) [b, hv, tp, 2] f32 and the initial state's."""
-  md = matmul_dtype(q, k, v)
-  p = _Plan(q, v, cfg, sq)
-  w, u, aux, t = _prep(p, k, v, sc, md, with_t=True)
-  vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do, md)
-  dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst, md)
-  dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do, md)
+  p = _Plan(q, k, v, cfg, sq)
+  w, u, aux, t = _prep(p, k, v, sc, with_t=True)
+  vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
+  dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
+  dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
   dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
   dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
+  dsc = dsc_v + dsc_k + dg_out
+  # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
+  # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
+  ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
+                   precision=jax.lax.Precision.HIGHEST)
+  ddl = ddl * aux[:, :, p.c - 1::p.c, ks.AUX_DECAY_Q]
+  dsc = dsc.at[..., 0].add(jnp.repeat(ddl, p.c, axis=2))
   # Per value head; `pallas_gdr` sums the heads that share a key head.
-  return dq, dk_out + dk_wy, dv, dsc_v + dsc_k + dg_out, ds0
+  return dq, dk_out + dk_wy, dv, dsc, ds0
 
 
 def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
@@ -243,8 +254,7 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
   here once, so each kernel can be timed on its own (per-kernel profile of
   `experiments.bench_gated_delta_rule --profile_kernels`).
   """
-  md = matmul_dtype(q, k, v)
-  p = _Plan(q, v, cfg, sq)
+  p = _Plan(q, k, v, cfg, sq)
   stages = []
 
   def run(name, fn, *args):
@@ -254,17 +264,17 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     stages.append((name, fn, args, time.perf_counter() - start))
     return out
 
-  w, u, aux = run("prep", lambda *a: _prep(p, *a, md), k, v, sc)
-  vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a, md),
+  w, u, aux = run("prep", lambda *a: _prep(p, *a), k, v, sc)
+  vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a),
                  w, u, k, aux, s0)
-  run("output", lambda *a: _output(p, *a, v.dtype, md), q, k, vn, h, aux)
+  run("output", lambda *a: _output(p, *a, v.dtype), q, k, vn, h, aux)
   w, u, aux, t = run("prep (with T)",
-                     lambda *a: _prep(p, *a, md, with_t=True), k, v, sc)
-  vn, dvl = run("bwd_local", lambda *a: _bwd_local(p, *a, md),
+                     lambda *a: _prep(p, *a, with_t=True), k, v, sc)
+  vn, dvl = run("bwd_local", lambda *a: _bwd_local(p, *a),
                 q, k, w, u, h, aux, do)
-  dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a, md),
+  dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a),
                    q, k, w, aux, do, dvl, dst)
-  _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a, md),
+  _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
                     q, k, vn, dvn, h, dh, aux, do)
   _, dtu, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
   run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dtu)
