@@ -190,6 +190,8 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
     # XLA's buffer assignment read from it, the peak of its intermediate
     # buffers (inputs and gradients not included).
     fb = jax.jit(fwd_bwd).lower(*args).compile()
+    # The gradients, kept to check implementations agree.
+    res["grads"] = [np.asarray(x.astype(jnp.float32)) for x in fb(*args)]
     res["fwd_bwd"] = _median_ms(lambda: fb(*args), sync, iters, warmup)
     mem = fb.memory_analysis()
     if mem is not None:
@@ -321,13 +323,19 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
   errors = {}
   if "chunked" in times:
     ref_o, ref_s = times["chunked"]["outputs"]
+    ref_grads = times["chunked"].get("grads")
     for impl, res in times.items():
       if "outputs" in res and impl != "chunked":
         errors[impl] = dict(output=_rel_err(res["outputs"][0], ref_o),
                             final_state=_rel_err(res["outputs"][1], ref_s))
+      if res.get("grads") and ref_grads and impl != "chunked":
+        # d q, k, v, g, beta: the worst of the five.
+        errors.setdefault(impl, {})["grads"] = max(
+            _rel_err(a, b) for a, b in zip(res["grads"], ref_grads))
   temp_bytes = {}
   for impl, res in times.items():
     res.pop("outputs", None)
+    res.pop("grads", None)
     if "fwd_bwd_temp_bytes" in res:
       temp_bytes[impl] = res.pop("fwd_bwd_temp_bytes")
   kernel_profile = []
@@ -406,8 +414,9 @@ def format_table(result: dict) -> str:
             for impl, b in result["fwd_bwd_temp_bytes"].items())
         + f"; per-chunk states: {result['chunk_states_bytes'] / mib:.1f}")
   for impl, err in result.get("rel_err_vs_chunked", {}).items():
-    lines.append(f"{impl} vs chunked (max|diff|/max|ref|): output "
-                 f"{err['output']:.2e}, final state {err['final_state']:.2e}")
+    lines.append(f"{impl} vs chunked (max|diff|/max|ref|): " + ", ".join(
+        f"{name.replace('_', ' ')} {err[name]:.2e}"
+        for name in ("output", "final_state", "grads") if name in err))
   return "\n".join(lines)
 
 

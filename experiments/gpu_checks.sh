@@ -8,7 +8,7 @@
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
 # Steps (default: env tests bench32k; also: tests_all variants32k bench8k
-# model profile32k base32k best32k). A 15-minute lease fits the default three.
+# model profile32k base32k best32k final32k). A 15-minute lease fits the default three.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -56,7 +56,7 @@ for s in "${steps[@]}"; do
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py ;;
     model)  # did not finish compiling in 70 s on the H200 (split path)
-      step model 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step model "${MODEL_LIMIT:-240}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_model_packing.py -k pallas ;;
     # Limits from the first H200 run (2026-11-26): compiling the split
@@ -66,6 +66,9 @@ for s in "${steps[@]}"; do
     # The defaults, the fastest tiling of profile32k (if it ran first and
     # found one), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 --variants_from_profile "$OUT/profile32k.json" ;;
+    # The defaults and the bf16-split f32 products against both baselines,
+    # then the defaults kernel by kernel.
+    final32k) bench final32k "${BENCH_LIMIT:-200}" 32768 5 --pallas_variants f32_dot=bf16x3 --profile_kernels ;;
     variants32k) step variants32k 300 python3 -m experiments.bench_gated_delta_rule \
       --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
       --implementations pallas,chunked --iters 5 --warmup 1 --json_out "$OUT/variants32k.json" \

@@ -48,6 +48,7 @@ def test_bench_reports_every_implementation(tmp_path):
   assert set(result["rel_err_vs_chunked"]) == set(impls) - {"chunked"}
   for impl, err in result["rel_err_vs_chunked"].items():
     assert err["output"] < rtol and err["final_state"] < rtol, (impl, err)
+    assert err["grads"] < rtol, (impl, err)
   assert "fla" in result["skipped"]
   assert set(result["fwd_bwd_temp_bytes"]) == set(impls)
   assert all(b > 0 for b in result["fwd_bwd_temp_bytes"].values())

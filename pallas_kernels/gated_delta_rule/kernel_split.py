@@ -407,7 +407,8 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
   da = jnp.where(rows > cols, da, 0.0)
   dbeta = eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
   dkk = da * beta * gamma
-  dk_ref[...] = (beta * eg) * dxw + d.f(dkk, k) + d.f_tn(dkk, k)
+  # d(k k^T) k + d(k k^T)^T k in one product.
+  dk_ref[...] = (beta * eg) * dxw + d.f(dkk + dkk.T, k)
   dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
                    jnp.zeros((1, 1), _F32))
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)

@@ -474,8 +474,12 @@ def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
               chunk_size: int, interpret: bool):
   """Adapter with the signature of `api._IMPLEMENTATIONS` entries."""
   backend = jax.default_backend()
-  bs = dataclasses.replace(BlockSizes.get_default(backend),
-                           chunk_size=chunk_size)
+  bs = BlockSizes.get_default(backend)
+  solve_block = bs.solve_block
+  if solve_block is not None and (chunk_size <= solve_block
+                                  or chunk_size % solve_block):
+    solve_block = None  # another chunk size: the row-by-row solve
+  bs = dataclasses.replace(bs, chunk_size=chunk_size, solve_block=solve_block)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
                                  interpret=interpret, backend=backend)
