@@ -28,6 +28,7 @@ from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import pallas_split
+from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 from tests import tolerances
 from tests.test_gated_delta_rule import assert_scaled_close
@@ -254,8 +255,8 @@ def test_lowers_for_accelerators(platform, kernels, solve_block):
   if jax.default_backend() != "cpu":
     pytest.skip("lowering smoke test for CPU-only machines")
   backend = "gpu" if platform == "cuda" else "tpu"
-  block_sizes = dataclasses.replace(BlockSizes.get_default(backend),
-                                    kernels=kernels, solve_block=solve_block)
+  blocks = dataclasses.replace(BlockSizes.get_default(backend),
+                               kernels=kernels, solve_block=solve_block)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")
@@ -263,7 +264,7 @@ def test_lowers_for_accelerators(platform, kernels, solve_block):
   def fwd(q, k, v, g, beta, initial_state):
     return pallas_gdr.gated_delta_rule_pallas(
         q, k, v, g, beta, initial_state, segment_ids=seg, backend=backend,
-        block_sizes=block_sizes)
+        block_sizes=blocks)
 
   def loss(*args):
     o, s = fwd(*args)
@@ -284,6 +285,28 @@ def test_lowers_for_accelerators(platform, kernels, solve_block):
   assert _CUSTOM_CALLS[other] not in text
   for name in names:
     assert name in text, name
+
+
+@pytest.mark.parametrize("f32_dot", block_sizes.F32_DOTS)
+def test_every_f32_dot_lowers_for_cuda(f32_dot):
+  """Each f32 dot algorithm of the split kernels passes the Triton lowering
+  (forward and backward). Interpret mode computes them all in IEEE f32, so
+  this is the CPU's only check that the GPU accepts them."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering smoke test for CPU-only machines")
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"), f32_dot=f32_dot)
+  inputs = make_inputs(2, 70, dtype=jnp.bfloat16, hk=1, hv=2, dk=32, dv=32)
+
+  def loss(q, k, v, g, beta):
+    o, s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, backend="gpu", block_sizes=bs)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  with _abstract_target("cuda"):
+    text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
+        *[inputs[n] for n in NAMES[:5]]).lower(
+            lowering_platforms=("cuda",)).as_text()
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 6
 
 
 @pytest.mark.parametrize("with_segments", [False, True])

@@ -30,7 +30,7 @@ CHUNK_LOOPS = ("kernel", "grid")
 KERNELS = ("split", "fused")
 
 # Names of the f32 x f32 dot algorithms (`kernel_split.F32_DOTS`).
-F32_DOTS = ("highest", "tf32x3", "bf16x3", "bf16x6")
+F32_DOTS = ("highest", "bf16", "tf32x3", "bf16x3", "bf16x6")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,8 @@ class BlockSizes:
     f32_dot: how the split kernels multiply f32 matrices (T, w, u and
       their gradients; everything when the inputs are f32): "highest"
       (IEEE f32, on Triton the CUDA cores), "tf32x3" (three TF32
-      tensor-core products, about f32 accuracy), "bf16x3" or "bf16x6".
+      tensor-core products, about f32 accuracy), "bf16x3", "bf16x6" or
+      "bf16" (one bf16 product, flash-linear-attention's precision).
       Interpret mode always computes IEEE f32 (the CPU has no TF32).
   """
   chunk_size: int = 64

@@ -67,9 +67,11 @@ NUM_AUX = 4
 # tokens where tensor-core versions take well under one). "tf32x3" splits
 # each operand into a TF32 high and low part and sums three tensor-core
 # products: about f32 accuracy. The bf16 splits are the same idea with bf16
-# parts (x3: ~16 bits, x6: ~24 bits).
+# parts (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both operands to bf16
+# once (flash-linear-attention's precision for T, w and u).
 F32_DOTS = {
     "highest": lax.Precision.HIGHEST,
+    "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
     "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
     "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
     "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
