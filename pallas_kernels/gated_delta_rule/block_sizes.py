@@ -30,7 +30,10 @@ CHUNK_LOOPS = ("kernel", "grid")
 KERNELS = ("split", "fused")
 
 # Names of the f32 x f32 dot algorithms (`kernel_split.F32_DOTS`).
-F32_DOTS = ("highest", "bf16", "tf32x3", "bf16x3", "bf16x6")
+# "auto" resolves per call in `pallas_split`: "bf16x3" when q, k, v are bf16
+# (the stored tensors then enter their products in bf16 anyway), "tf32x3"
+# when they are f32.
+F32_DOTS = ("auto", "highest", "bf16", "tf32x3", "bf16x3", "bf16x6")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,9 @@ class BlockSizes:
     f32_dot: how the split kernels multiply f32 matrices (T, w, u and
       their gradients; everything when the inputs are f32): "highest"
       (IEEE f32, on Triton the CUDA cores), "tf32x3" (three TF32
-      tensor-core products, about f32 accuracy), "bf16x3", "bf16x6" or
-      "bf16" (one bf16 product, flash-linear-attention's precision).
+      tensor-core products, about f32 accuracy), "bf16x3", "bf16x6",
+      "bf16" (one bf16 product, flash-linear-attention's precision) or
+      "auto" (bf16x3 for bf16 inputs, tf32x3 for f32 inputs).
       Interpret mode always computes IEEE f32 (the CPU has no TF32).
   """
   chunk_size: int = 64
@@ -107,17 +111,18 @@ class BlockSizes:
     if backend == "gpu":
       # The sequential kernels tile dv: b * hv alone is 16 programs for 132
       # SMs at batch 1 (dv is padded to a power of two).
-      # f32 products on the tensor cores (TF32 x3) and the solve in 16-token
-      # tiles: with IEEE f32 dots and the row-by-row solve, the parallel
-      # kernels took 18 to 85 ms each at 32k tokens on an H200
-      # (BENCHMARKS.md).
+      # f32 products on the tensor cores and the solve in 16-token tiles:
+      # with IEEE f32 dots and the row-by-row solve, the parallel kernels
+      # took 18 to 85 ms each at 32k tokens on an H200. End to end there
+      # (bf16, BENCHMARKS.md), forward+backward took 11.9 ms with TF32 x3
+      # and 8.7 ms with bf16 x3, equally close to the chunked rule.
       # The sequential kernels in value tiles of 16 with 3 pipelining
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=16, f32_dot="tf32x3")
+                 solve_block=16, f32_dot="auto")
     return cls()
 
   def dv_tile(self, dv: int) -> int:

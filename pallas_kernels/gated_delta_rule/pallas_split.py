@@ -37,9 +37,11 @@ class _Plan:
   def __init__(self, q, k, v, cfg, sq):
     self.b, _, self.tp, self.dk = q.shape
     self.md = matmul_dtype(q, k, v)
+    f32 = cfg.block_sizes.f32_dot
+    if f32 == "auto":
+      f32 = "tf32x3" if self.md == _F32 else "bf16x3"
     # Interpret mode runs on the CPU, which has no TF32: IEEE f32 there.
-    self.d = ks.Dots(md=self.md, f32=("highest" if cfg.interpret
-                                      else cfg.block_sizes.f32_dot))
+    self.d = ks.Dots(md=self.md, f32="highest" if cfg.interpret else f32)
     self.hv, self.dv = v.shape[1], v.shape[3]
     bs = cfg.block_sizes
     self.c, self.r = bs.chunk_size, cfg.group
