@@ -7,8 +7,11 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests bench32k; also: tests_all variants32k bench8k
-# model profile32k base32k best32k final32k). A 15-minute lease fits the default three.
+# Steps (default: env tests model bench32k, about 7 minutes on the H200 of
+# 2026-11-26; also: tests_all profile32k best32k final32k base32k split32k
+# scaling bench8k). Step limits come from that day's runs: the kernel
+# tests took 51 s, compiling all nine split kernels 25 s, and a 32k
+# benchmark of pallas, FLA (with its autotuning) and chunked under 2 minutes.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -40,13 +43,13 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests bench32k)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests model bench32k)
 for s in "${steps[@]}"; do
   case $s in
     env)
       step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
         python3 -c "import sys, jax, jaxlib, flax, triton, torch; print(sys.version); print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"triton\", triton.__version__, \"torch\", torch.__version__); print(jax.devices())"' ;;
-    tests)  # GPU defaults (split), bf16 with segments, the fused kernels
+    tests)  # GPU defaults (split) in f32 and bf16, bf16 blocked solve, API
       step tests 100 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
@@ -55,32 +58,36 @@ for s in "${steps[@]}"; do
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py ;;
-    model)  # did not finish compiling in 70 s on the H200 (split path)
+    model)  # the whole model on the split kernels (the "auto" path on GPUs)
       step model "${MODEL_LIMIT:-240}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_model_packing.py -k pallas ;;
-    # Limits from the first H200 run (2026-11-26): compiling the split
-    # forward+backward took 2 minutes, and FLA's autotuning had not finished
-    # 40 s later; give a 32k run with FLA about 5 minutes.
-    bench32k) bench bench32k 330 32768 5 --profile_kernels ;;
+    # pallas (GPU defaults), FLA, chunked; then the defaults kernel by kernel.
+    bench32k) bench bench32k "${BENCH_LIMIT:-300}" 32768 5 --profile_kernels ;;
     # The defaults, the fastest tiling of profile32k (if it ran first and
     # found one), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 --variants_from_profile "$OUT/profile32k.json" ;;
-    # The defaults, and the f32 products split in bf16 or rounded to bf16,
-    # against both baselines.
+    # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;
-    variants32k) step variants32k 300 python3 -m experiments.bench_gated_delta_rule \
-      --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-      --implementations pallas,chunked --iters 5 --warmup 1 --json_out "$OUT/variants32k.json" \
-      --pallas_variants solve_block=16,solve_block=16/num_warps_intra=8,block_dv=64 \
-      --seq_splits 8 ;;
+    split32k)  # the sequence cut into pieces inside the device
+      step split32k 240 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations pallas,chunked --iters 5 --warmup 1 \
+        --seq_splits 4,8 --json_out "$OUT/split32k.json" ;;
+    scaling)  # throughput against length: pallas and FLA at 8k and 128k
+      for t in 8192 131072; do
+        step "scaling$t" 150 python3 -m experiments.bench_gated_delta_rule \
+          --batch 1 --seq_len "$t" --heads 16 --dk 128 --dv 128 \
+          --dtype bfloat16 --implementations pallas,fla --iters 5 --warmup 1 \
+          --json_out "$OUT/scaling$t.json"
+      done ;;
     bench8k) bench bench8k 200 8192 10 ;;
-    profile32k)  # each split kernel alone, for three tilings; no pipeline timing
+    profile32k)  # each split kernel alone, for several tilings; no pipeline timing
       step profile32k 150 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${PROFILE_VARIANTS:-num_stages=3,num_warps_intra=8,num_stages=3/num_warps_intra=8,block_dv=16/num_stages=3,num_stages=2,solve_block=None,f32_dot=bf16x3}" \
+        --profile_variants "${PROFILE_VARIANTS:-f32_dot=bf16,num_warps_intra=8,num_stages=4,block_dv=32}" \
         --json_out "$OUT/profile32k.json" ;;
     base32k)  # the baselines alone: chunked jnp, then FLA
       step base32k 200 python3 -m experiments.bench_gated_delta_rule \
