@@ -345,7 +345,8 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
     try:
       rows = profile_kernels(inputs, jdtype, interpret, iters, warmup, bs)
     except Exception as e:  # pylint: disable=broad-except
-      skipped[f"profile {label}"] = f"failed ({type(e).__name__}: {str(e)[:300]})"
+      skipped[f"profile {label}"] = (
+          f"failed ({type(e).__name__}: {str(e)[:300]})")
       print(f"profile {label} failed: {e}", flush=True)
       continue
     for row in rows:

@@ -34,9 +34,11 @@ Matmul dtype `md`: the input dtype when q, k, v are all bf16, else f32. Dots
 whose operands are stored in `md` (q, k, v, w, u, h, v') run in `md` on the
 tensor cores with f32 accumulation, as flash-linear-attention does; products
 of two bf16 numbers are exact in f32, so decays and the query scale are
-applied to f32 results rather than folded into bf16 operands. Everything
-involving T (the solve, w, u and their gradients) is IEEE f32, since the
-solve amplifies rounding.
+applied to f32 results rather than folded into bf16 operands. The solve is
+f32 vector arithmetic; products of f32 matrices (T, w, u and their
+gradients) use the algorithm `Dots.f32` names (`BlockSizes.f32_dot`: IEEE
+f32, or tensor-core splits of about f32 accuracy on a GPU), since the solve
+amplifies rounding.
 """
 
 from __future__ import annotations

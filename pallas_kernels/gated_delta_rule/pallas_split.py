@@ -175,7 +175,8 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
                 p.tile_seq, p.tile_seq, p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, p.n, dk, dv, dtype=p.md),
+      out_shape=[p.shape(b, hv, tp, dv),
+                 p.shape(b, hv, p.n, dk, dv, dtype=p.md),
                  p.shape(b, hv, dk, dv)],
       name="gated_delta_rule_state_bwd", parallel=False)
 
