@@ -222,6 +222,25 @@ def test_auto_names_registered_implementations():
     assert name in api.available_implementations(), (backend, name)
 
 
+def test_auto_keeps_float64_off_the_kernels(monkeypatch):
+  """Where "auto" means the Pallas kernels, float64 inputs (which they would
+  compute in f32) take the chunked rule; f32 inputs do reach the kernels
+  (here, on CPU without interpret mode, their ValueError proves it)."""
+  monkeypatch.setitem(api.AUTO, jax.default_backend(), "pallas")
+  inputs = make_inputs(13, 20)
+  with pytest.raises(ValueError, match="interpret"):
+    gated_delta_rule(**inputs, implementation="auto")
+  with jax.enable_x64(True):
+    inputs64 = {n: None if x is None else jnp.asarray(
+        x, jnp.float64 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+                for n, x in inputs.items()}
+    o, s = gated_delta_rule(**inputs64, implementation="auto")
+    assert o.dtype == jnp.float64
+  o_ref, s_ref = np_recurrence(**inputs)
+  assert_scaled_close(o, o_ref, jnp.float32)
+  assert_scaled_close(s, s_ref, jnp.float32)
+
+
 def test_auto_and_custom_scale():
   inputs = make_inputs(12, 9, hk=1, hv=3)
   o_auto, _ = run("auto", inputs, scale=0.5)

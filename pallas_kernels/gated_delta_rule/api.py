@@ -10,6 +10,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import reference
@@ -53,13 +54,19 @@ def available_implementations() -> tuple[str, ...]:
   return tuple(_IMPLEMENTATIONS)
 
 
-def _resolve(implementation: str) -> str:
+def _resolve(implementation: str, dtype=None) -> str:
   if implementation == "auto":
-    return AUTO.get(jax.default_backend(), "chunked")
+    name = AUTO.get(jax.default_backend(), "chunked")
+    if name == "pallas" and dtype is not None and jnp.dtype(dtype) not in (
+        jnp.float32, jnp.bfloat16, jnp.float16):
+      # float64 (CPU tests, finite differences): the kernels compute in
+      # f32, so the chunked rule keeps the precision asked for.
+      name = "chunked"
+    return name
   if implementation not in _IMPLEMENTATIONS:
+    names = ("auto",) + available_implementations()
     raise ValueError(
-        f"implementation: expected one of {('auto',) + available_implementations()}"
-        f", found {implementation!r}")
+        f"implementation: expected one of {names}, found {implementation!r}")
   return implementation
 
 
@@ -145,7 +152,7 @@ def gated_delta_rule(
   Raises:
     ValueError: unknown implementation or inconsistent shapes.
   """
-  name = _resolve(implementation)
+  name = _resolve(implementation, v.dtype)
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size,
             seq_splits)
   if seq_splits > 1:
