@@ -57,6 +57,7 @@ class Case:
   chunk_size: int = 64
   backend: str = "cpu"
   solve_block: int | None = None
+  wy_block: int | None = None
 
 
 CASES = {
@@ -69,6 +70,13 @@ CASES = {
     "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
     "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
                                        solve_block=16, hk=1),
+    # The WY-form gradients in one kernel, dk and dv in column tiles (two
+    # and three tiles of 16 here).
+    "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
+                               wy_block=16),
+    "t200_bf16_wy16_no_state": Case(200, jnp.bfloat16, with_state=False,
+                                    dk=32, dv=32, wy_block=16,
+                                    solve_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
     # sequential kernels in four value tiles of 32.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
@@ -105,7 +113,7 @@ def _run_case(case: Case):
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
-                    solve_block=case.solve_block)
+                    solve_block=case.solve_block, wy_block=case.wy_block)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -230,23 +238,27 @@ def _abstract_target(platform):
   return sharding.use_abstract_mesh(mesh)
 
 
-# (platform, kernels, solve_block) -> pallas_calls in an inference forward,
-# the custom_vjp forward and the backward, and kernel names that must appear.
+# (platform, kernels, solve_block, wy_block) -> pallas_calls in an inference
+# forward, the custom_vjp forward and the backward, and kernel names that
+# must appear.
 _SPLIT_NAMES = ("gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                 "gated_delta_rule_output", "gated_delta_rule_state_bwd",
                 "gated_delta_rule_bwd_wy_k")
 _LOWERINGS = {
-    ("cuda", "split", None): (3 + 3 + 6, _SPLIT_NAMES),
-    ("cuda", "split", 16): (3 + 3 + 6, _SPLIT_NAMES),
-    ("cuda", "fused", None): (3, ("gated_delta_rule_fwd",
-                                  "gated_delta_rule_bwd")),
-    ("tpu", "fused", None): (3, ("gated_delta_rule_fwd",
-                                 "gated_delta_rule_bwd")),
+    ("cuda", "split", None, None): (3 + 3 + 6, _SPLIT_NAMES),
+    ("cuda", "split", 16, None): (3 + 3 + 6, _SPLIT_NAMES),
+    ("cuda", "split", 16, 64): (3 + 3 + 5, _SPLIT_NAMES[:-1]
+                                + ("gated_delta_rule_bwd_wy",)),
+    ("cuda", "fused", None, None): (3, ("gated_delta_rule_fwd",
+                                        "gated_delta_rule_bwd")),
+    ("tpu", "fused", None, None): (3, ("gated_delta_rule_fwd",
+                                       "gated_delta_rule_bwd")),
 }
 
 
-@pytest.mark.parametrize("platform,kernels,solve_block", list(_LOWERINGS))
-def test_lowers_for_accelerators(platform, kernels, solve_block):
+@pytest.mark.parametrize("platform,kernels,solve_block,wy_block",
+                         list(_LOWERINGS))
+def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block):
   """Forward (with and without autodiff) and backward lower on CPU.
 
   Traces through the real Triton / Mosaic lowerings (Pallas -> Triton IR /
@@ -256,7 +268,8 @@ def test_lowers_for_accelerators(platform, kernels, solve_block):
     pytest.skip("lowering smoke test for CPU-only machines")
   backend = "gpu" if platform == "cuda" else "tpu"
   blocks = dataclasses.replace(BlockSizes.get_default(backend),
-                               kernels=kernels, solve_block=solve_block)
+                               kernels=kernels, solve_block=solve_block,
+                               wy_block=wy_block)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")
@@ -280,7 +293,7 @@ def test_lowers_for_accelerators(platform, kernels, solve_block):
         *[inputs[n] for n in NAMES]).lower(
             lowering_platforms=(platform,)).as_text()
   other = "tpu" if platform == "cuda" else "cuda"
-  calls, names = _LOWERINGS[(platform, kernels, solve_block)]
+  calls, names = _LOWERINGS[(platform, kernels, solve_block, wy_block)]
   assert text.count(_CUSTOM_CALLS[platform]) == calls, _CUSTOM_CALLS[platform]
   assert _CUSTOM_CALLS[other] not in text
   for name in names:

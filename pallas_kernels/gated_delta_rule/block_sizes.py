@@ -65,6 +65,11 @@ class BlockSizes:
       "bf16" (one bf16 product, flash-linear-attention's precision) or
       "auto" (bf16x3 for bf16 inputs, tf32x3 for f32 inputs).
       Interpret mode always computes IEEE f32 (the CPU has no TF32).
+    wy_block: None, or a column width: the split backward's gradients
+      through the WY form (dv, and dk, dbeta, dg through w and T) then run
+      as one kernel that takes dk and dv this many columns at a time (all
+      of a dim it does not divide) instead of two kernels over whole rows.
+      Not measured on a GPU yet.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -75,6 +80,7 @@ class BlockSizes:
   num_warps_intra: int = 4
   solve_block: int | None = None
   f32_dot: str = "highest"
+  wy_block: int | None = None
 
   def __post_init__(self):
     if self.chunk_size < 1 or self.chunk_size % 8:
@@ -97,6 +103,9 @@ class BlockSizes:
     if self.f32_dot not in F32_DOTS:
       raise ValueError(f"f32_dot: expected one of {F32_DOTS}, found "
                        f"{self.f32_dot!r}")
+    if self.wy_block is not None and self.wy_block < 1:
+      raise ValueError(f"wy_block: expected a positive int or None, found "
+                       f"{self.wy_block}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

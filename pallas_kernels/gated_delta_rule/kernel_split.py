@@ -416,3 +416,61 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
   dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
                    jnp.zeros((1, 1), _F32))
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
+
+
+def _column_tiles(width: int, block: int) -> list:
+  """Static column windows of `block` (all of `width` if it does not
+  divide it)."""
+  if block >= width or width % block:
+    return [pl.ds(0, width)]
+  return [pl.ds(j * block, block) for j in range(width // block)]
+
+
+def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
+              dv_ref, dsc_ref, *, has_segments: bool, block: int, d: Dots):
+  """`wy_v_kernel` and `wy_k_kernel` in one kernel, in column tiles.
+
+  The same gradients (dv, the rest of dk, and (dg part, dbeta part)),
+  with dv and dk handled `block` columns at a time so that only [c, block]
+  and [c, c] tiles are live (flash-linear-attention's WY backward is tiled
+  the same way), and without the [c, c] dT intermediate of the two-kernel
+  version. dxw = T^T dw is formed twice per tile (once for dT, once for dk)
+  rather than kept.
+  """
+  c = t_ref.shape[0]
+  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+  t = _load(t_ref)
+  beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
+  gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
+  dt = jnp.zeros((c, c), _F32)
+  dbeta = jnp.zeros((c, 1), _F32)
+  # Through u = T(beta v).
+  for cols_v in _column_tiles(v_ref.shape[1], block):
+    v, du = v_ref[:, cols_v].astype(_F32), dvn_ref[:, cols_v].astype(_F32)
+    dxu = d.f_tn(t, du)
+    dv_ref[:, cols_v] = (beta * dxu).astype(dv_ref.dtype)
+    dt = dt + d.f_nt(du, beta * v)
+    dbeta = dbeta + jnp.sum(v * dxu, axis=1, keepdims=True)
+  # Through w = T(beta e^G k): dT, and k k^T.
+  bek = beta * eg
+  k_tiles = _column_tiles(k_ref.shape[1], block)
+  kk = jnp.zeros((c, c), _F32)
+  for cols_k in k_tiles:
+    k, dw = k_ref[:, cols_k].astype(_F32), dw_ref[:, cols_k].astype(_F32)
+    kk = kk + d.mm_nt(k, k)  # exact products of stored keys
+    dt = dt + d.f_nt(dw, bek * k)
+  # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
+  da = -d.f_nt(d.f_tn(t, dt), t)
+  da = jnp.where(rows > cols, da, 0.0)
+  dkk = da * beta * gamma
+  dkk = dkk + dkk.T  # d(k k^T) k + d(k k^T)^T k in one product
+  kdxw = jnp.zeros((c, 1), _F32)
+  for cols_k in k_tiles:
+    k, dw = k_ref[:, cols_k].astype(_F32), dw_ref[:, cols_k].astype(_F32)
+    dxw = d.f_tn(t, dw)
+    dk_ref[:, cols_k] = bek * dxw + d.f(dkk, k)
+    kdxw = kdxw + jnp.sum(k * dxw, axis=1, keepdims=True)
+  dbeta = dbeta + eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
+  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
+                   jnp.zeros((1, 1), _F32))
+  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)

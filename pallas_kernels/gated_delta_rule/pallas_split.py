@@ -228,6 +228,24 @@ def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
       name="gated_delta_rule_bwd_wy_k", parallel=True)
 
 
+def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw):
+  """`_wy_v` and `_wy_k` as one kernel in column tiles: dv, the rest of dk,
+  (dg part, dbeta part)."""
+  b, hv, tp, dk, dv, c = p.b, p.hv, p.tp, p.dk, p.dv, p.c
+  ndsc = kernel.NUM_DSCALARS
+  return p.call(
+      functools.partial(ks.wy_kernel, has_segments=p.cfg.has_segments,
+                        block=p.cfg.block_sizes.wy_block, d=p.d),
+      t, k, v, sc, aux, dvn, dw, grid=p.par_grid,
+      in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(dv),
+                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
+                p.val_chunk(dv), p.val_chunk(dk)],
+      out_specs=[p.val_chunk(dk), p.val_chunk(dv), p.val_chunk(ndsc)],
+      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, dv),
+                 p.shape(b, hv, tp, ndsc)],
+      name="gated_delta_rule_bwd_wy", parallel=True)
+
+
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
   """Gradients per value head: dq, dk [b, hv, tp, dk] f32, dv [b, hv, tp,
   dv] f32, (dg, dbeta) [b, hv, tp, 2] f32 and the initial state's."""
@@ -236,9 +254,13 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
   dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
-  dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
-  dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
-  dsc = dsc_v + dsc_k + dg_out
+  if cfg.block_sizes.wy_block is None:
+    dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
+    dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
+    dsc = dsc_v + dsc_k + dg_out
+  else:
+    dk_wy, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw)
+    dsc = dsc_wy + dg_out
   # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
   # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
   ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
@@ -279,6 +301,9 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
                    q, k, w, aux, do, dvl, dst)
   _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
                     q, k, vn, dvn, h, dh, aux, do)
-  _, dtu, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
-  run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dtu)
+  if cfg.block_sizes.wy_block is None:
+    _, dtu, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
+    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dtu)
+  else:
+    run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, dvn, dw)
   return stages
