@@ -58,6 +58,7 @@ class Case:
   backend: str = "cpu"
   solve_block: int | None = None
   wy_block: int | None = None
+  out_block: int | None = None
 
 
 CASES = {
@@ -70,13 +71,13 @@ CASES = {
     "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
     "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
                                        solve_block=16, hk=1),
-    # The WY-form gradients in one kernel, dk and dv in column tiles (two
-    # and three tiles of 16 here).
+    # The WY-form gradients in one kernel, and bwd_out, with dk and dv in
+    # column tiles (two and three tiles of 16 here).
     "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
-                               wy_block=16),
+                               wy_block=16, out_block=16),
     "t200_bf16_wy16_no_state": Case(200, jnp.bfloat16, with_state=False,
                                     dk=32, dv=32, wy_block=16,
-                                    solve_block=16),
+                                    solve_block=16, out_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
     # sequential kernels in four value tiles of 32.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
@@ -113,7 +114,8 @@ def _run_case(case: Case):
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
-                    solve_block=case.solve_block, wy_block=case.wy_block)
+                    solve_block=case.solve_block, wy_block=case.wy_block,
+                    out_block=case.out_block)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -269,7 +271,7 @@ def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block):
   backend = "gpu" if platform == "cuda" else "tpu"
   blocks = dataclasses.replace(BlockSizes.get_default(backend),
                                kernels=kernels, solve_block=solve_block,
-                               wy_block=wy_block)
+                               wy_block=wy_block, out_block=wy_block)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")

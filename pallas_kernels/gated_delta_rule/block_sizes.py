@@ -70,6 +70,9 @@ class BlockSizes:
       as one kernel that takes dk and dv this many columns at a time (all
       of a dim it does not divide) instead of two kernels over whole rows.
       Not measured on a GPU yet.
+    out_block: None, or a column width: the split backward's bwd_out
+      kernel takes dk (the rows of the [dk, dv] states) this many columns
+      at a time instead of whole. Not measured on a GPU yet.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -81,6 +84,7 @@ class BlockSizes:
   solve_block: int | None = None
   f32_dot: str = "highest"
   wy_block: int | None = None
+  out_block: int | None = None
 
   def __post_init__(self):
     if self.chunk_size < 1 or self.chunk_size % 8:
@@ -103,9 +107,11 @@ class BlockSizes:
     if self.f32_dot not in F32_DOTS:
       raise ValueError(f"f32_dot: expected one of {F32_DOTS}, found "
                        f"{self.f32_dot!r}")
-    if self.wy_block is not None and self.wy_block < 1:
-      raise ValueError(f"wy_block: expected a positive int or None, found "
-                       f"{self.wy_block}")
+    for name in ("wy_block", "out_block"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name}: expected a positive int or None, found "
+                         f"{value}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

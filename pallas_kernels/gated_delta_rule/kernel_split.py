@@ -344,9 +344,17 @@ def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, _load(dst_ref))
 
 
+def _column_tiles(width: int, block: int | None) -> list:
+  """Static windows of `block` columns, or one window of all `width`
+  columns when `block` is None or does not divide `width`."""
+  if block is None or block >= width or width % block:
+    return [slice(None)]
+  return [pl.ds(j * block, block) for j in range(width // block)]
+
+
 def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
                    do_ref, dq_ref, dk_ref, dw_ref, dg_ref, *, scale: float,
-                   has_segments: bool, d: Dots):
+                   has_segments: bool, d: Dots, block: int | None = None):
   """Gradients through the output and the state update (parallel).
 
   Writes dq, the part of dk from those paths, dw (the cotangent of
@@ -354,20 +362,29 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
   [c, 2] (dg, 0). Not included: the state path's gradient of G_last,
   <h_n, dh_n> e^{G_last}, which `pallas_split.backward` adds with one XLA
   reduction (here it would hold two [dk, dv] f32 tiles in registers).
+  With `block`, dk is taken that many columns (rows of the states h, dh)
+  at a time.
   """
-  q, k, do = _load(q_ref), _load(k_ref), _load(do_ref)
-  vn, h, dh = vn_ref[...], h_ref[...], dh_ref[...]
   gamma, decay_q, decay_k, _ = _decays(_load(aux_ref), has_segments)
   qk = d.mm_nt(q_ref[...], k_ref[...]) * scale
+  vn = vn_ref[...]
   dp = d.mm_nt(do_ref[...], vn)
   dpg = dp * gamma
-  dos = d.mm_nt(do_ref[...], h)                       # dO h^T  [c, dk]
-  dq_ref[...] = (decay_q * dos + d.mm(dpg, k)) * scale
-  dkd = d.mm_nt(vn, dh)                               # v' dS'^T [c, dk]
-  dk_ref[...] = d.mm_tn(dpg, q) * scale + decay_k * dkd
-  dw_ref[...] = -d.mm_nt(dvn_ref[...], h)
-  deg = jnp.sum(q * dos, axis=1, keepdims=True) * scale
-  dkdec = jnp.sum(k * dkd, axis=1, keepdims=True) * decay_k
+  c = q_ref.shape[0]
+  deg = jnp.zeros((c, 1), _F32)
+  dkdec = jnp.zeros((c, 1), _F32)
+  for cols_k in _column_tiles(q_ref.shape[1], block):
+    q, k = q_ref[:, cols_k].astype(_F32), k_ref[:, cols_k].astype(_F32)
+    h = h_ref[cols_k, :]
+    dos = d.mm_nt(do_ref[...], h)                     # dO h^T  [c, dk]
+    dq_ref[:, cols_k] = (decay_q * dos + d.mm(dpg, k)) * scale
+    dkd = d.mm_nt(vn, dh_ref[cols_k, :])              # v' dS'^T [c, dk]
+    dk_ref[:, cols_k] = d.mm_tn(dpg, q) * scale + decay_k * dkd
+    dw_ref[:, cols_k] = -d.mm_nt(dvn_ref[...], h)
+    deg = deg + jnp.sum(q * dos, axis=1, keepdims=True)
+    dkdec = dkdec + jnp.sum(k * dkd, axis=1, keepdims=True)
+  deg = deg * scale
+  dkdec = dkdec * decay_k
   dg = _decay_grad(dp * qk * gamma, deg * decay_q - dkdec,
                    jnp.sum(dkdec, axis=0, keepdims=True))
   # [c, 2] like wy_k_kernel's (dg, dbeta); no dbeta on this path.
@@ -416,14 +433,6 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
   dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
                    jnp.zeros((1, 1), _F32))
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
-
-
-def _column_tiles(width: int, block: int) -> list:
-  """Static column windows of `block` (all of `width` if it does not
-  divide it)."""
-  if block >= width or width % block:
-    return [pl.ds(0, width)]
-  return [pl.ds(j * block, block) for j in range(width // block)]
 
 
 def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,

@@ -187,7 +187,8 @@ def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, d=p.d,
-                        has_segments=p.cfg.has_segments),
+                        has_segments=p.cfg.has_segments,
+                        block=p.cfg.block_sizes.out_block),
       q, k, vn, dvn, h, dh, aux, do, grid=p.par_grid,
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.val_chunk(dv),
                 p.state_chunk, p.state_chunk, p.val_chunk(ks.NUM_AUX),
