@@ -24,6 +24,8 @@ flash-linear-attention's chunked kernels):
             wy_v    (b, hv, n)   dv, dbeta and dT through u = T(beta v)
             wy_k    (b, hv, n)   dk, dbeta and the decay gradient through
                                  w = T(beta e^G k) and T = (I + A)^-1
+            (or wy  (b, hv, n)   wy_v and wy_k in one, in column tiles:
+                                 `BlockSizes.wy_block`)
   (the backward's prep also writes T [c, c] per chunk for the two wy
   kernels, so the solve runs twice per training step, not four times).
 
