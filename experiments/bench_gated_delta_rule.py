@@ -5,7 +5,10 @@ implementation asked for ("pallas", "chunked", "recurrent") and, when torch
 with CUDA and flash-linear-attention are importable, FLA's
 `chunk_gated_delta_rule` ("fla") on the same shapes. Prints a table of
 milliseconds (median), tokens/s and the speedup over each baseline measured
-in the same run (baseline time / this time), and writes it as JSON.
+in the same run (baseline time / this time), and writes it as JSON. Every
+JAX implementation's output, final state and gradients are compared with
+`chunked`'s in the same run; `--profile_kernels` / `--profile_variants`
+time each Pallas split kernel alone.
 
   # GPU, the ANCHORS.md shape:
   python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 8192 \
@@ -65,7 +68,7 @@ _PROFILE = flags.DEFINE_bool(
 _PROFILE_VARIANTS = flags.DEFINE_list(
     "profile_variants", [],
     "BlockSizes variants (as --pallas_variants) whose split kernels are "
-    "also profiled one by one; implies --profile_kernels.")
+    "also profiled one by one (the defaults too with --profile_kernels).")
 _VARIANTS_FROM = flags.DEFINE_string(
     "variants_from_profile", None,
     "JSON of an earlier run with --profile_variants: the profiled BlockSizes "
