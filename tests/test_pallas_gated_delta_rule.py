@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import pallas_split
-from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 from tests import tolerances
 from tests.test_gated_delta_rule import assert_scaled_close
@@ -79,10 +79,10 @@ CASES = {
                                     dk=32, dv=32, wy_block=16,
                                     solve_block=16, out_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
-    # sequential kernels in four value tiles of 32.
+    # sequential kernels in value tiles of 16, the blocked solve.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
-    # The same in bf16 (bf16 tensor-core dots; on a GPU, TF32 x3 for T).
+    # The same in bf16 (bf16 tensor-core dots; on a GPU, bf16 x3 for T).
     "t200_bf16_gpu_defaults": Case(200, jnp.bfloat16, with_segments=True,
                                    chunk_loop=None, backend="gpu"),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
