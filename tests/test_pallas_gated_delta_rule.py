@@ -75,7 +75,7 @@ CASES = {
     # column tiles (two and three tiles of 16 here).
     "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
                                wy_block=16, out_block=16),
-    "t200_bf16_wy16_no_state": Case(200, jnp.bfloat16, with_state=False,
+    "t130_bf16_wy16_no_state": Case(130, jnp.bfloat16, with_state=False,
                                     dk=32, dv=32, wy_block=16,
                                     solve_block=16, out_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
@@ -83,7 +83,7 @@ CASES = {
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
     # The same in bf16 (bf16 tensor-core dots; on a GPU, bf16 x3 for T).
-    "t200_bf16_gpu_defaults": Case(200, jnp.bfloat16, with_segments=True,
+    "t130_bf16_gpu_defaults": Case(130, jnp.bfloat16, with_segments=True,
                                    chunk_loop=None, backend="gpu"),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
