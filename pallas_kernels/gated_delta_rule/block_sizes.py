@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax import lax
+
 # How the sequential pass over chunks is driven:
 #   "kernel": one program per (batch, head, dv tile) loops over all chunks
 #     with `lax.fori_loop`, reading chunk slices of whole-sequence refs and
@@ -29,11 +31,25 @@ CHUNK_LOOPS = ("kernel", "grid")
 #     chunk_loop "grid"); on GPU kept for comparison.
 KERNELS = ("split", "fused")
 
-# Names of the f32 x f32 dot algorithms (`kernel_split.F32_DOTS`).
-# "auto" resolves per call in `pallas_split`: "bf16x3" when q, k, v are bf16
-# (the stored tensors then enter their products in bf16 anyway), "tf32x3"
-# when they are f32.
-F32_DOTS = ("auto", "highest", "bf16", "tf32x3", "bf16x3", "bf16x6")
+# How the split kernels compute f32 x f32 products (`BlockSizes.f32_dot`).
+# "highest" is IEEE f32; on Triton that is a dot on the CUDA cores, not the
+# tensor cores (measured on an H200: the kernels built on it took 18 to 85
+# ms at 32k tokens where tensor-core versions take one to six). "tf32x3"
+# splits each operand into a TF32 high and low part and sums three
+# tensor-core products: about f32 accuracy. The bf16 splits are the same
+# idea with bf16 parts (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both
+# operands to bf16 once (flash-linear-attention's precision for T, w, u).
+F32_ALGORITHMS = {
+    "highest": lax.Precision.HIGHEST,
+    "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
+    "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+}
+# Accepted values of `f32_dot`. "auto" resolves per call in `pallas_split`:
+# "bf16x3" when q, k, v are bf16 (the stored tensors then enter their
+# products in bf16 anyway), "tf32x3" when they are f32.
+F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 
 
 @dataclasses.dataclass(frozen=True)

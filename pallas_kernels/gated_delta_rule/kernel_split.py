@@ -52,6 +52,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import kernel
 
 _F32 = jnp.float32
@@ -65,23 +66,6 @@ AUX_G, AUX_DECAY_Q, AUX_DECAY_K, AUX_RESETS = 0, 1, 2, 3
 NUM_AUX = 4
 
 
-# How f32 x f32 products are computed (`BlockSizes.f32_dot`). "highest" is
-# IEEE f32; on Triton that is a dot on the CUDA cores, not the tensor cores
-# (measured on an H200: the kernels built on it took 18 to 85 ms at 32k
-# tokens where tensor-core versions take well under one). "tf32x3" splits
-# each operand into a TF32 high and low part and sums three tensor-core
-# products: about f32 accuracy. The bf16 splits are the same idea with bf16
-# parts (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both operands to bf16
-# once (flash-linear-attention's precision for T, w and u).
-F32_DOTS = {
-    "highest": lax.Precision.HIGHEST,
-    "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
-    "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-    "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-    "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Dots:
   """How a kernel multiplies.
@@ -90,7 +74,8 @@ class Dots:
     md: dtype of the dots whose operands are stored tensors (q, k, v, w, u,
       h, v'): bf16 when the inputs are (products of two bf16 numbers are
       exact in f32), else f32.
-    f32: name in `F32_DOTS`: the algorithm of f32 x f32 products (T, w, u
+    f32: name in `block_sizes.F32_ALGORITHMS`: the algorithm of f32 x f32
+      products (T, w, u
       and their gradients, and stored operands when md is f32).
   """
   md: object = _F32
@@ -98,7 +83,7 @@ class Dots:
 
   def _general(self, a, b, dims, dtype):
     if jnp.dtype(dtype) == _F32:
-      algo = F32_DOTS[self.f32]
+      algo = block_sizes.F32_ALGORITHMS[self.f32]
       precision = (algo if isinstance(algo, lax.DotAlgorithmPreset)
                    else (algo, algo))
     else:
@@ -409,14 +394,28 @@ def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref, *,
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
 
 
+def _inverse_grad(t, dt, d: Dots):
+  """dA from dT through T = (I + A)^-1: -T^T dT T^T, A strictly lower."""
+  c = t.shape[0]
+  da = -d.f_nt(d.f_tn(t, dt), t)
+  return jnp.where(_iota((c, c), 0) > _iota((c, c), 1), da, 0.0)
+
+
+def _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw, dbeta):
+  """(dg part, dbeta part) [c, 2] of the WY path: through A (da), through
+  w (kdxw = rowsum(k * T^T dw)), plus `dbeta` from elsewhere."""
+  dbeta = dbeta + eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
+  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
+                   jnp.zeros((1, 1), _F32))
+  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
+
+
 def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
                 dsc_ref, *, has_segments: bool, d: Dots):
   """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
 
   Writes the rest of dk and (dg part, dbeta part) as [c, 2].
   """
-  c = k_ref.shape[0]
-  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
   t, k = _load(t_ref), _load(k_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
@@ -425,16 +424,12 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
   dxw = d.f_tn(t, dw)
   dt = _load(dtu_ref) + d.f_nt(dw, (beta * eg) * k)
   kdxw = jnp.sum(k * dxw, axis=1, keepdims=True)
-  # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
-  da = -d.f_nt(d.f_tn(t, dt), t)
-  da = jnp.where(rows > cols, da, 0.0)
-  dbeta = eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
+  da = _inverse_grad(t, dt, d)
   dkk = da * beta * gamma
   # d(k k^T) k + d(k k^T)^T k in one product.
   dk_ref[...] = (beta * eg) * dxw + d.f(dkk + dkk.T, k)
-  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
-                   jnp.zeros((1, 1), _F32))
-  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
+  _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw,
+                    jnp.zeros_like(kdxw))
 
 
 def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
@@ -449,7 +444,6 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
   rather than kept.
   """
   c = t_ref.shape[0]
-  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
   t = _load(t_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
@@ -470,9 +464,7 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
     k, dw = k_ref[:, cols_k].astype(_F32), dw_ref[:, cols_k].astype(_F32)
     kk = kk + d.mm_nt(k, k)  # exact products of stored keys
     dt = dt + d.f_nt(dw, bek * k)
-  # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
-  da = -d.f_nt(d.f_tn(t, dt), t)
-  da = jnp.where(rows > cols, da, 0.0)
+  da = _inverse_grad(t, dt, d)
   dkk = da * beta * gamma
   dkk = dkk + dkk.T  # d(k k^T) k + d(k k^T)^T k in one product
   kdxw = jnp.zeros((c, 1), _F32)
@@ -481,7 +473,4 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
     dxw = d.f_tn(t, dw)
     dk_ref[:, cols_k] = bek * dxw + d.f(dkk, k)
     kdxw = kdxw + jnp.sum(k * dxw, axis=1, keepdims=True)
-  dbeta = dbeta + eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
-  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
-                   jnp.zeros((1, 1), _F32))
-  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
+  _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw, dbeta)

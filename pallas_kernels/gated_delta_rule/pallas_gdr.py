@@ -476,9 +476,8 @@ def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
   backend = jax.default_backend()
   bs = BlockSizes.get_default(backend)
   solve_block = bs.solve_block
-  if solve_block is not None and (chunk_size <= solve_block
-                                  or chunk_size % solve_block):
-    solve_block = None  # another chunk size: the row-by-row solve
+  if solve_block is not None and chunk_size % solve_block:
+    solve_block = None  # a chunk size it does not divide: row by row
   bs = dataclasses.replace(bs, chunk_size=chunk_size, solve_block=solve_block)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
