@@ -1,0 +1,331 @@
+"""What each Pallas Triton kernel asks of a Hopper SM, without a GPU.
+
+Lowers the split (or fused) gated delta rule for CUDA on this machine,
+forward and backward, takes the Triton IR that Pallas serialises into each
+`__gpu$xla.gpu.triton` custom call, and compiles it for sm_90 with the
+`triton` Python package (its bundled `ptxas`). For each kernel it prints
+registers per thread, bytes spilled to local memory, shared memory, the
+thread blocks one SM can hold (registers, shared memory and the 64-warp
+limit), and how many waves the grid makes on 132 SMs.
+
+No GPU is needed: this is what a session without one can learn about a
+tiling. It is not a timing, and it is an approximation of what runs: on a
+GPU, XLA compiles the same IR with the Triton it bundles, whose passes
+(layouts, software pipelining) may differ from the Python package's. Spills
+and register-limited occupancy are what it is for.
+
+  pip install triton==3.6.0   # the Triton of the H100/H200 machine
+  python -m experiments.triton_resources --seq_len 32768 \
+      --variants "wy_block=64/out_block=64,num_warps_intra=8"
+
+Variants are '/'-separated BlockSizes field=value pairs over the GPU
+defaults, as in bench_gated_delta_rule's --pallas_variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import pallas_gdr
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Tokens per sequence.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Value heads (hv).")
+_KEY_HEADS = flags.DEFINE_integer("key_heads", None,
+                                  "Key heads (hk); default = --heads.")
+_DK = flags.DEFINE_integer("dk", 128, "Key head dim.")
+_DV = flags.DEFINE_integer("dv", 128, "Value head dim.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "dtype of q, k, v.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [],
+    "BlockSizes variants over the GPU defaults, e.g. 'wy_block=64' or "
+    "'num_warps_intra=8/f32_dot=bf16'; the defaults are always included.")
+_SEGMENTS = flags.DEFINE_bool("segments", False,
+                              "Lower with segment_ids (packed sequences).")
+_ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
+
+# Hopper (sm_90) per-SM limits, from NVIDIA's CUDA C programming guide
+# (compute capability 9.0) and the H100/H200 SM count.
+SM_COUNT = 132
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256        # registers are allocated per warp in these units
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_BLOCK = 1024
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# The Triton lowering of jax 0.11 reads the compute capability from the
+# device; without a GPU it needs an abstract one (see `abstract_cuda_target`).
+_ABSTRACT_H100 = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                      platform="gpu")
+
+
+def parse_variant(spec: str, backend: str = "gpu") -> BlockSizes:
+  """'wy_block=64/num_warps_intra=8' -> the backend's defaults with those
+  fields replaced."""
+  fields = {f.name for f in dataclasses.fields(BlockSizes)}
+  changes = {}
+  for item in spec.split("/"):
+    name, sep, value = item.partition("=")
+    if not sep or name not in fields:
+      raise ValueError(f"variant {spec!r}: expected field=value pairs with "
+                       f"fields from {sorted(fields)}, found {item!r}")
+    changes[name] = (None if value == "None" else
+                     int(value) if value.lstrip("-").isdigit() else value)
+  return dataclasses.replace(BlockSizes.get_default(backend), **changes)
+
+
+def abstract_cuda_target():
+  """A context under which lowering targets an (abstract) H100.
+
+  Raises RuntimeError when this jax cannot name one without the hardware.
+  """
+  sharding = jax.sharding
+  if not (hasattr(sharding, "AbstractDevice")
+          and hasattr(sharding, "use_abstract_mesh")):
+    raise RuntimeError(f"jax {jax.__version__} has no "
+                       "jax.sharding.AbstractDevice")
+  device = sharding.AbstractDevice(**_ABSTRACT_H100)
+  try:
+    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  except TypeError as e:
+    raise RuntimeError(f"jax {jax.__version__}: AbstractMesh takes no "
+                       f"abstract_device ({e})") from e
+  return sharding.use_abstract_mesh(mesh)
+
+
+@dataclasses.dataclass
+class TritonKernel:
+  """One Pallas Triton kernel as lowered: its IR and launch parameters."""
+  name: str
+  num_warps: int
+  num_stages: int
+  grid: tuple[int, int, int]
+  ir_bytecode: bytes
+
+  @property
+  def programs(self) -> int:
+    return math.prod(self.grid)
+
+
+def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
+                    key_heads: int, heads: int, dk: int, dv: int,
+                    dtype, segments: bool = False) -> list[TritonKernel]:
+  """The Triton kernels of an inference forward, the autodiff forward and
+  the backward, in lowering order, each distinct IR once."""
+  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+
+  sds = jax.ShapeDtypeStruct
+  args = (sds((batch, seq_len, key_heads, dk), dtype),
+          sds((batch, seq_len, key_heads, dk), dtype),
+          sds((batch, seq_len, heads, dv), dtype),
+          sds((batch, seq_len, heads), jnp.float32),
+          sds((batch, seq_len, heads), jnp.float32))
+  seg = sds((batch, seq_len), jnp.int32) if segments else None
+
+  def fwd(q, k, v, g, beta, segment_ids):
+    return pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
+        block_sizes=blocks)
+
+  def loss(q, k, v, g, beta, segment_ids):
+    o, s = fwd(q, k, v, g, beta, segment_ids)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  def both(q, k, v, g, beta, segment_ids):
+    return (fwd(q, k, v, g, beta, segment_ids),
+            jax.grad(loss, argnums=tuple(range(5)))(q, k, v, g, beta,
+                                                    segment_ids))
+
+  with abstract_cuda_target():
+    lowered = jax.jit(both).trace(*args, seg).lower(
+        lowering_platforms=("cuda",))
+  module = lowered.compiler_ir("stablehlo")
+
+  found, seen = [], set()
+
+  def visit(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for child in block.operations:
+          child = child.operation
+          if (child.name == "stablehlo.custom_call" and
+              ir.StringAttr(child.attributes["call_target_name"]).value
+              == TRITON_CALL):
+            config = ir.DictAttr(child.attributes["mhlo.backend_config"])
+            get_int = lambda key: ir.IntegerAttr(config[key]).value  # pylint: disable=cell-var-from-loop
+            code = ir.StringAttr(config["ir"]).value_bytes
+            if code not in seen:
+              seen.add(code)
+              found.append(TritonKernel(
+                  name=ir.StringAttr(config["name"]).value,
+                  num_warps=get_int("num_warps"),
+                  num_stages=get_int("num_stages"),
+                  grid=(get_int("grid_x"), get_int("grid_y"),
+                        get_int("grid_z")),
+                  ir_bytecode=code))
+          visit(child)
+
+  visit(module.operation)
+  return found
+
+
+def ir_text(bytecode: bytes) -> str:
+  """Triton IR bytecode (as Pallas serialises it) -> its textual form,
+  which the `triton` package parses."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.triton import dialect as tt_dialect
+  context = mlir.make_ir_context()
+  tt_dialect.register_dialect(context)
+  with context:
+    return ir.Module.parse(bytecode).operation.get_asm(
+        enable_debug_info=False)
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def parse_ptxas(report: str) -> dict[str, int]:
+  """Registers, spill stores/loads and stack frame bytes from `ptxas -v`."""
+  used = _PTXAS_USED.search(report)
+  spill = _PTXAS_SPILL.search(report)
+  stack = _PTXAS_STACK.search(report)
+  if used is None:
+    raise ValueError(f"no register count in ptxas output:\n{report}")
+  return dict(registers=int(used.group(1)),
+              spill_stores=int(spill.group(1)) if spill else 0,
+              spill_loads=int(spill.group(2)) if spill else 0,
+              stack=int(stack.group(1)) if stack else 0)
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared: int) -> dict:
+  """Resident thread blocks per Hopper SM and what limits them."""
+  per_warp = math.ceil(registers * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+  limits = {
+      "registers": (REGS_PER_SM // per_warp) // num_warps,
+      "warps": MAX_WARPS_PER_SM // num_warps,
+      "blocks": MAX_BLOCKS_PER_SM,
+  }
+  if shared:
+    limits["shared"] = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_BLOCK)
+  limit = min(limits, key=limits.get)
+  return dict(blocks=limits[limit], limited_by=limit)
+
+
+def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
+  """Compiles one kernel with the `triton` package; its resources."""
+  # pylint: disable=g-import-not-at-top
+  import triton
+  from triton.backends.compiler import GPUTarget
+  digest = hashlib.sha1(kernel.ir_bytecode).hexdigest()[:10]
+  path = os.path.join(workdir, f"{kernel.name}_{digest}.ttir")
+  with open(path, "w") as f:
+    f.write(ir_text(kernel.ir_bytecode))
+  t0 = time.perf_counter()
+  compiled = triton.compile(
+      path, target=GPUTarget("cuda", arch, 32),
+      options=dict(num_warps=kernel.num_warps,
+                   num_stages=kernel.num_stages))
+  seconds = time.perf_counter() - t0
+  ptx = path[:-5] + ".ptx"
+  with open(ptx, "w") as f:
+    f.write(compiled.asm["ptx"])
+  ptxas = os.path.join(os.path.dirname(triton.backends.nvidia.__file__),
+                       "bin", "ptxas")
+  target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+  report = subprocess.run([ptxas, "-v", f"-arch={target}", ptx, "-o",
+                           os.devnull], capture_output=True, text=True,
+                          check=True).stderr
+  out = parse_ptxas(report)
+  out["shared"] = int(compiled.metadata.shared)
+  out["compile_s"] = round(seconds, 1)
+  out.update(blocks_per_sm(out["registers"], kernel.num_warps,
+                           out["shared"]))
+  out["waves"] = round(kernel.programs / (out["blocks"] * SM_COUNT), 2)
+  return out
+
+
+def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
+        heads: int, dk: int, dv: int, dtype: str, segments: bool = False,
+        arch: int = 90) -> dict:
+  """Every kernel of the defaults and each variant, with its resources
+  (None where `triton` is not importable)."""
+  try:
+    import triton  # pylint: disable=g-import-not-at-top,unused-import
+    have_triton = True
+  except ImportError:
+    have_triton = False
+  rows = []
+  with tempfile.TemporaryDirectory() as workdir:
+    for spec in ("",) + tuple(variants):
+      blocks = parse_variant(spec) if spec else BlockSizes.get_default("gpu")
+      label = f"pallas[{spec}]" if spec else "pallas"
+      for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
+                                    dk, dv, jnp.dtype(dtype), segments):
+        row = dict(blocks=label, kernel=kernel.name,
+                   num_warps=kernel.num_warps, num_stages=kernel.num_stages,
+                   grid=list(kernel.grid), programs=kernel.programs)
+        row["resources"] = (compile_kernel(kernel, arch, workdir)
+                            if have_triton else None)
+        rows.append(row)
+        print(format_row(row), flush=True)
+  versions = dict(jax=jax.__version__)
+  if have_triton:
+    versions["triton"] = triton.__version__
+  return dict(config=dict(batch=batch, seq_len=seq_len, key_heads=key_heads,
+                          heads=heads, dk=dk, dv=dv, dtype=dtype,
+                          segments=segments, arch=arch),
+              versions=versions, kernels=rows)
+
+
+HEADER = (f"{'blocks':<34} {'kernel':<34} {'warps':>5} {'stg':>3} "
+          f"{'programs':>8} {'regs':>4} {'spill st/ld':>11} {'smem KiB':>8} "
+          f"{'blk/SM':>6} {'limit':>9} {'waves':>6}")
+
+
+def format_row(row: dict) -> str:
+  head = (f"{row['blocks']:<34} {row['kernel']:<34} {row['num_warps']:>5} "
+          f"{row['num_stages']:>3} {row['programs']:>8}")
+  r = row["resources"]
+  if r is None:
+    return head + "  (triton not importable: not compiled)"
+  spill = f"{r['spill_stores']}/{r['spill_loads']}"
+  return (f"{head} {r['registers']:>4} {spill:>11} "
+          f"{r['shared'] / 1024:>8.1f} {r['blocks']:>6} "
+          f"{r['limited_by']:>9} {r['waves']:>6}")
+
+
+def main(argv):
+  del argv
+  print(HEADER, flush=True)
+  result = run(tuple(_VARIANTS.value), _BATCH.value, _SEQ_LEN.value,
+               _KEY_HEADS.value or _HEADS.value, _HEADS.value, _DK.value,
+               _DV.value, _DTYPE.value, _SEGMENTS.value, _ARCH.value)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

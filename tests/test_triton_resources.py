@@ -1,0 +1,99 @@
+"""experiments/triton_resources.py: the split kernels compile for sm_90.
+
+Without a GPU this is the furthest the CPU can take the Triton path: the
+Pallas lowering's Triton IR through the `triton` package's whole pipeline
+(TTGIR, LLVM, PTX, ptxas) for Hopper. Every kernel of the GPU defaults must
+compile and fit an SM (registers, shared memory); the resource arithmetic
+is checked against a step-by-step count.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import triton_resources as tr
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+
+# What ptxas 12.8 printed for a Pallas kernel (the format the tool parses).
+_PTXAS_REPORT = """\
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function 'gated_delta_rule_prep' for 'sm_90a'
+ptxas info    : Function properties for gated_delta_rule_prep
+    104 bytes stack frame, 96 bytes spill stores, 100 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 104 bytes cumulative stack size
+"""
+
+_SPLIT_KERNELS = {"gated_delta_rule_prep", "gated_delta_rule_state_fwd",
+                  "gated_delta_rule_output", "gated_delta_rule_bwd_local",
+                  "gated_delta_rule_state_bwd", "gated_delta_rule_bwd_out",
+                  "gated_delta_rule_bwd_wy_v", "gated_delta_rule_bwd_wy_k"}
+
+
+def test_parse_ptxas():
+  assert tr.parse_ptxas(_PTXAS_REPORT) == dict(
+      registers=255, spill_stores=96, spill_loads=100, stack=104)
+  with pytest.raises(ValueError, match="register"):
+    tr.parse_ptxas("ptxas info    : 11 bytes gmem\n")
+
+
+def _count_blocks(registers, num_warps, shared):
+  """Resident blocks per SM by adding one block at a time."""
+  per_warp = math.ceil(registers * 32 / tr.REG_ALLOC_UNIT) * tr.REG_ALLOC_UNIT
+  blocks = 0
+  while True:
+    n = blocks + 1
+    if (n * num_warps * per_warp > tr.REGS_PER_SM
+        or n * num_warps > tr.MAX_WARPS_PER_SM
+        or n > tr.MAX_BLOCKS_PER_SM
+        or (shared and n * (shared + tr.SMEM_RESERVED_PER_BLOCK)
+            > tr.SMEM_PER_SM)):
+      return blocks
+    blocks = n
+
+
+@pytest.mark.parametrize("registers,num_warps,shared", [
+    (255, 4, 12 * 1024), (128, 4, 48 * 1024), (80, 4, 164 * 1024),
+    (40, 2, 0), (64, 8, 1024), (32, 1, 0), (168, 8, 100 * 1024)])
+def test_blocks_per_sm(registers, num_warps, shared):
+  got = tr.blocks_per_sm(registers, num_warps, shared)
+  assert got["blocks"] == _count_blocks(registers, num_warps, shared)
+
+
+def test_lowered_kernels_of_the_split_family():
+  """The lowering yields each split kernel with its launch parameters."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering test for CPU-only machines")
+  blocks = BlockSizes.get_default("gpu")
+  kernels = tr.lowered_kernels(blocks, 1, 200, 1, 2, 128, 64, jnp.bfloat16,
+                               segments=True)
+  assert {k.name for k in kernels} == _SPLIT_KERNELS
+  chunks = math.ceil(200 / blocks.chunk_size)
+  for k in kernels:
+    sequential = "state" in k.name
+    assert k.num_warps == (blocks.num_warps if sequential
+                           else blocks.num_warps_intra)
+    assert k.num_stages == blocks.num_stages
+    # (value heads, chunks or dv tiles, batch) in some order.
+    assert k.programs == 2 * (64 // blocks.block_dv if sequential
+                              else chunks), (k.name, k.grid)
+    assert k.ir_bytecode.startswith(b"ML\xefR")  # MLIR bytecode
+
+
+def test_default_kernels_compile_for_hopper():
+  """Every kernel of the GPU defaults compiles for sm_90 and fits an SM."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering test for CPU-only machines")
+  # CI installs it (setup.cfg extra "triton"); so does the GPU machine.
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
+  result = tr.run((), batch=1, seq_len=130, key_heads=1, heads=2, dk=128,
+                  dv=128, dtype="bfloat16", segments=True)
+  names = set()
+  for row in result["kernels"]:
+    names.add(row["kernel"])
+    r = row["resources"]
+    assert r["registers"] <= 255, row
+    assert 0 < r["shared"] + tr.SMEM_RESERVED_PER_BLOCK <= tr.SMEM_PER_SM, row
+    assert r["blocks"] >= 1, row
+  assert names == _SPLIT_KERNELS
