@@ -57,6 +57,9 @@ _VARIANTS = flags.DEFINE_list(
     "'num_warps_intra=8/f32_dot=bf16'; the defaults are always included.")
 _SEGMENTS = flags.DEFINE_bool("segments", False,
                               "Lower with segment_ids (packed sequences).")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Compile only kernels whose name contains one of these "
+    "(e.g. 'wy_k,prep'); default all.")
 _ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
 
@@ -268,7 +271,7 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
 
 def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
         heads: int, dk: int, dv: int, dtype: str, segments: bool = False,
-        arch: int = 90) -> dict:
+        arch: int = 90, only: tuple[str, ...] = ()) -> dict:
   """Every kernel of the defaults and each variant, with its resources
   (None where `triton` is not importable)."""
   try:
@@ -283,6 +286,8 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
       label = f"pallas[{spec}]" if spec else "pallas"
       for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
                                     dk, dv, jnp.dtype(dtype), segments):
+        if only and not any(part in kernel.name for part in only):
+          continue
         row = dict(blocks=label, kernel=kernel.name,
                    num_warps=kernel.num_warps, num_stages=kernel.num_stages,
                    grid=list(kernel.grid), programs=kernel.programs)
@@ -321,7 +326,8 @@ def main(argv):
   print(HEADER, flush=True)
   result = run(tuple(_VARIANTS.value), _BATCH.value, _SEQ_LEN.value,
                _KEY_HEADS.value or _HEADS.value, _HEADS.value, _DK.value,
-               _DV.value, _DTYPE.value, _SEGMENTS.value, _ARCH.value)
+               _DV.value, _DTYPE.value, _SEGMENTS.value, _ARCH.value,
+               tuple(_ONLY.value))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(result, f, indent=1)

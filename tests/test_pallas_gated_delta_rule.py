@@ -27,6 +27,7 @@ import pytest
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule import kernel_split
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
@@ -175,11 +176,38 @@ def test_pallas_without_interpret_on_cpu_raises():
     gated_delta_rule(**inputs, implementation="pallas")
 
 
+@pytest.mark.parametrize("algorithm", sorted(tolerances.MIXED_DOT_REL))
+def test_mixed_products_split_the_f32_operand(algorithm):
+  """Dots.fm / fm_nt (f32 matrix x stored bf16 matrix): on bf16 inputs the
+  f32 operand is cut into bf16 parts, one tensor-core product each. Plain
+  jnp on CPU, the same code the kernels trace; against float64."""
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(64, 64)).astype(np.float32)
+  b = jnp.asarray(rng.normal(size=(64, 128)), jnp.bfloat16)
+  want = a.astype(np.float64) @ np.asarray(b, np.float64)
+  d = kernel_split.Dots(md=jnp.bfloat16, f32=algorithm)
+  bound = tolerances.MIXED_DOT_REL[algorithm]
+  assert tolerances.max_rel_err(d.fm(jnp.asarray(a), b), want) < bound
+  assert tolerances.max_rel_err(d.fm_nt(jnp.asarray(a), b.T), want) < bound
+
+
 def test_unit_lower_inverse():
   rng = np.random.default_rng(0)
   a = np.tril(rng.normal(size=(64, 64)) * 0.2, -1).astype(np.float32)
   got = kernel.unit_lower_inverse(jnp.asarray(a))
   want = np.linalg.inv(np.eye(64) + a.astype(np.float64))
+  tolerances.assert_close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("c,block", [(64, 16), (64, 8), (64, 32), (32, 8),
+                                     (64, 64)])
+def test_block_unit_lower_inverse(c, block):
+  """Diagonal blocks by substitution, the rest by the nilpotent product."""
+  rng = np.random.default_rng(c + block)
+  a = np.tril(rng.normal(size=(c, c)) * 0.3, -1).astype(np.float32)
+  dot = lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST)
+  got = kernel.block_unit_lower_inverse(jnp.asarray(a), block, dot)
+  want = np.linalg.inv(np.eye(c) + a.astype(np.float64))
   tolerances.assert_close(got, want, jnp.float32)
 
 
@@ -201,6 +229,19 @@ def test_block_sizes_validation():
         block_sizes=BlockSizes(solve_block=8))
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
+  with pytest.raises(ValueError, match="kernel_warps"):
+    BlockSizes(kernel_warps="wy_q:8")
+  with pytest.raises(ValueError, match="kernel_warps"):
+    BlockSizes(kernel_warps="wy_k:6")
+  with pytest.raises(ValueError, match="kernel_warps"):
+    BlockSizes(kernel_warps="wy_k=8")
+  warps = BlockSizes(num_warps=2, num_warps_intra=4,
+                     kernel_warps="wy_k:8+state_bwd:1")
+  assert warps == BlockSizes(num_warps=2, num_warps_intra=4,
+                             kernel_warps=(("state_bwd", 1), ("wy_k", 8)))
+  assert [warps.warps(name, parallel) for name, parallel in
+          [("wy_k", True), ("wy_v", True), ("state_bwd", False),
+           ("state_fwd", False)]] == [8, 4, 1, 2]
   assert BlockSizes.get_default("tpu").chunk_loop == "grid"
   assert BlockSizes.get_default("gpu").chunk_loop == "kernel"
   assert BlockSizes.get_default("gpu").kernels == "split"
@@ -326,7 +367,8 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
 
 @pytest.mark.parametrize("with_segments", [False, True])
 def test_blocked_solve_matches_row_by_row(with_segments):
-  """The prep kernel's tiled solve gives the row-by-row T, w, u and decays."""
+  """The prep kernel's blocked solve gives the row-by-row T, w, u and
+  decays."""
   inputs = make_inputs(7, 150, with_segments=with_segments, b=1, hk=1, hv=2,
                        dk=16, dv=32)
   outs = {}

@@ -65,14 +65,15 @@ def test_lowered_kernels_of_the_split_family():
   """The lowering yields each split kernel with its launch parameters."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
-  blocks = BlockSizes.get_default("gpu")
+  blocks = tr.parse_variant("kernel_warps=wy_k:2")
   kernels = tr.lowered_kernels(blocks, 1, 200, 1, 2, 128, 64, jnp.bfloat16,
                                segments=True)
   assert {k.name for k in kernels} == _SPLIT_KERNELS
   chunks = math.ceil(200 / blocks.chunk_size)
   for k in kernels:
     sequential = "state" in k.name
-    assert k.num_warps == (blocks.num_warps if sequential
+    assert k.num_warps == (2 if k.name.endswith("wy_k") else
+                           blocks.num_warps if sequential
                            else blocks.num_warps_intra)
     assert k.num_stages == blocks.num_stages
     # (value heads, chunks or dv tiles, batch) in some order.

@@ -51,6 +51,11 @@ F32_ALGORITHMS = {
 # products in bf16 anyway), "tf32x3" when they are f32.
 F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 
+# The split family's kernels, as `BlockSizes.kernel_warps` names them (the
+# pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
+SPLIT_KERNELS = ("prep", "state_fwd", "output", "bwd_local", "state_bwd",
+                 "bwd_out", "wy_v", "wy_k", "wy")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -89,6 +94,10 @@ class BlockSizes:
     out_block: None, or a column width: the split backward's bwd_out
       kernel takes dk (the rows of the [dk, dv] states) this many columns
       at a time instead of whole. Not measured on a GPU yet.
+    kernel_warps: Triton warps of single split kernels, overriding
+      num_warps / num_warps_intra: pairs (name from `SPLIT_KERNELS`,
+      warps), or a string "bwd_out:8,wy_k:8" ("+" also separates, for
+      command-line lists: "bwd_out:8+wy_k:8").
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -101,8 +110,25 @@ class BlockSizes:
   f32_dot: str = "highest"
   wy_block: int | None = None
   out_block: int | None = None
+  kernel_warps: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
+    warps = self.kernel_warps
+    if isinstance(warps, str):
+      try:
+        warps = tuple((name, int(n)) for name, n in
+                      (item.split(":") for item in
+                       warps.replace("+", ",").split(",") if item))
+      except ValueError as e:
+        raise ValueError(f"kernel_warps: expected 'name:warps,...', found "
+                         f"{self.kernel_warps!r}") from e
+    warps = tuple(sorted((str(name), int(n)) for name, n in warps))
+    for name, n in warps:
+      if name not in SPLIT_KERNELS or n < 1 or n & (n - 1):
+        raise ValueError(f"kernel_warps: expected kernel names from "
+                         f"{SPLIT_KERNELS} with a power-of-two number of "
+                         f"warps, found {name}:{n}")
+    object.__setattr__(self, "kernel_warps", warps)
     if self.chunk_size < 1 or self.chunk_size % 8:
       raise ValueError(f"chunk_size: expected a positive multiple of 8, "
                        f"found {self.chunk_size}")
@@ -151,10 +177,22 @@ class BlockSizes:
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
+      # bwd_out and wy_k in 8 warps: with 4, each thread holds too many
+      # [64, 128] f32 tiles and ptxas spills (472 and 1076 bytes per thread
+      # at sm_90 against 88 and 108; experiments/triton_resources.py). On
+      # the H200 with the kernels of 2026-11-26, 8 warps took bwd_out from
+      # 2.0 to 1.6 ms and left wy_k as it was (5.6 ms, then still
+      # spilling 764 bytes).
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=16, f32_dot="auto")
+                 solve_block=16, f32_dot="auto",
+                 kernel_warps="bwd_out:8,wy_k:8")
     return cls()
+
+  def warps(self, kernel: str, parallel: bool) -> int:
+    """Triton warps of split kernel `kernel` (a `SPLIT_KERNELS` name)."""
+    default = self.num_warps_intra if parallel else self.num_warps
+    return dict(self.kernel_warps).get(kernel, default)
 
   def dv_tile(self, dv: int) -> int:
     """The value-dim tile actually used for a value dim `dv`."""

@@ -73,7 +73,11 @@ def _pick_col(x: jax.Array, j) -> jax.Array:
 
 
 def _col_to_row(x: jax.Array) -> jax.Array:
-  """[c, 1] -> [1, c] (a transpose by a diagonal mask and a column sum)."""
+  """[c, 1] -> [1, c] (a transpose by a diagonal mask and a column sum).
+
+  Triton lowers `x.T` too (the split kernels use it: `kernel_split`);
+  this form is for the fused kernels, which also lower through Mosaic TPU.
+  """
   c = x.shape[0]
   eye = _iota((c, c), 0) == _iota((c, c), 1)
   return jnp.sum(jnp.where(eye, x, 0.0), axis=0, keepdims=True)
@@ -119,6 +123,53 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
   return lax.fori_loop(1, c, body, eye)
 
 
+def block_unit_lower_inverse(a: jax.Array, block: int, dot) -> jax.Array:
+  """(I + a)^-1 for a strictly lower-triangular a [c, c], in blocks.
+
+  a = D + L with D the diagonal `block` x `block` blocks and L the rest
+  (strictly block-lower). The blocks of D are inverted by forward
+  substitution all at once: rows of different blocks are independent, so
+  step i finishes row i of every block (block - 1 steps on [c, c] arrays,
+  not c - 1). Then (I + a)^-1 = (I + N)^-1 Td with Td = (I + D)^-1 and
+  N = Td L, strictly block-lower and so nilpotent (N^m = 0 for m = c /
+  block): (I + N)^-1 = (I - N)(I + N^2)(I + N^4)..., 4 products of [c, c]
+  matrices for c = 64, block = 16 (by `dot`, an f32 product).
+
+  Args:
+    a: [c, c] f32, zero on and above the diagonal.
+    block: a power of two dividing c.
+    dot: f32 matrix product (a, b) -> a @ b.
+
+  Returns:
+    [c, c] f32 unit-lower-triangular inverse.
+  """
+  c = a.shape[0]
+  rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+  same = (rows // block) == (cols // block)
+  d_t = jnp.where(same, a, 0.0).T
+  eye = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
+
+  def body(i, t):
+    # a_col[j] = D[r, j] for the row r = i of j's block (D is block
+    # diagonal, so the other blocks' rows i add zeros).
+    a_col = jnp.sum(jnp.where(cols % block == i, d_t, 0.0), axis=1,
+                    keepdims=True)
+    # T is block diagonal too: column j of the sum only sees j's block.
+    upd = jnp.sum(a_col * t, axis=0, keepdims=True)  # [1, c]
+    return t - jnp.where((rows % block == i) & same, upd, 0.0)
+
+  t_diag = lax.fori_loop(1, block, body, eye)
+  if block >= c:
+    return t_diag
+  n = dot(t_diag, jnp.where(same, 0.0, a))
+  inv, power, order = eye - n, n, 2
+  while order < c // block:
+    power = dot(power, power)  # N^order
+    inv = dot(inv, eye + power)
+    order *= 2
+  return dot(inv, t_diag)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Intra:
   """Per-chunk quantities shared by the forward and the backward."""
@@ -133,7 +184,8 @@ class _Intra:
 
 
 def chunk_intra(k: jax.Array, scalars: jax.Array,
-                has_segments: bool, kk: jax.Array | None = None) -> _Intra:
+                has_segments: bool, kk: jax.Array | None = None,
+                inverse=None, transpose=None) -> _Intra:
   """Decays, masks and the UT/WY inverse of one chunk.
 
   Args:
@@ -143,6 +195,10 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
     has_segments: whether to apply segment masks.
     kk: k k^T [c, c] f32 if the caller computed it (in its own precision),
       else computed here in IEEE f32.
+    inverse: a -> (I + a)^-1 for the strictly lower [c, c] a; default
+      `unit_lower_inverse` (row by row).
+    transpose: how a vector [c, 1] <-> [1, c] is transposed; default by a
+      diagonal mask (`_col_to_row`, which Mosaic TPU lowers too).
 
   Returns:
     An `_Intra`.
@@ -153,7 +209,7 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
   beta = _pick_col(scalars, BETA_COL)
   # Inclusive cumsum as a row: G_j = sum_{i <= j} g_i.
   g_row = jnp.sum(jnp.where(rows <= cols, g, 0.0), axis=0, keepdims=True)
-  g_col = _row_to_col(g_row)
+  g_col = (transpose or _row_to_col)(g_row)
   g_last = _pick_col(g_row, c - 1)  # [1, 1]
   mask = rows >= cols
   decay_q = jnp.exp(g_col)
@@ -161,7 +217,7 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
   decay_last = jnp.exp(g_last)
   if has_segments:
     resets = _pick_col(scalars, RESET_COL)  # [c, 1]
-    resets_row = _col_to_row(resets)
+    resets_row = (transpose or _col_to_row)(resets)
     resets_last = _pick_col(resets_row, c - 1)  # [1, 1]
     mask = mask & (resets == resets_row)
     decay_q = jnp.where(resets == 0.0, decay_q, 0.0)
@@ -173,7 +229,8 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
     kk = _dot_nt(k, k)
   a = jnp.where(rows > cols, beta * kk * gamma, 0.0)
   return _Intra(beta=beta, gamma=gamma, decay_q=decay_q, decay_k=decay_k,
-                decay_last=decay_last, kk=kk, t=unit_lower_inverse(a),
+                decay_last=decay_last, kk=kk,
+                t=(inverse or unit_lower_inverse)(a),
                 g_cum=g_col)
 
 

@@ -46,6 +46,7 @@ amplifies rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 from jax import lax
@@ -58,8 +59,14 @@ from pallas_kernels.gated_delta_rule import kernel
 _F32 = jnp.float32
 _iota = kernel._iota  # pylint: disable=protected-access
 _pick_col = kernel._pick_col  # pylint: disable=protected-access
-_col_to_row = kernel._col_to_row  # pylint: disable=protected-access
 _load = kernel._load  # pylint: disable=protected-access
+
+
+def _transpose(x: jax.Array) -> jax.Array:
+  """[c, 1] <-> [1, c]. A Triton transpose: the split kernels only lower
+  for GPUs (the fused kernels' masked form costs a [c, c] reduction)."""
+  return x.T
+
 
 # Columns of the per-token "aux" array [.., t, 4] that `prep_kernel` writes.
 AUX_G, AUX_DECAY_Q, AUX_DECAY_K, AUX_RESETS = 0, 1, 2, 3
@@ -116,6 +123,34 @@ class Dots:
     """a^T @ b in f32."""
     return self._general(a, b, ((0,), (0,)), _F32)
 
+  # Products of an f32 matrix `a` with a stored one `b` (held in md). When
+  # md is bf16 and the f32 algorithm splits operands into bf16 parts, b's
+  # low parts are zero: only a is split, and each part of a meets b in one
+  # bf16 product (bf16x3: 2 products instead of 3, bf16: 1).
+  _BF16_PARTS = {"bf16": 1, "bf16x3": 2, "bf16x6": 3}
+
+  def _mixed(self, a, b, dims):
+    parts = self._BF16_PARTS.get(self.f32)
+    if parts is None or jnp.dtype(self.md) != jnp.bfloat16:
+      return self._general(a, b, dims, _F32)
+    b = b.astype(self.md)
+    out, rest = None, a
+    for i in range(parts):
+      part = rest.astype(self.md)
+      term = self._general(part, b, dims, self.md)
+      out = term if out is None else out + term
+      if i + 1 < parts:
+        rest = rest - part.astype(_F32)
+    return out
+
+  def fm(self, a, b):
+    """a @ b: a f32, b a stored tensor (exact in md)."""
+    return self._mixed(a, b, ((1,), (0,)))
+
+  def fm_nt(self, a, b):
+    """a @ b^T: a f32, b a stored tensor (exact in md)."""
+    return self._mixed(a, b, ((1,), (1,)))
+
 
 def _last(col: jax.Array) -> jax.Array:
   """The last element of a column [c, 1] as [1, 1]."""
@@ -138,8 +173,8 @@ def _decays(aux: jax.Array, has_segments: bool):
   mask = rows >= cols
   if has_segments:
     resets = _pick_col(aux, AUX_RESETS)
-    mask = mask & (resets == _col_to_row(resets))
-  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g - _col_to_row(g), 0.0)),
+    mask = mask & (resets == _transpose(resets))
+  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g - _transpose(g), 0.0)),
                     0.0)
   # e^{G_last} masked as chunk_intra masks it = decay_q at the last row.
   return gamma, decay_q, decay_k, _last(decay_q)
@@ -164,7 +199,7 @@ def _decay_grad(dgg, col_terms, last_term):
   """
   c = dgg.shape[0]
   rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-  dg_row = (_col_to_row(jnp.sum(dgg, axis=1, keepdims=True) + col_terms)
+  dg_row = (_transpose(jnp.sum(dgg, axis=1, keepdims=True) + col_terms)
             - jnp.sum(dgg, axis=0, keepdims=True))
   dg_row = dg_row + jnp.where(_iota((1, c), 1) == c - 1, last_term, 0.0)
   # G = cumsum(g)  =>  dg_i = sum_{j >= i} dG_j.
@@ -177,94 +212,29 @@ def _decay_grad(dgg, col_terms, last_term):
 
 
 def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
-                has_segments: bool, d: Dots):
+                has_segments: bool, d: Dots, block: int | None = None):
   """One chunk: decays, the UT / WY inverse, w and u (parallel over chunks).
 
+  The inverse is row by row, or with `block` in diagonal blocks of that
+  many tokens and full-tile products (`kernel.block_unit_lower_inverse`).
   With a fourth output (the backward's call) T itself is written too.
   """
-  k, v, sc = _load(k_ref), _load(v_ref), _load(sc_ref)
-  x = kernel.chunk_intra(k, sc, has_segments, kk=d.mm_nt(k, k))
+  k, sc = k_ref[...], _load(sc_ref)
+  inverse = None
+  if block is not None and block < k.shape[0]:
+    inverse = functools.partial(kernel.block_unit_lower_inverse, block=block,
+                                dot=d.f)
+  x = kernel.chunk_intra(k.astype(_F32), sc, has_segments, kk=d.mm_nt(k, k),
+                         inverse=inverse, transpose=_transpose)
   if t_ref:
     t_ref[0][...] = x.t
-  u_ref[...] = d.f(x.t, x.beta * v).astype(u_ref.dtype)
-  w_ref[...] = d.f(x.t, (x.beta * x.decay_q) * k).astype(w_ref.dtype)
+  # T (beta v) = (T diag(beta)) v: the stored v and k enter as they are.
+  u_ref[...] = d.fm(x.t * _transpose(x.beta), v_ref[...]).astype(
+      u_ref.dtype)
+  w_ref[...] = d.fm(x.t * _transpose(x.beta * x.decay_q), k).astype(
+      w_ref.dtype)
   aux_ref[...] = _aux(x.g_cum, x.decay_q, x.decay_k,
                       _pick_col(sc, kernel.RESET_COL))
-
-
-def prep_blocked_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
-                        has_segments: bool, block: int, d: Dots):
-  """`prep_kernel` with the solve done in blocks of `block` tokens.
-
-  The chunk's [c, c] matrix A is built and inverted as (c / block)^2 tiles:
-  each diagonal tile by forward substitution (block - 1 steps on
-  [block, block] arrays instead of c - 1 steps on [c, c]), the tiles below
-  it by block forward substitution,
-    T_ab = -T_aa sum_{b <= e < a} A_ae T_eb,
-  then w and u tile by tile. Rows are read from and written to the refs in
-  tiles (Triton has no value slicing); all statically unrolled.
-  """
-  c = k_ref.shape[0]
-  m, nb = block, c // block
-  rows, cols = _iota((m, m), 0), _iota((m, m), 1)
-  tiles = [slice(a * m, (a + 1) * m) for a in range(nb)]
-  ks, vs, betas, resets, g_cols, g_rows = [], [], [], [], [], []
-  offset = jnp.zeros((1, 1), _F32)
-  for sl in tiles:
-    sc = _load(sc_ref, sl)
-    ks.append(_load(k_ref, sl))
-    vs.append(_load(v_ref, sl))
-    betas.append(_pick_col(sc, kernel.BETA_COL))
-    resets.append(_pick_col(sc, kernel.RESET_COL))
-    g = _pick_col(sc, kernel.G_COL)
-    # G over the whole chunk: this tile's inclusive cumsum plus the tiles
-    # before it.
-    g_row = jnp.sum(jnp.where(rows <= cols, g, 0.0), axis=0,
-                    keepdims=True) + offset
-    g_rows.append(g_row)
-    g_cols.append(kernel._row_to_col(g_row))  # pylint: disable=protected-access
-    offset = _pick_col(g_row, m - 1)
-  g_last, resets_last = offset, _last(resets[-1])
-
-  def gamma(a, b):  # masked exp(G_i - G_j), tile (a, b), a >= b
-    mask = (rows >= cols) if a == b else jnp.full((m, m), True)
-    if has_segments:
-      mask = mask & (resets[a] == _col_to_row(resets[b]))
-    return jnp.where(mask, jnp.exp(jnp.where(mask, g_cols[a] - g_rows[b],
-                                             0.0)), 0.0)
-
-  a_tiles = {}
-  for a in range(nb):
-    for b in range(a + 1):
-      x = betas[a] * d.mm_nt(ks[a], ks[b]) * gamma(a, b)
-      a_tiles[a, b] = jnp.where(rows > cols, x, 0.0) if a == b else x
-  t = {(a, a): kernel.unit_lower_inverse(a_tiles[a, a]) for a in range(nb)}
-  for a in range(1, nb):
-    for b in range(a - 1, -1, -1):
-      acc = d.f(a_tiles[a, b], t[b, b])
-      for e in range(b + 1, a):
-        acc = acc + d.f(a_tiles[a, e], t[e, b])
-      t[a, b] = -d.f(t[a, a], acc)
-  for a, sl in enumerate(tiles):
-    decay_q = jnp.exp(g_cols[a])
-    decay_k = jnp.exp(g_last - g_cols[a])
-    if has_segments:
-      decay_q = jnp.where(resets[a] == 0.0, decay_q, 0.0)
-      decay_k = jnp.where(resets[a] == resets_last, decay_k, 0.0)
-    ks[a] = (betas[a] * decay_q) * ks[a]  # now beta e^G k
-    vs[a] = betas[a] * vs[a]              # now beta v
-    aux_ref[sl, :] = _aux(g_cols[a], decay_q, decay_k, resets[a])
-  for a, sl in enumerate(tiles):
-    u = d.f(t[a, 0], vs[0])
-    w = d.f(t[a, 0], ks[0])
-    for b in range(1, a + 1):
-      u = u + d.f(t[a, b], vs[b])
-      w = w + d.f(t[a, b], ks[b])
-    u_ref[sl, :] = u.astype(u_ref.dtype)
-    w_ref[sl, :] = w.astype(w_ref.dtype)
-    if t_ref:
-      for b, sl_b in enumerate(tiles):
-        t_ref[0][sl, sl_b] = t[a, b] if b <= a else jnp.zeros((m, m), _F32)
 
 
 def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
@@ -378,58 +348,62 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
   dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
 
 
-def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dtu_ref, dsc_ref, *,
+def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dau_ref, dsc_ref, *,
                 d: Dots):
   """Gradients through u = T(beta v) (parallel over chunks).
 
-  Writes dv, dT's part from u (du (beta v)^T, [c, c]) and (0, dbeta part).
+  Writes dv, (0, dbeta part) and dxu u^T [c, c] with dxu = T^T du: u's
+  share of -dA. (T^T dT T^T = dxu u^T + dxw w^T exactly, since
+  dT = du (beta v)^T + dw (beta e^G k)^T and u, w = T (beta v), T (beta
+  e^G k): the WY backward never forms dT. u is not stored for it:
+  dxu u^T = (dxu v^T)(T diag(beta))^T.)
   """
-  t, v = _load(t_ref), _load(v_ref)
+  t, v = _load(t_ref), v_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
-  du = _load(dvn_ref)
-  dxu = d.f_tn(t, du)
+  dxu = d.f_tn(t, _load(dvn_ref))
   dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
-  dtu_ref[...] = d.f_nt(du, beta * v)
-  dbeta = jnp.sum(v * dxu, axis=1, keepdims=True)
+  dau_ref[...] = d.f_nt(d.fm_nt(dxu, v), t * _transpose(beta))
+  dbeta = jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
 
 
-def _inverse_grad(t, dt, d: Dots):
-  """dA from dT through T = (I + A)^-1: -T^T dT T^T, A strictly lower."""
-  c = t.shape[0]
-  da = -d.f_nt(d.f_tn(t, dt), t)
-  return jnp.where(_iota((c, c), 0) > _iota((c, c), 1), da, 0.0)
-
-
-def _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw, dbeta):
-  """(dg part, dbeta part) [c, 2] of the WY path: through A (da), through
-  w (kdxw = rowsum(k * T^T dw)), plus `dbeta` from elsewhere."""
-  dbeta = dbeta + eg * kdxw + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
-  dg = _decay_grad(da * beta * kk * gamma, beta * kdxw * eg,
-                   jnp.zeros((1, 1), _F32))
+def _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, dbeta):
+  """(dg part, dbeta part) [c, 2] of the WY path: through A (da; kkg is
+  k k^T * Gamma), through w (kdxw = rowsum(k * T^T dw)), plus `dbeta` from
+  elsewhere."""
+  dakkg = da * kkg
+  dbeta = dbeta + eg * kdxw + jnp.sum(dakkg, axis=1, keepdims=True)
+  dg = _decay_grad(dakkg * beta, beta * kdxw * eg, jnp.zeros((1, 1), _F32))
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
 
 
-def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dtu_ref, dk_ref,
+def _strict_lower(x):
+  c = x.shape[0]
+  return jnp.where(_iota((c, c), 0) > _iota((c, c), 1), x, 0.0)
+
+
+def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dk_ref,
                 dsc_ref, *, has_segments: bool, d: Dots):
   """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
 
-  Writes the rest of dk and (dg part, dbeta part) as [c, 2].
+  dA = -(dxu u^T + dxw w^T), strictly lower (see `wy_v_kernel`), with
+  dxw w^T = (dxw k^T)(T diag(beta e^G))^T. Writes the rest of dk and
+  (dg part, dbeta part) as [c, 2].
   """
-  t, k = _load(t_ref), _load(k_ref)
+  t = _load(t_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
-  kk = d.mm_nt(k, k)  # exact products of stored keys
-  dw = _load(dw_ref)
-  dxw = d.f_tn(t, dw)
-  dt = _load(dtu_ref) + d.f_nt(dw, (beta * eg) * k)
-  kdxw = jnp.sum(k * dxw, axis=1, keepdims=True)
-  da = _inverse_grad(t, dt, d)
+  bek = beta * eg
+  k = k_ref[...]
+  dxw = d.f_tn(t, _load(dw_ref))
+  da = -_strict_lower(_load(dau_ref) + d.f_nt(d.fm_nt(dxw, k),
+                                               t * _transpose(bek)))
+  kkg = d.mm_nt(k, k) * gamma  # exact products of stored keys
   dkk = da * beta * gamma
   # d(k k^T) k + d(k k^T)^T k in one product.
-  dk_ref[...] = (beta * eg) * dxw + d.f(dkk + dkk.T, k)
-  _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw,
-                    jnp.zeros_like(kdxw))
+  dk_ref[...] = bek * dxw + d.fm(dkk + dkk.T, k)
+  kdxw = jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
+  _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, jnp.zeros_like(kdxw))
 
 
 def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
@@ -439,38 +413,38 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
   The same gradients (dv, the rest of dk, and (dg part, dbeta part)),
   with dv and dk handled `block` columns at a time so that only [c, block]
   and [c, c] tiles are live (flash-linear-attention's WY backward is tiled
-  the same way), and without the [c, c] dT intermediate of the two-kernel
-  version. dxw = T^T dw is formed twice per tile (once for dT, once for dk)
-  rather than kept.
+  the same way), and without the [c, c] intermediate of the two-kernel
+  version. dxw = T^T dw is formed twice per tile (once for dA, once for
+  dk) rather than kept.
   """
   c = t_ref.shape[0]
   t = _load(t_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
-  dt = jnp.zeros((c, c), _F32)
-  dbeta = jnp.zeros((c, 1), _F32)
-  # Through u = T(beta v).
-  for cols_v in _column_tiles(v_ref.shape[1], block):
-    v, du = v_ref[:, cols_v].astype(_F32), dvn_ref[:, cols_v].astype(_F32)
-    dxu = d.f_tn(t, du)
-    dv_ref[:, cols_v] = (beta * dxu).astype(dv_ref.dtype)
-    dt = dt + d.f_nt(du, beta * v)
-    dbeta = dbeta + jnp.sum(v * dxu, axis=1, keepdims=True)
-  # Through w = T(beta e^G k): dT, and k k^T.
   bek = beta * eg
+  xu = jnp.zeros((c, c), _F32)  # dxu v^T
+  dbeta = jnp.zeros((c, 1), _F32)
+  for cols_v in _column_tiles(v_ref.shape[1], block):
+    v = v_ref[:, cols_v]
+    dxu = d.f_tn(t, dvn_ref[:, cols_v].astype(_F32))
+    dv_ref[:, cols_v] = (beta * dxu).astype(dv_ref.dtype)
+    xu = xu + d.fm_nt(dxu, v)
+    dbeta = dbeta + jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
   k_tiles = _column_tiles(k_ref.shape[1], block)
   kk = jnp.zeros((c, c), _F32)
+  xw = jnp.zeros((c, c), _F32)  # dxw k^T
   for cols_k in k_tiles:
-    k, dw = k_ref[:, cols_k].astype(_F32), dw_ref[:, cols_k].astype(_F32)
+    k = k_ref[:, cols_k]
     kk = kk + d.mm_nt(k, k)  # exact products of stored keys
-    dt = dt + d.f_nt(dw, bek * k)
-  da = _inverse_grad(t, dt, d)
+    xw = xw + d.fm_nt(d.f_tn(t, dw_ref[:, cols_k].astype(_F32)), k)
+  da = -_strict_lower(d.f_nt(xu, t * _transpose(beta))
+                      + d.f_nt(xw, t * _transpose(bek)))
   dkk = da * beta * gamma
   dkk = dkk + dkk.T  # d(k k^T) k + d(k k^T)^T k in one product
   kdxw = jnp.zeros((c, 1), _F32)
   for cols_k in k_tiles:
-    k, dw = k_ref[:, cols_k].astype(_F32), dw_ref[:, cols_k].astype(_F32)
-    dxw = d.f_tn(t, dw)
-    dk_ref[:, cols_k] = bek * dxw + d.f(dkk, k)
-    kdxw = kdxw + jnp.sum(k * dxw, axis=1, keepdims=True)
-  _write_wy_scalars(dsc_ref, da, kk, beta, gamma, eg, kdxw, dbeta)
+    k = k_ref[:, cols_k]
+    dxw = d.f_tn(t, dw_ref[:, cols_k].astype(_F32))
+    dk_ref[:, cols_k] = bek * dxw + d.fm(dkk, k)
+    kdxw = kdxw + jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
+  _write_wy_scalars(dsc_ref, da, kk * gamma, beta, eg, kdxw, dbeta)

@@ -72,18 +72,22 @@ class _Plan:
     self.states_tile = pl.BlockSpec((sq, sq, self.n, self.dk, self.bv),
                                     lambda i, h, j: (i, h, 0, 0, j))
 
-  def call(self, body, *args, grid, in_specs, out_specs, out_shape, name,
-           parallel: bool):
-    bs = self.cfg.block_sizes
-    warps = bs.num_warps_intra if parallel else bs.num_warps
+  def call(self, body, *args, grid, in_specs, out_specs, out_shape,
+           stage: str):
+    """One pallas_call of split kernel `stage` (a name from
+    `block_sizes.SPLIT_KERNELS`)."""
+    parallel = not stage.startswith("state_")
+    warps = self.cfg.block_sizes.warps(stage, parallel)
     kwargs = {}
     params = self.cfg.compiler_params(("parallel",) * 3, num_warps=warps)
     if params is not None:
       kwargs["compiler_params"] = params
+    prefix = "gated_delta_rule_bwd_" if stage.startswith("wy") else (
+        "gated_delta_rule_")
     return pl.pallas_call(
         body, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=self.cfg.interpret, name=name,
-        **kwargs)(*args)
+        out_shape=out_shape, interpret=self.cfg.interpret,
+        name=prefix + stage, **kwargs)(*args)
 
   def shape(self, *dims, dtype=_F32):
     return jax.ShapeDtypeStruct(dims, dtype)
@@ -93,14 +97,8 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False):
   """w [b, hv, tp, dk], u [b, hv, tp, dv] in md; aux [b, hv, tp, 4] f32;
   with_t: also T, [b, hv, tp, c] f32 (row block n holds chunk n's T)."""
   b, hv, tp = p.b, p.hv, p.tp
-  solve_block = p.cfg.block_sizes.solve_block
-  if solve_block is None or solve_block >= p.c:
-    body = functools.partial(ks.prep_kernel,
-                             has_segments=p.cfg.has_segments, d=p.d)
-  else:
-    body = functools.partial(ks.prep_blocked_kernel,
-                             has_segments=p.cfg.has_segments,
-                             block=solve_block, d=p.d)
+  body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments,
+                           d=p.d, block=p.cfg.block_sizes.solve_block)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
   out_shape = [p.shape(b, hv, tp, p.dk, dtype=p.md),
                p.shape(b, hv, tp, p.dv, dtype=p.md),
@@ -113,7 +111,7 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False):
       in_specs=[p.key_chunk, p.val_chunk(p.dv),
                 p.val_chunk(kernel.NUM_SCALARS)],
       out_specs=out_specs, out_shape=out_shape,
-      name="gated_delta_rule_prep", parallel=True)
+      stage="prep")
 
 
 def _state_fwd(p: _Plan, w, u, k, aux, s0):
@@ -128,7 +126,7 @@ def _state_fwd(p: _Plan, w, u, k, aux, s0):
       out_shape=[p.shape(p.b, p.hv, p.tp, p.dv, dtype=p.md),
                  p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md),
                  p.shape(p.b, p.hv, p.dk, p.dv)],
-      name="gated_delta_rule_state_fwd", parallel=False)
+      stage="state_fwd")
 
 
 def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
@@ -140,7 +138,7 @@ def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
                 p.val_chunk(ks.NUM_AUX)],
       out_specs=p.val_chunk(p.dv),
       out_shape=p.shape(p.b, p.hv, p.tp, p.dv, dtype=out_dtype),
-      name="gated_delta_rule_output", parallel=True)
+      stage="output")
 
 
 def forward(q, k, v, sc, s0, cfg, sq):
@@ -162,7 +160,7 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
       out_shape=[p.shape(b, hv, tp, dv, dtype=p.md), p.shape(b, hv, tp, dv)],
-      name="gated_delta_rule_bwd_local", parallel=True)
+      stage="bwd_local")
 
 
 def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
@@ -178,7 +176,7 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       out_shape=[p.shape(b, hv, tp, dv),
                  p.shape(b, hv, p.n, dk, dv, dtype=p.md),
                  p.shape(b, hv, dk, dv)],
-      name="gated_delta_rule_state_bwd", parallel=False)
+      stage="state_bwd")
 
 
 def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
@@ -196,11 +194,11 @@ def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
       out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
                  p.val_chunk(ndsc)],
       out_shape=[p.shape(b, hv, tp, dk)] * 3 + [p.shape(b, hv, tp, ndsc)],
-      name="gated_delta_rule_bwd_out", parallel=True)
+      stage="bwd_out")
 
 
 def _wy_v(p: _Plan, t, v, sc, dvn):
-  """dv, dT's part from u, (0, dbeta part)."""
+  """dv, dxu u^T [b, hv, tp, c] (u's share of -dA), (0, dbeta part)."""
   b, hv, tp, dv, c = p.b, p.hv, p.tp, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
@@ -211,22 +209,23 @@ def _wy_v(p: _Plan, t, v, sc, dvn):
       out_specs=[p.val_chunk(dv), p.val_chunk(c), p.val_chunk(ndsc)],
       out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, tp, c),
                  p.shape(b, hv, tp, ndsc)],
-      name="gated_delta_rule_bwd_wy_v", parallel=True)
+      stage="wy_v")
 
 
-def _wy_k(p: _Plan, t, k, sc, aux, dw, dtu):
+def _wy_k(p: _Plan, t, k, sc, aux, dw, dau):
   """dk (through w and T), (dg part, dbeta part)."""
   b, hv, tp, dk, c = p.b, p.hv, p.tp, p.dk, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments,
                         d=p.d),
-      t, k, sc, aux, dw, dtu, grid=p.par_grid,
-      in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(kernel.NUM_SCALARS),
-                p.val_chunk(ks.NUM_AUX), p.val_chunk(dk), p.val_chunk(c)],
+      t, k, sc, aux, dw, dau, grid=p.par_grid,
+      in_specs=[p.val_chunk(c), p.key_chunk,
+                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
+                p.val_chunk(dk), p.val_chunk(c)],
       out_specs=[p.val_chunk(dk), p.val_chunk(ndsc)],
       out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, ndsc)],
-      name="gated_delta_rule_bwd_wy_k", parallel=True)
+      stage="wy_k")
 
 
 def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw):
@@ -244,7 +243,7 @@ def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw):
       out_specs=[p.val_chunk(dk), p.val_chunk(dv), p.val_chunk(ndsc)],
       out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, dv),
                  p.shape(b, hv, tp, ndsc)],
-      name="gated_delta_rule_bwd_wy", parallel=True)
+      stage="wy")
 
 
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
@@ -256,8 +255,8 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
   dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
   if cfg.block_sizes.wy_block is None:
-    dv, dtu, dsc_v = _wy_v(p, t, v, sc, dvn)
-    dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dtu)
+    dv, dau, dsc_v = _wy_v(p, t, v, sc, dvn)
+    dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau)
     dsc = dsc_v + dsc_k + dg_out
   else:
     dk_wy, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw)
@@ -303,8 +302,8 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
   _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
                     q, k, vn, dvn, h, dh, aux, do)
   if cfg.block_sizes.wy_block is None:
-    _, dtu, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
-    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dtu)
+    _, dau, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
+    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dau)
   else:
     run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, dvn, dw)
   return stages
