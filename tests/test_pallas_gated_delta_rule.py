@@ -379,7 +379,7 @@ def test_blocked_solve_matches_row_by_row(with_segments):
         has_segments=with_segments)
     q, k, v, sc = pallas_gdr._padded_inputs(  # pylint: disable=protected-access
         inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
-        inputs["segment_ids"], bs.chunk_size, 0, 0)
+        inputs["segment_ids"], bs.chunk_size, 0, 0, token_major=True)
     plan = pallas_split._Plan(q, k, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
     outs[solve_block] = pallas_split._prep(  # pylint: disable=protected-access
         plan, k, v, sc, with_t=True)

@@ -334,7 +334,8 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
     q, k = q_ref[:, cols_k].astype(_F32), k_ref[:, cols_k].astype(_F32)
     h = h_ref[cols_k, :]
     dos = d.mm_nt(do_ref[...], h)                     # dO h^T  [c, dk]
-    dq_ref[:, cols_k] = (decay_q * dos + d.mm(dpg, k)) * scale
+    dq_ref[:, cols_k] = ((decay_q * dos + d.mm(dpg, k)) * scale).astype(
+        dq_ref.dtype)
     dkd = d.mm_nt(vn, dh_ref[cols_k, :])              # v' dS'^T [c, dk]
     dk_ref[:, cols_k] = d.mm_tn(dpg, q) * scale + decay_k * dkd
     dw_ref[:, cols_k] = -d.mm_nt(dvn_ref[...], h)
@@ -382,13 +383,13 @@ def _strict_lower(x):
   return jnp.where(_iota((c, c), 0) > _iota((c, c), 1), x, 0.0)
 
 
-def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dk_ref,
-                dsc_ref, *, has_segments: bool, d: Dots):
+def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dkin_ref,
+                dk_ref, dsc_ref, *, has_segments: bool, d: Dots):
   """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
 
   dA = -(dxu u^T + dxw w^T), strictly lower (see `wy_v_kernel`), with
   dxw w^T = (dxw k^T)(T diag(beta e^G))^T. Writes the rest of dk and
-  (dg part, dbeta part) as [c, 2].
+  (dg part, dbeta part) as [c, 2]; dk includes dkin, bwd_out's part.
   """
   t = _load(t_ref)
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
@@ -401,13 +402,15 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dk_ref,
   kkg = d.mm_nt(k, k) * gamma  # exact products of stored keys
   dkk = da * beta * gamma
   # d(k k^T) k + d(k k^T)^T k in one product.
-  dk_ref[...] = bek * dxw + d.fm(dkk + dkk.T, k)
+  dk_ref[...] = (_load(dkin_ref) + bek * dxw + d.fm(dkk + dkk.T, k)).astype(
+      dk_ref.dtype)
   kdxw = jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
   _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, jnp.zeros_like(kdxw))
 
 
-def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
-              dv_ref, dsc_ref, *, has_segments: bool, block: int, d: Dots):
+def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dkin_ref,
+              dk_ref, dv_ref, dsc_ref, *, has_segments: bool, block: int,
+              d: Dots):
   """`wy_v_kernel` and `wy_k_kernel` in one kernel, in column tiles.
 
   The same gradients (dv, the rest of dk, and (dg part, dbeta part)),
@@ -415,7 +418,7 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
   and [c, c] tiles are live (flash-linear-attention's WY backward is tiled
   the same way), and without the [c, c] intermediate of the two-kernel
   version. dxw = T^T dw is formed twice per tile (once for dA, once for
-  dk) rather than kept.
+  dk) rather than kept. dk includes dkin, bwd_out's part.
   """
   c = t_ref.shape[0]
   t = _load(t_ref)
@@ -445,6 +448,7 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dk_ref,
   for cols_k in k_tiles:
     k = k_ref[:, cols_k]
     dxw = d.f_tn(t, dw_ref[:, cols_k].astype(_F32))
-    dk_ref[:, cols_k] = bek * dxw + d.fm(dkk, k)
+    dk_ref[:, cols_k] = (dkin_ref[:, cols_k].astype(_F32) + bek * dxw
+                         + d.fm(dkk, k)).astype(dk_ref.dtype)
     kdxw = kdxw + jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
   _write_wy_scalars(dsc_ref, da, kk * gamma, beta, eg, kdxw, dbeta)

@@ -91,6 +91,11 @@ class _Config:
   interpret: bool
   has_segments: bool
 
+  @property
+  def token_major(self) -> bool:
+    """The split kernels take [b, t, h, d]; the fused ones [b, h, t, d]."""
+    return self.block_sizes.kernels == "split"
+
   def compiler_params(self, semantics: tuple[str, ...],
                       num_warps: int | None = None):
     if self.interpret:
@@ -301,10 +306,15 @@ def _core_bwd(cfg: _Config, res, cts):
                                 cfg)
     # Sum the partials of the dv tiles: [b, hv, nv, tp, d] -> [b, hv, tp, d].
     dq, dk, dsc = (jnp.sum(x, axis=2) for x in (dq, dk, dsc))
-  b, hk, tp = q.shape[:3]
 
-  def fold(x):  # [b, hv, tp, d] -> [b, hk, tp, d]: value heads of a key head
-    return jnp.sum(x.reshape(b, hk, cfg.group, tp, x.shape[-1]), axis=2)
+  def fold(x):  # value heads of a key head: [.., hv, ..] -> [.., hk, ..]
+    if cfg.group == 1:
+      return x
+    if cfg.token_major:  # [b, tp, hv, d]
+      b, tp, hv, d = x.shape
+      return jnp.sum(x.reshape(b, tp, hv // cfg.group, cfg.group, d), axis=3)
+    b, hv, tp, d = x.shape
+    return jnp.sum(x.reshape(b, hv // cfg.group, cfg.group, tp, d), axis=2)
 
   pad = kernel.NUM_SCALARS - kernel.NUM_DSCALARS
   dsc = jnp.pad(dsc, ((0, 0),) * 3 + ((0, pad),)).astype(sc.dtype)
@@ -324,7 +334,7 @@ def _next_pow2(x: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (x - 1).bit_length())
 
 
-def _heads_first(x: jax.Array, tp: int, d_pad: int = 0) -> jax.Array:
+def _heads_first(x: jax.Array, d_pad: int = 0, *, tp: int) -> jax.Array:
   """[b, t, h, d] -> [b, h, tp, d + d_pad] (zero padding)."""
   t = x.shape[1]
   x = jnp.swapaxes(x, 1, 2)
@@ -332,17 +342,26 @@ def _heads_first(x: jax.Array, tp: int, d_pad: int = 0) -> jax.Array:
 
 
 def _padded_inputs(q, k, v, g, beta, segment_ids, chunk: int, dk_pad: int,
-                   dv_pad: int):
+                   dv_pad: int, token_major: bool = False):
   """The kernels' layout: (q, k [b, hk, tp, dk + dk_pad], v [b, hv, tp,
-  dv + dv_pad], scalars [b, hv, tp, 4] f32), tp = t rounded up to chunks."""
+  dv + dv_pad], scalars [b, hv, tp, 4] f32), tp = t rounded up to chunks;
+  with `token_major` (the split kernels) the same with tp and the heads in
+  the caller's order, [b, tp, h, d], which needs no copy when nothing is
+  padded."""
   b, t = q.shape[:2]
   hv = v.shape[2]
   tp = max(chunk, -(-t // chunk) * chunk)
-  qh = _heads_first(q, tp, dk_pad)
-  kh = _heads_first(k, tp, dk_pad)
-  vh = _heads_first(v, tp, dv_pad)
+  if token_major:
+    to_layout = lambda x, d_pad=0: jnp.pad(
+        x, ((0, 0), (0, tp - t), (0, 0), (0, d_pad))) if (
+            tp > t or d_pad) else x
+  else:
+    to_layout = functools.partial(_heads_first, tp=tp)
+  qh = to_layout(q, dk_pad)
+  kh = to_layout(k, dk_pad)
+  vh = to_layout(v, dv_pad)
   gb = jnp.stack([g.astype(_F32), beta.astype(_F32)], axis=-1)
-  gb = _heads_first(gb, tp)  # [b, hv, tp, 2]; padded tokens: g = beta = 0
+  gb = to_layout(gb)  # padded tokens: g = beta = 0
   if segment_ids is None:
     resets = jnp.zeros((b, tp), _F32)
   else:
@@ -352,9 +371,12 @@ def _padded_inputs(q, k, v, g, beta, segment_ids, chunk: int, dk_pad: int,
     # Resets so far within each chunk (one at position 0 counts: the
     # carried state does not reach that chunk).
     resets = jnp.cumsum(flags.reshape(b, -1, chunk), axis=-1).reshape(b, tp)
-  resets = jnp.broadcast_to(resets[:, None, :, None], (b, hv, tp, 1))
+  if token_major:
+    resets = jnp.broadcast_to(resets[:, :, None, None], (b, tp, hv, 1))
+  else:
+    resets = jnp.broadcast_to(resets[:, None, :, None], (b, hv, tp, 1))
   sc = jnp.concatenate(
-      [gb, resets, jnp.zeros_like(resets)], axis=-1)  # [b, hv, tp, 4]
+      [gb, resets, jnp.zeros_like(resets)], axis=-1)  # [.., 4]
   return qh, kh, vh, sc
 
 
@@ -402,7 +424,10 @@ def gated_delta_rule_pallas(
                                      interpret, backend)
   o, st = _core(qh, kh, vh, sc, s0, cfg)
   t, dk, dv = q.shape[1], q.shape[3], v.shape[3]
-  o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
+  if cfg.token_major:
+    o = o[:, :t, :, :dv] if o.shape[1] > t or o.shape[3] > dv else o
+  else:
+    o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
   return o, st[:, :, :dk, :dv]
 
 
@@ -436,7 +461,8 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
     dk_p, dv_p = dk, dv
   bs.dv_tile(dv_p)  # validates block_dv early
   qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids,
-                                  bs.chunk_size, dk_p - dk, dv_p - dv)
+                                  bs.chunk_size, dk_p - dk, dv_p - dv,
+                                  token_major=bs.kernels == "split")
   if initial_state is None:
     s0 = jnp.zeros((b, hv, dk_p, dv_p), _F32)
   else:

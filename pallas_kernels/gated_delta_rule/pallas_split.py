@@ -1,7 +1,11 @@
 """pallas_call builders and the custom_vjp of the split gated delta rule.
 
-Same padded, head-major layout as `pallas_gdr` (q, k [b, hk, tp, dk]; v
-[b, hv, tp, dv]; scalars [b, hv, tp, 4]; state [b, hv, dk, dv] f32). The
+Token-major, as the caller's arrays (q, k [b, tp, hk, dk]; v [b, tp, hv,
+dv]; scalars [b, tp, hv, 4]; state [b, hv, dk, dv] f32), padded to whole
+chunks (`pallas_gdr._padded_inputs`): a chunk of one head is a strided
+[c, d] block, so no head-major copies are made (the fused family's layout
+is head-major). Every intermediate between the kernels is token-major too,
+except the per-chunk states [b, hv, n, dk, dv]. The
 kernel bodies and the plan (which kernel runs over which grid) are in
 `kernel_split`. Parallel kernels take whole chunks and the whole dk / dv; the
 two sequential kernels tile dv by `BlockSizes.block_dv` and loop over chunks
@@ -35,38 +39,44 @@ class _Plan:
   """Shapes and BlockSpecs shared by the builders of one call."""
 
   def __init__(self, q, k, v, cfg, sq):
-    self.b, _, self.tp, self.dk = q.shape
+    self.b, self.tp, _, self.dk = q.shape
     self.md = matmul_dtype(q, k, v)
     f32 = cfg.block_sizes.f32_dot
     if f32 == "auto":
       f32 = "tf32x3" if self.md == _F32 else "bf16x3"
     # Interpret mode runs on the CPU, which has no TF32: IEEE f32 there.
     self.d = ks.Dots(md=self.md, f32="highest" if cfg.interpret else f32)
-    self.hv, self.dv = v.shape[1], v.shape[3]
+    self.hv, self.dv = v.shape[2], v.shape[3]
     bs = cfg.block_sizes
     self.c, self.r = bs.chunk_size, cfg.group
     self.bv = bs.dv_tile(self.dv)
     self.n, self.nv = self.tp // self.c, self.dv // self.bv
     self.sq = sq
     self.cfg = cfg
+    # Gradients leave the kernels in the input dtypes where nothing is left
+    # to sum (dv always; dq, dk when each key head has one value head):
+    # no f32 copies and no cast passes.
+    self.dq_dtype = q.dtype if cfg.group == 1 else _F32
+    self.dk_dtype = k.dtype if cfg.group == 1 else _F32
+    self.dv_dtype = v.dtype
     c, r = self.c, self.r
     # Parallel kernels: grid (b, hv, n), one chunk per program.
     self.par_grid = (self.b, self.hv, self.n)
-    self.key_chunk = pl.BlockSpec((sq, sq, c, self.dk),
-                                  lambda i, h, t: (i, h // r, t, 0))
+    self.key_chunk = pl.BlockSpec((sq, c, sq, self.dk),
+                                  lambda i, h, t: (i, t, h // r, 0))
     self.val_chunk = lambda width: pl.BlockSpec(
-        (sq, sq, c, width), lambda i, h, t: (i, h, t, 0))
+        (sq, c, sq, width), lambda i, h, t: (i, t, h, 0))
     self.state_chunk = pl.BlockSpec((sq, sq, sq, self.dk, self.dv),
                                     lambda i, h, t: (i, h, t, 0, 0))
     # Sequential kernels: grid (b, hv, nv), whole sequence per program.
     self.seq_grid = (self.b, self.hv, self.nv)
     tp = self.tp
-    self.key_seq = pl.BlockSpec((sq, sq, tp, self.dk),
-                                lambda i, h, j: (i, h // r, 0, 0))
+    self.key_seq = pl.BlockSpec((sq, tp, sq, self.dk),
+                                lambda i, h, j: (i, 0, h // r, 0))
     self.head_seq = lambda width: pl.BlockSpec(
-        (sq, sq, tp, width), lambda i, h, j: (i, h, 0, 0))
-    self.tile_seq = pl.BlockSpec((sq, sq, tp, self.bv),
-                                 lambda i, h, j: (i, h, 0, j))
+        (sq, tp, sq, width), lambda i, h, j: (i, 0, h, 0))
+    self.tile_seq = pl.BlockSpec((sq, tp, sq, self.bv),
+                                 lambda i, h, j: (i, 0, h, j))
     self.state_tile = pl.BlockSpec((sq, sq, self.dk, self.bv),
                                    lambda i, h, j: (i, h, 0, j))
     self.states_tile = pl.BlockSpec((sq, sq, self.n, self.dk, self.bv),
@@ -92,20 +102,23 @@ class _Plan:
   def shape(self, *dims, dtype=_F32):
     return jax.ShapeDtypeStruct(dims, dtype)
 
+  def tokens(self, width, dtype=_F32):
+    """A token-major intermediate [b, tp, hv, width]."""
+    return jax.ShapeDtypeStruct((self.b, self.tp, self.hv, width), dtype)
+
 
 def _prep(p: _Plan, k, v, sc, with_t: bool = False):
-  """w [b, hv, tp, dk], u [b, hv, tp, dv] in md; aux [b, hv, tp, 4] f32;
-  with_t: also T, [b, hv, tp, c] f32 (row block n holds chunk n's T)."""
-  b, hv, tp = p.b, p.hv, p.tp
+  """w [b, tp, hv, dk], u [b, tp, hv, dv] in md; aux [b, tp, hv, 4] f32;
+  with_t: also T, [b, tp, hv, c] f32 (row block n holds chunk n's T)."""
   body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments,
                            d=p.d, block=p.cfg.block_sizes.solve_block)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
-  out_shape = [p.shape(b, hv, tp, p.dk, dtype=p.md),
-               p.shape(b, hv, tp, p.dv, dtype=p.md),
-               p.shape(b, hv, tp, ks.NUM_AUX)]
+  out_shape = [p.tokens(p.dk, dtype=p.md),
+               p.tokens(p.dv, dtype=p.md),
+               p.tokens(ks.NUM_AUX)]
   if with_t:
     out_specs.append(p.val_chunk(p.c))
-    out_shape.append(p.shape(b, hv, tp, p.c))
+    out_shape.append(p.tokens(p.c))
   return p.call(
       body, k, v, sc, grid=p.par_grid,
       in_specs=[p.key_chunk, p.val_chunk(p.dv),
@@ -115,7 +128,7 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False):
 
 
 def _state_fwd(p: _Plan, w, u, k, aux, s0):
-  """v' [b, hv, tp, dv] md, states h [b, hv, n, dk, dv] md, final state."""
+  """v' [b, tp, hv, dv] md, states h [b, hv, n, dk, dv] md, final state."""
   body = functools.partial(ks.state_fwd_kernel, num_chunks=p.n, chunk=p.c,
                            d=p.d)
   return p.call(
@@ -123,7 +136,7 @@ def _state_fwd(p: _Plan, w, u, k, aux, s0):
       in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq,
                 p.head_seq(ks.NUM_AUX), p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.shape(p.b, p.hv, p.tp, p.dv, dtype=p.md),
+      out_shape=[p.tokens(p.dv, dtype=p.md),
                  p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md),
                  p.shape(p.b, p.hv, p.dk, p.dv)],
       stage="state_fwd")
@@ -137,12 +150,12 @@ def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(p.dv), p.state_chunk,
                 p.val_chunk(ks.NUM_AUX)],
       out_specs=p.val_chunk(p.dv),
-      out_shape=p.shape(p.b, p.hv, p.tp, p.dv, dtype=out_dtype),
+      out_shape=p.tokens(p.dv, dtype=out_dtype),
       stage="output")
 
 
 def forward(q, k, v, sc, s0, cfg, sq):
-  """(o [b, hv, tp, dv] in v.dtype, final state f32, states h in md)."""
+  """(o [b, tp, hv, dv] in v.dtype, final state f32, states h in md)."""
   p = _Plan(q, k, v, cfg, sq)
   w, u, aux = _prep(p, k, v, sc)
   vn, h, st = _state_fwd(p, w, u, k, aux, s0)
@@ -150,8 +163,8 @@ def forward(q, k, v, sc, s0, cfg, sq):
 
 
 def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
-  """v' recomputed [b, hv, tp, dv] md, and P^T dO f32."""
-  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  """v' recomputed [b, tp, hv, dv] md, and P^T dO f32."""
+  dk, dv = p.dk, p.dv
   return p.call(
       functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, d=p.d,
                         has_segments=p.cfg.has_segments),
@@ -159,13 +172,13 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
-      out_shape=[p.shape(b, hv, tp, dv, dtype=p.md), p.shape(b, hv, tp, dv)],
+      out_shape=[p.tokens(dv, dtype=p.md), p.tokens(dv)],
       stage="bwd_local")
 
 
 def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
   """dv' f32, state cotangents dh [b, hv, n, dk, dv] md, d initial state."""
-  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  b, hv, dk, dv = p.b, p.hv, p.dk, p.dv
   return p.call(
       functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
                         scale=p.cfg.scale, d=p.d),
@@ -173,7 +186,7 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
                 p.tile_seq, p.tile_seq, p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.shape(b, hv, tp, dv),
+      out_shape=[p.tokens(dv),
                  p.shape(b, hv, p.n, dk, dv, dtype=p.md),
                  p.shape(b, hv, dk, dv)],
       stage="state_bwd")
@@ -181,7 +194,7 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
 
 def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
   """dq, dk (output / state paths), dw, (dg part, 0); per value head."""
-  b, hv, tp, dk, dv = p.b, p.hv, p.tp, p.dk, p.dv
+  dk, dv = p.dk, p.dv
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, d=p.d,
@@ -193,13 +206,14 @@ def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
                 p.val_chunk(dv)],
       out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
                  p.val_chunk(ndsc)],
-      out_shape=[p.shape(b, hv, tp, dk)] * 3 + [p.shape(b, hv, tp, ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dq_dtype)] + [p.tokens(dk)] * 2
+      + [p.tokens(ndsc)],
       stage="bwd_out")
 
 
 def _wy_v(p: _Plan, t, v, sc, dvn):
-  """dv, dxu u^T [b, hv, tp, c] (u's share of -dA), (0, dbeta part)."""
-  b, hv, tp, dv, c = p.b, p.hv, p.tp, p.dv, p.c
+  """dv, dxu u^T [b, tp, hv, c] (u's share of -dA), (0, dbeta part)."""
+  dv, c = p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_v_kernel, d=p.d), t, v, sc, dvn,
@@ -207,48 +221,49 @@ def _wy_v(p: _Plan, t, v, sc, dvn):
       in_specs=[p.val_chunk(c), p.val_chunk(dv),
                 p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(c), p.val_chunk(ndsc)],
-      out_shape=[p.shape(b, hv, tp, dv), p.shape(b, hv, tp, c),
-                 p.shape(b, hv, tp, ndsc)],
+      out_shape=[p.tokens(dv, dtype=p.dv_dtype), p.tokens(c),
+                 p.tokens(ndsc)],
       stage="wy_v")
 
 
-def _wy_k(p: _Plan, t, k, sc, aux, dw, dau):
-  """dk (through w and T), (dg part, dbeta part)."""
-  b, hv, tp, dk, c = p.b, p.hv, p.tp, p.dk, p.c
+def _wy_k(p: _Plan, t, k, sc, aux, dw, dau, dk_out):
+  """dk (through w and T, plus bwd_out's dk_out), (dg part, dbeta part)."""
+  dk, c = p.dk, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments,
                         d=p.d),
-      t, k, sc, aux, dw, dau, grid=p.par_grid,
+      t, k, sc, aux, dw, dau, dk_out, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_chunk,
                 p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dk), p.val_chunk(c)],
+                p.val_chunk(dk), p.val_chunk(c), p.val_chunk(dk)],
       out_specs=[p.val_chunk(dk), p.val_chunk(ndsc)],
-      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dk_dtype), p.tokens(ndsc)],
       stage="wy_k")
 
 
-def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw):
-  """`_wy_v` and `_wy_k` as one kernel in column tiles: dv, the rest of dk,
-  (dg part, dbeta part)."""
-  b, hv, tp, dk, dv, c = p.b, p.hv, p.tp, p.dk, p.dv, p.c
+def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw, dk_out):
+  """`_wy_v` and `_wy_k` as one kernel in column tiles: dv, dk (with
+  bwd_out's dk_out), (dg part, dbeta part)."""
+  dk, dv, c = p.dk, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_kernel, has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.wy_block, d=p.d),
-      t, k, v, sc, aux, dvn, dw, grid=p.par_grid,
+      t, k, v, sc, aux, dvn, dw, dk_out, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(dv),
                 p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dv), p.val_chunk(dk)],
+                p.val_chunk(dv), p.val_chunk(dk), p.val_chunk(dk)],
       out_specs=[p.val_chunk(dk), p.val_chunk(dv), p.val_chunk(ndsc)],
-      out_shape=[p.shape(b, hv, tp, dk), p.shape(b, hv, tp, dv),
-                 p.shape(b, hv, tp, ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dk_dtype),
+                 p.tokens(dv, dtype=p.dv_dtype), p.tokens(ndsc)],
       stage="wy")
 
 
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
-  """Gradients per value head: dq, dk [b, hv, tp, dk] f32, dv [b, hv, tp,
-  dv] f32, (dg, dbeta) [b, hv, tp, 2] f32 and the initial state's."""
+  """Gradients per value head: dq, dk [b, tp, hv, dk], dv [b, tp, hv, dv]
+  (f32, or the input dtypes where no heads are left to sum: `_Plan`),
+  (dg, dbeta) [b, tp, hv, 2] f32 and the initial state's."""
   p = _Plan(q, k, v, cfg, sq)
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
@@ -256,19 +271,19 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
   if cfg.block_sizes.wy_block is None:
     dv, dau, dsc_v = _wy_v(p, t, v, sc, dvn)
-    dk_wy, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau)
+    dk, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau, dk_out)
     dsc = dsc_v + dsc_k + dg_out
   else:
-    dk_wy, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw)
+    dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw, dk_out)
     dsc = dsc_wy + dg_out
   # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
   # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
   ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
                    precision=jax.lax.Precision.HIGHEST)
-  ddl = ddl * aux[:, :, p.c - 1::p.c, ks.AUX_DECAY_Q]
-  dsc = dsc.at[..., 0].add(jnp.repeat(ddl, p.c, axis=2))
+  ddl = ddl * jnp.swapaxes(aux[:, p.c - 1::p.c, :, ks.AUX_DECAY_Q], 1, 2)
+  dsc = dsc.at[..., 0].add(jnp.repeat(jnp.swapaxes(ddl, 1, 2), p.c, axis=1))
   # Per value head; `pallas_gdr` sums the heads that share a key head.
-  return dq, dk_out + dk_wy, dv, dsc, ds0
+  return dq, dk, dv, dsc, ds0
 
 
 def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
@@ -299,11 +314,11 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
                 q, k, w, u, h, aux, do)
   dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a),
                    q, k, w, aux, do, dvl, dst)
-  _, _, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
-                    q, k, vn, dvn, h, dh, aux, do)
+  _, dk_out, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
+                         q, k, vn, dvn, h, dh, aux, do)
   if cfg.block_sizes.wy_block is None:
     _, dau, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
-    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dau)
+    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dau, dk_out)
   else:
-    run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, dvn, dw)
+    run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, dvn, dw, dk_out)
   return stages
