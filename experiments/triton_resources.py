@@ -6,7 +6,9 @@ forward and backward, takes the Triton IR that Pallas serialises into each
 `triton` Python package (its bundled `ptxas`). For each kernel it prints
 registers per thread, bytes spilled to local memory, shared memory, the
 thread blocks one SM can hold (registers, shared memory and the 64-warp
-limit), and how many waves the grid makes on 132 SMs.
+limit), and how many waves the grid makes on 132 SMs. With `--memory` it
+also estimates the forward+backward's peak of temporaries, from the
+order of the program's jaxpr (`live_temporaries`).
 
 No GPU is needed: this is what a session without one can learn about a
 tiling. It is not a timing, and it is an approximation of what runs: on a
@@ -61,6 +63,9 @@ _ONLY = flags.DEFINE_list(
     "only", [], "Compile only kernels whose name contains one of these "
     "(e.g. 'wy_k,prep'); default all.")
 _ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability.")
+_MEMORY = flags.DEFINE_bool(
+    "memory", False, "Also estimate the peak temporaries of forward+"
+    "backward per variant (jaxpr liveness, no compilation).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
 
 # Hopper (sm_90) per-SM limits, from NVIDIA's CUDA C programming guide
@@ -128,6 +133,85 @@ class TritonKernel:
     return math.prod(self.grid)
 
 
+def _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype, segments):
+  sds = jax.ShapeDtypeStruct
+  return (sds((batch, seq_len, key_heads, dk), dtype),
+          sds((batch, seq_len, key_heads, dk), dtype),
+          sds((batch, seq_len, heads, dv), dtype),
+          sds((batch, seq_len, heads), jnp.float32),
+          sds((batch, seq_len, heads), jnp.float32),
+          sds((batch, seq_len), jnp.int32) if segments else None)
+
+
+def _loss(blocks: BlockSizes):
+  def loss(q, k, v, g, beta, segment_ids):
+    o, s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
+        block_sizes=blocks)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+  return loss
+
+
+def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
+  """Peak bytes of arrays alive at once while `fn(*args)` runs, in the
+  order of its jaxpr: each equation's outputs are allocated before its
+  dead inputs are freed; the arguments are not counted (the caller owns
+  them), the results stay to the end. Sub-jaxprs (jit, custom_vjp) are
+  inlined. An estimate of what XLA reports as temporaries: XLA schedules
+  and fuses on its own, but Pallas calls are neither fused nor reordered
+  across their data dependencies. Returns (peak bytes, [(bytes, type)] of
+  the arrays of 1 MiB or more alive at the peak, largest first)."""
+  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
+  closed = jax.make_jaxpr(fn)(*args)
+
+  def inline(jaxpr, env):
+    def name(x):
+      return env.get(x, x) if isinstance(x, jcore.Var) else x
+    for eqn in jaxpr.eqns:
+      sub = next((eqn.params[key] for key in ("jaxpr", "call_jaxpr",
+                                              "fun_jaxpr")
+                  if key in eqn.params), None)
+      if sub is not None and eqn.primitive.name != "pallas_call":
+        sub = getattr(sub, "jaxpr", sub)
+        inner = {a: name(b) for a, b in zip(sub.invars, eqn.invars)}
+        yield from inline(sub, inner)
+        for inside, outside in zip(sub.outvars, eqn.outvars):
+          env[outside] = inner.get(inside, inside) if isinstance(
+              inside, jcore.Var) else inside
+      else:
+        yield [name(x) for x in eqn.invars], list(eqn.outvars)
+
+  env = {}
+  eqns = list(inline(closed.jaxpr, env))
+  results = {env.get(x, x) for x in closed.jaxpr.outvars
+             if isinstance(x, jcore.Var)}
+  last_use = {}
+  for i, (ins, _) in enumerate(eqns):
+    for x in ins:
+      if isinstance(x, jcore.Var):
+        last_use[x] = i
+
+  def size(x):
+    aval = x.aval
+    return math.prod(aval.shape) * aval.dtype.itemsize if hasattr(
+        aval, "shape") else 0
+
+  live, peak, at_peak = {}, 0, []
+  for i, (ins, outs) in enumerate(eqns):
+    for x in outs:
+      live[x] = size(x)
+    total = sum(live.values())
+    if total > peak:
+      peak = total
+      at_peak = sorted(((n, str(x.aval)) for x, n in live.items()
+                        if n >= 1 << 20), reverse=True)
+    for x in ins + outs:
+      if (isinstance(x, jcore.Var) and x in live and x not in results
+          and last_use.get(x, -1) <= i):
+        del live[x]
+  return peak, at_peak
+
+
 def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
                     key_heads: int, heads: int, dk: int, dv: int,
                     dtype, segments: bool = False) -> list[TritonKernel]:
@@ -135,30 +219,19 @@ def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
   the backward, in lowering order, each distinct IR once."""
   from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
 
-  sds = jax.ShapeDtypeStruct
-  args = (sds((batch, seq_len, key_heads, dk), dtype),
-          sds((batch, seq_len, key_heads, dk), dtype),
-          sds((batch, seq_len, heads, dv), dtype),
-          sds((batch, seq_len, heads), jnp.float32),
-          sds((batch, seq_len, heads), jnp.float32))
-  seg = sds((batch, seq_len), jnp.int32) if segments else None
-
-  def fwd(q, k, v, g, beta, segment_ids):
-    return pallas_gdr.gated_delta_rule_pallas(
-        q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
-        block_sizes=blocks)
-
-  def loss(q, k, v, g, beta, segment_ids):
-    o, s = fwd(q, k, v, g, beta, segment_ids)
-    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+  args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
+                        segments)
+  loss = _loss(blocks)
 
   def both(q, k, v, g, beta, segment_ids):
-    return (fwd(q, k, v, g, beta, segment_ids),
-            jax.grad(loss, argnums=tuple(range(5)))(q, k, v, g, beta,
-                                                    segment_ids))
+    o_s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
+        block_sizes=blocks)
+    return o_s, jax.grad(loss, argnums=tuple(range(5)))(q, k, v, g, beta,
+                                                        segment_ids)
 
   with abstract_cuda_target():
-    lowered = jax.jit(both).trace(*args, seg).lower(
+    lowered = jax.jit(both).trace(*args).lower(
         lowering_platforms=("cuda",))
   module = lowered.compiler_ir("stablehlo")
 
@@ -269,9 +342,24 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
   return out
 
 
+def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
+                    key_heads: int, heads: int, dk: int, dv: int, dtype,
+                    segments: bool = False) -> dict:
+  """`live_temporaries` of forward+backward (gradients of all five inputs)
+  at this shape, in MiB."""
+  args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
+                        segments)
+  grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
+  with abstract_cuda_target():
+    peak, at_peak = live_temporaries(grad, *args)
+  return dict(peak_mib=round(peak / 2**20, 1),
+              at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak])
+
+
 def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
         heads: int, dk: int, dv: int, dtype: str, segments: bool = False,
-        arch: int = 90, only: tuple[str, ...] = ()) -> dict:
+        arch: int = 90, only: tuple[str, ...] = (),
+        memory: bool = False) -> dict:
   """Every kernel of the defaults and each variant, with its resources
   (None where `triton` is not importable)."""
   try:
@@ -279,11 +367,17 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
     have_triton = True
   except ImportError:
     have_triton = False
-  rows = []
+  rows, memories = [], {}
   with tempfile.TemporaryDirectory() as workdir:
     for spec in ("",) + tuple(variants):
       blocks = parse_variant(spec) if spec else BlockSizes.get_default("gpu")
       label = f"pallas[{spec}]" if spec else "pallas"
+      if memory:
+        memories[label] = memory_estimate(blocks, batch, seq_len, key_heads,
+                                          heads, dk, dv, jnp.dtype(dtype),
+                                          segments)
+        print(f"{label}: forward+backward temporaries, estimated: "
+              f"{memories[label]['peak_mib']} MiB", flush=True)
       for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
                                     dk, dv, jnp.dtype(dtype), segments):
         if only and not any(part in kernel.name for part in only):
@@ -301,7 +395,7 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
   return dict(config=dict(batch=batch, seq_len=seq_len, key_heads=key_heads,
                           heads=heads, dk=dk, dv=dv, dtype=dtype,
                           segments=segments, arch=arch),
-              versions=versions, kernels=rows)
+              versions=versions, kernels=rows, memory=memories)
 
 
 HEADER = (f"{'blocks':<34} {'kernel':<34} {'warps':>5} {'stg':>3} "
@@ -327,7 +421,7 @@ def main(argv):
   result = run(tuple(_VARIANTS.value), _BATCH.value, _SEQ_LEN.value,
                _KEY_HEADS.value or _HEADS.value, _HEADS.value, _DK.value,
                _DV.value, _DTYPE.value, _SEGMENTS.value, _ARCH.value,
-               tuple(_ONLY.value))
+               tuple(_ONLY.value), _MEMORY.value)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(result, f, indent=1)

@@ -98,3 +98,29 @@ def test_default_kernels_compile_for_hopper():
     assert 0 < r["shared"] + tr.SMEM_RESERVED_PER_BLOCK <= tr.SMEM_PER_SM, row
     assert r["blocks"] >= 1, row
   assert names == _SPLIT_KERNELS
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_live_temporaries_of_a_chain(wrap):
+  """a = x x, b = a x, c = b a: a is alive until c is made, so three
+  [n, n] arrays at once (the argument x is the caller's). Inside a jit,
+  the same."""
+  def chain(x):
+    a = x @ x
+    b = a @ x
+    return b @ a
+
+  n = 96
+  fn = jax.jit(chain) if wrap else chain
+  peak, at_peak = tr.live_temporaries(
+      fn, jax.ShapeDtypeStruct((n, n), jnp.float32))
+  assert peak == 3 * n * n * 4
+  assert at_peak == []  # nothing of 1 MiB or more
+
+  def twice(x):  # the first product is dead before the second is made
+    y = (x @ x).sum()
+    return y + (x @ x).sum()
+
+  peak, _ = tr.live_temporaries(
+      twice, jax.ShapeDtypeStruct((n, n), jnp.float32))
+  assert peak == n * n * 4 + 4 + 4  # one [n, n] product and two scalars

@@ -269,19 +269,21 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
   dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
-  if cfg.block_sizes.wy_block is None:
-    dv, dau, dsc_v = _wy_v(p, t, v, sc, dvn)
-    dk, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau, dk_out)
-    dsc = dsc_v + dsc_k + dg_out
-  else:
-    dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw, dk_out)
-    dsc = dsc_wy + dg_out
   # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
   # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
+  # Here, so that h and dh are not kept through the WY kernels.
   ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
                    precision=jax.lax.Precision.HIGHEST)
   ddl = ddl * jnp.swapaxes(aux[:, p.c - 1::p.c, :, ks.AUX_DECAY_Q], 1, 2)
-  dsc = dsc.at[..., 0].add(jnp.repeat(jnp.swapaxes(ddl, 1, 2), p.c, axis=1))
+  dsc = dg_out.at[..., 0].add(jnp.repeat(jnp.swapaxes(ddl, 1, 2), p.c,
+                                         axis=1))
+  if cfg.block_sizes.wy_block is None:
+    dv, dau, dsc_v = _wy_v(p, t, v, sc, dvn)
+    dk, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau, dk_out)
+    dsc = dsc + dsc_v + dsc_k
+  else:
+    dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw, dk_out)
+    dsc = dsc + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
 
