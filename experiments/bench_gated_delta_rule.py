@@ -11,7 +11,7 @@ JAX implementation's output, final state and gradients are compared with
 time each Pallas split kernel alone.
 
   # GPU, the ANCHORS.md shape:
-  python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 8192 \
+  python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
       --heads 16 --dk 128 --dv 128 --implementations pallas,chunked,fla
   # CPU smoke run: Pallas in interpret mode, small shapes by default.
   python -m experiments.bench_gated_delta_rule --interpret
@@ -21,7 +21,6 @@ q, k, v use --dtype; g and beta are float32 (as the model passes them).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -35,20 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import gdr_shapes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per sequence.")
-_HEADS = flags.DEFINE_integer("heads", 16, "Value heads (hv).")
-_KEY_HEADS = flags.DEFINE_integer("key_heads", None,
-                                  "Key heads (hk); default = --heads.")
-_DK = flags.DEFINE_integer("dk", 128, "Key head dim.")
-_DV = flags.DEFINE_integer("dv", 128, "Value head dim.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "dtype of q, k, v.")
 _IMPLS = flags.DEFINE_list("implementations", ["pallas", "chunked", "fla"],
                            "pallas, chunked, recurrent, fla.")
 _VARIANTS = flags.DEFINE_list(
@@ -139,18 +130,8 @@ def best_profiled_variant(kernel_profile: list[dict]) -> str | None:
 
 def parse_variant(spec: str) -> tuple[str, BlockSizes]:
   """'kernels=fused/block_dv=64' -> ("pallas[kernels=fused/block_dv=64]",
-  the backend's default BlockSizes with those fields replaced)."""
-  fields = {f.name: f for f in dataclasses.fields(BlockSizes)}
-  changes = {}
-  for item in spec.split("/"):
-    name, sep, value = item.partition("=")
-    if not sep or name not in fields:
-      raise ValueError(f"pallas_variants: expected field=value pairs with "
-                       f"fields from {sorted(fields)}, found {item!r}")
-    changes[name] = (None if value == "None" else
-                     int(value) if value.lstrip("-").isdigit() else value)
-  base = BlockSizes.get_default(jax.default_backend())
-  return f"pallas[{spec}]", dataclasses.replace(base, **changes)
+  this backend's default BlockSizes with those fields replaced)."""
+  return f"pallas[{spec}]", BlockSizes.from_spec(spec, jax.default_backend())
 
 
 def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
@@ -426,14 +407,16 @@ def format_table(result: dict) -> str:
 
 def main(argv):
   del argv
-  values = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value,
-                heads=_HEADS.value, dk=_DK.value, dv=_DV.value,
+  values = dict(batch=gdr_shapes.BATCH.value,
+                seq_len=gdr_shapes.SEQ_LEN.value,
+                heads=gdr_shapes.HEADS.value, dk=gdr_shapes.DK.value,
+                dv=gdr_shapes.DV.value,
                 iters=_ITERS.value, warmup=_WARMUP.value)
   if _INTERPRET.value:
     for name, small in _SMALL.items():
       if not flags.FLAGS[name].present:
         values[name] = small
-  key_heads = _KEY_HEADS.value or values["heads"]
+  key_heads = gdr_shapes.KEY_HEADS.value or values["heads"]
   variants = tuple(_VARIANTS.value)
   if _VARIANTS_FROM.value:
     if os.path.exists(_VARIANTS_FROM.value):
@@ -446,7 +429,7 @@ def main(argv):
       print(f"no profile at {_VARIANTS_FROM.value}", flush=True)
     if best is not None and best not in variants:
       variants += (best,)
-  result = run(key_heads=key_heads, dtype=_DTYPE.value,
+  result = run(key_heads=key_heads, dtype=gdr_shapes.DTYPE.value,
                implementations=_IMPLS.value, interpret=_INTERPRET.value,
                seed=_SEED.value, pallas_variants=variants,
                fla_bypass_hopper_check=_FLA_HOPPER_BYPASS.value,

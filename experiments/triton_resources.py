@@ -44,29 +44,7 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per batch.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 32768, "Tokens per sequence.")
-_HEADS = flags.DEFINE_integer("heads", 16, "Value heads (hv).")
-_KEY_HEADS = flags.DEFINE_integer("key_heads", None,
-                                  "Key heads (hk); default = --heads.")
-_DK = flags.DEFINE_integer("dk", 128, "Key head dim.")
-_DV = flags.DEFINE_integer("dv", 128, "Value head dim.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "dtype of q, k, v.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", [],
-    "BlockSizes variants over the GPU defaults, e.g. 'wy_block=64' or "
-    "'num_warps_intra=8/f32_dot=bf16'; the defaults are always included.")
-_SEGMENTS = flags.DEFINE_bool("segments", False,
-                              "Lower with segment_ids (packed sequences).")
-_ONLY = flags.DEFINE_list(
-    "only", [], "Compile only kernels whose name contains one of these "
-    "(e.g. 'wy_k,prep'); default all.")
-_ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability.")
-_MEMORY = flags.DEFINE_bool(
-    "memory", False, "Also estimate the peak temporaries of forward+"
-    "backward per variant (jaxpr liveness, no compilation).")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
+
 
 # Hopper (sm_90) per-SM limits, from NVIDIA's CUDA C programming guide
 # (compute capability 9.0) and the H100/H200 SM count.
@@ -83,21 +61,6 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 # device; without a GPU it needs an abstract one (see `abstract_cuda_target`).
 _ABSTRACT_H100 = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
                       platform="gpu")
-
-
-def parse_variant(spec: str, backend: str = "gpu") -> BlockSizes:
-  """'wy_block=64/num_warps_intra=8' -> the backend's defaults with those
-  fields replaced."""
-  fields = {f.name for f in dataclasses.fields(BlockSizes)}
-  changes = {}
-  for item in spec.split("/"):
-    name, sep, value = item.partition("=")
-    if not sep or name not in fields:
-      raise ValueError(f"variant {spec!r}: expected field=value pairs with "
-                       f"fields from {sorted(fields)}, found {item!r}")
-    changes[name] = (None if value == "None" else
-                     int(value) if value.lstrip("-").isdigit() else value)
-  return dataclasses.replace(BlockSizes.get_default(backend), **changes)
 
 
 def abstract_cuda_target():
@@ -370,7 +333,7 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
   rows, memories = [], {}
   with tempfile.TemporaryDirectory() as workdir:
     for spec in ("",) + tuple(variants):
-      blocks = parse_variant(spec) if spec else BlockSizes.get_default("gpu")
+      blocks = BlockSizes.from_spec(spec, "gpu")
       label = f"pallas[{spec}]" if spec else "pallas"
       if memory:
         memories[label] = memory_estimate(blocks, batch, seq_len, key_heads,
@@ -415,17 +378,45 @@ def format_row(row: dict) -> str:
           f"{r['limited_by']:>9} {r['waves']:>6}")
 
 
-def main(argv):
+def _define_flags():
+  """The command's flags, defined only when it runs as a command: tests
+  import this module beside other experiments whose flags share names."""
+  from experiments import gdr_shapes  # pylint: disable=g-import-not-at-top
+  holders = dict(
+      shape=gdr_shapes,
+      variants=flags.DEFINE_list(
+          "variants", [],
+          "BlockSizes variants over the GPU defaults, e.g. 'wy_block=64' or "
+          "'num_warps_intra=8/f32_dot=bf16'; the defaults are always "
+          "included."),
+      segments=flags.DEFINE_bool("segments", False,
+                                 "Lower with segment_ids (packed sequences)."),
+      only=flags.DEFINE_list(
+          "only", [], "Compile only kernels whose name contains one of "
+          "these (e.g. 'wy_k,prep'); default all."),
+      arch=flags.DEFINE_integer("arch", 90, "CUDA compute capability."),
+      memory=flags.DEFINE_bool(
+          "memory", False, "Also estimate the peak temporaries of forward+"
+          "backward per variant (jaxpr liveness, no compilation)."),
+      json_out=flags.DEFINE_string("json_out", None, "Write results here."))
+  return holders
+
+
+def main(argv, f):
   del argv
   print(HEADER, flush=True)
-  result = run(tuple(_VARIANTS.value), _BATCH.value, _SEQ_LEN.value,
-               _KEY_HEADS.value or _HEADS.value, _HEADS.value, _DK.value,
-               _DV.value, _DTYPE.value, _SEGMENTS.value, _ARCH.value,
-               tuple(_ONLY.value), _MEMORY.value)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+  shape = f["shape"]
+  result = run(tuple(f["variants"].value), shape.BATCH.value,
+               shape.SEQ_LEN.value,
+               shape.KEY_HEADS.value or shape.HEADS.value, shape.HEADS.value,
+               shape.DK.value, shape.DV.value, shape.DTYPE.value,
+               f["segments"].value, f["arch"].value, tuple(f["only"].value),
+               f["memory"].value)
+  if f["json_out"].value:
+    with open(f["json_out"].value, "w") as out:
+      json.dump(result, out, indent=1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

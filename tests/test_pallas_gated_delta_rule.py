@@ -235,6 +235,13 @@ def test_block_sizes_validation():
     BlockSizes(kernel_warps="wy_k:6")
   with pytest.raises(ValueError, match="kernel_warps"):
     BlockSizes(kernel_warps="wy_k=8")
+  assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
+  assert BlockSizes.from_spec("solve_block=None/kernel_warps=wy_k:2",
+                              "gpu") == dataclasses.replace(
+                                  BlockSizes.get_default("gpu"),
+                                  solve_block=None, kernel_warps="wy_k:2")
+  with pytest.raises(ValueError, match="field=value"):
+    BlockSizes.from_spec("solve_blocks=16", "gpu")
   warps = BlockSizes(num_warps=2, num_warps_intra=4,
                      kernel_warps="wy_k:8+state_bwd:1")
   assert warps == BlockSizes(num_warps=2, num_warps_intra=4,

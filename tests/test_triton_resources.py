@@ -8,6 +8,10 @@ is checked against a step-by-step count.
 """
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,8 @@ import pytest
 
 from experiments import triton_resources as tr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # What ptxas 12.8 printed for a Pallas kernel (the format the tool parses).
 _PTXAS_REPORT = """\
@@ -29,6 +35,17 @@ _SPLIT_KERNELS = {"gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                   "gated_delta_rule_output", "gated_delta_rule_bwd_local",
                   "gated_delta_rule_state_bwd", "gated_delta_rule_bwd_out",
                   "gated_delta_rule_bwd_wy_v", "gated_delta_rule_bwd_wy_k"}
+
+
+def test_importable_beside_other_experiments():
+  """Its flags are defined only when it runs as a command: tests import
+  experiments whose flags share names (--batch, --json_out) in one
+  process. A subprocess, so that this process's flags do not matter."""
+  code = ("import experiments.forward, experiments.compare_ratios, "
+          "experiments.long_context, experiments.train, "
+          "experiments.triton_resources")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 
 
 def test_parse_ptxas():
@@ -65,7 +82,7 @@ def test_lowered_kernels_of_the_split_family():
   """The lowering yields each split kernel with its launch parameters."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
-  blocks = tr.parse_variant("kernel_warps=wy_k:2")
+  blocks = BlockSizes.from_spec("kernel_warps=wy_k:2", "gpu")
   kernels = tr.lowered_kernels(blocks, 1, 200, 1, 2, 128, 64, jnp.bfloat16,
                                segments=True)
   assert {k.name for k in kernels} == _SPLIT_KERNELS

@@ -6,7 +6,6 @@ is one line. "auto" picks per backend from `AUTO` (one line to change).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax

@@ -189,6 +189,23 @@ class BlockSizes:
                  kernel_warps="bwd_out:8,wy_k:8")
     return cls()
 
+  @classmethod
+  def from_spec(cls, spec: str, backend: str) -> "BlockSizes":
+    """'kernels=fused/block_dv=64' (fields as '/'-separated field=value
+    pairs; "" for none) -> `backend`'s defaults with those fields
+    replaced. Integers and None are parsed; other values stay strings."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for item in filter(None, spec.split("/")):
+      name, sep, value = item.partition("=")
+      if not sep or name not in fields:
+        raise ValueError(f"BlockSizes spec {spec!r}: expected field=value "
+                         f"pairs with fields from {sorted(fields)}, found "
+                         f"{item!r}")
+      changes[name] = (None if value == "None" else
+                       int(value) if value.lstrip("-").isdigit() else value)
+    return dataclasses.replace(cls.get_default(backend), **changes)
+
   def warps(self, kernel: str, parallel: bool) -> int:
     """Triton warps of split kernel `kernel` (a `SPLIT_KERNELS` name)."""
     default = self.num_warps_intra if parallel else self.num_warps
