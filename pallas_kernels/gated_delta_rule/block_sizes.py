@@ -178,11 +178,11 @@ class BlockSizes:
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
       # bwd_out and wy_k in 8 warps: with 4, each thread holds too many
-      # [64, 128] f32 tiles and ptxas spills (472 and 1076 bytes per thread
-      # at sm_90 against 88 and 108; experiments/triton_resources.py). On
-      # the H200 with the kernels of 2026-11-26, 8 warps took bwd_out from
-      # 2.0 to 1.6 ms and left wy_k as it was (5.6 ms, then still
-      # spilling 764 bytes).
+      # [64, 128] f32 tiles and ptxas spills (900 and 1,364 bytes per
+      # thread at sm_90, against 164 and 244 in 8 warps;
+      # experiments/triton_resources.py). On the H200, with the kernels as
+      # they were on 2026-11-26, 8 warps took bwd_out from 2.0 to 1.6 ms
+      # and left wy_k as it was (5.6 ms, then still spilling 764 bytes).
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=16, f32_dot="auto",

@@ -21,13 +21,16 @@ flash-linear-attention's chunked kernels):
                                  dS <- e^{G_last} dS + q^T (scale e^G dO) - w^T dv'
             out     (b, hv, n)   dq, dk, dw and the decay gradient of the
                                  output / state path
-            wy_v    (b, hv, n)   dv, dbeta and dT through u = T(beta v)
+            wy_v    (b, hv, n)   dv, dbeta through u = T(beta v), and
+                                 dxu u^T (dxu = T^T du), u's share of -dA
             wy_k    (b, hv, n)   dk, dbeta and the decay gradient through
-                                 w = T(beta e^G k) and T = (I + A)^-1
+                                 w = T(beta e^G k) and T = (I + A)^-1, with
+                                 dA = -(dxu u^T + dxw w^T): no dT
             (or wy  (b, hv, n)   wy_v and wy_k in one, in column tiles:
                                  `BlockSizes.wy_block`)
   (the backward's prep also writes T [c, c] per chunk for the two wy
   kernels, so the solve runs twice per training step, not four times).
+  Every array is token-major, [b, tp, h, .], except the states.
 
 What autodiff keeps from the forward is the state entering every chunk,
 h [b, hv, n, dk, dv], in the matmul dtype.
@@ -40,7 +43,8 @@ applied to f32 results rather than folded into bf16 operands. The solve is
 f32 vector arithmetic; products of f32 matrices (T, w, u and their
 gradients) use the algorithm `Dots.f32` names (`BlockSizes.f32_dot`: IEEE
 f32, or tensor-core splits of about f32 accuracy on a GPU), since the solve
-amplifies rounding.
+amplifies rounding; an f32 matrix times a stored one splits only the f32
+side (`Dots.fm`).
 """
 
 from __future__ import annotations
@@ -356,8 +360,9 @@ def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dau_ref, dsc_ref, *,
   Writes dv, (0, dbeta part) and dxu u^T [c, c] with dxu = T^T du: u's
   share of -dA. (T^T dT T^T = dxu u^T + dxw w^T exactly, since
   dT = du (beta v)^T + dw (beta e^G k)^T and u, w = T (beta v), T (beta
-  e^G k): the WY backward never forms dT. u is not stored for it:
-  dxu u^T = (dxu v^T)(T diag(beta))^T.)
+  e^G k): the WY backward never forms dT. u is not read here:
+  dxu u^T = (dxu v^T)(T diag(beta))^T, so u can die after the sequential
+  pass.)
   """
   t, v = _load(t_ref), v_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
