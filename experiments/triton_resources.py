@@ -44,8 +44,6 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
-
-
 # Hopper (sm_90) per-SM limits, from NVIDIA's CUDA C programming guide
 # (compute capability 9.0) and the H100/H200 SM count.
 SM_COUNT = 132
