@@ -55,14 +55,21 @@ SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
-# The Triton lowering of jax 0.11 reads the compute capability from the
-# device; without a GPU it needs an abstract one (see `abstract_cuda_target`).
-_ABSTRACT_H100 = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                      platform="gpu")
+# Lowering without the hardware: the Triton lowering asks for the GPU's
+# compute capability (jax >= 0.11 raises "No supported GPU devices found"
+# without a GPU or an abstract one) and the Mosaic lowering for the TPU
+# generation. Both read it from the abstract device of the current abstract
+# mesh, public API in jax 0.10 and 0.11.
+ABSTRACT_DEVICES = {
+    "cuda": dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                 platform="gpu"),
+    "tpu": dict(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
+}
 
 
-def abstract_cuda_target():
-  """A context under which lowering targets an (abstract) H100.
+def abstract_target(platform: str = "cuda"):
+  """A context under which lowering targets an abstract H100 ("cuda") or
+  TPU v5e ("tpu"), with no such hardware here.
 
   Raises RuntimeError when this jax cannot name one without the hardware.
   """
@@ -70,13 +77,15 @@ def abstract_cuda_target():
   if not (hasattr(sharding, "AbstractDevice")
           and hasattr(sharding, "use_abstract_mesh")):
     raise RuntimeError(f"jax {jax.__version__} has no "
-                       "jax.sharding.AbstractDevice")
-  device = sharding.AbstractDevice(**_ABSTRACT_H100)
+                       f"jax.sharding.AbstractDevice: cannot name a "
+                       f"{platform} target without the hardware")
+  device = sharding.AbstractDevice(**ABSTRACT_DEVICES[platform])
   try:
     mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   except TypeError as e:
     raise RuntimeError(f"jax {jax.__version__}: AbstractMesh takes no "
-                       f"abstract_device ({e})") from e
+                       f"abstract_device ({e}): cannot name a {platform} "
+                       f"target") from e
   return sharding.use_abstract_mesh(mesh)
 
 
@@ -191,7 +200,7 @@ def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
     return o_s, jax.grad(loss, argnums=tuple(range(5)))(q, k, v, g, beta,
                                                         segment_ids)
 
-  with abstract_cuda_target():
+  with abstract_target("cuda"):
     lowered = jax.jit(both).trace(*args).lower(
         lowering_platforms=("cuda",))
   module = lowered.compiler_ir("stablehlo")
@@ -311,7 +320,7 @@ def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
   grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
-  with abstract_cuda_target():
+  with abstract_target("cuda"):
     peak, at_peak = live_temporaries(grad, *args)
   return dict(peak_mib=round(peak / 2**20, 1),
               at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak])

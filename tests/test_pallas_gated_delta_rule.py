@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import triton_resources
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
@@ -255,16 +256,6 @@ def test_block_sizes_validation():
   assert BlockSizes.get_default("tpu").kernels == "fused"
 
 
-# Lowering without the hardware: the Triton lowering asks for the GPU's
-# compute capability (jax >= 0.11 raises "No supported GPU devices found"
-# without a GPU or an abstract one) and the Mosaic lowering for the TPU
-# generation. Both read it from the abstract device of the current abstract
-# mesh, public API in jax 0.10 and 0.11.
-_ABSTRACT_DEVICES = {
-    "cuda": {"device_kind": "NVIDIA H100 80GB HBM3", "num_cores": None,
-             "platform": "gpu"},
-    "tpu": {"device_kind": "TPU v5 lite", "num_cores": 1, "platform": "tpu"},
-}
 # What each lowering emits for one pallas_call.
 _CUSTOM_CALLS = {
     "cuda": "stablehlo.custom_call @__gpu$xla.gpu.triton(",
@@ -273,19 +264,12 @@ _CUSTOM_CALLS = {
 
 
 def _abstract_target(platform):
-  """A context that makes `platform` the lowering target (no hardware)."""
-  sharding = jax.sharding
-  if not (hasattr(sharding, "AbstractDevice")
-          and hasattr(sharding, "use_abstract_mesh")):
-    pytest.skip(f"jax {jax.__version__} has no jax.sharding.AbstractDevice: "
-                f"cannot name a {platform} target without the hardware")
-  device = sharding.AbstractDevice(**_ABSTRACT_DEVICES[platform])
+  """A context that makes `platform` the lowering target (no hardware);
+  skips where this jax cannot name one."""
   try:
-    mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  except TypeError as e:
-    pytest.skip(f"jax {jax.__version__}: AbstractMesh takes no "
-                f"abstract_device ({e}): cannot name a {platform} target")
-  return sharding.use_abstract_mesh(mesh)
+    return triton_resources.abstract_target(platform)
+  except RuntimeError as e:
+    pytest.skip(str(e))
 
 
 # (platform, kernels, solve_block, wy_block) -> pallas_calls in an inference

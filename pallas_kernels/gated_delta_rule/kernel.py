@@ -148,15 +148,17 @@ def block_unit_lower_inverse(a: jax.Array, block: int, dot) -> jax.Array:
   same = (rows // block) == (cols // block)
   d_t = jnp.where(same, a, 0.0).T
   eye = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
+  # Position within the block, outside the loop (it does not change).
+  row_in, col_in = rows % block, cols % block
+  row_in = jnp.where(same, row_in, -1)  # the update stays in its block
 
   def body(i, t):
     # a_col[j] = D[r, j] for the row r = i of j's block (D is block
     # diagonal, so the other blocks' rows i add zeros).
-    a_col = jnp.sum(jnp.where(cols % block == i, d_t, 0.0), axis=1,
-                    keepdims=True)
+    a_col = jnp.sum(jnp.where(col_in == i, d_t, 0.0), axis=1, keepdims=True)
     # T is block diagonal too: column j of the sum only sees j's block.
     upd = jnp.sum(a_col * t, axis=0, keepdims=True)  # [1, c]
-    return t - jnp.where((rows % block == i) & same, upd, 0.0)
+    return t - jnp.where(row_in == i, upd, 0.0)
 
   t_diag = lax.fori_loop(1, block, body, eye)
   if block >= c:

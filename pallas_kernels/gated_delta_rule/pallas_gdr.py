@@ -341,6 +341,15 @@ def _heads_first(x: jax.Array, d_pad: int = 0, *, tp: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, d_pad)))
 
 
+def _tokens_first(x: jax.Array, d_pad: int = 0, *, tp: int) -> jax.Array:
+  """[b, t, h, d] -> [b, tp, h, d + d_pad] (zero padding; no copy when
+  there is nothing to pad)."""
+  t = x.shape[1]
+  if tp == t and not d_pad:
+    return x
+  return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, d_pad)))
+
+
 def _padded_inputs(q, k, v, g, beta, segment_ids, chunk: int, dk_pad: int,
                    dv_pad: int, token_major: bool = False):
   """The kernels' layout: (q, k [b, hk, tp, dk + dk_pad], v [b, hv, tp,
@@ -351,12 +360,8 @@ def _padded_inputs(q, k, v, g, beta, segment_ids, chunk: int, dk_pad: int,
   b, t = q.shape[:2]
   hv = v.shape[2]
   tp = max(chunk, -(-t // chunk) * chunk)
-  if token_major:
-    to_layout = lambda x, d_pad=0: jnp.pad(
-        x, ((0, 0), (0, tp - t), (0, 0), (0, d_pad))) if (
-            tp > t or d_pad) else x
-  else:
-    to_layout = functools.partial(_heads_first, tp=tp)
+  to_layout = functools.partial(
+      _tokens_first if token_major else _heads_first, tp=tp)
   qh = to_layout(q, dk_pad)
   kh = to_layout(k, dk_pad)
   vh = to_layout(v, dv_pad)
