@@ -119,14 +119,6 @@ class Dots:
     """a @ b in f32 (the `f32` algorithm)."""
     return self._general(a, b, ((1,), (0,)), _F32)
 
-  def f_nt(self, a, b):
-    """a @ b^T in f32."""
-    return self._general(a, b, ((1,), (1,)), _F32)
-
-  def f_tn(self, a, b):
-    """a^T @ b in f32."""
-    return self._general(a, b, ((0,), (0,)), _F32)
-
   # Products of an f32 matrix `a` with a stored one `b` (held in md). When
   # md is bf16 and the f32 algorithm splits operands into bf16 parts, b's
   # low parts are zero: only a is split, and each part of a meets b in one
@@ -231,7 +223,7 @@ def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
   x = kernel.chunk_intra(k.astype(_F32), sc, has_segments, kk=d.mm_nt(k, k),
                          inverse=inverse, transpose=_transpose)
   if t_ref:
-    t_ref[0][...] = x.t
+    t_ref[0][...] = x.t.astype(t_ref[0].dtype)
   # T (beta v) = (T diag(beta)) v: the stored v and k enter as they are.
   u_ref[...] = d.fm(x.t * _transpose(x.beta), v_ref[...]).astype(
       u_ref.dtype)
@@ -281,7 +273,7 @@ def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
   vn_ref[...] = vn.astype(vn_ref.dtype)
   gamma, _, _, _ = _decays(_load(aux_ref), has_segments)
   p = d.mm_nt(q_ref[...], k_ref[...]) * (gamma * scale)
-  dvl_ref[...] = d.mm_tn(p, do_ref[...])
+  dvl_ref[...] = d.mm_tn(p, do_ref[...]).astype(dvl_ref.dtype)
 
 
 def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
@@ -341,8 +333,9 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
     dq_ref[:, cols_k] = ((decay_q * dos + d.mm(dpg, k)) * scale).astype(
         dq_ref.dtype)
     dkd = d.mm_nt(vn, dh_ref[cols_k, :])              # v' dS'^T [c, dk]
-    dk_ref[:, cols_k] = d.mm_tn(dpg, q) * scale + decay_k * dkd
-    dw_ref[:, cols_k] = -d.mm_nt(dvn_ref[...], h)
+    dk_ref[:, cols_k] = (d.mm_tn(dpg, q) * scale + decay_k * dkd).astype(
+        dk_ref.dtype)
+    dw_ref[:, cols_k] = (-d.mm_nt(dvn_ref[...], h)).astype(dw_ref.dtype)
     deg = deg + jnp.sum(q * dos, axis=1, keepdims=True)
     dkdec = dkdec + jnp.sum(k * dkd, axis=1, keepdims=True)
   deg = deg * scale
@@ -364,11 +357,11 @@ def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dau_ref, dsc_ref, *,
   dxu u^T = (dxu v^T)(T diag(beta))^T, so u can die after the sequential
   pass.)
   """
-  t, v = _load(t_ref), v_ref[...]
+  t, v = t_ref[...], v_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
-  dxu = d.f_tn(t, _load(dvn_ref))
+  dxu = d.mm_tn(t, dvn_ref[...])
   dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
-  dau_ref[...] = d.f_nt(d.fm_nt(dxu, v), t * _transpose(beta))
+  dau_ref[...] = d.fm_nt(d.fm_nt(dxu, v) * _transpose(beta), t)
   dbeta = jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
   dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
 
@@ -396,14 +389,14 @@ def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dkin_ref,
   dxw w^T = (dxw k^T)(T diag(beta e^G))^T. Writes the rest of dk and
   (dg part, dbeta part) as [c, 2]; dk includes dkin, bwd_out's part.
   """
-  t = _load(t_ref)
+  t = t_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
   bek = beta * eg
   k = k_ref[...]
-  dxw = d.f_tn(t, _load(dw_ref))
-  da = -_strict_lower(_load(dau_ref) + d.f_nt(d.fm_nt(dxw, k),
-                                               t * _transpose(bek)))
+  dxw = d.mm_tn(t, dw_ref[...])
+  da = -_strict_lower(_load(dau_ref)
+                      + d.fm_nt(d.fm_nt(dxw, k) * _transpose(bek), t))
   kkg = d.mm_nt(k, k) * gamma  # exact products of stored keys
   dkk = da * beta * gamma
   # d(k k^T) k + d(k k^T)^T k in one product.
@@ -426,7 +419,7 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dkin_ref,
   dk) rather than kept. dk includes dkin, bwd_out's part.
   """
   c = t_ref.shape[0]
-  t = _load(t_ref)
+  t = t_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
   bek = beta * eg
@@ -434,7 +427,7 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dkin_ref,
   dbeta = jnp.zeros((c, 1), _F32)
   for cols_v in _column_tiles(v_ref.shape[1], block):
     v = v_ref[:, cols_v]
-    dxu = d.f_tn(t, dvn_ref[:, cols_v].astype(_F32))
+    dxu = d.mm_tn(t, dvn_ref[:, cols_v])
     dv_ref[:, cols_v] = (beta * dxu).astype(dv_ref.dtype)
     xu = xu + d.fm_nt(dxu, v)
     dbeta = dbeta + jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
@@ -444,15 +437,15 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dkin_ref,
   for cols_k in k_tiles:
     k = k_ref[:, cols_k]
     kk = kk + d.mm_nt(k, k)  # exact products of stored keys
-    xw = xw + d.fm_nt(d.f_tn(t, dw_ref[:, cols_k].astype(_F32)), k)
-  da = -_strict_lower(d.f_nt(xu, t * _transpose(beta))
-                      + d.f_nt(xw, t * _transpose(bek)))
+    xw = xw + d.fm_nt(d.mm_tn(t, dw_ref[:, cols_k]), k)
+  da = -_strict_lower(d.fm_nt(xu * _transpose(beta) + xw * _transpose(bek),
+                              t))
   dkk = da * beta * gamma
   dkk = dkk + dkk.T  # d(k k^T) k + d(k k^T)^T k in one product
   kdxw = jnp.zeros((c, 1), _F32)
   for cols_k in k_tiles:
     k = k_ref[:, cols_k]
-    dxw = d.f_tn(t, dw_ref[:, cols_k].astype(_F32))
+    dxw = d.mm_tn(t, dw_ref[:, cols_k])
     dk_ref[:, cols_k] = (dkin_ref[:, cols_k].astype(_F32) + bek * dxw
                          + d.fm(dkk, k)).astype(dk_ref.dtype)
     kdxw = kdxw + jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)

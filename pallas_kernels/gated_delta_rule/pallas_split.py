@@ -118,7 +118,7 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False):
                p.tokens(ks.NUM_AUX)]
   if with_t:
     out_specs.append(p.val_chunk(p.c))
-    out_shape.append(p.tokens(p.c))
+    out_shape.append(p.tokens(p.c, dtype=p.md))
   return p.call(
       body, k, v, sc, grid=p.par_grid,
       in_specs=[p.key_chunk, p.val_chunk(p.dv),
@@ -172,7 +172,7 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
       in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
-      out_shape=[p.tokens(dv, dtype=p.md), p.tokens(dv)],
+      out_shape=[p.tokens(dv, dtype=p.md), p.tokens(dv, dtype=p.md)],
       stage="bwd_local")
 
 
@@ -186,7 +186,7 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
                 p.tile_seq, p.tile_seq, p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.tokens(dv),
+      out_shape=[p.tokens(dv, dtype=p.md),
                  p.shape(b, hv, p.n, dk, dv, dtype=p.md),
                  p.shape(b, hv, dk, dv)],
       stage="state_bwd")
@@ -206,8 +206,9 @@ def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
                 p.val_chunk(dv)],
       out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
                  p.val_chunk(ndsc)],
-      out_shape=[p.tokens(dk, dtype=p.dq_dtype)] + [p.tokens(dk)] * 2
-      + [p.tokens(ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dq_dtype),
+                 p.tokens(dk, dtype=p.dk_dtype), p.tokens(dk, dtype=p.md),
+                 p.tokens(ndsc)],
       stage="bwd_out")
 
 
