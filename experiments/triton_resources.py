@@ -18,7 +18,7 @@ and register-limited occupancy are what it is for.
 
   pip install triton==3.6.0   # the Triton of the H100/H200 machine
   python -m experiments.triton_resources --seq_len 32768 \
-      --variants "wy_block=64/out_block=64,num_warps_intra=8"
+      --variants "wy_block=None/out_block=None,num_warps_intra=8"
 
 Variants are '/'-separated BlockSizes field=value pairs over the GPU
 defaults, as in bench_gated_delta_rule's --pallas_variants.
@@ -393,14 +393,14 @@ def _define_flags():
       shape=gdr_shapes,
       variants=flags.DEFINE_list(
           "variants", [],
-          "BlockSizes variants over the GPU defaults, e.g. 'wy_block=64' or "
+          "BlockSizes variants over the GPU defaults, e.g. 'wy_block=None' or "
           "'num_warps_intra=8/f32_dot=bf16'; the defaults are always "
           "included."),
       segments=flags.DEFINE_bool("segments", False,
                                  "Lower with segment_ids (packed sequences)."),
       only=flags.DEFINE_list(
           "only", [], "Compile only kernels whose name contains one of "
-          "these (e.g. 'wy_k,prep'); default all."),
+          "these (e.g. 'wy,prep'); default all."),
       arch=flags.DEFINE_integer("arch", 90, "CUDA compute capability."),
       memory=flags.DEFINE_bool(
           "memory", False, "Also estimate the peak temporaries of forward+"

@@ -21,7 +21,7 @@ from tests import tolerances
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _KERNELS = ["prep", "state_fwd", "output", "prep (with T)", "bwd_local",
-            "state_bwd", "bwd_out", "wy_v", "wy_k"]
+            "state_bwd", "bwd_out", "wy"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",

@@ -73,8 +73,7 @@ CASES = {
     "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
     "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
                                        solve_block=16, hk=1),
-    # The WY-form gradients in one kernel, and bwd_out, with dk and dv in
-    # column tiles (two and three tiles of 16 here).
+    # The wy and bwd_out kernels with dk in column tiles (two of 16 here).
     "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
                                wy_block=16, out_block=16),
     "t130_bf16_wy16_no_state": Case(130, jnp.bfloat16, with_state=False,
@@ -233,22 +232,22 @@ def test_block_sizes_validation():
   with pytest.raises(ValueError, match="kernel_warps"):
     BlockSizes(kernel_warps="wy_q:8")
   with pytest.raises(ValueError, match="kernel_warps"):
-    BlockSizes(kernel_warps="wy_k:6")
+    BlockSizes(kernel_warps="wy:6")
   with pytest.raises(ValueError, match="kernel_warps"):
-    BlockSizes(kernel_warps="wy_k=8")
+    BlockSizes(kernel_warps="wy=8")
   assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
-  assert BlockSizes.from_spec("solve_block=None/kernel_warps=wy_k:2",
+  assert BlockSizes.from_spec("solve_block=None/kernel_warps=wy:2",
                               "gpu") == dataclasses.replace(
                                   BlockSizes.get_default("gpu"),
-                                  solve_block=None, kernel_warps="wy_k:2")
+                                  solve_block=None, kernel_warps="wy:2")
   with pytest.raises(ValueError, match="field=value"):
     BlockSizes.from_spec("solve_blocks=16", "gpu")
   warps = BlockSizes(num_warps=2, num_warps_intra=4,
-                     kernel_warps="wy_k:8+state_bwd:1")
+                     kernel_warps="wy:8+state_bwd:1")
   assert warps == BlockSizes(num_warps=2, num_warps_intra=4,
-                             kernel_warps=(("state_bwd", 1), ("wy_k", 8)))
+                             kernel_warps=(("state_bwd", 1), ("wy", 8)))
   assert [warps.warps(name, parallel) for name, parallel in
-          [("wy_k", True), ("wy_v", True), ("state_bwd", False),
+          [("wy", True), ("bwd_out", True), ("state_bwd", False),
            ("state_fwd", False)]] == [8, 4, 1, 2]
   assert BlockSizes.get_default("tpu").chunk_loop == "grid"
   assert BlockSizes.get_default("gpu").chunk_loop == "kernel"
@@ -277,12 +276,11 @@ def _abstract_target(platform):
 # must appear.
 _SPLIT_NAMES = ("gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                 "gated_delta_rule_output", "gated_delta_rule_state_bwd",
-                "gated_delta_rule_bwd_wy_k")
+                "gated_delta_rule_bwd_out", "gated_delta_rule_bwd_wy")
 _LOWERINGS = {
-    ("cuda", "split", None, None): (3 + 3 + 6, _SPLIT_NAMES),
-    ("cuda", "split", 16, None): (3 + 3 + 6, _SPLIT_NAMES),
-    ("cuda", "split", 16, 64): (3 + 3 + 5, _SPLIT_NAMES[:-1]
-                                + ("gated_delta_rule_bwd_wy",)),
+    ("cuda", "split", None, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, 64): (3 + 3 + 5, _SPLIT_NAMES),
     ("cuda", "fused", None, None): (3, ("gated_delta_rule_fwd",
                                         "gated_delta_rule_bwd")),
     ("tpu", "fused", None, None): (3, ("gated_delta_rule_fwd",
@@ -353,7 +351,7 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
     text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
         *[inputs[n] for n in NAMES[:5]]).lower(
             lowering_platforms=("cuda",)).as_text()
-  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 6
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5
 
 
 @pytest.mark.parametrize("with_segments", [False, True])

@@ -34,7 +34,7 @@ ptxas info    : Used 255 registers, used 1 barriers, 104 bytes cumulative stack 
 _SPLIT_KERNELS = {"gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                   "gated_delta_rule_output", "gated_delta_rule_bwd_local",
                   "gated_delta_rule_state_bwd", "gated_delta_rule_bwd_out",
-                  "gated_delta_rule_bwd_wy_v", "gated_delta_rule_bwd_wy_k"}
+                  "gated_delta_rule_bwd_wy"}
 
 
 def test_importable_beside_other_experiments():
@@ -82,14 +82,14 @@ def test_lowered_kernels_of_the_split_family():
   """The lowering yields each split kernel with its launch parameters."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
-  blocks = BlockSizes.from_spec("kernel_warps=wy_k:2", "gpu")
+  blocks = BlockSizes.from_spec("kernel_warps=wy:2", "gpu")
   kernels = tr.lowered_kernels(blocks, 1, 200, 1, 2, 128, 64, jnp.bfloat16,
                                segments=True)
   assert {k.name for k in kernels} == _SPLIT_KERNELS
   chunks = math.ceil(200 / blocks.chunk_size)
   for k in kernels:
     sequential = "state" in k.name
-    assert k.num_warps == (2 if k.name.endswith("wy_k") else
+    assert k.num_warps == (2 if k.name.endswith("_wy") else
                            blocks.num_warps if sequential
                            else blocks.num_warps_intra)
     assert k.num_stages == blocks.num_stages

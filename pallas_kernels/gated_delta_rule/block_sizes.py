@@ -54,7 +54,7 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 # The split family's kernels, as `BlockSizes.kernel_warps` names them (the
 # pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
 SPLIT_KERNELS = ("prep", "state_fwd", "output", "bwd_local", "state_bwd",
-                 "bwd_out", "wy_v", "wy_k", "wy")
+                 "bwd_out", "wy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,18 +86,16 @@ class BlockSizes:
       "bf16" (one bf16 product, flash-linear-attention's precision) or
       "auto" (bf16x3 for bf16 inputs, tf32x3 for f32 inputs).
       Interpret mode always computes IEEE f32 (the CPU has no TF32).
-    wy_block: None, or a column width: the split backward's gradients
-      through the WY form (dv, and dk, dbeta, dg through w and T) then run
-      as one kernel that takes dk and dv this many columns at a time (all
-      of a dim it does not divide) instead of two kernels over whole rows.
-      Not measured on a GPU yet.
+    wy_block: None, or a column width: the split backward's wy kernel
+      (the gradients through the WY form) takes dk this many columns at a
+      time (all of dk when it does not divide it) instead of whole.
     out_block: None, or a column width: the split backward's bwd_out
       kernel takes dk (the rows of the [dk, dv] states) this many columns
-      at a time instead of whole. Not measured on a GPU yet.
+      at a time instead of whole.
     kernel_warps: Triton warps of single split kernels, overriding
       num_warps / num_warps_intra: pairs (name from `SPLIT_KERNELS`,
-      warps), or a string "bwd_out:8,wy_k:8" ("+" also separates, for
-      command-line lists: "bwd_out:8+wy_k:8").
+      warps), or a string "bwd_out:8,wy:8" ("+" also separates, for
+      command-line lists: "bwd_out:8+wy:8").
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -177,16 +175,17 @@ class BlockSizes:
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
-      # bwd_out and wy_k in 8 warps: with 4, each thread holds too many
-      # [64, 128] f32 tiles and ptxas spills (900 and 1,364 bytes per
-      # thread at sm_90, against 164 and 244 in 8 warps;
-      # experiments/triton_resources.py). On the H200, with the kernels as
-      # they were on 2026-11-26, 8 warps took bwd_out from 2.0 to 1.6 ms
-      # and left wy_k as it was (5.6 ms, then still spilling 764 bytes).
+      # bwd_out and wy in 8 warps, dk in two column tiles of 64: chosen on
+      # static resources (experiments/triton_resources.py, sm_90, bf16,
+      # 32k tokens), not yet timed. ptxas spills 852 and 1,092 bytes per
+      # thread in 4 warps with whole rows, 88 and 208 in 8 warps, 0 and 84
+      # in 8 warps with the tiles. (On the H200, 8 warps took the bwd_out
+      # of then from 2.0 to 1.6 ms as its spills fell from 1,076 to 108
+      # bytes.)
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=16, f32_dot="auto",
-                 kernel_warps="bwd_out:8,wy_k:8")
+                 solve_block=16, f32_dot="auto", wy_block=64, out_block=64,
+                 kernel_warps="bwd_out:8,wy:8")
     return cls()
 
   @classmethod

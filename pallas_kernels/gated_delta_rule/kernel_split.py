@@ -19,17 +19,14 @@ flash-linear-attention's chunked kernels):
             state   (b, hv, nv)  chunks last to first, carrying dS:
                                  dh_n = dS, dv' = dv'_local + e^{G_last-G} (k dS),
                                  dS <- e^{G_last} dS + q^T (scale e^G dO) - w^T dv'
-            out     (b, hv, n)   dq, dk, dw and the decay gradient of the
+            out     (b, hv, n)   dq, dk and the decay gradient of the
                                  output / state path
-            wy_v    (b, hv, n)   dv, dbeta through u = T(beta v), and
-                                 dxu u^T (dxu = T^T du), u's share of -dA
-            wy_k    (b, hv, n)   dk, dbeta and the decay gradient through
-                                 w = T(beta e^G k) and T = (I + A)^-1, with
-                                 dA = -(dxu u^T + dxw w^T): no dT
-            (or wy  (b, hv, n)   wy_v and wy_k in one, in column tiles:
-                                 `BlockSizes.wy_block`)
-  (the backward's prep also writes T [c, c] per chunk for the two wy
-  kernels, so the solve runs twice per training step, not four times).
+            wy      (b, hv, n)   dv, dk, dbeta and the decay gradient through
+                                 u, w and T = (I + A)^-1: with dxu = T^T dv',
+                                 dv = beta dxu, T^T dw = -dxu h_n^T and
+                                 dA = -dxu v'^T (no dT, no dw)
+  (the backward's prep also writes T [c, c] per chunk for the wy kernel,
+  so the solve runs twice per training step, not three times).
   Every array is token-major, [b, tp, h, .], except the states.
 
 What autodiff keeps from the forward is the state entering every chunk,
@@ -44,7 +41,9 @@ f32 vector arithmetic; products of f32 matrices (T, w, u and their
 gradients) use the algorithm `Dots.f32` names (`BlockSizes.f32_dot`: IEEE
 f32, or tensor-core splits of about f32 accuracy on a GPU), since the solve
 amplifies rounding; an f32 matrix times a stored one splits only the f32
-side (`Dots.fm`).
+side (`Dots.fm`). The backward's intermediates (T, v', P^T dO, dv', the
+dk of bwd_out) are stored in `md` too, as flash-linear-attention stores
+them: T is f32 only inside the forward's prep.
 """
 
 from __future__ import annotations
@@ -305,14 +304,13 @@ def _column_tiles(width: int, block: int | None) -> list:
   return [pl.ds(j * block, block) for j in range(width // block)]
 
 
-def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
-                   do_ref, dq_ref, dk_ref, dw_ref, dg_ref, *, scale: float,
+def bwd_out_kernel(q_ref, k_ref, vn_ref, h_ref, dh_ref, aux_ref, do_ref,
+                   dq_ref, dk_ref, dg_ref, *, scale: float,
                    has_segments: bool, d: Dots, block: int | None = None):
   """Gradients through the output and the state update (parallel).
 
-  Writes dq, the part of dk from those paths, dw (the cotangent of
-  w = T(beta e^G k), finished by `wy_k_kernel`) and that part of dg as
-  [c, 2] (dg, 0). Not included: the state path's gradient of G_last,
+  Writes dq, the part of dk from those paths (`wy_kernel` adds the rest)
+  and that part of dg as [c, 2] (dg, 0). Not included: the state path's gradient of G_last,
   <h_n, dh_n> e^{G_last}, which `pallas_split.backward` adds with one XLA
   reduction (here it would hold two [dk, dv] f32 tiles in registers).
   With `block`, dk is taken that many columns (rows of the states h, dh)
@@ -335,35 +333,14 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, dvn_ref, h_ref, dh_ref, aux_ref,
     dkd = d.mm_nt(vn, dh_ref[cols_k, :])              # v' dS'^T [c, dk]
     dk_ref[:, cols_k] = (d.mm_tn(dpg, q) * scale + decay_k * dkd).astype(
         dk_ref.dtype)
-    dw_ref[:, cols_k] = (-d.mm_nt(dvn_ref[...], h)).astype(dw_ref.dtype)
     deg = deg + jnp.sum(q * dos, axis=1, keepdims=True)
     dkdec = dkdec + jnp.sum(k * dkd, axis=1, keepdims=True)
   deg = deg * scale
   dkdec = dkdec * decay_k
   dg = _decay_grad(dp * qk * gamma, deg * decay_q - dkdec,
                    jnp.sum(dkdec, axis=0, keepdims=True))
-  # [c, 2] like wy_k_kernel's (dg, dbeta); no dbeta on this path.
+  # [c, 2] like wy_kernel's (dg, dbeta); no dbeta on this path.
   dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
-
-
-def wy_v_kernel(t_ref, v_ref, sc_ref, dvn_ref, dv_ref, dau_ref, dsc_ref, *,
-                d: Dots):
-  """Gradients through u = T(beta v) (parallel over chunks).
-
-  Writes dv, (0, dbeta part) and dxu u^T [c, c] with dxu = T^T du: u's
-  share of -dA. (T^T dT T^T = dxu u^T + dxw w^T exactly, since
-  dT = du (beta v)^T + dw (beta e^G k)^T and u, w = T (beta v), T (beta
-  e^G k): the WY backward never forms dT. u is not read here:
-  dxu u^T = (dxu v^T)(T diag(beta))^T, so u can die after the sequential
-  pass.)
-  """
-  t, v = t_ref[...], v_ref[...]
-  beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
-  dxu = d.mm_tn(t, dvn_ref[...])
-  dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
-  dau_ref[...] = d.fm_nt(d.fm_nt(dxu, v) * _transpose(beta), t)
-  dbeta = jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
-  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, 0.0, dbeta)
 
 
 def _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, dbeta):
@@ -381,71 +358,39 @@ def _strict_lower(x):
   return jnp.where(_iota((c, c), 0) > _iota((c, c), 1), x, 0.0)
 
 
-def wy_k_kernel(t_ref, k_ref, sc_ref, aux_ref, dw_ref, dau_ref, dkin_ref,
-                dk_ref, dsc_ref, *, has_segments: bool, d: Dots):
-  """Gradients through w = T(beta e^G k) and T = (I + A)^-1 (parallel).
+def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, vn_ref, dvn_ref, h_ref,
+              dkin_ref, dk_ref, dv_ref, dsc_ref, *, has_segments: bool,
+              block: int | None, d: Dots):
+  """Gradients through u = T(beta v), w = T(beta e^G k), T = (I + A)^-1
+  (parallel over chunks).
 
-  dA = -(dxu u^T + dxw w^T), strictly lower (see `wy_v_kernel`), with
-  dxw w^T = (dxw k^T)(T diag(beta e^G))^T. Writes the rest of dk and
-  (dg part, dbeta part) as [c, 2]; dk includes dkin, bwd_out's part.
+  u and w enter the rest only through v' = u - w h_n, so du = dv' and
+  dw = -dv' h_n^T. With dxu = T^T du:
+    dv = beta * dxu,   dxw = T^T dw = -dxu h_n^T,
+    T^T dT T^T = dxu u^T + dxw w^T = dxu (u - w h_n)^T = dxu v'^T,
+  so dA = -dxu v'^T (strictly lower) from the v' the backward already
+  has: neither dT, nor dw, nor u and w are formed or read. Writes dv, the
+  rest of dk (plus dkin, bwd_out's part) and (dg part, dbeta part) as
+  [c, 2]. With `block`, dk is taken that many columns at a time.
   """
   t = t_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
   gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
-  bek = beta * eg
-  k = k_ref[...]
-  dxw = d.mm_tn(t, dw_ref[...])
-  da = -_strict_lower(_load(dau_ref)
-                      + d.fm_nt(d.fm_nt(dxw, k) * _transpose(bek), t))
-  kkg = d.mm_nt(k, k) * gamma  # exact products of stored keys
+  dxu = d.mm_tn(t, dvn_ref[...])
+  dv_ref[...] = (beta * dxu).astype(dv_ref.dtype)
+  dbeta = jnp.sum(v_ref[...].astype(_F32) * dxu, axis=1, keepdims=True)
+  da = -_strict_lower(d.fm_nt(dxu, vn_ref[...]))
+  # A = beta (k k^T * Gamma): d(k k^T) k + d(k k^T)^T k in one product.
   dkk = da * beta * gamma
-  # d(k k^T) k + d(k k^T)^T k in one product.
-  dk_ref[...] = (_load(dkin_ref) + bek * dxw + d.fm(dkk + dkk.T, k)).astype(
-      dk_ref.dtype)
-  kdxw = jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
-  _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, jnp.zeros_like(kdxw))
-
-
-def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, dvn_ref, dw_ref, dkin_ref,
-              dk_ref, dv_ref, dsc_ref, *, has_segments: bool, block: int,
-              d: Dots):
-  """`wy_v_kernel` and `wy_k_kernel` in one kernel, in column tiles.
-
-  The same gradients (dv, the rest of dk, and (dg part, dbeta part)),
-  with dv and dk handled `block` columns at a time so that only [c, block]
-  and [c, c] tiles are live (flash-linear-attention's WY backward is tiled
-  the same way), and without the [c, c] intermediate of the two-kernel
-  version. dxw = T^T dw is formed twice per tile (once for dA, once for
-  dk) rather than kept. dk includes dkin, bwd_out's part.
-  """
-  c = t_ref.shape[0]
-  t = t_ref[...]
-  beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
-  gamma, eg, _, _ = _decays(_load(aux_ref), has_segments)
+  dkk = dkk + dkk.T
   bek = beta * eg
-  xu = jnp.zeros((c, c), _F32)  # dxu v^T
-  dbeta = jnp.zeros((c, 1), _F32)
-  for cols_v in _column_tiles(v_ref.shape[1], block):
-    v = v_ref[:, cols_v]
-    dxu = d.mm_tn(t, dvn_ref[:, cols_v])
-    dv_ref[:, cols_v] = (beta * dxu).astype(dv_ref.dtype)
-    xu = xu + d.fm_nt(dxu, v)
-    dbeta = dbeta + jnp.sum(v.astype(_F32) * dxu, axis=1, keepdims=True)
-  k_tiles = _column_tiles(k_ref.shape[1], block)
+  c = t_ref.shape[0]
   kk = jnp.zeros((c, c), _F32)
-  xw = jnp.zeros((c, c), _F32)  # dxw k^T
-  for cols_k in k_tiles:
+  kdxw = jnp.zeros((c, 1), _F32)
+  for cols_k in _column_tiles(k_ref.shape[1], block):
     k = k_ref[:, cols_k]
     kk = kk + d.mm_nt(k, k)  # exact products of stored keys
-    xw = xw + d.fm_nt(d.mm_tn(t, dw_ref[:, cols_k]), k)
-  da = -_strict_lower(d.fm_nt(xu * _transpose(beta) + xw * _transpose(bek),
-                              t))
-  dkk = da * beta * gamma
-  dkk = dkk + dkk.T  # d(k k^T) k + d(k k^T)^T k in one product
-  kdxw = jnp.zeros((c, 1), _F32)
-  for cols_k in k_tiles:
-    k = k_ref[:, cols_k]
-    dxw = d.mm_tn(t, dw_ref[:, cols_k])
+    dxw = -d.fm_nt(dxu, h_ref[cols_k, :])
     dk_ref[:, cols_k] = (dkin_ref[:, cols_k].astype(_F32) + bek * dxw
                          + d.fm(dkk, k)).astype(dk_ref.dtype)
     kdxw = kdxw + jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)

@@ -109,7 +109,7 @@ class _Plan:
 
 def _prep(p: _Plan, k, v, sc, with_t: bool = False):
   """w [b, tp, hv, dk], u [b, tp, hv, dv] in md; aux [b, tp, hv, 4] f32;
-  with_t: also T, [b, tp, hv, c] f32 (row block n holds chunk n's T)."""
+  with_t: also T, [b, tp, hv, c] in md (row block n holds chunk n's T)."""
   body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments,
                            d=p.d, block=p.cfg.block_sizes.solve_block)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
@@ -163,7 +163,7 @@ def forward(q, k, v, sc, s0, cfg, sq):
 
 
 def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
-  """v' recomputed [b, tp, hv, dv] md, and P^T dO f32."""
+  """v' recomputed [b, tp, hv, dv] md, and P^T dO in md."""
   dk, dv = p.dk, p.dv
   return p.call(
       functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, d=p.d,
@@ -177,7 +177,7 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
 
 
 def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
-  """dv' f32, state cotangents dh [b, hv, n, dk, dv] md, d initial state."""
+  """dv' in md, state cotangents dh [b, hv, n, dk, dv] md, d initial state."""
   b, hv, dk, dv = p.b, p.hv, p.dk, p.dv
   return p.call(
       functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
@@ -192,69 +192,36 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       stage="state_bwd")
 
 
-def _bwd_out(p: _Plan, q, k, vn, dvn, h, dh, aux, do):
-  """dq, dk (output / state paths), dw, (dg part, 0); per value head."""
+def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do):
+  """dq, dk (output / state paths), (dg part, 0); per value head."""
   dk, dv = p.dk, p.dv
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.bwd_out_kernel, scale=p.cfg.scale, d=p.d,
                         has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.out_block),
-      q, k, vn, dvn, h, dh, aux, do, grid=p.par_grid,
-      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.val_chunk(dv),
-                p.state_chunk, p.state_chunk, p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dv)],
-      out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(dk),
-                 p.val_chunk(ndsc)],
+      q, k, vn, h, dh, aux, do, grid=p.par_grid,
+      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.state_chunk,
+                p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
+      out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(ndsc)],
       out_shape=[p.tokens(dk, dtype=p.dq_dtype),
-                 p.tokens(dk, dtype=p.dk_dtype), p.tokens(dk, dtype=p.md),
-                 p.tokens(ndsc)],
+                 p.tokens(dk, dtype=p.dk_dtype), p.tokens(ndsc)],
       stage="bwd_out")
 
 
-def _wy_v(p: _Plan, t, v, sc, dvn):
-  """dv, dxu u^T [b, tp, hv, c] (u's share of -dA), (0, dbeta part)."""
-  dv, c = p.dv, p.c
-  ndsc = kernel.NUM_DSCALARS
-  return p.call(
-      functools.partial(ks.wy_v_kernel, d=p.d), t, v, sc, dvn,
-      grid=p.par_grid,
-      in_specs=[p.val_chunk(c), p.val_chunk(dv),
-                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(dv)],
-      out_specs=[p.val_chunk(dv), p.val_chunk(c), p.val_chunk(ndsc)],
-      out_shape=[p.tokens(dv, dtype=p.dv_dtype), p.tokens(c),
-                 p.tokens(ndsc)],
-      stage="wy_v")
-
-
-def _wy_k(p: _Plan, t, k, sc, aux, dw, dau, dk_out):
-  """dk (through w and T, plus bwd_out's dk_out), (dg part, dbeta part)."""
-  dk, c = p.dk, p.c
-  ndsc = kernel.NUM_DSCALARS
-  return p.call(
-      functools.partial(ks.wy_k_kernel, has_segments=p.cfg.has_segments,
-                        d=p.d),
-      t, k, sc, aux, dw, dau, dk_out, grid=p.par_grid,
-      in_specs=[p.val_chunk(c), p.key_chunk,
-                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dk), p.val_chunk(c), p.val_chunk(dk)],
-      out_specs=[p.val_chunk(dk), p.val_chunk(ndsc)],
-      out_shape=[p.tokens(dk, dtype=p.dk_dtype), p.tokens(ndsc)],
-      stage="wy_k")
-
-
-def _wy(p: _Plan, t, k, v, sc, aux, dvn, dw, dk_out):
-  """`_wy_v` and `_wy_k` as one kernel in column tiles: dv, dk (with
-  bwd_out's dk_out), (dg part, dbeta part)."""
+def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out):
+  """Gradients through the WY form: dv, dk (with bwd_out's dk_out), (dg
+  part, dbeta part)."""
   dk, dv, c = p.dk, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_kernel, has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.wy_block, d=p.d),
-      t, k, v, sc, aux, dvn, dw, dk_out, grid=p.par_grid,
+      t, k, v, sc, aux, vn, dvn, h, dk_out, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(dv),
                 p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dv), p.val_chunk(dk), p.val_chunk(dk)],
+                p.val_chunk(dv), p.val_chunk(dv), p.state_chunk,
+                p.val_chunk(dk)],
       out_specs=[p.val_chunk(dk), p.val_chunk(dv), p.val_chunk(ndsc)],
       out_shape=[p.tokens(dk, dtype=p.dk_dtype),
                  p.tokens(dv, dtype=p.dv_dtype), p.tokens(ndsc)],
@@ -269,22 +236,17 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
-  dq, dk_out, dw, dg_out = _bwd_out(p, q, k, vn, dvn, h, dh, aux, do)
+  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do)
   # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
   # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
-  # Here, so that h and dh are not kept through the WY kernels.
+  # Here, so that dh is not kept through the WY kernel.
   ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
                    precision=jax.lax.Precision.HIGHEST)
   ddl = ddl * jnp.swapaxes(aux[:, p.c - 1::p.c, :, ks.AUX_DECAY_Q], 1, 2)
   dsc = dg_out.at[..., 0].add(jnp.repeat(jnp.swapaxes(ddl, 1, 2), p.c,
                                          axis=1))
-  if cfg.block_sizes.wy_block is None:
-    dv, dau, dsc_v = _wy_v(p, t, v, sc, dvn)
-    dk, dsc_k = _wy_k(p, t, k, sc, aux, dw, dau, dk_out)
-    dsc = dsc + dsc_v + dsc_k
-  else:
-    dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, dvn, dw, dk_out)
-    dsc = dsc + dsc_wy
+  dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out)
+  dsc = dsc + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
 
@@ -317,11 +279,7 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
                 q, k, w, u, h, aux, do)
   dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a),
                    q, k, w, aux, do, dvl, dst)
-  _, dk_out, dw, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
-                         q, k, vn, dvn, h, dh, aux, do)
-  if cfg.block_sizes.wy_block is None:
-    _, dau, _ = run("wy_v", lambda *a: _wy_v(p, *a), t, v, sc, dvn)
-    run("wy_k", lambda *a: _wy_k(p, *a), t, k, sc, aux, dw, dau, dk_out)
-  else:
-    run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, dvn, dw, dk_out)
+  _, dk_out, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
+                     q, k, vn, h, dh, aux, do)
+  run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, vn, dvn, h, dk_out)
   return stages
