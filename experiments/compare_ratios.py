@@ -245,7 +245,6 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
     out["temp_bytes"] = float(mem.temp_size_in_bytes)
     out["argument_bytes"] = float(mem.argument_size_in_bytes)
   if jax.default_backend() == "gpu":
-    stats_before = jax.devices()[0].memory_stats() or {}
     real = train_lib.init_params(cfg, 0)
     jax.block_until_ready(compiled(real, jnp.zeros((1, seq_len), jnp.int32)))
     stats = jax.devices()[0].memory_stats() or {}

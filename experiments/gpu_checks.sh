@@ -10,7 +10,7 @@
 # Steps (default: env tests model bench32k, about 7 minutes on the H200 of
 # 2026-11-26; also: tests_all profile32k best32k final32k base32k split32k
 # scaling bench8k). Step limits come from that day's runs: the kernel
-# tests took 51 s, compiling all nine split kernels 25 s, and a 32k
+# tests took 51 s, compiling all nine split kernels of then 25 s, and a 32k
 # benchmark of pallas, FLA (with its autotuning) and chunked under 2 minutes.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -97,4 +97,4 @@ for s in "${steps[@]}"; do
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
-grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy_|pallas|chunked|fla|skipped|sum|profile|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80
+grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy|pallas|chunked|fla|skipped|sum|profile|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80

@@ -758,7 +758,7 @@ def format_aot(report: Mapping[str, Any]) -> str:
 def format_verify(report: Mapping[str, Any]) -> str:
   """The verify report: one line per compared quantity."""
   lines = [f"program      {describe(report)} (verify: float32)",
-           f"reference    the unsharded model on one device",
+           "reference    the unsharded model on one device",
            "max |sharded - unsharded| / max |unsharded|:"]
   for k, v in report["deviations"].items():
     ok = "ok" if v <= report["tolerance"] else "FAIL"

@@ -605,7 +605,6 @@ def attention(q: Array, k: Array, v: Array,
   """
   ctx = ctx or current()
   b, t, h, e = q.shape
-  nkv = k.shape[2]
   n, seq = ctx.num_shards, ctx.seq_axis
   qs = ctx.spec(("batch", "seq", "heads", None), q.shape)
   ks = ctx.spec(("batch", "seq", "kv_heads_act", None), k.shape)
