@@ -300,19 +300,18 @@ def chunk_backward(q, k, v, scalars, s, do, ds, *, scale: float,
   dkd = _dot_nt(v_new, ds)
   dk = dk + kdec * dkd
   dkdec = jnp.sum(k * dkd, axis=1, keepdims=True)
-  # V' = U - W S with U = T xu, W = T xw.
-  dw = -_dot_nt(dvn, s)
+  # V' = U - W S with U = T xu, W = T xw, and U, W enter nothing else:
+  # dU = dV', dW = -dV' S^T. With dxu = T^T dU, T^T dW = -dxu S^T, and
+  # T^T dT T^T = dxu U^T + (T^T dW) W^T = dxu (U - W S)^T = dxu V'^T.
   dxu = _dot_tn(t, dvn)
-  dxw = _dot_tn(t, dw)
-  dt = _dot_nt(dvn, xu) + _dot_nt(dw, xw)
+  dxw = -_dot_nt(dxu, s)
   dv = beta * dxu
   dbeta = (jnp.sum(v * dxu, axis=1, keepdims=True)
            + jnp.sum((eg * k) * dxw, axis=1, keepdims=True))
   dk = dk + (beta * eg) * dxw
   deg = deg + beta * jnp.sum(k * dxw, axis=1, keepdims=True)
-  # T = (I + A)^-1  =>  dA = -T^T dT T^T, A strictly lower.
-  da = -_dot_nt(_dot_tn(t, dt), t)
-  da = jnp.where(rows > cols, da, 0.0)
+  # T = (I + A)^-1  =>  dA = -T^T dT T^T = -dxu V'^T, A strictly lower.
+  da = jnp.where(rows > cols, -_dot_nt(dxu, v_new), 0.0)
   dbeta = dbeta + jnp.sum(da * kk * gamma, axis=1, keepdims=True)
   dkk = da * beta * gamma
   dgamma = dgamma + da * beta * kk
