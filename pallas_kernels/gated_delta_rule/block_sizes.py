@@ -175,16 +175,16 @@ class BlockSizes:
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
-      # bwd_out and wy in 8 warps, dk in two column tiles of 64: chosen on
-      # static resources (experiments/triton_resources.py, sm_90, bf16,
-      # 32k tokens), not yet timed. ptxas spills 852 and 1,092 bytes per
-      # thread in 4 warps with whole rows, 88 and 208 in 8 warps, 0 and 84
-      # in 8 warps with the tiles. (On the H200, 8 warps took the bwd_out
-      # of then from 2.0 to 1.6 ms as its spills fell from 1,076 to 108
-      # bytes.)
+      # bwd_out and wy in 8 warps, dk in column tiles (32 in bwd_out, 64
+      # in wy): chosen on static resources (experiments/triton_resources.py,
+      # sm_90, bf16, 32k tokens), not yet timed. ptxas spills (bwd_out, wy)
+      # 836 and 1,092 bytes per thread in 4 warps with whole rows, 132 and
+      # 208 in 8 warps, 4 and 84 with these tiles (bwd_out 56 with tiles
+      # of 64). (On the H200, 8 warps took the bwd_out of then from 2.0 to
+      # 1.6 ms as its spills fell from 1,076 to 108 bytes.)
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=16, f32_dot="auto", wy_block=64, out_block=64,
+                 solve_block=16, f32_dot="auto", wy_block=64, out_block=32,
                  kernel_warps="bwd_out:8,wy:8")
     return cls()
 

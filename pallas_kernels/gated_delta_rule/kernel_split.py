@@ -63,6 +63,7 @@ _F32 = jnp.float32
 _iota = kernel._iota  # pylint: disable=protected-access
 _pick_col = kernel._pick_col  # pylint: disable=protected-access
 _load = kernel._load  # pylint: disable=protected-access
+_sum_all = kernel._sum_all  # pylint: disable=protected-access
 
 
 def _transpose(x: jax.Array) -> jax.Array:
@@ -310,13 +311,12 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, h_ref, dh_ref, aux_ref, do_ref,
   """Gradients through the output and the state update (parallel).
 
   Writes dq, the part of dk from those paths (`wy_kernel` adds the rest)
-  and that part of dg as [c, 2] (dg, 0). Not included: the state path's gradient of G_last,
-  <h_n, dh_n> e^{G_last}, which `pallas_split.backward` adds with one XLA
-  reduction (here it would hold two [dk, dv] f32 tiles in registers).
-  With `block`, dk is taken that many columns (rows of the states h, dh)
-  at a time.
+  and that part of dg as [c, 2] (dg, 0), including the state path's
+  gradient of G_last, <h_n, dh_n> e^{G_last}. With `block`, dk is taken
+  that many columns (rows of the states h, dh) at a time.
   """
-  gamma, decay_q, decay_k, _ = _decays(_load(aux_ref), has_segments)
+  gamma, decay_q, decay_k, decay_last = _decays(_load(aux_ref),
+                                                has_segments)
   qk = d.mm_nt(q_ref[...], k_ref[...]) * scale
   vn = vn_ref[...]
   dp = d.mm_nt(do_ref[...], vn)
@@ -324,21 +324,25 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, h_ref, dh_ref, aux_ref, do_ref,
   c = q_ref.shape[0]
   deg = jnp.zeros((c, 1), _F32)
   dkdec = jnp.zeros((c, 1), _F32)
+  hdh = jnp.zeros((1, 1), _F32)  # <h_n, dh_n>
   for cols_k in _column_tiles(q_ref.shape[1], block):
     q, k = q_ref[:, cols_k].astype(_F32), k_ref[:, cols_k].astype(_F32)
-    h = h_ref[cols_k, :]
+    h, dh = h_ref[cols_k, :], dh_ref[cols_k, :]
     dos = d.mm_nt(do_ref[...], h)                     # dO h^T  [c, dk]
     dq_ref[:, cols_k] = ((decay_q * dos + d.mm(dpg, k)) * scale).astype(
         dq_ref.dtype)
-    dkd = d.mm_nt(vn, dh_ref[cols_k, :])              # v' dS'^T [c, dk]
+    dkd = d.mm_nt(vn, dh)                             # v' dS'^T [c, dk]
+    hdh = hdh + _sum_all(h.astype(_F32) * dh.astype(_F32))
     dk_ref[:, cols_k] = (d.mm_tn(dpg, q) * scale + decay_k * dkd).astype(
         dk_ref.dtype)
     deg = deg + jnp.sum(q * dos, axis=1, keepdims=True)
     dkdec = dkdec + jnp.sum(k * dkd, axis=1, keepdims=True)
   deg = deg * scale
   dkdec = dkdec * decay_k
+  # G_last scales the carried state (S' = e^{G_last} h_n + ...) and the
+  # keys' decays.
   dg = _decay_grad(dp * qk * gamma, deg * decay_q - dkdec,
-                   jnp.sum(dkdec, axis=0, keepdims=True))
+                   jnp.sum(dkdec, axis=0, keepdims=True) + hdh * decay_last)
   # [c, 2] like wy_kernel's (dg, dbeta); no dbeta on this path.
   dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
 

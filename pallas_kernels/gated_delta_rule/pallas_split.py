@@ -237,16 +237,8 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
   dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do)
-  # The state path's gradient of each chunk's G_last: <h_n, dh_n> times the
-  # masked e^{G_last}; G = cumsum(g) hands it to every token of the chunk.
-  # Here, so that dh is not kept through the WY kernel.
-  ddl = jnp.einsum("bhnkv,bhnkv->bhn", h, dh, preferred_element_type=_F32,
-                   precision=jax.lax.Precision.HIGHEST)
-  ddl = ddl * jnp.swapaxes(aux[:, p.c - 1::p.c, :, ks.AUX_DECAY_Q], 1, 2)
-  dsc = dg_out.at[..., 0].add(jnp.repeat(jnp.swapaxes(ddl, 1, 2), p.c,
-                                         axis=1))
   dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out)
-  dsc = dsc + dsc_wy
+  dsc = dg_out + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
 
