@@ -8,7 +8,9 @@ registers per thread, bytes spilled to local memory, shared memory, the
 thread blocks one SM can hold (registers, shared memory and the 64-warp
 limit), and how many waves the grid makes on 132 SMs. With `--memory` it
 also estimates the forward+backward's peak of temporaries, from the
-order of the program's jaxpr (`live_temporaries`).
+order of the program's jaxpr (`live_temporaries`), and each kernel's HBM
+traffic floor: the bytes of its input and output arrays at ANCHORS.md's
+measured 2.5 TB/s (`kernel_traffic`).
 
 No GPU is needed: this is what a session without one can learn about a
 tiling. It is not a timing, and it is an approximation of what runs: on a
@@ -122,17 +124,10 @@ def _loss(blocks: BlockSizes):
   return loss
 
 
-def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
-  """Peak bytes of arrays alive at once while `fn(*args)` runs, in the
-  order of its jaxpr: each equation's outputs are allocated before its
-  dead inputs are freed; the arguments are not counted (the caller owns
-  them), the results stay to the end. Sub-jaxprs (jit, custom_vjp) are
-  inlined. An estimate of what XLA reports as temporaries: XLA schedules
-  and fuses on its own, but Pallas calls are neither fused nor reordered
-  across their data dependencies. Returns (peak bytes, [(bytes, type)] of
-  the arrays of 1 MiB or more alive at the peak, largest first)."""
+def _flat_eqns(closed):
+  """([(input vars, output vars, eqn)], result vars) of a closed jaxpr,
+  with sub-jaxprs (jit, custom_vjp) inlined; pallas_calls stay whole."""
   from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
-  closed = jax.make_jaxpr(fn)(*args)
 
   def inline(jaxpr, env):
     def name(x):
@@ -149,27 +144,42 @@ def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
           env[outside] = inner.get(inside, inside) if isinstance(
               inside, jcore.Var) else inside
       else:
-        yield [name(x) for x in eqn.invars], list(eqn.outvars)
+        yield [name(x) for x in eqn.invars], list(eqn.outvars), eqn
 
   env = {}
   eqns = list(inline(closed.jaxpr, env))
   results = {env.get(x, x) for x in closed.jaxpr.outvars
              if isinstance(x, jcore.Var)}
+  return eqns, results
+
+
+def _nbytes(x) -> int:
+  aval = getattr(x, "aval", None)
+  return (math.prod(aval.shape) * aval.dtype.itemsize
+          if hasattr(aval, "shape") else 0)
+
+
+def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
+  """Peak bytes of arrays alive at once while `fn(*args)` runs, in the
+  order of its jaxpr: each equation's outputs are allocated before its
+  dead inputs are freed; the arguments are not counted (the caller owns
+  them), the results stay to the end. Sub-jaxprs (jit, custom_vjp) are
+  inlined. An estimate of what XLA reports as temporaries: XLA schedules
+  and fuses on its own, but Pallas calls are neither fused nor reordered
+  across their data dependencies. Returns (peak bytes, [(bytes, type)] of
+  the arrays of 1 MiB or more alive at the peak, largest first)."""
+  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
+  eqns, results = _flat_eqns(jax.make_jaxpr(fn)(*args))
   last_use = {}
-  for i, (ins, _) in enumerate(eqns):
+  for i, (ins, _, _) in enumerate(eqns):
     for x in ins:
       if isinstance(x, jcore.Var):
         last_use[x] = i
 
-  def size(x):
-    aval = x.aval
-    return math.prod(aval.shape) * aval.dtype.itemsize if hasattr(
-        aval, "shape") else 0
-
   live, peak, at_peak = {}, 0, []
-  for i, (ins, outs) in enumerate(eqns):
+  for i, (ins, outs, _) in enumerate(eqns):
     for x in outs:
-      live[x] = size(x)
+      live[x] = _nbytes(x)
     total = sum(live.values())
     if total > peak:
       peak = total
@@ -180,6 +190,32 @@ def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
           and last_use.get(x, -1) <= i):
         del live[x]
   return peak, at_peak
+
+
+# The bandwidth of the traffic floor: ANCHORS.md's elementwise read+write
+# of 2 GiB through XLA on the H100 (its "HBM floor" of the forward).
+HBM_BYTES_PER_S = 2.5e12
+
+
+def kernel_traffic(fn, *args) -> list[dict]:
+  """Each pallas_call of `fn(*args)` in program order: its name, the
+  bytes of its input arrays (read) and of its outputs (written), and the
+  time those take at `HBM_BYTES_PER_S`. A floor, not a prediction:
+  programs that read the same block (the sequential kernels' value tiles
+  all read w, k, q) are counted once, as if L2 served the rest, and the
+  XLA ops between kernels are left out."""
+  eqns, _ = _flat_eqns(jax.make_jaxpr(fn)(*args))
+  rows = []
+  for ins, outs, eqn in eqns:
+    if eqn.primitive.name != "pallas_call":
+      continue
+    name = str(eqn.params.get("name_and_src_info",
+                              eqn.params.get("name", "?")))
+    read = sum(_nbytes(x) for x in ins)
+    written = sum(_nbytes(x) for x in outs)
+    rows.append(dict(kernel=name.split(" ")[0], read=read, written=written,
+                     floor_ms=(read + written) / HBM_BYTES_PER_S * 1e3))
+  return rows
 
 
 def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
@@ -316,14 +352,33 @@ def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
                     key_heads: int, heads: int, dk: int, dv: int, dtype,
                     segments: bool = False) -> dict:
   """`live_temporaries` of forward+backward (gradients of all five inputs)
-  at this shape, in MiB."""
+  at this shape, in MiB, and each kernel's `kernel_traffic`."""
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
   grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
   with abstract_target("cuda"):
     peak, at_peak = live_temporaries(grad, *args)
+    traffic = kernel_traffic(grad, *args)
   return dict(peak_mib=round(peak / 2**20, 1),
-              at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak])
+              at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak],
+              traffic=[dict(kernel=r["kernel"],
+                            read_mib=round(r["read"] / 2**20, 1),
+                            written_mib=round(r["written"] / 2**20, 1),
+                            floor_ms=round(r["floor_ms"], 3))
+                       for r in traffic])
+
+
+def format_traffic(traffic: list[dict]) -> str:
+  """The per-kernel traffic floor as a table."""
+  lines = [f"  {'kernel (program order)':<34} {'read MiB':>9} "
+           f"{'written MiB':>11} {'floor ms':>8}  (each array once, at "
+           f"{HBM_BYTES_PER_S / 1e12:g} TB/s)"]
+  for r in traffic:
+    lines.append(f"  {r['kernel']:<34} {r['read_mib']:>9.1f} "
+                 f"{r['written_mib']:>11.1f} {r['floor_ms']:>8.3f}")
+  lines.append(f"  {'all kernels':<34} {'':>9} {'':>11} "
+               f"{sum(r['floor_ms'] for r in traffic):>8.3f}")
+  return "\n".join(lines)
 
 
 def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
@@ -348,6 +403,7 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
                                           segments)
         print(f"{label}: forward+backward temporaries, estimated: "
               f"{memories[label]['peak_mib']} MiB", flush=True)
+        print(format_traffic(memories[label]["traffic"]), flush=True)
       for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
                                     dk, dv, jnp.dtype(dtype), segments):
         if only and not any(part in kernel.name for part in only):
@@ -404,7 +460,8 @@ def _define_flags():
       arch=flags.DEFINE_integer("arch", 90, "CUDA compute capability."),
       memory=flags.DEFINE_bool(
           "memory", False, "Also estimate the peak temporaries of forward+"
-          "backward per variant (jaxpr liveness, no compilation)."),
+          "backward per variant (jaxpr liveness) and each kernel's HBM "
+          "traffic floor (no compilation)."),
       json_out=flags.DEFINE_string("json_out", None, "Write results here."))
   return holders
 

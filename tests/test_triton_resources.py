@@ -141,3 +141,32 @@ def test_live_temporaries_of_a_chain(wrap):
   peak, _ = tr.live_temporaries(
       twice, jax.ShapeDtypeStruct((n, n), jnp.float32))
   assert peak == n * n * 4 + 4 + 4  # one [n, n] product and two scalars
+
+
+def test_kernel_traffic_counts_each_array_of_each_call():
+  """Two pallas_calls (an add of two [n, d] f32 arrays into one bf16, then
+  a copy of it), one inside a jit: bytes read and written per call, in
+  program order, and the floor time at the tool's bandwidth."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  n, d = 64, 256
+
+  def add_kernel(x_ref, y_ref, o_ref):
+    o_ref[...] = (x_ref[...] + y_ref[...]).astype(o_ref.dtype)
+
+  def copy_kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+  def program(x, y):
+    s = pl.pallas_call(add_kernel, name="add",
+                       out_shape=jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+                       interpret=True)(x, y)
+    return jax.jit(lambda z: pl.pallas_call(
+        copy_kernel, name="copy", out_shape=jax.ShapeDtypeStruct(
+            (n, d), jnp.bfloat16), interpret=True)(z))(s)
+
+  arg = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  rows = tr.kernel_traffic(program, arg, arg)
+  assert [(r["kernel"], r["read"], r["written"]) for r in rows] == [
+      ("add", 2 * n * d * 4, n * d * 2), ("copy", n * d * 2, n * d * 2)]
+  assert rows[0]["floor_ms"] == pytest.approx(
+      (2 * n * d * 4 + n * d * 2) / tr.HBM_BYTES_PER_S * 1e3)
