@@ -87,7 +87,7 @@ for s in "${steps[@]}"; do
       step profile32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${PROFILE_VARIANTS:-kernel_warps=,wy_block=None/out_block=None,num_warps_intra=8,wy_block=32/out_block=64,f32_dot=bf16}" \
+        --profile_variants "${PROFILE_VARIANTS:-kernel_warps=,solve_block=16,wy_block=None/out_block=None,num_warps_intra=8,wy_block=32/out_block=64,f32_dot=bf16}" \
         --json_out "$OUT/profile32k.json" ;;
     base32k)  # the baselines alone: chunked jnp, then FLA
       step base32k 200 python3 -m experiments.bench_gated_delta_rule \

@@ -80,7 +80,7 @@ CASES = {
                                     dk=32, dv=32, wy_block=16,
                                     solve_block=16, out_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
-    # sequential kernels in value tiles of 16, the blocked solve.
+    # sequential kernels in value tiles of 16, the solve by doubling.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
     # The same in bf16 (bf16 tensor-core dots; on a GPU, bf16 x3 for T).
@@ -200,9 +200,11 @@ def test_unit_lower_inverse():
 
 
 @pytest.mark.parametrize("c,block", [(64, 16), (64, 8), (64, 32), (32, 8),
-                                     (64, 64)])
+                                     (64, 64), (64, 1), (64, 2), (48, 16),
+                                     (48, 1)])
 def test_block_unit_lower_inverse(c, block):
-  """Diagonal blocks by substitution, the rest by the nilpotent product."""
+  """Diagonal blocks by substitution, merged by doubling (block 1: by
+  doubling alone; 48 tokens: a last block of another size)."""
   rng = np.random.default_rng(c + block)
   a = np.tril(rng.normal(size=(c, c)) * 0.3, -1).astype(np.float32)
   dot = lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST)
@@ -222,11 +224,6 @@ def test_block_sizes_validation():
     BlockSizes(chunk_loop="grid")  # "split" needs the in-kernel chunk loop
   with pytest.raises(ValueError, match="solve_block"):
     BlockSizes(solve_block=24)
-  inputs = make_inputs(0, 4)
-  with pytest.raises(ValueError, match="solve_block"):
-    pallas_gdr.gated_delta_rule_pallas(  # a GPU target, checked before lowering
-        *(inputs[n] for n in NAMES[:5]), backend="gpu",
-        block_sizes=BlockSizes(solve_block=8))
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
   with pytest.raises(ValueError, match="kernel_warps"):
@@ -361,7 +358,7 @@ def test_blocked_solve_matches_row_by_row(with_segments):
   inputs = make_inputs(7, 150, with_segments=with_segments, b=1, hk=1, hv=2,
                        dk=16, dv=32)
   outs = {}
-  for solve_block in (None, 8, 16):
+  for solve_block in (None, 1, 8, 16):
     bs = BlockSizes(solve_block=solve_block)
     cfg = pallas_gdr._Config(  # pylint: disable=protected-access
         scale=0.25, group=2, block_sizes=bs, backend="cpu", interpret=True,
@@ -372,7 +369,7 @@ def test_blocked_solve_matches_row_by_row(with_segments):
     plan = pallas_split._Plan(q, k, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
     outs[solve_block] = pallas_split._prep(  # pylint: disable=protected-access
         plan, k, v, sc, with_t=True)
-  for solve_block in (8, 16):
+  for solve_block in (1, 8, 16):
     for name, got, want in zip(("w", "u", "aux", "T"), outs[solve_block],
                                outs[None]):
       tolerances.assert_close(got, want, jnp.float32,

@@ -74,11 +74,13 @@ class BlockSizes:
     kernels: "split" or "fused", see `KERNELS`. block_dv tiles the
       sequential kernels of "split"; its parallel kernels take all of dv.
     num_warps_intra: Triton warps of the parallel kernels of "split".
-    solve_block: None, or a divisor of chunk_size (16 or more on GPU):
-      "split" then builds and inverts the chunk's triangular matrix in
-      tiles of this many tokens (forward substitution on the diagonal
-      tiles, block substitution below them) instead of row by row over the
-      whole chunk.
+    solve_block: None, or a divisor of chunk_size: "split" then inverts
+      the chunk's triangular matrix in blocks
+      (`kernel.block_unit_lower_inverse`): forward substitution on the
+      diagonal blocks of this many tokens, all at once, then merging pairs
+      of blocks by [c, c] products until they cover the chunk; 1 merges
+      from single tokens (products only). None: row by row over the whole
+      chunk.
     f32_dot: how the split kernels multiply f32 matrices (T, w, u and
       their gradients; everything when the inputs are f32): "highest"
       (IEEE f32, on Triton the CUDA cores), "tf32x3" (three TF32
@@ -166,11 +168,16 @@ class BlockSizes:
     if backend == "gpu":
       # The sequential kernels tile dv: b * hv alone is 16 programs for 132
       # SMs at batch 1 (dv is padded to a power of two).
-      # f32 products on the tensor cores and the solve in 16-token tiles:
-      # with IEEE f32 dots and the row-by-row solve, the parallel kernels
-      # took 18 to 85 ms each at 32k tokens on an H200. End to end there
-      # (bf16, BENCHMARKS.md), forward+backward took 11.9 ms with TF32 x3
-      # and 8.7 ms with bf16 x3, equally close to the chunked rule.
+      # f32 products on the tensor cores and a blocked solve: with IEEE
+      # f32 dots and the row-by-row solve, the parallel kernels took 18 to
+      # 85 ms each at 32k tokens on an H200. End to end there (bf16,
+      # BENCHMARKS.md), forward+backward took 11.9 ms with TF32 x3 and
+      # 8.7 ms with bf16 x3, equally close to the chunked rule.
+      # The solve by doubling alone (solve_block=1), not yet timed: its
+      # sm_90 code runs ~5,900 instructions per thread and 33 barriers in
+      # prep, against ~9,500 and 74 with 16-token blocks (15 substitution
+      # steps); experiments/triton_resources.py-compiled, counted from the
+      # SASS.
       # The sequential kernels in value tiles of 16 with 3 pipelining
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
@@ -184,7 +191,7 @@ class BlockSizes:
       # 1.6 ms as its spills fell from 1,076 to 108 bytes.)
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=16, f32_dot="auto", wy_block=64, out_block=32,
+                 solve_block=1, f32_dot="auto", wy_block=64, out_block=32,
                  kernel_warps="bwd_out:8,wy:8")
     return cls()
 

@@ -126,18 +126,22 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
 def block_unit_lower_inverse(a: jax.Array, block: int, dot) -> jax.Array:
   """(I + a)^-1 for a strictly lower-triangular a [c, c], in blocks.
 
-  a = D + L with D the diagonal `block` x `block` blocks and L the rest
-  (strictly block-lower). The blocks of D are inverted by forward
+  The diagonal `block` x `block` blocks are inverted by forward
   substitution all at once: rows of different blocks are independent, so
   step i finishes row i of every block (block - 1 steps on [c, c] arrays,
-  not c - 1). Then (I + a)^-1 = (I + N)^-1 Td with Td = (I + D)^-1 and
-  N = Td L, strictly block-lower and so nilpotent (N^m = 0 for m = c /
-  block): (I + N)^-1 = (I - N)(I + N^2)(I + N^4)..., 4 products of [c, c]
-  matrices for c = 64, block = 16 (by `dot`, an f32 product).
+  not c - 1; none for block = 1). Then the inverted blocks are merged in
+  pairs, doubling their size until they cover the chunk: the inverse of
+  [[P, 0], [C, Q]] is [[P^-1, 0], [-Q^-1 C P^-1, Q^-1]], so if X holds the
+  inverses of the blocks of size s on its diagonal, X - X C_s X holds
+  those of size 2s, with C_s the part of a below the diagonal blocks of
+  size s inside those of size 2s. Two [c, c] products (by `dot`, an f32
+  product) per doubling; each product only ever meets true inverse blocks
+  and entries of a, so nothing grows and cancels as in a series.
 
   Args:
     a: [c, c] f32, zero on and above the diagonal.
-    block: a power of two dividing c.
+    block: the size of the diagonal blocks inverted by substitution; 1
+      inverts by doubling alone (2 log2(c) - 2 products, no steps).
     dot: f32 matrix product (a, b) -> a @ b.
 
   Returns:
@@ -145,31 +149,36 @@ def block_unit_lower_inverse(a: jax.Array, block: int, dot) -> jax.Array:
   """
   c = a.shape[0]
   rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-  same = (rows // block) == (cols // block)
-  d_t = jnp.where(same, a, 0.0).T
   eye = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
-  # Position within the block, outside the loop (it does not change).
-  row_in, col_in = rows % block, cols % block
-  row_in = jnp.where(same, row_in, -1)  # the update stays in its block
 
-  def body(i, t):
-    # a_col[j] = D[r, j] for the row r = i of j's block (D is block
-    # diagonal, so the other blocks' rows i add zeros).
-    a_col = jnp.sum(jnp.where(col_in == i, d_t, 0.0), axis=1, keepdims=True)
-    # T is block diagonal too: column j of the sum only sees j's block.
-    upd = jnp.sum(a_col * t, axis=0, keepdims=True)  # [1, c]
-    return t - jnp.where(row_in == i, upd, 0.0)
+  def off_diagonal(s):  # a below the blocks of size s, inside those of 2s
+    return jnp.where(((rows // (2 * s)) == (cols // (2 * s)))
+                     & ((rows // s) != (cols // s)), a, 0.0)
 
-  t_diag = lax.fori_loop(1, block, body, eye)
-  if block >= c:
-    return t_diag
-  n = dot(t_diag, jnp.where(same, 0.0, a))
-  inv, power, order = eye - n, n, 2
-  while order < c // block:
-    power = dot(power, power)  # N^order
-    inv = dot(inv, eye + power)
-    order *= 2
-  return dot(inv, t_diag)
+  if block > 1:
+    same = (rows // block) == (cols // block)
+    d_t = jnp.where(same, a, 0.0).T
+    # Position within the block, outside the loop (it does not change).
+    row_in, col_in = rows % block, cols % block
+    row_in = jnp.where(same, row_in, -1)  # the update stays in its block
+
+    def body(i, t):
+      # a_col[j] = D[r, j] for the row r = i of j's block (D is block
+      # diagonal, so the other blocks' rows i add zeros).
+      a_col = jnp.sum(jnp.where(col_in == i, d_t, 0.0), axis=1,
+                      keepdims=True)
+      # T is block diagonal too: column j of the sum only sees j's block.
+      upd = jnp.sum(a_col * t, axis=0, keepdims=True)  # [1, c]
+      return t - jnp.where(row_in == i, upd, 0.0)
+
+    x = lax.fori_loop(1, block, body, eye)
+  else:
+    x = eye - off_diagonal(1)  # pairs [[1, 0], [a, 1]]: no product
+    block = 2
+  while block < c:
+    x = x - dot(dot(x, off_diagonal(block)), x)
+    block *= 2
+  return x
 
 
 @dataclasses.dataclass(frozen=True)

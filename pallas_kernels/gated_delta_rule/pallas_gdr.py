@@ -452,10 +452,6 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
         "block_sizes: kernels='split' keeps whole sequences per program in "
         "its sequential kernels, which does not fit TPU VMEM; use "
         "kernels='fused' with chunk_loop='grid' (the TPU default)")
-  if (backend == "gpu" and not interpret and bs.solve_block is not None
-      and bs.solve_block < 16):
-    raise ValueError(f"block_sizes: solve_block={bs.solve_block} is below "
-                     f"16, the smallest matmul tile Triton accepts on GPU")
   b, _, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
   if scale is None:
