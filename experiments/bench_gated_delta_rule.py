@@ -8,7 +8,8 @@ milliseconds (median), tokens/s and the speedup over each baseline measured
 in the same run (baseline time / this time), and writes it as JSON. Every
 JAX implementation's output, final state and gradients are compared with
 `chunked`'s in the same run; `--profile_kernels` / `--profile_variants`
-time each Pallas split kernel alone.
+time each Pallas split kernel alone, beside its HBM traffic floor (the
+bytes of its arrays at ANCHORS.md's measured 2.5 TB/s) and the ratio.
 
   # GPU, the ANCHORS.md shape:
   python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import gdr_shapes
+from experiments import triton_resources
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split
@@ -188,7 +190,9 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
 def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
                     warmup: int, block_sizes: BlockSizes | None = None
                     ) -> list[dict]:
-  """Median ms of each kernel of the split pipeline, run on its own."""
+  """Median ms of each kernel of the split pipeline, run on its own, and
+  its HBM traffic floor (`triton_resources.kernel_traffic`: the bytes of
+  its arrays at ANCHORS.md's measured 2.5 TB/s)."""
   backend = "cpu" if interpret else jax.default_backend()
   if backend == "tpu":
     raise ValueError("profile_kernels: times the split kernels, which run "
@@ -199,6 +203,8 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
       q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]),
       block_sizes=block_sizes, interpret=interpret, backend=backend, seed=1)
   return [dict(kernel=name, first_call_s=first,
+               floor_ms=sum(r["floor_ms"] for r in
+                            triton_resources.kernel_traffic(fn, *args)),
                ms=_median_ms(lambda: fn(*args), jax.block_until_ready, iters,
                              warmup))
           for name, fn, args, first in stages]
@@ -385,11 +391,15 @@ def format_table(result: dict) -> str:
   for label in dict.fromkeys(r.get("blocks", "pallas") for r in profile):
     part = [r for r in profile if r.get("blocks", "pallas") == label]
     total = sum(r["ms"] for r in part)
-    lines += ["", f"{label}: split kernel (alone) | ms | share | first call s",
-              "--- | --- | --- | ---"]
+    floor = sum(r["floor_ms"] for r in part)
+    lines += ["", f"{label}: split kernel (alone) | ms | share | "
+              f"HBM floor ms | x floor | first call s",
+              "--- | --- | --- | --- | --- | ---"]
     lines += [f"{r['kernel']} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
+              f"{r['floor_ms']:.3g} | {r['ms'] / r['floor_ms']:.1f} | "
               f"{r['first_call_s']:.1f}" for r in part]
-    lines.append(f"sum | {total:.3f} | 100% | "
+    lines.append(f"sum | {total:.3f} | 100% | {floor:.3g} | "
+                 f"{total / floor:.1f} | "
                  f"{sum(r['first_call_s'] for r in part):.1f}")
   if result.get("fwd_bwd_temp_bytes"):
     mib = 2.0 ** 20

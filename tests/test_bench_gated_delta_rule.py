@@ -57,6 +57,10 @@ def test_bench_reports_every_implementation(tmp_path):
   assert [r["kernel"] for r in result["kernel_profile"]] == _KERNELS
   assert all(r["ms"] > 0 and r["first_call_s"] > 0
              for r in result["kernel_profile"])
+  # The traffic floor: the backward's prep also writes T.
+  floor = {r["kernel"]: r["floor_ms"] for r in result["kernel_profile"]}
+  assert all(f > 0 for f in floor.values())
+  assert floor["prep (with T)"] > floor["prep"]
 
 
 def test_best_profiled_variant():
