@@ -115,11 +115,19 @@ def _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype, segments):
           sds((batch, seq_len), jnp.int32) if segments else None)
 
 
-def _loss(blocks: BlockSizes):
-  def loss(q, k, v, g, beta, segment_ids):
-    o, s = pallas_gdr.gated_delta_rule_pallas(
+def _forward(blocks: BlockSizes):
+  def forward(q, k, v, g, beta, segment_ids):
+    return pallas_gdr.gated_delta_rule_pallas(
         q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
         block_sizes=blocks)
+  return forward
+
+
+def _loss(blocks: BlockSizes):
+  forward = _forward(blocks)
+
+  def loss(*args):
+    o, s = forward(*args)
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
   return loss
 
@@ -168,8 +176,12 @@ def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
   and fuses on its own, but Pallas calls are neither fused nor reordered
   across their data dependencies. Returns (peak bytes, [(bytes, type)] of
   the arrays of 1 MiB or more alive at the peak, largest first)."""
+  return _peak_of(*_flat_eqns(jax.make_jaxpr(fn)(*args)))
+
+
+def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
+  """`live_temporaries` of `_flat_eqns`' output."""
   from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
-  eqns, results = _flat_eqns(jax.make_jaxpr(fn)(*args))
   last_use = {}
   for i, (ins, _, _) in enumerate(eqns):
     for x in ins:
@@ -204,7 +216,11 @@ def kernel_traffic(fn, *args) -> list[dict]:
   programs that read the same block (the sequential kernels' value tiles
   all read w, k, q) are counted once, as if L2 served the rest, and the
   XLA ops between kernels are left out."""
-  eqns, _ = _flat_eqns(jax.make_jaxpr(fn)(*args))
+  return _traffic_of(_flat_eqns(jax.make_jaxpr(fn)(*args))[0])
+
+
+def _traffic_of(eqns) -> list[dict]:
+  """`kernel_traffic` of `_flat_eqns`' equations."""
   rows = []
   for ins, outs, eqn in eqns:
     if eqn.primitive.name != "pallas_call":
@@ -227,14 +243,11 @@ def lowered_kernels(blocks: BlockSizes, batch: int, seq_len: int,
 
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
-  loss = _loss(blocks)
+  forward, grad = _forward(blocks), jax.grad(_loss(blocks),
+                                             argnums=tuple(range(5)))
 
-  def both(q, k, v, g, beta, segment_ids):
-    o_s = pallas_gdr.gated_delta_rule_pallas(
-        q, k, v, g, beta, None, segment_ids=segment_ids, backend="gpu",
-        block_sizes=blocks)
-    return o_s, jax.grad(loss, argnums=tuple(range(5)))(q, k, v, g, beta,
-                                                        segment_ids)
+  def both(*a):
+    return forward(*a), grad(*a)
 
   with abstract_target("cuda"):
     lowered = jax.jit(both).trace(*args).lower(
@@ -356,9 +369,10 @@ def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
   grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
-  with abstract_target("cuda"):
-    peak, at_peak = live_temporaries(grad, *args)
-    traffic = kernel_traffic(grad, *args)
+  with abstract_target("cuda"):  # one trace for both counts
+    eqns, results = _flat_eqns(jax.make_jaxpr(grad)(*args))
+  peak, at_peak = _peak_of(eqns, results)
+  traffic = _traffic_of(eqns)
   return dict(peak_mib=round(peak / 2**20, 1),
               at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak],
               traffic=[dict(kernel=r["kernel"],

@@ -430,7 +430,7 @@ def gated_delta_rule_pallas(
   o, st = _core(qh, kh, vh, sc, s0, cfg)
   t, dk, dv = q.shape[1], q.shape[3], v.shape[3]
   if cfg.token_major:
-    o = o[:, :t, :, :dv] if o.shape[1] > t or o.shape[3] > dv else o
+    o = o[:, :t, :, :dv]
   else:
     o = jnp.swapaxes(o[:, :, :t, :dv], 1, 2)
   return o, st[:, :, :dk, :dv]
@@ -461,17 +461,17 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
   else:
     dk_p, dv_p = dk, dv
   bs.dv_tile(dv_p)  # validates block_dv early
+  cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
+                backend=backend, interpret=bool(interpret),
+                has_segments=segment_ids is not None)
   qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids,
                                   bs.chunk_size, dk_p - dk, dv_p - dv,
-                                  token_major=bs.kernels == "split")
+                                  token_major=cfg.token_major)
   if initial_state is None:
     s0 = jnp.zeros((b, hv, dk_p, dv_p), _F32)
   else:
     s0 = jnp.pad(initial_state.astype(_F32),
                  ((0, 0), (0, 0), (0, dk_p - dk), (0, dv_p - dv)))
-  cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
-                backend=backend, interpret=bool(interpret),
-                has_segments=segment_ids is not None)
   return qh, kh, vh, sc, s0, cfg
 
 
