@@ -8,8 +8,8 @@
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
 # Steps (default: env tests model bench32k, about 7 minutes on the H200 of
-# 2026-11-26; also: tests_all profile32k best32k final32k base32k split32k
-# scaling bench8k). Step limits come from that day's runs: the kernel
+# 2026-11-26; also: tests_all profile32k prep32k best32k final32k base32k
+# split32k scaling bench8k). Step limits come from that day's runs: the kernel
 # tests took 51 s, compiling all nine split kernels of then 25 s, and a 32k
 # benchmark of pallas, FLA (with its autotuning) and chunked under 2 minutes.
 set -u
@@ -89,6 +89,12 @@ for s in "${steps[@]}"; do
         --implementations= --iters 5 --warmup 1 --profile_kernels \
         --profile_variants "${PROFILE_VARIANTS:-kernel_warps=,solve_block=16,wy_block=None/out_block=None,num_warps_intra=8,wy_block=32/out_block=64,f32_dot=bf16}" \
         --json_out "$OUT/profile32k.json" ;;
+    prep32k)  # prep's alternatives (and the sequential kernels in 8 warps)
+      step prep32k 200 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations= --iters 5 --warmup 1 --profile_kernels \
+        --profile_variants "${PREP_VARIANTS:-sub_chunk=32,sub_chunk=32/solve_block=16,sub_chunk=32/num_warps_intra=8,num_warps=8}" \
+        --json_out "$OUT/prep32k.json" ;;
     base32k)  # the baselines alone: chunked jnp, then FLA
       step base32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \

@@ -61,6 +61,7 @@ class Case:
   solve_block: int | None = None
   wy_block: int | None = None
   out_block: int | None = None
+  sub_chunk: int | None = None
 
 
 CASES = {
@@ -73,6 +74,10 @@ CASES = {
     "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
     "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
                                        solve_block=16, hk=1),
+    # prep by sub-chunks of 32 tokens (two diagonal blocks, each inverted
+    # by doubling).
+    "t200_bf16_segments_sub32": Case(200, jnp.bfloat16, with_segments=True,
+                                     solve_block=1, sub_chunk=32, hk=1),
     # The wy and bwd_out kernels with dk in column tiles (two of 16 here).
     "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
                                wy_block=16, out_block=16),
@@ -116,7 +121,7 @@ def _run_case(case: Case):
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
-                    out_block=case.out_block)
+                    out_block=case.out_block, sub_chunk=case.sub_chunk)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -176,6 +181,17 @@ def test_pallas_without_interpret_on_cpu_raises():
     gated_delta_rule(**inputs, implementation="pallas")
 
 
+def test_gpu_sub_chunk_below_16_raises():
+  """Triton's smallest tensor-core product is 16 wide: named, not a
+  lowering failure deep in Triton."""
+  inputs = make_inputs(0, 70)
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"), sub_chunk=8)
+  with pytest.raises(ValueError, match="sub_chunk=8"):
+    pallas_gdr.gated_delta_rule_pallas(
+        *[inputs[n] for n in NAMES], block_sizes=bs, interpret=True,
+        backend="gpu")
+
+
 @pytest.mark.parametrize("algorithm", sorted(tolerances.MIXED_DOT_REL))
 def test_mixed_products_split_the_f32_operand(algorithm):
   """Dots.fm / fm_nt (f32 matrix x stored bf16 matrix): on bf16 inputs the
@@ -224,6 +240,8 @@ def test_block_sizes_validation():
     BlockSizes(chunk_loop="grid")  # "split" needs the in-kernel chunk loop
   with pytest.raises(ValueError, match="solve_block"):
     BlockSizes(solve_block=24)
+  with pytest.raises(ValueError, match="sub_chunk"):
+    BlockSizes(sub_chunk=24)
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
   with pytest.raises(ValueError, match="kernel_warps"):
@@ -268,26 +286,28 @@ def _abstract_target(platform):
     pytest.skip(str(e))
 
 
-# (platform, kernels, solve_block, wy_block) -> pallas_calls in an inference
+# (platform, kernels, solve_block, wy_block, sub_chunk) -> pallas_calls in an inference
 # forward, the custom_vjp forward and the backward, and kernel names that
 # must appear.
 _SPLIT_NAMES = ("gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                 "gated_delta_rule_output", "gated_delta_rule_state_bwd",
                 "gated_delta_rule_bwd_out", "gated_delta_rule_bwd_wy")
 _LOWERINGS = {
-    ("cuda", "split", None, None): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 16, None): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 16, 64): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "fused", None, None): (3, ("gated_delta_rule_fwd",
-                                        "gated_delta_rule_bwd")),
-    ("tpu", "fused", None, None): (3, ("gated_delta_rule_fwd",
-                                       "gated_delta_rule_bwd")),
+    ("cuda", "split", None, None, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, None, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, 64, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 1, 64, 32): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "fused", None, None, None): (3, ("gated_delta_rule_fwd",
+                                              "gated_delta_rule_bwd")),
+    ("tpu", "fused", None, None, None): (3, ("gated_delta_rule_fwd",
+                                             "gated_delta_rule_bwd")),
 }
 
 
-@pytest.mark.parametrize("platform,kernels,solve_block,wy_block",
+@pytest.mark.parametrize("platform,kernels,solve_block,wy_block,sub_chunk",
                          list(_LOWERINGS))
-def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block):
+def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block,
+                                 sub_chunk):
   """Forward (with and without autodiff) and backward lower on CPU.
 
   Traces through the real Triton / Mosaic lowerings (Pallas -> Triton IR /
@@ -298,7 +318,8 @@ def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block):
   backend = "gpu" if platform == "cuda" else "tpu"
   blocks = dataclasses.replace(BlockSizes.get_default(backend),
                                kernels=kernels, solve_block=solve_block,
-                               wy_block=wy_block, out_block=wy_block)
+                               wy_block=wy_block, out_block=wy_block,
+                               sub_chunk=sub_chunk)
   inputs = make_inputs(1, 130, dtype=jnp.bfloat16, with_segments=True,
                        hk=1, hv=2, dk=128, dv=128)
   seg = inputs.pop("segment_ids")
@@ -322,7 +343,8 @@ def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block):
         *[inputs[n] for n in NAMES]).lower(
             lowering_platforms=(platform,)).as_text()
   other = "tpu" if platform == "cuda" else "cuda"
-  calls, names = _LOWERINGS[(platform, kernels, solve_block, wy_block)]
+  calls, names = _LOWERINGS[(platform, kernels, solve_block, wy_block,
+                             sub_chunk)]
   assert text.count(_CUSTOM_CALLS[platform]) == calls, _CUSTOM_CALLS[platform]
   assert _CUSTOM_CALLS[other] not in text
   for name in names:
@@ -353,13 +375,15 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
 
 @pytest.mark.parametrize("with_segments", [False, True])
 def test_blocked_solve_matches_row_by_row(with_segments):
-  """The prep kernel's blocked solve gives the row-by-row T, w, u and
-  decays."""
+  """The prep kernel's blocked solve, and its sub-chunks (two and four
+  diagonal blocks), give the row-by-row T, w, u and decays."""
   inputs = make_inputs(7, 150, with_segments=with_segments, b=1, hk=1, hv=2,
                        dk=16, dv=32)
   outs = {}
-  for solve_block in (None, 1, 8, 16):
-    bs = BlockSizes(solve_block=solve_block)
+  variants = [(None, None), (1, None), (8, None), (16, None), (None, 32),
+              (1, 32), (4, 16), (1, 16)]
+  for solve_block, sub_chunk in variants:
+    bs = BlockSizes(solve_block=solve_block, sub_chunk=sub_chunk)
     cfg = pallas_gdr._Config(  # pylint: disable=protected-access
         scale=0.25, group=2, block_sizes=bs, backend="cpu", interpret=True,
         has_segments=with_segments)
@@ -367,10 +391,11 @@ def test_blocked_solve_matches_row_by_row(with_segments):
         inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
         inputs["segment_ids"], bs.chunk_size, 0, 0, token_major=True)
     plan = pallas_split._Plan(q, k, v, cfg, pallas_gdr._SQ)  # pylint: disable=protected-access
-    outs[solve_block] = pallas_split._prep(  # pylint: disable=protected-access
+    outs[solve_block, sub_chunk] = pallas_split._prep(  # pylint: disable=protected-access
         plan, k, v, sc, with_t=True)
-  for solve_block in (1, 8, 16):
-    for name, got, want in zip(("w", "u", "aux", "T"), outs[solve_block],
-                               outs[None]):
-      tolerances.assert_close(got, want, jnp.float32,
-                              err_msg=f"{name}, solve_block={solve_block}")
+  for variant in variants[1:]:
+    for name, got, want in zip(("w", "u", "aux", "T"), outs[variant],
+                               outs[None, None]):
+      tolerances.assert_close(
+          got, want, jnp.float32,
+          err_msg=f"{name}, (solve_block, sub_chunk)={variant}")

@@ -80,7 +80,13 @@ class BlockSizes:
       diagonal blocks of this many tokens, all at once, then merging pairs
       of blocks by [c, c] products until they cover the chunk; 1 merges
       from single tokens (products only). None: row by row over the whole
-      chunk.
+      chunk. With sub_chunk, the same inside each diagonal block of
+      sub_chunk tokens (clipped to sub_chunk).
+    sub_chunk: None, or a divisor of chunk_size (at least 16 on GPU): the
+      split family's prep kernel takes the chunk in sub-chunks of this many
+      tokens and forms only the blocks of k k^T, T and T x on and below
+      the diagonal (`kernel_split._prep_sub_chunks`), instead of
+      full-tile products that are zero above it.
     f32_dot: how the split kernels multiply f32 matrices (T, w, u and
       their gradients; everything when the inputs are f32): "highest"
       (IEEE f32, on Triton the CUDA cores), "tf32x3" (three TF32
@@ -107,6 +113,7 @@ class BlockSizes:
   kernels: str = "split"
   num_warps_intra: int = 4
   solve_block: int | None = None
+  sub_chunk: int | None = None
   f32_dot: str = "highest"
   wy_block: int | None = None
   out_block: int | None = None
@@ -146,6 +153,11 @@ class BlockSizes:
       raise ValueError(f"solve_block: expected None or a divisor of "
                        f"chunk_size={self.chunk_size}, found "
                        f"{self.solve_block}")
+    if self.sub_chunk is not None and (
+        self.sub_chunk < 1 or self.chunk_size % self.sub_chunk):
+      raise ValueError(f"sub_chunk: expected None or a divisor of "
+                       f"chunk_size={self.chunk_size}, found "
+                       f"{self.sub_chunk}")
     if self.f32_dot not in F32_DOTS:
       raise ValueError(f"f32_dot: expected one of {F32_DOTS}, found "
                        f"{self.f32_dot!r}")

@@ -452,6 +452,10 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
         "block_sizes: kernels='split' keeps whole sequences per program in "
         "its sequential kernels, which does not fit TPU VMEM; use "
         "kernels='fused' with chunk_loop='grid' (the TPU default)")
+  if (backend == "gpu" and bs.sub_chunk is not None
+      and bs.sub_chunk < min(16, bs.chunk_size)):
+    raise ValueError(f"block_sizes: sub_chunk={bs.sub_chunk} is below 16, "
+                     f"the smallest tensor-core product Triton accepts")
   b, _, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
   if scale is None:
@@ -502,10 +506,12 @@ def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
   """Adapter with the signature of `api._IMPLEMENTATIONS` entries."""
   backend = jax.default_backend()
   bs = BlockSizes.get_default(backend)
-  solve_block = bs.solve_block
-  if solve_block is not None and chunk_size % solve_block:
-    solve_block = None  # a chunk size it does not divide: row by row
-  bs = dataclasses.replace(bs, chunk_size=chunk_size, solve_block=solve_block)
+  # Blocks that do not divide another chunk size: row by row, whole chunks.
+  solve_block, sub_chunk = (
+      None if x is None or chunk_size % x else x
+      for x in (bs.solve_block, bs.sub_chunk))
+  bs = dataclasses.replace(bs, chunk_size=chunk_size, solve_block=solve_block,
+                           sub_chunk=sub_chunk)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
                                  interpret=interpret, backend=backend)

@@ -110,8 +110,9 @@ class _Plan:
 def _prep(p: _Plan, k, v, sc, with_t: bool = False):
   """w [b, tp, hv, dk], u [b, tp, hv, dv] in md; aux [b, tp, hv, 4] f32;
   with_t: also T, [b, tp, hv, c] in md (row block n holds chunk n's T)."""
+  bs = p.cfg.block_sizes
   body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments,
-                           d=p.d, block=p.cfg.block_sizes.solve_block)
+                           d=p.d, block=bs.solve_block, sub=bs.sub_chunk)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
   out_shape = [p.tokens(p.dk, dtype=p.md),
                p.tokens(p.dv, dtype=p.md),
