@@ -62,12 +62,13 @@ _PROFILE_VARIANTS = flags.DEFINE_list(
     "profile_variants", [],
     "BlockSizes variants (as --pallas_variants) whose split kernels are "
     "also profiled one by one (the defaults too with --profile_kernels).")
-_VARIANTS_FROM = flags.DEFINE_string(
-    "variants_from_profile", None,
-    "JSON of an earlier run with --profile_variants: the profiled BlockSizes "
+_VARIANTS_FROM = flags.DEFINE_list(
+    "variants_from_profile", [],
+    "JSONs of earlier runs with --profile_variants: the profiled BlockSizes "
     "whose kernels summed to the least time, if not the defaults, is added "
     "to --pallas_variants (a GPU lease can profile and then time the best "
-    "tiling end to end in one call).")
+    "tiling end to end in one call). Files that do not exist (a run cut "
+    "short) are skipped; the defaults count once.")
 _SEQ_SPLITS = flags.DEFINE_list(
     "seq_splits", [],
     "Also time each JAX implementation with the sequence cut into this many "
@@ -128,6 +129,23 @@ def best_profiled_variant(kernel_profile: list[dict]) -> str | None:
     return None
   best = min(totals, key=totals.get)
   return None if best == "pallas" else best[len("pallas["):-1]
+
+
+def merge_profiles(paths) -> list[dict]:
+  """The kernel_profile rows of the JSONs at `paths` that exist, each
+  (tiling, kernel) once: every profiling run also times the defaults, and
+  only the first file's count."""
+  rows, seen = [], set()
+  for path in paths:
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      for row in json.load(f).get("kernel_profile", []):
+        key = (row.get("blocks", "pallas"), row["kernel"])
+        if key not in seen:
+          seen.add(key)
+          rows.append(row)
+  return rows
 
 
 def parse_variant(spec: str) -> tuple[str, BlockSizes]:
@@ -429,14 +447,11 @@ def main(argv):
   key_heads = gdr_shapes.KEY_HEADS.value or values["heads"]
   variants = tuple(_VARIANTS.value)
   if _VARIANTS_FROM.value:
-    if os.path.exists(_VARIANTS_FROM.value):
-      with open(_VARIANTS_FROM.value) as f:
-        best = best_profiled_variant(json.load(f).get("kernel_profile", []))
-      print(f"fastest profiled tiling in {_VARIANTS_FROM.value}: "
-            f"{best or 'the defaults'}", flush=True)
-    else:  # the profiling run did not finish: time the defaults only
-      best = None
-      print(f"no profile at {_VARIANTS_FROM.value}", flush=True)
+    profiled = merge_profiles(_VARIANTS_FROM.value)
+    best = best_profiled_variant(profiled)
+    print(f"fastest profiled tiling in {_VARIANTS_FROM.value}: "
+          f"{best or 'the defaults'}"
+          f"{'' if profiled else ' (no profile found)'}", flush=True)
     if best is not None and best not in variants:
       variants += (best,)
   result = run(key_heads=key_heads, dtype=gdr_shapes.DTYPE.value,

@@ -64,9 +64,10 @@ for s in "${steps[@]}"; do
         tests/test_model_packing.py -k pallas ;;
     # pallas (GPU defaults), FLA, chunked; then the defaults kernel by kernel.
     bench32k) bench bench32k "${BENCH_LIMIT:-300}" 32768 5 --profile_kernels ;;
-    # The defaults, the fastest tiling of profile32k (if it ran first and
-    # found one), chunked and FLA, forward and forward+backward.
-    best32k) bench best32k 220 32768 5 --variants_from_profile "$OUT/profile32k.json" ;;
+    # The defaults, the fastest tiling of profile32k and prep32k (those
+    # that ran first), chunked and FLA, forward and forward+backward.
+    best32k) bench best32k 220 32768 5 \
+      --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;

@@ -85,3 +85,32 @@ def test_best_profiled_variant():
                        capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.stdout.strip() == "ok"
+
+
+def test_merged_profiles_count_the_defaults_once(tmp_path):
+  """Two profiling runs (each also timing the defaults) and a run that
+  never wrote its file: the rows of both files are merged, the defaults'
+  kernels taken once, from the first file."""
+  runs = {
+      "a.json": {"pallas": 1.0, "pallas[solve_block=16]": 1.2},
+      # The second run's defaults were slower (noise): counted twice, or
+      # from the second file, they would lose to its variant.
+      "b.json": {"pallas": 3.0, "pallas[sub_chunk=32]": 1.1},
+  }
+  for name, per_kernel in runs.items():
+    rows = [dict(blocks=label, kernel=k, ms=ms)
+            for label, ms in per_kernel.items() for k in ("prep", "wy")]
+    (tmp_path / name).write_text(json.dumps(dict(kernel_profile=rows)))
+  paths = [str(tmp_path / n) for n in ("a.json", "missing.json", "b.json")]
+  code = (
+      "import sys\n"
+      "from experiments.bench_gated_delta_rule import (\n"
+      "    best_profiled_variant, merge_profiles)\n"
+      "rows = merge_profiles(sys.argv[1:])\n"
+      "assert len(rows) == 6, rows\n"
+      "assert {r['ms'] for r in rows if r['blocks'] == 'pallas'} == {1.0}\n"
+      "print(best_profiled_variant(rows))\n")
+  out = subprocess.run([sys.executable, "-c", code, *paths], check=True,
+                       cwd=_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.strip() == "None"
