@@ -316,15 +316,14 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
         acc = term if acc is None else acc + term
       t[i, j] = -d.f(t[i, i], acc)
   for i in range(m):
-    u = w = None
-    for j in range(i + 1):
-      t_beta = t[i, j] * _transpose(betas[j])
-      u_ij = d.fm(t_beta, v_ref[rows_of[j], :])
-      w_ij = d.fm(t_beta * _transpose(decay_q[j]), k_ref[rows_of[j], :])
-      u = u_ij if u is None else u + u_ij
-      w = w_ij if w is None else w + w_ij
-    u_ref[rows_of[i], :] = u.astype(u_ref.dtype)
-    w_ref[rows_of[i], :] = w.astype(w_ref.dtype)
+    # u, then w: one [sub, d] accumulator alive at a time.
+    for out_ref, x_ref, col in ((u_ref, v_ref, None), (w_ref, k_ref, decay_q)):
+      acc = None
+      for j in range(i + 1):
+        scale_j = betas[j] if col is None else betas[j] * col[j]
+        term = d.fm(t[i, j] * _transpose(scale_j), x_ref[rows_of[j], :])
+        acc = term if acc is None else acc + term
+      out_ref[rows_of[i], :] = acc.astype(out_ref.dtype)
     aux_ref[rows_of[i], :] = _aux(g_cols[i], decay_q[i], decay_k[i],
                                   resets[i])
     if t_ref is not None:
