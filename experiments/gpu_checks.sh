@@ -90,11 +90,12 @@ for s in "${steps[@]}"; do
         --implementations= --iters 5 --warmup 1 --profile_kernels \
         --profile_variants "${PROFILE_VARIANTS:-kernel_warps=,solve_block=16,wy_block=None/out_block=None,num_warps_intra=8,wy_block=32/out_block=64,f32_dot=bf16}" \
         --json_out "$OUT/profile32k.json" ;;
-    prep32k)  # prep's alternatives (and the sequential kernels in 8 warps)
+    prep32k)  # prep on full tiles (the default before sub-chunks), other
+      # solve blocks, and the sequential kernels in 8 warps
       step prep32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${PREP_VARIANTS:-sub_chunk=32,sub_chunk=32/solve_block=16,sub_chunk=32/num_warps_intra=8,num_warps=8}" \
+        --profile_variants "${PREP_VARIANTS:-sub_chunk=None,sub_chunk=None/solve_block=16,solve_block=8,num_warps=8}" \
         --json_out "$OUT/prep32k.json" ;;
     base32k)  # the baselines alone: chunked jnp, then FLA
       step base32k 200 python3 -m experiments.bench_gated_delta_rule \

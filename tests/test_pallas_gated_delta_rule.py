@@ -74,10 +74,11 @@ CASES = {
     "t130_segments_solve16": Case(130, with_segments=True, solve_block=16),
     "t200_bf16_segments_solve16": Case(200, jnp.bfloat16, with_segments=True,
                                        solve_block=16, hk=1),
-    # prep by sub-chunks of 32 tokens (two diagonal blocks, each inverted
-    # by doubling).
-    "t200_bf16_segments_sub32": Case(200, jnp.bfloat16, with_segments=True,
-                                     solve_block=1, sub_chunk=32, hk=1),
+    # prep on whole-chunk tiles, inverted by doubling alone (the GPU
+    # defaults take sub-chunks of 32 tokens).
+    "t200_bf16_segments_full_tiles": Case(200, jnp.bfloat16,
+                                          with_segments=True, solve_block=1,
+                                          hk=1),
     # The wy and bwd_out kernels with dk in column tiles (two of 16 here).
     "t130_segments_wy16": Case(130, with_segments=True, dk=32, dv=48,
                                wy_block=16, out_block=16),
@@ -85,7 +86,8 @@ CASES = {
                                     dk=32, dv=32, wy_block=16,
                                     solve_block=16, out_block=16),
     # The GPU defaults: dk / dv padded to powers of two (dv 72 -> 128), the
-    # sequential kernels in value tiles of 16, the solve by doubling.
+    # sequential kernels in value tiles of 16, prep by sub-chunks of 32
+    # with the solve by doubling.
     "t70_gpu_defaults": Case(70, with_segments=True, dv=72, chunk_loop=None,
                              backend="gpu"),
     # The same in bf16 (bf16 tensor-core dots; on a GPU, bf16 x3 for T).
@@ -297,6 +299,7 @@ _LOWERINGS = {
     ("cuda", "split", 16, None, None): (3 + 3 + 5, _SPLIT_NAMES),
     ("cuda", "split", 16, 64, None): (3 + 3 + 5, _SPLIT_NAMES),
     ("cuda", "split", 1, 64, 32): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 1, 64, None): (3 + 3 + 5, _SPLIT_NAMES),
     ("cuda", "fused", None, None, None): (3, ("gated_delta_rule_fwd",
                                               "gated_delta_rule_bwd")),
     ("tpu", "fused", None, None, None): (3, ("gated_delta_rule_fwd",

@@ -117,17 +117,18 @@ def test_default_kernels_compile_for_hopper():
   assert names == _SPLIT_KERNELS
 
 
-def test_prep_by_sub_chunks_compiles_for_hopper():
-  """prep with `sub_chunk` (an option, timed by `gpu_checks.sh prep32k`)
-  compiles for sm_90 and fits an SM, forward and backward calls."""
+def test_prep_on_full_tiles_compiles_for_hopper():
+  """prep on whole-chunk tiles (`sub_chunk=None`, the alternative that
+  `gpu_checks.sh prep32k` times beside the defaults) compiles for sm_90
+  and fits an SM, forward and backward calls."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
   import triton  # pylint: disable=g-import-not-at-top,unused-import
-  result = tr.run(("sub_chunk=32",), batch=1, seq_len=130, key_heads=1,
+  result = tr.run(("sub_chunk=None",), batch=1, seq_len=130, key_heads=1,
                   heads=2, dk=128, dv=128, dtype="bfloat16", segments=True,
                   only=("prep",))
   rows = [r for r in result["kernels"]
-          if r["blocks"] == "pallas[sub_chunk=32]"]
+          if r["blocks"] == "pallas[sub_chunk=None]"]
   assert len(rows) == 2, result["kernels"]  # forward's prep, backward's
   for row in rows:
     r = row["resources"]

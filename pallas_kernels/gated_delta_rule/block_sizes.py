@@ -194,6 +194,12 @@ class BlockSizes:
       # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
+      # prep by sub-chunks of 32 tokens (only the blocks on and below the
+      # diagonal): 4,584 instructions per thread against 5,864 with full
+      # tiles, a third of the tensor-core work (as mma.sync: products of 32
+      # rows are below wgmma's 64), no spills against 48 bytes, 116
+      # barriers against 33 plus 70 warpgroup syncs. Static again, not
+      # timed; gpu_checks.sh prep32k times the full tiles beside it.
       # bwd_out and wy in 8 warps, dk in column tiles (32 in bwd_out, 64
       # in wy): chosen on static resources (experiments/triton_resources.py,
       # sm_90, bf16, 32k tokens), not yet timed. ptxas spills (bwd_out, wy)
@@ -203,8 +209,8 @@ class BlockSizes:
       # 1.6 ms as its spills fell from 1,076 to 108 bytes.)
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=1, f32_dot="auto", wy_block=64, out_block=32,
-                 kernel_warps="bwd_out:8,wy:8")
+                 solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,
+                 out_block=32, kernel_warps="bwd_out:8,wy:8")
     return cls()
 
   @classmethod
