@@ -256,10 +256,10 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
 
   and w_i = sum_{j <= i} T_ij (beta e^G k)_j, u_i likewise. The full-tile
   form multiplies [c, c] tiles that are zero above the diagonal (and, in
-  the doubling, mostly zero below it too): at c = 64 with sub = 32 the
-  solve's f32 products shrink from ten of 64^3 to eight of 32^3 inside
-  the diagonal blocks and two for the block below them, and kk, w and u
-  skip the block above the diagonal. Each sub-chunk is loaded from the
+  the doubling, mostly zero below it too): at c = 64 with sub = 32 (and
+  doubling from single tokens) the solve's f32 products shrink from ten
+  of 64^3 to eight of 32^3 in each diagonal block and two for the block
+  below them, and kk, w and u skip the block above the diagonal. Each sub-chunk is loaded from the
   refs (Triton values cannot be sliced); all shapes stay >= 16 for the
   tensor cores.
   """
