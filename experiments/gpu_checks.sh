@@ -51,7 +51,7 @@ for s in "${steps[@]}"; do
         python3 -c "import sys, jax, jaxlib, flax, triton, torch; print(sys.version); print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"triton\", triton.__version__, \"torch\", torch.__version__); print(jax.devices())"' ;;
     tests)  # GPU defaults (split) in f32 and bf16, bf16 blocked solve and
       # full tiles, API
-      step tests 100 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step tests 130 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
         -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch" ;;
