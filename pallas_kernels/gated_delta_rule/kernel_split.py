@@ -332,6 +332,15 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
         t_ref[rows_of[i], rows_of[j]] = block_ij.astype(t_ref.dtype)
 
 
+def _decay_last(aux_ref, i, chunk: int) -> jax.Array:
+  """e^{G_last} of chunk i as [1, 1] (masked as `_decays` masks it): the
+  decay_q column of the chunk's last row, loaded alone. Taking it from the
+  chunk's [c, 4] tile instead is a reduction across the warps (shuffles,
+  shared memory and barriers) in every step of the sequential loops."""
+  return _pick_col(_load(aux_ref, pl.ds(i * chunk + chunk - 1, 1)),
+                   AUX_DECAY_Q)
+
+
 def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
                      st_ref, *, num_chunks: int, chunk: int, d: Dots):
   """The sequential pass: states entering each chunk and v' (one dv tile)."""
@@ -343,8 +352,8 @@ def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
     vn = _load(u_ref, rows) - d.mm(w_ref[rows, :], s)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     decay_k = _pick_col(aux, AUX_DECAY_K)
-    decay_last = _last(_pick_col(aux, AUX_DECAY_Q))
-    return decay_last * s + d.mm_tn(k_ref[rows, :], decay_k * vn)
+    return (_decay_last(aux_ref, i, chunk) * s
+            + d.mm_tn(k_ref[rows, :], decay_k * vn))
 
   st_ref[...] = lax.fori_loop(0, num_chunks, body, _load(s0_ref))
 
@@ -390,7 +399,7 @@ def state_bwd_kernel(q_ref, k_ref, w_ref, aux_ref, do_ref, dvl_ref, dst_ref,
     dvn = _load(dvl_ref, rows) + decay_k * d.mm(k_ref[rows, :], ds)
     dvn_ref[rows, :] = dvn.astype(dvn_ref.dtype)
     do = _load(do_ref, rows) * (decay_q * scale)
-    return (_last(decay_q) * ds + d.mm_tn(q_ref[rows, :], do)
+    return (_decay_last(aux_ref, i, chunk) * ds + d.mm_tn(q_ref[rows, :], do)
             - d.mm_tn(w_ref[rows, :], dvn))
 
   ds0_ref[...] = lax.fori_loop(0, num_chunks, body, _load(dst_ref))
