@@ -21,14 +21,22 @@ IMPLS = ("recurrent", "chunked")
 
 
 def make_inputs(seed, t, dtype=jnp.float32, with_state=True,
-                with_segments=False, b=B, hk=HK, hv=HV, dk=DK, dv=DV):
-  """Random inputs in `dtype`; k unit-norm per head so the rule is stable."""
+                with_segments=False, b=B, hk=HK, hv=HV, dk=DK, dv=DV,
+                g_scale=1.0):
+  """Random inputs in `dtype`; k unit-norm per head so the rule is stable.
+
+  The log decays g average about -0.3 (e^G over a 64-token chunk about
+  e^-20), so a state hardly survives a whole chunk; `g_scale` = 0.02 makes
+  them slow (e^G over a chunk about 0.7), so the state carried into each
+  chunk, and its gradient, weigh in every later output.
+  """
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(b, t, hk, dk))
   k = rng.normal(size=(b, t, hk, dk))
   k /= np.linalg.norm(k, axis=-1, keepdims=True)
   v = rng.normal(size=(b, t, hv, dv))
   g = -np.log1p(np.exp(rng.normal(size=(b, t, hv)) - 1.0))  # -softplus
+  g = g * g_scale
   beta = 1.0 / (1.0 + np.exp(-rng.normal(size=(b, t, hv))))
   s0 = rng.normal(size=(b, hv, dk, dv)) if with_state else None
   seg = None
@@ -207,6 +215,40 @@ def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
     assert_scaled_close(got, want, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("impl", IMPLS + ("pallas",))
+def test_slow_decay_matches_float64(impl):
+  """Decays near 1: what a chunk hands the next (e^{G_last} S, and its
+  gradient) is as large as what it adds, and it must still be exact. With
+  the other tests' decays it is about e^-20 of a chunk's own terms."""
+  t = 150
+  # No segments: make_inputs' documents (~20 tokens) would end every state
+  # before the chunk does.
+  inputs = make_inputs(600, t, g_scale=0.02)
+  rng = np.random.default_rng(600)
+  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
+  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
+  interpret = impl == "pallas" and jax.default_backend() == "cpu"
+
+  def fwd(q, k, v, g, beta, s0):
+    return gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
+                            interpret=interpret)
+
+  def loss(*args):
+    o, s = fwd(*args)
+    return jnp.sum(o * r_o) + jnp.sum(s * r_s)
+
+  names = ("q", "k", "v", "g", "beta", "initial_state")
+  args = [inputs[n] for n in names]
+  o, s = jax.jit(fwd)(*args)
+  o_ref, s_ref = np_recurrence(**inputs)
+  assert_scaled_close(o, o_ref, jnp.float32, "output")
+  assert_scaled_close(s, s_ref, jnp.float32, "final state")
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+  for name, got, want in zip(names, grads,
+                             reference_grads(inputs, r_o, r_s)):
+    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+
+
 def test_chunk_size_and_jit():
   inputs = make_inputs(11, 37)
   fn = jax.jit(functools.partial(gated_delta_rule, implementation="chunked",
@@ -270,21 +312,24 @@ def test_bad_arguments_raise(change, argname):
 
 # In-device sequence splits: pieces joined through their affine state maps.
 SPLIT_CASES = [
-    # (impl, t, seq_splits, chunk_size, with_state, with_segments)
-    ("recurrent", 37, 3, 64, True, True),
-    ("chunked", 150, 4, 16, True, True),   # pieces of 48 tokens, last padded
-    ("chunked", 70, 2, 64, False, True),
-    ("chunked", 9, 5, 16, True, False),    # more pieces than needed
-    ("pallas", 100, 3, 16, True, True),    # interpret mode on CPU
+    # (impl, t, seq_splits, chunk_size, with_state, with_segments, g_scale)
+    ("recurrent", 37, 3, 64, True, True, 1.0),
+    ("chunked", 150, 4, 16, True, True, 1.0),  # pieces of 48, last padded
+    ("chunked", 70, 2, 64, False, True, 1.0),
+    ("chunked", 9, 5, 16, True, False, 1.0),   # more pieces than needed
+    ("pallas", 100, 3, 16, True, True, 1.0),   # interpret mode on CPU
+    # Slow decays: each piece's state map e^{G} S + B keeps most of S.
+    ("chunked", 150, 3, 32, True, False, 0.02),
+    ("pallas", 100, 3, 16, True, False, 0.02),
 ]
 
 
-@pytest.mark.parametrize("impl,t,splits,chunk,with_state,with_segments",
-                         SPLIT_CASES)
+@pytest.mark.parametrize(
+    "impl,t,splits,chunk,with_state,with_segments,g_scale", SPLIT_CASES)
 def test_seq_splits_match_float64(impl, t, splits, chunk, with_state,
-                                  with_segments):
+                                  with_segments, g_scale):
   inputs = make_inputs(400 + t, t, with_state=with_state,
-                       with_segments=with_segments)
+                       with_segments=with_segments, g_scale=g_scale)
   rng = np.random.default_rng(t + splits)
   r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
   r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)

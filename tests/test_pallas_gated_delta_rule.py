@@ -62,6 +62,7 @@ class Case:
   wy_block: int | None = None
   out_block: int | None = None
   sub_chunk: int | None = None
+  g_scale: float = 1.0  # 0.02: slow decays (`make_inputs`)
 
 
 CASES = {
@@ -93,6 +94,13 @@ CASES = {
     # The same in bf16 (bf16 tensor-core dots; on a GPU, bf16 x3 for T).
     "t130_bf16_gpu_defaults": Case(130, jnp.bfloat16, with_segments=True,
                                    chunk_loop=None, backend="gpu"),
+    # Slow decays, no segments (the inputs' documents are ~20 tokens, so
+    # none would cross a chunk): the state each chunk hands the next
+    # (e^{G_last} S in the sequential kernels, <h_n, dh_n> e^{G_last} in
+    # bwd_out) weighs in.
+    "t200_slow_decay_gpu_defaults": Case(200, chunk_loop=None, backend="gpu",
+                                         g_scale=0.02),
+    "t150_bf16_slow_decay": Case(150, jnp.bfloat16, g_scale=0.02, hk=1),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -116,7 +124,8 @@ def _run_case(case: Case):
   inputs = make_inputs(500 + case.t, case.t, dtype=case.dtype,
                        with_state=case.with_state,
                        with_segments=case.with_segments, b=2, hk=case.hk,
-                       hv=case.hv, dk=case.dk, dv=case.dv)
+                       hv=case.hv, dk=case.dk, dv=case.dv,
+                       g_scale=case.g_scale)
   if case.chunk_loop is None:
     bs = BlockSizes.get_default(backend)
   else:
