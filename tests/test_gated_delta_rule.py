@@ -25,9 +25,9 @@ def make_inputs(seed, t, dtype=jnp.float32, with_state=True,
                 g_scale=1.0):
   """Random inputs in `dtype`; k unit-norm per head so the rule is stable.
 
-  The log decays g average about -0.3 (e^G over a 64-token chunk about
-  e^-20), so a state hardly survives a whole chunk; `g_scale` = 0.02 makes
-  them slow (e^G over a chunk about 0.7), so the state carried into each
+  The log decays g average about -0.4 (e^G over a 64-token chunk about
+  e^-26), so a state hardly survives a whole chunk; `g_scale` = 0.02 makes
+  them slow (e^G over a chunk about 0.6), so the state carried into each
   chunk, and its gradient, weigh in every later output.
   """
   rng = np.random.default_rng(seed)
@@ -219,7 +219,7 @@ def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
 def test_slow_decay_matches_float64(impl):
   """Decays near 1: what a chunk hands the next (e^{G_last} S, and its
   gradient) is as large as what it adds, and it must still be exact. With
-  the other tests' decays it is about e^-20 of a chunk's own terms."""
+  the other tests' decays it is about e^-26 of a chunk's own terms."""
   t = 150
   # No segments: make_inputs' documents (~20 tokens) would end every state
   # before the chunk does.
