@@ -111,6 +111,10 @@ CASES = {
                                kernels="fused"),
     "t70_bf16_grid_no_state": Case(70, jnp.bfloat16, with_state=False,
                                    chunk_loop="grid", kernels="fused"),
+    # The fused families with slow decays (no segments).
+    "t150_slow_decay_fused": Case(150, kernels="fused", g_scale=0.02),
+    "t150_slow_decay_grid": Case(150, chunk_loop="grid", kernels="fused",
+                                 g_scale=0.02),
 }
 
 
