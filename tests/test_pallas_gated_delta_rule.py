@@ -63,6 +63,10 @@ class Case:
   out_block: int | None = None
   sub_chunk: int | None = None
   g_scale: float = 1.0  # 0.02: slow decays (`make_inputs`)
+  # Two long documents per row instead of make_inputs' ~20-token ones: a
+  # boundary mid-chunk (row 0) and on a chunk edge (row 1), so states
+  # cross chunks inside a document.
+  long_docs: bool = False
 
 
 CASES = {
@@ -101,6 +105,8 @@ CASES = {
     "t200_slow_decay_gpu_defaults": Case(200, chunk_loop=None, backend="gpu",
                                          g_scale=0.02),
     "t150_bf16_slow_decay": Case(150, jnp.bfloat16, g_scale=0.02, hk=1),
+    "t200_slow_decay_long_docs_gpu_defaults": Case(
+        200, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -130,6 +136,10 @@ def _run_case(case: Case):
                        with_segments=case.with_segments, b=2, hk=case.hk,
                        hv=case.hv, dk=case.dk, dv=case.dv,
                        g_scale=case.g_scale)
+  if case.long_docs:
+    starts = np.array([[case.t * 9 // 20], [64]])
+    inputs["segment_ids"] = jnp.asarray(
+        (np.arange(case.t)[None] >= starts).astype(np.int32))
   if case.chunk_loop is None:
     bs = BlockSizes.get_default(backend)
   else:
