@@ -195,7 +195,7 @@ class BlockSizes:
       # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
       # pipelining.
       # prep by sub-chunks of 32 tokens (only the blocks on and below the
-      # diagonal): 4,584 instructions per thread against 5,864 with full
+      # diagonal): 4,560 instructions per thread against 5,864 with full
       # tiles, a third of the tensor-core work (as mma.sync: products of 32
       # rows are below wgmma's 64), no spills against 48 bytes, 116
       # barriers against 33 plus 70 warpgroup syncs. Static again, not

@@ -181,6 +181,25 @@ def block_unit_lower_inverse(a: jax.Array, block: int, dot) -> jax.Array:
   return x
 
 
+def masked_exp(diff: jax.Array, mask: jax.Array) -> jax.Array:
+  """exp(diff) where mask, else 0. Masked before exp: above the diagonal
+  G_i - G_j > 0 may overflow."""
+  return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+def row_decays(g_col: jax.Array, g_last: jax.Array, resets=None,
+               resets_last=None) -> tuple[jax.Array, jax.Array]:
+  """(e^G, e^{G_last - G}) for rows with cumulative log decays g_col [r, 1]
+  and the chunk's G_last [1, 1]. With the rows' reset counts (and the
+  chunk's last), e^G is zeroed on rows that no longer see the carried
+  state and e^{G_last - G} on rows outside the chunk's last segment."""
+  decay_q, decay_k = jnp.exp(g_col), jnp.exp(g_last - g_col)
+  if resets is not None:
+    decay_q = jnp.where(resets == 0.0, decay_q, 0.0)
+    decay_k = jnp.where(resets == resets_last, decay_k, 0.0)
+  return decay_q, decay_k
+
+
 @dataclasses.dataclass(frozen=True)
 class _Intra:
   """Per-chunk quantities shared by the forward and the backward."""
@@ -223,19 +242,16 @@ def chunk_intra(k: jax.Array, scalars: jax.Array,
   g_col = (transpose or _row_to_col)(g_row)
   g_last = _pick_col(g_row, c - 1)  # [1, 1]
   mask = rows >= cols
-  decay_q = jnp.exp(g_col)
-  decay_k = jnp.exp(g_last - g_col)
   decay_last = jnp.exp(g_last)
+  resets = resets_last = None
   if has_segments:
     resets = _pick_col(scalars, RESET_COL)  # [c, 1]
     resets_row = (transpose or _col_to_row)(resets)
     resets_last = _pick_col(resets_row, c - 1)  # [1, 1]
     mask = mask & (resets == resets_row)
-    decay_q = jnp.where(resets == 0.0, decay_q, 0.0)
-    decay_k = jnp.where(resets == resets_last, decay_k, 0.0)
     decay_last = jnp.where(resets_last == 0.0, decay_last, 0.0)
-  # Mask before exp: above the diagonal G_i - G_j > 0 may overflow.
-  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g_col - g_row, 0.0)), 0.0)
+  decay_q, decay_k = row_decays(g_col, g_last, resets, resets_last)
+  gamma = masked_exp(g_col - g_row, mask)
   if kk is None:
     kk = _dot_nt(k, k)
   a = jnp.where(rows > cols, beta * kk * gamma, 0.0)

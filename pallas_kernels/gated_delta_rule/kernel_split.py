@@ -170,8 +170,7 @@ def _decays(aux: jax.Array, has_segments: bool):
   if has_segments:
     resets = _pick_col(aux, AUX_RESETS)
     mask = mask & (resets == _transpose(resets))
-  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, g - _transpose(g), 0.0)),
-                    0.0)
+  gamma = kernel.masked_exp(g - _transpose(g), mask)
   # e^{G_last} masked as chunk_intra masks it = decay_q at the last row.
   return gamma, decay_q, decay_k, _last(decay_q)
 
@@ -285,25 +284,23 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
   g_cols = [_transpose(x) for x in g_rows]
   resets_rows = [_transpose(x) for x in resets]
   resets_last = _pick_col(resets_rows[-1], sub - 1)
-  decay_q = [jnp.exp(x) for x in g_cols]
-  decay_k = [jnp.exp(g_last - x) for x in g_cols]
-  if has_segments:
-    decay_q = [jnp.where(r == 0.0, x, 0.0) for r, x in zip(resets, decay_q)]
-    decay_k = [jnp.where(r == resets_last, x, 0.0)
-               for r, x in zip(resets, decay_k)]
+  decay_q, decay_k = zip(*(
+      kernel.row_decays(x, g_last, *((r, resets_last) if has_segments
+                                     else ()))
+      for x, r in zip(g_cols, resets)))
 
   def a_block(i, j):
     """A_ij = strict_lower(beta_i (k_i . k_j) Gam_ij) for i >= j. Below
     the diagonal blocks G_i - G_j needs no mask against overflow."""
-    kk = d.mm_nt(k_ref[rows_of[i], :], k_ref[rows_of[j], :])
+    k_i = k_ref[rows_of[i], :]
+    kk = d.mm_nt(k_i, k_i if i == j else k_ref[rows_of[j], :])
     mask = (rows > cols) if i == j else None
     if has_segments:
       same = resets[i] == resets_rows[j]
       mask = same if mask is None else mask & same
-    if mask is None:
-      return betas[i] * kk * jnp.exp(g_cols[i] - g_rows[j])
-    gamma = jnp.exp(jnp.where(mask, g_cols[i] - g_rows[j], 0.0))
-    return jnp.where(mask, betas[i] * kk * gamma, 0.0)
+    diff = g_cols[i] - g_rows[j]
+    gamma = jnp.exp(diff) if mask is None else kernel.masked_exp(diff, mask)
+    return betas[i] * kk * gamma
 
   t = {}
   for i in range(m):
