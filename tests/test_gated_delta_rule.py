@@ -215,38 +215,50 @@ def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
     assert_scaled_close(got, want, dtype, f"d{name}")
 
 
+def _check_rule_against_float64(impl, inputs, seed, **kw):
+  """Output, final state and all six gradients of `gated_delta_rule(impl,
+  **kw)` against the float64 recurrence (Pallas in interpret mode on
+  CPU)."""
+  t = inputs["q"].shape[1]
+  rng = np.random.default_rng(seed)
+  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
+  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
+  s0 = inputs["initial_state"]
+  if s0 is None:
+    s0 = jnp.zeros((B, HV, DK, DV), jnp.float32)
+  interpret = impl == "pallas" and jax.default_backend() == "cpu"
+
+  def fwd(q, k, v, g, beta, s0):
+    return gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
+                            segment_ids=inputs["segment_ids"],
+                            interpret=interpret, **kw)
+
+  def loss(*args):
+    o, s = fwd(*args)
+    return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(s * r_s)
+
+  names = ("q", "k", "v", "g", "beta")
+  args = [inputs[n] for n in names] + [s0]
+  o, s = jax.jit(fwd)(*args)
+  o_ref, s_ref = np_recurrence(**inputs)
+  assert o.shape == (B, t, HV, DV)
+  assert_scaled_close(o, o_ref, jnp.float32, "output")
+  assert_scaled_close(s, s_ref, jnp.float32, "final state")
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+  expected = reference_grads(inputs, r_o, r_s)
+  for name, got, want in zip(names + ("initial_state",), grads, expected):
+    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("impl", IMPLS + ("pallas",))
 def test_slow_decay_matches_float64(impl):
   """Decays near 1: what a chunk hands the next (e^{G_last} S, and its
   gradient) is comparable to what it adds, and it must still be exact. With
   the other tests' decays it is about e^-26 of a chunk's own terms."""
-  t = 150
   # No segments: make_inputs' documents (~20 tokens) would end every state
   # before the chunk does.
-  inputs = make_inputs(600, t, g_scale=0.02)
-  rng = np.random.default_rng(600)
-  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
-  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
-  interpret = impl == "pallas" and jax.default_backend() == "cpu"
-
-  def fwd(q, k, v, g, beta, s0):
-    return gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
-                            interpret=interpret)
-
-  def loss(*args):
-    o, s = fwd(*args)
-    return jnp.sum(o * r_o) + jnp.sum(s * r_s)
-
-  names = ("q", "k", "v", "g", "beta", "initial_state")
-  args = [inputs[n] for n in names]
-  o, s = jax.jit(fwd)(*args)
-  o_ref, s_ref = np_recurrence(**inputs)
-  assert_scaled_close(o, o_ref, jnp.float32, "output")
-  assert_scaled_close(s, s_ref, jnp.float32, "final state")
-  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
-  for name, got, want in zip(names, grads,
-                             reference_grads(inputs, r_o, r_s)):
-    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+  _check_rule_against_float64(impl, make_inputs(600, 150, g_scale=0.02),
+                              seed=600)
 
 
 def test_chunk_size_and_jit():
@@ -330,35 +342,8 @@ def test_seq_splits_match_float64(impl, t, splits, chunk, with_state,
                                   with_segments, g_scale):
   inputs = make_inputs(400 + t, t, with_state=with_state,
                        with_segments=with_segments, g_scale=g_scale)
-  rng = np.random.default_rng(t + splits)
-  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
-  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
-  s0 = inputs["initial_state"]
-  if s0 is None:
-    s0 = jnp.zeros((B, HV, DK, DV), jnp.float32)
-  interpret = impl == "pallas" and jax.default_backend() == "cpu"
-
-  def fwd(q, k, v, g, beta, s0):
-    return gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
-                            segment_ids=inputs["segment_ids"],
-                            chunk_size=chunk, seq_splits=splits,
-                            interpret=interpret)
-
-  def loss(*args):
-    o, s = fwd(*args)
-    return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(s * r_s)
-
-  names = ("q", "k", "v", "g", "beta")
-  args = [inputs[n] for n in names] + [s0]
-  o, s = jax.jit(fwd)(*args)
-  o_ref, s_ref = np_recurrence(**inputs)
-  assert o.shape == (B, t, HV, DV)
-  assert_scaled_close(o, o_ref, jnp.float32, "output")
-  assert_scaled_close(s, s_ref, jnp.float32, "final state")
-  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
-  expected = reference_grads(inputs, r_o, r_s)
-  for name, got, want in zip(names + ("initial_state",), grads, expected):
-    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+  _check_rule_against_float64(impl, inputs, seed=t + splits,
+                              chunk_size=chunk, seq_splits=splits)
 
 
 def test_seq_splits_must_be_positive():
