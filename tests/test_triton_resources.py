@@ -99,41 +99,42 @@ def test_lowered_kernels_of_the_split_family():
     assert k.ir_bytecode.startswith(b"ML\xefR")  # MLIR bytecode
 
 
-def test_default_kernels_compile_for_hopper():
-  """Every kernel of the GPU defaults compiles for sm_90 and fits an SM."""
+def _compile_for_hopper(variants=(), only=()):
+  """`tr.run` at a small bf16 shape with segments: every kernel compiled
+  for sm_90 (needs the `triton` package; CI installs it, setup.cfg extra
+  "triton", and so does the GPU machine)."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
-  # CI installs it (setup.cfg extra "triton"); so does the GPU machine.
   import triton  # pylint: disable=g-import-not-at-top,unused-import
-  result = tr.run((), batch=1, seq_len=130, key_heads=1, heads=2, dk=128,
-                  dv=128, dtype="bfloat16", segments=True)
-  names = set()
-  for row in result["kernels"]:
-    names.add(row["kernel"])
-    r = row["resources"]
-    assert r["registers"] <= 255, row
-    assert 0 < r["shared"] + tr.SMEM_RESERVED_PER_BLOCK <= tr.SMEM_PER_SM, row
-    assert r["blocks"] >= 1, row
-  assert names == _SPLIT_KERNELS
+  return tr.run(variants, batch=1, seq_len=130, key_heads=1, heads=2,
+                dk=128, dv=128, dtype="bfloat16", segments=True,
+                only=only)["kernels"]
+
+
+def _assert_fits_an_sm(row):
+  r = row["resources"]
+  assert r["registers"] <= 255, row
+  assert 0 < r["shared"] + tr.SMEM_RESERVED_PER_BLOCK <= tr.SMEM_PER_SM, row
+  assert r["blocks"] >= 1, row
+
+
+def test_default_kernels_compile_for_hopper():
+  """Every kernel of the GPU defaults compiles for sm_90 and fits an SM."""
+  rows = _compile_for_hopper()
+  for row in rows:
+    _assert_fits_an_sm(row)
+  assert {row["kernel"] for row in rows} == _SPLIT_KERNELS
 
 
 def test_prep_on_full_tiles_compiles_for_hopper():
   """prep on whole-chunk tiles (`sub_chunk=None`, the alternative that
   `gpu_checks.sh prep32k` times beside the defaults) compiles for sm_90
   and fits an SM, forward and backward calls."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("lowering test for CPU-only machines")
-  import triton  # pylint: disable=g-import-not-at-top,unused-import
-  result = tr.run(("sub_chunk=None",), batch=1, seq_len=130, key_heads=1,
-                  heads=2, dk=128, dv=128, dtype="bfloat16", segments=True,
-                  only=("prep",))
-  rows = [r for r in result["kernels"]
+  rows = [r for r in _compile_for_hopper(("sub_chunk=None",), ("prep",))
           if r["blocks"] == "pallas[sub_chunk=None]"]
-  assert len(rows) == 2, result["kernels"]  # forward's prep, backward's
+  assert len(rows) == 2, rows  # forward's prep, backward's
   for row in rows:
-    r = row["resources"]
-    assert r["registers"] <= 255, row
-    assert 0 < r["shared"] + tr.SMEM_RESERVED_PER_BLOCK <= tr.SMEM_PER_SM, row
+    _assert_fits_an_sm(row)
 
 
 @pytest.mark.parametrize("wrap", [False, True])
