@@ -189,17 +189,25 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("t,dtype,with_state,with_segments", GRAD_CASES)
-def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
-  inputs = make_inputs(300 + t, t, dtype=dtype, with_state=with_state,
-                       with_segments=with_segments)
-  rng = np.random.default_rng(t)
+def _cotangents_and_state(inputs, seed):
+  """Random output and final-state cotangents for `inputs`, and their
+  initial state (zeros where there is none)."""
+  t = inputs["q"].shape[1]
+  rng = np.random.default_rng(seed)
   r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
   r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((B, HV, DK, DV), jnp.float32)
+  return r_o, r_s, s0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t,dtype,with_state,with_segments", GRAD_CASES)
+def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
+  inputs = make_inputs(300 + t, t, dtype=dtype, with_state=with_state,
+                       with_segments=with_segments)
+  r_o, r_s, s0 = _cotangents_and_state(inputs, seed=t)
 
   def loss(q, k, v, g, beta, s0):
     o, s = gated_delta_rule(q, k, v, g, beta, s0, implementation=impl,
@@ -220,12 +228,7 @@ def _check_rule_against_float64(impl, inputs, seed, **kw):
   **kw)` against the float64 recurrence (Pallas in interpret mode on
   CPU)."""
   t = inputs["q"].shape[1]
-  rng = np.random.default_rng(seed)
-  r_o = rng.normal(size=(B, t, HV, DV)).astype(np.float32)
-  r_s = rng.normal(size=(B, HV, DK, DV)).astype(np.float32)
-  s0 = inputs["initial_state"]
-  if s0 is None:
-    s0 = jnp.zeros((B, HV, DK, DV), jnp.float32)
+  r_o, r_s, s0 = _cotangents_and_state(inputs, seed)
   interpret = impl == "pallas" and jax.default_backend() == "cpu"
 
   def fwd(q, k, v, g, beta, s0):
