@@ -23,10 +23,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+# BUDGET_S=N: the whole run ends within N seconds of starting (a lease's
+# call limit): each step's limit is cut to what is left, and a step with
+# under MIN_STEP_S (45) seconds left is skipped, so order steps by priority.
+DEADLINE=${BUDGET_S:+$(( $(date +%s) + BUDGET_S ))}
+
 step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc left
   shift 2
   start=$(date +%s)
+  if [ -n "$DEADLINE" ]; then
+    left=$(( DEADLINE - start ))
+    if [ "$left" -lt "${MIN_STEP_S:-45}" ]; then
+      echo "=== $name skipped: ${left}s left of BUDGET_S" | tee -a "$LOG"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
