@@ -7,11 +7,12 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests model bench32k, about 7 minutes on the H200 of
-# 2026-11-26; also: tests_all profile32k prep32k best32k final32k base32k
-# split32k scaling bench8k). Step limits come from that day's runs: the kernel
-# tests took 51 s, compiling all nine split kernels of then 25 s, and a 32k
-# benchmark of pallas, FLA (with its autotuning) and chunked under 2 minutes.
+# Steps (default: env tests fwd32k bench32k model; on the H100 of
+# 2026-11-26 (sixth session) env, tests, bench32k and model took 8, 86, 188
+# and 130 s; fwd32k is new; run them as
+# `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call). Also:
+# tests_all profile32k prep32k best32k final32k base32k split32k scaling
+# bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -56,7 +57,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests model bench32k)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests fwd32k bench32k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -64,10 +65,10 @@ for s in "${steps[@]}"; do
         python3 -c "import sys, jax, jaxlib, flax, triton, torch; print(sys.version); print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"triton\", triton.__version__, \"torch\", torch.__version__); print(jax.devices())"' ;;
     tests)  # GPU defaults (split) in f32 and bf16, bf16 blocked solve and
       # full tiles, API
-      step tests 130 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
-        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch" ;;
+        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state" ;;
     tests_all)
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
@@ -82,6 +83,12 @@ for s in "${steps[@]}"; do
     # that ran first), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 \
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
+    # The output inside the sequential pass (BlockSizes.output_in_state)
+    # against the defaults and FLA, end to end (20 runs) and kernel by
+    # kernel.
+    fwd32k) bench fwd32k 240 32768 20 --implementations pallas,fla \
+      --pallas_variants output_in_state=True \
+      --profile_variants output_in_state=True ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;

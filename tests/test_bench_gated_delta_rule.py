@@ -22,6 +22,9 @@ from tests import tolerances
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _KERNELS = ["prep", "state_fwd", "output", "prep (with T)", "bwd_local",
             "state_bwd", "bwd_out", "wy"]
+# BlockSizes.output_in_state: one sequential forward kernel.
+_KERNELS_OUTPUT_IN_STATE = ["prep", "state_out", "prep (with T)",
+                            "bwd_local", "state_bwd", "bwd_out", "wy"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -33,15 +36,18 @@ def test_bench_reports_every_implementation(tmp_path):
       [sys.executable, "-m", "experiments.bench_gated_delta_rule",
        "--interpret", "--dtype", "float32", "--seq_len", "100",
        "--implementations", "pallas,chunked,fla",
-       "--pallas_variants", "solve_block=16,kernels=fused",
-       "--profile_kernels", "--seq_splits", "2", "--iters", "1",
+       "--pallas_variants",
+       "solve_block=16,kernels=fused,output_in_state=True",
+       "--profile_kernels", "--profile_variants", "output_in_state=True",
+       "--seq_splits", "2", "--iters", "1",
        "--warmup", "0",
        "--seed", "3", "--json_out", str(out)],
       check=True, cwd=_ROOT, env=env, timeout=900)
   result = json.loads(out.read_text())
   timed = {(r["implementation"], r["mode"]) for r in result["results"]}
   impls = ["pallas", "chunked", "pallas[solve_block=16]",
-           "pallas[kernels=fused]", "pallas/split2", "chunked/split2"]
+           "pallas[kernels=fused]", "pallas[output_in_state=True]",
+           "pallas/split2", "chunked/split2"]
   assert timed == {(i, m) for i in impls for m in ("fwd", "fwd_bwd")}
   assert all(r["ms"] > 0 for r in result["results"])
   rtol, _ = tolerances.tol(jnp.float32)
@@ -54,13 +60,19 @@ def test_bench_reports_every_implementation(tmp_path):
   assert all(b > 0 for b in result["fwd_bwd_temp_bytes"].values())
   # 2 value heads, 2 chunks, 32 x 32 states in float32.
   assert result["chunk_states_bytes"] == 1 * 2 * 2 * 32 * 32 * 4
-  assert [r["kernel"] for r in result["kernel_profile"]] == _KERNELS
-  assert all(r["ms"] > 0 and r["first_call_s"] > 0
-             for r in result["kernel_profile"])
-  # The traffic floor: the backward's prep also writes T.
-  floor = {r["kernel"]: r["floor_ms"] for r in result["kernel_profile"]}
+  profile = result["kernel_profile"]
+  assert [r["kernel"] for r in profile if r["blocks"] == "pallas"] == _KERNELS
+  assert [r["kernel"] for r in profile
+          if r["blocks"] == "pallas[output_in_state=True]"] == (
+              _KERNELS_OUTPUT_IN_STATE)
+  assert all(r["ms"] > 0 and r["first_call_s"] > 0 for r in profile)
+  # The traffic floor: the backward's prep also writes T; with
+  # output_in_state the forward's prep reads q and writes P.
+  floor = {(r["blocks"], r["kernel"]): r["floor_ms"] for r in profile}
   assert all(f > 0 for f in floor.values())
-  assert floor["prep (with T)"] > floor["prep"]
+  assert floor["pallas", "prep (with T)"] > floor["pallas", "prep"]
+  assert (floor["pallas[output_in_state=True]", "prep"]
+          > floor["pallas", "prep"])
 
 
 def test_best_profiled_variant():

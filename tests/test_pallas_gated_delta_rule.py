@@ -67,6 +67,7 @@ class Case:
   # boundary mid-chunk (row 0) and on a chunk edge (row 1), so states
   # cross chunks inside a document.
   long_docs: bool = False
+  output_in_state: bool = False  # BlockSizes.output_in_state
 
 
 CASES = {
@@ -107,6 +108,19 @@ CASES = {
     "t150_bf16_slow_decay": Case(150, jnp.bfloat16, g_scale=0.02, hk=1),
     "t200_slow_decay_long_docs_gpu_defaults": Case(
         200, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True),
+    # The output formed inside the sequential pass (state_out, with P from
+    # prep): on the GPU defaults (sub-chunk prep) with states crossing
+    # chunks, in bf16 with segments and four value heads per key head, and
+    # on full tiles without an initial state.
+    "t200_slow_decay_long_docs_output_in_state": Case(
+        200, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        output_in_state=True),
+    "t130_bf16_segments_output_in_state": Case(
+        130, jnp.bfloat16, with_segments=True, chunk_loop=None, backend="gpu",
+        hk=1, output_in_state=True),
+    "t70_segments_output_in_state_full_tiles": Case(
+        70, with_state=False, with_segments=True, solve_block=1,
+        output_in_state=True),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -141,12 +155,14 @@ def _run_case(case: Case):
     inputs["segment_ids"] = jnp.asarray(
         (np.arange(case.t)[None] >= starts).astype(np.int32))
   if case.chunk_loop is None:
-    bs = BlockSizes.get_default(backend)
+    bs = dataclasses.replace(BlockSizes.get_default(backend),
+                             output_in_state=case.output_in_state)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
-                    out_block=case.out_block, sub_chunk=case.sub_chunk)
+                    out_block=case.out_block, sub_chunk=case.sub_chunk,
+                    output_in_state=case.output_in_state)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -275,6 +291,13 @@ def test_block_sizes_validation():
     BlockSizes(kernel_warps="wy:6")
   with pytest.raises(ValueError, match="kernel_warps"):
     BlockSizes(kernel_warps="wy=8")
+  with pytest.raises(ValueError, match="output_in_state"):
+    BlockSizes(output_in_state="yes")
+  with pytest.raises(ValueError, match="output_in_state"):
+    BlockSizes(kernels="fused", output_in_state=True)
+  assert BlockSizes.from_spec("output_in_state=True", "gpu").output_in_state
+  assert not BlockSizes.from_spec("output_in_state=False",
+                                  "gpu").output_in_state
   assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
   assert BlockSizes.from_spec("solve_block=None/kernel_warps=wy:2",
                               "gpu") == dataclasses.replace(
@@ -377,6 +400,55 @@ def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block,
     assert name in text, name
 
 
+def _pallas_call_outputs(fn, *args):
+  """The output shapes of every pallas_call in fn's jaxpr (nested jaxprs
+  included)."""
+  shapes = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        shapes.append([v.aval.shape for v in eqn.outvars])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+@pytest.mark.parametrize("output_in_state", [False, True])
+def test_inference_forward_stores_per_chunk_states_only_when_needed(
+    output_in_state):
+  """With output_in_state an inference forward writes no per-chunk states
+  ([b, hv, n, dk, dv]); the forward under autodiff keeps them for the
+  backward. Without it the output kernel reads them, so both write them."""
+  inputs = make_inputs(4, 130, hk=1, hv=2, dk=16, dv=32)
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"),
+                           output_in_state=output_in_state)
+
+  def fwd(q, k, v, g, beta, s0):
+    return pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, s0, segment_ids=inputs["segment_ids"],
+        block_sizes=bs, interpret=True, backend="gpu")
+
+  def grads(*args):
+    return jax.grad(lambda *a: jnp.sum(fwd(*a)[0]),
+                    argnums=tuple(range(6)))(*args)
+
+  args = [inputs[n] for n in NAMES]
+  n_chunks = -(-130 // bs.chunk_size)
+  states = (inputs["q"].shape[0], 2, n_chunks, 16, 32)
+
+  def states_written(fn):
+    return sum(shape == states for outs in _pallas_call_outputs(fn, *args)
+               for shape in outs)
+
+  assert states_written(fwd) == (0 if output_in_state else 1)
+  # The forward under autodiff writes them once (and the backward's state
+  # cotangents have the same shape).
+  assert states_written(grads) == 2
+
+
 @pytest.mark.parametrize("f32_dot", block_sizes.F32_DOTS)
 def test_every_f32_dot_lowers_for_cuda(f32_dot):
   """Each f32 dot algorithm of the split kernels passes the Triton lowering
@@ -397,6 +469,36 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
         *[inputs[n] for n in NAMES[:5]]).lower(
             lowering_platforms=("cuda",)).as_text()
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5
+
+
+def test_output_in_state_lowers_for_cuda():
+  """With output_in_state the inference forward and the custom_vjp forward
+  are two pallas_calls each (prep with P, state_out) and the backward
+  five; no state_fwd or output kernel is left."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering smoke test for CPU-only machines")
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"),
+                           output_in_state=True)
+  inputs = make_inputs(2, 130, dtype=jnp.bfloat16, with_segments=True,
+                       hk=1, hv=2, dk=128, dv=128)
+  seg = inputs.pop("segment_ids")
+
+  def fwd(*args):
+    return pallas_gdr.gated_delta_rule_pallas(
+        *args, segment_ids=seg, backend="gpu", block_sizes=bs)
+
+  def infer_and_grads(*args):
+    loss = lambda *a: jnp.sum(fwd(*a)[0].astype(jnp.float32))
+    return fwd(*args), jax.grad(loss, argnums=tuple(range(6)))(*args)
+
+  with _abstract_target("cuda"):
+    text = jax.jit(infer_and_grads).trace(
+        *[inputs[n] for n in NAMES]).lower(
+            lowering_platforms=("cuda",)).as_text()
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 2 + 2 + 5
+  assert text.count("gated_delta_rule_state_out") >= 2
+  for absent in ("gated_delta_rule_state_fwd", "gated_delta_rule_output"):
+    assert absent not in text, absent
 
 
 @pytest.mark.parametrize("with_segments", [False, True])

@@ -137,6 +137,20 @@ def test_prep_on_full_tiles_compiles_for_hopper():
     _assert_fits_an_sm(row)
 
 
+def test_output_in_state_compiles_for_hopper():
+  """The forward with the output in the sequential pass: prep with P (and
+  the backward's prep with T) and state_out with and without the per-chunk
+  states compile for sm_90 and fit an SM."""
+  label = "pallas[output_in_state=True]"
+  rows = [r for r in _compile_for_hopper(("output_in_state=True",),
+                                         ("state_out", "prep"))
+          if r["blocks"] == label]
+  assert sorted(r["kernel"] for r in rows) == [
+      "gated_delta_rule_prep"] * 2 + ["gated_delta_rule_state_out"] * 2
+  for row in rows:
+    _assert_fits_an_sm(row)
+
+
 @pytest.mark.parametrize("wrap", [False, True])
 def test_live_temporaries_of_a_chain(wrap):
   """a = x x, b = a x, c = b a: a is alive until c is made, so three

@@ -53,8 +53,8 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 
 # The split family's kernels, as `BlockSizes.kernel_warps` names them (the
 # pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
-SPLIT_KERNELS = ("prep", "state_fwd", "output", "bwd_local", "state_bwd",
-                 "bwd_out", "wy")
+SPLIT_KERNELS = ("prep", "state_fwd", "output", "state_out", "bwd_local",
+                 "state_bwd", "bwd_out", "wy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,13 @@ class BlockSizes:
       num_warps / num_warps_intra: pairs (name from `SPLIT_KERNELS`,
       warps), or a string "bwd_out:8,wy:8" ("+" also separates, for
       command-line lists: "bwd_out:8+wy:8").
+    output_in_state: the split forward forms each chunk's output inside
+      the sequential pass (one `state_out` kernel in place of state_fwd
+      and output): v' and the entering states stay in registers, an
+      inference forward writes no per-chunk states at all, and prep also
+      writes the intra-chunk attention (q k^T) * Gamma for the loop to
+      read. False: state_fwd writes v' and the states, and the parallel
+      output kernel reads them back.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -118,6 +125,7 @@ class BlockSizes:
   wy_block: int | None = None
   out_block: int | None = None
   kernel_warps: tuple[tuple[str, int], ...] = ()
+  output_in_state: bool = False
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -166,6 +174,13 @@ class BlockSizes:
       if value is not None and value < 1:
         raise ValueError(f"{name}: expected a positive int or None, found "
                          f"{value}")
+    if not isinstance(self.output_in_state, bool):
+      raise ValueError(f"output_in_state: expected True or False, found "
+                       f"{self.output_in_state!r}")
+    if self.output_in_state and self.kernels != "split":
+      raise ValueError(f"output_in_state: only the split kernels have a "
+                       f"separate output kernel to fold into their "
+                       f"sequential pass; found kernels={self.kernels!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "
@@ -185,28 +200,23 @@ class BlockSizes:
       # 85 ms each at 32k tokens on an H200. End to end there (bf16,
       # BENCHMARKS.md), forward+backward took 11.9 ms with TF32 x3 and
       # 8.7 ms with bf16 x3, equally close to the chunked rule.
-      # The solve by doubling alone (solve_block=1), not yet timed: its
-      # sm_90 code runs ~5,900 instructions per thread and 33 barriers in
-      # prep, against ~9,500 and 74 with 16-token blocks (15 substitution
-      # steps); experiments/triton_resources.py-compiled, counted from the
-      # SASS.
+      # Timed on an H100 (2026-11-26, BENCHMARKS.md): these defaults took
+      # 1.65 to 1.76 ms forward and 6.08 to 6.33 ms forward+backward at 32k
+      # tokens (bf16, B=1, H=16, D=128), FLA 1.55 to 1.77 and 6.51 to 6.68
+      # in the same processes. Kernel by kernel, prep on full tiles
+      # (sub_chunk=None), solve blocks of 8 and 8-warp sequential kernels
+      # timed within the run-to-run spread of these; the 16-token
+      # substitution solve was slower (prep 1.13 ms against 0.71 to 0.77).
+      # The sub-chunk prep (only the blocks on and below the diagonal) and
+      # the solve by doubling (solve_block=1) were chosen on static sm_90
+      # counts before that run; bwd_out and wy in 8 warps with dk in
+      # column tiles (32 in bwd_out, 64 in wy) on ptxas spills (836 and
+      # 1,092 bytes per thread in 4 warps with whole rows, 4 and 84 now).
       # The sequential kernels in value tiles of 16 with 3 pipelining
-      # stages: 0.69 ms (state_fwd) and 1.45 ms (state_bwd) at 32k tokens on
-      # an H200, against 1.75 and 2.66 ms with tiles of 32 and no
-      # pipelining.
-      # prep by sub-chunks of 32 tokens (only the blocks on and below the
-      # diagonal): 4,560 instructions per thread against 5,864 with full
-      # tiles, a third of the tensor-core work (as mma.sync: products of 32
-      # rows are below wgmma's 64), no spills against 48 bytes, 116
-      # barriers against 33 plus 70 warpgroup syncs. Static again, not
-      # timed; gpu_checks.sh prep32k times the full tiles beside it.
-      # bwd_out and wy in 8 warps, dk in column tiles (32 in bwd_out, 64
-      # in wy): chosen on static resources (experiments/triton_resources.py,
-      # sm_90, bf16, 32k tokens), not yet timed. ptxas spills (bwd_out, wy)
-      # 836 and 1,092 bytes per thread in 4 warps with whole rows, 132 and
-      # 208 in 8 warps, 4 and 84 with these tiles (bwd_out 56 with tiles
-      # of 64). (On the H200, 8 warps took the bwd_out of then from 2.0 to
-      # 1.6 ms as its spills fell from 1,076 to 108 bytes.)
+      # stages: 0.69 and 1.45 ms (state_fwd, state_bwd) on the H200
+      # against 1.75 and 2.66 ms with tiles of 32 and no pipelining.
+      # output_in_state stays False until it is timed (gpu_checks.sh
+      # fwd32k).
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,
@@ -217,7 +227,8 @@ class BlockSizes:
   def from_spec(cls, spec: str, backend: str) -> "BlockSizes":
     """'kernels=fused/block_dv=64' (fields as '/'-separated field=value
     pairs; "" for none) -> `backend`'s defaults with those fields
-    replaced. Integers and None are parsed; other values stay strings."""
+    replaced. Integers, None, True and False are parsed; other values
+    stay strings."""
     fields = {f.name for f in dataclasses.fields(cls)}
     changes = {}
     for item in filter(None, spec.split("/")):
@@ -226,7 +237,8 @@ class BlockSizes:
         raise ValueError(f"BlockSizes spec {spec!r}: expected field=value "
                          f"pairs with fields from {sorted(fields)}, found "
                          f"{item!r}")
-      changes[name] = (None if value == "None" else
+      changes[name] = ({"None": None, "True": True, "False": False}[value]
+                       if value in ("None", "True", "False") else
                        int(value) if value.lstrip("-").isdigit() else value)
     return dataclasses.replace(cls.get_default(backend), **changes)
 

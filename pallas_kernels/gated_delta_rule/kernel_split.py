@@ -206,21 +206,35 @@ def _decay_grad(dgg, col_terms, last_term):
 # ---------------------------------------------------------------------------
 
 
-def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
-                has_segments: bool, d: Dots, block: int | None = None,
-                sub: int | None = None):
+def prep_kernel(k_ref, v_ref, sc_ref, *refs, has_segments: bool, d: Dots,
+                block: int | None = None, sub: int | None = None,
+                out: str | None = None, scale: float = 1.0):
   """One chunk: decays, the UT / WY inverse, w and u (parallel over chunks).
 
   The inverse is row by row, or with `block` in diagonal blocks of that
   many tokens and full-tile products (`kernel.block_unit_lower_inverse`).
   With `sub` (a divisor of the chunk) the chunk is taken in sub-chunks of
   that many tokens and only the blocks on and below the diagonal are
-  formed (`_prep_sub_chunks`). With a fourth output (the backward's call)
-  T itself is written too.
+  formed (`_prep_sub_chunks`).
+
+  refs: (w, u, aux) outputs, and per `out`: "t" (the backward's call) T as
+  a fourth output; "p" (the forward's call with
+  `BlockSizes.output_in_state`) q as a fourth input before them and the
+  intra-chunk attention P = scale (q k^T) * Gamma (lower triangle with the
+  diagonal, within segments) as a fourth output, so the sequential pass
+  reads P instead of forming it once per value tile.
   """
+  q_ref = t_ref = p_ref = None
+  if out == "p":
+    q_ref, *refs = refs
+  w_ref, u_ref, aux_ref, *extra = refs
+  if out == "t":
+    t_ref = extra[0]
+  elif out == "p":
+    p_ref = extra[0]
   if sub is not None and sub < k_ref.shape[0]:
-    _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref,
-                     t_ref[0] if t_ref else None,
+    _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref,
+                     q_ref=q_ref, p_ref=p_ref, scale=scale,
                      has_segments=has_segments, d=d, block=block, sub=sub)
     return
   k, sc = k_ref[...], _load(sc_ref)
@@ -230,20 +244,24 @@ def prep_kernel(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, *t_ref,
                                 dot=d.f)
   x = kernel.chunk_intra(k.astype(_F32), sc, has_segments, kk=d.mm_nt(k, k),
                          inverse=inverse, transpose=_transpose)
-  if t_ref:
-    t_ref[0][...] = x.t.astype(t_ref[0].dtype)
+  if t_ref is not None:
+    t_ref[...] = x.t.astype(t_ref.dtype)
   # T (beta v) = (T diag(beta)) v: the stored v and k enter as they are.
   u_ref[...] = d.fm(x.t * _transpose(x.beta), v_ref[...]).astype(
       u_ref.dtype)
   w_ref[...] = d.fm(x.t * _transpose(x.beta * x.decay_q), k).astype(
       w_ref.dtype)
-  aux_ref[...] = _aux(x.g_cum, x.decay_q, x.decay_k,
-                      _pick_col(sc, kernel.RESET_COL))
+  aux = _aux(x.g_cum, x.decay_q, x.decay_k, _pick_col(sc, kernel.RESET_COL))
+  aux_ref[...] = aux
+  if p_ref is not None:
+    gamma = _decays(aux, has_segments)[0]
+    p_ref[...] = (d.mm_nt(q_ref[...], k) * (gamma * scale)).astype(
+        p_ref.dtype)
 
 
 def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
-                     has_segments: bool, d: Dots, block: int | None,
-                     sub: int):
+                     q_ref, p_ref, scale: float, has_segments: bool, d: Dots,
+                     block: int | None, sub: int):
   """`prep_kernel` by sub-chunks of `sub` tokens: blocks of T on and below
   the diagonal only.
 
@@ -260,7 +278,7 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
   of 64^3 to eight of 32^3 in each diagonal block and two for the block
   below them, and kk, w and u skip the block above the diagonal. Each sub-chunk is loaded from the
   refs (Triton values cannot be sliced); all shapes stay >= 16 for the
-  tensor cores.
+  tensor cores. P (with `p_ref`) is formed beside A, block by block.
   """
   c = k_ref.shape[0]
   m = c // sub
@@ -289,22 +307,42 @@ def _prep_sub_chunks(k_ref, v_ref, sc_ref, w_ref, u_ref, aux_ref, t_ref, *,
                                      else ()))
       for x, r in zip(g_cols, resets)))
 
-  def a_block(i, j):
-    """A_ij = strict_lower(beta_i (k_i . k_j) Gam_ij) for i >= j. Below
-    the diagonal blocks G_i - G_j needs no mask against overflow."""
-    k_i = k_ref[rows_of[i], :]
-    kk = d.mm_nt(k_i, k_i if i == j else k_ref[rows_of[j], :])
-    mask = (rows > cols) if i == j else None
+  def gamma_block(i, j, strict: bool):
+    """Gam_ij (i >= j) masked to the lower triangle (strictly, or with
+    the diagonal) and to equal segments. Below the diagonal blocks
+    G_i - G_j needs no mask against overflow."""
+    mask = None
+    if i == j:
+      mask = (rows > cols) if strict else (rows >= cols)
     if has_segments:
       same = resets[i] == resets_rows[j]
       mask = same if mask is None else mask & same
     diff = g_cols[i] - g_rows[j]
-    gamma = jnp.exp(diff) if mask is None else kernel.masked_exp(diff, mask)
+    return jnp.exp(diff) if mask is None else kernel.masked_exp(diff, mask)
+
+  def a_block(i, j):
+    """A_ij = strict_lower(beta_i (k_i . k_j) Gam_ij) for i >= j; with
+    p_ref also writes P_ij = scale (q_i . k_j) Gam_ij (the same exps, with
+    the diagonal)."""
+    k_i = k_ref[rows_of[i], :]
+    k_j = k_i if i == j else k_ref[rows_of[j], :]
+    kk = d.mm_nt(k_i, k_j)
+    if p_ref is None:
+      return betas[i] * kk * gamma_block(i, j, strict=True)
+    gamma = gamma_block(i, j, strict=False)
+    p_ref[rows_of[i], rows_of[j]] = (
+        d.mm_nt(q_ref[rows_of[i], :], k_j) * (gamma * scale)).astype(
+            p_ref.dtype)
+    if i == j:
+      gamma = jnp.where(rows > cols, gamma, 0.0)
     return betas[i] * kk * gamma
 
   t = {}
   for i in range(m):
     a_row = [a_block(i, l) for l in range(i + 1)]
+    if p_ref is not None:
+      for j in range(i + 1, m):
+        p_ref[rows_of[i], rows_of[j]] = jnp.zeros((sub, sub), p_ref.dtype)
     t[i, i] = inverse(a_row[i])
     for j in range(i - 1, -1, -1):
       acc = None
@@ -348,6 +386,37 @@ def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
     aux = _load(aux_ref, rows)
     vn = _load(u_ref, rows) - d.mm(w_ref[rows, :], s)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
+    decay_k = _pick_col(aux, AUX_DECAY_K)
+    return (_decay_last(aux_ref, i, chunk) * s
+            + d.mm_tn(k_ref[rows, :], decay_k * vn))
+
+  st_ref[...] = lax.fori_loop(0, num_chunks, body, _load(s0_ref))
+
+
+def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
+                     o_ref, st_ref, *h_ref, num_chunks: int, chunk: int,
+                     scale: float, d: Dots):
+  """`state_fwd_kernel` and `output_kernel` in one sequential pass (one dv
+  tile; `BlockSizes.output_in_state`).
+
+  Each chunk's output is formed where its entering state and v' already are
+  in registers, so neither goes through HBM: v' is not written at all (the
+  backward recomputes it in bwd_local), and h only when `h_ref` is given
+  (the custom_vjp forward; an inference forward stores no per-chunk
+  states). The intra-chunk attention P comes from prep (`prep_kernel`,
+  out="p"), so the loop adds q h and P v' to state_fwd's products and no
+  decay masks.
+  """
+
+  def body(i, s):
+    rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    if h_ref:
+      h_ref[0][i] = s.astype(h_ref[0].dtype)
+    aux = _load(aux_ref, rows)
+    vn = _load(u_ref, rows) - d.mm(w_ref[rows, :], s)
+    o = ((_pick_col(aux, AUX_DECAY_Q) * scale) * d.mm(q_ref[rows, :], s)
+         + d.mm(p_ref[rows, :], vn))
+    o_ref[rows, :] = o.astype(o_ref.dtype)
     decay_k = _pick_col(aux, AUX_DECAY_K)
     return (_decay_last(aux_ref, i, chunk) * s
             + d.mm_tn(k_ref[rows, :], decay_k * vn))

@@ -281,7 +281,8 @@ def _bwd(q, k, v, sc, states, do, dst, cfg: _Config):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core(q, k, v, sc, s0, cfg: _Config):
   if cfg.block_sizes.kernels == "split":
-    o, st, _ = pallas_split.forward(q, k, v, sc, s0, cfg, _SQ)
+    o, st, _ = pallas_split.forward(q, k, v, sc, s0, cfg, _SQ,
+                                    store_states=False)
   else:
     o, st, _ = _fwd(q, k, v, sc, s0, cfg, store_states=False)
   return o, st

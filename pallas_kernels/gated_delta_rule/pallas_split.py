@@ -107,25 +107,29 @@ class _Plan:
     return jax.ShapeDtypeStruct((self.b, self.tp, self.hv, width), dtype)
 
 
-def _prep(p: _Plan, k, v, sc, with_t: bool = False):
+def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
   """w [b, tp, hv, dk], u [b, tp, hv, dv] in md; aux [b, tp, hv, 4] f32;
-  with_t: also T, [b, tp, hv, c] in md (row block n holds chunk n's T)."""
+  with_t: also T, [b, tp, hv, c] in md (row block n holds chunk n's T);
+  with q: also the intra-chunk attention P, [b, tp, hv, c] in md."""
   bs = p.cfg.block_sizes
+  out = "t" if with_t else "p" if q is not None else None
   body = functools.partial(ks.prep_kernel, has_segments=p.cfg.has_segments,
-                           d=p.d, block=bs.solve_block, sub=bs.sub_chunk)
+                           d=p.d, block=bs.solve_block, sub=bs.sub_chunk,
+                           out=out, scale=p.cfg.scale)
+  args = [k, v, sc]
+  in_specs = [p.key_chunk, p.val_chunk(p.dv), p.val_chunk(kernel.NUM_SCALARS)]
+  if out == "p":
+    args.append(q)
+    in_specs.append(p.key_chunk)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
   out_shape = [p.tokens(p.dk, dtype=p.md),
                p.tokens(p.dv, dtype=p.md),
                p.tokens(ks.NUM_AUX)]
-  if with_t:
+  if out is not None:
     out_specs.append(p.val_chunk(p.c))
     out_shape.append(p.tokens(p.c, dtype=p.md))
-  return p.call(
-      body, k, v, sc, grid=p.par_grid,
-      in_specs=[p.key_chunk, p.val_chunk(p.dv),
-                p.val_chunk(kernel.NUM_SCALARS)],
-      out_specs=out_specs, out_shape=out_shape,
-      stage="prep")
+  return p.call(body, *args, grid=p.par_grid, in_specs=in_specs,
+                out_specs=out_specs, out_shape=out_shape, stage="prep")
 
 
 def _state_fwd(p: _Plan, w, u, k, aux, s0):
@@ -155,9 +159,36 @@ def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
       stage="output")
 
 
-def forward(q, k, v, sc, s0, cfg, sq):
-  """(o [b, tp, hv, dv] in v.dtype, final state f32, states h in md)."""
+def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states):
+  """o [b, tp, hv, dv], the final state and, with store_states, the states
+  h [b, hv, n, dk, dv] md (else None): one sequential pass."""
+  out_specs = [p.tile_seq, p.state_tile]
+  out_shape = [p.tokens(p.dv, dtype=out_dtype),
+               p.shape(p.b, p.hv, p.dk, p.dv)]
+  if store_states:
+    out_specs.append(p.states_tile)
+    out_shape.append(p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md))
+  outs = p.call(
+      functools.partial(ks.state_out_kernel, num_chunks=p.n, chunk=p.c,
+                        scale=p.cfg.scale, d=p.d),
+      w, u, q, k, pm, aux, s0, grid=p.seq_grid,
+      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq, p.key_seq,
+                p.head_seq(p.c), p.head_seq(ks.NUM_AUX), p.state_tile],
+      out_specs=out_specs, out_shape=out_shape, stage="state_out")
+  return outs[0], outs[1], (outs[2] if store_states else None)
+
+
+def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
+  """(o [b, tp, hv, dv] in v.dtype, final state f32, states h in md).
+
+  With `BlockSizes.output_in_state` the output comes out of the sequential
+  pass (`state_out`), and without store_states h is never written (None).
+  Without it the output kernel reads h, so h is always formed.
+  """
   p = _Plan(q, k, v, cfg, sq)
+  if cfg.block_sizes.output_in_state:
+    w, u, aux, pm = _prep(p, k, v, sc, q=q)
+    return _state_out(p, w, u, q, k, pm, aux, s0, v.dtype, store_states)
   w, u, aux = _prep(p, k, v, sc)
   vn, h, st = _state_fwd(p, w, u, k, aux, s0)
   return _output(p, q, k, vn, h, aux, v.dtype), st, h
@@ -262,10 +293,17 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     stages.append((name, fn, args, time.perf_counter() - start))
     return out
 
-  w, u, aux = run("prep", lambda *a: _prep(p, *a), k, v, sc)
-  vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a),
-                 w, u, k, aux, s0)
-  run("output", lambda *a: _output(p, *a, v.dtype), q, k, vn, h, aux)
+  if cfg.block_sizes.output_in_state:
+    w, u, aux, pm = run("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
+                        k, v, sc, q)
+    _, _, h = run("state_out",
+                  lambda *a: _state_out(p, *a, v.dtype, store_states=True),
+                  w, u, q, k, pm, aux, s0)
+  else:
+    w, u, aux = run("prep", lambda *a: _prep(p, *a), k, v, sc)
+    vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a),
+                   w, u, k, aux, s0)
+    run("output", lambda *a: _output(p, *a, v.dtype), q, k, vn, h, aux)
   w, u, aux, t = run("prep (with T)",
                      lambda *a: _prep(p, *a, with_t=True), k, v, sc)
   vn, dvl = run("bwd_local", lambda *a: _bwd_local(p, *a),
