@@ -7,9 +7,9 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests fwd32k bench32k model; on the H100 of
+# Steps (default: env tests options32k bench32k model; on the H100 of
 # 2026-11-26 (sixth session) env, tests, bench32k and model took 8, 86, 188
-# and 130 s; fwd32k is new; run them as
+# and 130 s; options32k is new; run them as
 # `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call). Also:
 # tests_all profile32k prep32k best32k final32k base32k split32k scaling
 # bench8k.
@@ -57,7 +57,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests fwd32k bench32k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k bench32k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -68,7 +68,7 @@ for s in "${steps[@]}"; do
       step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
-        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state" ;;
+        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block" ;;
     tests_all)
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
@@ -83,11 +83,12 @@ for s in "${steps[@]}"; do
     # that ran first), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 \
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
-    # The output inside the sequential pass (BlockSizes.output_in_state)
-    # against the defaults and FLA, end to end (20 runs) and kernel by
-    # kernel.
-    fwd32k) bench fwd32k 240 32768 20 --implementations pallas,fla \
-      --pallas_variants output_in_state=True \
+    # The options added after the H100 run, against the defaults and FLA,
+    # end to end (20 runs; XLA's temporaries per variant) and kernel by
+    # kernel: the output inside the sequential pass (output_in_state) and
+    # the backward in blocks of 4096 tokens (bwd_block).
+    options32k) bench options32k 300 32768 20 --implementations pallas,fla \
+      --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/bwd_block=4096" \
       --profile_variants output_in_state=True ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \

@@ -68,6 +68,7 @@ class Case:
   # cross chunks inside a document.
   long_docs: bool = False
   output_in_state: bool = False  # BlockSizes.output_in_state
+  bwd_block: int | None = None  # BlockSizes.bwd_block
 
 
 CASES = {
@@ -121,6 +122,18 @@ CASES = {
     "t70_segments_output_in_state_full_tiles": Case(
         70, with_state=False, with_segments=True, solve_block=1,
         output_in_state=True),
+    # The backward in blocks, last to first, the state cotangent handed
+    # from block to block: 320 padded tokens in two blocks of 128 and a
+    # last one of 64 (slow decays, long documents: the cotangent crosses
+    # blocks inside a document), and in bf16 one block of 192 and a last
+    # one of 128 (with output_in_state).
+    "t300_slow_decay_long_docs_bwd_block": Case(
+        300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        bwd_block=128),
+    "t300_bf16_segments_bwd_block": Case(
+        300, jnp.bfloat16, with_segments=True, chunk_loop=None,
+        backend="gpu", hk=1, g_scale=0.02, bwd_block=192,
+        output_in_state=True),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -156,13 +169,15 @@ def _run_case(case: Case):
         (np.arange(case.t)[None] >= starts).astype(np.int32))
   if case.chunk_loop is None:
     bs = dataclasses.replace(BlockSizes.get_default(backend),
-                             output_in_state=case.output_in_state)
+                             output_in_state=case.output_in_state,
+                             bwd_block=case.bwd_block)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
                     out_block=case.out_block, sub_chunk=case.sub_chunk,
-                    output_in_state=case.output_in_state)
+                    output_in_state=case.output_in_state,
+                    bwd_block=case.bwd_block)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -296,6 +311,12 @@ def test_block_sizes_validation():
   with pytest.raises(ValueError, match="output_in_state"):
     BlockSizes(kernels="fused", output_in_state=True)
   assert BlockSizes.from_spec("output_in_state=True", "gpu").output_in_state
+  with pytest.raises(ValueError, match="bwd_block"):
+    BlockSizes(bwd_block=100)  # not a multiple of the chunk
+  with pytest.raises(ValueError, match="bwd_block"):
+    BlockSizes(bwd_block=32)  # less than a chunk
+  with pytest.raises(ValueError, match="bwd_block"):
+    BlockSizes(kernels="fused", bwd_block=128)
   assert not BlockSizes.from_spec("output_in_state=False",
                                   "gpu").output_in_state
   assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
@@ -469,6 +490,53 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
         *[inputs[n] for n in NAMES[:5]]).lower(
             lowering_platforms=("cuda",)).as_text()
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5
+
+
+def test_backward_in_blocks_keeps_one_block_of_intermediates():
+  """The jaxpr liveness count of forward+backward (experiments.
+  triton_resources, the estimate that matched XLA's measured temporaries
+  on the H100 within 12%): with bwd_block the state cotangents and the
+  backward's other intermediates are alive for one block at a time, so
+  at the peak the only whole-sequence state array is h."""
+  # Arrays under 1 MiB are not listed at the peak: states of 2 MiB here,
+  # token arrays of 1 MiB.
+  shape = dict(batch=1, seq_len=2048, key_heads=2, heads=2, dk=128,
+               dv=128, dtype=jnp.bfloat16)
+  states = f"bfloat16[1,2,{2048 // 64},128,128]"
+  peaks = {}
+  for block in (None, 512):
+    bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=block)
+    try:
+      est = triton_resources.memory_estimate(bs, **shape)
+    except RuntimeError as e:  # no abstract CUDA target in this jax
+      pytest.skip(str(e))
+    peaks[block] = est["peak_mib"]
+    whole = [t for _, t in est["at_peak"] if t == states]
+    assert len(whole) == (2 if block is None else 1), (block, est["at_peak"])
+  assert peaks[512] < 0.8 * peaks[None], peaks
+
+
+def test_backward_in_blocks_lowers_for_cuda():
+  """bwd_block: the backward's five kernels inside a loop over whole
+  blocks, and once more for the shorter last block (130 tokens, 192
+  padded: one block of 128 in the loop, then 64)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("lowering smoke test for CPU-only machines")
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128)
+  inputs = make_inputs(2, 130, dtype=jnp.bfloat16, hk=1, hv=2, dk=128,
+                       dv=128)
+
+  def loss(q, k, v, g, beta):
+    o, s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, backend="gpu", block_sizes=bs)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  with _abstract_target("cuda"):
+    text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
+        *[inputs[n] for n in NAMES[:5]]).lower(
+            lowering_platforms=("cuda",)).as_text()
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5 + 5
+  assert "stablehlo.while" in text
 
 
 def test_output_in_state_lowers_for_cuda():

@@ -111,6 +111,11 @@ class BlockSizes:
       writes the intra-chunk attention (q k^T) * Gamma for the loop to
       read. False: state_fwd writes v' and the states, and the parallel
       output kernel reads them back.
+    bwd_block: None, or a multiple of chunk_size: the split backward takes
+      the sequence in blocks of this many tokens, last to first (a
+      `lax.scan`), so its intermediates (T, w, u, v', dv', the state
+      cotangents, the dk partial) exist for one block at a time beside the
+      stored per-chunk states. None: the whole sequence at once.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -126,6 +131,7 @@ class BlockSizes:
   out_block: int | None = None
   kernel_warps: tuple[tuple[str, int], ...] = ()
   output_in_state: bool = False
+  bwd_block: int | None = None
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -181,6 +187,14 @@ class BlockSizes:
       raise ValueError(f"output_in_state: only the split kernels have a "
                        f"separate output kernel to fold into their "
                        f"sequential pass; found kernels={self.kernels!r}")
+    if self.bwd_block is not None and (
+        self.bwd_block < self.chunk_size or self.bwd_block % self.chunk_size):
+      raise ValueError(f"bwd_block: expected None or a positive multiple of "
+                       f"chunk_size={self.chunk_size}, found "
+                       f"{self.bwd_block}")
+    if self.bwd_block is not None and self.kernels != "split":
+      raise ValueError(f"bwd_block: only the split backward is taken in "
+                       f"blocks; found kernels={self.kernels!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "
@@ -215,8 +229,8 @@ class BlockSizes:
       # The sequential kernels in value tiles of 16 with 3 pipelining
       # stages: 0.69 and 1.45 ms (state_fwd, state_bwd) on the H200
       # against 1.75 and 2.66 ms with tiles of 32 and no pipelining.
-      # output_in_state stays False until it is timed (gpu_checks.sh
-      # fwd32k).
+      # output_in_state and bwd_block stay off until they are timed
+      # (gpu_checks.sh options32k).
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,

@@ -18,6 +18,7 @@ import functools
 import time
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -263,7 +264,53 @@ def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out):
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
   """Gradients per value head: dq, dk [b, tp, hv, dk], dv [b, tp, hv, dv]
   (f32, or the input dtypes where no heads are left to sum: `_Plan`),
-  (dg, dbeta) [b, tp, hv, 2] f32 and the initial state's."""
+  (dg, dbeta) [b, tp, hv, 2] f32 and the initial state's.
+
+  With `BlockSizes.bwd_block` the sequence is taken in blocks of that many
+  tokens, last to first, the state cotangent passed from each block to the
+  one before it: every intermediate of the backward (T, w, u, v', dv',
+  the state cotangents dh, the dk partial) then exists for one block at a
+  time, beside the stored states h. The gradients are the same; the cost
+  is five kernel launches per block and zeroing the gradient arrays that
+  the blocks are written into.
+  """
+  block = cfg.block_sizes.bwd_block
+  tp, c = q.shape[1], cfg.block_sizes.chunk_size
+  if block is None or block >= tp:
+    return _backward_all(q, k, v, sc, h, do, dst, cfg, sq)
+  per = block // c  # chunks per block
+  full = (tp // c) // per
+  tail = tp - full * block
+  pieces = lambda start, size: (
+      [lax.dynamic_slice_in_dim(x, start, size, axis=1)
+       for x in (q, k, v, sc)],
+      lax.dynamic_slice_in_dim(h, start // c, size // c, axis=2),
+      lax.dynamic_slice_in_dim(do, start, size, axis=1))
+  p = _Plan(q, k, v, cfg, sq)
+  # Each block's gradients are written into these in place.
+  grads = [jnp.zeros((p.b, tp, p.hv, width), dtype)
+           for width, dtype in ((p.dk, p.dq_dtype), (p.dk, p.dk_dtype),
+                                (p.dv, p.dv_dtype),
+                                (kernel.NUM_DSCALARS, _F32))]
+
+  def step(start, size, ds, grads):
+    (qb, kb, vb, scb), hb, dob = pieces(start, size)
+    *g_block, ds = _backward_all(qb, kb, vb, scb, hb, dob, ds, cfg, sq)
+    return ds, [lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), start,
+                                                axis=1)
+                for x, y in zip(grads, g_block)]
+
+  ds = dst
+  if tail:  # the last, shorter block goes first
+    ds, grads = step(full * block, tail, ds, grads)
+  (ds, grads), _ = lax.scan(
+      lambda carry, j: (step(j * block, block, *carry), None),
+      (ds, grads), jnp.arange(full), reverse=True)
+  return (*grads, ds)
+
+
+def _backward_all(q, k, v, sc, h, do, dst, cfg, sq):
+  """`backward` over the whole of the given tokens at once."""
   p = _Plan(q, k, v, cfg, sq)
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
