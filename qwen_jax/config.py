@@ -127,6 +127,11 @@ class QwenConfig:
     gdr_chunk_size: tokens per chunk of the chunked gated delta rule (64
       matches transformers; smaller chunks are faster on a CPU for short
       sequences, the result is the same up to rounding).
+    gdr_block_sizes: tiling of the Pallas gated delta rule as a
+      `BlockSizes.from_spec` string over the backend's defaults, e.g.
+      "bwd_block=4096" (the backward in blocks: less memory) or
+      "output_in_state=True"; "" for the defaults. Used only where the
+      Pallas kernels run.
     attention_implementation: "xla" or "cudnn" (jax.nn.dot_product_attention).
   """
 
@@ -161,6 +166,7 @@ class QwenConfig:
   gdr_implementation: str = "auto"
   gdr_interpret: bool = False
   gdr_chunk_size: int = 64
+  gdr_block_sizes: str = ""
   attention_implementation: str = "xla"
 
   def __post_init__(self):
@@ -208,6 +214,14 @@ class QwenConfig:
       bad("hidden_act", "'silu'", self.hidden_act)
     if self.remat_policy not in ("none", "full", "dots"):
       bad("remat_policy", "'none', 'full' or 'dots'", self.remat_policy)
+    if self.gdr_block_sizes:
+      # pylint: disable-next=g-import-not-at-top
+      from pallas_kernels.gated_delta_rule import pallas_gdr
+      try:  # the GPU defaults: the backend whose kernels take the most
+        pallas_gdr.block_sizes_for("gpu", self.gdr_chunk_size,
+                                   self.gdr_block_sizes)
+      except ValueError as e:
+        raise ValueError(f"gdr_block_sizes: {e}") from e
     if self.attention_implementation not in ("xla", "cudnn"):
       bad("attention_implementation", "'xla' or 'cudnn'",
           self.attention_implementation)

@@ -114,7 +114,8 @@ class GatedDeltaNet(nn.Module):
     o, state = rule(
         q, k, v, g, beta, initial_state=initial_state,
         implementation=impl, interpret=cfg.gdr_interpret,
-        chunk_size=cfg.gdr_chunk_size, segment_ids=segment_ids)
+        chunk_size=cfg.gdr_chunk_size, block_sizes=cfg.gdr_block_sizes,
+        segment_ids=segment_ids)
     o = layers.constrain(o, ("batch", "seq", "linear_heads_act", None))
 
     o = layers.GatedRMSNorm(cfg.rms_norm_eps, pdtype, name="norm")(

@@ -308,7 +308,7 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
                      segment_ids: Array | None = None,
                      scale: float | None = None,
                      implementation: str = "auto", interpret: bool = False,
-                     chunk_size: int = 64,
+                     chunk_size: int = 64, block_sizes: str = "",
                      ctx: SPContext | None = None) -> tuple[Array, Array]:
   """`gated_delta_rule` over a sequence-sharded input, exact.
 
@@ -318,7 +318,8 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
     initial_state: [b, hv, dk, dv] state before the sequence, or None.
     segment_ids: [b, t] packed-document ids, or None.
     scale: query scale (default dk ** -0.5).
-    implementation, interpret, chunk_size: passed to the rule per shard.
+    implementation, interpret, chunk_size, block_sizes: passed to the rule
+      per shard.
     ctx: the context; default `current()`.
 
   Returns:
@@ -339,7 +340,8 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
   f32 = jnp.float32
   one_call = functools.partial(gdr, scale=scale,
                                implementation=implementation,
-                               interpret=interpret, chunk_size=chunk_size)
+                               interpret=interpret, chunk_size=chunk_size,
+                               block_sizes=block_sizes)
   block = _block_len(t // n, ctx.gdr_block, chunk_size)
 
   def rule(q, k, v, g, beta, initial_state, segment_ids):

@@ -59,7 +59,7 @@ BatchFn = Callable[[int], Batch]
 # be restored under different values of these.
 IMPLEMENTATION_FIELDS = ("dtype", "remat_policy", "gdr_implementation",
                          "gdr_interpret", "gdr_chunk_size",
-                         "attention_implementation")
+                         "gdr_block_sizes", "attention_implementation")
 
 # TrainConfig fields that the compiled step does not read: runs that differ
 # only in these share one compiled step (see `make_train_step`).

@@ -63,6 +63,11 @@ def test_unknown_preset():
     (dict(num_attention_heads=3), "num_attention_heads"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(remat_policy="sometimes"), "remat_policy"),
+    # The Pallas tiling spec: a backward block that is not whole chunks, a
+    # field that is not one, a chunk size set twice.
+    (dict(gdr_block_sizes="bwd_block=100"), "gdr_block_sizes.*bwd_block"),
+    (dict(gdr_block_sizes="bwd_blocks=128"), "gdr_block_sizes.*field"),
+    (dict(gdr_block_sizes="chunk_size=32"), "gdr_block_sizes.*chunk_size"),
 ])
 def test_bad_config(change, field):
   with pytest.raises(ValueError, match=field):

@@ -16,10 +16,11 @@ from tests import tolerances
 _ON_ACCELERATOR = jax.default_backend() in ("gpu", "tpu")
 
 
-def _cfg(impl):
+def _cfg(impl, block_sizes=""):
   return qwen_jax.QwenConfig.from_preset(
       "tiny", num_hidden_layers=8, gdr_implementation=impl,
-      gdr_interpret=impl == "pallas" and not _ON_ACCELERATOR)
+      gdr_interpret=impl == "pallas" and not _ON_ACCELERATOR,
+      gdr_block_sizes=block_sizes)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,14 @@ def _loss_and_grad(cfg, params, ids, segment_ids=None):
   return val, logits, grads
 
 
-def test_pallas_model_matches_chunked(params):
+# The backend's default tiling, and the output inside the sequential pass
+# with the backward in blocks of 64 tokens (80 tokens: two blocks).
+@pytest.mark.parametrize("block_sizes",
+                         ["", "output_in_state=True/bwd_block=64"])
+def test_pallas_model_matches_chunked(params, block_sizes):
   ids = _ids(0, 2, 80)
   _, ref_logits, ref_grads = _loss_and_grad(_cfg("chunked"), params, ids)
-  _, logits, grads = _loss_and_grad(_cfg("pallas"), params, ids)
+  _, logits, grads = _loss_and_grad(_cfg("pallas", block_sizes), params, ids)
   tolerances.assert_close(logits, ref_logits, jnp.float32, err_msg="logits")
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   flat = jax.tree_util.tree_leaves(grads)

@@ -238,11 +238,10 @@ class BlockSizes:
     return cls()
 
   @classmethod
-  def from_spec(cls, spec: str, backend: str) -> "BlockSizes":
-    """'kernels=fused/block_dv=64' (fields as '/'-separated field=value
-    pairs; "" for none) -> `backend`'s defaults with those fields
-    replaced. Integers, None, True and False are parsed; other values
-    stay strings."""
+  def parse_spec(cls, spec: str) -> dict:
+    """'kernels=fused/block_dv=64' ('/'-separated field=value pairs; ""
+    for none) -> {field: value}. Integers, None, True and False are
+    parsed; other values stay strings."""
     fields = {f.name for f in dataclasses.fields(cls)}
     changes = {}
     for item in filter(None, spec.split("/")):
@@ -254,7 +253,14 @@ class BlockSizes:
       changes[name] = ({"None": None, "True": True, "False": False}[value]
                        if value in ("None", "True", "False") else
                        int(value) if value.lstrip("-").isdigit() else value)
-    return dataclasses.replace(cls.get_default(backend), **changes)
+    return changes
+
+  @classmethod
+  def from_spec(cls, spec: str, backend: str) -> "BlockSizes":
+    """`backend`'s defaults with the fields of `spec` (`parse_spec`)
+    replaced."""
+    return dataclasses.replace(cls.get_default(backend),
+                               **cls.parse_spec(spec))
 
   def warps(self, kernel: str, parallel: bool) -> int:
     """Triton warps of split kernel `kernel` (a `SPLIT_KERNELS` name)."""

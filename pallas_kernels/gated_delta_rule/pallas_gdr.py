@@ -502,17 +502,31 @@ def split_pipeline_stages(q, k, v, g, beta, *,
   return pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg, _SQ)
 
 
-def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
-              chunk_size: int, interpret: bool):
-  """Adapter with the signature of `api._IMPLEMENTATIONS` entries."""
-  backend = jax.default_backend()
+def block_sizes_for(backend: str, chunk_size: int,
+                    spec: str = "") -> BlockSizes:
+  """`backend`'s default BlockSizes at `chunk_size`, with the fields of
+  `spec` (`BlockSizes.from_spec`) replaced. Default blocks that do not
+  divide another chunk size fall back (row by row, whole chunks); blocks
+  that `spec` names are kept and checked."""
   bs = BlockSizes.get_default(backend)
-  # Blocks that do not divide another chunk size: row by row, whole chunks.
   solve_block, sub_chunk = (
       None if x is None or chunk_size % x else x
       for x in (bs.solve_block, bs.sub_chunk))
   bs = dataclasses.replace(bs, chunk_size=chunk_size, solve_block=solve_block,
                            sub_chunk=sub_chunk)
+  changes = BlockSizes.parse_spec(spec)
+  if "chunk_size" in changes:
+    raise ValueError(f"block_sizes: {spec!r} sets chunk_size; pass it as "
+                     f"chunk_size (now {chunk_size})")
+  return dataclasses.replace(bs, **changes)
+
+
+def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
+              chunk_size: int, interpret: bool, block_sizes: str = ""):
+  """Adapter with the signature of `api._IMPLEMENTATIONS` entries (and the
+  api's `block_sizes` spec)."""
+  backend = jax.default_backend()
+  bs = block_sizes_for(backend, chunk_size, block_sizes)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
                                  interpret=interpret, backend=backend)
