@@ -501,15 +501,12 @@ def test_inference_forward_stores_per_chunk_states_only_when_needed(
   assert states_written(grads) == 2
 
 
-@pytest.mark.parametrize("f32_dot", block_sizes.F32_DOTS)
-def test_every_f32_dot_lowers_for_cuda(f32_dot):
-  """Each f32 dot algorithm of the split kernels passes the Triton lowering
-  (forward and backward). Interpret mode computes them all in IEEE f32, so
-  this is the CPU's only check that the GPU accepts them."""
+def _grad_lowered_for_cuda(bs: BlockSizes, t: int, d: int) -> str:
+  """The StableHLO text of forward+backward (gradients of q, k, v, g, beta)
+  lowered for CUDA on the CPU, bf16, one key head and two value heads."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering smoke test for CPU-only machines")
-  bs = dataclasses.replace(BlockSizes.get_default("gpu"), f32_dot=f32_dot)
-  inputs = make_inputs(2, 70, dtype=jnp.bfloat16, hk=1, hv=2, dk=32, dv=32)
+  inputs = make_inputs(2, t, dtype=jnp.bfloat16, hk=1, hv=2, dk=d, dv=d)
 
   def loss(q, k, v, g, beta):
     o, s = pallas_gdr.gated_delta_rule_pallas(
@@ -517,9 +514,19 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
   with _abstract_target("cuda"):
-    text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
+    return jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
         *[inputs[n] for n in NAMES[:5]]).lower(
             lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("f32_dot", block_sizes.F32_DOTS)
+def test_every_f32_dot_lowers_for_cuda(f32_dot):
+  """Each f32 dot algorithm of the split kernels passes the Triton lowering
+  (forward and backward). Interpret mode computes them all in IEEE f32, so
+  this is the CPU's only check that the GPU accepts them."""
+  text = _grad_lowered_for_cuda(
+      dataclasses.replace(BlockSizes.get_default("gpu"), f32_dot=f32_dot),
+      t=70, d=32)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5
 
 
@@ -551,21 +558,9 @@ def test_backward_in_blocks_lowers_for_cuda():
   """bwd_block: the backward's five kernels inside a loop over whole
   blocks, and once more for the shorter last block (130 tokens, 192
   padded: one block of 128 in the loop, then 64)."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("lowering smoke test for CPU-only machines")
-  bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128)
-  inputs = make_inputs(2, 130, dtype=jnp.bfloat16, hk=1, hv=2, dk=128,
-                       dv=128)
-
-  def loss(q, k, v, g, beta):
-    o, s = pallas_gdr.gated_delta_rule_pallas(
-        q, k, v, g, beta, backend="gpu", block_sizes=bs)
-    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-  with _abstract_target("cuda"):
-    text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(
-        *[inputs[n] for n in NAMES[:5]]).lower(
-            lowering_platforms=("cuda",)).as_text()
+  text = _grad_lowered_for_cuda(
+      dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128),
+      t=130, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5 + 5
   assert "stablehlo.while" in text
 
