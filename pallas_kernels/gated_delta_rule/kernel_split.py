@@ -251,11 +251,10 @@ def prep_kernel(k_ref, v_ref, sc_ref, *refs, has_segments: bool, d: Dots,
       u_ref.dtype)
   w_ref[...] = d.fm(x.t * _transpose(x.beta * x.decay_q), k).astype(
       w_ref.dtype)
-  aux = _aux(x.g_cum, x.decay_q, x.decay_k, _pick_col(sc, kernel.RESET_COL))
-  aux_ref[...] = aux
-  if p_ref is not None:
-    gamma = _decays(aux, has_segments)[0]
-    p_ref[...] = (d.mm_nt(q_ref[...], k) * (gamma * scale)).astype(
+  aux_ref[...] = _aux(x.g_cum, x.decay_q, x.decay_k,
+                      _pick_col(sc, kernel.RESET_COL))
+  if p_ref is not None:  # chunk_intra's Gamma has P's mask
+    p_ref[...] = (d.mm_nt(q_ref[...], k) * (x.gamma * scale)).astype(
         p_ref.dtype)
 
 
