@@ -4,8 +4,11 @@ Forward and forward+backward of `pallas_kernels.gated_delta_rule` for each
 implementation asked for ("pallas", "chunked", "recurrent") and, when torch
 with CUDA and flash-linear-attention are importable, FLA's
 `chunk_gated_delta_rule` ("fla") on the same shapes. Prints a table of
-milliseconds (median), tokens/s and the speedup over each baseline measured
-in the same run (baseline time / this time), and writes it as JSON. Every
+milliseconds, tokens/s and the speedup over each baseline measured in the
+same run (baseline time / this time), and writes it as JSON. Each is timed
+two ways (`MODES`): every call waited for (median; a call's latency) and
+calls queued back to back (mean; the device's time when the host keeps
+ahead, so launches and dispatch drop out). Every
 JAX implementation's output, final state and gradients are compared with
 `chunked`'s in the same run; `--profile_kernels` / `--profile_variants`
 time each Pallas split kernel alone, beside its HBM traffic floor (the
@@ -86,6 +89,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Input seed.")
 _SMALL = dict(batch=1, seq_len=128, heads=2, dk=32, dv=32, iters=2,
               warmup=1)
 BASELINES = ("chunked", "fla")
+# What each result row's mode times. Latency modes wait for every call
+# (median of --iters); "_queued" modes issue --iters calls back to back and
+# wait once (mean per call), which leaves out the host's per-call work as
+# long as the device is the slower of the two (at short sequences the
+# latency of a call can be mostly launches and synchronisation).
+MODES = {
+    "fwd": "forward, each call waited for (median)",
+    "fwd_queued": "forward, calls queued back to back (mean)",
+    "fwd_bwd": "forward+backward, each call waited for (median)",
+    "fwd_bwd_queued": "forward+backward, calls queued back to back (mean)",
+}
 
 
 def make_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int,
@@ -106,6 +120,8 @@ def make_inputs(b: int, t: int, hk: int, hv: int, dk: int, dv: int,
 
 def _median_ms(fn: Callable[[], object], sync: Callable[[object], None],
                iters: int, warmup: int) -> float:
+  """Median ms of `iters` calls, each waited for (`sync`) before the next:
+  a call's latency, launches and host work included."""
   sync(fn())  # compile
   for _ in range(warmup):
     sync(fn())
@@ -115,6 +131,29 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[object], None],
     sync(fn())
     times.append((time.perf_counter() - t0) * 1e3)
   return statistics.median(times)
+
+
+def _queued_ms(fn: Callable[[], object], sync: Callable[[object], None],
+               iters: int) -> float:
+  """Mean ms per call of `iters` calls issued back to back with one `sync`
+  at the end (after one waited-for call). While the host issues calls
+  faster than the device runs them, this is the device's time per call:
+  the host's launch and dispatch work overlaps the device's. The GPU runs
+  one program's calls in order on one stream (JAX and torch alike), so
+  waiting for the last output waits for all; only it is kept alive."""
+  sync(fn())
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(iters):
+    out = fn()
+  sync(out)
+  return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def _timed(fn, sync, iters: int, warmup: int, mode: str) -> dict[str, float]:
+  """{mode: median synced ms, mode_queued: queued ms} (see `MODES`)."""
+  return {mode: _median_ms(fn, sync, iters, warmup),
+          f"{mode}_queued": _queued_ms(fn, sync, iters)}
 
 
 def best_profiled_variant(kernel_profile: list[dict]) -> str | None:
@@ -186,7 +225,7 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
     o, s = f(*args)
     # The output and final state, kept to check implementations agree.
     res["outputs"] = (np.asarray(o.astype(jnp.float32)), np.asarray(s))
-    res["fwd"] = _median_ms(lambda: f(*args), sync, iters, warmup)
+    res.update(_timed(lambda: f(*args), sync, iters, warmup, "fwd"))
   except Exception as e:  # pylint: disable=broad-except
     res["fwd_error"] = f"{type(e).__name__}: {str(e)[:300]}"
   try:
@@ -196,7 +235,7 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
     fb = jax.jit(fwd_bwd).lower(*args).compile()
     # The gradients, kept to check implementations agree.
     res["grads"] = [np.asarray(x.astype(jnp.float32)) for x in fb(*args)]
-    res["fwd_bwd"] = _median_ms(lambda: fb(*args), sync, iters, warmup)
+    res.update(_timed(lambda: fb(*args), sync, iters, warmup, "fwd_bwd"))
     mem = fb.memory_analysis()
     if mem is not None:
       res["fwd_bwd_temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -283,8 +322,8 @@ def time_fla(inputs: dict, dtype, iters: int, warmup: int,
 
   sync = lambda _: torch.cuda.synchronize()
   try:
-    return dict(fwd=_median_ms(fwd, sync, iters, warmup),
-                fwd_bwd=_median_ms(fwd_bwd, sync, iters, warmup))
+    return {**_timed(fwd, sync, iters, warmup, "fwd"),
+            **_timed(fwd_bwd, sync, iters, warmup, "fwd_bwd")}
   except Exception as e:  # pylint: disable=broad-except
     return f"failed ({type(e).__name__}: {e})"
 
@@ -325,7 +364,7 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       times[impl] = res
     # Progress as it is measured (a run cut short still leaves numbers).
     print(f"measured {impl}: " + (res if isinstance(res, str) else ", ".join(
-        f"{m} {res[m]:.3f} ms" for m in ("fwd", "fwd_bwd") if m in res)),
+        f"{m} {res[m]:.3f} ms" for m in MODES if m in res)),
           flush=True)
   # Agreement with the chunked jnp reference (same inputs, same process).
   errors = {}
@@ -403,6 +442,8 @@ def format_table(result: dict) -> str:
     cells += [f"{r['speedup_vs'][b]:.2f}x" if b in r["speedup_vs"] else "-"
               for b in bases]
     lines.append(" | ".join(cells))
+  modes = dict.fromkeys(r["mode"] for r in result["results"])
+  lines += [f"{m}: {MODES[m]}" for m in modes if m in MODES]
   for impl, why in result["skipped"].items():
     lines.append(f"skipped {impl}: {why}")
   profile = result.get("kernel_profile") or []

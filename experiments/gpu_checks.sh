@@ -7,12 +7,12 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests options32k bench32k model; on the H100 of
-# 2026-11-26 (sixth session) env, tests, bench32k and model took 8, 86, 188
-# and 130 s; options32k is new; run them as
-# `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call). Also:
-# tests_all profile32k prep32k best32k final32k base32k split32k scaling
-# bench8k.
+# Steps (default: env tests options32k scaling8k model bench32k, in order
+# of priority; on the H100 of 2026-11-26 (sixth session) env, tests,
+# bench32k and model took 8, 86, 188 and 130 s; options32k and scaling8k
+# are new; run them as `BUDGET_S=560 bash experiments/gpu_checks.sh` in a
+# 600 s call, which skips what no longer fits). Also: tests_all profile32k
+# prep32k best32k final32k base32k split32k scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -57,7 +57,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k bench32k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k model bench32k)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -86,10 +86,13 @@ for s in "${steps[@]}"; do
     # The options added after the H100 run, against the defaults and FLA,
     # end to end (20 runs; XLA's temporaries per variant) and kernel by
     # kernel: the output inside the sequential pass (output_in_state) and
-    # the backward in blocks of 4096 tokens (bwd_block).
-    options32k) bench options32k 300 32768 20 --implementations pallas,fla \
+    # the backward in blocks of 4096 tokens (bwd_block); kernel by kernel
+    # the defaults, output_in_state and prep in 8 warps (prep is 3.5x its
+    # traffic floor, latency-bound). The e2e lines are logged as measured,
+    # so a step cut short by its limit still leaves them.
+    options32k) bench options32k 330 32768 20 --implementations pallas,fla \
       --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/bwd_block=4096" \
-      --profile_variants output_in_state=True ;;
+      --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:8" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;
@@ -98,6 +101,10 @@ for s in "${steps[@]}"; do
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations pallas,chunked --iters 5 --warmup 1 \
         --seq_splits 4,8 --json_out "$OUT/split32k.json" ;;
+    # Throughput at 8k against options32k's at 32k: each mode also timed
+    # with calls queued back to back (the "_queued" rows), which tells the
+    # device's time per call from the latency of launching and waiting.
+    scaling8k) bench scaling8k 150 8192 20 --implementations pallas,fla ;;
     scaling)  # throughput against length: pallas and FLA at 8k and 128k
       for t in 8192 131072; do
         step "scaling$t" 150 python3 -m experiments.bench_gated_delta_rule \

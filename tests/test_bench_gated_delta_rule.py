@@ -48,7 +48,8 @@ def test_bench_reports_every_implementation(tmp_path):
   impls = ["pallas", "chunked", "pallas[solve_block=16]",
            "pallas[kernels=fused]", "pallas[output_in_state=True]",
            "pallas/split2", "chunked/split2"]
-  assert timed == {(i, m) for i in impls for m in ("fwd", "fwd_bwd")}
+  assert timed == {(i, m) for i in impls
+                   for m in ("fwd", "fwd_queued", "fwd_bwd", "fwd_bwd_queued")}
   assert all(r["ms"] > 0 for r in result["results"])
   rtol, _ = tolerances.tol(jnp.float32)
   assert set(result["rel_err_vs_chunked"]) == set(impls) - {"chunked"}
@@ -126,3 +127,33 @@ def test_merged_profiles_count_the_defaults_once(tmp_path):
                        cwd=_ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.stdout.strip() == "None"
+
+
+def test_queued_timing_waits_once_for_calls_issued_back_to_back():
+  """The queued mode issues its calls without waiting and waits once, so it
+  times a simulated device (each call queues 20 ms of work that only the
+  wait runs out; the host takes no time) at 20 ms per call; the latency
+  mode, which waits after every call, times the same."""
+  code = (
+      "import time\n"
+      "from experiments import bench_gated_delta_rule as b\n"
+      "pending, waits = [0], [0]\n"
+      "def fn():\n"
+      "  pending[0] += 1\n"
+      "  return pending[0]\n"
+      "def sync(out):\n"
+      "  waits[0] += 1\n"
+      "  time.sleep(0.02 * pending[0])\n"
+      "  pending[0] = 0\n"
+      "ms = b._queued_ms(fn, sync, 5)\n"
+      "assert waits[0] == 2, waits\n"  # the warm call and the end
+      "assert 19.0 < ms < 30.0, ms\n"
+      "waits[0] = 0\n"
+      "ms = b._median_ms(fn, sync, 5, 1)\n"
+      "assert waits[0] == 1 + 1 + 5, waits\n"
+      "assert 19.0 < ms < 30.0, ms\n"
+      "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.strip() == "ok"
