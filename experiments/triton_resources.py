@@ -179,6 +179,14 @@ def live_temporaries(fn, *args) -> tuple[int, list[tuple[int, str]]]:
   return _peak_of(*_flat_eqns(jax.make_jaxpr(fn)(*args)))
 
 
+def _aliased_inputs(ins, eqn) -> list:
+  """The inputs of a pallas_call equation that its outputs alias
+  (`input_output_aliases`), else []."""
+  if eqn.primitive.name != "pallas_call":
+    return []
+  return [ins[i] for i, _ in eqn.params.get("input_output_aliases", ())]
+
+
 def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
   """`live_temporaries` of `_flat_eqns`' output."""
   from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
@@ -189,7 +197,13 @@ def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
         last_use[x] = i
 
   live, peak, at_peak = {}, 0, []
-  for i, (ins, outs, _) in enumerate(eqns):
+  for i, (ins, outs, eqn) in enumerate(eqns):
+    # A pallas_call output aliased to an input that dies here takes over
+    # its buffer (written in place, as the blocked backward's gradients).
+    for x in _aliased_inputs(ins, eqn):
+      if (isinstance(x, jcore.Var) and x in live and x not in results
+          and last_use.get(x, -1) <= i):
+        del live[x]
     for x in outs:
       live[x] = _nbytes(x)
     total = sum(live.values())
@@ -215,7 +229,10 @@ def kernel_traffic(fn, *args) -> list[dict]:
   time those take at `HBM_BYTES_PER_S`. A floor, not a prediction:
   programs that read the same block (the sequential kernels' value tiles
   all read w, k, q) are counted once, as if L2 served the rest, and the
-  XLA ops between kernels are left out."""
+  XLA ops between kernels are left out. A kernel of the blocked backward
+  (`BlockSizes.bwd_block`) reads only its block of the whole-sequence
+  arrays it is given, but is counted with all of them, and its outputs
+  as whole arrays: its floor is an overestimate."""
   return _traffic_of(_flat_eqns(jax.make_jaxpr(fn)(*args))[0])
 
 
@@ -227,7 +244,9 @@ def _traffic_of(eqns) -> list[dict]:
       continue
     name = str(eqn.params.get("name_and_src_info",
                               eqn.params.get("name", "?")))
-    read = sum(_nbytes(x) for x in ins)
+    # An aliased input is the buffer an output is written into, not read.
+    aliased = {id(x) for x in _aliased_inputs(ins, eqn)}
+    read = sum(_nbytes(x) for x in ins if id(x) not in aliased)
     written = sum(_nbytes(x) for x in outs)
     rows.append(dict(kernel=name.split(" ")[0], read=read, written=written,
                      floor_ms=(read + written) / HBM_BYTES_PER_S * 1e3))

@@ -20,6 +20,8 @@ Triton lowering.
 import dataclasses
 
 import jax
+from jax.experimental import pallas as pl
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -461,7 +463,7 @@ def _pallas_call_outputs(fn, *args):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":
         shapes.append([v.aval.shape for v in eqn.outvars])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jex_core.jaxprs_in_params(eqn.params):
         visit(sub)
 
   visit(jax.make_jaxpr(fn)(*args).jaxpr)
@@ -536,11 +538,11 @@ def test_backward_in_blocks_keeps_one_block_of_intermediates():
   on the H100 within 12%): with bwd_block the state cotangents and the
   backward's other intermediates are alive for one block at a time, so
   at the peak the only whole-sequence state array is h."""
-  # Arrays under 1 MiB are not listed at the peak: states of 2 MiB here,
-  # token arrays of 1 MiB.
-  shape = dict(batch=1, seq_len=2048, key_heads=2, heads=2, dk=128,
+  # Arrays under 1 MiB are not listed at the peak: states of 4 MiB here,
+  # whole token arrays of 2 MiB, a block's of 0.25 MiB.
+  shape = dict(batch=1, seq_len=4096, key_heads=2, heads=2, dk=128,
                dv=128, dtype=jnp.bfloat16)
-  states = f"bfloat16[1,2,{2048 // 64},128,128]"
+  states = f"bfloat16[1,2,{4096 // 64},128,128]"
   peaks = {}
   for block in (None, 512):
     bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=block)
@@ -552,6 +554,71 @@ def test_backward_in_blocks_keeps_one_block_of_intermediates():
     whole = [t for _, t in est["at_peak"] if t == states]
     assert len(whole) == (2 if block is None else 1), (block, est["at_peak"])
   assert peaks[512] < 0.8 * peaks[None], peaks
+
+
+def test_rows_view_composes_indices():
+  """`pallas_split._Rows` (the blocked backward's view of whole-sequence
+  refs) turns each index form the kernels use into one index of the
+  underlying ref: rows relative to the window, all rows, one row, and a
+  single squeezed row; for loads and stores."""
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(64, 8)),
+                  jnp.float32)
+  rows = pallas_split._Rows  # pylint: disable=protected-access
+
+  def body(x_ref, o_ref, o2_ref):
+    win = rows(x_ref, 16, 32, 16)  # rows 16 .. 47
+    o_ref[0] = win[pl.ds(0, 8), :]
+    o_ref[1] = win[pl.ds(8, 8)]
+    o_ref[2] = win[16:24, :]
+    o_ref[3] = jnp.broadcast_to(win[3, :][None, :], (8, 8))
+    o_ref[4] = win[...][24:32]
+    o_ref[5] = jnp.broadcast_to(rows(x_ref, 5, None, 1)[...][None, :],
+                                (8, 8))
+    o2_ref[...] = jnp.zeros_like(o2_ref)
+    rows(o2_ref, 8, 16, 8)[pl.ds(8, 8), :] = x_ref[pl.ds(0, 8), :]
+
+  o, o2 = pl.pallas_call(
+      body, out_shape=[jax.ShapeDtypeStruct((6, 8, 8), jnp.float32),
+                       jax.ShapeDtypeStruct((64, 8), jnp.float32)],
+      interpret=True)(x)
+  x = np.asarray(x)
+  want = [x[16:24], x[24:32], x[32:40], np.broadcast_to(x[19], (8, 8)),
+          x[40:48], np.broadcast_to(x[5], (8, 8))]
+  np.testing.assert_array_equal(np.asarray(o), np.stack(want))
+  want2 = np.zeros_like(x)
+  want2[16:24] = x[:8]
+  np.testing.assert_array_equal(np.asarray(o2), want2)
+
+
+def test_backward_in_blocks_reads_whole_arrays_at_an_offset():
+  """bwd_block: the kernels of each block read q, k, v, dO and the stored
+  states h where they are (an offset into the whole arrays), so the
+  backward slices (copies) none of them; the old form sliced each block's
+  share of all five, one more pass over them in all."""
+  t, hv, d = 192, 2, 16
+  inputs = make_inputs(5, t, hk=1, hv=hv, dk=d, dv=d)
+  bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128)
+
+  def loss(q, k, v, g, beta):
+    o, s = pallas_gdr.gated_delta_rule_pallas(
+        q, k, v, g, beta, block_sizes=bs, interpret=True, backend="gpu")
+    return jnp.sum(o) + jnp.sum(s)
+
+  sliced = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("slice", "dynamic_slice"):
+        sliced.append(tuple(eqn.invars[0].aval.shape))
+      if eqn.primitive.name != "pallas_call":
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+          visit(sub)
+
+  visit(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(5))))(
+      *[inputs[n] for n in NAMES[:5]]).jaxpr)
+  b = inputs["q"].shape[0]
+  whole = {(b, t, 1, d), (b, t, hv, d), (b, hv, t // 64, d, d)}
+  assert not whole & set(sliced), sliced
 
 
 def test_backward_in_blocks_lowers_for_cuda():

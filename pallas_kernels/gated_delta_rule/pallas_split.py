@@ -14,7 +14,9 @@ inside the program (the GPU driver of `BlockSizes.chunk_loop == "kernel"`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import time
 
 import jax
@@ -26,6 +28,7 @@ from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import kernel_split as ks
 
 _F32 = jnp.float32
+_SLICE = type(pl.ds(0, 1))  # what pl.ds makes
 
 
 def matmul_dtype(q, k, v):
@@ -36,10 +39,78 @@ def matmul_dtype(q, k, v):
   return jnp.dtype(_F32)
 
 
-class _Plan:
-  """Shapes and BlockSpecs shared by the builders of one call."""
+class _Rows:
+  """The rows [start, start + size) of a kernel's ref (its first axis), or
+  with size None the single row `start` (that axis dropped), indexed like
+  a ref: every index is composed with the offset into one indexer, since
+  Triton's lowering takes one indexer per load or store (a view of a view
+  it refuses). Row offsets that are not static ints must be multiples of
+  `align`, which is passed on as an alignment hint."""
 
-  def __init__(self, q, k, v, cfg, sq):
+  def __init__(self, ref, start, size: int | None, align: int):
+    self.ref, self.start, self.size, self.align = ref, start, size, align
+    self.dtype = ref.dtype
+    rest = tuple(ref.shape[1:])
+    self.shape = rest if size is None else (size,) + rest
+
+  def _index(self, idx):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+      at = next(n for n, i in enumerate(idx) if i is Ellipsis)
+      fill = len(self.shape) - (len(idx) - 1)
+      idx = idx[:at] + (slice(None),) * fill + idx[at + 1:]
+    idx = idx + (slice(None),) * (len(self.shape) - len(idx))
+    if self.size is None:
+      return (self.start,) + idx
+    first, rest = idx[0], idx[1:]
+    if isinstance(first, slice):
+      if first.step not in (None, 1):
+        raise ValueError(f"_Rows: strided rows {first}")
+      lo = first.start or 0
+      first = pl.ds(lo, (self.size if first.stop is None else first.stop)
+                    - lo)
+    if not isinstance(first, _SLICE):  # one row
+      return (self.start + first,) + rest
+    if first.stride != 1:
+      raise ValueError(f"_Rows: strided rows {first}")
+    off = first.start
+    align = (math.gcd(self.align, off) if isinstance(off, int)
+             else self.align)
+    return (pl.ds(pl.multiple_of(self.start + off, align), first.size),
+            ) + rest
+
+  def __getitem__(self, idx):
+    return self.ref[self._index(idx)]
+
+  def __setitem__(self, idx, value):
+    self.ref[self._index(idx)] = value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Win:
+  """A BlockSpec over a whole-sequence array of which a windowed call
+  (`_Plan` with `window`) sees only its window: `kind` "chunk" (the
+  program's chunk, [c, width] rows, of a parallel kernel), "state" (the
+  program's chunk of the per-chunk states) or "seq" (the window's rows, of
+  a sequential kernel)."""
+  spec: object
+  kind: str
+
+
+class _Plan:
+  """Shapes and BlockSpecs shared by the builders of one call.
+
+  With `window` (a number of chunks), the call takes the chunks [first,
+  first + window) of whole-sequence arrays, `first` (int32 [1], traced)
+  the chunk index that `call` hands each kernel: the inputs
+  q, k, v, the scalars, dO and h (`*_in` specs) and the gradients dq, dk,
+  dv (written into the caller's arrays in place, `call`'s `aliases`) are
+  whole-sequence arrays read at an offset, never sliced (copied); every
+  intermediate (`tokens`, `val_chunk`, ...) is the window's length.
+  """
+
+  def __init__(self, q, k, v, cfg, sq, window: int | None = None,
+               first: jax.Array | None = None):
     self.b, self.tp, _, self.dk = q.shape
     self.md = matmul_dtype(q, k, v)
     f32 = cfg.block_sizes.f32_dot
@@ -51,6 +122,10 @@ class _Plan:
     bs = cfg.block_sizes
     self.c, self.r = bs.chunk_size, cfg.group
     self.bv = bs.dv_tile(self.dv)
+    self.tp_in, self.n_in = self.tp, self.tp // self.c  # whole arrays
+    self.window, self.first = window, first
+    if window is not None:
+      self.tp = window * self.c
     self.n, self.nv = self.tp // self.c, self.dv // self.bv
     self.sq = sq
     self.cfg = cfg
@@ -82,11 +157,38 @@ class _Plan:
                                    lambda i, h, j: (i, h, 0, j))
     self.states_tile = pl.BlockSpec((sq, sq, self.n, self.dk, self.bv),
                                     lambda i, h, j: (i, h, 0, 0, j))
+    # The whole-sequence arrays (see the class docstring).
+    if window is None:
+      self.key_in, self.val_in = self.key_chunk, self.val_chunk
+      self.state_in = self.state_chunk
+      self.key_seq_in, self.tile_seq_in = self.key_seq, self.tile_seq
+    else:
+      tpi = self.tp_in
+      self.key_in = _Win(pl.BlockSpec((sq, tpi, sq, self.dk),
+                                      lambda i, h, t: (i, 0, h // r, 0)),
+                         "chunk")
+      self.val_in = lambda width: _Win(
+          pl.BlockSpec((sq, tpi, sq, width), lambda i, h, t: (i, 0, h, 0)),
+          "chunk")
+      self.state_in = _Win(
+          pl.BlockSpec((sq, sq, self.n_in, self.dk, self.dv),
+                       lambda i, h, t: (i, h, 0, 0, 0)), "state")
+      self.key_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.dk),
+                                          lambda i, h, j: (i, 0, h // r, 0)),
+                             "seq")
+      self.tile_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.bv),
+                                           lambda i, h, j: (i, 0, h, j)),
+                              "seq")
 
   def call(self, body, *args, grid, in_specs, out_specs, out_shape,
-           stage: str):
+           stage: str, aliases=()):
     """One pallas_call of split kernel `stage` (a name from
-    `block_sizes.SPLIT_KERNELS`)."""
+    `block_sizes.SPLIT_KERNELS`).
+
+    Windowed plans: `aliases` pairs (output index, whole-sequence array)
+    whose outputs are written into those arrays in place (only the
+    window's rows change).
+    """
     parallel = not stage.startswith("state_")
     warps = self.cfg.block_sizes.warps(stage, parallel)
     kwargs = {}
@@ -95,17 +197,59 @@ class _Plan:
       kwargs["compiler_params"] = params
     prefix = "gated_delta_rule_bwd_" if stage.startswith("wy") else (
         "gated_delta_rule_")
+    if self.window is not None:
+      body, args, in_specs, out_specs, kwargs["input_output_aliases"] = (
+          self._windowed(body, args, in_specs, out_specs, aliases))
     return pl.pallas_call(
         body, grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=self.cfg.interpret,
         name=prefix + stage, **kwargs)(*args)
 
+  def _windowed(self, body, args, in_specs, out_specs, aliases):
+    """`call`'s arguments for a windowed plan: `first` goes in first, the
+    aliased arrays last, and the body sees `_Rows` views of the
+    whole-sequence refs (`_Win` specs) and no aliased inputs."""
+    c, n_args = self.c, len(args)
+    kinds = [x.kind if isinstance(x, _Win) else None
+             for x in (*in_specs, *out_specs)]
+    unwrap = lambda specs: [x.spec if isinstance(x, _Win) else x
+                            for x in specs]
+    in_specs, out_specs = unwrap(in_specs), unwrap(out_specs)
+    alias_in = {}
+    for n, (out, array) in enumerate(aliases):
+      alias_in[1 + n_args + n] = out
+      args = (*args, array)
+      in_specs = [*in_specs, out_specs[out]]
+    n_alias = len(aliases)
+
+    def windowed(first_ref, *refs):
+      start = first_ref[0]
+      refs = refs[:n_args] + refs[n_args + n_alias:]
+      t = pl.program_id(2)
+      views = []
+      for ref, kind in zip(refs, kinds):
+        if kind == "chunk":
+          ref = _Rows(ref, pl.multiple_of((start + t) * c, c), c, c)
+        elif kind == "state":
+          ref = _Rows(ref, start + t, None, 1)
+        elif kind == "seq":
+          ref = _Rows(ref, pl.multiple_of(start * c, c), self.tp, c)
+        views.append(ref)
+      body(*views)
+
+    first_spec = pl.BlockSpec((1,), lambda *_: (0,))
+    return (windowed, (self.first, *args), [first_spec, *in_specs],
+            out_specs,
+            alias_in)
+
   def shape(self, *dims, dtype=_F32):
     return jax.ShapeDtypeStruct(dims, dtype)
 
-  def tokens(self, width, dtype=_F32):
-    """A token-major intermediate [b, tp, hv, width]."""
-    return jax.ShapeDtypeStruct((self.b, self.tp, self.hv, width), dtype)
+  def tokens(self, width, dtype=_F32, whole: bool = False):
+    """A token-major intermediate [b, tp, hv, width] (the window's tokens),
+    or with `whole` a whole-sequence array (a gradient)."""
+    tp = self.tp_in if whole else self.tp
+    return jax.ShapeDtypeStruct((self.b, tp, self.hv, width), dtype)
 
 
 def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
@@ -118,10 +262,10 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
                            d=p.d, block=bs.solve_block, sub=bs.sub_chunk,
                            out=out, scale=p.cfg.scale)
   args = [k, v, sc]
-  in_specs = [p.key_chunk, p.val_chunk(p.dv), p.val_chunk(kernel.NUM_SCALARS)]
+  in_specs = [p.key_in, p.val_in(p.dv), p.val_in(kernel.NUM_SCALARS)]
   if out == "p":
     args.append(q)
-    in_specs.append(p.key_chunk)
+    in_specs.append(p.key_in)
   out_specs = [p.val_chunk(p.dk), p.val_chunk(p.dv), p.val_chunk(ks.NUM_AUX)]
   out_shape = [p.tokens(p.dk, dtype=p.md),
                p.tokens(p.dv, dtype=p.md),
@@ -202,8 +346,8 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
       functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, d=p.d,
                         has_segments=p.cfg.has_segments),
       q, k, w, u, h, aux, do, grid=p.par_grid,
-      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dk), p.val_chunk(dv),
-                p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
+      in_specs=[p.key_in, p.key_in, p.val_chunk(dk), p.val_chunk(dv),
+                p.state_in, p.val_chunk(ks.NUM_AUX), p.val_in(dv)],
       out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
       out_shape=[p.tokens(dv, dtype=p.md), p.tokens(dv, dtype=p.md)],
       stage="bwd_local")
@@ -216,8 +360,9 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       functools.partial(ks.state_bwd_kernel, num_chunks=p.n, chunk=p.c,
                         scale=p.cfg.scale, d=p.d),
       q, k, w, aux, do, dvl, dst, grid=p.seq_grid,
-      in_specs=[p.key_seq, p.key_seq, p.head_seq(dk), p.head_seq(ks.NUM_AUX),
-                p.tile_seq, p.tile_seq, p.state_tile],
+      in_specs=[p.key_seq_in, p.key_seq_in, p.head_seq(dk),
+                p.head_seq(ks.NUM_AUX), p.tile_seq_in, p.tile_seq,
+                p.state_tile],
       out_specs=[p.tile_seq, p.states_tile, p.state_tile],
       out_shape=[p.tokens(dv, dtype=p.md),
                  p.shape(b, hv, p.n, dk, dv, dtype=p.md),
@@ -225,8 +370,10 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       stage="state_bwd")
 
 
-def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do):
-  """dq, dk (output / state paths), (dg part, 0); per value head."""
+def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None):
+  """dq, dk (output / state paths), (dg part, 0); per value head. dq_in:
+  (windowed plans) the whole-sequence dq that the window's rows are
+  written into, in place."""
   dk, dv = p.dk, p.dv
   ndsc = kernel.NUM_DSCALARS
   return p.call(
@@ -234,31 +381,35 @@ def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do):
                         has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.out_block),
       q, k, vn, h, dh, aux, do, grid=p.par_grid,
-      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(dv), p.state_chunk,
-                p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_chunk(dv)],
-      out_specs=[p.val_chunk(dk), p.val_chunk(dk), p.val_chunk(ndsc)],
-      out_shape=[p.tokens(dk, dtype=p.dq_dtype),
+      in_specs=[p.key_in, p.key_in, p.val_chunk(dv), p.state_in,
+                p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_in(dv)],
+      out_specs=[p.val_in(dk), p.val_chunk(dk), p.val_chunk(ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dq_dtype, whole=True),
                  p.tokens(dk, dtype=p.dk_dtype), p.tokens(ndsc)],
-      stage="bwd_out")
+      stage="bwd_out", aliases=() if dq_in is None else ((0, dq_in),))
 
 
-def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out):
+def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in=None,
+        dv_in=None):
   """Gradients through the WY form: dv, dk (with bwd_out's dk_out), (dg
-  part, dbeta part)."""
+  part, dbeta part). dk_in, dv_in: (windowed plans) the whole-sequence dk
+  and dv that the window's rows are written into, in place."""
   dk, dv, c = p.dk, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_kernel, has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.wy_block, d=p.d),
       t, k, v, sc, aux, vn, dvn, h, dk_out, grid=p.par_grid,
-      in_specs=[p.val_chunk(c), p.key_chunk, p.val_chunk(dv),
-                p.val_chunk(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dv), p.val_chunk(dv), p.state_chunk,
+      in_specs=[p.val_chunk(c), p.key_in, p.val_in(dv),
+                p.val_in(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
+                p.val_chunk(dv), p.val_chunk(dv), p.state_in,
                 p.val_chunk(dk)],
-      out_specs=[p.val_chunk(dk), p.val_chunk(dv), p.val_chunk(ndsc)],
-      out_shape=[p.tokens(dk, dtype=p.dk_dtype),
-                 p.tokens(dv, dtype=p.dv_dtype), p.tokens(ndsc)],
-      stage="wy")
+      out_specs=[p.val_in(dk), p.val_in(dv), p.val_chunk(ndsc)],
+      out_shape=[p.tokens(dk, dtype=p.dk_dtype, whole=True),
+                 p.tokens(dv, dtype=p.dv_dtype, whole=True),
+                 p.tokens(ndsc)],
+      stage="wy", aliases=() if dk_in is None else ((0, dk_in),
+                                                    (1, dv_in)))
 
 
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
@@ -270,9 +421,11 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   tokens, last to first, the state cotangent passed from each block to the
   one before it: every intermediate of the backward (T, w, u, v', dv',
   the state cotangents dh, the dk partial) then exists for one block at a
-  time, beside the stored states h. The gradients are the same; the cost
-  is five kernel launches per block and zeroing the gradient arrays that
-  the blocks are written into.
+  time, beside the stored states h. The kernels of a block read q, k, v,
+  the scalars, dO and h at the block's offset (windowed `_Plan`s: nothing
+  is sliced, that is copied) and write dq, dk and dv into the whole
+  gradient arrays in place. The gradients are the same; the cost is five
+  kernel launches per block and zeroing the gradient arrays first.
   """
   block = cfg.block_sizes.bwd_block
   tp, c = q.shape[1], cfg.block_sizes.chunk_size
@@ -280,43 +433,43 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
     return _backward_all(q, k, v, sc, h, do, dst, cfg, sq)
   per = block // c  # chunks per block
   full = (tp // c) // per
-  tail = tp - full * block
-  pieces = lambda start, size: (
-      [lax.dynamic_slice_in_dim(x, start, size, axis=1)
-       for x in (q, k, v, sc)],
-      lax.dynamic_slice_in_dim(h, start // c, size // c, axis=2),
-      lax.dynamic_slice_in_dim(do, start, size, axis=1))
+  tail = tp // c - full * per
   p = _Plan(q, k, v, cfg, sq)
-  # Each block's gradients are written into these in place.
   grads = [jnp.zeros((p.b, tp, p.hv, width), dtype)
            for width, dtype in ((p.dk, p.dq_dtype), (p.dk, p.dk_dtype),
                                 (p.dv, p.dv_dtype),
                                 (kernel.NUM_DSCALARS, _F32))]
 
-  def step(start, size, ds, grads):
-    (qb, kb, vb, scb), hb, dob = pieces(start, size)
-    *g_block, ds = _backward_all(qb, kb, vb, scb, hb, dob, ds, cfg, sq)
-    return ds, [lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), start,
-                                                axis=1)
-                for x, y in zip(grads, g_block)]
+  def step(first, chunks, ds, grads):
+    *grads_in, dsc = grads
+    *grads, dsc_block, ds = _backward_all(
+        q, k, v, sc, h, do, ds, cfg, sq, window=chunks,
+        first=jnp.reshape(first, (1,)).astype(jnp.int32), grads=grads_in)
+    dsc = lax.dynamic_update_slice_in_dim(dsc, dsc_block, first * c, axis=1)
+    return ds, [*grads, dsc]
 
   ds = dst
   if tail:  # the last, shorter block goes first
-    ds, grads = step(full * block, tail, ds, grads)
+    ds, grads = step(full * per, tail, ds, grads)
   (ds, grads), _ = lax.scan(
-      lambda carry, j: (step(j * block, block, *carry), None),
+      lambda carry, j: (step(j * per, per, *carry), None),
       (ds, grads), jnp.arange(full), reverse=True)
   return (*grads, ds)
 
 
-def _backward_all(q, k, v, sc, h, do, dst, cfg, sq):
-  """`backward` over the whole of the given tokens at once."""
-  p = _Plan(q, k, v, cfg, sq)
+def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
+                  grads=None):
+  """`backward` over the whole sequence at once, or (window, first: a
+  windowed `_Plan`) over that window, writing dq, dk, dv into `grads`
+  in place; (dg, dbeta) and dS0 are the window's."""
+  p = _Plan(q, k, v, cfg, sq, window, first)
+  dq_in, dk_in, dv_in = grads or (None, None, None)
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
   vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
-  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do)
-  dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out)
+  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do, dq_in)
+  dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in,
+                       dv_in)
   dsc = dg_out + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
