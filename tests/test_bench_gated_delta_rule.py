@@ -27,6 +27,15 @@ _KERNELS_OUTPUT_IN_STATE = ["prep", "state_out", "prep (with T)",
                             "bwd_local", "state_bwd", "bwd_out", "wy"]
 
 
+def _run_python(code: str, *args: str) -> str:
+  """Runs `code` in a fresh CPU process (the benchmark module defines absl
+  flags); returns its stripped stdout."""
+  out = subprocess.run([sys.executable, "-c", code, *args], check=True,
+                       cwd=_ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return out.stdout.strip()
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="interpret-mode smoke run for CPU machines")
 def test_bench_reports_every_implementation(tmp_path):
@@ -94,10 +103,7 @@ def test_best_profiled_variant():
       "  assert best_profiled_variant(rows) == want, (rows, want)\n"
       "assert best_profiled_variant([]) is None\n"
       "print('ok')\n")
-  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.stdout.strip() == "ok"
+  assert _run_python(code) == "ok"
 
 
 def test_merged_profiles_count_the_defaults_once(tmp_path):
@@ -123,10 +129,7 @@ def test_merged_profiles_count_the_defaults_once(tmp_path):
       "assert len(rows) == 6, rows\n"
       "assert {r['ms'] for r in rows if r['blocks'] == 'pallas'} == {1.0}\n"
       "print(best_profiled_variant(rows))\n")
-  out = subprocess.run([sys.executable, "-c", code, *paths], check=True,
-                       cwd=_ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.stdout.strip() == "None"
+  assert _run_python(code, *paths) == "None"
 
 
 def test_queued_timing_waits_once_for_calls_issued_back_to_back():
@@ -153,7 +156,4 @@ def test_queued_timing_waits_once_for_calls_issued_back_to_back():
       "assert waits[0] == 1 + 1 + 5, waits\n"
       "assert 19.0 < ms < 30.0, ms\n"
       "print('ok')\n")
-  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert out.stdout.strip() == "ok"
+  assert _run_python(code) == "ok"
