@@ -77,8 +77,11 @@ for s in "${steps[@]}"; do
       step model "${MODEL_LIMIT:-240}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_model_packing.py -k pallas ;;
-    # pallas (GPU defaults), FLA, chunked; then the defaults kernel by kernel.
-    bench32k) bench bench32k "${BENCH_LIMIT:-300}" 32768 5 --profile_kernels ;;
+    # pallas (GPU defaults), FLA, chunked, and the tiling whose kernels
+    # summed least in options32k's profile, if not the defaults; then the
+    # defaults kernel by kernel.
+    bench32k) bench bench32k "${BENCH_LIMIT:-300}" 32768 5 --profile_kernels \
+      --variants_from_profile "$OUT/options32k.json" ;;
     # The defaults, the fastest tiling of profile32k and prep32k (those
     # that ran first), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 \
@@ -87,12 +90,14 @@ for s in "${steps[@]}"; do
     # end to end (20 runs; XLA's temporaries per variant) and kernel by
     # kernel: the output inside the sequential pass (output_in_state) and
     # the backward in blocks of 4096 tokens (bwd_block); kernel by kernel
-    # the defaults, output_in_state and prep in 8 warps (prep is 3.5x its
-    # traffic floor, latency-bound). The e2e lines are logged as measured,
-    # so a step cut short by its limit still leaves them.
+    # the defaults, output_in_state, and prep in programs of 2 warps (prep
+    # is 3.5x its traffic floor and runs 8 warps per SM at ~255 registers
+    # however it is tiled; 4 programs of 2 warps hide latency better than
+    # 2 of 4, if that is what bounds it). The e2e lines are logged as
+    # measured, so a step cut short by its limit still leaves them.
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
       --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/bwd_block=4096" \
-      --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:8" ;;
+      --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;
