@@ -157,13 +157,17 @@ def _timed(fn, sync, iters: int, warmup: int, mode: str) -> dict[str, float]:
 
 
 def best_profiled_variant(kernel_profile: list[dict]) -> str | None:
-  """The spec of the profiled variant with the least summed kernel time,
+  """The spec of the profiled variant with the least summed kernel time
+  (queued, when every row has it),
   or None when the defaults ("pallas") are fastest or nothing was profiled.
   Labels are "pallas" or "pallas[spec]" (see `parse_variant`)."""
+  # Device times (queued) where every row has one, else latencies.
+  key = ("ms_queued" if all("ms_queued" in r for r in kernel_profile)
+         else "ms")
   totals = {}
   for row in kernel_profile:
     label = row.get("blocks", "pallas")
-    totals[label] = totals.get(label, 0.0) + row["ms"]
+    totals[label] = totals.get(label, 0.0) + row[key]
   if not totals:
     return None
   best = min(totals, key=totals.get)
@@ -247,9 +251,11 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
 def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
                     warmup: int, block_sizes: BlockSizes | None = None
                     ) -> list[dict]:
-  """Median ms of each kernel of the split pipeline, run on its own, and
-  its HBM traffic floor (`triton_resources.kernel_traffic`: the bytes of
-  its arrays at ANCHORS.md's measured 2.5 TB/s)."""
+  """Each kernel of the split pipeline run on its own: median ms with
+  every call waited for ("ms"), mean ms of calls queued back to back
+  ("ms_queued", its device time; see `MODES`), and its HBM traffic floor
+  (`triton_resources.kernel_traffic`: the bytes of its arrays at
+  ANCHORS.md's measured 2.5 TB/s)."""
   backend = "cpu" if interpret else jax.default_backend()
   if backend == "tpu":
     raise ValueError("profile_kernels: times the split kernels, which run "
@@ -262,9 +268,14 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
   return [dict(kernel=name, first_call_s=first,
                floor_ms=sum(r["floor_ms"] for r in
                             triton_resources.kernel_traffic(fn, *args)),
-               ms=_median_ms(lambda: fn(*args), jax.block_until_ready, iters,
-                             warmup))
+               **_kernel_times(fn, args, iters, warmup))
           for name, fn, args, first in stages]
+
+
+def _kernel_times(fn, args, iters: int, warmup: int) -> dict[str, float]:
+  times = _timed(lambda: fn(*args), jax.block_until_ready, iters, warmup,
+                 "ms")
+  return dict(ms=times["ms"], ms_queued=times["ms_queued"])
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -400,7 +411,8 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       row["blocks"] = label
       kernel_profile.append(row)
       print(f"measured kernel {label} {row['kernel']}: {row['ms']:.3f} ms "
-            f"(first call, with compilation: {row['first_call_s']:.1f} s)",
+            f"({row['ms_queued']:.3f} queued; first call, with "
+            f"compilation: {row['first_call_s']:.1f} s)",
             flush=True)
     if progress_path:  # a run cut short keeps the tilings profiled so far
       with open(progress_path, "w") as f:
@@ -451,14 +463,17 @@ def format_table(result: dict) -> str:
     part = [r for r in profile if r.get("blocks", "pallas") == label]
     total = sum(r["ms"] for r in part)
     floor = sum(r["floor_ms"] for r in part)
-    lines += ["", f"{label}: split kernel (alone) | ms | share | "
-              f"HBM floor ms | x floor | first call s",
-              "--- | --- | --- | --- | --- | ---"]
-    lines += [f"{r['kernel']} | {r['ms']:.3f} | {r['ms'] / total:.0%} | "
-              f"{r['floor_ms']:.3g} | {r['ms'] / r['floor_ms']:.1f} | "
+    queued = sum(r.get("ms_queued", float("nan")) for r in part)
+    lines += ["", f"{label}: split kernel (alone) | ms | queued ms | share | "
+              f"HBM floor ms | x floor (queued) | first call s",
+              "--- | --- | --- | --- | --- | --- | ---"]
+    lines += [f"{r['kernel']} | {r['ms']:.3f} | "
+              f"{r.get('ms_queued', float('nan')):.3f} | "
+              f"{r['ms'] / total:.0%} | {r['floor_ms']:.3g} | "
+              f"{r.get('ms_queued', float('nan')) / r['floor_ms']:.1f} | "
               f"{r['first_call_s']:.1f}" for r in part]
-    lines.append(f"sum | {total:.3f} | 100% | {floor:.3g} | "
-                 f"{total / floor:.1f} | "
+    lines.append(f"sum | {total:.3f} | {queued:.3f} | 100% | {floor:.3g} | "
+                 f"{queued / floor:.1f} | "
                  f"{sum(r['first_call_s'] for r in part):.1f}")
   if result.get("fwd_bwd_temp_bytes"):
     mib = 2.0 ** 20

@@ -75,7 +75,8 @@ def test_bench_reports_every_implementation(tmp_path):
   assert [r["kernel"] for r in profile
           if r["blocks"] == "pallas[output_in_state=True]"] == (
               _KERNELS_OUTPUT_IN_STATE)
-  assert all(r["ms"] > 0 and r["first_call_s"] > 0 for r in profile)
+  assert all(r["ms"] > 0 and r["ms_queued"] > 0 and r["first_call_s"] > 0
+             for r in profile)
   # The traffic floor: the backward's prep also writes T; with
   # output_in_state the forward's prep reads q and writes P.
   floor = {(r["blocks"], r["kernel"]): r["floor_ms"] for r in profile}
@@ -87,20 +88,26 @@ def test_bench_reports_every_implementation(tmp_path):
 
 def test_best_profiled_variant():
   """The tiling picked for end-to-end timing is the one whose kernels sum
-  to the least time (run in a subprocess: the module defines absl flags)."""
+  to the least time: the queued (device) times when every row has one,
+  else the latencies (run in a subprocess: the module defines absl
+  flags)."""
   code = (
       "import random\n"
       "from experiments.bench_gated_delta_rule import best_profiled_variant\n"
       "rng = random.Random(0)\n"
       "labels = ['pallas', 'pallas[num_stages=3]', 'pallas[block_dv=16]']\n"
-      "for _ in range(20):\n"
-      "  rows = [dict(blocks=l, kernel=k, ms=rng.uniform(0.1, 5.0))\n"
-      "          for l in labels for k in ('prep', 'state_fwd', 'output')]\n"
-      "  sums = {l: sum(r['ms'] for r in rows if r['blocks'] == l)\n"
-      "          for l in labels}\n"
-      "  best = min(sums, key=sums.get)\n"
-      "  want = None if best == 'pallas' else best[7:-1]\n"
-      "  assert best_profiled_variant(rows) == want, (rows, want)\n"
+      "for key in ('ms', 'ms_queued'):\n"
+      "  for _ in range(20):\n"
+      "    rows = [dict(blocks=l, kernel=k, ms=rng.uniform(0.1, 5.0))\n"
+      "            for l in labels for k in ('prep', 'state_fwd', 'output')]\n"
+      "    for r in rows:\n"
+      "      if key == 'ms_queued':\n"
+      "        r['ms_queued'] = rng.uniform(0.1, 5.0)\n"
+      "    sums = {l: sum(r[key] for r in rows if r['blocks'] == l)\n"
+      "            for l in labels}\n"
+      "    best = min(sums, key=sums.get)\n"
+      "    want = None if best == 'pallas' else best[7:-1]\n"
+      "    assert best_profiled_variant(rows) == want, (rows, want)\n"
       "assert best_profiled_variant([]) is None\n"
       "print('ok')\n")
   assert _run_python(code) == "ok"
