@@ -268,14 +268,9 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
   return [dict(kernel=name, first_call_s=first,
                floor_ms=sum(r["floor_ms"] for r in
                             triton_resources.kernel_traffic(fn, *args)),
-               **_kernel_times(fn, args, iters, warmup))
+               **_timed(lambda: fn(*args), jax.block_until_ready, iters,
+                        warmup, "ms"))
           for name, fn, args, first in stages]
-
-
-def _kernel_times(fn, args, iters: int, warmup: int) -> dict[str, float]:
-  times = _timed(lambda: fn(*args), jax.block_until_ready, iters, warmup,
-                 "ms")
-  return dict(ms=times["ms"], ms_queued=times["ms_queued"])
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:

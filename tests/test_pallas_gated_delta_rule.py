@@ -454,20 +454,27 @@ def test_lowers_for_accelerators(platform, kernels, solve_block, wy_block,
     assert name in text, name
 
 
-def _pallas_call_outputs(fn, *args):
-  """The output shapes of every pallas_call in fn's jaxpr (nested jaxprs
-  included)."""
-  shapes = []
+def _eqns(fn, *args) -> list:
+  """Every equation of fn's jaxpr, nested jaxprs included (not the kernel
+  bodies inside pallas_calls)."""
+  eqns = []
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        shapes.append([v.aval.shape for v in eqn.outvars])
-      for sub in jex_core.jaxprs_in_params(eqn.params):
-        visit(sub)
+      eqns.append(eqn)
+      if eqn.primitive.name != "pallas_call":
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+          visit(sub)
 
   visit(jax.make_jaxpr(fn)(*args).jaxpr)
-  return shapes
+  return eqns
+
+
+def _pallas_call_outputs(fn, *args):
+  """The output shapes of every pallas_call in fn's jaxpr (nested jaxprs
+  included)."""
+  return [[v.aval.shape for v in eqn.outvars] for eqn in _eqns(fn, *args)
+          if eqn.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize("output_in_state", [False, True])
@@ -604,18 +611,10 @@ def test_backward_in_blocks_reads_whole_arrays_at_an_offset():
         q, k, v, g, beta, block_sizes=bs, interpret=True, backend="gpu")
     return jnp.sum(o) + jnp.sum(s)
 
-  sliced = []
-
-  def visit(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("slice", "dynamic_slice"):
-        sliced.append(tuple(eqn.invars[0].aval.shape))
-      if eqn.primitive.name != "pallas_call":
-        for sub in jex_core.jaxprs_in_params(eqn.params):
-          visit(sub)
-
-  visit(jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(5))))(
-      *[inputs[n] for n in NAMES[:5]]).jaxpr)
+  sliced = [tuple(eqn.invars[0].aval.shape)
+            for eqn in _eqns(jax.grad(loss, argnums=tuple(range(5))),
+                             *[inputs[n] for n in NAMES[:5]])
+            if eqn.primitive.name in ("slice", "dynamic_slice")]
   b = inputs["q"].shape[0]
   whole = {(b, t, 1, d), (b, t, hv, d), (b, hv, t // 64, d, d)}
   assert not whole & set(sliced), sliced

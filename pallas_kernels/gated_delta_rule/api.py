@@ -164,11 +164,12 @@ def gated_delta_rule(
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size,
             seq_splits)
   impl = _IMPLEMENTATIONS[name]
-  if block_sizes:
-    pallas_gdr.block_sizes_for(jax.default_backend(), chunk_size,
-                               block_sizes)  # named errors, any impl
+  if block_sizes or name == "pallas":
+    # Built (and checked, with named errors) whatever the implementation.
+    tiles = pallas_gdr.block_sizes_for(jax.default_backend(), chunk_size,
+                                       block_sizes)
     if name == "pallas":
-      impl = functools.partial(impl, block_sizes=block_sizes)
+      impl = functools.partial(impl, block_sizes=tiles)
   if seq_splits > 1:
     # (the pieces keep q's dk, so a default scale stays dk ** -0.5)
     def rule(q, k, v, g, beta, initial_state, segment_ids):

@@ -522,11 +522,13 @@ def block_sizes_for(backend: str, chunk_size: int,
 
 
 def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
-              chunk_size: int, interpret: bool, block_sizes: str = ""):
-  """Adapter with the signature of `api._IMPLEMENTATIONS` entries (and the
-  api's `block_sizes` spec)."""
+              chunk_size: int, interpret: bool,
+              block_sizes: BlockSizes | None = None):
+  """Adapter with the signature of `api._IMPLEMENTATIONS` entries;
+  `block_sizes` as the api builds it (`block_sizes_for`), default this
+  backend's at `chunk_size`."""
   backend = jax.default_backend()
-  bs = block_sizes_for(backend, chunk_size, block_sizes)
+  bs = block_sizes or block_sizes_for(backend, chunk_size)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
                                  interpret=interpret, backend=backend)

@@ -163,19 +163,19 @@ class _Plan:
       self.state_in = self.state_chunk
       self.key_seq_in, self.tile_seq_in = self.key_seq, self.tile_seq
     else:
+      # Whole-sequence blocks: the same for parallel and sequential grids
+      # (program ids i, h, then the chunk or the dv tile j).
       tpi = self.tp_in
-      self.key_in = _Win(pl.BlockSpec((sq, tpi, sq, self.dk),
-                                      lambda i, h, t: (i, 0, h // r, 0)),
-                         "chunk")
+      key_whole = pl.BlockSpec((sq, tpi, sq, self.dk),
+                               lambda i, h, _: (i, 0, h // r, 0))
+      self.key_in, self.key_seq_in = _Win(key_whole, "chunk"), _Win(
+          key_whole, "seq")
       self.val_in = lambda width: _Win(
-          pl.BlockSpec((sq, tpi, sq, width), lambda i, h, t: (i, 0, h, 0)),
+          pl.BlockSpec((sq, tpi, sq, width), lambda i, h, _: (i, 0, h, 0)),
           "chunk")
       self.state_in = _Win(
           pl.BlockSpec((sq, sq, self.n_in, self.dk, self.dv),
-                       lambda i, h, t: (i, h, 0, 0, 0)), "state")
-      self.key_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.dk),
-                                          lambda i, h, j: (i, 0, h // r, 0)),
-                             "seq")
+                       lambda i, h, _: (i, h, 0, 0, 0)), "state")
       self.tile_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.bv),
                                            lambda i, h, j: (i, 0, h, j)),
                               "seq")
