@@ -17,6 +17,7 @@ the "grid" driver, which is the Mosaic TPU layout (VMEM scratch) and has no
 Triton lowering.
 """
 
+import contextlib
 import dataclasses
 
 import jax
@@ -71,6 +72,9 @@ class Case:
   long_docs: bool = False
   output_in_state: bool = False  # BlockSizes.output_in_state
   bwd_block: int | None = None  # BlockSizes.bwd_block
+  # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
+  # (interpret=True, the interpreter's defaults, when empty).
+  tpu_interpreter: tuple = ()
 
 
 CASES = {
@@ -142,19 +146,64 @@ CASES = {
                                     kernels="fused"),
     "t130_dv_tiles_fused": Case(130, hk=1, hv=2, dv=32, block_dv=16,
                                 chunk_size=32, kernels="fused"),
+    # The TPU driver runs in Pallas' TPU interpreter (backend "tpu"): the
+    # Mosaic compiler params, blocks moved by simulated DMAs, NaN in
+    # every buffer before it is written; in the two-core case the batch
+    # axis (the leading "parallel" one) is split over two simulated
+    # cores, with the race detector on.
     "t130_segments_grid": Case(130, with_segments=True, chunk_loop="grid",
-                               kernels="fused"),
+                               kernels="fused", backend="tpu"),
     "t70_bf16_grid_no_state": Case(70, jnp.bfloat16, with_state=False,
-                                   chunk_loop="grid", kernels="fused"),
+                                   chunk_loop="grid", kernels="fused",
+                                   backend="tpu"),
+    "t100_segments_grid_two_cores": Case(
+        100, with_segments=True, chunk_loop="grid", kernels="fused",
+        backend="tpu", block_dv=8, dv=16,
+        tpu_interpreter=(("num_cores_or_threads", 2),
+                         ("detect_races", True))),
     # The fused families with slow decays (no segments).
     "t150_slow_decay_fused": Case(150, kernels="fused", g_scale=0.02),
     "t150_slow_decay_grid": Case(150, chunk_loop="grid", kernels="fused",
-                                 g_scale=0.02),
+                                 g_scale=0.02, backend="tpu"),
 }
+
+
+@contextlib.contextmanager
+def _tpu_race_log():
+  """Counts the TPU interpreter's race detectors and the races they find.
+
+  The interpreter makes a new detector (a private class of jax's, the same
+  in 0.10.2 and 0.11.2) for every kernel call and only prints what it
+  finds, so one jitted forward + backward leaves the last kernel's alone;
+  this records every detector's finding as it is made. Yields a dict
+  {"detectors": n, "races": n}.
+  """
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
+  log = {"detectors": 0, "races": 0}
+  base = ipc.RaceDetectionState
+
+  class Logged(base):
+
+    def __init__(self, *args, **kwargs):
+      log["detectors"] += 1
+      super().__init__(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+      if name == "races_found" and value:
+        log["races"] += 1
+      super().__setattr__(name, value)
+
+  ipc.RaceDetectionState = Logged
+  try:
+    yield log
+  finally:
+    ipc.RaceDetectionState = base
 
 
 def _run_case(case: Case):
   backend, interpret = case.backend, True
+  if case.tpu_interpreter:
+    interpret = pallas_gdr.tpu_interpreter(**dict(case.tpu_interpreter))
   if _HW is not None:
     if _HW == "gpu" and case.chunk_loop == "grid":
       pytest.skip("the 'grid' chunk driver is the Mosaic TPU layout (VMEM "
@@ -198,7 +247,14 @@ def _run_case(case: Case):
     (o, s), vjp = jax.vjp(fn, *args)
     return o, s, vjp((jnp.asarray(r_o, o.dtype), jnp.asarray(r_s)))
 
-  o, s, grads = fwd_and_grads(*[inputs[n] for n in NAMES[:5]], s0)
+  args = [inputs[n] for n in NAMES[:5]] + [s0]
+  if dict(case.tpu_interpreter).get("detect_races") and interpret:
+    with _tpu_race_log() as races:
+      o, s, grads = jax.block_until_ready(fwd_and_grads(*args))
+    # Two kernels: the forward (states stored) and the backward.
+    assert races == {"detectors": 2, "races": 0}, races
+  else:
+    o, s, grads = fwd_and_grads(*args)
   return inputs, (o, s), grads, (r_o, r_s)
 
 
@@ -268,6 +324,30 @@ def test_pallas_without_interpret_on_cpu_raises():
   inputs = make_inputs(0, 4)
   with pytest.raises(ValueError, match="interpret"):
     gated_delta_rule(**inputs, implementation="pallas")
+
+
+def test_tpu_interpreter_runs_the_tpu_kernels_only():
+  """interpret=True with backend "tpu" gives the fused kernels Pallas' TPU
+  interpreter and their Mosaic params; the split (GPU) kernels keep the
+  generic interpreter, and TPU interpreter params elsewhere are refused."""
+  inputs = make_inputs(1, 20)
+  params = pallas_gdr.tpu_interpreter(detect_races=True)
+  cfg = lambda backend, kernels, interpret: pallas_gdr._prepare(  # pylint: disable=protected-access
+      *(inputs[n] for n in NAMES), None, None,
+      BlockSizes(kernels=kernels, chunk_loop=(
+          "grid" if kernels == "fused" else "kernel")),
+      interpret, backend)[-1]
+  tpu_fused = cfg("tpu", "fused", True)
+  assert tpu_fused.pallas_interpret == pallas_gdr.tpu_interpreter()
+  assert tpu_fused.compiler_params(("parallel",)) is not None
+  assert cfg("tpu", "fused", params).pallas_interpret == params
+  for backend, kernels in (("tpu", "split"), ("gpu", "split"),
+                           ("cpu", "fused")):
+    generic = cfg(backend, kernels, True)
+    assert generic.pallas_interpret is True
+    assert generic.compiler_params(("parallel",)) is None
+    with pytest.raises(ValueError, match="TPU interpreter params"):
+      cfg(backend, kernels, params)
 
 
 def test_gpu_sub_chunk_below_16_raises():

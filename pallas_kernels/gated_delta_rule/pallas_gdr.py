@@ -67,6 +67,21 @@ def _tpu_compiler_params(dimension_semantics: tuple[str, ...]):
   return cls(dimension_semantics=dimension_semantics)
 
 
+def tpu_interpreter(**params):
+  """Pallas' TPU interpreter (`pltpu.InterpretParams`), for `interpret=`.
+
+  It runs a Mosaic kernel on the CPU as a TPU would: with its compiler
+  params (dimension semantics, a megacore split of the leading parallel
+  axis over `num_cores_or_threads` simulated cores), blocks copied in and
+  out by simulated DMAs, uninitialised buffers filled with NaN,
+  out-of-bounds reads raised, and optionally a race detector
+  (`detect_races=True`). `interpret=True` with backend "tpu" uses it with
+  its defaults; the generic interpreter (`interpret=True` elsewhere) runs
+  the kernel body on whole arrays with none of that.
+  """
+  return _tpu_module().InterpretParams(**params)
+
+
 def _vmem(shape, dtype):
   """A VMEM scratch buffer (also understood by the interpreter)."""
   pltpu = _tpu_module()
@@ -88,8 +103,26 @@ class _Config:
   group: int  # r = hv // hk
   block_sizes: BlockSizes
   backend: str  # "gpu", "tpu" or "cpu"
-  interpret: bool
+  # False, True, or `tpu_interpreter(...)`'s params (the fused kernels on
+  # backend "tpu"); see `pallas_interpret`.
+  interpret: object
   has_segments: bool
+
+  @property
+  def tpu_interpreted(self) -> bool:
+    """The fused kernels run in the TPU interpreter (backend "tpu")."""
+    return (bool(self.interpret) and self.backend == "tpu"
+            and self.block_sizes.kernels == "fused")
+
+  @property
+  def pallas_interpret(self):
+    """`pallas_call`'s interpret argument: the TPU interpreter for the
+    fused kernels on backend "tpu" (default params for `True`), else a
+    bool."""
+    if self.tpu_interpreted:
+      return (tpu_interpreter() if self.interpret is True
+              else self.interpret)
+    return bool(self.interpret)
 
   @property
   def token_major(self) -> bool:
@@ -98,7 +131,7 @@ class _Config:
 
   def compiler_params(self, semantics: tuple[str, ...],
                       num_warps: int | None = None):
-    if self.interpret:
+    if self.interpret and not self.tpu_interpreted:
       return None
     if self.backend == "gpu":
       return _triton_compiler_params(num_warps or self.block_sizes.num_warps,
@@ -118,7 +151,7 @@ def _call(body, *args, grid, in_specs, out_specs, out_shape, cfg,
     kwargs["scratch_shapes"] = list(scratch_shapes)
   return pl.pallas_call(
       body, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=cfg.interpret, name=name,
+      out_shape=out_shape, interpret=cfg.pallas_interpret, name=name,
       **kwargs)(*args)
 
 
@@ -413,7 +446,11 @@ def gated_delta_rule_pallas(
     scale: query scale, default dk ** -0.5.
     segment_ids: [b, t] ints or None; the state resets where the id changes.
     block_sizes: tiles; default `BlockSizes.get_default(backend)`.
-    interpret: run the kernels in Pallas interpret mode.
+    interpret: run the kernels in Pallas interpret mode: True, or
+      `tpu_interpreter(...)`'s params. With backend "tpu", the fused
+      kernels (the TPU family) run in Pallas' TPU interpreter, which
+      simulates the TPU's DMAs, cores and memory (default params for
+      True); every other kernel in the generic interpreter.
     backend: "gpu", "tpu" or "cpu"; default `jax.default_backend()`. Picks
       the lowering, the default block sizes and dk / dv padding (GPU pads
       both to a power of two, at least 16, as Triton requires).
@@ -448,6 +485,12 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
         f"{backend!r}; pass interpret=True (slow, for tests) or use "
         f"implementation='chunked'")
   bs = block_sizes or BlockSizes.get_default(backend)
+  if not isinstance(interpret, bool) and (backend != "tpu"
+                                          or bs.kernels != "fused"):
+    raise ValueError(
+        f"interpret: TPU interpreter params run the fused kernels on "
+        f"backend 'tpu' only (got backend {backend!r}, kernels "
+        f"{bs.kernels!r}); pass interpret=True there")
   if backend == "tpu" and bs.kernels == "split" and not interpret:
     raise ValueError(
         "block_sizes: kernels='split' keeps whole sequences per program in "
@@ -467,7 +510,7 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
     dk_p, dv_p = dk, dv
   bs.dv_tile(dv_p)  # validates block_dv early
   cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
-                backend=backend, interpret=bool(interpret),
+                backend=backend, interpret=interpret,
                 has_segments=segment_ids is not None)
   qh, kh, vh, sc = _padded_inputs(q, k, v, g, beta, segment_ids,
                                   bs.chunk_size, dk_p - dk, dv_p - dv,

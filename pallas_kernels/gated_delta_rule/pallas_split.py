@@ -202,7 +202,7 @@ class _Plan:
           self._windowed(body, args, in_specs, out_specs, aliases))
     return pl.pallas_call(
         body, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=self.cfg.interpret,
+        out_shape=out_shape, interpret=self.cfg.pallas_interpret,
         name=prefix + stage, **kwargs)(*args)
 
   def _windowed(self, body, args, in_specs, out_specs, aliases):
