@@ -83,6 +83,11 @@ _INTERPRET = flags.DEFINE_bool(
     "interpret", False,
     "Pallas interpret mode (CPU). Shrinks the shape flags not given on the "
     "command line to batch 1, seq_len 128, heads 2, dk 32, dv 32, iters 2.")
+_ONCE = flags.DEFINE_bool(
+    "once", False,
+    "Only run the Pallas forward+backward once per tiling (the defaults, "
+    "then --pallas_variants), untimed, for a profiler: `ncu --kernel-name "
+    "regex:gated_delta_rule ...` then sees each kernel once.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Input seed.")
 
@@ -197,10 +202,9 @@ def parse_variant(spec: str) -> tuple[str, BlockSizes]:
   return f"pallas[{spec}]", BlockSizes.from_spec(spec, jax.default_backend())
 
 
-def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
-             warmup: int, block_sizes: BlockSizes | None = None,
-             seq_splits: int = 1) -> dict[str, float]:
-  """Forward and forward+backward times (ms) of one JAX implementation."""
+def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
+             block_sizes: BlockSizes | None, seq_splits: int):
+  """(args, forward, forward+backward) of one JAX implementation."""
   args = [jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v")]
   args += [jnp.asarray(inputs[n]) for n in ("g", "beta")]
 
@@ -222,6 +226,29 @@ def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
     (o, s), vjp = jax.vjp(fwd, q, k, v, g, beta)
     return vjp((jnp.ones_like(o), jnp.ones_like(s)))
 
+  return args, fwd, fwd_bwd
+
+
+def run_once(labels_and_blocks, inputs: dict, dtype,
+             interpret: bool) -> None:
+  """Each Pallas tiling's forward+backward, compiled and called once, one
+  after the other, and nothing else: for a profiler (`ncu --kernel-name
+  regex:gated_delta_rule`) to see every kernel of each tiling once, in
+  order."""
+  for label, bs in labels_and_blocks:
+    args, _, fwd_bwd = _jax_fns("pallas", inputs, dtype, interpret, bs, 1)
+    grads = jax.block_until_ready(jax.jit(fwd_bwd)(*args))
+    finite = all(bool(jnp.isfinite(x).all()) for x in grads)
+    print(f"ran {label} forward+backward once "
+          f"({'finite' if finite else 'NOT FINITE'} gradients)", flush=True)
+
+
+def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
+             warmup: int, block_sizes: BlockSizes | None = None,
+             seq_splits: int = 1) -> dict[str, float]:
+  """Forward and forward+backward times (ms) of one JAX implementation."""
+  args, fwd, fwd_bwd = _jax_fns(impl, inputs, dtype, interpret,
+                                block_sizes, seq_splits)
   sync = jax.block_until_ready
   f = jax.jit(fwd)
   res = {}
@@ -496,6 +523,15 @@ def main(argv):
       if not flags.FLAGS[name].present:
         values[name] = small
   key_heads = gdr_shapes.KEY_HEADS.value or values["heads"]
+  if _ONCE.value:
+    dtype = jnp.dtype(gdr_shapes.DTYPE.value)
+    inputs = make_inputs(values["batch"], values["seq_len"], key_heads,
+                         values["heads"], values["dk"], values["dv"], dtype,
+                         _SEED.value)
+    run_once([("pallas", None)] + [parse_variant(spec)
+                                   for spec in _VARIANTS.value],
+             inputs, dtype, _INTERPRET.value)
+    return
   variants = tuple(_VARIANTS.value)
   if _VARIANTS_FROM.value:
     profiled = merge_profiles(_VARIANTS_FROM.value)

@@ -7,12 +7,14 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests options32k scaling8k model bench32k, in order
+# Steps (default: env tests options32k scaling8k ncu32k model bench32k, in order
 # of priority; on the H100 of 2026-11-26 (sixth session) env, tests,
 # bench32k and model took 8, 86, 188 and 130 s; options32k and scaling8k
-# are new; run them as `BUDGET_S=560 bash experiments/gpu_checks.sh` in a
-# 600 s call, which skips what no longer fits). Also: tests_all profile32k
-# prep32k best32k final32k base32k split32k scaling bench8k.
+# are new, ncu32k newer; run them as `BUDGET_S=560 bash
+# experiments/gpu_checks.sh` in a 600 s call, which skips what no longer
+# fits, and what was skipped in a second call if the lease has time left).
+# Also: tests_all profile32k prep32k best32k final32k base32k split32k
+# scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -57,7 +59,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k model bench32k)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k ncu32k model bench32k)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -118,6 +120,27 @@ for s in "${steps[@]}"; do
           --json_out "$OUT/scaling$t.json"
       done ;;
     bench8k) bench bench8k 200 8192 10 ;;
+    # Nsight Compute's counters for each kernel of one forward+backward at
+    # 32k, the defaults then output_in_state (bench --once: 15 launches):
+    # time, throughput against the SM / DRAM / L2 peaks, occupancy and the
+    # warps' stall reasons, to tell latency from bandwidth (the sequential
+    # kernels read w and k once per value tile, 8 x at value tiles of 16;
+    # prep runs 8 warps an SM). Full CSV in $OUT/ncu32k.csv; the log gets
+    # the headline rows. Needs ncu's counters (seen on Firecracker
+    # machines, not on gVisor: KINDS.md).
+    ncu32k)
+      NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+      step ncu32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
+        --kernel-name regex:gated_delta_rule --launch-count 15 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        --csv --page details \
+        python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
+        --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
+        --pallas_variants output_in_state=True > '$OUT/ncu32k.csv'"
+      python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing
       step profile32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
@@ -139,4 +162,4 @@ for s in "${steps[@]}"; do
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
-grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy|pallas|chunked|fla|skipped|sum|profile|NOTE|[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 80
+grep -E "^(===|gated delta rule on|implementation|measured|split kernel|prep|state_|output|bwd_|wy|pallas|chunked|fla|skipped|sum|profile|NOTE|ran |ncu |[0-9]+ (passed|failed)|FAILED|E  )" "$LOG" | tail -n 120

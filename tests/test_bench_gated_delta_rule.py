@@ -86,6 +86,22 @@ def test_bench_reports_every_implementation(tmp_path):
           > floor["pallas", "prep"])
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="interpret-mode smoke run for CPU machines")
+def test_once_runs_each_tiling_once_untimed():
+  """--once (for ncu): each tiling's forward+backward once, no timing."""
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_gated_delta_rule",
+       "--interpret", "--dtype", "float32", "--seq_len", "70", "--once",
+       "--pallas_variants", "output_in_state=True"],
+      check=True, cwd=_ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.splitlines()
+  assert out == [
+      "ran pallas forward+backward once (finite gradients)",
+      "ran pallas[output_in_state=True] forward+backward once "
+      "(finite gradients)"], out
+
+
 def test_best_profiled_variant():
   """The tiling picked for end-to-end timing is the one whose kernels sum
   to the least time: the queued (device) times when every row has one,
