@@ -70,7 +70,7 @@ for s in "${steps[@]}"; do
       step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
-        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block" ;;
+        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block or fwd_block" ;;
     tests_all)
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
@@ -90,15 +90,18 @@ for s in "${steps[@]}"; do
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
     # The options added after the H100 run, against the defaults and FLA,
     # end to end (20 runs; XLA's temporaries per variant) and kernel by
-    # kernel: the output inside the sequential pass (output_in_state) and
-    # the backward in blocks of 4096 tokens (bwd_block); kernel by kernel
+    # kernel: the output inside the sequential pass (output_in_state), the
+    # backward in blocks of 4096 tokens (bwd_block), and both with the
+    # forward in blocks too (fwd_block: with the backward alone in blocks,
+    # the forward's w, u, v' or P and h bound the temporaries, ~660-720
+    # MiB by the jaxpr count; with both ~500, dO included); kernel by kernel
     # the defaults, output_in_state, and prep in programs of 2 warps (prep
     # is 3.5x its traffic floor and runs 8 warps per SM at ~255 registers
     # however it is tiled; 4 programs of 2 warps hide latency better than
     # 2 of 4, if that is what bounds it). The e2e lines are logged as
     # measured, so a step cut short by its limit still leaves them.
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
-      --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/bwd_block=4096" \
+      --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/fwd_block=4096/bwd_block=4096" \
       --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \

@@ -55,9 +55,10 @@ def _loss_and_grad(cfg, params, ids, segment_ids=None):
 
 
 # The backend's default tiling, and the output inside the sequential pass
-# with the backward in blocks of 64 tokens (80 tokens: two blocks).
-@pytest.mark.parametrize("block_sizes",
-                         ["", "output_in_state=True/bwd_block=64"])
+# with the forward and the backward in blocks of 64 tokens (80 tokens: two
+# blocks each).
+@pytest.mark.parametrize(
+    "block_sizes", ["", "output_in_state=True/fwd_block=64/bwd_block=64"])
 def test_pallas_model_matches_chunked(params, block_sizes):
   ids = _ids(0, 2, 80)
   _, ref_logits, ref_grads = _loss_and_grad(_cfg("chunked"), params, ids)

@@ -72,6 +72,7 @@ class Case:
   long_docs: bool = False
   output_in_state: bool = False  # BlockSizes.output_in_state
   bwd_block: int | None = None  # BlockSizes.bwd_block
+  fwd_block: int | None = None  # BlockSizes.fwd_block
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -139,7 +140,14 @@ CASES = {
     "t300_bf16_segments_bwd_block": Case(
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, bwd_block=192,
-        output_in_state=True),
+        output_in_state=True, fwd_block=192),
+    # The forward in blocks, first to last, the state handed from block to
+    # block (three kernels: blocks of 128, 128 and a last one of 64;
+    # with output_in_state, above, 192 and 128), here with the backward in
+    # blocks of one chunk (five blocks, none shorter).
+    "t300_slow_decay_long_docs_fwd_block": Case(
+        300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        fwd_block=128, bwd_block=64),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -221,14 +229,15 @@ def _run_case(case: Case):
   if case.chunk_loop is None:
     bs = dataclasses.replace(BlockSizes.get_default(backend),
                              output_in_state=case.output_in_state,
-                             bwd_block=case.bwd_block)
+                             bwd_block=case.bwd_block,
+                             fwd_block=case.fwd_block)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
                     out_block=case.out_block, sub_chunk=case.sub_chunk,
                     output_in_state=case.output_in_state,
-                    bwd_block=case.bwd_block)
+                    bwd_block=case.bwd_block, fwd_block=case.fwd_block)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -290,11 +299,11 @@ def test_api_dispatch_pallas_matches_chunked():
 
 def test_api_block_sizes_reach_the_kernels():
   """gated_delta_rule(block_sizes=...) tiles the Pallas kernels (here: the
-  output inside the sequential pass, the backward in blocks of 16) and
-  gives the chunked rule's output and gradients; a spec that sets the
-  chunk size twice is refused by name."""
+  output inside the sequential pass, the forward in blocks of 24 and the
+  backward in blocks of 16) and gives the chunked rule's output and
+  gradients; a spec that sets the chunk size twice is refused by name."""
   inputs = make_inputs(5, 37, with_segments=True, hk=1, hv=3, g_scale=0.02)
-  spec = "output_in_state=True/bwd_block=16"
+  spec = "output_in_state=True/bwd_block=16/fwd_block=24"
 
   def run(impl, **kw):
     def loss(q, k, v, g, beta):
@@ -430,6 +439,10 @@ def test_block_sizes_validation():
     BlockSizes(bwd_block=32)  # less than a chunk
   with pytest.raises(ValueError, match="bwd_block"):
     BlockSizes(kernels="fused", bwd_block=128)
+  with pytest.raises(ValueError, match="fwd_block"):
+    BlockSizes(fwd_block=96)  # not a multiple of the chunk
+  with pytest.raises(ValueError, match="fwd_block"):
+    BlockSizes(kernels="fused", fwd_block=128)
   assert not BlockSizes.from_spec("output_in_state=False",
                                   "gpu").output_in_state
   assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
@@ -643,6 +656,33 @@ def test_backward_in_blocks_keeps_one_block_of_intermediates():
   assert peaks[512] < 0.8 * peaks[None], peaks
 
 
+@pytest.mark.parametrize("output_in_state", [False, True])
+def test_forward_in_blocks_keeps_one_block_of_intermediates(output_in_state):
+  """The jaxpr liveness count of an inference forward: with fwd_block, w,
+  u, the decays and v' (or P), and without output_in_state the states h
+  too, are alive for one block at a time, so at the peak the only
+  whole-sequence array is the output."""
+  t, hv, d = 4096, 2, 128
+  args = triton_resources._abstract_args(  # pylint: disable=protected-access
+      1, t, hv, hv, d, d, jnp.bfloat16, False)[:5]
+  whole = {f"bfloat16[1,{t},{hv},{d}]", f"bfloat16[1,{t},{hv},64]",
+           f"float32[1,{t},{hv},4]", f"bfloat16[1,{hv},{t // 64},{d},{d}]"}
+  peaks = {}
+  for block in (None, 512):
+    bs = dataclasses.replace(BlockSizes.get_default("gpu"), fwd_block=block,
+                             output_in_state=output_in_state)
+    peak, at_peak = triton_resources.live_temporaries(
+        lambda *a: pallas_gdr.gated_delta_rule_pallas(  # pylint: disable=cell-var-from-loop
+            *a, backend="gpu", block_sizes=bs), *args)
+    peaks[block] = peak
+    whole_at_peak = [x for _, x in at_peak if x in whole]
+    if block is None:
+      assert len(whole_at_peak) >= 3, at_peak  # o, w, u, ...
+    else:
+      assert whole_at_peak == [f"bfloat16[1,{t},{hv},{d}]"], at_peak  # o
+  assert peaks[512] < 0.5 * peaks[None], peaks
+
+
 def test_rows_view_composes_indices():
   """`pallas_split._Rows` (the blocked backward's view of whole-sequence
   refs) turns each index form the kernels use into one index of the
@@ -677,27 +717,42 @@ def test_rows_view_composes_indices():
   np.testing.assert_array_equal(np.asarray(o2), want2)
 
 
-def test_backward_in_blocks_reads_whole_arrays_at_an_offset():
+@pytest.mark.parametrize("spec", ["bwd_block=128", "fwd_block=128",
+                                  "fwd_block=128/output_in_state=True"])
+def test_blocks_read_whole_arrays_at_an_offset(spec):
   """bwd_block: the kernels of each block read q, k, v, dO and the stored
   states h where they are (an offset into the whole arrays), so the
   backward slices (copies) none of them; the old form sliced each block's
-  share of all five, one more pass over them in all."""
+  share of all five, one more pass over them in all. fwd_block: the same
+  for the forward's q, k, v and scalars, and o and h are written in place
+  (nothing is sliced, padded or concatenated into them)."""
   t, hv, d = 192, 2, 16
   inputs = make_inputs(5, t, hk=1, hv=hv, dk=d, dv=d)
-  bs = dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128)
+  bs = BlockSizes.from_spec(spec, "gpu")
 
   def loss(q, k, v, g, beta):
     o, s = pallas_gdr.gated_delta_rule_pallas(
         q, k, v, g, beta, block_sizes=bs, interpret=True, backend="gpu")
     return jnp.sum(o) + jnp.sum(s)
 
-  sliced = [tuple(eqn.invars[0].aval.shape)
-            for eqn in _eqns(jax.grad(loss, argnums=tuple(range(5))),
-                             *[inputs[n] for n in NAMES[:5]])
-            if eqn.primitive.name in ("slice", "dynamic_slice")]
+  eqns = _eqns(jax.grad(loss, argnums=tuple(range(5))),
+               *[inputs[n] for n in NAMES[:5]])
   b = inputs["q"].shape[0]
   whole = {(b, t, 1, d), (b, t, hv, d), (b, hv, t // 64, d, d)}
-  assert not whole & set(sliced), sliced
+  copied = [(eqn.primitive.name, tuple(x.aval.shape))
+            for eqn in eqns
+            if eqn.primitive.name in ("slice", "dynamic_slice",
+                                      "dynamic_update_slice", "concatenate",
+                                      "pad")
+            for x in (*eqn.invars, *eqn.outvars)
+            if hasattr(x.aval, "shape") and tuple(x.aval.shape) in whole]
+  assert not copied, copied
+  # Each block's kernels ran on the window (t = 192: two blocks of 128
+  # and 64 tokens): the pallas_calls saw both window lengths.
+  windows = {shape[1] for eqn in eqns if eqn.primitive.name == "pallas_call"
+             for shape in (x.aval.shape for x in eqn.outvars)
+             if len(shape) == 4 and shape[2] == hv}
+  assert {128, 64} <= windows, windows
 
 
 def test_backward_in_blocks_lowers_for_cuda():
@@ -708,6 +763,17 @@ def test_backward_in_blocks_lowers_for_cuda():
       dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128),
       t=130, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5 + 5
+  assert "stablehlo.while" in text
+
+
+def test_forward_in_blocks_lowers_for_cuda():
+  """fwd_block: the forward's three kernels for the first block, inside a
+  loop for the next whole ones, and for the shorter last block (300
+  tokens, 320 padded: 128, 128, 64), then the backward's five."""
+  text = _grad_lowered_for_cuda(
+      dataclasses.replace(BlockSizes.get_default("gpu"), fwd_block=128),
+      t=300, d=128)
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 3 + 3 + 5
   assert "stablehlo.while" in text
 
 

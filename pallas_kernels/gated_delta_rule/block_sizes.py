@@ -116,6 +116,11 @@ class BlockSizes:
       `lax.scan`), so its intermediates (T, w, u, v', dv', the state
       cotangents, the dk partial) exist for one block at a time beside the
       stored per-chunk states. None: the whole sequence at once.
+    fwd_block: None, or a multiple of chunk_size: the split forward takes
+      the sequence in blocks of this many tokens, first to last, the state
+      handed from block to block, so that w, u, v' (or P) and the decays
+      exist for one block at a time; o and the stored states are written
+      into whole arrays in place. None: the whole sequence at once.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -132,6 +137,7 @@ class BlockSizes:
   kernel_warps: tuple[tuple[str, int], ...] = ()
   output_in_state: bool = False
   bwd_block: int | None = None
+  fwd_block: int | None = None
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -187,14 +193,16 @@ class BlockSizes:
       raise ValueError(f"output_in_state: only the split kernels have a "
                        f"separate output kernel to fold into their "
                        f"sequential pass; found kernels={self.kernels!r}")
-    if self.bwd_block is not None and (
-        self.bwd_block < self.chunk_size or self.bwd_block % self.chunk_size):
-      raise ValueError(f"bwd_block: expected None or a positive multiple of "
-                       f"chunk_size={self.chunk_size}, found "
-                       f"{self.bwd_block}")
-    if self.bwd_block is not None and self.kernels != "split":
-      raise ValueError(f"bwd_block: only the split backward is taken in "
-                       f"blocks; found kernels={self.kernels!r}")
+    for name, what in (("fwd_block", "forward"), ("bwd_block", "backward")):
+      block = getattr(self, name)
+      if block is not None and (not isinstance(block, int)
+                                or block < self.chunk_size
+                                or block % self.chunk_size):
+        raise ValueError(f"{name}: expected None or a positive multiple of "
+                         f"chunk_size={self.chunk_size}, found {block!r}")
+      if block is not None and self.kernels != "split":
+        raise ValueError(f"{name}: only the split {what} is taken in "
+                         f"blocks; found kernels={self.kernels!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

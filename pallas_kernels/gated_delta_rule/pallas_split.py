@@ -91,8 +91,9 @@ class _Win:
   """A BlockSpec over a whole-sequence array of which a windowed call
   (`_Plan` with `window`) sees only its window: `kind` "chunk" (the
   program's chunk, [c, width] rows, of a parallel kernel), "state" (the
-  program's chunk of the per-chunk states) or "seq" (the window's rows, of
-  a sequential kernel)."""
+  program's chunk of the per-chunk states), "seq" (the window's rows, of
+  a sequential kernel) or "seq_states" (the window's chunks of the
+  per-chunk states, of a sequential kernel)."""
   spec: object
   kind: str
 
@@ -106,7 +107,10 @@ class _Plan:
   q, k, v, the scalars, dO and h (`*_in` specs) and the gradients dq, dk,
   dv (written into the caller's arrays in place, `call`'s `aliases`) are
   whole-sequence arrays read at an offset, never sliced (copied); every
-  intermediate (`tokens`, `val_chunk`, ...) is the window's length.
+  intermediate (`tokens`, `val_chunk`, ...) is the window's length. The
+  forward in blocks writes o and the stored states h the same way (the
+  first block creates them, writing its rows only; the others write
+  theirs into them in place).
   """
 
   def __init__(self, q, k, v, cfg, sq, window: int | None = None,
@@ -162,6 +166,7 @@ class _Plan:
       self.key_in, self.val_in = self.key_chunk, self.val_chunk
       self.state_in = self.state_chunk
       self.key_seq_in, self.tile_seq_in = self.key_seq, self.tile_seq
+      self.states_tile_in = self.states_tile
     else:
       # Whole-sequence blocks: the same for parallel and sequential grids
       # (program ids i, h, then the chunk or the dv tile j).
@@ -179,6 +184,9 @@ class _Plan:
       self.tile_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.bv),
                                            lambda i, h, j: (i, 0, h, j)),
                               "seq")
+      self.states_tile_in = _Win(
+          pl.BlockSpec((sq, sq, self.n_in, self.dk, self.bv),
+                       lambda i, h, j: (i, h, 0, 0, j)), "seq_states")
 
   def call(self, body, *args, grid, in_specs, out_specs, out_shape,
            stage: str, aliases=()):
@@ -234,6 +242,8 @@ class _Plan:
           ref = _Rows(ref, start + t, None, 1)
         elif kind == "seq":
           ref = _Rows(ref, pl.multiple_of(start * c, c), self.tp, c)
+        elif kind == "seq_states":
+          ref = _Rows(ref, start, self.n, 1)
         views.append(ref)
       body(*views)
 
@@ -277,49 +287,76 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
                 out_specs=out_specs, out_shape=out_shape, stage="prep")
 
 
-def _state_fwd(p: _Plan, w, u, k, aux, s0):
-  """v' [b, tp, hv, dv] md, states h [b, hv, n, dk, dv] md, final state."""
+def _states(p: _Plan, whole: bool):
+  """(spec, shape) of the per-chunk states a sequential kernel writes: the
+  whole sequence's (`whole`, windowed plans: the window's chunks written
+  into them), or the window's alone."""
+  if whole:
+    return p.states_tile_in, p.shape(p.b, p.hv, p.n_in, p.dk, p.dv,
+                                     dtype=p.md)
+  return p.states_tile, p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md)
+
+
+def _into(outputs) -> tuple:
+  """`call`'s aliases: (output index, array) for each array given."""
+  return tuple((i, x) for i, x in outputs if x is not None)
+
+
+def _state_fwd(p: _Plan, w, u, k, aux, s0, h_whole: bool = True,
+               h_in=None):
+  """v' [b, tp, hv, dv] md, states h [b, hv, n, dk, dv] md, final state.
+  Windowed plans: h is the whole sequence's with `h_whole` (written into
+  `h_in` in place when given), else the window's."""
   body = functools.partial(ks.state_fwd_kernel, num_chunks=p.n, chunk=p.c,
                            d=p.d)
+  h_spec, h_shape = _states(p, h_whole)
   return p.call(
       body, w, u, k, aux, s0, grid=p.seq_grid,
-      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq,
+      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq_in,
                 p.head_seq(ks.NUM_AUX), p.state_tile],
-      out_specs=[p.tile_seq, p.states_tile, p.state_tile],
-      out_shape=[p.tokens(p.dv, dtype=p.md),
-                 p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md),
+      out_specs=[p.tile_seq, h_spec, p.state_tile],
+      out_shape=[p.tokens(p.dv, dtype=p.md), h_shape,
                  p.shape(p.b, p.hv, p.dk, p.dv)],
-      stage="state_fwd")
+      stage="state_fwd", aliases=_into([(1, h_in)]))
 
 
-def _output(p: _Plan, q, k, vn, h, aux, out_dtype):
+def _output(p: _Plan, q, k, vn, h, aux, out_dtype, h_whole: bool = True,
+            o_in=None):
+  """o [b, tp, hv, dv] (windowed plans: the whole sequence's, written into
+  `o_in` in place when given); h as `_state_fwd` formed it."""
   body = functools.partial(ks.output_kernel, scale=p.cfg.scale,
                            has_segments=p.cfg.has_segments, d=p.d)
   return p.call(
       body, q, k, vn, h, aux, grid=p.par_grid,
-      in_specs=[p.key_chunk, p.key_chunk, p.val_chunk(p.dv), p.state_chunk,
+      in_specs=[p.key_in, p.key_in, p.val_chunk(p.dv),
+                p.state_in if h_whole else p.state_chunk,
                 p.val_chunk(ks.NUM_AUX)],
-      out_specs=p.val_chunk(p.dv),
-      out_shape=p.tokens(p.dv, dtype=out_dtype),
-      stage="output")
+      out_specs=[p.val_in(p.dv)],
+      out_shape=[p.tokens(p.dv, dtype=out_dtype, whole=True)],
+      stage="output", aliases=_into([(0, o_in)]))[0]
 
 
-def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states):
+def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states,
+               o_in=None, h_in=None):
   """o [b, tp, hv, dv], the final state and, with store_states, the states
-  h [b, hv, n, dk, dv] md (else None): one sequential pass."""
-  out_specs = [p.tile_seq, p.state_tile]
-  out_shape = [p.tokens(p.dv, dtype=out_dtype),
+  h [b, hv, n, dk, dv] md (else None): one sequential pass. Windowed
+  plans: o and h are the whole sequence's (written into `o_in`, `h_in` in
+  place when given)."""
+  out_specs = [p.tile_seq_in, p.state_tile]
+  out_shape = [p.tokens(p.dv, dtype=out_dtype, whole=True),
                p.shape(p.b, p.hv, p.dk, p.dv)]
   if store_states:
-    out_specs.append(p.states_tile)
-    out_shape.append(p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md))
+    h_spec, h_shape = _states(p, True)
+    out_specs.append(h_spec)
+    out_shape.append(h_shape)
   outs = p.call(
       functools.partial(ks.state_out_kernel, num_chunks=p.n, chunk=p.c,
                         scale=p.cfg.scale, d=p.d),
       w, u, q, k, pm, aux, s0, grid=p.seq_grid,
-      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq, p.key_seq,
+      in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq_in, p.key_seq_in,
                 p.head_seq(p.c), p.head_seq(ks.NUM_AUX), p.state_tile],
-      out_specs=out_specs, out_shape=out_shape, stage="state_out")
+      out_specs=out_specs, out_shape=out_shape, stage="state_out",
+      aliases=_into([(0, o_in), (2, h_in)]))
   return outs[0], outs[1], (outs[2] if store_states else None)
 
 
@@ -329,14 +366,58 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   With `BlockSizes.output_in_state` the output comes out of the sequential
   pass (`state_out`), and without store_states h is never written (None).
   Without it the output kernel reads h, so h is always formed.
+
+  With `BlockSizes.fwd_block` the sequence is taken in blocks of that many
+  tokens, first to last, each block's final state the next one's initial
+  state: w, u, the decays and v' (or P) then exist for one block at a
+  time. The kernels of a block read q, k, v and the scalars at its offset
+  (windowed `_Plan`s), and write o (and, with store_states, h) into whole
+  arrays: the first block's calls create them, writing their own rows,
+  and each later block writes its rows into them in place, so nothing is
+  zeroed or copied. Without store_states (and without output_in_state) h
+  exists for one block at a time too.
   """
-  p = _Plan(q, k, v, cfg, sq)
+  block = cfg.block_sizes.fwd_block
+  tp, c = q.shape[1], cfg.block_sizes.chunk_size
+  if block is None or block >= tp:
+    return _forward_all(q, k, v, sc, s0, cfg, sq, store_states)
+  per = block // c  # chunks per block
+  full = (tp // c) // per
+  tail = tp // c - full * per
+
+  def step(first, chunks, s, o, h):
+    o, s, h_block = _forward_all(
+        q, k, v, sc, s, cfg, sq, store_states, window=chunks,
+        first=jnp.reshape(first, (1,)).astype(jnp.int32), o_in=o, h_in=h)
+    return s, o, (h_block if store_states else None)
+
+  s, o, h = step(0, per, s0, None, None)  # creates o (and h)
+  if full > 1:
+    (s, o, h), _ = lax.scan(
+        lambda carry, j: (step(j * per, per, *carry), None), (s, o, h),
+        jnp.arange(1, full))
+  if tail:  # the last, shorter block
+    s, o, h = step(full * per, tail, s, o, h)
+  return o, s, h
+
+
+def _forward_all(q, k, v, sc, s0, cfg, sq, store_states, window=None,
+                 first=None, o_in=None, h_in=None):
+  """`forward` over the whole sequence at once, or (window, first: a
+  windowed `_Plan`) over that window, writing o (and, with store_states,
+  h) into the whole-sequence `o_in` and `h_in` in place (created when
+  None)."""
+  p = _Plan(q, k, v, cfg, sq, window, first)
   if cfg.block_sizes.output_in_state:
     w, u, aux, pm = _prep(p, k, v, sc, q=q)
-    return _state_out(p, w, u, q, k, pm, aux, s0, v.dtype, store_states)
+    return _state_out(p, w, u, q, k, pm, aux, s0, v.dtype, store_states,
+                      o_in, h_in)
   w, u, aux = _prep(p, k, v, sc)
-  vn, h, st = _state_fwd(p, w, u, k, aux, s0)
-  return _output(p, q, k, vn, h, aux, v.dtype), st, h
+  vn, h, st = _state_fwd(p, w, u, k, aux, s0, h_whole=store_states,
+                         h_in=h_in)
+  o = _output(p, q, k, vn, h, aux, v.dtype, h_whole=store_states,
+              o_in=o_in)
+  return o, st, h
 
 
 def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
@@ -424,8 +505,10 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   time, beside the stored states h. The kernels of a block read q, k, v,
   the scalars, dO and h at the block's offset (windowed `_Plan`s: nothing
   is sliced, that is copied) and write dq, dk and dv into the whole
-  gradient arrays in place. The gradients are the same; the cost is five
-  kernel launches per block and zeroing the gradient arrays first.
+  gradient arrays in place: the first block's calls create those arrays
+  (writing their own rows) and each later block writes its rows into them,
+  so nothing is zeroed or copied. The gradients are the same; the cost is
+  five kernel launches per block.
   """
   block = cfg.block_sizes.bwd_block
   tp, c = q.shape[1], cfg.block_sizes.chunk_size
@@ -435,26 +518,30 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   full = (tp // c) // per
   tail = tp // c - full * per
   p = _Plan(q, k, v, cfg, sq)
-  grads = [jnp.zeros((p.b, tp, p.hv, width), dtype)
-           for width, dtype in ((p.dk, p.dq_dtype), (p.dk, p.dk_dtype),
-                                (p.dv, p.dv_dtype),
-                                (kernel.NUM_DSCALARS, _F32))]
+  # (dg, dbeta) leave each block as the block's own array ([b, window, hv,
+  # 2], 1/32 of dq's bytes at d = 128) and are placed with an update.
+  dsc = jnp.zeros((p.b, tp, p.hv, kernel.NUM_DSCALARS), _F32)
 
-  def step(first, chunks, ds, grads):
-    *grads_in, dsc = grads
+  def step(first, chunks, ds, grads, dsc):
     *grads, dsc_block, ds = _backward_all(
         q, k, v, sc, h, do, ds, cfg, sq, window=chunks,
-        first=jnp.reshape(first, (1,)).astype(jnp.int32), grads=grads_in)
+        first=jnp.reshape(first, (1,)).astype(jnp.int32), grads=grads)
     dsc = lax.dynamic_update_slice_in_dim(dsc, dsc_block, first * c, axis=1)
-    return ds, [*grads, dsc]
+    return ds, grads, dsc
 
-  ds = dst
-  if tail:  # the last, shorter block goes first
-    ds, grads = step(full * per, tail, ds, grads)
-  (ds, grads), _ = lax.scan(
-      lambda carry, j: (step(j * per, per, *carry), None),
-      (ds, grads), jnp.arange(full), reverse=True)
-  return (*grads, ds)
+  # The last block goes first (the shorter one, if the blocks do not fill
+  # the sequence) and creates dq, dk, dv; the scan takes the whole blocks
+  # before it, last to first.
+  if tail:
+    ds, grads, dsc = step(full * per, tail, dst, None, dsc)
+  else:
+    full -= 1
+    ds, grads, dsc = step(full * per, per, dst, None, dsc)
+  if full:
+    (ds, grads, dsc), _ = lax.scan(
+        lambda carry, j: (step(j * per, per, *carry), None),
+        (ds, grads, dsc), jnp.arange(full), reverse=True)
+  return (*grads, dsc, ds)
 
 
 def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
