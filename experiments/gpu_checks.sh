@@ -90,18 +90,19 @@ for s in "${steps[@]}"; do
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
     # The options added after the H100 run, against the defaults and FLA,
     # end to end (20 runs; XLA's temporaries per variant) and kernel by
-    # kernel: the output inside the sequential pass (output_in_state), the
-    # backward in blocks of 4096 tokens (bwd_block), and both with the
-    # forward in blocks too (fwd_block: with the backward alone in blocks,
-    # the forward's w, u, v' or P and h bound the temporaries, ~660-720
-    # MiB by the jaxpr count; with both ~500, dO included); kernel by kernel
+    # kernel: the output inside the sequential pass (output_in_state), with
+    # the forward and the backward in blocks of 4096 tokens (fwd_block,
+    # bwd_block: 375 MiB of temporaries beyond the rule's inputs, outputs
+    # and cotangents by the jaxpr count, against 1,105), and the
+    # memory-lean form (blocks of 2048, every other chunk's state stored:
+    # 210 MiB, within the 256 MiB of per-chunk states); kernel by kernel
     # the defaults, output_in_state, and prep in programs of 2 warps (prep
     # is 3.5x its traffic floor and runs 8 warps per SM at ~255 registers
     # however it is tiled; 4 programs of 2 warps hide latency better than
     # 2 of 4, if that is what bounds it). The e2e lines are logged as
     # measured, so a step cut short by its limit still leaves them.
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
-      --pallas_variants "output_in_state=True,bwd_block=4096,output_in_state=True/fwd_block=4096/bwd_block=4096" \
+      --pallas_variants "output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" \
       --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \

@@ -187,8 +187,13 @@ def _aliased_inputs(ins, eqn) -> list:
   return [ins[i] for i, _ in eqn.params.get("input_output_aliases", ())]
 
 
-def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
-  """`live_temporaries` of `_flat_eqns`' output."""
+def _peak_of(eqns, results, count_results: bool = True
+             ) -> tuple[int, list[tuple[int, str]]]:
+  """`live_temporaries` of `_flat_eqns`' output; without `count_results`
+  the program's results are not counted either (as XLA counts
+  temporaries: the results are its outputs), nor the arrays written into
+  them in place (a pallas_call input aliased to an output that is, or is
+  written into, a result: the same buffer)."""
   from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
   last_use = {}
   for i, (ins, _, _) in enumerate(eqns):
@@ -196,6 +201,12 @@ def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
       if isinstance(x, jcore.Var):
         last_use[x] = i
 
+  outputs = set(results)
+  for ins, outs, eqn in reversed(eqns):
+    for i, o in (eqn.params.get("input_output_aliases", ())
+                 if eqn.primitive.name == "pallas_call" else ()):
+      if outs[o] in outputs and isinstance(ins[i], jcore.Var):
+        outputs.add(ins[i])
   live, peak, at_peak = {}, 0, []
   for i, (ins, outs, eqn) in enumerate(eqns):
     # A pallas_call output aliased to an input that dies here takes over
@@ -205,7 +216,8 @@ def _peak_of(eqns, results) -> tuple[int, list[tuple[int, str]]]:
           and last_use.get(x, -1) <= i):
         del live[x]
     for x in outs:
-      live[x] = _nbytes(x)
+      if count_results or x not in outputs:
+        live[x] = _nbytes(x)
     total = sum(live.values())
     if total > peak:
       peak = total
@@ -382,15 +394,33 @@ def compile_kernel(kernel: TritonKernel, arch: int, workdir: str) -> dict:
 
 def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
                     key_heads: int, heads: int, dk: int, dv: int, dtype,
-                    segments: bool = False) -> dict:
+                    segments: bool = False, op_level: bool = False) -> dict:
   """`live_temporaries` of forward+backward (gradients of all five inputs)
-  at this shape, in MiB, and each kernel's `kernel_traffic`."""
+  at this shape, in MiB, and each kernel's `kernel_traffic`.
+
+  By default of the benchmark's program: the gradient of a sum of the
+  outputs (its cotangents built inside) with the gradients counted. With
+  `op_level`, of the rule as an operation: the output and state
+  cotangents are arguments, and the output, the final state and the
+  gradients are results, none of them counted (nor anything written into
+  them in place), as XLA counts temporaries; what is left is what the rule
+  itself holds, the per-chunk states it stores included."""
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
-  grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
+  if op_level:
+    forward = _forward(blocks)
+
+    def grad(q, k, v, g, beta, seg, do, dst):
+      out, vjp = jax.vjp(lambda *a: forward(*a, seg), q, k, v, g, beta)
+      return out, vjp((do, dst))
+    sds = jax.ShapeDtypeStruct
+    args = (*args, sds((batch, seq_len, heads, dv), dtype),
+            sds((batch, heads, dk, dv), jnp.float32))
+  else:
+    grad = jax.grad(_loss(blocks), argnums=tuple(range(5)))
   with abstract_target("cuda"):  # one trace for both counts
     eqns, results = _flat_eqns(jax.make_jaxpr(grad)(*args))
-  peak, at_peak = _peak_of(eqns, results)
+  peak, at_peak = _peak_of(eqns, results, count_results=not op_level)
   traffic = _traffic_of(eqns)
   return dict(peak_mib=round(peak / 2**20, 1),
               at_peak=[(round(n / 2**20, 1), t) for n, t in at_peak],
@@ -434,8 +464,13 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
         memories[label] = memory_estimate(blocks, batch, seq_len, key_heads,
                                           heads, dk, dv, jnp.dtype(dtype),
                                           segments)
+        op = memory_estimate(blocks, batch, seq_len, key_heads, heads, dk,
+                             dv, jnp.dtype(dtype), segments, op_level=True)
+        memories[label]["op_peak_mib"] = op["peak_mib"]
         print(f"{label}: forward+backward temporaries, estimated: "
-              f"{memories[label]['peak_mib']} MiB", flush=True)
+              f"{memories[label]['peak_mib']} MiB (the benchmark's program, "
+              f"gradients counted); {op['peak_mib']} MiB beyond the rule's "
+              f"inputs, outputs and cotangents", flush=True)
         print(format_traffic(memories[label]["traffic"]), flush=True)
       for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
                                     dk, dv, jnp.dtype(dtype), segments):

@@ -73,6 +73,7 @@ class Case:
   output_in_state: bool = False  # BlockSizes.output_in_state
   bwd_block: int | None = None  # BlockSizes.bwd_block
   fwd_block: int | None = None  # BlockSizes.fwd_block
+  state_stride: int = 1  # BlockSizes.state_stride
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -148,6 +149,17 @@ CASES = {
     "t300_slow_decay_long_docs_fwd_block": Case(
         300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
         fwd_block=128, bwd_block=64),
+    # Every other chunk's state stored (state_stride 2), the odd ones formed
+    # again in the backward: five chunks (the last one even), slow decays
+    # and documents across chunks; in bf16 with segments, and with the
+    # forward and backward in blocks of two chunks and a last one of one.
+    "t300_slow_decay_long_docs_stride2": Case(
+        300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        output_in_state=True, state_stride=2),
+    "t300_bf16_segments_stride2_blocks": Case(
+        300, jnp.bfloat16, with_segments=True, chunk_loop=None,
+        backend="gpu", hk=1, g_scale=0.02, output_in_state=True,
+        state_stride=2, fwd_block=128, bwd_block=128),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -230,14 +242,16 @@ def _run_case(case: Case):
     bs = dataclasses.replace(BlockSizes.get_default(backend),
                              output_in_state=case.output_in_state,
                              bwd_block=case.bwd_block,
-                             fwd_block=case.fwd_block)
+                             fwd_block=case.fwd_block,
+                             state_stride=case.state_stride)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
                     out_block=case.out_block, sub_chunk=case.sub_chunk,
                     output_in_state=case.output_in_state,
-                    bwd_block=case.bwd_block, fwd_block=case.fwd_block)
+                    bwd_block=case.bwd_block, fwd_block=case.fwd_block,
+                    state_stride=case.state_stride)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -443,6 +457,19 @@ def test_block_sizes_validation():
     BlockSizes(fwd_block=96)  # not a multiple of the chunk
   with pytest.raises(ValueError, match="fwd_block"):
     BlockSizes(kernels="fused", fwd_block=128)
+  with pytest.raises(ValueError, match="state_stride"):
+    BlockSizes(state_stride=3)
+  with pytest.raises(ValueError, match="state_stride.*output_in_state"):
+    BlockSizes(state_stride=2)  # the output kernel reads every state
+  with pytest.raises(ValueError, match="bwd_block.*pairs"):
+    BlockSizes(state_stride=2, output_in_state=True, bwd_block=192)
+  # bwd_local forms whole states with state_stride 2: twice the warps,
+  # unless named.
+  lean = BlockSizes(state_stride=2, output_in_state=True)
+  assert lean.warps("bwd_local", True) == 2 * lean.num_warps_intra
+  assert lean.warps("wy", True) == lean.num_warps_intra
+  assert dataclasses.replace(lean, kernel_warps="bwd_local:4").warps(
+      "bwd_local", True) == 4
   assert not BlockSizes.from_spec("output_in_state=False",
                                   "gpu").output_in_state
   assert BlockSizes.from_spec("", "gpu") == BlockSizes.get_default("gpu")
@@ -683,6 +710,40 @@ def test_forward_in_blocks_keeps_one_block_of_intermediates(output_in_state):
   assert peaks[512] < 0.5 * peaks[None], peaks
 
 
+def test_states_of_every_other_chunk_meet_the_memory_target():
+  """The jaxpr liveness count of the rule as an operation (forward and
+  backward; the cotangents arguments, the outputs and gradients results,
+  as XLA counts temporaries): with output_in_state, the forward and the
+  backward in blocks and state_stride 2, what it holds beyond its inputs
+  and outputs fits in the bytes of the per-chunk states, the issue's
+  bound: half of them stored (every other chunk's), the rest of the
+  room for one block's intermediates. Without the stride, or without the
+  forward in blocks, it does not fit."""
+  t, hv, d = 4096, 2, 128
+  shape = dict(batch=1, seq_len=t, key_heads=hv, heads=hv, dk=d, dv=d,
+               dtype=jnp.bfloat16)
+  n = t // 64
+  allowance = hv * n * d * d * 2 / 2**20  # MiB, bf16 like the inputs
+  lean = "output_in_state=True/fwd_block=256/bwd_block=256/state_stride=2"
+  peaks = {}
+  for spec in (lean, lean.replace("/state_stride=2", ""),
+               lean.replace("fwd_block=256/", "")):
+    try:
+      est = triton_resources.memory_estimate(
+          BlockSizes.from_spec(spec, "gpu"), op_level=True, **shape)
+    except RuntimeError as e:  # no abstract CUDA target in this jax
+      pytest.skip(str(e))
+    peaks[spec] = est["peak_mib"]
+    if spec == lean:
+      # The stored states, half of the per-chunk ones, and no whole array
+      # of every chunk's states or of tokens.
+      assert est["at_peak"][0] == (
+          allowance / 2, f"bfloat16[1,{hv},{n // 2},{d},{d}]"), est
+      assert all(mib < allowance / 2 for mib, _ in est["at_peak"][1:]), est
+  assert peaks[lean] <= allowance, peaks
+  assert min(peaks[s] for s in peaks if s != lean) > allowance, peaks
+
+
 def test_rows_view_composes_indices():
   """`pallas_split._Rows` (the blocked backward's view of whole-sequence
   refs) turns each index form the kernels use into one index of the
@@ -775,6 +836,17 @@ def test_forward_in_blocks_lowers_for_cuda():
       t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 3 + 3 + 5
   assert "stablehlo.while" in text
+
+
+def test_stored_states_of_every_other_chunk_lower_for_cuda():
+  """state_stride 2 with the forward and backward in blocks of two chunks
+  (300 tokens, 320 padded: 2, 2 and 1 chunks): prep and state_out per
+  forward block, five kernels per backward block, loops for both."""
+  text = _grad_lowered_for_cuda(BlockSizes.from_spec(
+      "output_in_state=True/fwd_block=128/bwd_block=128/state_stride=2",
+      "gpu"), t=300, d=128)
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 * 5
+  assert text.count("stablehlo.while") == 2
 
 
 def test_output_in_state_lowers_for_cuda():

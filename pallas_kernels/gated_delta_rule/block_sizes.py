@@ -121,6 +121,14 @@ class BlockSizes:
       handed from block to block, so that w, u, v' (or P) and the decays
       exist for one block at a time; o and the stored states are written
       into whole arrays in place. None: the whole sequence at once.
+    state_stride: 1, or 2: the split forward stores the state entering
+      every other chunk (the even ones) for the backward, which forms each
+      odd chunk's from the even one before it (one step of the recurrence,
+      in its parallel bwd_local kernel), for the backward's block only:
+      half the stored states, for one more product pair per odd chunk.
+      Needs output_in_state (the three-kernel forward's output kernel reads
+      every chunk's state), and fwd_block / bwd_block of whole pairs of
+      chunks.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -138,6 +146,7 @@ class BlockSizes:
   output_in_state: bool = False
   bwd_block: int | None = None
   fwd_block: int | None = None
+  state_stride: int = 1
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -203,6 +212,22 @@ class BlockSizes:
       if block is not None and self.kernels != "split":
         raise ValueError(f"{name}: only the split {what} is taken in "
                          f"blocks; found kernels={self.kernels!r}")
+    if self.state_stride not in (1, 2):
+      raise ValueError(f"state_stride: expected 1 or 2, found "
+                       f"{self.state_stride!r}")
+    if self.state_stride == 2:
+      if self.kernels != "split" or not self.output_in_state:
+        raise ValueError(
+            "state_stride: 2 needs kernels='split' with output_in_state=True "
+            "(the three-kernel forward's output kernel reads every chunk's "
+            f"state); found kernels={self.kernels!r}, output_in_state="
+            f"{self.output_in_state!r}")
+      for name in ("fwd_block", "bwd_block"):
+        block = getattr(self, name)
+        if block is not None and block % (2 * self.chunk_size):
+          raise ValueError(
+              f"{name}: with state_stride=2 blocks hold whole pairs of "
+              f"chunks (a multiple of {2 * self.chunk_size}); found {block}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "
@@ -273,6 +298,11 @@ class BlockSizes:
   def warps(self, kernel: str, parallel: bool) -> int:
     """Triton warps of split kernel `kernel` (a `SPLIT_KERNELS` name)."""
     default = self.num_warps_intra if parallel else self.num_warps
+    if kernel == "bwd_local" and self.state_stride > 1:
+      # It also forms a whole [dk, dv] f32 state (odd chunks): compiled
+      # for sm_90 at D = 128, in 4 warps ptxas spills 396 bytes a thread,
+      # in 8 none (250 registers).
+      default *= 2
     return dict(self.kernel_warps).get(kernel, default)
 
   def dv_tile(self, dv: int) -> int:

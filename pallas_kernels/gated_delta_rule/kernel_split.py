@@ -394,7 +394,7 @@ def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
 
 def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
                      o_ref, st_ref, *h_ref, num_chunks: int, chunk: int,
-                     scale: float, d: Dots):
+                     scale: float, d: Dots, stride: int = 1):
   """`state_fwd_kernel` and `output_kernel` in one sequential pass (one dv
   tile; `BlockSizes.output_in_state`).
 
@@ -404,13 +404,21 @@ def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
   (the custom_vjp forward; an inference forward stores no per-chunk
   states). The intra-chunk attention P comes from prep (`prep_kernel`,
   out="p"), so the loop adds q h and P v' to state_fwd's products and no
-  decay masks.
+  decay masks. With `stride` 2 only the states entering even chunks are
+  stored (`h_ref` holds half as many; `BlockSizes.state_stride`).
   """
+
+  # lax.div / lax.rem: the counter is not negative, and jnp's floor
+  # division and remainder do not lower for Triton inside the loop.
+  def store(i, s):
+    h_ref[0][lax.div(i, stride)] = s.astype(h_ref[0].dtype)
 
   def body(i, s):
     rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-    if h_ref:
-      h_ref[0][i] = s.astype(h_ref[0].dtype)
+    if h_ref and stride == 1:
+      store(i, s)
+    elif h_ref:
+      pl.when(lax.rem(i, stride) == 0)(lambda: store(i, s))
     aux = _load(aux_ref, rows)
     vn = _load(u_ref, rows) - d.mm(w_ref[rows, :], s)
     o = ((_pick_col(aux, AUX_DECAY_Q) * scale) * d.mm(q_ref[rows, :], s)
@@ -439,10 +447,30 @@ def output_kernel(q_ref, k_ref, vn_ref, h_ref, aux_ref, o_ref, *,
 
 
 def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
-                     vn_ref, dvl_ref, *, scale: float, has_segments: bool,
-                     d: Dots):
-  """v' recomputed from the stored state, and P^T dO (parallel)."""
-  vn = _load(u_ref) - d.mm(w_ref[...], h_ref[...])
+                     *refs, scale: float, has_segments: bool, d: Dots,
+                     stride: int = 1):
+  """v' recomputed from the stored state, and P^T dO (parallel).
+
+  With `stride` 2 (`BlockSizes.state_stride`) h_ref holds the state
+  entering the even chunk of this chunk's pair, refs start with that
+  chunk's k, w, u and aux, and the chunk's own state (for odd chunks one
+  step of the recurrence from the even one, as the forward took it) is
+  written to the last ref for the kernels after this one.
+  """
+  if stride == 1:
+    vn_ref, dvl_ref = refs
+    h = h_ref[...]
+  else:
+    k0_ref, w0_ref, u0_ref, aux0_ref, vn_ref, dvl_ref, hn_ref = refs
+    h0 = h_ref[...]
+    aux0 = _load(aux0_ref)
+    vn0 = _load(u0_ref) - d.mm(w0_ref[...], h0)
+    h1 = (_last(_pick_col(aux0, AUX_DECAY_Q)) * h0.astype(_F32)
+          + d.mm_tn(k0_ref[...], _pick_col(aux0, AUX_DECAY_K) * vn0))
+    odd = lax.rem(pl.program_id(2), 2) == 1
+    h = jnp.where(odd, h1, h0.astype(_F32)).astype(hn_ref.dtype)
+    hn_ref[...] = h
+  vn = _load(u_ref) - d.mm(w_ref[...], h)
   vn_ref[...] = vn.astype(vn_ref.dtype)
   gamma, _, _, _ = _decays(_load(aux_ref), has_segments)
   p = d.mm_nt(q_ref[...], k_ref[...]) * (gamma * scale)

@@ -92,8 +92,9 @@ class _Win:
   (`_Plan` with `window`) sees only its window: `kind` "chunk" (the
   program's chunk, [c, width] rows, of a parallel kernel), "state" (the
   program's chunk of the per-chunk states), "seq" (the window's rows, of
-  a sequential kernel) or "seq_states" (the window's chunks of the
-  per-chunk states, of a sequential kernel)."""
+  a sequential kernel), "seq_states" (the window's chunks of the stored
+  per-chunk states, of a sequential kernel) or "chunk_pair" (the first
+  chunk of the program's pair, with `BlockSizes.state_stride` 2)."""
   spec: object
   kind: str
 
@@ -127,6 +128,9 @@ class _Plan:
     self.c, self.r = bs.chunk_size, cfg.group
     self.bv = bs.dv_tile(self.dv)
     self.tp_in, self.n_in = self.tp, self.tp // self.c  # whole arrays
+    # The stored per-chunk states: every `stride`-th chunk's.
+    self.stride = bs.state_stride
+    self.n_stored = -(-self.n_in // self.stride)
     self.window, self.first = window, first
     if window is not None:
       self.tp = window * self.c
@@ -148,6 +152,12 @@ class _Plan:
         (sq, c, sq, width), lambda i, h, t: (i, t, h, 0))
     self.state_chunk = pl.BlockSpec((sq, sq, sq, self.dk, self.dv),
                                     lambda i, h, t: (i, h, t, 0, 0))
+    # With state_stride 2: the first chunk of the program's pair (its
+    # block-local arrays, and the stored state entering it).
+    stride = self.stride
+    self.val_pair = lambda width: pl.BlockSpec(
+        (sq, c, sq, width),
+        lambda i, h, t: (i, t - lax.rem(t, stride), h, 0))
     # Sequential kernels: grid (b, hv, nv), whole sequence per program.
     self.seq_grid = (self.b, self.hv, self.nv)
     tp = self.tp
@@ -161,12 +171,20 @@ class _Plan:
                                    lambda i, h, j: (i, h, 0, j))
     self.states_tile = pl.BlockSpec((sq, sq, self.n, self.dk, self.bv),
                                     lambda i, h, j: (i, h, 0, 0, j))
+    self.stored_tile = pl.BlockSpec(
+        (sq, sq, self.n_stored, self.dk, self.bv),
+        lambda i, h, j: (i, h, 0, 0, j))
     # The whole-sequence arrays (see the class docstring).
     if window is None:
       self.key_in, self.val_in = self.key_chunk, self.val_chunk
-      self.state_in = self.state_chunk
+      self.state_in = self.state_chunk if stride == 1 else pl.BlockSpec(
+          (sq, sq, sq, self.dk, self.dv),
+          lambda i, h, t: (i, h, lax.div(t, stride), 0, 0))
       self.key_seq_in, self.tile_seq_in = self.key_seq, self.tile_seq
-      self.states_tile_in = self.states_tile
+      self.stored_tile_in = self.stored_tile
+      self.key_pair_in = pl.BlockSpec(
+          (sq, c, sq, self.dk),
+          lambda i, h, t: (i, t - lax.rem(t, stride), h // r, 0))
     else:
       # Whole-sequence blocks: the same for parallel and sequential grids
       # (program ids i, h, then the chunk or the dv tile j).
@@ -175,17 +193,18 @@ class _Plan:
                                lambda i, h, _: (i, 0, h // r, 0))
       self.key_in, self.key_seq_in = _Win(key_whole, "chunk"), _Win(
           key_whole, "seq")
+      self.key_pair_in = _Win(key_whole, "chunk_pair")
       self.val_in = lambda width: _Win(
           pl.BlockSpec((sq, tpi, sq, width), lambda i, h, _: (i, 0, h, 0)),
           "chunk")
       self.state_in = _Win(
-          pl.BlockSpec((sq, sq, self.n_in, self.dk, self.dv),
+          pl.BlockSpec((sq, sq, self.n_stored, self.dk, self.dv),
                        lambda i, h, _: (i, h, 0, 0, 0)), "state")
       self.tile_seq_in = _Win(pl.BlockSpec((sq, tpi, sq, self.bv),
                                            lambda i, h, j: (i, 0, h, j)),
                               "seq")
-      self.states_tile_in = _Win(
-          pl.BlockSpec((sq, sq, self.n_in, self.dk, self.bv),
+      self.stored_tile_in = _Win(
+          pl.BlockSpec((sq, sq, self.n_stored, self.dk, self.bv),
                        lambda i, h, j: (i, h, 0, 0, j)), "seq_states")
 
   def call(self, body, *args, grid, in_specs, out_specs, out_shape,
@@ -230,20 +249,28 @@ class _Plan:
       in_specs = [*in_specs, out_specs[out]]
     n_alias = len(aliases)
 
+    s = self.stride
+    # Stored-state rows of chunk x: x // s (x itself without a stride).
+    stored = (lambda x: x) if s == 1 else (lambda x: lax.div(x, s))
+
     def windowed(first_ref, *refs):
       start = first_ref[0]
       refs = refs[:n_args] + refs[n_args + n_alias:]
       t = pl.program_id(2)
       views = []
       for ref, kind in zip(refs, kinds):
+        # With state_stride s, windows start on a multiple of s chunks.
         if kind == "chunk":
           ref = _Rows(ref, pl.multiple_of((start + t) * c, c), c, c)
+        elif kind == "chunk_pair":
+          ref = _Rows(ref, pl.multiple_of((start + t - lax.rem(t, s)) * c, c),
+                      c, c)
         elif kind == "state":
-          ref = _Rows(ref, start + t, None, 1)
+          ref = _Rows(ref, stored(start + t), None, 1)
         elif kind == "seq":
           ref = _Rows(ref, pl.multiple_of(start * c, c), self.tp, c)
         elif kind == "seq_states":
-          ref = _Rows(ref, start, self.n, 1)
+          ref = _Rows(ref, stored(start), -(-self.n // s), 1)
         views.append(ref)
       body(*views)
 
@@ -289,10 +316,11 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
 
 def _states(p: _Plan, whole: bool):
   """(spec, shape) of the per-chunk states a sequential kernel writes: the
-  whole sequence's (`whole`, windowed plans: the window's chunks written
-  into them), or the window's alone."""
+  stored ones of the whole sequence (`whole`; every `state_stride`-th
+  chunk's; windowed plans: the window's written into them), or the
+  window's own (every chunk's)."""
   if whole:
-    return p.states_tile_in, p.shape(p.b, p.hv, p.n_in, p.dk, p.dv,
+    return p.stored_tile_in, p.shape(p.b, p.hv, p.n_stored, p.dk, p.dv,
                                      dtype=p.md)
   return p.states_tile, p.shape(p.b, p.hv, p.n, p.dk, p.dv, dtype=p.md)
 
@@ -351,7 +379,7 @@ def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states,
     out_shape.append(h_shape)
   outs = p.call(
       functools.partial(ks.state_out_kernel, num_chunks=p.n, chunk=p.c,
-                        scale=p.cfg.scale, d=p.d),
+                        scale=p.cfg.scale, d=p.d, stride=p.stride),
       w, u, q, k, pm, aux, s0, grid=p.seq_grid,
       in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq_in, p.key_seq_in,
                 p.head_seq(p.c), p.head_seq(ks.NUM_AUX), p.state_tile],
@@ -421,17 +449,26 @@ def _forward_all(q, k, v, sc, s0, cfg, sq, store_states, window=None,
 
 
 def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
-  """v' recomputed [b, tp, hv, dv] md, and P^T dO in md."""
+  """v' recomputed [b, tp, hv, dv] md, and P^T dO in md; with
+  state_stride 2 also every chunk's state [b, hv, n, dk, dv] md (the
+  window's), formed from the stored ones."""
   dk, dv = p.dk, p.dv
+  args = [q, k, w, u, h, aux, do]
+  in_specs = [p.key_in, p.key_in, p.val_chunk(dk), p.val_chunk(dv),
+              p.state_in, p.val_chunk(ks.NUM_AUX), p.val_in(dv)]
+  out_specs = [p.val_chunk(dv), p.val_chunk(dv)]
+  out_shape = [p.tokens(dv, dtype=p.md), p.tokens(dv, dtype=p.md)]
+  if p.stride > 1:
+    args += [k, w, u, aux]
+    in_specs += [p.key_pair_in, p.val_pair(dk), p.val_pair(dv),
+                 p.val_pair(ks.NUM_AUX)]
+    out_specs.append(p.state_chunk)
+    out_shape.append(p.shape(p.b, p.hv, p.n, dk, dv, dtype=p.md))
   return p.call(
       functools.partial(ks.bwd_local_kernel, scale=p.cfg.scale, d=p.d,
-                        has_segments=p.cfg.has_segments),
-      q, k, w, u, h, aux, do, grid=p.par_grid,
-      in_specs=[p.key_in, p.key_in, p.val_chunk(dk), p.val_chunk(dv),
-                p.state_in, p.val_chunk(ks.NUM_AUX), p.val_in(dv)],
-      out_specs=[p.val_chunk(dv), p.val_chunk(dv)],
-      out_shape=[p.tokens(dv, dtype=p.md), p.tokens(dv, dtype=p.md)],
-      stage="bwd_local")
+                        has_segments=p.cfg.has_segments, stride=p.stride),
+      *args, grid=p.par_grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, stage="bwd_local")
 
 
 def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
@@ -451,7 +488,8 @@ def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
       stage="state_bwd")
 
 
-def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None):
+def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None,
+             h_spec=None):
   """dq, dk (output / state paths), (dg part, 0); per value head. dq_in:
   (windowed plans) the whole-sequence dq that the window's rows are
   written into, in place."""
@@ -462,7 +500,7 @@ def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None):
                         has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.out_block),
       q, k, vn, h, dh, aux, do, grid=p.par_grid,
-      in_specs=[p.key_in, p.key_in, p.val_chunk(dv), p.state_in,
+      in_specs=[p.key_in, p.key_in, p.val_chunk(dv), h_spec or p.state_in,
                 p.state_chunk, p.val_chunk(ks.NUM_AUX), p.val_in(dv)],
       out_specs=[p.val_in(dk), p.val_chunk(dk), p.val_chunk(ndsc)],
       out_shape=[p.tokens(dk, dtype=p.dq_dtype, whole=True),
@@ -471,7 +509,7 @@ def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None):
 
 
 def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in=None,
-        dv_in=None):
+        dv_in=None, h_spec=None):
   """Gradients through the WY form: dv, dk (with bwd_out's dk_out), (dg
   part, dbeta part). dk_in, dv_in: (windowed plans) the whole-sequence dk
   and dv that the window's rows are written into, in place."""
@@ -483,7 +521,7 @@ def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in=None,
       t, k, v, sc, aux, vn, dvn, h, dk_out, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_in, p.val_in(dv),
                 p.val_in(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
-                p.val_chunk(dv), p.val_chunk(dv), p.state_in,
+                p.val_chunk(dv), p.val_chunk(dv), h_spec or p.state_in,
                 p.val_chunk(dk)],
       out_specs=[p.val_in(dk), p.val_in(dv), p.val_chunk(ndsc)],
       out_shape=[p.tokens(dk, dtype=p.dk_dtype, whole=True),
@@ -552,11 +590,14 @@ def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
   p = _Plan(q, k, v, cfg, sq, window, first)
   dq_in, dk_in, dv_in = grads or (None, None, None)
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
-  vn, dvl = _bwd_local(p, q, k, w, u, h, aux, do)
+  vn, dvl, *hn = _bwd_local(p, q, k, w, u, h, aux, do)
+  h_spec = None
+  if hn:  # state_stride 2: every chunk's state, the window's
+    h, h_spec = hn[0], p.state_chunk
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
-  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do, dq_in)
+  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do, dq_in, h_spec)
   dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in,
-                       dv_in)
+                       dv_in, h_spec)
   dsc = dg_out + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
