@@ -88,6 +88,15 @@ _ONCE = flags.DEFINE_bool(
     "Only run the Pallas forward+backward once per tiling (the defaults, "
     "then --pallas_variants), untimed, for a profiler: `ncu --kernel-name "
     "regex:gated_delta_rule ...` then sees each kernel once.")
+_OP_MEMORY = flags.DEFINE_bool(
+    "op_memory", False,
+    "Only compile each Pallas tiling's forward+backward as an operation "
+    "(the output and state cotangents arguments; the output, final state "
+    "and gradients results) and print XLA's temporaries for it, the bytes "
+    "the rule holds beyond its inputs and outputs; untimed. The timed "
+    "program's temporaries (fwd_bwd_temp_bytes) also hold the cotangent "
+    "it builds and its output. In interpret mode (CPU) the count is the "
+    "interpreter's, not the kernels'.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write results here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Input seed.")
 
@@ -241,6 +250,27 @@ def run_once(labels_and_blocks, inputs: dict, dtype,
     finite = all(bool(jnp.isfinite(x).all()) for x in grads)
     print(f"ran {label} forward+backward once "
           f"({'finite' if finite else 'NOT FINITE'} gradients)", flush=True)
+
+
+def op_temp_bytes(inputs: dict, dtype, interpret: bool,
+                  block_sizes: BlockSizes | None) -> int:
+  """XLA's temporaries of the Pallas rule's forward+backward as an
+  operation: compiled (not run) with the cotangents as arguments and the
+  output, final state and gradients as results, so that what XLA counts
+  as temporaries is what the rule holds beyond its inputs and outputs
+  (the per-chunk states it stores, and its intermediates)."""
+  args, fwd, _ = _jax_fns("pallas", inputs, dtype, interpret, block_sizes, 1)
+  q, v = args[0], args[2]
+  do = jnp.zeros(v.shape, v.dtype)
+  dst = jnp.zeros((q.shape[0], v.shape[2], q.shape[3], v.shape[3]),
+                  jnp.float32)
+
+  def op(q, k, v, g, beta, do, dst):
+    out, vjp = jax.vjp(fwd, q, k, v, g, beta)
+    return out, vjp((do, dst))
+
+  mem = jax.jit(op).lower(*args, do, dst).compile().memory_analysis()
+  return -1 if mem is None else int(mem.temp_size_in_bytes)
 
 
 def time_jax(impl: str, inputs: dict, dtype, interpret: bool, iters: int,
@@ -523,14 +553,25 @@ def main(argv):
       if not flags.FLAGS[name].present:
         values[name] = small
   key_heads = gdr_shapes.KEY_HEADS.value or values["heads"]
-  if _ONCE.value:
+  if _ONCE.value or _OP_MEMORY.value:
     dtype = jnp.dtype(gdr_shapes.DTYPE.value)
     inputs = make_inputs(values["batch"], values["seq_len"], key_heads,
                          values["heads"], values["dk"], values["dv"], dtype,
                          _SEED.value)
-    run_once([("pallas", None)] + [parse_variant(spec)
-                                   for spec in _VARIANTS.value],
-             inputs, dtype, _INTERPRET.value)
+    tilings = [("pallas", None)] + [parse_variant(spec)
+                                    for spec in _VARIANTS.value]
+    if _ONCE.value:
+      run_once(tilings, inputs, dtype, _INTERPRET.value)
+    if _OP_MEMORY.value:
+      # What the issue bounds it by: the per-chunk states in the inputs'
+      # dtype.
+      states = (values["batch"] * values["heads"]
+                * -(-values["seq_len"] // 64) * values["dk"] * values["dv"]
+                * dtype.itemsize)
+      for label, bs in tilings:
+        n = op_temp_bytes(inputs, dtype, _INTERPRET.value, bs)
+        print(f"measured {label}: op-level temporaries {n / 2**20:.1f} MiB "
+              f"(per-chunk states {states / 2**20:.1f} MiB)", flush=True)
     return
   variants = tuple(_VARIANTS.value)
   if _VARIANTS_FROM.value:

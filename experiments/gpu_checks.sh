@@ -7,12 +7,13 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests options32k scaling8k ncu32k model bench32k, in order
-# of priority; on the H100 of 2026-11-26 (sixth session) env, tests,
-# bench32k and model took 8, 86, 188 and 130 s; options32k and scaling8k
-# are new, ncu32k newer; run them as `BUDGET_S=560 bash
-# experiments/gpu_checks.sh` in a 600 s call, which skips what no longer
-# fits, and what was skipped in a second call if the lease has time left).
+# Steps (default: env tests options32k scaling8k memory32k ncu32k model
+# bench32k, in order of priority; on the H100 of 2026-11-26 (sixth
+# session) env, tests, bench32k and model took 8, 86, 188 and 130 s;
+# options32k and scaling8k are new, memory32k and ncu32k newer; run them
+# as `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
+# skips what no longer fits, and what was skipped in a second call if the
+# lease has time left).
 # Also: tests_all profile32k prep32k best32k final32k base32k split32k
 # scaling bench8k.
 set -u
@@ -59,7 +60,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k ncu32k model bench32k)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k memory32k ncu32k model bench32k)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -116,6 +117,15 @@ for s in "${steps[@]}"; do
     # with calls queued back to back (the "_queued" rows), which tells the
     # device's time per call from the latency of launching and waiting.
     scaling8k) bench scaling8k 150 8192 20 --implementations pallas,fla ;;
+    # XLA's temporaries of the rule as an operation (cotangents arguments;
+    # output, final state and gradients results: what the issue bounds by
+    # the per-chunk states, 256 MiB here), compiled and not run, for the
+    # defaults, the blocked and the memory-lean forms (jaxpr counts: 1,105,
+    # 375 and 210 MiB).
+    memory32k)
+      step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" ;;
     scaling)  # throughput against length: pallas and FLA at 8k and 128k
       for t in 8192 131072; do
         step "scaling$t" 150 python3 -m experiments.bench_gated_delta_rule \

@@ -102,6 +102,26 @@ def test_once_runs_each_tiling_once_untimed():
       "(finite gradients)"], out
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="interpret-mode smoke run for CPU machines")
+def test_op_memory_compiles_each_tiling_as_an_operation():
+  """--op_memory: XLA's temporaries of each tiling's forward+backward with
+  the cotangents as arguments, compiled and not run (meaningful on a GPU;
+  here a smoke run: one line per tiling, a positive count)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_gated_delta_rule",
+       "--interpret", "--dtype", "float32", "--seq_len", "70",
+       "--op_memory", "--pallas_variants", "output_in_state=True"],
+      check=True, cwd=_ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout.splitlines()
+  labels = ["pallas", "pallas[output_in_state=True]"]
+  assert [line.split(":")[0] for line in out] == [
+      f"measured {label}" for label in labels], out
+  for line in out:
+    mib = float(line.split("op-level temporaries ")[1].split(" MiB")[0])
+    assert mib > 0, line
+
+
 def test_best_profiled_variant():
   """The tiling picked for end-to-end timing is the one whose kernels sum
   to the least time: the queued (device) times when every row has one,
