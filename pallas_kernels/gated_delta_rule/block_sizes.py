@@ -300,8 +300,8 @@ class BlockSizes:
     default = self.num_warps_intra if parallel else self.num_warps
     if kernel == "bwd_local" and self.state_stride > 1:
       # It also forms a whole [dk, dv] f32 state (odd chunks): compiled
-      # for sm_90 at D = 128, in 4 warps ptxas spills 396 bytes a thread,
-      # in 8 none (250 registers).
+      # for sm_90 at D = 128, in 4 warps ptxas spills 236 bytes a thread,
+      # in 8 none (236 registers).
       default *= 2
     return dict(self.kernel_warps).get(kernel, default)
 

@@ -411,7 +411,8 @@ def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
   # lax.div / lax.rem: the counter is not negative, and jnp's floor
   # division and remainder do not lower for Triton inside the loop.
   def store(i, s):
-    h_ref[0][lax.div(i, stride)] = s.astype(h_ref[0].dtype)
+    row = i if stride == 1 else lax.div(i, stride)
+    h_ref[0][row] = s.astype(h_ref[0].dtype)
 
   def body(i, s):
     rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
@@ -463,12 +464,15 @@ def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
   else:
     k0_ref, w0_ref, u0_ref, aux0_ref, vn_ref, dvl_ref, hn_ref = refs
     h0 = h_ref[...]
-    aux0 = _load(aux0_ref)
-    vn0 = _load(u0_ref) - d.mm(w0_ref[...], h0)
-    h1 = (_last(_pick_col(aux0, AUX_DECAY_Q)) * h0.astype(_F32)
-          + d.mm_tn(k0_ref[...], _pick_col(aux0, AUX_DECAY_K) * vn0))
-    odd = lax.rem(pl.program_id(2), 2) == 1
-    h = jnp.where(odd, h1, h0.astype(_F32)).astype(hn_ref.dtype)
+
+    def step():  # odd chunks only: their pair's chunk 0 read, two products
+      aux0 = _load(aux0_ref)
+      vn0 = _load(u0_ref) - d.mm(w0_ref[...], h0)
+      return (_last(_pick_col(aux0, AUX_DECAY_Q)) * h0.astype(_F32)
+              + d.mm_tn(k0_ref[...], _pick_col(aux0, AUX_DECAY_K) * vn0))
+
+    h = lax.cond(lax.rem(pl.program_id(2), 2) == 1, step,
+                 lambda: h0.astype(_F32)).astype(hn_ref.dtype)
     hn_ref[...] = h
   vn = _load(u_ref) - d.mm(w_ref[...], h)
   vn_ref[...] = vn.astype(vn_ref.dtype)

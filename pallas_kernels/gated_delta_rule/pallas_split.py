@@ -314,6 +314,17 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
                 out_specs=out_specs, out_shape=out_shape, stage="prep")
 
 
+def _block_split(tp: int, c: int, block: int | None):
+  """(chunks per block, whole blocks, chunks of a shorter last block) of
+  a sequence of tp tokens in blocks of `block` tokens, or None when one
+  block takes it all."""
+  if block is None or block >= tp:
+    return None
+  per = block // c
+  full = (tp // c) // per
+  return per, full, tp // c - full * per
+
+
 def _states(p: _Plan, whole: bool):
   """(spec, shape) of the per-chunk states a sequential kernel writes: the
   stored ones of the whole sequence (`whole`; every `state_stride`-th
@@ -405,13 +416,11 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   zeroed or copied. Without store_states (and without output_in_state) h
   exists for one block at a time too.
   """
-  block = cfg.block_sizes.fwd_block
-  tp, c = q.shape[1], cfg.block_sizes.chunk_size
-  if block is None or block >= tp:
+  split = _block_split(q.shape[1], cfg.block_sizes.chunk_size,
+                       cfg.block_sizes.fwd_block)
+  if split is None:
     return _forward_all(q, k, v, sc, s0, cfg, sq, store_states)
-  per = block // c  # chunks per block
-  full = (tp // c) // per
-  tail = tp // c - full * per
+  per, full, tail = split
 
   def step(first, chunks, s, o, h):
     o, s, h_block = _forward_all(
@@ -548,13 +557,11 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   so nothing is zeroed or copied. The gradients are the same; the cost is
   five kernel launches per block.
   """
-  block = cfg.block_sizes.bwd_block
   tp, c = q.shape[1], cfg.block_sizes.chunk_size
-  if block is None or block >= tp:
+  split = _block_split(tp, c, cfg.block_sizes.bwd_block)
+  if split is None:
     return _backward_all(q, k, v, sc, h, do, dst, cfg, sq)
-  per = block // c  # chunks per block
-  full = (tp // c) // per
-  tail = tp // c - full * per
+  per, full, tail = split
   p = _Plan(q, k, v, cfg, sq)
   # (dg, dbeta) leave each block as the block's own array ([b, window, hv,
   # 2], 1/32 of dq's bytes at d = 128) and are placed with an update.
