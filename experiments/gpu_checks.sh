@@ -59,6 +59,10 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
     --json_out "$OUT/$name.json" "$@"
 }
 
+# The compiled tests in parallel processes where pytest-xdist is installed
+# (Triton's compiles are CPU-bound; the device image has 16 cores).
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k memory32k ncu32k model bench32k)
 for s in "${steps[@]}"; do
@@ -68,16 +72,16 @@ for s in "${steps[@]}"; do
         python3 -c "import sys, jax, jaxlib, flax, triton, torch; print(sys.version); print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"triton\", triton.__version__, \"torch\", torch.__version__); print(jax.devices())"' ;;
     tests)  # GPU defaults (split) in f32 and bf16, bf16 blocked solve and
       # full tiles, API
-      step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest $XDIST \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
         -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block or fwd_block or stride2" ;;
     tests_all)
-      step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest $XDIST \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py ;;
     model)  # the whole model on the split kernels (the "auto" path on GPUs)
-      step model "${MODEL_LIMIT:-240}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest \
+      step model "${MODEL_LIMIT:-240}" env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest $XDIST \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_model_packing.py -k pallas ;;
     # pallas (GPU defaults), FLA, chunked, and the tiling whose kernels
