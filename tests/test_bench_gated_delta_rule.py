@@ -122,6 +122,27 @@ def test_op_memory_compiles_each_tiling_as_an_operation():
     assert mib > 0, line
 
 
+def test_timed_forward_backward_returns_the_output():
+  """The timed forward+backward returns o beside the gradients, as a
+  training step reads it (and FLA's timed forward+backward forms it):
+  otherwise XLA drops the kernels that only form o (the three-kernel
+  forward's output kernel; seen on the H100, 2026-11-27) and the time
+  leaves them out."""
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from experiments.bench_gated_delta_rule import _jax_fns, make_inputs\n"
+      "inputs = make_inputs(1, 70, 1, 2, 16, 16, jnp.float32, seed=5)\n"
+      "args, fwd, fwd_bwd = _jax_fns('chunked', inputs, jnp.float32, True,\n"
+      "                              None, 1)\n"
+      "o, grads = jax.jit(fwd_bwd)(*args)\n"
+      "want = jax.jit(fwd)(*args)[0]\n"
+      "print(float(jnp.max(jnp.abs(o - want)) / jnp.max(jnp.abs(want))),\n"
+      "      len(grads), o.shape == want.shape)\n")
+  err, n_grads, same_shape = _run_python(code).split()
+  assert float(err) < tolerances.tol(jnp.float32)[0]
+  assert (int(n_grads), same_shape) == (5, "True")
+
+
 def test_best_profiled_variant():
   """The tiling picked for end-to-end timing is the one whose kernels sum
   to the least time: the queued (device) times when every row has one,
