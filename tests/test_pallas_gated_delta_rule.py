@@ -70,7 +70,9 @@ class Case:
   # boundary mid-chunk (row 0) and on a chunk edge (row 1), so states
   # cross chunks inside a document.
   long_docs: bool = False
-  output_in_state: bool = False  # BlockSizes.output_in_state
+  # BlockSizes.output_in_state; None: the backend's default (the GPU's
+  # "inference", else False).
+  output_in_state: bool | str | None = None
   bwd_block: int | None = None  # BlockSizes.bwd_block
   fwd_block: int | None = None  # BlockSizes.fwd_block
   state_stride: int = 1  # BlockSizes.state_stride
@@ -239,17 +241,17 @@ def _run_case(case: Case):
     inputs["segment_ids"] = jnp.asarray(
         (np.arange(case.t)[None] >= starts).astype(np.int32))
   if case.chunk_loop is None:
-    bs = dataclasses.replace(BlockSizes.get_default(backend),
-                             output_in_state=case.output_in_state,
-                             bwd_block=case.bwd_block,
-                             fwd_block=case.fwd_block,
-                             state_stride=case.state_stride)
+    changes = dict(bwd_block=case.bwd_block, fwd_block=case.fwd_block,
+                   state_stride=case.state_stride)
+    if case.output_in_state is not None:
+      changes["output_in_state"] = case.output_in_state
+    bs = dataclasses.replace(BlockSizes.get_default(backend), **changes)
   else:
     bs = BlockSizes(chunk_size=case.chunk_size, block_dv=case.block_dv,
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
                     out_block=case.out_block, sub_chunk=case.sub_chunk,
-                    output_in_state=case.output_in_state,
+                    output_in_state=bool(case.output_in_state),
                     bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                     state_stride=case.state_stride)
   s0 = inputs["initial_state"]
@@ -278,18 +280,28 @@ def _run_case(case: Case):
     assert races == {"detectors": 2, "races": 0}, races
   else:
     o, s, grads = fwd_and_grads(*args)
-  return inputs, (o, s), grads, (r_o, r_s)
+  # Where the forward without autodiff runs other kernels than the one
+  # under it (output_in_state="inference", the GPU defaults), its outputs
+  # too.
+  primal = None
+  if bs.state_out_for(False) != bs.state_out_for(True):
+    primal = jax.jit(fn)(*args)
+  return inputs, (o, s), grads, (r_o, r_s), primal
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_float64(name):
   case = CASES[name]
-  inputs, (o, s), grads, (r_o, r_s) = _run_case(case)
-  assert o.shape == (2, case.t, case.hv, case.dv) and o.dtype == case.dtype
-  assert s.shape == (2, case.hv, case.dk, case.dv) and s.dtype == jnp.float32
+  inputs, (o, s), grads, (r_o, r_s), primal = _run_case(case)
   o_ref, s_ref = np_recurrence(**inputs)
-  assert_scaled_close(o, o_ref, case.dtype, "output")
-  assert_scaled_close(s, s_ref, case.dtype, "final state")
+  runs = [("", (o, s))] + (
+      [(" (no autodiff)", primal)] if primal is not None else [])
+  for label, (o, s) in runs:
+    assert o.shape == (2, case.t, case.hv, case.dv) and o.dtype == case.dtype
+    assert (s.shape == (2, case.hv, case.dk, case.dv)
+            and s.dtype == jnp.float32)
+    assert_scaled_close(o, o_ref, case.dtype, "output" + label)
+    assert_scaled_close(s, s_ref, case.dtype, "final state" + label)
   # The output cotangent r_o reaches the kernel rounded to o's dtype.
   r_o = np.asarray(jnp.asarray(r_o, case.dtype).astype(jnp.float32))
   expected = reference_grads(inputs, r_o, r_s)
@@ -447,6 +459,19 @@ def test_block_sizes_validation():
   with pytest.raises(ValueError, match="output_in_state"):
     BlockSizes(kernels="fused", output_in_state=True)
   assert BlockSizes.from_spec("output_in_state=True", "gpu").output_in_state
+  # "inference": state_out for the forward without autodiff only.
+  infer = BlockSizes.from_spec("output_in_state=inference", "cpu")
+  assert (infer.state_out_for(store_states=False),
+          infer.state_out_for(store_states=True)) == (True, False)
+  assert [BlockSizes(output_in_state=x).state_out_for(store)
+          for x in (True, False) for store in (True, False)] == [
+              True, True, False, False]
+  # The GPU defaults' "inference" does not stand in the way of the fused
+  # kernels (whose loop forms the output anyway).
+  assert BlockSizes.from_spec("kernels=fused",
+                              "gpu").output_in_state == "inference"
+  with pytest.raises(ValueError, match="state_stride.*output_in_state"):
+    BlockSizes(state_stride=2, output_in_state="inference")
   with pytest.raises(ValueError, match="bwd_block"):
     BlockSizes(bwd_block=100)  # not a multiple of the chunk
   with pytest.raises(ValueError, match="bwd_block"):
@@ -510,16 +535,19 @@ def _abstract_target(platform):
 
 # (platform, kernels, solve_block, wy_block, sub_chunk) -> pallas_calls in an inference
 # forward, the custom_vjp forward and the backward, and kernel names that
-# must appear.
-_SPLIT_NAMES = ("gated_delta_rule_prep", "gated_delta_rule_state_fwd",
+# must appear. The GPU defaults' inference forward is prep_out and
+# state_out (output_in_state="inference"), the forward under autodiff
+# prep, state_fwd and output.
+_SPLIT_NAMES = ("gated_delta_rule_prep_out", "gated_delta_rule_state_out",
+                "gated_delta_rule_prep", "gated_delta_rule_state_fwd",
                 "gated_delta_rule_output", "gated_delta_rule_state_bwd",
                 "gated_delta_rule_bwd_out", "gated_delta_rule_bwd_wy")
 _LOWERINGS = {
-    ("cuda", "split", None, None, None): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 16, None, None): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 16, 64, None): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 1, 64, 32): (3 + 3 + 5, _SPLIT_NAMES),
-    ("cuda", "split", 1, 64, None): (3 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", None, None, None): (2 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, None, None): (2 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 16, 64, None): (2 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 1, 64, 32): (2 + 3 + 5, _SPLIT_NAMES),
+    ("cuda", "split", 1, 64, None): (2 + 3 + 5, _SPLIT_NAMES),
     ("cuda", "fused", None, None, None): (3, ("gated_delta_rule_fwd",
                                               "gated_delta_rule_bwd")),
     ("tpu", "fused", None, None, None): (3, ("gated_delta_rule_fwd",
@@ -597,12 +625,13 @@ def _pallas_call_outputs(fn, *args):
           if eqn.primitive.name == "pallas_call"]
 
 
-@pytest.mark.parametrize("output_in_state", [False, True])
+@pytest.mark.parametrize("output_in_state", [False, True, "inference"])
 def test_inference_forward_stores_per_chunk_states_only_when_needed(
     output_in_state):
-  """With output_in_state an inference forward writes no per-chunk states
-  ([b, hv, n, dk, dv]); the forward under autodiff keeps them for the
-  backward. Without it the output kernel reads them, so both write them."""
+  """With output_in_state (True or "inference") an inference forward
+  writes no per-chunk states ([b, hv, n, dk, dv]); the forward under
+  autodiff keeps them for the backward. Without it the output kernel reads
+  them, so both write them."""
   inputs = make_inputs(4, 130, hk=1, hv=2, dk=16, dv=32)
   bs = dataclasses.replace(BlockSizes.get_default("gpu"),
                            output_in_state=output_in_state)
@@ -625,6 +654,18 @@ def test_inference_forward_stores_per_chunk_states_only_when_needed(
                for shape in outs)
 
   assert states_written(fwd) == (0 if output_in_state else 1)
+  # "inference": the state_out pass without autodiff, the three kernels
+  # under it.
+  def names(fn):
+    return [eqn.params["name"] for eqn in _eqns(fn, *args)
+            if eqn.primitive.name == "pallas_call"]
+
+  assert names(fwd) == (
+      ["gated_delta_rule_prep", "gated_delta_rule_state_fwd",
+       "gated_delta_rule_output"] if not output_in_state else
+      ["gated_delta_rule_prep_out", "gated_delta_rule_state_out"])
+  assert ("gated_delta_rule_state_out" in names(grads)) == (
+      output_in_state is True)
   # The forward under autodiff writes them once (and the backward's state
   # cotangents have the same shape).
   assert states_written(grads) == 2

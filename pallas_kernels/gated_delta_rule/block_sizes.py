@@ -53,8 +53,12 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 
 # The split family's kernels, as `BlockSizes.kernel_warps` names them (the
 # pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
-SPLIT_KERNELS = ("prep", "state_fwd", "output", "state_out", "bwd_local",
-                 "state_bwd", "bwd_out", "wy")
+# "prep" is the forward's prep (w, u, decays) and the backward's (with T);
+# "prep_out" the forward's prep that also writes P for state_out.
+SPLIT_KERNELS = ("prep", "prep_out", "state_fwd", "output", "state_out",
+                 "bwd_local", "state_bwd", "bwd_out", "wy")
+# Values of `BlockSizes.output_in_state`.
+OUTPUT_IN_STATE = (False, True, "inference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +108,19 @@ class BlockSizes:
       num_warps / num_warps_intra: pairs (name from `SPLIT_KERNELS`,
       warps), or a string "bwd_out:8,wy:8" ("+" also separates, for
       command-line lists: "bwd_out:8+wy:8").
-    output_in_state: the split forward forms each chunk's output inside
-      the sequential pass (one `state_out` kernel in place of state_fwd
-      and output): v' and the entering states stay in registers, an
-      inference forward writes no per-chunk states at all, and prep also
-      writes the intra-chunk attention (q k^T) * Gamma for the loop to
-      read. False: state_fwd writes v' and the states, and the parallel
-      output kernel reads them back.
+    output_in_state: True: the split forward forms each chunk's output
+      inside the sequential pass (one `state_out` kernel in place of
+      state_fwd and output): v' and the entering states stay in
+      registers, an inference forward writes no per-chunk states at all,
+      and prep also writes the intra-chunk attention (q k^T) * Gamma for
+      the loop to read ("prep_out"). False: state_fwd writes v' and the
+      states, and the parallel output kernel reads them back.
+      "inference": True for a forward that is not differentiated (the
+      custom_vjp's primal: no per-chunk states kept), False for the
+      forward under autodiff, whose states the backward reads
+      (`state_out_for`). The fused kernels' forward forms the output in
+      its loop anyway, so they take True only from split and ignore
+      "inference".
     bwd_block: None, or a multiple of chunk_size: the split backward takes
       the sequence in blocks of this many tokens, last to first (a
       `lax.scan`), so its intermediates (T, w, u, v', dv', the state
@@ -126,9 +136,9 @@ class BlockSizes:
       odd chunk's from the even one before it (one step of the recurrence,
       in its parallel bwd_local kernel), for the backward's block only:
       half the stored states, for one more product pair per odd chunk.
-      Needs output_in_state (the three-kernel forward's output kernel reads
-      every chunk's state), and fwd_block / bwd_block of whole pairs of
-      chunks.
+      Needs output_in_state=True (the three-kernel forward's output
+      kernel reads every chunk's state), and fwd_block / bwd_block of
+      whole pairs of chunks.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -143,7 +153,7 @@ class BlockSizes:
   wy_block: int | None = None
   out_block: int | None = None
   kernel_warps: tuple[tuple[str, int], ...] = ()
-  output_in_state: bool = False
+  output_in_state: bool | str = False
   bwd_block: int | None = None
   fwd_block: int | None = None
   state_stride: int = 1
@@ -195,10 +205,12 @@ class BlockSizes:
       if value is not None and value < 1:
         raise ValueError(f"{name}: expected a positive int or None, found "
                          f"{value}")
-    if not isinstance(self.output_in_state, bool):
-      raise ValueError(f"output_in_state: expected True or False, found "
-                       f"{self.output_in_state!r}")
-    if self.output_in_state and self.kernels != "split":
+    if not any(self.output_in_state is x or (
+        isinstance(x, str) and self.output_in_state == x)
+               for x in OUTPUT_IN_STATE):
+      raise ValueError(f"output_in_state: expected one of "
+                       f"{OUTPUT_IN_STATE}, found {self.output_in_state!r}")
+    if self.output_in_state is True and self.kernels != "split":
       raise ValueError(f"output_in_state: only the split kernels have a "
                        f"separate output kernel to fold into their "
                        f"sequential pass; found kernels={self.kernels!r}")
@@ -216,7 +228,7 @@ class BlockSizes:
       raise ValueError(f"state_stride: expected 1 or 2, found "
                        f"{self.state_stride!r}")
     if self.state_stride == 2:
-      if self.kernels != "split" or not self.output_in_state:
+      if self.kernels != "split" or self.output_in_state is not True:
         raise ValueError(
             "state_stride: 2 needs kernels='split' with output_in_state=True "
             "(the three-kernel forward's output kernel reads every chunk's "
@@ -262,12 +274,33 @@ class BlockSizes:
       # The sequential kernels in value tiles of 16 with 3 pipelining
       # stages: 0.69 and 1.45 ms (state_fwd, state_bwd) on the H200
       # against 1.75 and 2.66 ms with tiles of 32 and no pipelining.
-      # output_in_state and bwd_block stay off until they are timed
-      # (gpu_checks.sh options32k).
+      # Timed on an H100 (2026-11-27, eighth-session kernels, same
+      # process, BENCHMARKS.md), kernel by kernel at 32k tokens (waited /
+      # queued ms): prep in 2 warps 0.635 / 0.425 against 0.792 / 0.560
+      # in 4 (the backward's, with T, 0.712 / 0.443 against 0.870 /
+      # 0.589), and bwd_out and wy in 4 warps 1.520 / 1.207 and 1.502 /
+      # 1.205 against 1.714 / 1.366 and 2.012 / 1.609 in the 8 chosen
+      # on ptxas' spills: two programs an SM (2 x 4 warps) beat one of
+      # 8 warps although ptxas spills more (1,040 bytes a thread in wy,
+      # 84 in 8 warps). The kernels not changed timed within 1% in both.
+      # The prep that also writes P ("prep_out") stays in the 4 warps it
+      # was timed in (in 2 ptxas spills 508 bytes against 196).
+      # output_in_state only for the forward that is not differentiated:
+      # 1.626 / 1.355 ms end to end against 1.842 / 1.467 for the three
+      # kernels (FLA 1.813 / 1.395) in that run, and no per-chunk states
+      # written (256 MiB in bf16 at 32k tokens and 16 heads). Under
+      # autodiff (states written) the two forms' kernels summed to the
+      # same device time (1.487 and 1.485 ms queued), and prep in 2 warps
+      # takes 0.135 ms off the three kernels' only, so the training
+      # forward keeps them (the end-to-end forward+backward of that run
+      # left out their output kernel: BENCHMARKS.md). fwd_block, bwd_block
+      # and state_stride stay off: the memory-lean form (2048 / 2048 /
+      # 2) took 9.05 ms forward+backward (BENCHMARKS.md).
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,
-                 out_block=32, kernel_warps="bwd_out:8,wy:8")
+                 out_block=32, kernel_warps="prep:2,prep_out:4",
+                 output_in_state="inference")
     return cls()
 
   @classmethod
@@ -294,6 +327,14 @@ class BlockSizes:
     replaced."""
     return dataclasses.replace(cls.get_default(backend),
                                **cls.parse_spec(spec))
+
+  def state_out_for(self, store_states: bool) -> bool:
+    """Whether a split forward that keeps its per-chunk states for the
+    backward (`store_states`, the forward under autodiff) or not (an
+    inference forward) forms the output inside the sequential pass."""
+    if self.output_in_state == "inference":
+      return not store_states
+    return bool(self.output_in_state)
 
   def warps(self, kernel: str, parallel: bool) -> int:
     """Triton warps of split kernel `kernel` (a `SPLIT_KERNELS` name)."""

@@ -311,7 +311,8 @@ def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
     out_specs.append(p.val_chunk(p.c))
     out_shape.append(p.tokens(p.c, dtype=p.md))
   return p.call(body, *args, grid=p.par_grid, in_specs=in_specs,
-                out_specs=out_specs, out_shape=out_shape, stage="prep")
+                out_specs=out_specs, out_shape=out_shape,
+                stage="prep_out" if out == "p" else "prep")
 
 
 def _block_split(tp: int, c: int, block: int | None):
@@ -402,8 +403,9 @@ def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states,
 def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   """(o [b, tp, hv, dv] in v.dtype, final state f32, states h in md).
 
-  With `BlockSizes.output_in_state` the output comes out of the sequential
-  pass (`state_out`), and without store_states h is never written (None).
+  With `BlockSizes.output_in_state` (True; "inference" without
+  store_states) the output comes out of the sequential pass
+  (`state_out`), and without store_states h is never written (None).
   Without it the output kernel reads h, so h is always formed.
 
   With `BlockSizes.fwd_block` the sequence is taken in blocks of that many
@@ -445,7 +447,7 @@ def _forward_all(q, k, v, sc, s0, cfg, sq, store_states, window=None,
   h) into the whole-sequence `o_in` and `h_in` in place (created when
   None)."""
   p = _Plan(q, k, v, cfg, sq, window, first)
-  if cfg.block_sizes.output_in_state:
+  if cfg.block_sizes.state_out_for(store_states):
     w, u, aux, pm = _prep(p, k, v, sc, q=q)
     return _state_out(p, w, u, q, k, pm, aux, s0, v.dtype, store_states,
                       o_in, h_in)
@@ -628,7 +630,7 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     stages.append((name, fn, args, time.perf_counter() - start))
     return out
 
-  if cfg.block_sizes.output_in_state:
+  if cfg.block_sizes.state_out_for(store_states=True):
     w, u, aux, pm = run("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
                         k, v, sc, q)
     _, _, h = run("state_out",
