@@ -7,15 +7,16 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests options32k scaling8k memory32k ncu32k model
-# bench32k, in order of priority; on the H100 of 2026-11-26 (sixth
-# session) env, tests, bench32k and model took 8, 86, 188 and 130 s;
-# options32k and scaling8k are new, memory32k and ncu32k newer; run them
-# as `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
+# Steps (default: env tests defaults32k warps32k hlo32k scaling8k model,
+# in order of priority; on the H100 of 2026-11-27 (ninth session) env,
+# tests (4 xdist workers), memory32k, scaling8k, ncu32k and model (4
+# workers) took 11, 90, 30, 36, 40 and 145 s, and options32k more than
+# its 330; defaults32k, warps32k and hlo32k are new; run them as
+# `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
 # skips what no longer fits, and what was skipped in a second call if the
 # lease has time left).
-# Also: tests_all profile32k prep32k best32k final32k base32k split32k
-# scaling bench8k.
+# Also: options32k memory32k ncu32k bench32k tests_all profile32k prep32k
+# best32k final32k base32k split32k scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -64,7 +65,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests options32k scaling8k memory32k ncu32k model bench32k)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k warps32k hlo32k scaling8k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -109,6 +110,26 @@ for s in "${steps[@]}"; do
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
       --pallas_variants "output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" \
       --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
+    # The GPU defaults of 2026-11-27 (prep in 2 warps, bwd_out and wy in
+    # 4, the output inside the sequential pass without autodiff only),
+    # end to end against the defaults before them (ae2f428: bwd_out and
+    # wy in 8 warps, prep in 4, three forward kernels), output_in_state
+    # under autodiff too, and FLA; 20 runs. The forward+backward returns
+    # o (before 2026-11-27 XLA dropped the output kernel from it).
+    defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
+      --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
+    # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
+    # points to (latency-bound kernels with 1 or 2 programs an SM): the
+    # prep with P in 2 warps (ptxas spills 508 bytes there against 196
+    # for the plain prep, which was 24% faster in 2), wy and bwd_out in
+    # narrower column tiles (fewer registers, perhaps 3 programs an SM),
+    # and the sequential kernels in value tiles of 8 (256 programs, 2 an
+    # SM, at twice the reads of w and k).
+    warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations= --iters 5 --warmup 1 --profile_kernels \
+        --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8}" \
+        --json_out "$OUT/warps32k.json" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;
@@ -130,6 +151,20 @@ for s in "${steps[@]}"; do
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" ;;
+    # XLA's optimised GPU programs of memory32k's tilings (forward+backward
+    # as an operation), for reading on a CPU afterwards: whether the blocked
+    # forms' scans copy whole-sequence arrays (o, h, dq, dk, dv) each step
+    # instead of writing them in place, one suspect for their cost (the
+    # memory-lean form took 35% longer than output_in_state alone, ~0.1 ms
+    # a backward block). In $OUT/hlo32k.tgz (the *after_optimizations.txt
+    # files only).
+    hlo32k)
+      rm -rf /tmp/hlo32k
+      step hlo32k 120 env XLA_FLAGS="--xla_dump_to=/tmp/hlo32k --xla_dump_hlo_as_text" \
+        python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2"
+      (cd /tmp/hlo32k 2>/dev/null && tar czf "$OUT/hlo32k.tgz" *after_optimizations.txt) ;;
     scaling)  # throughput against length: pallas and FLA at 8k and 128k
       for t in 8192 131072; do
         step "scaling$t" 150 python3 -m experiments.bench_gated_delta_rule \
@@ -165,12 +200,12 @@ for s in "${steps[@]}"; do
         --implementations= --iters 5 --warmup 1 --profile_kernels \
         --profile_variants "${PROFILE_VARIANTS:-kernel_warps=,solve_block=16,wy_block=None/out_block=None,num_warps_intra=8,wy_block=32/out_block=64,f32_dot=bf16}" \
         --json_out "$OUT/profile32k.json" ;;
-    prep32k)  # prep on full tiles (the default before sub-chunks), other
+    prep32k)  # prep on full tiles in 4 warps (the default before sub-chunks), other
       # solve blocks, and the sequential kernels in 8 warps
       step prep32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${PREP_VARIANTS:-sub_chunk=None,sub_chunk=None/solve_block=16,solve_block=8,num_warps=8}" \
+        --profile_variants "${PREP_VARIANTS:-sub_chunk=None/kernel_warps=prep:4,sub_chunk=None/solve_block=16/kernel_warps=prep:4,solve_block=8,num_warps=8}" \
         --json_out "$OUT/prep32k.json" ;;
     base32k)  # the baselines alone: chunked jnp, then FLA
       step base32k 200 python3 -m experiments.bench_gated_delta_rule \
