@@ -251,7 +251,8 @@ def _run_case(case: Case):
                     chunk_loop=case.chunk_loop, kernels=case.kernels,
                     solve_block=case.solve_block, wy_block=case.wy_block,
                     out_block=case.out_block, sub_chunk=case.sub_chunk,
-                    output_in_state=bool(case.output_in_state),
+                    output_in_state=(False if case.output_in_state is None
+                                     else case.output_in_state),
                     bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                     state_stride=case.state_stride)
   s0 = inputs["initial_state"]
@@ -654,12 +655,12 @@ def test_inference_forward_stores_per_chunk_states_only_when_needed(
                for shape in outs)
 
   assert states_written(fwd) == (0 if output_in_state else 1)
-  # "inference": the state_out pass without autodiff, the three kernels
-  # under it.
   def names(fn):
     return [eqn.params["name"] for eqn in _eqns(fn, *args)
             if eqn.primitive.name == "pallas_call"]
 
+  # "inference": the state_out pass without autodiff, the three kernels
+  # under it.
   assert names(fwd) == (
       ["gated_delta_rule_prep", "gated_delta_rule_state_fwd",
        "gated_delta_rule_output"] if not output_in_state else
