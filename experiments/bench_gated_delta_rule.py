@@ -211,6 +211,15 @@ def parse_variant(spec: str) -> tuple[str, BlockSizes]:
   return f"pallas[{spec}]", BlockSizes.from_spec(spec, jax.default_backend())
 
 
+def chunk_states_bytes(batch: int, heads: int, seq_len: int, dk: int,
+                       dv: int, dtype) -> int:
+  """What the issue allows a forward+backward to hold beyond its inputs and
+  outputs: the state entering every chunk, [b, hv, n, dk, dv], in the
+  inputs' dtype (bf16 or f32; chunk 64)."""
+  return (batch * heads * -(-seq_len // 64) * dk * dv
+          * jnp.dtype(dtype).itemsize)
+
+
 def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
              block_sizes: BlockSizes | None, seq_splits: int):
   """(args, forward, forward+backward) of one JAX implementation."""
@@ -492,11 +501,8 @@ def run(batch: int, seq_len: int, heads: int, key_heads: int, dk: int,
       date=time.strftime("%Y-%m-%d"), results=rows, skipped=skipped,
       rel_err_vs_chunked=errors, kernel_profile=kernel_profile,
       fwd_bwd_temp_bytes=temp_bytes,
-      # What the issue allows a forward+backward to hold beyond its inputs
-      # and outputs: the state entering every chunk, [b, hv, n, dk, dv]
-      # (bf16 or f32 as the inputs; chunk 64).
-      chunk_states_bytes=(batch * heads * -(-seq_len // 64) * dk * dv
-                          * jnp.dtype(dtype).itemsize))
+      chunk_states_bytes=chunk_states_bytes(batch, heads, seq_len, dk, dv,
+                                            dtype))
 
 
 def format_table(result: dict) -> str:
@@ -568,11 +574,9 @@ def main(argv):
     if _ONCE.value:
       run_once(tilings, inputs, dtype, _INTERPRET.value)
     if _OP_MEMORY.value:
-      # What the issue bounds it by: the per-chunk states in the inputs'
-      # dtype.
-      states = (values["batch"] * values["heads"]
-                * -(-values["seq_len"] // 64) * values["dk"] * values["dv"]
-                * dtype.itemsize)
+      states = chunk_states_bytes(values["batch"], values["heads"],
+                                  values["seq_len"], values["dk"],
+                                  values["dv"], dtype)
       for label, bs in tilings:
         n = op_temp_bytes(inputs, dtype, _INTERPRET.value, bs)
         print(f"measured {label}: op-level temporaries {n / 2**20:.1f} MiB "

@@ -57,8 +57,6 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 # "prep_out" the forward's prep that also writes P for state_out.
 SPLIT_KERNELS = ("prep", "prep_out", "state_fwd", "output", "state_out",
                  "bwd_local", "state_bwd", "bwd_out", "wy")
-# Values of `BlockSizes.output_in_state`.
-OUTPUT_IN_STATE = (False, True, "inference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +203,10 @@ class BlockSizes:
       if value is not None and value < 1:
         raise ValueError(f"{name}: expected a positive int or None, found "
                          f"{value}")
-    if not any(self.output_in_state is x or (
-        isinstance(x, str) and self.output_in_state == x)
-               for x in OUTPUT_IN_STATE):
-      raise ValueError(f"output_in_state: expected one of "
-                       f"{OUTPUT_IN_STATE}, found {self.output_in_state!r}")
+    if not (isinstance(self.output_in_state, bool)
+            or self.output_in_state == "inference"):
+      raise ValueError(f"output_in_state: expected True, False or "
+                       f"'inference', found {self.output_in_state!r}")
     if self.output_in_state is True and self.kernels != "split":
       raise ValueError(f"output_in_state: only the split kernels have a "
                        f"separate output kernel to fold into their "

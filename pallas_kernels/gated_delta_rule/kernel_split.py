@@ -392,6 +392,14 @@ def state_fwd_kernel(w_ref, u_ref, k_ref, aux_ref, s0_ref, vn_ref, h_ref,
   st_ref[...] = lax.fori_loop(0, num_chunks, body, _load(s0_ref))
 
 
+def stored_row(chunk, stride: int):
+  """The row of the stored per-chunk states that holds the state entering
+  `chunk`, with every `stride`-th chunk's stored (`BlockSizes.state_stride`;
+  `chunk` itself without a stride). lax.div: the index is not negative, and
+  jnp's floor division does not lower for Triton inside a loop."""
+  return chunk if stride == 1 else lax.div(chunk, stride)
+
+
 def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
                      o_ref, st_ref, *h_ref, num_chunks: int, chunk: int,
                      scale: float, d: Dots, stride: int = 1):
@@ -408,11 +416,10 @@ def state_out_kernel(w_ref, u_ref, q_ref, k_ref, p_ref, aux_ref, s0_ref,
   stored (`h_ref` holds half as many; `BlockSizes.state_stride`).
   """
 
-  # lax.div / lax.rem: the counter is not negative, and jnp's floor
-  # division and remainder do not lower for Triton inside the loop.
+  # lax.rem: the counter is not negative, and jnp's remainder does not
+  # lower for Triton inside the loop.
   def store(i, s):
-    row = i if stride == 1 else lax.div(i, stride)
-    h_ref[0][row] = s.astype(h_ref[0].dtype)
+    h_ref[0][stored_row(i, stride)] = s.astype(h_ref[0].dtype)
 
   def body(i, s):
     rows = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)

@@ -157,7 +157,7 @@ class _Plan:
     stride = self.stride
     self.val_pair = lambda width: pl.BlockSpec(
         (sq, c, sq, width),
-        lambda i, h, t: (i, t - lax.rem(t, stride), h, 0))
+        lambda i, h, t: (i, _pair_first(t, stride), h, 0))
     # Sequential kernels: grid (b, hv, nv), whole sequence per program.
     self.seq_grid = (self.b, self.hv, self.nv)
     tp = self.tp
@@ -179,12 +179,12 @@ class _Plan:
       self.key_in, self.val_in = self.key_chunk, self.val_chunk
       self.state_in = self.state_chunk if stride == 1 else pl.BlockSpec(
           (sq, sq, sq, self.dk, self.dv),
-          lambda i, h, t: (i, h, lax.div(t, stride), 0, 0))
+          lambda i, h, t: (i, h, ks.stored_row(t, stride), 0, 0))
       self.key_seq_in, self.tile_seq_in = self.key_seq, self.tile_seq
       self.stored_tile_in = self.stored_tile
       self.key_pair_in = pl.BlockSpec(
           (sq, c, sq, self.dk),
-          lambda i, h, t: (i, t - lax.rem(t, stride), h // r, 0))
+          lambda i, h, t: (i, _pair_first(t, stride), h // r, 0))
     else:
       # Whole-sequence blocks: the same for parallel and sequential grids
       # (program ids i, h, then the chunk or the dv tile j).
@@ -250,8 +250,6 @@ class _Plan:
     n_alias = len(aliases)
 
     s = self.stride
-    # Stored-state rows of chunk x: x // s (x itself without a stride).
-    stored = (lambda x: x) if s == 1 else (lambda x: lax.div(x, s))
 
     def windowed(first_ref, *refs):
       start = first_ref[0]
@@ -263,14 +261,14 @@ class _Plan:
         if kind == "chunk":
           ref = _Rows(ref, pl.multiple_of((start + t) * c, c), c, c)
         elif kind == "chunk_pair":
-          ref = _Rows(ref, pl.multiple_of((start + t - lax.rem(t, s)) * c, c),
+          ref = _Rows(ref, pl.multiple_of((start + _pair_first(t, s)) * c, c),
                       c, c)
         elif kind == "state":
-          ref = _Rows(ref, stored(start + t), None, 1)
+          ref = _Rows(ref, ks.stored_row(start + t, s), None, 1)
         elif kind == "seq":
           ref = _Rows(ref, pl.multiple_of(start * c, c), self.tp, c)
         elif kind == "seq_states":
-          ref = _Rows(ref, stored(start), -(-self.n // s), 1)
+          ref = _Rows(ref, ks.stored_row(start, s), -(-self.n // s), 1)
         views.append(ref)
       body(*views)
 
@@ -287,6 +285,11 @@ class _Plan:
     or with `whole` a whole-sequence array (a gradient)."""
     tp = self.tp_in if whole else self.tp
     return jax.ShapeDtypeStruct((self.b, tp, self.hv, width), dtype)
+
+
+def _pair_first(t, stride: int):
+  """The first chunk of chunk t's pair (`BlockSizes.state_stride` 2)."""
+  return t - lax.rem(t, stride)
 
 
 def _prep(p: _Plan, k, v, sc, with_t: bool = False, q=None):
