@@ -240,13 +240,18 @@ def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
       return seq_split.split_sequence(rule, seq_splits, 64, q, k, v, g, beta)
     return rule(q, k, v, g, beta)
 
+  op = triton_resources.as_operation(fwd)
+
   def fwd_bwd(q, k, v, g, beta):
-    """(o, gradients): o is a result, as in a training step whose loss
-    reads it and in FLA's timed forward+backward, so XLA cannot drop the
-    kernels that only form it (the three-kernel forward's output kernel,
-    which it removed from this program before 2026-11-27)."""
-    (o, s), vjp = jax.vjp(fwd, q, k, v, g, beta)
-    return o, vjp((jnp.ones_like(o), jnp.ones_like(s)))
+    """(o, gradients), cotangents of ones: o is a result, as in a training
+    step whose loss reads it and in FLA's timed forward+backward, so XLA
+    cannot drop the kernels that only form it (the three-kernel forward's
+    output kernel, which it removed from this program before
+    2026-11-27)."""
+    dst = jnp.ones((q.shape[0], v.shape[2], q.shape[3], v.shape[3]),
+                   jnp.float32)
+    (o, _), grads = op(q, k, v, g, beta, jnp.ones_like(v), dst)
+    return o, grads
 
   return args, fwd, fwd_bwd
 
@@ -277,11 +282,7 @@ def op_temp_bytes(inputs: dict, dtype, interpret: bool,
   do = jnp.zeros(v.shape, v.dtype)
   dst = jnp.zeros((q.shape[0], v.shape[2], q.shape[3], v.shape[3]),
                   jnp.float32)
-
-  def op(q, k, v, g, beta, do, dst):
-    out, vjp = jax.vjp(fwd, q, k, v, g, beta)
-    return out, vjp((do, dst))
-
+  op = triton_resources.as_operation(fwd)
   mem = jax.jit(op).lower(*args, do, dst).compile().memory_analysis()
   return -1 if mem is None else int(mem.temp_size_in_bytes)
 

@@ -123,6 +123,22 @@ def _forward(blocks: BlockSizes):
   return forward
 
 
+def as_operation(forward, n_diff: int = 5):
+  """The forward+backward of `forward` as one operation, as a training step
+  runs it: `op(*inputs, do, dst) -> ((o, final_state), gradients of the
+  first n_diff inputs)`, the cotangents of o and the final state taken as
+  arguments and the output returned, so that XLA keeps every kernel that
+  forms o and counts as temporaries only what the rule holds beyond its
+  inputs and outputs. Inputs after the first n_diff (segment ids) are
+  passed through, not differentiated."""
+  def op(*args):
+    *inputs, do, dst = args
+    diff, rest = inputs[:n_diff], inputs[n_diff:]
+    out, vjp = jax.vjp(lambda *a: forward(*a, *rest), *diff)
+    return out, vjp((do, dst))
+  return op
+
+
 def _loss(blocks: BlockSizes):
   forward = _forward(blocks)
 
@@ -408,11 +424,7 @@ def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
   args = _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
                         segments)
   if op_level:
-    forward = _forward(blocks)
-
-    def grad(q, k, v, g, beta, seg, do, dst):
-      out, vjp = jax.vjp(lambda *a: forward(*a, seg), q, k, v, g, beta)
-      return out, vjp((do, dst))
+    grad = as_operation(_forward(blocks))
     sds = jax.ShapeDtypeStruct
     args = (*args, sds((batch, seq_len, heads, dv), dtype),
             sds((batch, heads, dk, dv), jnp.float32))
