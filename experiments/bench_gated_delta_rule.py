@@ -36,6 +36,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 import numpy as np
 
 from experiments import gdr_shapes
@@ -256,15 +257,39 @@ def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
   return args, fwd, fwd_bwd
 
 
+MARKER = "gated_delta_rule_marker"
+
+
+def _marker(interpret: bool) -> Callable[[jax.Array], jax.Array]:
+  """A one-program Pallas kernel named MARKER that adds one to 16 floats:
+  launched before each tiling in `run_once`, so that a profile of the
+  kernels (`ncu --kernel-name regex:gated_delta_rule`) can be cut into
+  tilings (`ncu_summary --by_tiling`) however many launches a tiling
+  makes (one per block and kernel in the blocked forms)."""
+  def body(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+  # The Triton lowering, as the kernels use (without compiler params a
+  # GPU lowers Pallas with Mosaic GPU, which refuses this small a copy).
+  params = {} if interpret else dict(
+      compiler_params=pallas_gdr.triton_compiler_params(1, 1))
+  return jax.jit(pl.pallas_call(
+      body, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+      interpret=interpret, name=MARKER, **params))
+
+
 def run_once(labels_and_blocks, inputs: dict, dtype,
              interpret: bool) -> None:
   """Each Pallas tiling's forward+backward, compiled and called once, one
-  after the other, and nothing else: for a profiler (`ncu --kernel-name
-  regex:gated_delta_rule`) to see every kernel of each tiling once, in
-  order."""
+  after the other, each after one launch of the MARKER kernel, and nothing
+  else: for a profiler (`ncu --kernel-name regex:gated_delta_rule`) to see
+  every kernel of each tiling once, in order."""
+  marker = _marker(interpret)
+  tick = jnp.zeros((16,), jnp.float32)
   for label, bs in labels_and_blocks:
     args, _, fwd_bwd = _jax_fns("pallas", inputs, dtype, interpret, bs, 1)
-    _, grads = jax.block_until_ready(jax.jit(fwd_bwd)(*args))
+    f = jax.jit(fwd_bwd).lower(*args).compile()  # before the marker's launch
+    tick = jax.block_until_ready(marker(tick))
+    _, grads = jax.block_until_ready(f(*args))
     finite = all(bool(jnp.isfinite(x).all()) for x in grads)
     print(f"ran {label} forward+backward once "
           f"({'finite' if finite else 'NOT FINITE'} gradients)", flush=True)

@@ -7,15 +7,16 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests defaults32k warps32k hlo32k scaling8k model,
-# in order of priority; on the H100 of 2026-11-27 (ninth session) env,
-# tests (4 xdist workers), memory32k, scaling8k, ncu32k and model (4
-# workers) took 11, 90, 30, 36, 40 and 145 s, and options32k more than
-# its 330; defaults32k, warps32k and hlo32k are new; run them as
+# Steps (default: env tests defaults32k warps32k ncu_blocks32k hlo32k
+# scaling8k model, in order of priority; on the H100 of 2026-11-27 (ninth
+# session) env, tests (4 xdist workers), memory32k, scaling8k, ncu32k and
+# model (4 workers) took 11, 90, 30, 36, 40 and 145 s, and options32k more
+# than its 330; defaults32k, warps32k, ncu_blocks32k and hlo32k are new;
+# run them as
 # `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
 # skips what no longer fits, and what was skipped in a second call if the
 # lease has time left).
-# Also: options32k memory32k ncu32k bench32k tests_all profile32k prep32k
+# Also: options32k memory32k ncu32k ncu_blocks32k bench32k tests_all profile32k prep32k
 # best32k final32k base32k split32k scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -65,7 +66,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k warps32k hlo32k scaling8k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k warps32k ncu_blocks32k hlo32k scaling8k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -194,6 +195,24 @@ for s in "${steps[@]}"; do
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
         --pallas_variants output_in_state=True > '$OUT/ncu32k.csv'"
       python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
+    # Where the blocked forms' time goes: each kernel launch of one
+    # forward+backward, for the defaults, output_in_state=True, its blocks
+    # of 4096 and the memory-lean form (blocks of 2048, every other
+    # chunk's state), summed per tiling and kernel name (ncu_summary
+    # --by_tiling; 7.72 and 9.05 ms end to end against 6.72 unblocked on
+    # 2026-11-27). Kernel time near the unblocked form's says the rest is
+    # between kernels (launches, the scans), well above it names the
+    # kernels that lose. ~190 launches, Duration only.
+    ncu_blocks32k)
+      NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+      step ncu_blocks32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
+        --kernel-name regex:gated_delta_rule --section SpeedOfLight \
+        --csv --page details \
+        python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
+        --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
+        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2 \
+        > '$OUT/ncu_blocks32k.csv'"
+      python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing
       step profile32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \

@@ -221,3 +221,29 @@ def test_queued_timing_waits_once_for_calls_issued_back_to_back():
       "assert 19.0 < ms < 30.0, ms\n"
       "print('ok')\n")
   assert _run_python(code) == "ok"
+
+
+def test_profile_marker_lowers_through_triton():
+  """`--once` launches a marker kernel before each tiling for
+  `ncu_summary --by_tiling`. Lowered for an (abstract) H100 it must take
+  the Triton lowering as the kernels do: without Triton compiler params
+  Pallas picks Mosaic GPU there, which refuses the marker's 64-byte
+  copy."""
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from experiments import triton_resources as tr\n"
+      "from experiments import bench_gated_delta_rule as b\n"
+      "try:\n"
+      "  target = tr.abstract_target('cuda')\n"
+      "except RuntimeError as e:\n"
+      "  print('no-target', e); raise SystemExit\n"
+      "with target:\n"
+      "  low = b._marker(False).trace(jnp.zeros((16,), jnp.float32)).lower(\n"
+      "      lowering_platforms=('cuda',))\n"
+      "text = low.as_text()\n"
+      "print('triton' if tr.TRITON_CALL in text else 'other',\n"
+      "      f'name = \"{b.MARKER}\"' in text)\n")
+  out = _run_python(code)
+  if out.startswith("no-target"):
+    pytest.skip(f"this jax cannot lower for a GPU without one: {out}")
+  assert out == "triton True", out

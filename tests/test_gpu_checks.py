@@ -37,14 +37,20 @@ def test_every_default_step_has_a_case():
 
 def _variant_lists() -> list[str]:
   text = _text()
-  lists = re.findall(r'--(?:pallas|profile)_variants\s+"([^"$]*)"', text)
+  # Quoted ("a,b") or bare (a,b, inside a quoted `bash -c` command).
+  lists = [quoted or bare for quoted, bare in re.findall(
+      r'--(?:pallas|profile)_variants\s+(?:"([^"$]*)"|([^\s"\\$]+))',
+      text)]
   # Defaults of overridable lists: "${WARPS_VARIANTS:-a,b}".
   lists += re.findall(r"\$\{\w+_VARIANTS:-([^}]*)\}", text)
   return lists
 
 
 def test_finds_the_variant_lists():
-  assert len(_variant_lists()) >= 6, _variant_lists()
+  lists = _variant_lists()
+  assert len(lists) >= 8, lists
+  assert any("state_stride=2" in x and "output_in_state=True" in x
+             and "--" not in x for x in lists), lists
 
 
 @pytest.mark.parametrize("variants", _variant_lists())

@@ -1,5 +1,8 @@
 """experiments/ncu_summary.py on a report in ncu's CSV layout."""
 
+import pathlib
+import random
+
 import pytest
 
 from experiments import ncu_summary
@@ -48,3 +51,71 @@ def test_summary_lists_headlines_and_worst_stalls():
 def test_summary_without_a_report_names_the_problem():
   with pytest.raises(ValueError, match="no ncu CSV header"):
     ncu_summary.summarize("==PROF== ERR_NVGPUCTRPERM: no permission")
+
+
+def _duration(kid, kernel, value, unit="us", grid="(16, 16, 8)"):
+  return (f'"{kid}","7","python3","h","{kernel}","1","13","(128, 1, 1)",'
+          f'"{grid}","0","9.0","GPU Speed Of Light Throughput","Duration",'
+          f'"{unit}","{value}"')
+
+
+def test_by_tiling_cuts_at_markers_and_sums_per_kernel():
+  rng = random.Random(11)
+  # Two tilings: one launch per kernel, then a blocked form with three
+  # blocks (ncu suffixes repeated names with __N), durations in mixed units.
+  plain = [("gated_delta_rule_prep_out", rng.uniform(100, 900)),
+           ("gated_delta_rule_state_out", rng.uniform(100, 900))]
+  blocked = [(name, rng.uniform(10, 90)) for _ in range(3)
+             for name in ("gated_delta_rule_prep_out",
+                          "gated_delta_rule_state_out")]
+  rows, kid, seen = [], 0, {}
+
+  def add(kernel, us, unit):
+    nonlocal kid
+    n = seen.get(kernel, 0)
+    seen[kernel] = n + 1
+    name = kernel if n == 0 else f"{kernel}__{n}"
+    value = {"us": us, "ns": us * 1e3, "ms": us * 1e-3}[unit]
+    rows.append(_duration(kid, name, f"{value:,.4f}", unit))
+    kid += 1
+
+  add("gated_delta_rule_marker", 2.0, "us")
+  for kernel, us in plain:
+    add(kernel, us, "us")
+  add("gated_delta_rule_marker", 2.0, "ns")
+  for i, (kernel, us) in enumerate(blocked):
+    add(kernel, us, ("ns", "ms", "us")[i % 3])
+  report = "\n".join(["ran pallas forward+backward once (finite gradients)",
+                      "ran pallas[fwd_block=128] forward+backward once "
+                      "(finite gradients)", _HEADER, *rows])
+  lines = ncu_summary.by_tiling(report)
+  ms = lambda xs: sum(us for _, us in xs) / 1e3
+  per = lambda xs, k: sum(us for name, us in xs if name == k) / 1e3
+  assert lines == [
+      f"tiling pallas: 2 launches, {ms(plain):.3f} ms in kernels",
+      f"  gated_delta_rule_prep_out: 1 x, "
+      f"{per(plain, 'gated_delta_rule_prep_out'):.3f} ms",
+      f"  gated_delta_rule_state_out: 1 x, "
+      f"{per(plain, 'gated_delta_rule_state_out'):.3f} ms",
+      f"tiling pallas[fwd_block=128]: 6 launches, {ms(blocked):.3f} ms in "
+      f"kernels",
+      f"  gated_delta_rule_prep_out: 3 x, "
+      f"{per(blocked, 'gated_delta_rule_prep_out'):.3f} ms",
+      f"  gated_delta_rule_state_out: 3 x, "
+      f"{per(blocked, 'gated_delta_rule_state_out'):.3f} ms",
+  ]
+
+
+def test_by_tiling_marker_name_is_the_benchmarks():
+  bench = (pathlib.Path(__file__).resolve().parents[1]
+           / "experiments/bench_gated_delta_rule.py").read_text()
+  assert f'MARKER = "{ncu_summary.MARKER}"' in bench
+
+
+def test_by_tiling_without_markers_names_the_problem():
+  report = "\n".join([_HEADER, _duration(0, "gated_delta_rule_prep", "1.0")])
+  with pytest.raises(ValueError, match="no gated_delta_rule_marker launch"):
+    ncu_summary.by_tiling(report)
+  with pytest.raises(ValueError, match="unknown unit"):
+    ncu_summary.by_tiling("\n".join(
+        [_HEADER, _duration(0, "gated_delta_rule_marker", "1.0", "furlong")]))

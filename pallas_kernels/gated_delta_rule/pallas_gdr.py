@@ -49,7 +49,7 @@ _SQ = getattr(pl, "squeezed", None)
 # ---------------------------------------------------------------------------
 
 
-def _triton_compiler_params(num_warps: int, num_stages: int):
+def triton_compiler_params(num_warps: int, num_stages: int):
   pl_triton = importlib.import_module("jax.experimental.pallas.triton")
   cls = (getattr(pl_triton, "CompilerParams", None)
          or getattr(pl_triton, "TritonCompilerParams"))
@@ -134,7 +134,7 @@ class _Config:
     if self.interpret and not self.tpu_interpreted:
       return None
     if self.backend == "gpu":
-      return _triton_compiler_params(num_warps or self.block_sizes.num_warps,
+      return triton_compiler_params(num_warps or self.block_sizes.num_warps,
                                      self.block_sizes.num_stages)
     if self.backend == "tpu":
       return _tpu_compiler_params(semantics)
