@@ -7,16 +7,15 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests defaults32k warps32k ncu_blocks32k hlo32k
-# scaling8k model, in order of priority; on the H100 of 2026-11-27 (ninth
-# session) env, tests (4 xdist workers), memory32k, scaling8k, ncu32k and
-# model (4 workers) took 11, 90, 30, 36, 40 and 145 s, and options32k more
-# than its 330; defaults32k, warps32k, ncu_blocks32k and hlo32k are new;
-# run them as
+# Steps (default: env tests defaults32k lean32k ncu_blocks32k warps32k
+# hlo32k scaling8k model, in order of priority; on the H100 of 2026-11-27
+# (ninth session) env, tests (4 xdist workers), memory32k, scaling8k,
+# ncu32k and model (4 workers) took 11, 90, 30, 36, 40 and 145 s, and
+# options32k more than its 330; the others are new; run them as
 # `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
 # skips what no longer fits, and what was skipped in a second call if the
 # lease has time left).
-# Also: options32k memory32k ncu32k ncu_blocks32k bench32k tests_all profile32k prep32k
+# Also: options32k memory32k ncu32k bench32k tests_all profile32k prep32k
 # best32k final32k base32k split32k scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -66,7 +65,7 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k warps32k ncu_blocks32k hlo32k scaling8k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k lean32k ncu_blocks32k warps32k hlo32k scaling8k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -77,7 +76,7 @@ for s in "${steps[@]}"; do
       step tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest $XDIST \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
         tests/test_pallas_gated_delta_rule.py \
-        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block or fwd_block or stride2" ;;
+        -k "gpu_defaults or t200_bf16_segments_solve16 or full_tiles or dv_tiles_chunk32 or api_dispatch or output_in_state or bwd_block or fwd_block or stride2 or recompute" ;;
     tests_all)
       step tests_all 300 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest $XDIST \
         -q -p no:cacheprovider -W ignore::DeprecationWarning \
@@ -95,19 +94,16 @@ for s in "${steps[@]}"; do
     # that ran first), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 \
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
-    # The options added after the H100 run, against the defaults and FLA,
-    # end to end (20 runs; XLA's temporaries per variant) and kernel by
-    # kernel: the output inside the sequential pass (output_in_state), with
-    # the forward and the backward in blocks of 4096 tokens (fwd_block,
-    # bwd_block: 375 MiB of temporaries beyond the rule's inputs, outputs
-    # and cotangents by the jaxpr count, against 1,105), and the
-    # memory-lean form (blocks of 2048, every other chunk's state stored:
-    # 210 MiB, within the 256 MiB of per-chunk states); kernel by kernel
-    # the defaults, output_in_state, and prep in programs of 2 warps (prep
-    # is 3.5x its traffic floor and runs 8 warps per SM at ~255 registers
-    # however it is tiled; 4 programs of 2 warps hide latency better than
-    # 2 of 4, if that is what bounds it). The e2e lines are logged as
-    # measured, so a step cut short by its limit still leaves them.
+    # The run of 2026-11-27 (BENCHMARKS.md), kept to repeat it: the
+    # options of that day against the defaults of ae2f428 (prep in 4
+    # warps, bwd_out and wy in 8, three forward kernels) and FLA, end to
+    # end (20 runs; XLA's temporaries per variant) and kernel by kernel:
+    # output_in_state, with the forward and the backward in blocks of 4096
+    # tokens, and the stride-2 memory-lean form; kernel by kernel
+    # output_in_state and prep in 2 warps (since then the defaults). On
+    # today's defaults the "pallas" rows are not ae2f428's: defaults32k
+    # compares the two. The e2e lines are logged as measured, so a step
+    # cut short by its limit still leaves them.
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
       --pallas_variants "output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" \
       --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
@@ -119,6 +115,15 @@ for s in "${steps[@]}"; do
     # o (before 2026-11-27 XLA dropped the output kernel from it).
     defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
+    # The memory-lean forms end to end (10 runs; XLA's temporaries of the
+    # timed program beside): no per-chunk states stored, each backward
+    # block's recomputed by state_fwd (recompute_states; jaxpr count 158
+    # MiB at 32k in blocks of 4096, 97.5 in blocks of 2048, against 256
+    # of per-chunk states), and the stride-2 form of 2026-11-27 (210 by
+    # the count, 208.5 by XLA; 9.05 ms forward+backward against 6.72
+    # unblocked).
+    lean32k) bench lean32k 200 32768 10 --implementations pallas \
+      --pallas_variants "recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=2048/bwd_block=2048,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" ;;
     # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
     # points to (latency-bound kernels with 1 or 2 programs an SM): the
     # prep with P in 2 warps (ptxas spills 508 bytes there against 196
@@ -151,7 +156,7 @@ for s in "${steps[@]}"; do
     memory32k)
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" ;;
+        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096" ;;
     # XLA's optimised GPU programs of memory32k's tilings (forward+backward
     # as an operation), for reading on a CPU afterwards: whether the blocked
     # forms' scans copy whole-sequence arrays (o, h, dq, dk, dv) each step
@@ -197,8 +202,9 @@ for s in "${steps[@]}"; do
       python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
     # Where the blocked forms' time goes: each kernel launch of one
     # forward+backward, for the defaults, output_in_state=True, its blocks
-    # of 4096 and the memory-lean form (blocks of 2048, every other
-    # chunk's state), summed per tiling and kernel name (ncu_summary
+    # of 4096, the memory-lean form (blocks of 2048, every other chunk's
+    # state) and recompute_states in blocks of 4096, summed per tiling and
+    # kernel name (ncu_summary
     # --by_tiling; 7.72 and 9.05 ms end to end against 6.72 unblocked on
     # 2026-11-27). Kernel time near the unblocked form's says the rest is
     # between kernels (launches, the scans), well above it names the
@@ -210,7 +216,7 @@ for s in "${steps[@]}"; do
         --csv --page details \
         python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
-        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2 \
+        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096 \
         > '$OUT/ncu_blocks32k.csv'"
       python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing

@@ -76,6 +76,7 @@ class Case:
   bwd_block: int | None = None  # BlockSizes.bwd_block
   fwd_block: int | None = None  # BlockSizes.fwd_block
   state_stride: int = 1  # BlockSizes.state_stride
+  recompute_states: bool = False  # BlockSizes.recompute_states
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -162,6 +163,23 @@ CASES = {
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, output_in_state=True,
         state_stride=2, fwd_block=128, bwd_block=128),
+    # No per-chunk states stored (recompute_states): the backward forms
+    # each block's again from the state entering it with state_fwd. Five
+    # chunks in blocks of two and a last one of one, slow decays and
+    # documents across blocks (the GPU defaults: the output inside the
+    # sequential pass under autodiff too, as nothing is stored); in bf16
+    # with segments and the three-kernel forward, blocks of three chunks
+    # and a last one of two; one block that takes the whole sequence.
+    "t300_slow_decay_long_docs_recompute": Case(
+        300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        fwd_block=128, bwd_block=128, recompute_states=True),
+    "t300_bf16_segments_recompute": Case(
+        300, jnp.bfloat16, with_segments=True, chunk_loop=None,
+        backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
+        fwd_block=192, bwd_block=192, recompute_states=True),
+    "t70_slow_decay_recompute_one_block": Case(
+        70, chunk_loop=None, backend="gpu", g_scale=0.02, fwd_block=256,
+        bwd_block=256, recompute_states=True),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -242,7 +260,8 @@ def _run_case(case: Case):
         (np.arange(case.t)[None] >= starts).astype(np.int32))
   if case.chunk_loop is None:
     changes = dict(bwd_block=case.bwd_block, fwd_block=case.fwd_block,
-                   state_stride=case.state_stride)
+                   state_stride=case.state_stride,
+                   recompute_states=case.recompute_states)
     if case.output_in_state is not None:
       changes["output_in_state"] = case.output_in_state
     bs = dataclasses.replace(BlockSizes.get_default(backend), **changes)
@@ -254,7 +273,8 @@ def _run_case(case: Case):
                     output_in_state=(False if case.output_in_state is None
                                      else case.output_in_state),
                     bwd_block=case.bwd_block, fwd_block=case.fwd_block,
-                    state_stride=case.state_stride)
+                    state_stride=case.state_stride,
+                    recompute_states=case.recompute_states)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -489,6 +509,15 @@ def test_block_sizes_validation():
     BlockSizes(state_stride=2)  # the output kernel reads every state
   with pytest.raises(ValueError, match="bwd_block.*pairs"):
     BlockSizes(state_stride=2, output_in_state=True, bwd_block=192)
+  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
+    BlockSizes(recompute_states=True, bwd_block=128)  # no forward blocks
+  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
+    BlockSizes(recompute_states=True, fwd_block=128, bwd_block=256)
+  with pytest.raises(ValueError, match="recompute_states.*state_stride"):
+    BlockSizes(recompute_states=True, fwd_block=128, bwd_block=128,
+               output_in_state=True, state_stride=2)
+  with pytest.raises(ValueError, match="recompute_states: expected"):
+    BlockSizes(recompute_states="yes", fwd_block=128, bwd_block=128)
   # bwd_local forms whole states with state_stride 2: twice the warps,
   # unless named.
   lean = BlockSizes(state_stride=2, output_in_state=True)
@@ -786,6 +815,36 @@ def test_states_of_every_other_chunk_meet_the_memory_target():
   assert min(peaks[s] for s in peaks if s != lean) > allowance, peaks
 
 
+def test_recomputed_states_meet_the_memory_target():
+  """recompute_states: the same count with no per-chunk states stored, in
+  eight blocks (a quarter of the blocks the stride-2 form above needs):
+  one block's intermediates and the state entering each block, within
+  the per-chunk states' bytes (3.5 of 4 MiB here; 158 of 256 at 32k
+  tokens and 16 heads); no array of every chunk's states
+  or of all tokens but the scalars at the peak. In 2 blocks (its
+  intermediates four times as large) it does not fit."""
+  t, hv, d = 4096, 2, 128
+  shape = dict(batch=1, seq_len=t, key_heads=hv, heads=hv, dk=d, dv=d,
+               dtype=jnp.bfloat16)
+  allowance = hv * (t // 64) * d * d * 2 / 2**20  # MiB, bf16
+  peaks = {}
+  for block in (512, 2048):
+    spec = f"recompute_states=True/fwd_block={block}/bwd_block={block}"
+    try:
+      est = triton_resources.memory_estimate(
+          BlockSizes.from_spec(spec, "gpu"), op_level=True, **shape)
+    except RuntimeError as e:  # no abstract CUDA target in this jax
+      pytest.skip(str(e))
+    peaks[block] = est["peak_mib"]
+    if block == 512:
+      whole = [(mib, a) for mib, a in est["at_peak"]
+               if f",{t}," in a and not a.startswith("float32")
+               or f",{t // 64},{d},{d}]" in a]
+      assert not whole, est
+  assert peaks[512] <= allowance, peaks
+  assert peaks[2048] > allowance, peaks
+
+
 def test_rows_view_composes_indices():
   """`pallas_split._Rows` (the blocked backward's view of whole-sequence
   refs) turns each index form the kernels use into one index of the
@@ -820,8 +879,9 @@ def test_rows_view_composes_indices():
   np.testing.assert_array_equal(np.asarray(o2), want2)
 
 
-@pytest.mark.parametrize("spec", ["bwd_block=128", "fwd_block=128",
-                                  "fwd_block=128/output_in_state=True"])
+@pytest.mark.parametrize("spec", [
+    "bwd_block=128", "fwd_block=128", "fwd_block=128/output_in_state=True",
+    "recompute_states=True/fwd_block=128/bwd_block=128"])
 def test_blocks_read_whole_arrays_at_an_offset(spec):
   """bwd_block: the kernels of each block read q, k, v, dO and the stored
   states h where they are (an offset into the whole arrays), so the
@@ -889,6 +949,21 @@ def test_stored_states_of_every_other_chunk_lower_for_cuda():
       "gpu"), t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 * 5
   assert text.count("stablehlo.while") == 2
+
+
+def test_recomputed_states_lower_for_cuda():
+  """recompute_states with blocks of two chunks (300 tokens, 320 padded:
+  2, 2 and 1 chunks): prep (with P) and state_out per forward block (no
+  states written), and per backward block prep, state_fwd (the block's
+  states again), bwd_pdo, state_bwd, bwd_out and wy; loops for both."""
+  text = _grad_lowered_for_cuda(BlockSizes.from_spec(
+      "recompute_states=True/fwd_block=128/bwd_block=128", "gpu"),
+      t=300, d=128)
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 * 6
+  assert text.count("stablehlo.while") == 2
+  for name in ("state_out", "state_fwd", "bwd_pdo"):
+    assert f'"gated_delta_rule_{name}"' in text, name
+  assert '"gated_delta_rule_bwd_local"' not in text
 
 
 def test_output_in_state_lowers_for_cuda():

@@ -54,9 +54,10 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 # The split family's kernels, as `BlockSizes.kernel_warps` names them (the
 # pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
 # "prep" is the forward's prep (w, u, decays) and the backward's (with T);
-# "prep_out" the forward's prep that also writes P for state_out.
+# "prep_out" the forward's prep that also writes P for state_out;
+# "bwd_pdo" the backward's P^T dO alone (`recompute_states`).
 SPLIT_KERNELS = ("prep", "prep_out", "state_fwd", "output", "state_out",
-                 "bwd_local", "state_bwd", "bwd_out", "wy")
+                 "bwd_local", "bwd_pdo", "state_bwd", "bwd_out", "wy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,16 @@ class BlockSizes:
       Needs output_in_state=True (the three-kernel forward's output
       kernel reads every chunk's state), and fwd_block / bwd_block of
       whole pairs of chunks.
+    recompute_states: False, or True: the forward under autodiff stores
+      no per-chunk states, only the state entering each block of
+      bwd_block tokens (f32, one [dk, dv] per block and head), and the
+      backward recomputes each block's per-chunk states with the
+      sequential forward kernel (state_fwd, which also gives v') from it
+      before its own kernels; its parallel bwd_local then forms P^T dO
+      alone ("bwd_pdo"). One more sequential pass in the backward for
+      no stored states: with blocks, what the rule holds is one block's
+      intermediates. Needs fwd_block == bwd_block (the forward's blocks
+      hand over the states the backward starts from) and state_stride 1.
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -155,6 +166,7 @@ class BlockSizes:
   bwd_block: int | None = None
   fwd_block: int | None = None
   state_stride: int = 1
+  recompute_states: bool = False
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -237,6 +249,18 @@ class BlockSizes:
           raise ValueError(
               f"{name}: with state_stride=2 blocks hold whole pairs of "
               f"chunks (a multiple of {2 * self.chunk_size}); found {block}")
+    if not isinstance(self.recompute_states, bool):
+      raise ValueError(f"recompute_states: expected True or False, found "
+                       f"{self.recompute_states!r}")
+    if self.recompute_states and (
+        self.kernels != "split" or self.bwd_block is None
+        or self.fwd_block != self.bwd_block or self.state_stride != 1):
+      raise ValueError(
+          "recompute_states: needs kernels='split' with fwd_block equal to "
+          "bwd_block (the forward's blocks hand the backward the state "
+          "entering each block) and state_stride=1; found kernels="
+          f"{self.kernels!r}, fwd_block={self.fwd_block!r}, bwd_block="
+          f"{self.bwd_block!r}, state_stride={self.state_stride!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

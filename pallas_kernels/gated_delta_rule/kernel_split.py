@@ -483,6 +483,15 @@ def bwd_local_kernel(q_ref, k_ref, w_ref, u_ref, h_ref, aux_ref, do_ref,
     hn_ref[...] = h
   vn = _load(u_ref) - d.mm(w_ref[...], h)
   vn_ref[...] = vn.astype(vn_ref.dtype)
+  bwd_pdo_kernel(q_ref, k_ref, aux_ref, do_ref, dvl_ref, scale=scale,
+                 has_segments=has_segments, d=d)
+
+
+def bwd_pdo_kernel(q_ref, k_ref, aux_ref, do_ref, dvl_ref, *, scale: float,
+                   has_segments: bool, d: Dots):
+  """P^T dO (parallel), P = (q k^T) * scale * Gamma: bwd_local's part
+  that needs no state, alone where the backward's recomputing state_fwd
+  gave v' (`BlockSizes.recompute_states`)."""
   gamma, _, _, _ = _decays(_load(aux_ref), has_segments)
   p = d.mm_nt(q_ref[...], k_ref[...]) * (gamma * scale)
   dvl_ref[...] = d.mm_tn(p, do_ref[...]).astype(dvl_ref.dtype)

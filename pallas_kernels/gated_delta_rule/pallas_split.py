@@ -420,11 +420,20 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   and each later block writes its rows into them in place, so nothing is
   zeroed or copied. Without store_states (and without output_in_state) h
   exists for one block at a time too.
+
+  With `BlockSizes.recompute_states`, a forward with store_states runs
+  as one without (no per-chunk states; the output inside the sequential
+  pass under output_in_state "inference") and returns in place of h the
+  state entering each block, [blocks, b, hv, dk, dv] f32, for the
+  backward to recompute the block's states from.
   """
-  split = _block_split(q.shape[1], cfg.block_sizes.chunk_size,
-                       cfg.block_sizes.fwd_block)
+  bs = cfg.block_sizes
+  starts = store_states and bs.recompute_states
+  store_states = store_states and not bs.recompute_states
+  split = _block_split(q.shape[1], bs.chunk_size, bs.fwd_block)
   if split is None:
-    return _forward_all(q, k, v, sc, s0, cfg, sq, store_states)
+    o, s, h = _forward_all(q, k, v, sc, s0, cfg, sq, store_states)
+    return o, s, (s0[None] if starts else h)
   per, full, tail = split
 
   def step(first, chunks, s, o, h):
@@ -433,13 +442,18 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
         first=jnp.reshape(first, (1,)).astype(jnp.int32), o_in=o, h_in=h)
     return s, o, (h_block if store_states else None)
 
+  entering = [s0[None]]  # the state entering each block
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
   if full > 1:
-    (s, o, h), _ = lax.scan(
-        lambda carry, j: (step(j * per, per, *carry), None), (s, o, h),
+    (s, o, h), mid = lax.scan(
+        lambda carry, j: (step(j * per, per, *carry), carry[0]), (s, o, h),
         jnp.arange(1, full))
+    entering.append(mid)
   if tail:  # the last, shorter block
+    entering.append(s[None])
     s, o, h = step(full * per, tail, s, o, h)
+  if starts:
+    h = jnp.concatenate(entering)
   return o, s, h
 
 
@@ -483,6 +497,18 @@ def _bwd_local(p: _Plan, q, k, w, u, h, aux, do):
                         has_segments=p.cfg.has_segments, stride=p.stride),
       *args, grid=p.par_grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, stage="bwd_local")
+
+
+def _bwd_pdo(p: _Plan, q, k, aux, do):
+  """P^T dO in md alone (`BlockSizes.recompute_states`: state_fwd gave
+  v')."""
+  return p.call(
+      functools.partial(ks.bwd_pdo_kernel, scale=p.cfg.scale, d=p.d,
+                        has_segments=p.cfg.has_segments),
+      q, k, aux, do, grid=p.par_grid,
+      in_specs=[p.key_in, p.key_in, p.val_chunk(ks.NUM_AUX), p.val_in(p.dv)],
+      out_specs=[p.val_chunk(p.dv)],
+      out_shape=[p.tokens(p.dv, dtype=p.md)], stage="bwd_pdo")[0]
 
 
 def _state_bwd(p: _Plan, q, k, w, aux, do, dvl, dst):
@@ -561,11 +587,17 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   (writing their own rows) and each later block writes its rows into them,
   so nothing is zeroed or copied. The gradients are the same; the cost is
   five kernel launches per block.
+
+  With `BlockSizes.recompute_states`, h is the state entering each block
+  (`forward`), and each block's per-chunk states are recomputed from it
+  (`_backward_all`).
   """
   tp, c = q.shape[1], cfg.block_sizes.chunk_size
+  recompute = cfg.block_sizes.recompute_states
   split = _block_split(tp, c, cfg.block_sizes.bwd_block)
   if split is None:
-    return _backward_all(q, k, v, sc, h, do, dst, cfg, sq)
+    return _backward_all(q, k, v, sc, h, do, dst, cfg, sq,
+                         recompute=recompute)
   per, full, tail = split
   p = _Plan(q, k, v, cfg, sq)
   # (dg, dbeta) leave each block as the block's own array ([b, window, hv,
@@ -573,9 +605,13 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   dsc = jnp.zeros((p.b, tp, p.hv, kernel.NUM_DSCALARS), _F32)
 
   def step(first, chunks, ds, grads, dsc):
+    # recompute: the state entering this block, h[first // per].
+    states = (lax.dynamic_index_in_dim(h, first // per, keepdims=True)
+              if recompute else h)
     *grads, dsc_block, ds = _backward_all(
-        q, k, v, sc, h, do, ds, cfg, sq, window=chunks,
-        first=jnp.reshape(first, (1,)).astype(jnp.int32), grads=grads)
+        q, k, v, sc, states, do, ds, cfg, sq, window=chunks,
+        first=jnp.reshape(first, (1,)).astype(jnp.int32), grads=grads,
+        recompute=recompute)
     dsc = lax.dynamic_update_slice_in_dim(dsc, dsc_block, first * c, axis=1)
     return ds, grads, dsc
 
@@ -595,17 +631,24 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
 
 
 def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
-                  grads=None):
+                  grads=None, recompute: bool = False):
   """`backward` over the whole sequence at once, or (window, first: a
   windowed `_Plan`) over that window, writing dq, dk, dv into `grads`
-  in place; (dg, dbeta) and dS0 are the window's."""
+  in place; (dg, dbeta) and dS0 are the window's. With `recompute`, h is
+  the state entering the window ([1, b, hv, dk, dv] f32), from which
+  state_fwd forms the window's per-chunk states and v' again."""
   p = _Plan(q, k, v, cfg, sq, window, first)
   dq_in, dk_in, dv_in = grads or (None, None, None)
   w, u, aux, t = _prep(p, k, v, sc, with_t=True)
-  vn, dvl, *hn = _bwd_local(p, q, k, w, u, h, aux, do)
   h_spec = None
-  if hn:  # state_stride 2: every chunk's state, the window's
-    h, h_spec = hn[0], p.state_chunk
+  if recompute:
+    vn, h, _ = _state_fwd(p, w, u, k, aux, h[0], h_whole=False)
+    h_spec = p.state_chunk  # the window's states
+    dvl = _bwd_pdo(p, q, k, aux, do)
+  else:
+    vn, dvl, *hn = _bwd_local(p, q, k, w, u, h, aux, do)
+    if hn:  # state_stride 2: every chunk's state, the window's
+      h, h_spec = hn[0], p.state_chunk
   dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
   dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do, dq_in, h_spec)
   dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in,
