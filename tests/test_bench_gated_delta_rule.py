@@ -25,6 +25,11 @@ _KERNELS = ["prep", "state_fwd", "output", "prep (with T)", "bwd_local",
 # BlockSizes.output_in_state: one sequential forward kernel.
 _KERNELS_OUTPUT_IN_STATE = ["prep", "state_out", "prep (with T)",
                             "bwd_local", "state_bwd", "bwd_out", "wy"]
+# BlockSizes.recompute_states: the backward forms the states again.
+_RECOMPUTE = "recompute_states=True/fwd_block=64/bwd_block=64"
+_KERNELS_RECOMPUTE = ["prep", "state_fwd", "output", "prep (with T)",
+                      "state_fwd (backward)", "bwd_pdo", "state_bwd",
+                      "bwd_out", "wy"]
 
 
 def _run_python(code: str, *args: str) -> str:
@@ -47,7 +52,8 @@ def test_bench_reports_every_implementation(tmp_path):
        "--implementations", "pallas,chunked,fla",
        "--pallas_variants",
        "solve_block=16,kernels=fused,output_in_state=True",
-       "--profile_kernels", "--profile_variants", "output_in_state=True",
+       "--profile_kernels", "--profile_variants",
+       f"output_in_state=True,{_RECOMPUTE}",
        "--seq_splits", "2", "--iters", "1",
        "--warmup", "0",
        "--seed", "3", "--json_out", str(out)],
@@ -75,6 +81,8 @@ def test_bench_reports_every_implementation(tmp_path):
   assert [r["kernel"] for r in profile
           if r["blocks"] == "pallas[output_in_state=True]"] == (
               _KERNELS_OUTPUT_IN_STATE)
+  assert [r["kernel"] for r in profile
+          if r["blocks"] == f"pallas[{_RECOMPUTE}]"] == _KERNELS_RECOMPUTE
   assert all(r["ms"] > 0 and r["ms_queued"] > 0 and r["first_call_s"] > 0
              for r in profile)
   # The traffic floor: the backward's prep also writes T; with

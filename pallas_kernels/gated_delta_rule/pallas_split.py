@@ -676,11 +676,15 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     stages.append((name, fn, args, time.perf_counter() - start))
     return out
 
-  if cfg.block_sizes.state_out_for(store_states=True):
+  # recompute_states: the forward stores no states (as without autodiff)
+  # and the backward forms them with state_fwd, and P^T dO alone.
+  recompute = cfg.block_sizes.recompute_states
+  store = not recompute
+  if cfg.block_sizes.state_out_for(store_states=store):
     w, u, aux, pm = run("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
                         k, v, sc, q)
     _, _, h = run("state_out",
-                  lambda *a: _state_out(p, *a, v.dtype, store_states=True),
+                  lambda *a: _state_out(p, *a, v.dtype, store_states=store),
                   w, u, q, k, pm, aux, s0)
   else:
     w, u, aux = run("prep", lambda *a: _prep(p, *a), k, v, sc)
@@ -689,11 +693,22 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     run("output", lambda *a: _output(p, *a, v.dtype), q, k, vn, h, aux)
   w, u, aux, t = run("prep (with T)",
                      lambda *a: _prep(p, *a, with_t=True), k, v, sc)
-  vn, dvl = run("bwd_local", lambda *a: _bwd_local(p, *a),
-                q, k, w, u, h, aux, do)
+  h_spec = None
+  if recompute:
+    vn, h, _ = run("state_fwd (backward)",
+                   lambda *a: _state_fwd(p, *a, h_whole=False),
+                   w, u, k, aux, s0)
+    dvl = run("bwd_pdo", lambda *a: _bwd_pdo(p, *a), q, k, aux, do)
+    h_spec = p.state_chunk
+  else:
+    vn, dvl, *hn = run("bwd_local", lambda *a: _bwd_local(p, *a),
+                       q, k, w, u, h, aux, do)
+    if hn:  # state_stride 2: every chunk's state
+      h, h_spec = hn[0], p.state_chunk
   dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a),
                    q, k, w, aux, do, dvl, dst)
-  _, dk_out, _ = run("bwd_out", lambda *a: _bwd_out(p, *a),
+  _, dk_out, _ = run("bwd_out", lambda *a: _bwd_out(p, *a, h_spec=h_spec),
                      q, k, vn, h, dh, aux, do)
-  run("wy", lambda *a: _wy(p, *a), t, k, v, sc, aux, vn, dvn, h, dk_out)
+  run("wy", lambda *a: _wy(p, *a, h_spec=h_spec), t, k, v, sc, aux, vn, dvn,
+      h, dk_out)
   return stages
