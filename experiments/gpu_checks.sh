@@ -116,14 +116,16 @@ for s in "${steps[@]}"; do
     defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
     # The memory-lean forms end to end (10 runs; XLA's temporaries of the
-    # timed program beside): no per-chunk states stored, each backward
-    # block's recomputed by state_fwd (recompute_states; jaxpr count 158
-    # MiB at 32k in blocks of 4096, 97.5 in blocks of 2048, against 256
-    # of per-chunk states), and the stride-2 form of 2026-11-27 (210 by
-    # the count, 208.5 by XLA; 9.05 ms forward+backward against 6.72
-    # unblocked).
-    lean32k) bench lean32k 200 32768 10 --implementations pallas \
-      --pallas_variants "recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=2048/bwd_block=2048,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" ;;
+    # timed program beside), each with its blocks in a lax.scan and
+    # unrolled (block_loop): the output inside the sequential pass with
+    # blocks of 4096 (7.72 ms forward+backward on 2026-11-27 against 6.72
+    # unblocked, ~0.11 ms a backward block; if unrolled blocks cost less,
+    # the loop was the cost), and no per-chunk states stored, each
+    # backward block's recomputed by state_fwd (recompute_states; jaxpr
+    # count 158 MiB at 32k in blocks of 4096, against 256 of per-chunk
+    # states).
+    lean32k) bench lean32k 240 32768 10 --implementations pallas \
+      --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=4096/bwd_block=4096/block_loop=unroll,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/block_loop=unroll" ;;
     # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
     # points to (latency-bound kernels with 1 or 2 programs an SM): the
     # prep with P in 2 warps (ptxas spills 508 bytes there against 196

@@ -982,6 +982,41 @@ def test_recomputed_states_keep_no_per_chunk_states_for_the_backward():
   assert set(kinds) == {"qkv", "scalars", "entering"}, kinds
 
 
+def test_unrolled_blocks_equal_the_scan():
+  """block_loop="unroll" writes each block's kernels out instead of a
+  lax.scan over them: the same kernels on the same windows, so the same
+  output, final state and gradients (recompute_states, the forward and
+  backward in three blocks of one chunk, slow decays, documents across
+  blocks)."""
+  spec = "recompute_states=True/fwd_block=64/bwd_block=64"
+  inputs = make_inputs(17, 150, with_segments=True, hk=1, hv=2, dk=16,
+                       dv=16, g_scale=0.02)
+  inputs["segment_ids"] = jnp.asarray(
+      (np.arange(150)[None] >= np.array([[100], [64]])).astype(np.int32))
+  rng = np.random.default_rng(17)
+  r_o = jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32)
+  out = {}
+  for loop in ("scan", "unroll"):
+    bs = BlockSizes.from_spec(f"{spec}/block_loop={loop}", "gpu")
+
+    def loss(*args, bs=bs):
+      o, st = pallas_gdr.gated_delta_rule_pallas(
+          *args, segment_ids=inputs["segment_ids"], block_sizes=bs,
+          interpret=True, backend="gpu")
+      return jnp.sum(o * r_o) + jnp.sum(st), (o, st)
+
+    args = [inputs[n] for n in NAMES]
+    eqns = _eqns(jax.grad(lambda *a: loss(*a)[0]), *args)
+    loops = [e for e in eqns if e.primitive.name in ("scan", "while")]
+    assert bool(loops) == (loop == "scan"), (loop, len(loops))
+    (_, (o, st)), grads = jax.jit(jax.value_and_grad(
+        loss, argnums=tuple(range(6)), has_aux=True))(*args)
+    out[loop] = (o, st, *grads)
+  for name, a, b in zip(("o", "state", *NAMES), out["scan"],
+                        out["unroll"]):
+    tolerances.assert_close(a, b, jnp.float32, scale=0.01, err_msg=name)
+
+
 def test_recomputed_states_lower_for_cuda():
   """recompute_states with blocks of two chunks (300 tokens, 320 padded:
   2, 2 and 1 chunks): prep (with P) and state_out per forward block (no

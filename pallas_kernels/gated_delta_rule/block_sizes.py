@@ -31,6 +31,16 @@ CHUNK_LOOPS = ("kernel", "grid")
 #     chunk_loop "grid"); on GPU kept for comparison.
 KERNELS = ("split", "fused")
 
+# How the split forward and backward in blocks (`fwd_block`, `bwd_block`)
+# step from block to block:
+#   "scan": the whole blocks after the first (forward) or before the last
+#     (backward) in a `lax.scan`: one copy of a block's kernels in the
+#     program, a loop on the device.
+#   "unroll": a Python loop, each block's kernels written out in the
+#     program: no loop on the device (where XLA's loop costs a step, it is
+#     gone), and more to compile for many blocks.
+BLOCK_LOOPS = ("scan", "unroll")
+
 # How the split kernels compute f32 x f32 products (`BlockSizes.f32_dot`).
 # "highest" is IEEE f32; on Triton that is a dot on the CUDA cores, not the
 # tensor cores (measured on an H200: the kernels built on it took 18 to 85
@@ -138,6 +148,8 @@ class BlockSizes:
       Needs output_in_state=True (the three-kernel forward's output
       kernel reads every chunk's state), and fwd_block / bwd_block of
       whole pairs of chunks.
+    block_loop: "scan" or "unroll", see `BLOCK_LOOPS`: how fwd_block and
+      bwd_block step from block to block; the same kernels either way.
     recompute_states: False, or True: the forward under autodiff stores
       no per-chunk states, only the state entering each block of
       bwd_block tokens (f32, one [dk, dv] per block and head), and the
@@ -167,6 +179,7 @@ class BlockSizes:
   fwd_block: int | None = None
   state_stride: int = 1
   recompute_states: bool = False
+  block_loop: str = "scan"
 
   def __post_init__(self):
     warps = self.kernel_warps
@@ -249,6 +262,9 @@ class BlockSizes:
           raise ValueError(
               f"{name}: with state_stride=2 blocks hold whole pairs of "
               f"chunks (a multiple of {2 * self.chunk_size}); found {block}")
+    if self.block_loop not in BLOCK_LOOPS:
+      raise ValueError(f"block_loop: expected one of {BLOCK_LOOPS}, found "
+                       f"{self.block_loop!r}")
     if not isinstance(self.recompute_states, bool):
       raise ValueError(f"recompute_states: expected True or False, found "
                        f"{self.recompute_states!r}")

@@ -444,7 +444,11 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
 
   entering = [s0[None]]  # the state entering each block
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
-  if full > 1:
+  if full > 1 and bs.block_loop == "unroll":
+    for j in range(1, full):
+      entering.append(s[None])
+      s, o, h = step(j * per, per, s, o, h)
+  elif full > 1:
     (s, o, h), mid = lax.scan(
         lambda carry, j: (step(j * per, per, *carry), carry[0]), (s, o, h),
         jnp.arange(1, full))
@@ -623,7 +627,10 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   else:
     full -= 1
     ds, grads, dsc = step(full * per, per, dst, None, dsc)
-  if full:
+  if full and cfg.block_sizes.block_loop == "unroll":
+    for j in reversed(range(full)):
+      ds, grads, dsc = step(j * per, per, ds, grads, dsc)
+  elif full:
     (ds, grads, dsc), _ = lax.scan(
         lambda carry, j: (step(j * per, per, *carry), None),
         (ds, grads, dsc), jnp.arange(full), reverse=True)
