@@ -781,6 +781,16 @@ def test_forward_in_blocks_keeps_one_block_of_intermediates(output_in_state):
   assert peaks[512] < 0.5 * peaks[None], peaks
 
 
+def _op_memory(spec: str, shape: dict) -> dict:
+  """`memory_estimate` of the rule as an operation under `spec` (skips
+  where this jax has no abstract CUDA target)."""
+  try:
+    return triton_resources.memory_estimate(
+        BlockSizes.from_spec(spec, "gpu"), op_level=True, **shape)
+  except RuntimeError as e:  # no abstract CUDA target in this jax
+    pytest.skip(str(e))
+
+
 def test_states_of_every_other_chunk_meet_the_memory_target():
   """The jaxpr liveness count of the rule as an operation (forward and
   backward; the cotangents arguments, the outputs and gradients results,
@@ -799,11 +809,7 @@ def test_states_of_every_other_chunk_meet_the_memory_target():
   peaks = {}
   for spec in (lean, lean.replace("/state_stride=2", ""),
                lean.replace("fwd_block=256/", "")):
-    try:
-      est = triton_resources.memory_estimate(
-          BlockSizes.from_spec(spec, "gpu"), op_level=True, **shape)
-    except RuntimeError as e:  # no abstract CUDA target in this jax
-      pytest.skip(str(e))
+    est = _op_memory(spec, shape)
     peaks[spec] = est["peak_mib"]
     if spec == lean:
       # The stored states, half of the per-chunk ones, and no whole array
@@ -829,12 +835,8 @@ def test_recomputed_states_meet_the_memory_target():
   allowance = hv * (t // 64) * d * d * 2 / 2**20  # MiB, bf16
   peaks = {}
   for block in (512, 2048):
-    spec = f"recompute_states=True/fwd_block={block}/bwd_block={block}"
-    try:
-      est = triton_resources.memory_estimate(
-          BlockSizes.from_spec(spec, "gpu"), op_level=True, **shape)
-    except RuntimeError as e:  # no abstract CUDA target in this jax
-      pytest.skip(str(e))
+    est = _op_memory(
+        f"recompute_states=True/fwd_block={block}/bwd_block={block}", shape)
     peaks[block] = est["peak_mib"]
     if block == 512:
       whole = [(mib, a) for mib, a in est["at_peak"]
