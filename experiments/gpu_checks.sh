@@ -132,11 +132,13 @@ for s in "${steps[@]}"; do
     # for the plain prep, which was 24% faster in 2), wy and bwd_out in
     # narrower column tiles (fewer registers, perhaps 3 programs an SM),
     # and the sequential kernels in value tiles of 8 (256 programs, 2 an
-    # SM, at twice the reads of w and k).
+    # SM, at twice the reads of w and k); recompute_states' kernels
+    # (profiled unblocked: state_fwd again and bwd_pdo in the backward),
+    # bwd_pdo in 4 warps and in 2.
     warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8}" \
+        --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/kernel_warps=prep:2+prep_out:4+bwd_pdo:2}" \
         --json_out "$OUT/warps32k.json" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
