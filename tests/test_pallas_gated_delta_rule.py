@@ -823,7 +823,7 @@ def test_states_of_every_other_chunk_meet_the_memory_target():
 
 def test_recomputed_states_meet_the_memory_target():
   """recompute_states: the same count with no per-chunk states stored, in
-  eight blocks (a quarter of the blocks the stride-2 form above needs):
+  eight blocks (half the blocks the stride-2 form above needs here):
   one block's intermediates and the state entering each block, within
   the per-chunk states' bytes (3.5 of 4 MiB here; 158 of 256 at 32k
   tokens and 16 heads); no array of every chunk's states
