@@ -221,6 +221,14 @@ def chunk_states_bytes(batch: int, heads: int, seq_len: int, dk: int,
           * jnp.dtype(dtype).itemsize)
 
 
+def _cotangents(q, v, fill):
+  """Cotangents of o ([b, t, hv, dv], v's dtype) and of the final state
+  ([b, hv, dk, dv] f32), every entry `fill`."""
+  return (jnp.full(v.shape, fill, v.dtype),
+          jnp.full((q.shape[0], v.shape[2], q.shape[3], v.shape[3]), fill,
+                   jnp.float32))
+
+
 def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
              block_sizes: BlockSizes | None, seq_splits: int):
   """(args, forward, forward+backward) of one JAX implementation."""
@@ -249,9 +257,7 @@ def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
     cannot drop the kernels that only form it (the three-kernel forward's
     output kernel, which it removed from this program before
     2026-11-27)."""
-    dst = jnp.ones((q.shape[0], v.shape[2], q.shape[3], v.shape[3]),
-                   jnp.float32)
-    (o, _), grads = op(q, k, v, g, beta, jnp.ones_like(v), dst)
+    (o, _), grads = op(q, k, v, g, beta, *_cotangents(q, v, 1.0))
     return o, grads
 
   return args, fwd, fwd_bwd
@@ -303,12 +309,9 @@ def op_temp_bytes(inputs: dict, dtype, interpret: bool,
   as temporaries is what the rule holds beyond its inputs and outputs
   (the per-chunk states it stores, and its intermediates)."""
   args, fwd, _ = _jax_fns("pallas", inputs, dtype, interpret, block_sizes, 1)
-  q, v = args[0], args[2]
-  do = jnp.zeros(v.shape, v.dtype)
-  dst = jnp.zeros((q.shape[0], v.shape[2], q.shape[3], v.shape[3]),
-                  jnp.float32)
   op = triton_resources.as_operation(fwd)
-  mem = jax.jit(op).lower(*args, do, dst).compile().memory_analysis()
+  cotangents = _cotangents(args[0], args[2], 0.0)
+  mem = jax.jit(op).lower(*args, *cotangents).compile().memory_analysis()
   return -1 if mem is None else int(mem.temp_size_in_bytes)
 
 

@@ -60,6 +60,9 @@ bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
     --json_out "$OUT/$name.json" "$@"
 }
 
+# Nsight Compute: $NCU, else on the PATH, else the newest under /opt.
+NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
+
 # The compiled tests in parallel processes where pytest-xdist is installed
 # (Triton's compiles are CPU-bound; the device image has 16 cores).
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
@@ -192,7 +195,6 @@ for s in "${steps[@]}"; do
     # the headline rows. Needs ncu's counters (seen on Firecracker
     # machines, not on gVisor: KINDS.md).
     ncu32k)
-      NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
       step ncu32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
         --kernel-name regex:gated_delta_rule --launch-count 15 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis \
@@ -214,7 +216,6 @@ for s in "${steps[@]}"; do
     # between kernels (launches, the scans), well above it names the
     # kernels that lose. ~190 launches, Duration only.
     ncu_blocks32k)
-      NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)}
       step ncu_blocks32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
         --kernel-name regex:gated_delta_rule --section SpeedOfLight \
         --csv --page details \

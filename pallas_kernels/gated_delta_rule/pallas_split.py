@@ -461,22 +461,36 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   return o, s, h
 
 
+def _direct(name, fn, *args):
+  """The `stage` hook of `_forward_all` / `_backward_all` that just calls
+  the kernel (`pipeline_stages` passes one that times it)."""
+  del name
+  return fn(*args)
+
+
 def _forward_all(q, k, v, sc, s0, cfg, sq, store_states, window=None,
-                 first=None, o_in=None, h_in=None):
+                 first=None, o_in=None, h_in=None, stage=_direct):
   """`forward` over the whole sequence at once, or (window, first: a
   windowed `_Plan`) over that window, writing o (and, with store_states,
   h) into the whole-sequence `o_in` and `h_in` in place (created when
-  None)."""
+  None). Each kernel runs as `stage(name, fn, *args)`."""
   p = _Plan(q, k, v, cfg, sq, window, first)
   if cfg.block_sizes.state_out_for(store_states):
-    w, u, aux, pm = _prep(p, k, v, sc, q=q)
-    return _state_out(p, w, u, q, k, pm, aux, s0, v.dtype, store_states,
-                      o_in, h_in)
-  w, u, aux = _prep(p, k, v, sc)
-  vn, h, st = _state_fwd(p, w, u, k, aux, s0, h_whole=store_states,
-                         h_in=h_in)
-  o = _output(p, q, k, vn, h, aux, v.dtype, h_whole=store_states,
-              o_in=o_in)
+    w, u, aux, pm = stage("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
+                          k, v, sc, q)
+    return stage("state_out",
+                 lambda *a: _state_out(p, *a, v.dtype, store_states, o_in,
+                                       h_in),
+                 w, u, q, k, pm, aux, s0)
+  w, u, aux = stage("prep", lambda *a: _prep(p, *a), k, v, sc)
+  vn, h, st = stage(
+      "state_fwd",
+      lambda *a: _state_fwd(p, *a, h_whole=store_states, h_in=h_in),
+      w, u, k, aux, s0)
+  o = stage("output",
+            lambda *a: _output(p, *a, v.dtype, h_whole=store_states,
+                               o_in=o_in),
+            q, k, vn, h, aux)
   return o, st, h
 
 
@@ -638,28 +652,37 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
 
 
 def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
-                  grads=None, recompute: bool = False):
+                  grads=None, recompute: bool = False, stage=_direct):
   """`backward` over the whole sequence at once, or (window, first: a
   windowed `_Plan`) over that window, writing dq, dk, dv into `grads`
   in place; (dg, dbeta) and dS0 are the window's. With `recompute`, h is
   the state entering the window ([1, b, hv, dk, dv] f32), from which
-  state_fwd forms the window's per-chunk states and v' again."""
+  state_fwd forms the window's per-chunk states and v' again. Each kernel
+  runs as `stage(name, fn, *args)`."""
   p = _Plan(q, k, v, cfg, sq, window, first)
   dq_in, dk_in, dv_in = grads or (None, None, None)
-  w, u, aux, t = _prep(p, k, v, sc, with_t=True)
+  w, u, aux, t = stage("prep (with T)",
+                       lambda *a: _prep(p, *a, with_t=True), k, v, sc)
   h_spec = None
   if recompute:
-    vn, h, _ = _state_fwd(p, w, u, k, aux, h[0], h_whole=False)
+    vn, h, _ = stage("state_fwd (backward)",
+                     lambda *a: _state_fwd(p, *a, h_whole=False),
+                     w, u, k, aux, h[0])
     h_spec = p.state_chunk  # the window's states
-    dvl = _bwd_pdo(p, q, k, aux, do)
+    dvl = stage("bwd_pdo", lambda *a: _bwd_pdo(p, *a), q, k, aux, do)
   else:
-    vn, dvl, *hn = _bwd_local(p, q, k, w, u, h, aux, do)
+    vn, dvl, *hn = stage("bwd_local", lambda *a: _bwd_local(p, *a),
+                         q, k, w, u, h, aux, do)
     if hn:  # state_stride 2: every chunk's state, the window's
       h, h_spec = hn[0], p.state_chunk
-  dvn, dh, ds0 = _state_bwd(p, q, k, w, aux, do, dvl, dst)
-  dq, dk_out, dg_out = _bwd_out(p, q, k, vn, h, dh, aux, do, dq_in, h_spec)
-  dk, dv, dsc_wy = _wy(p, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in,
-                       dv_in, h_spec)
+  dvn, dh, ds0 = stage("state_bwd", lambda *a: _state_bwd(p, *a),
+                       q, k, w, aux, do, dvl, dst)
+  dq, dk_out, dg_out = stage(
+      "bwd_out", lambda *a: _bwd_out(p, *a, dq_in=dq_in, h_spec=h_spec),
+      q, k, vn, h, dh, aux, do)
+  dk, dv, dsc_wy = stage(
+      "wy", lambda *a: _wy(p, *a, dk_in=dk_in, dv_in=dv_in, h_spec=h_spec),
+      t, k, v, sc, aux, vn, dvn, h, dk_out)
   dsc = dg_out + dsc_wy
   # Per value head; `pallas_gdr` sums the heads that share a key head.
   return dq, dk, dv, dsc, ds0
@@ -673,7 +696,6 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
   here once, so each kernel can be timed on its own (per-kernel profile of
   `experiments.bench_gated_delta_rule --profile_kernels`).
   """
-  p = _Plan(q, k, v, cfg, sq)
   stages = []
 
   def run(name, fn, *args):
@@ -683,39 +705,12 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     stages.append((name, fn, args, time.perf_counter() - start))
     return out
 
-  # recompute_states: the forward stores no states (as without autodiff)
-  # and the backward forms them with state_fwd, and P^T dO alone.
+  # The kernels `forward` and `backward` run, unblocked, each timed.
+  # recompute_states: the forward stores no states and the backward
+  # starts from the initial state.
   recompute = cfg.block_sizes.recompute_states
-  store = not recompute
-  if cfg.block_sizes.state_out_for(store_states=store):
-    w, u, aux, pm = run("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
-                        k, v, sc, q)
-    _, _, h = run("state_out",
-                  lambda *a: _state_out(p, *a, v.dtype, store_states=store),
-                  w, u, q, k, pm, aux, s0)
-  else:
-    w, u, aux = run("prep", lambda *a: _prep(p, *a), k, v, sc)
-    vn, h, _ = run("state_fwd", lambda *a: _state_fwd(p, *a),
-                   w, u, k, aux, s0)
-    run("output", lambda *a: _output(p, *a, v.dtype), q, k, vn, h, aux)
-  w, u, aux, t = run("prep (with T)",
-                     lambda *a: _prep(p, *a, with_t=True), k, v, sc)
-  h_spec = None
-  if recompute:
-    vn, h, _ = run("state_fwd (backward)",
-                   lambda *a: _state_fwd(p, *a, h_whole=False),
-                   w, u, k, aux, s0)
-    dvl = run("bwd_pdo", lambda *a: _bwd_pdo(p, *a), q, k, aux, do)
-    h_spec = p.state_chunk
-  else:
-    vn, dvl, *hn = run("bwd_local", lambda *a: _bwd_local(p, *a),
-                       q, k, w, u, h, aux, do)
-    if hn:  # state_stride 2: every chunk's state
-      h, h_spec = hn[0], p.state_chunk
-  dvn, dh, _ = run("state_bwd", lambda *a: _state_bwd(p, *a),
-                   q, k, w, aux, do, dvl, dst)
-  _, dk_out, _ = run("bwd_out", lambda *a: _bwd_out(p, *a, h_spec=h_spec),
-                     q, k, vn, h, dh, aux, do)
-  run("wy", lambda *a: _wy(p, *a, h_spec=h_spec), t, k, v, sc, aux, vn, dvn,
-      h, dk_out)
+  _, _, h = _forward_all(q, k, v, sc, s0, cfg, sq, not recompute,
+                         stage=run)
+  _backward_all(q, k, v, sc, s0[None] if recompute else h, do, dst, cfg, sq,
+                recompute=recompute, stage=run)
   return stages
