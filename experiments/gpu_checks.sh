@@ -119,16 +119,19 @@ for s in "${steps[@]}"; do
     defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
     # The memory-lean forms end to end (10 runs; XLA's temporaries of the
-    # timed program beside), each with its blocks in a lax.scan and
-    # unrolled (block_loop): the output inside the sequential pass with
-    # blocks of 4096 (7.72 ms forward+backward on 2026-11-27 against 6.72
-    # unblocked, ~0.11 ms a backward block; if unrolled blocks cost less,
-    # the loop was the cost), and no per-chunk states stored, each
-    # backward block's recomputed by state_fwd (recompute_states; jaxpr
-    # count 158 MiB at 32k in blocks of 4096, against 256 of per-chunk
-    # states).
+    # timed program beside): no per-chunk states stored, each backward
+    # block's recomputed by state_fwd (recompute_states; jaxpr count 158
+    # MiB at 32k in blocks of 4096, against 256 of per-chunk states),
+    # first "paired" (each block's state_fwd in one launch with the next
+    # block's state_bwd, twice the programs, two an SM; 249 MiB), which is
+    # what may make it as fast as the unblocked defaults; each with its
+    # blocks in a lax.scan and unrolled (block_loop: blocks of 4096 cost
+    # ~0.11 ms a backward block on 2026-11-27, 7.72 ms forward+backward
+    # against 6.72 unblocked; if unrolled blocks cost less, the loop was
+    # the cost); last the output inside the sequential pass with blocks
+    # of 4096, the form timed that day.
     lean32k) bench lean32k 240 32768 10 --implementations pallas \
-      --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=4096/bwd_block=4096/block_loop=unroll,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/block_loop=unroll" ;;
+      --pallas_variants "recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=unroll,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/block_loop=unroll,output_in_state=True/fwd_block=4096/bwd_block=4096" ;;
     # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
     # points to (latency-bound kernels with 1 or 2 programs an SM): the
     # prep with P in 2 warps (ptxas spills 508 bytes there against 196
@@ -137,11 +140,13 @@ for s in "${steps[@]}"; do
     # and the sequential kernels in value tiles of 8 (256 programs, 2 an
     # SM, at twice the reads of w and k); recompute_states' kernels
     # (profiled unblocked: state_fwd again and bwd_pdo in the backward),
-    # bwd_pdo in 4 warps and in 2.
+    # "paired" (its state_pair against state_fwd + state_bwd: two passes
+    # side by side, two programs an SM, or one after the other?), bwd_pdo
+    # in 4 warps and in 2.
     warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
-        --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/kernel_warps=prep:2+prep_out:4+bwd_pdo:2}" \
+        --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/kernel_warps=prep:2+prep_out:4+bwd_pdo:2}" \
         --json_out "$OUT/warps32k.json" ;;
     # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
@@ -163,7 +168,7 @@ for s in "${steps[@]}"; do
     memory32k)
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096" ;;
+        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096" ;;
     # XLA's optimised GPU programs of memory32k's tilings (forward+backward
     # as an operation), for reading on a CPU afterwards: whether the blocked
     # forms' scans copy whole-sequence arrays (o, h, dq, dk, dv) each step
@@ -209,19 +214,20 @@ for s in "${steps[@]}"; do
     # Where the blocked forms' time goes: each kernel launch of one
     # forward+backward, for the defaults, output_in_state=True, its blocks
     # of 4096, the memory-lean form (blocks of 2048, every other chunk's
-    # state) and recompute_states in blocks of 4096, summed per tiling and
+    # state) and recompute_states in blocks of 4096 (alone and "paired"),
+    # summed per tiling and
     # kernel name (ncu_summary
     # --by_tiling; 7.72 and 9.05 ms end to end against 6.72 unblocked on
     # 2026-11-27). Kernel time near the unblocked form's says the rest is
     # between kernels (launches, the scans), well above it names the
-    # kernels that lose. ~190 launches, Duration only.
+    # kernels that lose. ~250 launches, Duration only.
     ncu_blocks32k)
       step ncu_blocks32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
         --kernel-name regex:gated_delta_rule --section SpeedOfLight \
         --csv --page details \
         python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
-        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096 \
+        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096 \
         > '$OUT/ncu_blocks32k.csv'"
       python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing

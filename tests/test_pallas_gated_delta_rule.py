@@ -76,7 +76,8 @@ class Case:
   bwd_block: int | None = None  # BlockSizes.bwd_block
   fwd_block: int | None = None  # BlockSizes.fwd_block
   state_stride: int = 1  # BlockSizes.state_stride
-  recompute_states: bool = False  # BlockSizes.recompute_states
+  recompute_states: bool | str = False  # BlockSizes.recompute_states
+  block_loop: str = "scan"  # BlockSizes.block_loop
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -180,6 +181,23 @@ CASES = {
     "t70_slow_decay_recompute_one_block": Case(
         70, chunk_loop=None, backend="gpu", g_scale=0.02, fwd_block=256,
         bwd_block=256, recompute_states=True),
+    # recompute_states "paired": each block's state_fwd in one launch with
+    # the state_bwd of the block after it. Five chunks in blocks of two
+    # and a last one of one (the last paired with block 1, block 1 with
+    # block 0 in the scan, block 0 alone); in bf16 with segments, blocks
+    # of three and a last one of two (no scan step); four chunks in
+    # blocks of one, unrolled (whole blocks only).
+    "t300_slow_decay_long_docs_paired": Case(
+        300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        fwd_block=128, bwd_block=128, recompute_states="paired"),
+    "t300_bf16_segments_paired": Case(
+        300, jnp.bfloat16, with_segments=True, chunk_loop=None,
+        backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
+        fwd_block=192, bwd_block=192, recompute_states="paired"),
+    "t250_slow_decay_paired_unrolled": Case(
+        250, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
+        fwd_block=64, bwd_block=64, recompute_states="paired",
+        block_loop="unroll"),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -261,7 +279,8 @@ def _run_case(case: Case):
   if case.chunk_loop is None:
     changes = dict(bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                    state_stride=case.state_stride,
-                   recompute_states=case.recompute_states)
+                   recompute_states=case.recompute_states,
+                   block_loop=case.block_loop)
     if case.output_in_state is not None:
       changes["output_in_state"] = case.output_in_state
     bs = dataclasses.replace(BlockSizes.get_default(backend), **changes)
@@ -274,7 +293,8 @@ def _run_case(case: Case):
                                      else case.output_in_state),
                     bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                     state_stride=case.state_stride,
-                    recompute_states=case.recompute_states)
+                    recompute_states=case.recompute_states,
+                    block_loop=case.block_loop)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -518,6 +538,25 @@ def test_block_sizes_validation():
                output_in_state=True, state_stride=2)
   with pytest.raises(ValueError, match="recompute_states: expected"):
     BlockSizes(recompute_states="yes", fwd_block=128, bwd_block=128)
+  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
+    BlockSizes(recompute_states="paired", fwd_block=128)
+  assert BlockSizes.from_spec(
+      "recompute_states=paired/fwd_block=128/bwd_block=128",
+      "gpu").recompute_states == "paired"
+  # Per-kernel stages, as kernel_warps: state_pair takes at most 2 unless
+  # named (its two passes share one program's shared memory).
+  bs = BlockSizes.from_spec("num_stages=3/kernel_stages=state_bwd:1", "gpu")
+  assert bs.kernel_stages == (("state_bwd", 1),)
+  assert [bs.stages(x) for x in ("state_fwd", "state_bwd", "state_pair")
+          ] == [3, 1, 2]
+  assert BlockSizes(kernel_stages="state_pair:3+wy:1").stages(
+      "state_pair") == 3
+  with pytest.raises(ValueError, match="kernel_stages"):
+    BlockSizes(kernel_stages="state_pear:2")
+  with pytest.raises(ValueError, match="kernel_stages"):
+    BlockSizes(kernel_stages="state_bwd:0")
+  with pytest.raises(ValueError, match="kernel_stages"):
+    BlockSizes(kernel_stages="state_bwd=2")
   # bwd_local forms whole states with state_stride 2: twice the warps,
   # unless named.
   lean = BlockSizes(state_stride=2, output_in_state=True)
@@ -847,6 +886,25 @@ def test_recomputed_states_meet_the_memory_target():
   assert peaks[2048] > allowance, peaks
 
 
+
+def test_paired_recomputed_states_meet_the_memory_target():
+  """recompute_states "paired" forms each block's states one block ahead
+  of its backward, so two blocks' intermediates are alive at once: at the
+  benchmark's shape (32k tokens, 16 heads, D = 128, bf16) in 8 blocks,
+  more than without pairing (158 MiB) and still within the 256 MiB of
+  per-chunk states. (At a small shape the states entering the blocks, a
+  fixed 64 KiB each per head, outweigh the allowance.)"""
+  t, hv, d = 32768, 16, 128
+  shape = dict(batch=1, seq_len=t, key_heads=hv, heads=hv, dk=d, dv=d,
+               dtype=jnp.bfloat16)
+  allowance = hv * (t // 64) * d * d * 2 / 2**20  # MiB, bf16
+  spec = "fwd_block=4096/bwd_block=4096"
+  alone, paired = (_op_memory(f"recompute_states={x}/{spec}", shape)
+                   for x in ("True", "paired"))
+  assert alone["peak_mib"] < paired["peak_mib"] <= allowance, (
+      alone, paired)
+
+
 def test_rows_view_composes_indices():
   """`pallas_split._Rows` (the blocked backward's view of whole-sequence
   refs) turns each index form the kernels use into one index of the
@@ -883,7 +941,8 @@ def test_rows_view_composes_indices():
 
 @pytest.mark.parametrize("spec", [
     "bwd_block=128", "fwd_block=128", "fwd_block=128/output_in_state=True",
-    "recompute_states=True/fwd_block=128/bwd_block=128"])
+    "recompute_states=True/fwd_block=128/bwd_block=128",
+    "recompute_states=paired/fwd_block=128/bwd_block=128"])
 def test_blocks_read_whole_arrays_at_an_offset(spec):
   """bwd_block: the kernels of each block read q, k, v, dO and the stored
   states h where they are (an offset into the whole arrays), so the
@@ -1032,6 +1091,23 @@ def test_recomputed_states_lower_for_cuda():
   for name in ("state_out", "state_fwd", "bwd_pdo"):
     assert f'"gated_delta_rule_{name}"' in text, name
   assert '"gated_delta_rule_bwd_local"' not in text
+
+
+def test_paired_recomputed_states_lower_for_cuda():
+  """recompute_states "paired", blocks as above (2, 2 and 1 chunks): the
+  forward as above; the backward runs the last block's prep and state_fwd
+  alone, then per block bwd_pdo, the prep of the block before, one
+  state_pair (this block's state_bwd, the one before's state_fwd) and
+  bwd_out and wy (the last block, then block 1 in the loop), and for
+  block 0 bwd_pdo, state_bwd, bwd_out and wy."""
+  text = _grad_lowered_for_cuda(BlockSizes.from_spec(
+      "recompute_states=paired/fwd_block=128/bwd_block=128", "gpu"),
+      t=300, d=128)
+  assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 + 5 + 5 + 4
+  assert text.count("stablehlo.while") == 2
+  assert text.count('"gated_delta_rule_state_pair"') == 2
+  assert text.count('"gated_delta_rule_state_fwd"') == 1
+  assert text.count('"gated_delta_rule_state_bwd"') == 1
 
 
 def test_output_in_state_lowers_for_cuda():

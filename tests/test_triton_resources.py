@@ -102,14 +102,14 @@ def test_lowered_kernels_of_the_split_family():
     assert k.ir_bytecode.startswith(b"ML\xefR")  # MLIR bytecode
 
 
-def _compile_for_hopper(variants=(), only=()):
+def _compile_for_hopper(variants=(), only=(), seq_len: int = 130):
   """`tr.run` at a small bf16 shape with segments: every kernel compiled
   for sm_90 (needs the `triton` package; CI installs it, setup.cfg extra
   "triton", and so does the GPU machine)."""
   if jax.default_backend() != "cpu":
     pytest.skip("lowering test for CPU-only machines")
   import triton  # pylint: disable=g-import-not-at-top,unused-import
-  return tr.run(variants, batch=1, seq_len=130, key_heads=1, heads=2,
+  return tr.run(variants, batch=1, seq_len=seq_len, key_heads=1, heads=2,
                 dk=128, dv=128, dtype="bfloat16", segments=True,
                 only=only)["kernels"]
 
@@ -156,6 +156,29 @@ def test_output_in_state_compiles_for_hopper():
           "gated_delta_rule_state_out"] * 2
   for row in rows:
     _assert_fits_an_sm(row)
+
+
+def test_paired_state_passes_compile_for_hopper():
+  """state_pair (recompute_states "paired": one block's state_bwd and the
+  block before's state_fwd in one launch) compiles for sm_90 with two
+  programs an SM, so its twice the programs of state_bwd run in one wave
+  at 32k tokens (128 + 128 for 132 SMs): in 2 stages, its default. In
+  the 3 of the other sequential kernels it takes state_bwd's shared
+  memory, one program an SM. (Blocks of 8 chunks: a loop of one chunk
+  is not pipelined.)"""
+  base = "recompute_states=paired/fwd_block=512/bwd_block=512"
+  rows = {r["blocks"]: r for r in _compile_for_hopper(
+      (base, base + "/kernel_stages=state_pair:3"), ("state_pair",),
+      seq_len=1024)}
+  two, three = rows[f"pallas[{base}]"], rows[
+      f"pallas[{base}/kernel_stages=state_pair:3]"]
+  for row in (two, three):
+    assert row["kernel"] == "gated_delta_rule_state_pair", row
+    _assert_fits_an_sm(row)
+    assert row["programs"] == 2 * 2 * (128 // 16), row  # 2 x heads x tiles
+  assert (two["num_stages"], three["num_stages"]) == (2, 3)
+  assert two["resources"]["blocks"] >= 2, two
+  assert three["resources"]["blocks"] == 1, three
 
 
 @pytest.mark.parametrize("wrap", [False, True])

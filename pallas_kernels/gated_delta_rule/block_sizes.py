@@ -65,9 +65,36 @@ F32_DOTS = ("auto",) + tuple(F32_ALGORITHMS)
 # pallas_call names without the "gated_delta_rule_" / "bwd_" prefixes).
 # "prep" is the forward's prep (w, u, decays) and the backward's (with T);
 # "prep_out" the forward's prep that also writes P for state_out;
-# "bwd_pdo" the backward's P^T dO alone (`recompute_states`).
+# "bwd_pdo" the backward's P^T dO alone (`recompute_states`);
+# "state_pair" one block's state_bwd and the block before it's state_fwd
+# in one launch (`recompute_states="paired"`).
 SPLIT_KERNELS = ("prep", "prep_out", "state_fwd", "output", "state_out",
-                 "bwd_local", "bwd_pdo", "state_bwd", "bwd_out", "wy")
+                 "bwd_local", "bwd_pdo", "state_bwd", "state_pair",
+                 "bwd_out", "wy")
+
+# `BlockSizes.recompute_states` values.
+RECOMPUTE_STATES = (False, True, "paired")
+
+
+def _per_kernel(field: str, value, what: str, ok) -> tuple:
+  """A `kernel_warps` / `kernel_stages` value (pairs, or a string
+  "name:n,name:n" with "+" also separating) as sorted (name, n) pairs,
+  each name from `SPLIT_KERNELS`, each n with ok(n) (`what` says how)."""
+  pairs = value
+  if isinstance(pairs, str):
+    try:
+      pairs = tuple((name, int(n)) for name, n in
+                    (item.split(":") for item in
+                     pairs.replace("+", ",").split(",") if item))
+    except ValueError as e:
+      raise ValueError(f"{field}: expected 'name:n,...', found "
+                       f"{value!r}") from e
+  pairs = tuple(sorted((str(name), int(n)) for name, n in pairs))
+  for name, n in pairs:
+    if name not in SPLIT_KERNELS or not ok(n):
+      raise ValueError(f"{field}: expected kernel names from "
+                       f"{SPLIT_KERNELS} with {what}, found {name}:{n}")
+  return pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +144,10 @@ class BlockSizes:
       num_warps / num_warps_intra: pairs (name from `SPLIT_KERNELS`,
       warps), or a string "bwd_out:8,wy:8" ("+" also separates, for
       command-line lists: "bwd_out:8+wy:8").
+    kernel_stages: Triton pipelining stages of single split kernels,
+      overriding num_stages, as kernel_warps names them ("state_bwd:2").
+      What they change is the sequential kernels' loop over chunks: each
+      stage is one more chunk's loads in flight, and shared memory.
     output_in_state: True: the split forward forms each chunk's output
       inside the sequential pass (one `state_out` kernel in place of
       state_fwd and output): v' and the entering states stay in
@@ -160,6 +191,13 @@ class BlockSizes:
       no stored states: with blocks, what the rule holds is one block's
       intermediates. Needs fwd_block == bwd_block (the forward's blocks
       hand over the states the backward starts from) and state_stride 1.
+      "paired": the same, with the recomputation of each block's states
+      run beside the backward pass of the block after it: blocks j and
+      j - 1 are independent there (j's state cotangent pass needs its own
+      states, j - 1's states only the state entering j - 1), so one
+      launch, "state_pair", runs block j's state_bwd and block j - 1's
+      state_fwd as twice the programs of either (one more block's
+      intermediates alive).
   """
   chunk_size: int = 64
   block_dv: int | None = None
@@ -174,30 +212,21 @@ class BlockSizes:
   wy_block: int | None = None
   out_block: int | None = None
   kernel_warps: tuple[tuple[str, int], ...] = ()
+  kernel_stages: tuple[tuple[str, int], ...] = ()
   output_in_state: bool | str = False
   bwd_block: int | None = None
   fwd_block: int | None = None
   state_stride: int = 1
-  recompute_states: bool = False
+  recompute_states: bool | str = False
   block_loop: str = "scan"
 
   def __post_init__(self):
-    warps = self.kernel_warps
-    if isinstance(warps, str):
-      try:
-        warps = tuple((name, int(n)) for name, n in
-                      (item.split(":") for item in
-                       warps.replace("+", ",").split(",") if item))
-      except ValueError as e:
-        raise ValueError(f"kernel_warps: expected 'name:warps,...', found "
-                         f"{self.kernel_warps!r}") from e
-    warps = tuple(sorted((str(name), int(n)) for name, n in warps))
-    for name, n in warps:
-      if name not in SPLIT_KERNELS or n < 1 or n & (n - 1):
-        raise ValueError(f"kernel_warps: expected kernel names from "
-                         f"{SPLIT_KERNELS} with a power-of-two number of "
-                         f"warps, found {name}:{n}")
-    object.__setattr__(self, "kernel_warps", warps)
+    object.__setattr__(self, "kernel_warps", _per_kernel(
+        "kernel_warps", self.kernel_warps, "a power-of-two number of warps",
+        lambda n: n >= 1 and not n & (n - 1)))
+    object.__setattr__(self, "kernel_stages", _per_kernel(
+        "kernel_stages", self.kernel_stages, "a positive number of stages",
+        lambda n: n >= 1))
     if self.chunk_size < 1 or self.chunk_size % 8:
       raise ValueError(f"chunk_size: expected a positive multiple of 8, "
                        f"found {self.chunk_size}")
@@ -265,9 +294,10 @@ class BlockSizes:
     if self.block_loop not in BLOCK_LOOPS:
       raise ValueError(f"block_loop: expected one of {BLOCK_LOOPS}, found "
                        f"{self.block_loop!r}")
-    if not isinstance(self.recompute_states, bool):
-      raise ValueError(f"recompute_states: expected True or False, found "
-                       f"{self.recompute_states!r}")
+    if not (isinstance(self.recompute_states, bool)
+            or self.recompute_states == "paired"):
+      raise ValueError(f"recompute_states: expected one of "
+                       f"{RECOMPUTE_STATES}, found {self.recompute_states!r}")
     if self.recompute_states and (
         self.kernels != "split" or self.bwd_block is None
         or self.fwd_block != self.bwd_block or self.state_stride != 1):
@@ -382,6 +412,18 @@ class BlockSizes:
       # in 8 none (236 registers).
       default *= 2
     return dict(self.kernel_warps).get(kernel, default)
+
+  def stages(self, kernel: str) -> int:
+    """Triton pipelining stages of split kernel `kernel`."""
+    default = self.num_stages
+    if kernel == "state_pair":
+      # Twice the programs of state_bwd, so they must fit two an SM:
+      # compiled for sm_90 at D = 128 in value tiles of 16 (the two
+      # passes share their shared memory), it takes 160 KiB in 3 stages
+      # (one program an SM: 256 programs at 32k tokens and 16 heads run
+      # in two waves) and 107 KiB in 2 (two an SM, one wave).
+      default = min(default, 2)
+    return dict(self.kernel_stages).get(kernel, default)
 
   def dv_tile(self, dv: int) -> int:
     """The value-dim tile actually used for a value dim `dv`."""

@@ -130,12 +130,14 @@ class _Config:
     return self.block_sizes.kernels == "split"
 
   def compiler_params(self, semantics: tuple[str, ...],
-                      num_warps: int | None = None):
+                      num_warps: int | None = None,
+                      num_stages: int | None = None):
     if self.interpret and not self.tpu_interpreted:
       return None
     if self.backend == "gpu":
-      return triton_compiler_params(num_warps or self.block_sizes.num_warps,
-                                     self.block_sizes.num_stages)
+      return triton_compiler_params(
+          num_warps or self.block_sizes.num_warps,
+          num_stages or self.block_sizes.num_stages)
     if self.backend == "tpu":
       return _tpu_compiler_params(semantics)
     return None
