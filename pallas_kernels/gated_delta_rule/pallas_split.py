@@ -667,7 +667,8 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   gradient arrays in place: the first block's calls create those arrays
   (writing their own rows) and each later block writes its rows into them,
   so nothing is zeroed or copied. The gradients are the same; the cost is
-  five kernel launches per block (six with recompute_states).
+  five kernel launches per block (six with recompute_states, five again
+  with "paired").
 
   With `BlockSizes.recompute_states`, h is the state entering each block
   (`forward`), and each block's per-chunk states are recomputed from it
