@@ -25,12 +25,9 @@ _KERNELS = ["prep", "state_fwd", "output", "prep (with T)", "bwd_local",
 # BlockSizes.output_in_state: one sequential forward kernel.
 _KERNELS_OUTPUT_IN_STATE = ["prep", "state_out", "prep (with T)",
                             "bwd_local", "state_bwd", "bwd_out", "wy"]
-# BlockSizes.recompute_states: the backward forms the states again.
-_RECOMPUTE = "recompute_states=True/fwd_block=64/bwd_block=64"
-_KERNELS_RECOMPUTE = ["prep", "state_fwd", "output", "prep (with T)",
-                      "state_fwd (backward)", "bwd_pdo", "state_bwd",
-                      "bwd_out", "wy"]
-# "paired": the backward's two sequential passes timed as one launch.
+# BlockSizes.recompute_states "paired": the backward forms the states
+# again (profiled unblocked: its state_fwd and state_bwd timed as the one
+# launch that runs them, bwd_pdo in place of bwd_local).
 _PAIRED = "recompute_states=paired/fwd_block=64/bwd_block=64"
 _KERNELS_PAIRED = ["prep", "state_fwd", "output", "prep (with T)", "bwd_pdo",
                    "state_pair (state_bwd beside state_fwd)", "bwd_out", "wy"]
@@ -57,7 +54,7 @@ def test_bench_reports_every_implementation(tmp_path):
        "--pallas_variants",
        "solve_block=16,kernels=fused,output_in_state=True",
        "--profile_kernels", "--profile_variants",
-       f"output_in_state=True,{_RECOMPUTE},{_PAIRED}",
+       f"output_in_state=True,{_PAIRED}",
        "--seq_splits", "2", "--iters", "1",
        "--warmup", "0",
        "--seed", "3", "--json_out", str(out)],
@@ -85,8 +82,6 @@ def test_bench_reports_every_implementation(tmp_path):
   assert [r["kernel"] for r in profile
           if r["blocks"] == "pallas[output_in_state=True]"] == (
               _KERNELS_OUTPUT_IN_STATE)
-  assert [r["kernel"] for r in profile
-          if r["blocks"] == f"pallas[{_RECOMPUTE}]"] == _KERNELS_RECOMPUTE
   assert [r["kernel"] for r in profile
           if r["blocks"] == f"pallas[{_PAIRED}]"] == _KERNELS_PAIRED
   assert all(r["ms"] > 0 and r["ms_queued"] > 0 and r["first_call_s"] > 0

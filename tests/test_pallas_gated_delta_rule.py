@@ -77,7 +77,6 @@ class Case:
   fwd_block: int | None = None  # BlockSizes.fwd_block
   state_stride: int = 1  # BlockSizes.state_stride
   recompute_states: bool | str = False  # BlockSizes.recompute_states
-  block_loop: str = "scan"  # BlockSizes.block_loop
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -185,8 +184,8 @@ CASES = {
     # the state_bwd of the block after it. Five chunks in blocks of two
     # and a last one of one (the last paired with block 1, block 1 with
     # block 0 in the scan, block 0 alone); in bf16 with segments, blocks
-    # of three and a last one of two (no scan step); four chunks in
-    # blocks of one, unrolled (whole blocks only).
+    # of three and a last one of two (no scan step). Unrolled:
+    # test_unrolled_blocks_equal_the_scan.
     "t300_slow_decay_long_docs_paired": Case(
         300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
         fwd_block=128, bwd_block=128, recompute_states="paired"),
@@ -194,10 +193,6 @@ CASES = {
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
         fwd_block=192, bwd_block=192, recompute_states="paired"),
-    "t250_slow_decay_paired_unrolled": Case(
-        250, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
-        fwd_block=64, bwd_block=64, recompute_states="paired",
-        block_loop="unroll"),
     # The fused kernels: GPU driver (chunk loop in the kernel) and TPU
     # driver (chunks on the grid, state in VMEM scratch).
     "t70_bf16_segments_fused": Case(70, jnp.bfloat16, with_segments=True,
@@ -279,8 +274,7 @@ def _run_case(case: Case):
   if case.chunk_loop is None:
     changes = dict(bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                    state_stride=case.state_stride,
-                   recompute_states=case.recompute_states,
-                   block_loop=case.block_loop)
+                   recompute_states=case.recompute_states)
     if case.output_in_state is not None:
       changes["output_in_state"] = case.output_in_state
     bs = dataclasses.replace(BlockSizes.get_default(backend), **changes)
@@ -293,8 +287,7 @@ def _run_case(case: Case):
                                      else case.output_in_state),
                     bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                     state_stride=case.state_stride,
-                    recompute_states=case.recompute_states,
-                    block_loop=case.block_loop)
+                    recompute_states=case.recompute_states)
   s0 = inputs["initial_state"]
   if s0 is None:
     s0 = jnp.zeros((2, case.hv, case.dk, case.dv), jnp.float32)
@@ -1046,14 +1039,15 @@ def test_recomputed_states_keep_no_per_chunk_states_for_the_backward():
 def test_unrolled_blocks_equal_the_scan():
   """block_loop="unroll" writes each block's kernels out instead of a
   lax.scan over them: the same kernels on the same windows, so the same
-  output, final state and gradients (recompute_states, the forward and
-  backward in three blocks of one chunk, slow decays, documents across
-  blocks)."""
-  spec = "recompute_states=True/fwd_block=64/bwd_block=64"
-  inputs = make_inputs(17, 150, with_segments=True, b=1, hk=1, hv=1,
+  output, final state and gradients (recompute_states "paired", the
+  forward and backward in four blocks of one chunk, so the backward pairs
+  the last block, then two in the loop, then the first alone; slow
+  decays, documents across blocks)."""
+  spec = "recompute_states=paired/fwd_block=64/bwd_block=64"
+  inputs = make_inputs(17, 200, with_segments=True, b=1, hk=1, hv=1,
                        dk=16, dv=16, g_scale=0.02)
   inputs["segment_ids"] = jnp.asarray(
-      (np.arange(150)[None] >= 100).astype(np.int32))
+      (np.arange(200)[None] >= 100).astype(np.int32))
   rng = np.random.default_rng(17)
   r_o = jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32)
   out = {}
