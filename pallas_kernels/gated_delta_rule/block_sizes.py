@@ -72,8 +72,12 @@ SPLIT_KERNELS = ("prep", "prep_out", "state_fwd", "output", "state_out",
                  "bwd_local", "bwd_pdo", "state_bwd", "state_pair",
                  "bwd_out", "wy")
 
-# `BlockSizes.recompute_states` values.
-RECOMPUTE_STATES = (False, True, "paired")
+
+def _bool_or(field: str, value, word: str) -> None:
+  """Checks a field that takes True, False or one string."""
+  if not (isinstance(value, bool) or value == word):
+    raise ValueError(f"{field}: expected True, False or {word!r}, found "
+                     f"{value!r}")
 
 
 def _per_kernel(field: str, value, what: str, ok) -> tuple:
@@ -257,10 +261,7 @@ class BlockSizes:
       if value is not None and value < 1:
         raise ValueError(f"{name}: expected a positive int or None, found "
                          f"{value}")
-    if not (isinstance(self.output_in_state, bool)
-            or self.output_in_state == "inference"):
-      raise ValueError(f"output_in_state: expected True, False or "
-                       f"'inference', found {self.output_in_state!r}")
+    _bool_or("output_in_state", self.output_in_state, "inference")
     if self.output_in_state is True and self.kernels != "split":
       raise ValueError(f"output_in_state: only the split kernels have a "
                        f"separate output kernel to fold into their "
@@ -294,10 +295,7 @@ class BlockSizes:
     if self.block_loop not in BLOCK_LOOPS:
       raise ValueError(f"block_loop: expected one of {BLOCK_LOOPS}, found "
                        f"{self.block_loop!r}")
-    if not (isinstance(self.recompute_states, bool)
-            or self.recompute_states == "paired"):
-      raise ValueError(f"recompute_states: expected one of "
-                       f"{RECOMPUTE_STATES}, found {self.recompute_states!r}")
+    _bool_or("recompute_states", self.recompute_states, "paired")
     if self.recompute_states and (
         self.kernels != "split" or self.bwd_block is None
         or self.fwd_block != self.bwd_block or self.state_stride != 1):

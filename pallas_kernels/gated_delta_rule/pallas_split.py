@@ -501,19 +501,15 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   def step(first, chunks, s, o, h):
     o, s, h_block = _forward_all(
         q, k, v, sc, s, cfg, sq, store_states, window=chunks,
-        first=jnp.reshape(first, (1,)).astype(jnp.int32), o_in=o, h_in=h)
+        first=_first(first), o_in=o, h_in=h)
     return s, o, (h_block if store_states else None)
 
   entering = [s0[None]]  # the state entering each block
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
-  if full > 1 and bs.block_loop == "unroll":
-    for j in range(1, full):
-      entering.append(s[None])
-      s, o, h = step(j * per, per, s, o, h)
-  elif full > 1:
-    (s, o, h), mid = lax.scan(
-        lambda carry, j: (step(j * per, per, *carry), carry[0]), (s, o, h),
-        jnp.arange(1, full))
+  (s, o, h), mid = _over_blocks(
+      lambda j, carry: (step(j * per, per, *carry), carry[0]), (s, o, h),
+      range(1, full), bs.block_loop)
+  if mid is not None:
     entering.append(mid)
   if tail:  # the last, shorter block
     entering.append(s[None])
@@ -699,9 +695,9 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   # follow, last to first.
   last = full if tail else full - 1
   carry = step(last * per, tail or per, dst, None, dsc)
-  ds, grads, dsc = _blocks_reversed(
-      lambda j, carry: step(j * per, per, *carry), carry, last,
-      cfg.block_sizes.block_loop)
+  (ds, grads, dsc), _ = _over_blocks(
+      lambda j, carry: (step(j * per, per, *carry), None), carry,
+      range(last), cfg.block_sizes.block_loop, reverse=True)
   return (*grads, dsc, ds)
 
 
@@ -722,19 +718,23 @@ def _place(dsc, dsc_block, start):
   return lax.dynamic_update_slice_in_dim(dsc, dsc_block, start, axis=1)
 
 
-def _blocks_reversed(step, carry, count: int, loop: str):
-  """carry after `step(j, carry)` for the whole blocks j = count - 1, ...,
-  0 (last to first): a `lax.scan`, or with `loop` "unroll"
-  (`BlockSizes.block_loop`) a Python loop."""
-  if not count:
-    return carry
-  if loop == "unroll":
-    for j in reversed(range(count)):
-      carry = step(j, carry)
-    return carry
-  carry, _ = lax.scan(lambda carry, j: (step(j, carry), None), carry,
-                      jnp.arange(count), reverse=True)
-  return carry
+def _over_blocks(step, carry, blocks: range, loop: str,
+                 reverse: bool = False):
+  """(carry, ys) after `carry, y = step(j, carry)` for the whole blocks j
+  in `blocks`, first to last or (`reverse`) last to first, the ys
+  stacked in block order (None if the steps give None or there are no
+  blocks): a `lax.scan`, or with `loop` "unroll" (`BlockSizes.block_loop`)
+  a Python loop."""
+  if not blocks:
+    return carry, None
+  if loop == "scan":
+    return lax.scan(lambda carry, j: step(j, carry), carry,
+                    jnp.arange(blocks.start, blocks.stop), reverse=reverse)
+  ys = {}
+  for j in (reversed(blocks) if reverse else blocks):
+    carry, ys[j] = step(j, carry)
+  ys = [ys[j] for j in blocks]
+  return carry, (None if ys[0] is None else jnp.stack(ys))
 
 
 def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
@@ -791,9 +791,9 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
                (dst, None, _dsc_zeros(q, v), (w, aux, t, vn, hs)),
                pair=True)
   # Whole blocks last - 1 ... 1, each paired with the one before it.
-  carry = _blocks_reversed(
-      lambda j, carry: step(j + 1, per, carry, pair=True), carry, last - 1,
-      cfg.block_sizes.block_loop)
+  carry, _ = _over_blocks(
+      lambda j, carry: (step(j, per, carry, pair=True), None), carry,
+      range(1, last), cfg.block_sizes.block_loop, reverse=True)
   ds, grads, dsc, _ = step(0, per, carry, pair=False)
   return (*grads, dsc, ds)
 
