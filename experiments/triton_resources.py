@@ -8,9 +8,11 @@ registers per thread, bytes spilled to local memory, shared memory, the
 thread blocks one SM can hold (registers, shared memory and the 64-warp
 limit), and how many waves the grid makes on 132 SMs. With `--memory` it
 also estimates the forward+backward's peak of temporaries, from the
-order of the program's jaxpr (`live_temporaries`), and each kernel's HBM
-traffic floor: the bytes of its input and output arrays at ANCHORS.md's
-measured 2.5 TB/s (`kernel_traffic`).
+order of the program's jaxpr (`live_temporaries`), has XLA count them
+(`xla_temporaries`: the host compiler's buffer assignment of the program
+lowered for CUDA, which gave the H100's measured numbers), and gives
+each kernel's HBM traffic floor: the bytes of its input and output
+arrays at ANCHORS.md's measured 2.5 TB/s (`kernel_traffic`).
 
 No GPU is needed: this is what a session without one can learn about a
 tiling. It is not a timing, and it is an approximation of what runs: on a
@@ -160,7 +162,11 @@ def _flat_eqns(closed):
       sub = next((eqn.params[key] for key in ("jaxpr", "call_jaxpr",
                                               "fun_jaxpr")
                   if key in eqn.params), None)
-      if sub is not None and eqn.primitive.name != "pallas_call":
+      if eqn.primitive.name == "optimization_barrier":
+        # Moves no data: its outputs are its inputs.
+        for inside, outside in zip(eqn.invars, eqn.outvars):
+          env[outside] = name(inside)
+      elif sub is not None and eqn.primitive.name != "pallas_call":
         sub = getattr(sub, "jaxpr", sub)
         inner = {a: name(b) for a, b in zip(sub.invars, eqn.invars)}
         yield from inline(sub, inner)
@@ -443,6 +449,101 @@ def memory_estimate(blocks: BlockSizes, batch: int, seq_len: int,
                        for r in traffic])
 
 
+# XLA's pass that removes optimization barriers.
+_BARRIER_PASS = "cse_barrier_expander"
+_TEMP_RE = re.compile(r"allocation \d+: size (\d+),[^\n]*preallocated-temp")
+_COPY_RE = re.compile(r"= (\w+\[[\d,]*\])\{[\d,]*\} copy\(")
+
+
+def xla_temporaries(fn, *args) -> dict:
+  """XLA's own count of the temporaries of `fn(*args)` as the GPU runs
+  it, without a GPU: the program is lowered for an abstract H100 (its
+  Pallas kernels become Triton custom calls) and handed to this host's
+  XLA compiler, whose pipeline (HLO passes, copy insertion, scheduling,
+  buffer assignment) runs to the end before it finds no Triton handler
+  on the host and stops; the buffer assignment it wrote out gives the
+  temporaries (the "preallocated-temp" allocation: what is neither an
+  argument nor a result) and its copies (`copy` instructions, with the
+  bytes each moves). The host's pipeline is not the GPU's (its fusion
+  and scheduling differ), but the kernels are opaque calls to both: at
+  the 32k benchmark shape it gave 980.0, 373.0 and 208.5 MiB for the
+  three tilings XLA measured on the H100 on 2026-11-27 (BENCHMARKS.md),
+  the same to the tenth of a MiB. Returns dict(temp_mib, copies: [(MiB,
+  type)] largest first, of 1 MiB or more).
+
+  `lax.optimization_barrier`s (the blocked kernels' `_in_order`) order
+  the GPU's schedule: its compiler removes them after scheduling. So
+  does the host compiler of jax 0.11; that of jax 0.10 removes them
+  before, and schedules as if they were not there. Its count of a
+  program with barriers is not the GPU's, and this raises.
+
+  Raises RuntimeError where this jax cannot lower for an abstract GPU,
+  its host compiler drops the program's barriers before scheduling, or
+  the compiler wrote no buffer assignment."""
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  from jax.extend import backend as jbackend  # pylint: disable=g-import-not-at-top
+  with abstract_target("cuda"):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  module = str(lowered.compiler_ir("stablehlo"))
+  host = jbackend.get_backend("cpu")
+  options = xla_client.CompileOptions()
+  debug = options.executable_build_options.debug_options
+  with tempfile.TemporaryDirectory() as dump:
+    debug.xla_dump_to = dump
+    debug.xla_dump_hlo_as_text = True
+    debug.xla_dump_hlo_pass_re = _BARRIER_PASS
+    try:
+      host.compile_and_load(module, host.devices()[:1], options)
+    except Exception as e:  # pylint: disable=broad-except
+      if TRITON_CALL not in str(e):  # the expected end: no Triton on a host
+        raise
+    names = os.listdir(dump)
+    expanded = [x for x in names if f"after_{_BARRIER_PASS}" in x]
+    if "opt-barrier" in lowered.as_text(dialect="hlo") and not (
+        expanded and all("after_scheduling" in x for x in expanded)):
+      raise RuntimeError(
+          f"jax {jax.__version__}'s host compiler removes optimization "
+          f"barriers before scheduling ({expanded or 'no dump'}), the GPU's "
+          "after: its count of this program would not be the GPU's")
+    texts = {}
+    for name in names:
+      for key in ("buffer-assignment.txt", "after_optimizations.txt"):
+        if name.endswith(key):
+          with open(os.path.join(dump, name)) as f:
+            texts[key] = f.read()
+  if "buffer-assignment.txt" not in texts:
+    raise RuntimeError("XLA wrote no buffer assignment for the program "
+                       "lowered for CUDA")
+  temp = _TEMP_RE.search(texts["buffer-assignment.txt"])
+  copies = []
+  for m in _COPY_RE.finditer(texts.get("after_optimizations.txt", "")):
+    aval = m.group(1)
+    dtype, dims = aval[:-1].split("[")
+    n = math.prod(int(x) for x in dims.split(",") if x) * jnp.dtype(
+        dtype.replace("bf16", "bfloat16").replace("f32", "float32").replace(
+            "s32", "int32").replace("f16", "float16").replace(
+                "pred", "bool")).itemsize
+    if n >= 1 << 20:
+      copies.append((round(n / 2**20, 1), aval))
+  return dict(temp_mib=round(int(temp.group(1)) / 2**20, 1) if temp else 0.0,
+              copies=sorted(copies, reverse=True))
+
+
+def xla_memory(blocks: BlockSizes, batch: int, seq_len: int, key_heads: int,
+               heads: int, dk: int, dv: int, dtype,
+               segments: bool = False) -> dict:
+  """`xla_temporaries` of the rule's forward+backward as an operation
+  (`as_operation`: what it holds beyond its inputs, outputs and
+  cotangents, as `memory_estimate`'s op_level and the benchmark's
+  --op_memory count it)."""
+  sds = jax.ShapeDtypeStruct
+  args = (*_abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype,
+                          segments),
+          sds((batch, seq_len, heads, dv), dtype),
+          sds((batch, heads, dk, dv), jnp.float32))
+  return xla_temporaries(as_operation(_forward(blocks)), *args)
+
+
 def format_traffic(traffic: list[dict]) -> str:
   """The per-kernel traffic floor as a table."""
   lines = [f"  {'kernel (program order)':<34} {'read MiB':>9} "
@@ -479,10 +580,21 @@ def run(variants: tuple[str, ...], batch: int, seq_len: int, key_heads: int,
         op = memory_estimate(blocks, batch, seq_len, key_heads, heads, dk,
                              dv, jnp.dtype(dtype), segments, op_level=True)
         memories[label]["op_peak_mib"] = op["peak_mib"]
+        try:
+          xla = xla_memory(blocks, batch, seq_len, key_heads, heads, dk, dv,
+                           jnp.dtype(dtype), segments)
+        except RuntimeError as e:
+          xla = dict(unavailable=str(e))
+        memories[label]["op_xla"] = xla
         print(f"{label}: forward+backward temporaries, estimated: "
               f"{memories[label]['peak_mib']} MiB (the benchmark's program, "
               f"gradients counted); {op['peak_mib']} MiB beyond the rule's "
               f"inputs, outputs and cotangents", flush=True)
+        print(f"  XLA's count of the latter (host compiler, program lowered "
+              f"for CUDA): "
+              + (f"{xla['temp_mib']} MiB, copies of 1 MiB or more: "
+                 f"{xla['copies'] or 'none'}" if "temp_mib" in xla
+                 else f"unavailable ({xla['unavailable']})"), flush=True)
         print(format_traffic(memories[label]["traffic"]), flush=True)
       for kernel in lowered_kernels(blocks, batch, seq_len, key_heads, heads,
                                     dk, dv, jnp.dtype(dtype), segments):
@@ -540,8 +652,9 @@ def _define_flags():
       arch=flags.DEFINE_integer("arch", 90, "CUDA compute capability."),
       memory=flags.DEFINE_bool(
           "memory", False, "Also estimate the peak temporaries of forward+"
-          "backward per variant (jaxpr liveness) and each kernel's HBM "
-          "traffic floor (no compilation)."),
+          "backward per variant (jaxpr liveness; and XLA's count, the host "
+          "compiler's buffer assignment of the program lowered for CUDA) "
+          "and each kernel's HBM traffic floor."),
       json_out=flags.DEFINE_string("json_out", None, "Write results here."))
   return holders
 

@@ -234,3 +234,63 @@ def test_kernel_traffic_counts_each_array_of_each_call():
       ("add", 2 * n * d * 4, n * d * 2), ("copy", n * d * 2, n * d * 2)]
   assert rows[0]["floor_ms"] == pytest.approx(
       (2 * n * d * 4 + n * d * 2) / tr.HBM_BYTES_PER_S * 1e3)
+
+
+def _triton_add(n: int, d: int):
+  """An elementwise add of two [n, d] f32 arrays as a Pallas kernel
+  compiled for the GPU (a Triton custom call when lowered for CUDA)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+
+  def kernel(x_ref, y_ref, o_ref):
+    o_ref[...] = x_ref[...] + y_ref[...]
+
+  return pl.pallas_call(
+      kernel, name="add", out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
+      grid=(n // 64,), in_specs=[pl.BlockSpec((64, d), lambda i: (i, 0))] * 2,
+      out_specs=pl.BlockSpec((64, d), lambda i: (i, 0)),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))
+
+
+def test_xla_temporaries_of_kernel_chains():
+  """The host compiler's buffer assignment of programs lowered for CUDA,
+  with their kernels as Triton custom calls. A chain a = x + x,
+  b = a + x, c = b + a holds a and b (c is the result): two [n, d]
+  arrays. A loop whose step forms the next carry while the old one is
+  still to be read (by a kernel nothing orders before the new one's)
+  makes XLA copy the carry, which the count lists; forming the next carry
+  after the old one's last read, it copies nothing."""
+  n, d = 512, 1024  # 2 MiB a [n, d] f32 array
+  add = _triton_add(n, d)
+  arg = jax.ShapeDtypeStruct((n, d), jnp.float32)
+
+  def chain(x):
+    a = add(x, x)
+    b = add(a, x)
+    return add(b, a)
+
+  try:
+    got = tr.xla_temporaries(chain, arg)
+  except RuntimeError as e:  # no abstract CUDA target in this jax
+    pytest.skip(str(e))
+  assert got == dict(temp_mib=2 * n * d * 4 / 2**20, copies=[]), got
+
+  def carried(ordered: bool):
+    def step(_, carry):
+      a, b = carry
+      if ordered:  # a's last read comes before the new a is made
+        t = add(a, b)
+        return add(t, x_of[0]), add(t, t)
+      # nothing orders a's read (making the new b) before the new a
+      return add(b, b), add(a, b)
+    x_of = []
+
+    def program(x):
+      x_of[:] = [x]
+      a = add(x, x)
+      return jax.lax.fori_loop(0, 4, step, (a, add(a, x)))
+    return program
+
+  copied = tr.xla_temporaries(carried(False), arg)
+  assert (n * d * 4 / 2**20, f"f32[{n},{d}]") in copied["copies"], copied
+  assert tr.xla_temporaries(carried(True), arg)["copies"] == []
