@@ -499,8 +499,9 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   per, full, tail = split
 
   def step(first, chunks, s, o, h):
+    (s, o, h), (q_, k_, v_, sc_) = _in_order((s, o, h), (q, k, v, sc))
     o, s, h_block = _forward_all(
-        q, k, v, sc, s, cfg, sq, store_states, window=chunks,
+        q_, k_, v_, sc_, s, cfg, sq, store_states, window=chunks,
         first=_first(first), o_in=o, h_in=h)
     return s, o, (h_block if store_states else None)
 
@@ -682,11 +683,13 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   dsc = _dsc_zeros(q, v)
 
   def step(first, chunks, ds, grads, dsc):
+    (ds, grads, dsc), (q_, k_, v_, sc_, h_, do_) = _in_order(
+        (ds, grads, dsc), (q, k, v, sc, h, do))
     # recompute: the state entering this block, h[first // per].
-    states = (lax.dynamic_index_in_dim(h, first // per, keepdims=True)
-              if recompute else h)
+    states = (lax.dynamic_index_in_dim(h_, first // per, keepdims=True)
+              if recompute else h_)
     *grads, dsc_block, ds = _backward_all(
-        q, k, v, sc, states, do, ds, cfg, sq, window=chunks,
+        q_, k_, v_, sc_, states, do_, ds, cfg, sq, window=chunks,
         first=_first(first), grads=grads, recompute=recompute)
     return ds, grads, _place(dsc, dsc_block, first * c)
 
@@ -704,6 +707,21 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
 def _first(chunk) -> jax.Array:
   """A windowed `_Plan`'s `first`: int32 [1]."""
   return jnp.reshape(chunk, (1,)).astype(jnp.int32)
+
+
+def _in_order(carry, inputs):
+  """(carry, inputs) through `lax.optimization_barrier`, at the start of
+  each block's step: the step's kernels read the inputs as they come out
+  of it, so they run after the previous block's, which made the carry.
+  Without it nothing orders a block's first kernels (prep reads only the
+  inputs) after the block before, and XLA may run every block's ahead and
+  hold all their intermediates at once: unrolled (`block_loop`
+  "unroll"), XLA's buffer assignment of the 32k benchmark shape in
+  blocks of 4096 (`experiments.triton_resources.xla_temporaries`) held
+  717 MiB of temporaries with recompute_states "paired", 248 with the
+  barrier. A barrier moves no data; the GPU compiler removes it after
+  scheduling."""
+  return lax.optimization_barrier((carry, inputs))
 
 
 def _dsc_zeros(q, v):
@@ -744,34 +762,38 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   per-chunk states and v' (state_fwd from h[j]) before its state_bwd,
   and block j - 1's state_fwd needs only h[j - 1]: so the two run in one
   launch (`_paired`, kernel "state_pair"), and each block's states are
-  formed one block ahead of its backward, carried to the next step with
+  formed one block ahead of its backward, carried to the next block with
   the block's prep (w, the decays, T). Per block: prep of the block
   before, bwd_pdo, state_pair, bwd_out, wy; the last block's state_fwd
   runs alone first, and the first block's state_bwd alone at the end.
   """
   per, full, tail = split
   c = cfg.block_sizes.chunk_size
-  plan = lambda j, chunks: _Plan(q, k, v, cfg, sq, chunks, _first(j * per))
-  entering = lambda j: lax.dynamic_index_in_dim(h, j, keepdims=False)
+  inputs = (q, k, v, sc, do, h)
 
-  def prep(p):  # -> (w, u, aux, t)
+  def plan(j, chunks, q, k, v):
+    return _Plan(q, k, v, cfg, sq, chunks, _first(j * per))
+
+  def prep(p, k, v, sc):  # -> (w, u, aux, t)
     return _prep(p, k, v, sc, with_t=True)
 
-  def ahead(p, j, prepped, launch=True):
+  def ahead(p, j, prepped, k, h, launch=True):
     """Block j's state_fwd from h[j]: (v', states, final state)."""
     w, u, aux, _ = prepped
-    return _state_fwd(p, w, u, k, aux, entering(j), h_whole=False,
-                      launch=launch)
+    return _state_fwd(p, w, u, k, aux,
+                      lax.dynamic_index_in_dim(h, j, keepdims=False),
+                      h_whole=False, launch=launch)
 
   def step(j, chunks, carry, pair: bool):
+    carry, (q, k, v, sc, do, h) = _in_order(carry, inputs)
     ds, grads, dsc, (w, aux, t, vn, hs) = carry
-    p = plan(j, chunks)
+    p = plan(j, chunks, q, k, v)
     dvl = _bwd_pdo(p, q, k, aux, do)
     bwd = _state_bwd(p, q, k, w, aux, do, dvl, ds, launch=not pair)
     if pair:
-      p_prev = plan(j - 1, per)
-      prepped = prep(p_prev)
-      outs = _paired(bwd, ahead(p_prev, j - 1, prepped, launch=False),
+      p_prev = plan(j - 1, per, q, k, v)
+      prepped = prep(p_prev, k, v, sc)
+      outs = _paired(bwd, ahead(p_prev, j - 1, prepped, k, h, launch=False),
                      "state_pair").run(cfg)
       (dvn, dh, ds), (vn_prev, hs_prev, _) = outs[:3], outs[3:]
       w_prev, _, aux_prev, t_prev = prepped
@@ -784,16 +806,32 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
     return ds, grads, _place(dsc, dsc_block, j * per * c), ahead_carry
 
   last = full if tail else full - 1  # >= 1: there are two blocks or more
-  p = plan(last, tail or per)
-  w, u, aux, t = prep(p)
-  vn, hs, _ = ahead(p, last, (w, u, aux, t))
+  p = plan(last, tail or per, q, k, v)
+  w, u, aux, t = prep(p, k, v, sc)
+  vn, hs, _ = ahead(p, last, (w, u, aux, t), k, h)
   carry = step(last, tail or per,
                (dst, None, _dsc_zeros(q, v), (w, aux, t, vn, hs)),
                pair=True)
-  # Whole blocks last - 1 ... 1, each paired with the one before it.
-  carry, _ = _over_blocks(
-      lambda j, carry: (step(j, per, carry, pair=True), None), carry,
-      range(1, last), cfg.block_sizes.block_loop, reverse=True)
+  # Whole blocks last - 1 ... 1, each paired with the one before it, two
+  # blocks a step (an odd one first, alone). A block forms the next
+  # block's intermediates while its own, carried in, are still to be
+  # read: in steps of one block, what a step hands on cannot be formed in
+  # the buffers it came in, so XLA forms it elsewhere and copies it in
+  # and out of them every step (its count at 32k in blocks of 4096: 73
+  # MiB twice a step, 264 MiB held). In steps of two, what a step hands
+  # on is formed by its second block, after `_in_order`, when what came
+  # in is dead: in those buffers (248 MiB, no copies).
+  top = last - 1
+  if top % 2:
+    carry = step(top, per, carry, pair=True)
+    top -= 1
+
+  def two(i, carry):  # blocks 2i + 2, then 2i + 1
+    carry = step(2 * i + 2, per, carry, pair=True)
+    return step(2 * i + 1, per, carry, pair=True), None
+
+  carry, _ = _over_blocks(two, carry, range(top // 2),
+                          cfg.block_sizes.block_loop, reverse=True)
   ds, grads, dsc, _ = step(0, per, carry, pair=False)
   return (*grads, dsc, ds)
 
