@@ -31,6 +31,7 @@ defaults, as in bench_gated_delta_rule's --pallas_variants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import pallas_gdr
@@ -480,53 +482,73 @@ def xla_temporaries(fn, *args) -> dict:
   Raises RuntimeError where this jax cannot lower for an abstract GPU,
   its host compiler drops the program's barriers before scheduling, or
   the compiler wrote no buffer assignment."""
-  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
-  from jax.extend import backend as jbackend  # pylint: disable=g-import-not-at-top
   with abstract_target("cuda"):
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  module = str(lowered.compiler_ir("stablehlo"))
+  if ("opt-barrier" in lowered.as_text(dialect="hlo")
+      and not host_schedules_barriers()):
+    raise RuntimeError(
+        f"jax {jax.__version__}'s host compiler removes optimization "
+        "barriers before scheduling, the GPU's after: its count of this "
+        "program would not be the GPU's")
+  texts = _host_compile(str(lowered.compiler_ir("stablehlo")))
+  if not any(name.endswith("buffer-assignment.txt") for name in texts):
+    raise RuntimeError("XLA wrote no buffer assignment for the program "
+                       "lowered for CUDA")
+  text = lambda key: next((t for name, t in texts.items()
+                           if name.endswith(key)), "")
+  temp = _TEMP_RE.search(text("buffer-assignment.txt"))
+  copies = []
+  for m in _COPY_RE.finditer(text("after_optimizations.txt")):
+    dtype, dims = m.group(1)[:-1].split("[")
+    n = math.prod(int(x) for x in dims.split(",") if x) * _HLO_BYTES[dtype]
+    if n >= 1 << 20:
+      copies.append((round(n / 2**20, 1), m.group(1)))
+  return dict(temp_mib=round(int(temp.group(1)) / 2**20, 1) if temp else 0.0,
+              copies=sorted(copies, reverse=True))
+
+
+# Bytes per element of the HLO element types a copy may have here.
+_HLO_BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s32=4, u32=4, f32=4,
+                  s64=8, f64=8)
+
+
+def _host_compile(module: str, passes: str = _BARRIER_PASS) -> dict:
+  """{dump file name: text} of the host compiler's dumps for a StableHLO
+  `module` (after optimisations, the buffer assignment, and after each
+  pass matching `passes`). A program with Triton calls ends there: the
+  host has no Triton handler, which it finds after buffer assignment."""
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  from jax.extend import backend as jbackend  # pylint: disable=g-import-not-at-top
   host = jbackend.get_backend("cpu")
   options = xla_client.CompileOptions()
   debug = options.executable_build_options.debug_options
   with tempfile.TemporaryDirectory() as dump:
     debug.xla_dump_to = dump
     debug.xla_dump_hlo_as_text = True
-    debug.xla_dump_hlo_pass_re = _BARRIER_PASS
+    debug.xla_dump_hlo_pass_re = passes
     try:
       host.compile_and_load(module, host.devices()[:1], options)
     except Exception as e:  # pylint: disable=broad-except
       if TRITON_CALL not in str(e):  # the expected end: no Triton on a host
         raise
-    names = os.listdir(dump)
-    expanded = [x for x in names if f"after_{_BARRIER_PASS}" in x]
-    if "opt-barrier" in lowered.as_text(dialect="hlo") and not (
-        expanded and all("after_scheduling" in x for x in expanded)):
-      raise RuntimeError(
-          f"jax {jax.__version__}'s host compiler removes optimization "
-          f"barriers before scheduling ({expanded or 'no dump'}), the GPU's "
-          "after: its count of this program would not be the GPU's")
     texts = {}
-    for name in names:
-      for key in ("buffer-assignment.txt", "after_optimizations.txt"):
-        if name.endswith(key):
-          with open(os.path.join(dump, name)) as f:
-            texts[key] = f.read()
-  if "buffer-assignment.txt" not in texts:
-    raise RuntimeError("XLA wrote no buffer assignment for the program "
-                       "lowered for CUDA")
-  temp = _TEMP_RE.search(texts["buffer-assignment.txt"])
-  copies = []
-  for m in _COPY_RE.finditer(texts.get("after_optimizations.txt", "")):
-    aval = m.group(1)
-    dtype, dims = aval[:-1].split("[")
-    n = math.prod(int(x) for x in dims.split(",") if x) * jnp.dtype(
-        dtype.replace("bf16", "bfloat16").replace("f32", "float32").replace(
-            "s32", "int32").replace("f16", "float16").replace(
-                "pred", "bool")).itemsize
-    if n >= 1 << 20:
-      copies.append((round(n / 2**20, 1), aval))
-  return dict(temp_mib=round(int(temp.group(1)) / 2**20, 1) if temp else 0.0,
-              copies=sorted(copies, reverse=True))
+    for name in os.listdir(dump):
+      if name.endswith(".txt"):
+        with open(os.path.join(dump, name)) as f:
+          texts[name] = f.read()
+  return texts
+
+
+@functools.lru_cache(maxsize=None)
+def host_schedules_barriers() -> bool:
+  """Whether this jax's host compiler removes optimization barriers only
+  after scheduling (jax 0.11), as the GPU's does, so that its schedule
+  keeps the order they impose; jax 0.10's removes them before."""
+  lowered = jax.jit(lambda x: lax.optimization_barrier(x) + 1).trace(
+      jax.ShapeDtypeStruct((8,), jnp.float32)).lower()
+  names = [name for name in _host_compile(
+      str(lowered.compiler_ir("stablehlo"))) if f"after_{_BARRIER_PASS}" in name]
+  return bool(names) and all("after_scheduling" in name for name in names)
 
 
 def xla_memory(blocks: BlockSizes, batch: int, seq_len: int, key_heads: int,

@@ -1,11 +1,17 @@
 """pytest setup shared by the test suite.
 
 Keeps torch to two threads (the CI machines have two cores; more threads only
-add contention with XLA) and provides a session-wide scratch directory for
+add contention with XLA), lets every pytest-xdist worker load libtpu (the TPU
+compiler of tests/test_tpu_compile.py, which by default takes a lockfile that
+one process may hold), and provides a session-wide scratch directory for
 checkpoints that several test modules build. Nothing here hides failures.
 """
 
+import os
+
 import pytest
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 try:
   import torch  # pylint: disable=g-import-not-at-top

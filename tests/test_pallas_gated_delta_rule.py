@@ -214,6 +214,13 @@ CASES = {
         backend="tpu", block_dv=8, dv=16,
         tpu_interpreter=(("num_cores_or_threads", 2),
                          ("detect_races", True))),
+    # The TPU defaults on a state too large for the fused kernels' scoped
+    # VMEM whole (block_dv "auto": dv 200 zero-padded to 256 and taken in
+    # two tiles of 128; whole, 512 x 200 does not compile for v4 or v5p:
+    # tests/test_tpu_compile.py).
+    "t70_segments_tpu_defaults_large_state": Case(
+        70, with_segments=True, chunk_loop=None, backend="tpu", hk=1, hv=1,
+        dk=512, dv=200, g_scale=0.02),
     # The fused families with slow decays (no segments).
     "t150_slow_decay_fused": Case(150, kernels="fused", g_scale=0.02),
     "t150_slow_decay_grid": Case(150, chunk_loop="grid", kernels="fused",
@@ -579,6 +586,38 @@ def test_block_sizes_validation():
   assert BlockSizes.get_default("tpu").kernels == "fused"
 
 
+def test_tpu_value_tiles():
+  """block_dv "auto" (the TPU defaults): all of dv while the [dk, dv]
+  state is at most 256 x 256 elements or dv is no multiple of 128 after
+  padding; else the largest multiple of 128 dividing dv that keeps
+  [dk, tile] within it (128 at least); dv padded to a multiple of 128
+  only where a whole state would be too large. Resolved per head dims
+  (`for_dims`) before any kernel reads it."""
+  pad, tile = block_sizes.tpu_padded_dv, block_sizes.tpu_value_tile
+  assert [(pad(dk, dv), tile(dk, pad(dk, dv))) for dk, dv in [
+      (128, 128), (256, 256), (64, 1000), (512, 512), (256, 512),
+      (128, 1024), (1024, 256), (384, 384), (512, 200)]] == [
+          (128, None), (256, None), (1000, None), (512, 128), (512, 256),
+          (1024, 512), (256, 128), (384, 128), (256, 128)]
+  auto = BlockSizes.get_default("tpu")
+  assert auto.block_dv == "auto"
+  assert auto.for_dims(512, 512).block_dv == 128
+  assert auto.for_dims(128, 128).block_dv is None
+  assert BlockSizes(block_dv=64).for_dims(512, 512).block_dv == 64
+  with pytest.raises(ValueError, match="for_dims"):
+    auto.dv_tile(128)
+  with pytest.raises(ValueError, match="block_dv"):
+    BlockSizes(block_dv="whole")
+  # The fused "kernel" chunk loop holds whole sequences per program: not
+  # on a TPU (it has no Mosaic grid either).
+  x = jnp.zeros((1, 64, 1, 128), jnp.float32)
+  g = jnp.zeros((1, 64, 1), jnp.float32)
+  with pytest.raises(ValueError, match="chunk_loop='kernel'"):
+    pallas_gdr.gated_delta_rule_pallas(
+        x, x, x, g, g, backend="tpu",
+        block_sizes=BlockSizes(chunk_loop="kernel", kernels="fused"))
+
+
 # What each lowering emits for one pallas_call.
 _CUSTOM_CALLS = {
     "cuda": "stablehlo.custom_call @__gpu$xla.gpu.triton(",
@@ -917,9 +956,12 @@ def test_memory_bound_at_the_benchmark_shape(spec, within, count):
     got = _op_memory(spec, _BENCH_SHAPE)
     assert (got["peak_mib"] <= _BENCH_BOUND_MIB) == within, got["peak_mib"]
     return
+  if blocks.fwd_block and not triton_resources.host_schedules_barriers():
+    pytest.skip(f"jax {jax.__version__}'s host compiler removes the blocks' "
+                "optimization barriers before scheduling, the GPU's after")
   try:
     got = triton_resources.xla_memory(blocks, **_BENCH_SHAPE)
-  except RuntimeError as e:  # no abstract CUDA target, or jax 0.10's barriers
+  except RuntimeError as e:  # no abstract CUDA target in this jax
     pytest.skip(str(e))
   assert (got["temp_mib"] <= _BENCH_BOUND_MIB) == within, got
   assert all(mib < 8 for mib, _ in got["copies"]), got

@@ -101,6 +101,37 @@ def _per_kernel(field: str, value, what: str, ok) -> tuple:
   return pairs
 
 
+# The fused kernels' state tile on a TPU: at most this many elements
+# (dk x block_dv). Compiled for TPU v4, v5e, v5p and v6e without one
+# (experiments/tpu_compile.py, tests/test_tpu_compile.py): the backward in
+# whole 512 x 512 states does not fit the scoped VMEM of v4, v5e and v5p
+# (on v4 it needs 19.1 MiB with f32 inputs, 21.5 with bf16, of 16); in
+# 512 x 128 tiles, or whole 256 x 256 states, it fits.
+TPU_STATE_TILE = 256 * 256
+
+
+def tpu_padded_dv(dk: int, dv: int) -> int:
+  """The value dim the fused TPU kernels take under block_dv "auto": dv,
+  or, when the whole [dk, dv] state exceeds `TPU_STATE_TILE` and dv is
+  not a multiple of 128 (Mosaic's lane width: a tile must be one, or all
+  of dv), dv zero-padded up to one so that it can be tiled."""
+  if dk * dv <= TPU_STATE_TILE or dv % 128 == 0:
+    return dv
+  return -(-dv // 128) * 128
+
+
+def tpu_value_tile(dk: int, dv: int) -> int | None:
+  """block_dv "auto" for a (padded: `tpu_padded_dv`) value dim dv: None
+  (all of dv) when the whole [dk, dv] state fits `TPU_STATE_TILE` or dv
+  is not a multiple of 128; else the largest multiple of 128 dividing dv
+  whose [dk, tile] fits, and 128 at least."""
+  if dk * dv <= TPU_STATE_TILE or dv % 128:
+    return None
+  tiles = [t for t in range(128, dv, 128) if dv % t == 0]
+  fitting = [t for t in tiles if dk * t <= TPU_STATE_TILE]
+  return max(fitting) if fitting else 128
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles of the chunked gated delta rule kernels.
@@ -111,6 +142,8 @@ class BlockSizes:
     block_dv: value-dim tile of the state, or None for all of dv. Each tile
       is an independent program (more parallelism, the intra-chunk solve is
       recomputed per tile); the backward sums the tiles' partial gradients.
+      "auto" (the TPU default): `tpu_value_tile`, all of dv unless the
+      state is too large for the fused kernels' scoped VMEM.
     chunk_loop: "kernel" or "grid", see `CHUNK_LOOPS`.
     num_warps: Triton warps per program (GPU only); for "split", of the
       sequential kernels.
@@ -234,9 +267,10 @@ class BlockSizes:
     if self.chunk_size < 1 or self.chunk_size % 8:
       raise ValueError(f"chunk_size: expected a positive multiple of 8, "
                        f"found {self.chunk_size}")
-    if self.block_dv is not None and self.block_dv < 1:
-      raise ValueError(f"block_dv: expected a positive int or None, found "
-                       f"{self.block_dv}")
+    if self.block_dv not in (None, "auto") and not (
+        isinstance(self.block_dv, int) and self.block_dv >= 1):
+      raise ValueError(f"block_dv: expected a positive int, None or "
+                       f"'auto', found {self.block_dv!r}")
     if self.chunk_loop not in CHUNK_LOOPS:
       raise ValueError(f"chunk_loop: expected one of {CHUNK_LOOPS}, found "
                        f"{self.chunk_loop!r}")
@@ -315,7 +349,7 @@ class BlockSizes:
   def get_default(cls, backend: str) -> "BlockSizes":
     """Defaults for `backend` ("gpu", "tpu" or "cpu" for interpret mode)."""
     if backend == "tpu":
-      return cls(chunk_loop="grid", kernels="fused")
+      return cls(chunk_loop="grid", kernels="fused", block_dv="auto")
     if backend == "gpu":
       # The sequential kernels tile dv: b * hv alone is 16 programs for 132
       # SMs at batch 1 (dv is padded to a power of two).
@@ -423,8 +457,18 @@ class BlockSizes:
       default = min(default, 2)
     return dict(self.kernel_stages).get(kernel, default)
 
+  def for_dims(self, dk: int, dv: int) -> "BlockSizes":
+    """These tiles for key and value dims dk, dv: block_dv "auto"
+    resolved (`tpu_value_tile`), the rest as they are."""
+    if self.block_dv != "auto":
+      return self
+    return dataclasses.replace(self, block_dv=tpu_value_tile(dk, dv))
+
   def dv_tile(self, dv: int) -> int:
     """The value-dim tile actually used for a value dim `dv`."""
+    if self.block_dv == "auto":
+      raise ValueError("block_dv: 'auto' is resolved for the head dims "
+                       "first (BlockSizes.for_dims)")
     if self.block_dv is None or self.block_dv >= dv:
       return dv
     if dv % self.block_dv:

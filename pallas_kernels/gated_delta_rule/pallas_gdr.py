@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
+from pallas_kernels.gated_delta_rule import block_sizes as block_sizes_lib
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import pallas_split
 from pallas_kernels.gated_delta_rule import reference
@@ -498,6 +499,11 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
         "block_sizes: kernels='split' keeps whole sequences per program in "
         "its sequential kernels, which does not fit TPU VMEM; use "
         "kernels='fused' with chunk_loop='grid' (the TPU default)")
+  if backend == "tpu" and bs.chunk_loop == "kernel" and not interpret:
+    raise ValueError(
+        "block_sizes: chunk_loop='kernel' keeps whole sequences per program, "
+        "which does not fit TPU VMEM, and has no Mosaic grid; use "
+        "chunk_loop='grid' (the TPU default)")
   if (backend == "gpu" and bs.sub_chunk is not None
       and bs.sub_chunk < min(16, bs.chunk_size)):
     raise ValueError(f"block_sizes: sub_chunk={bs.sub_chunk} is below 16, "
@@ -508,8 +514,11 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
     scale = dk ** -0.5
   if backend == "gpu":
     dk_p, dv_p = _next_pow2(dk), _next_pow2(dv)
+  elif bs.block_dv == "auto":
+    dk_p, dv_p = dk, block_sizes_lib.tpu_padded_dv(dk, dv)
   else:
     dk_p, dv_p = dk, dv
+  bs = bs.for_dims(dk_p, dv_p)
   bs.dv_tile(dv_p)  # validates block_dv early
   cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
                 backend=backend, interpret=interpret,

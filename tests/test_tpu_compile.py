@@ -1,0 +1,82 @@
+"""The fused TPU kernels compiled for TPUs, without one.
+
+`experiments.tpu_compile`: XLA's TPU compiler in libtpu, Mosaic's passes
+included, compiles the rule's inference forward and its gradient for a
+TPU generation it is only told of. Tracing and the TPU interpreter
+(tests/test_pallas_gated_delta_rule.py) accept things a TPU does not:
+the compiler is what refuses a kernel whose blocks overflow the scoped
+VMEM. Nothing runs here; the numbers are checked in the interpreter.
+
+Skipped where libtpu is not installed (`pip install -e ".[tpu]"`, which
+CI does): it is the TPU compiler.
+"""
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import tpu_compile
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _libtpu():
+  try:
+    tpu_compile.tpu_device("v5e")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+
+
+def _compile(generation, *shape, spec="", **kw):
+  args = tpu_compile.rule_args(*shape, **kw)
+  return tpu_compile.compile_rule(
+      generation, *args,
+      block_sizes=BlockSizes.from_spec(spec, "tpu") if spec else None)
+
+
+# (batch, seq_len, key heads, value heads, dk, dv, dtype), options.
+CASES = {
+    # The benchmark's shape.
+    "v5e_benchmark_shape": ("v5e", (1, 32768, 16, 16, 128, 128,
+                                    jnp.bfloat16), {}),
+    # The interpreter's kinds of input: value heads twice the key heads,
+    # dk != dv, a length no multiple of 64, segments, an initial state.
+    "v5e_f32_gva_segments_state": ("v5e", (2, 130, 1, 2, 64, 32,
+                                           jnp.float32),
+                                   dict(segments=True, initial_state=True)),
+    "v5e_bf16_dv256": ("v5e", (2, 300, 2, 4, 128, 256, jnp.bfloat16),
+                       dict(segments=True, initial_state=True)),
+    # Qwen3.5's heads on the other generations.
+    "v4_qwen_heads": ("v4", (1, 1000, 2, 4, 128, 128, jnp.bfloat16),
+                      dict(segments=True)),
+    "v5p_qwen_heads": ("v5p", (1, 1000, 2, 4, 128, 128, jnp.bfloat16),
+                       dict(segments=True)),
+    "v6e_qwen_heads": ("v6e", (1, 1000, 2, 4, 128, 128, jnp.bfloat16),
+                       dict(segments=True)),
+    # States too large for the scoped VMEM whole: the defaults tile dv
+    # (block_dv "auto"), after padding it to a multiple of 128 if need be.
+    "v4_state_512x512": ("v4", (1, 512, 1, 2, 512, 512, jnp.float32), {}),
+    "v5p_state_1024x200": ("v5p", (1, 512, 1, 2, 1024, 200, jnp.float32),
+                           {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tpu_kernels_compile(name):
+  """The defaults compile: one Mosaic kernel in the inference forward,
+  two (the forward that stores the states, the backward) in the
+  gradient."""
+  generation, shape, kw = CASES[name]
+  got = _compile(generation, *shape, **kw)
+  assert got["forward"]["kernels"] == 1, got
+  assert got["grad"]["kernels"] == 2, got
+
+
+@pytest.mark.parametrize("generation", ["v4", "v5e"])
+def test_a_whole_large_state_overflows_the_vmem(generation):
+  """What the value tiling is for, and what only the compiler sees: the
+  backward with whole 512 x 512 states (block_dv None) needs more
+  scoped VMEM than these generations give a kernel (19.1 MiB of 16 on v4,
+  f32 inputs), so it does not compile."""
+  with pytest.raises(Exception, match="(?i)vmem"):
+    _compile(generation, 1, 512, 1, 2, 512, 512, jnp.float32,
+             spec="block_dv=None")
