@@ -7,15 +7,15 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests defaults32k lean32k ncu_blocks32k warps32k
-# hlo32k scaling8k model, in order of priority; on the H100 of 2026-11-27
+# Steps (default: env tests defaults32k lean32k memory32k ncu_blocks32k
+# warps32k scaling8k model, in order of priority; on the H100 of 2026-11-27
 # (ninth session) env, tests (4 xdist workers), memory32k, scaling8k,
 # ncu32k and model (4 workers) took 11, 90, 30, 36, 40 and 145 s, and
 # options32k more than its 330; the others are new; run them as
 # `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
 # skips what no longer fits, and what was skipped in a second call if the
 # lease has time left).
-# Also: options32k memory32k ncu32k bench32k tests_all profile32k prep32k
+# Also: options32k hlo32k ncu32k bench32k tests_all profile32k prep32k
 # best32k final32k base32k split32k scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -68,7 +68,7 @@ NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k lean32k ncu_blocks32k warps32k hlo32k scaling8k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k lean32k memory32k ncu_blocks32k warps32k scaling8k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -163,12 +163,16 @@ for s in "${steps[@]}"; do
     # XLA's temporaries of the rule as an operation (cotangents arguments;
     # output, final state and gradients results: what the issue bounds by
     # the per-chunk states, 256 MiB here), compiled and not run, for the
-    # defaults, the blocked and the memory-lean forms (jaxpr counts: 1,105,
-    # 375 and 210 MiB).
+    # defaults and the forms that store no per-chunk states. XLA's count
+    # on the CPU (triton_resources.xla_temporaries, which gave 980.0,
+    # 373.0 and 208.5 MiB as the H100 did for the defaults and the
+    # output_in_state forms of 2026-11-27): 980.0, then 157.0, 248.0 and
+    # 248.0; the last two hold only if the GPU's scheduler keeps the
+    # blocks' ordering barriers (docs/kernels.md, "XLA's own count").
     memory32k)
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-        --op_memory --pallas_variants "output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096" ;;
+        --op_memory --pallas_variants "recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=unroll" ;;
     # XLA's optimised GPU programs of memory32k's tilings (forward+backward
     # as an operation), for reading on a CPU afterwards: whether the blocked
     # forms' scans copy whole-sequence arrays (o, h, dq, dk, dv) each step
