@@ -62,16 +62,17 @@ def tpu_device(generation: str):
 
 
 def compile_for_tpu(fn, *args, generation: str = "v5e") -> dict:
-  """Compiles `fn(*args)` (ShapeDtypeStructs or None) for one device of
-  `generation`. Returns dict(seconds, temp_mib, kernels: the Mosaic
-  kernels in the compiled program); raises what XLA's TPU compiler
-  raises."""
+  """Compiles `fn(*args)` (pytrees of ShapeDtypeStructs, or None) for one
+  device of `generation`. Returns dict(seconds, temp_mib, kernels: the
+  Mosaic kernels in the compiled program); raises what XLA's TPU
+  compiler raises."""
   device = tpu_device(generation)
   sharding = jax.sharding.SingleDeviceSharding(device)
-  args = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                      sharding=sharding)
-          for a in args]
-  # Pallas' TPU lowering reads the generation from the abstract mesh.
+  args = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      args)
+  # Pallas' TPU lowering reads the generation from the abstract mesh, and
+  # the rule its backend (`block_sizes.target_backend`).
   mesh = jax.sharding.AbstractMesh(
       (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
           device_kind=device.device_kind,

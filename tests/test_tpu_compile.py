@@ -11,11 +11,14 @@ Skipped where libtpu is not installed (`pip install -e ".[tpu]"`, which
 CI does): it is the TPU compiler.
 """
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments import tpu_compile
+from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+import qwen_jax
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,3 +83,44 @@ def test_a_whole_large_state_overflows_the_vmem(generation):
   with pytest.raises(Exception, match="(?i)vmem"):
     _compile(generation, 1, 512, 1, 2, 512, 512, jnp.float32,
              spec="block_dv=None")
+
+
+def test_the_model_compiles_for_a_tpu_on_the_pallas_kernels():
+  """The tiny hybrid (three Gated DeltaNet layers and one attention layer)
+  with gdr_implementation="pallas", built on this CPU: under the TPU's
+  abstract mesh the rule is built for the TPU (`block_sizes.
+  target_backend`: the fused kernels, not a refusal to lower for the
+  CPU), and the model's logits and the gradient of a loss of them compile
+  for a v5e: a Mosaic kernel per Gated DeltaNet layer in the forward, two
+  (the forward that keeps the states, the backward) in the gradient."""
+  cfg = qwen_jax.QwenConfig.from_preset("tiny", gdr_implementation="pallas")
+  layers = sum(t == "linear_attention" for t in cfg.layer_types)
+  assert layers == 3, cfg.layer_types
+  model = qwen_jax.Qwen35(cfg)
+  ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  # The parameters' shapes do not depend on the rule's implementation.
+  params = jax.eval_shape(
+      lambda: qwen_jax.Qwen35(qwen_jax.QwenConfig.from_preset("tiny")).init(
+          jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype))["params"])
+
+  def logits(params, ids):
+    return model.apply({"params": params}, ids)
+
+  def grad(params, ids):
+    return jax.grad(lambda p: jnp.mean(logits(p, ids) ** 2))(params)
+
+  got = {name: tpu_compile.compile_for_tpu(fn, params, ids)
+         for name, fn in (("forward", logits), ("grad", grad))}
+  assert got["forward"]["kernels"] == layers, got
+  assert got["grad"]["kernels"] == 2 * layers, got
+
+
+def test_target_backend_follows_the_abstract_mesh():
+  """Outside an abstract mesh with a device, the default backend; inside
+  one naming a TPU, "tpu"."""
+  assert block_sizes.target_backend() == jax.default_backend()
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+          device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert block_sizes.target_backend() == "tpu"

@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gated_delta_rule import block_sizes as block_sizes_lib
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import seq_split
@@ -57,7 +58,7 @@ def available_implementations() -> tuple[str, ...]:
 
 def _resolve(implementation: str, dtype=None) -> str:
   if implementation == "auto":
-    name = AUTO.get(jax.default_backend(), "chunked")
+    name = AUTO.get(block_sizes_lib.target_backend(), "chunked")
     if name == "pallas" and dtype is not None and jnp.dtype(dtype) not in (
         jnp.float32, jnp.bfloat16, jnp.float16):
       # float64 (CPU tests, finite differences): the kernels compute in
@@ -166,8 +167,8 @@ def gated_delta_rule(
   impl = _IMPLEMENTATIONS[name]
   if block_sizes or name == "pallas":
     # Built (and checked, with named errors) whatever the implementation.
-    tiles = pallas_gdr.block_sizes_for(jax.default_backend(), chunk_size,
-                                       block_sizes)
+    tiles = pallas_gdr.block_sizes_for(block_sizes_lib.target_backend(),
+                                       chunk_size, block_sizes)
     if name == "pallas":
       impl = functools.partial(impl, block_sizes=tiles)
   if seq_splits > 1:

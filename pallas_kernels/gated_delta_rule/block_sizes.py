@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from jax import lax
 
 # How the sequential pass over chunks is driven:
@@ -99,6 +101,17 @@ def _per_kernel(field: str, value, what: str, ok) -> tuple:
       raise ValueError(f"{field}: expected kernel names from "
                        f"{SPLIT_KERNELS} with {what}, found {name}:{n}")
   return pairs
+
+
+def target_backend() -> str:
+  """The backend a program is being built for: the platform ("gpu" or
+  "tpu") of the abstract device of the current abstract mesh, where the
+  caller names one (`jax.sharding.use_abstract_mesh` with an
+  `AbstractDevice`: jax's way to compile for hardware that is not here,
+  as `experiments/tpu_compile.py` does), else `jax.default_backend()`."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return platform if platform in ("gpu", "tpu") else jax.default_backend()
 
 
 # The fused kernels' state tile on a TPU: at most this many elements

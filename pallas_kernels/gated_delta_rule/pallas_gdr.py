@@ -481,7 +481,7 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
              block_sizes, interpret, backend):
   """Checks the backend and tiles; returns the kernels' inputs and config:
   (q, k, v, scalars, initial state, _Config) in the padded layout."""
-  backend = backend or jax.default_backend()
+  backend = backend or block_sizes_lib.target_backend()
   if backend not in ("gpu", "tpu") and not interpret:
     raise ValueError(
         f"interpret: the Pallas gated delta rule has no lowering for backend "
@@ -581,7 +581,7 @@ def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
   """Adapter with the signature of `api._IMPLEMENTATIONS` entries;
   `block_sizes` as the api builds it (`block_sizes_for`), default this
   backend's at `chunk_size`."""
-  backend = jax.default_backend()
+  backend = block_sizes_lib.target_backend()
   bs = block_sizes or block_sizes_for(backend, chunk_size)
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gated_delta_rule import block_sizes
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -192,7 +194,7 @@ def solve_unit_lower(a: jax.Array, rhs: jax.Array) -> jax.Array:
   Returns:
     X: [..., c, m].
   """
-  if jax.default_backend() == "cpu":
+  if block_sizes.target_backend() == "cpu":
     return _solve_unit_lower_loop(a, rhs)
   c = a.shape[-1]
   return jax.scipy.linalg.solve_triangular(
