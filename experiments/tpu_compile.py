@@ -28,6 +28,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.triton_resources import rule_args
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
@@ -87,21 +88,6 @@ def compile_for_tpu(fn, *args, generation: str = "v5e") -> dict:
               temp_mib=round(memory.temp_size_in_bytes / 2**20, 1),
               kernels=compiled.as_text().count('custom_call_target="tpu_'
                                                'custom_call"'))
-
-
-def rule_args(batch: int, seq_len: int, key_heads: int, heads: int, dk: int,
-              dv: int, dtype, segments: bool = False,
-              initial_state: bool = False) -> tuple:
-  """The gated delta rule's inputs as ShapeDtypeStructs: q, k, v, g,
-  beta, the initial state (or None), segment ids (or None)."""
-  sds = jax.ShapeDtypeStruct
-  return (sds((batch, seq_len, key_heads, dk), dtype),
-          sds((batch, seq_len, key_heads, dk), dtype),
-          sds((batch, seq_len, heads, dv), dtype),
-          sds((batch, seq_len, heads), jnp.float32),
-          sds((batch, seq_len, heads), jnp.float32),
-          sds((batch, heads, dk, dv), jnp.float32) if initial_state else None,
-          sds((batch, seq_len), jnp.int32) if segments else None)
 
 
 def compile_rule(generation: str, *args,

@@ -109,14 +109,27 @@ class TritonKernel:
     return math.prod(self.grid)
 
 
-def _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype, segments):
+def rule_args(batch: int, seq_len: int, key_heads: int, heads: int, dk: int,
+              dv: int, dtype, segments: bool = False,
+              initial_state: bool = False) -> tuple:
+  """The gated delta rule's inputs as ShapeDtypeStructs: q, k, v, g,
+  beta, the initial state (or None), segment ids (or None)."""
   sds = jax.ShapeDtypeStruct
   return (sds((batch, seq_len, key_heads, dk), dtype),
           sds((batch, seq_len, key_heads, dk), dtype),
           sds((batch, seq_len, heads, dv), dtype),
           sds((batch, seq_len, heads), jnp.float32),
           sds((batch, seq_len, heads), jnp.float32),
+          sds((batch, heads, dk, dv), jnp.float32) if initial_state else None,
           sds((batch, seq_len), jnp.int32) if segments else None)
+
+
+def _abstract_args(batch, seq_len, key_heads, heads, dk, dv, dtype, segments):
+  """`rule_args` without the initial state: q, k, v, g, beta, segment ids
+  (or None)."""
+  *inputs, _, segment_ids = rule_args(batch, seq_len, key_heads, heads, dk,
+                                      dv, dtype, segments)
+  return (*inputs, segment_ids)
 
 
 def _forward(blocks: BlockSizes):
