@@ -454,9 +454,12 @@ def gated_delta_rule_pallas(
       kernels (the TPU family) run in Pallas' TPU interpreter, which
       simulates the TPU's DMAs, cores and memory (default params for
       True); every other kernel in the generic interpreter.
-    backend: "gpu", "tpu" or "cpu"; default `jax.default_backend()`. Picks
-      the lowering, the default block sizes and dk / dv padding (GPU pads
-      both to a power of two, at least 16, as Triton requires).
+    backend: "gpu", "tpu" or "cpu"; default `block_sizes.target_backend()`
+      (the abstract mesh's device where one is named, else
+      `jax.default_backend()`). Picks the lowering, the default block
+      sizes and dk / dv padding (GPU pads both to a power of two, at least
+      16, as Triton requires; TPU pads dv to a multiple of 128 where
+      block_dv "auto" must tile a large state).
 
   Returns:
     (o [b, t, hv, dv] in v.dtype, final_state [b, hv, dk, dv] float32).
