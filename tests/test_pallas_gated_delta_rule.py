@@ -214,10 +214,10 @@ CASES = {
         backend="tpu", block_dv=8, dv=16,
         tpu_interpreter=(("num_cores_or_threads", 2),
                          ("detect_races", True))),
-    # The TPU defaults on a state too large for the fused kernels' scoped
-    # VMEM whole (block_dv "auto": dv 200 zero-padded to 256 and taken in
-    # two tiles of 128; whole, 512 x 200 does not compile for v4 or v5p:
-    # tests/test_tpu_compile.py).
+    # The TPU defaults' value tiling (block_dv "auto"): a 512 x 200 state
+    # is over its 256 x 256, so dv is zero-padded to 256 and taken in two
+    # tiles of 128, the path of the states that do not compile whole
+    # (1,024 x 200 on v4 and v5p: tests/test_tpu_compile.py).
     "t70_segments_tpu_defaults_large_state": Case(
         70, with_segments=True, chunk_loop=None, backend="tpu", hk=1, hv=1,
         dk=512, dv=200, g_scale=0.02),
