@@ -28,6 +28,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from experiments.triton_resources import abstract_target
 from experiments.triton_resources import rule_args
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
@@ -74,13 +75,9 @@ def compile_for_tpu(fn, *args, generation: str = "v5e") -> dict:
       args)
   # Pallas' TPU lowering reads the generation from the abstract mesh, and
   # the rule its backend (`block_sizes.target_backend`).
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind=device.device_kind,
-          num_cores=getattr(device, "num_cores", None) or 1,
-          platform="tpu"))
   start = time.perf_counter()
-  with jax.sharding.use_abstract_mesh(mesh):
+  with abstract_target("tpu", device_kind=device.device_kind,
+                       num_cores=getattr(device, "num_cores", None) or 1):
     lowered = jax.jit(fn).trace(*args).lower()
   compiled = lowered.compile()
   memory = compiled.memory_analysis()

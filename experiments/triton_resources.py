@@ -73,9 +73,10 @@ ABSTRACT_DEVICES = {
 }
 
 
-def abstract_target(platform: str = "cuda"):
+def abstract_target(platform: str = "cuda", **device):
   """A context under which lowering targets an abstract H100 ("cuda") or
-  TPU v5e ("tpu"), with no such hardware here.
+  TPU v5e ("tpu"), with no such hardware here; `device` replaces fields
+  of that abstract device (another TPU's device_kind and num_cores).
 
   Raises RuntimeError when this jax cannot name one without the hardware.
   """
@@ -85,7 +86,8 @@ def abstract_target(platform: str = "cuda"):
     raise RuntimeError(f"jax {jax.__version__} has no "
                        f"jax.sharding.AbstractDevice: cannot name a "
                        f"{platform} target without the hardware")
-  device = sharding.AbstractDevice(**ABSTRACT_DEVICES[platform])
+  device = sharding.AbstractDevice(**{**ABSTRACT_DEVICES[platform],
+                                      **device})
   try:
     mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   except TypeError as e:
@@ -497,13 +499,14 @@ def xla_temporaries(fn, *args) -> dict:
   the compiler wrote no buffer assignment."""
   with abstract_target("cuda"):
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  if ("opt-barrier" in lowered.as_text(dialect="hlo")
+  module = str(lowered.compiler_ir("stablehlo"))
+  if ("stablehlo.optimization_barrier" in module
       and not host_schedules_barriers()):
     raise RuntimeError(
         f"jax {jax.__version__}'s host compiler removes optimization "
         "barriers before scheduling, the GPU's after: its count of this "
         "program would not be the GPU's")
-  texts = _host_compile(str(lowered.compiler_ir("stablehlo")))
+  texts = _host_compile(module)
   if not any(name.endswith("buffer-assignment.txt") for name in texts):
     raise RuntimeError("XLA wrote no buffer assignment for the program "
                        "lowered for CUDA")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import tpu_compile
+from experiments import triton_resources
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 import qwen_jax
@@ -119,8 +120,5 @@ def test_target_backend_follows_the_abstract_mesh():
   """Outside an abstract mesh with a device, the default backend; inside
   one naming a TPU, "tpu"."""
   assert block_sizes.target_backend() == jax.default_backend()
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
+  with triton_resources.abstract_target("tpu"):
     assert block_sizes.target_backend() == "tpu"
