@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -28,6 +32,37 @@ SUPPORTED_MODEL_TYPES = (TEXT_MODEL_TYPE, VLM_MODEL_TYPE)
 
 # transformers falls back to this theta when `rope_theta` is absent.
 HF_DEFAULT_ROPE_THETA = 10000.0
+
+# QwenConfig fields that change how, not what, is computed (the fields after
+# "Implementation choices" in `QwenConfig`): the only fields
+# `load_hf_checkpoint` lets a caller override.
+IMPLEMENTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
+                         "gdr_implementation", "gdr_interpret",
+                         "gdr_chunk_size", "gdr_block_sizes",
+                         "attention_implementation")
+
+# Field types checked by `QwenConfig.validate`.
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
+                        "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim",
+                        "linear_num_key_heads", "linear_num_value_heads",
+                        "linear_key_head_dim", "linear_value_head_dim",
+                        "linear_conv_kernel_dim", "max_position_embeddings",
+                        "gdr_chunk_size")  # a conv kernel of width 1 is legal
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
+_BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "scan_layers",
+                "gdr_interpret")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(x: Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+  """An int or float (Python or NumPy), not a bool."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def layer_types_from_ratio(ratio: str | tuple[int, int],
@@ -59,11 +94,19 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
             f"ratio: expected 'linear:full' such as '3:1', 'all-full' or "
             f"'all-linear', found {ratio!r}") from None
   else:
-    lin, full = ratio
+    if (not isinstance(ratio, (tuple, list)) or len(ratio) != 2 or
+        not all(_is_int(x) for x in ratio)):
+      raise ValueError(
+          f"ratio: expected 'linear:full' such as '3:1', 'all-full', "
+          f"'all-linear' or a pair of integer counts (L, F), found {ratio!r}")
+    lin, full = (int(x) for x in ratio)
   if lin < 0 or full < 0 or lin + full == 0:
     raise ValueError(f"ratio: expected non-negative counts, not both zero; "
                      f"found {lin}:{full}")
   period = lin + full
+  if not _is_int(num_layers):
+    raise ValueError(f"num_layers: expected a positive integer, found "
+                     f"{num_layers!r}")
   if num_layers < 1 or num_layers % period:
     raise ValueError(
         f"num_layers: expected a positive multiple of the ratio period "
@@ -76,8 +119,84 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
 def layer_types_from_interval(interval: int,
                               num_layers: int) -> tuple[str, ...]:
   """transformers' rule: layer i is full attention iff (i + 1) % interval == 0."""
+  if not _is_int(interval) or interval < 1:
+    raise ValueError(f"full_attention_interval: expected a positive integer, "
+                     f"found {interval!r}")
+  if not _is_int(num_layers) or num_layers < 0:
+    raise ValueError(f"num_layers: expected a non-negative integer, found "
+                     f"{num_layers!r}")
   return tuple(FULL if (i + 1) % interval == 0 else LINEAR
                for i in range(num_layers))
+
+
+def read_hf_config(hf: Any) -> dict[str, Any]:
+  """The top-level config dict of a transformers config, a dict or a path.
+
+  Args:
+    hf: a transformers config object, a config.json dict, the path of a
+      config.json or of the folder that holds it.
+
+  Returns:
+    A new dict (the caller may change it).
+
+  Raises:
+    ValueError: a file that is not valid JSON, or not a JSON object.
+  """
+  path = _config_json_path(hf)
+  if path is not None:
+    with open(path) as f:
+      try:
+        d = json.load(f)
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+      raise ValueError(f"{path}: expected a JSON object, found "
+                       f"{type(d).__name__}")
+    return d
+  if isinstance(hf, Mapping):
+    return dict(hf)
+  return hf.to_dict()
+
+
+def hf_text_config(d: Mapping[str, Any]) -> dict[str, Any]:
+  """The text model's part of a top-level HF config dict.
+
+  "qwen3_5_text" is the dict itself; the multimodal "qwen3_5" keeps it in
+  `text_config` (its top-level tie_word_embeddings is merged in).
+
+  Raises:
+    ValueError: an unsupported model_type, or a "qwen3_5" config without a
+      text_config object.
+  """
+  model_type = d.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES},"
+                     f" found {model_type!r}")
+  if model_type != VLM_MODEL_TYPE:
+    return dict(d)
+  text = d.get("text_config")
+  if not isinstance(text, Mapping):
+    raise ValueError(
+        f"text_config: model_type {VLM_MODEL_TYPE!r} needs a text_config "
+        f"object with the text model's fields, found {text!r}")
+  text = dict(text)
+  top = d.get("tie_word_embeddings")
+  if top is not None:
+    inner = text.get("tie_word_embeddings", False)
+    # Either flag ties (as transformers' wrapper does); a non-bool is left
+    # for QwenConfig.validate to name.
+    text["tie_word_embeddings"] = (
+        bool(top or inner) if isinstance(top, bool) and isinstance(
+            inner, bool) else top)
+  return text
+
+
+def _config_json_path(hf: Any) -> str | None:
+  """The config.json path that `read_hf_config(hf)` reads, if a path."""
+  if not isinstance(hf, (str, os.PathLike)):
+    return None
+  path = os.fspath(hf)
+  return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
 def find_period(layer_types: Sequence[str]) -> int:
@@ -170,33 +289,78 @@ class QwenConfig:
   attention_implementation: str = "xla"
 
   def __post_init__(self):
+    self._check_types()
     lt = self.layer_types
     if not lt:
       lt = layer_types_from_interval(4, self.num_hidden_layers)
     object.__setattr__(self, "layer_types", tuple(lt))
-    if isinstance(self.eos_token_id, list):
-      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     self.validate()
+
+  def _check_types(self) -> None:
+    """Checks the numeric and bool fields' types; NumPy scalars become Python.
+
+    Integer fields must be ints (not bools, floats or strings), float fields
+    finite real numbers, bool fields bools: a string "false" would be truthy
+    and a float vocab size fails deep inside JAX.
+    """
+    def bad(field, expected, found):
+      raise ValueError(f"{field}: expected {expected}, found {found!r}")
+
+    def put(field, value):
+      object.__setattr__(self, field, value)
+
+    for f in _POSITIVE_INT_FIELDS:
+      x = getattr(self, f)
+      if not _is_int(x) or x < 1:
+        bad(f, "a positive integer", x)
+      put(f, int(x))
+    for f in _FLOAT_FIELDS:
+      x = getattr(self, f)
+      if not _is_real(x) or not math.isfinite(x):
+        bad(f, "a finite real number", x)
+      put(f, float(x))
+    for f in _BOOL_FIELDS:
+      x = getattr(self, f)
+      if not isinstance(x, (bool, np.bool_)):
+        bad(f, "True or False", x)
+      put(f, bool(x))
+    for f in _TOKEN_ID_FIELDS:
+      x = getattr(self, f)
+      if f == "eos_token_id" and isinstance(x, (list, tuple)):
+        if not all(_is_int(i) for i in x):
+          bad(f, "an integer, a list of integers or None", x)
+        put(f, tuple(int(i) for i in x))
+      elif x is not None:
+        if not _is_int(x):
+          bad(f, "an integer or None", x)
+        put(f, int(x))
+    for f in ("hidden_act", "dtype", "param_dtype", "remat_policy",
+              "gdr_implementation", "gdr_block_sizes",
+              "attention_implementation"):
+      if not isinstance(getattr(self, f), str):
+        bad(f, "a string", getattr(self, f))
+    if isinstance(self.layer_types, str):
+      bad("layer_types", "a sequence of layer type names", self.layer_types)
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field."""
     def bad(field, expected, found):
       raise ValueError(f"{field}: expected {expected}, found {found!r}")
 
+    self._check_types()
     if len(self.layer_types) != self.num_hidden_layers:
       bad("layer_types", f"length num_hidden_layers={self.num_hidden_layers}",
           f"length {len(self.layer_types)}")
     for t in self.layer_types:
       if t not in _LAYER_KINDS:
         bad("layer_types", f"entries in {_LAYER_KINDS}", t)
-    for f in ("vocab_size", "hidden_size", "intermediate_size",
-              "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "linear_num_key_heads",
-              "linear_num_value_heads", "linear_key_head_dim",
-              "linear_value_head_dim", "linear_conv_kernel_dim",
-              "max_position_embeddings", "gdr_chunk_size"):
-      if int(getattr(self, f)) < 1:
-        bad(f, "a positive integer", getattr(self, f))
+    if self.rope_theta <= 0:
+      bad("rope_theta", "a RoPE base > 0", self.rope_theta)
+    if self.rms_norm_eps < 0:
+      bad("rms_norm_eps", "an epsilon >= 0", self.rms_norm_eps)
+    if not 0 <= self.partial_rotary_factor <= 1:
+      bad("partial_rotary_factor", "a fraction of head_dim in [0, 1]",
+          self.partial_rotary_factor)
     if self.num_attention_heads % self.num_key_value_heads:
       bad("num_attention_heads",
           f"a multiple of num_key_value_heads={self.num_key_value_heads}",
@@ -222,6 +386,13 @@ class QwenConfig:
                                    self.gdr_block_sizes)
       except ValueError as e:
         raise ValueError(f"gdr_block_sizes: {e}") from e
+    if self.gdr_implementation != "auto":
+      # Lazy: the names live with the kernels (jax is imported by then).
+      # pylint: disable-next=g-import-not-at-top
+      from pallas_kernels.gated_delta_rule import api as gdr_api
+      names = ("auto",) + gdr_api.available_implementations()
+      if self.gdr_implementation not in names:
+        bad("gdr_implementation", f"one of {names}", self.gdr_implementation)
     if self.attention_implementation not in ("xla", "cudnn"):
       bad("attention_implementation", "'xla' or 'cudnn'",
           self.attention_implementation)
@@ -257,13 +428,23 @@ class QwenConfig:
     return self.num_hidden_layers // self.period
 
   def replace(self, **changes: Any) -> "QwenConfig":
-    """A copy with fields changed (layer_types re-derived if layers change)."""
+    """A copy with fields changed.
+
+    When num_hidden_layers changes and layer_types is not given, the current
+    pattern's period (`find_period`) is repeated to the new length, so
+    (full, lin, lin, lin) stays full-first. A length that is not a multiple
+    of the period raises ValueError: pass layer_types as well.
+    """
+    n = changes.get("num_hidden_layers")
     if ("num_hidden_layers" in changes and "layer_types" not in changes and
-        len(self.layer_types) != changes["num_hidden_layers"]):
-      ratio = (self.layer_types[:self.period].count(LINEAR),
-               self.layer_types[:self.period].count(FULL))
-      changes["layer_types"] = layer_types_from_ratio(
-          ratio, changes["num_hidden_layers"])
+        _is_int(n) and n >= 1 and len(self.layer_types) != n):
+      period = self.layer_types[:self.period]
+      if n % len(period):
+        raise ValueError(
+            f"num_hidden_layers: expected a multiple of the layer pattern's "
+            f"period {len(period)} {list(period)} to extend it, found {n}; "
+            f"pass layer_types as well")
+      changes["layer_types"] = period * (n // len(period))
     return dataclasses.replace(self, **changes)
 
   # ---------------------------------------------------------------- presets
@@ -281,29 +462,19 @@ class QwenConfig:
     """From a transformers config object, a config.json dict, or its path.
 
     Accepts model_type "qwen3_5_text" and the multimodal "qwen3_5" (whose
-    text part sits in `text_config`).
+    text part sits in `text_config`). Fields absent from the config take
+    QwenConfig's defaults (the 9B model's).
+
+    Raises:
+      ValueError: invalid JSON, an unsupported model_type or rope_type, a
+        "qwen3_5" config without text_config, or a bad field value (the
+        message names the field, and the file when `hf` is a path).
     """
-    if isinstance(hf, (str, os.PathLike)):
-      path = os.fspath(hf)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path) as f:
-        d = json.load(f)
-    elif isinstance(hf, Mapping):
-      d = dict(hf)
-    else:
-      d = hf.to_dict()
-    model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES},"
-                       f" found {model_type!r}")
-    if model_type == VLM_MODEL_TYPE:
-      top = d
-      d = dict(d.get("text_config") or {})
-      if "tie_word_embeddings" in top:
-        d["tie_word_embeddings"] = bool(
-            top["tie_word_embeddings"] or d.get("tie_word_embeddings", False))
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    d = hf_text_config(read_hf_config(hf))
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+      raise ValueError(f"rope_parameters: expected an object, found {rope!r}")
+    rope = dict(rope)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
       raise ValueError(f"rope_parameters.rope_type: expected 'default', "
@@ -311,11 +482,20 @@ class QwenConfig:
     theta = rope.get("rope_theta", d.get("rope_theta", HF_DEFAULT_ROPE_THETA))
     prf = rope.get("partial_rotary_factor",
                    d.get("partial_rotary_factor", 0.25))
-    n = int(d.get("num_hidden_layers", 32))
+    for name, x in (("rope_theta", theta), ("partial_rotary_factor", prf)):
+      if not _is_real(x):
+        raise ValueError(f"{name}: expected a real number, found {x!r}")
+    n = d.get("num_hidden_layers", 32)
+    if not _is_int(n) or n < 1:
+      raise ValueError(f"num_hidden_layers: expected a positive integer, "
+                       f"found {n!r}")
     layer_types = d.get("layer_types")
     if layer_types is None:
       layer_types = layer_types_from_interval(
-          int(d.get("full_attention_interval", 4)), n)
+          d.get("full_attention_interval", 4), n)
+    elif isinstance(layer_types, str):
+      raise ValueError(f"layer_types: expected a list of layer type names, "
+                       f"found {layer_types!r}")
     kw = {}
     for f in dataclasses.fields(cls):
       if f.name in d and f.name not in ("layer_types", "rope_theta",
@@ -324,7 +504,13 @@ class QwenConfig:
     kw.update(layer_types=tuple(layer_types), rope_theta=float(theta),
               partial_rotary_factor=float(prf), num_hidden_layers=n)
     kw.update(overrides)
-    return cls(**kw)
+    try:
+      return cls(**kw)
+    except ValueError as e:
+      path = _config_json_path(hf)
+      if path is None or str(e).split(":", 1)[0] in overrides:
+        raise
+      raise ValueError(f"{e} (in {path})") from e
 
   def to_hf_dict(self) -> dict[str, Any]:
     """config.json contents for transformers' `Qwen3_5ForCausalLM`."""

@@ -1,5 +1,7 @@
 """QwenConfig: presets, the layer-pattern helper, HF config round trips."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -97,3 +99,183 @@ def test_sequence_too_long():
   with pytest.raises(ValueError, match="max_position_embeddings=16.*17"):
     jax.eval_shape(lambda i: qwen_jax.Qwen35(cfg).init(
         jax.random.PRNGKey(0), i), ids)
+
+
+# ------------------------------------------------- field types and ranges
+@pytest.mark.parametrize("change,message", [
+    (dict(vocab_size=2.5), "vocab_size: expected a positive integer, found "
+     "2.5"),
+    (dict(vocab_size="256"), "vocab_size: expected a positive integer, "
+     "found '256'"),
+    (dict(hidden_size=True), "hidden_size: expected a positive integer"),
+    (dict(head_dim=None), "head_dim: expected a positive integer, found "
+     "None"),
+    (dict(linear_conv_kernel_dim=0), "linear_conv_kernel_dim: expected a "
+     "positive integer, found 0"),
+    (dict(gdr_chunk_size=8.0), "gdr_chunk_size: expected a positive integer"),
+    (dict(partial_rotary_factor=-0.25), r"partial_rotary_factor: expected .*"
+     r"\[0, 1\], found -0.25"),
+    (dict(partial_rotary_factor="0.25"), "partial_rotary_factor: expected a "
+     "finite real number, found '0.25'"),
+    (dict(rope_theta=0.0), "rope_theta: expected .*> 0, found 0.0"),
+    (dict(rope_theta=-5.0), "rope_theta: expected .*> 0, found -5.0"),
+    (dict(rope_theta=float("nan")), "rope_theta: expected a finite real"),
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps: expected .*>= 0, found -1.0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings: expected True "
+     "or False, found 'false'"),
+    (dict(scan_layers="no"), "scan_layers: expected True or False"),
+    (dict(attention_bias=1), "attention_bias: expected True or False, found "
+     "1"),
+    (dict(gdr_interpret=None), "gdr_interpret: expected True or False"),
+    (dict(eos_token_id="2"), "eos_token_id: expected an integer"),
+    (dict(eos_token_id=[1, 2.0]), "eos_token_id: expected an integer"),
+    (dict(gdr_implementation="foo"), "gdr_implementation: expected one of "
+     r"\('auto', .*'chunked'.*\), found 'foo'"),
+    (dict(gdr_block_sizes=5), "gdr_block_sizes: expected a string, found 5"),
+    (dict(pad_token_id=1.0), "pad_token_id: expected an integer or None"),
+    (dict(layer_types="linear_attention"), "layer_types: expected a "
+     "sequence"),
+])
+def test_bad_field_type_or_range(change, message):
+  with pytest.raises(ValueError, match=message):
+    qwen_jax.QwenConfig.from_preset("tiny", **change)
+
+
+def test_field_types_that_are_accepted():
+  """NumPy scalars become Python ones; a width-1 conv and NoPE are legal."""
+  tiny = qwen_jax.QwenConfig.from_preset("tiny")
+  cfg = qwen_jax.QwenConfig.from_preset(
+      "tiny", vocab_size=np.int64(256), rope_theta=np.float32(1e7),
+      tie_word_embeddings=np.bool_(True), eos_token_id=[np.int32(3), 4])
+  assert cfg == tiny.replace(eos_token_id=(3, 4))
+  assert type(cfg.vocab_size) is int and type(cfg.rope_theta) is float
+  json.dumps(cfg.to_hf_dict())  # NumPy scalars would not serialise
+  assert qwen_jax.QwenConfig.from_preset(
+      "tiny", rope_theta=10000).rope_theta == 10000.0
+  assert qwen_jax.QwenConfig.from_preset(
+      "tiny", linear_conv_kernel_dim=1).linear_conv_kernel_dim == 1
+  assert qwen_jax.QwenConfig.from_preset(
+      "tiny", partial_rotary_factor=0.0).rotary_dim == 0
+  for impl in ("auto", "chunked", "recurrent", "pallas"):
+    assert qwen_jax.QwenConfig.from_preset(
+        "tiny", gdr_implementation=impl).gdr_implementation == impl
+
+
+# --------------------------------------------------- HF config edge cases
+def test_hf_head_dim_null(tmp_path):
+  hf = {"model_type": "qwen3_5_text", "head_dim": None}
+  with pytest.raises(ValueError, match="head_dim: expected a positive "
+                     "integer, found None"):
+    qwen_jax.QwenConfig.from_hf_config(hf)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(hf, f)
+  with pytest.raises(ValueError, match=r"head_dim: .*found None \(in .*"
+                     r"config\.json\)"):
+    qwen_jax.QwenConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("rope,match", [
+    (["default"], "rope_parameters: expected an object"),
+    ({"rope_type": "default", "rope_theta": "1e7"},
+     "rope_theta: expected a real number, found '1e7'"),
+])
+def test_hf_bad_rope_parameters(rope, match):
+  with pytest.raises(ValueError, match=match):
+    qwen_jax.QwenConfig.from_hf_config(
+        {"model_type": "qwen3_5_text", "rope_parameters": rope})
+
+
+def test_hf_string_size_is_refused():
+  with pytest.raises(ValueError, match="hidden_size: expected a positive "
+                     "integer, found '64'"):
+    qwen_jax.QwenConfig.from_hf_config(
+        {"model_type": "qwen3_5_text", "hidden_size": "64"})
+
+
+@pytest.mark.parametrize("text_config", [None, [], "x"])
+def test_vlm_config_without_text_config(text_config):
+  hf = {"model_type": "qwen3_5"}
+  if text_config is not None:
+    hf["text_config"] = text_config
+  with pytest.raises(ValueError, match="text_config: model_type 'qwen3_5' "
+                     "needs a text_config object"):
+    qwen_jax.QwenConfig.from_hf_config(hf)
+
+
+def test_vlm_config_ties_from_either_flag():
+  text = PRESETS["tiny"].replace(tie_word_embeddings=False).to_hf_dict()
+  for top, inner, tied in [(True, False, True), (False, False, False),
+                           (None, True, True)]:
+    cfg = qwen_jax.QwenConfig.from_hf_config(
+        {"model_type": "qwen3_5", "tie_word_embeddings": top,
+         "text_config": dict(text, tie_word_embeddings=inner)})
+    assert cfg.tie_word_embeddings is tied, (top, inner)
+
+
+@pytest.mark.parametrize("interval", [0, -1, "4", 2.0])
+def test_hf_bad_full_attention_interval(interval):
+  with pytest.raises(ValueError, match="full_attention_interval: expected a "
+                     "positive integer"):
+    qwen_jax.QwenConfig.from_hf_config(
+        {"model_type": "qwen3_5_text", "num_hidden_layers": 8,
+         "full_attention_interval": interval})
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"model_type": "qwen3_5_text",}', "config.json: not valid JSON"),
+    ("[1, 2]", "config.json: expected a JSON object, found list"),
+])
+def test_hf_config_file_not_an_object(tmp_path, text, match):
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=match):
+    qwen_jax.QwenConfig.from_hf_config(tmp_path)
+
+
+# ------------------------------------------------- replace and the pattern
+@pytest.mark.parametrize("pattern,n,expected", [
+    ((F, L, L, L), 8, [F, L, L, L] * 2),
+    ((L, F, L, L), 8, [L, F, L, L] * 2),
+    ((L, L, L, F), 8, [L, L, L, F] * 2),   # tiny's 3:1, as before
+    ((L, F, L, F), 6, [L, F] * 3),         # period 2 divides 6
+    ((L,) * 4, 3, [L] * 3),
+    ((L, F, L, L, L, F), 12, [L, F, L, L, L, F] * 2),  # not periodic
+])
+def test_replace_layers_repeats_the_period(pattern, n, expected):
+  cfg = qwen_jax.QwenConfig.from_preset("tiny", layer_types=pattern,
+                                        num_hidden_layers=len(pattern))
+  out = cfg.replace(num_hidden_layers=n)
+  assert list(out.layer_types) == expected
+  assert out.num_hidden_layers == n
+
+
+@pytest.mark.parametrize("pattern,n", [
+    ((L, L, L, F), 6),
+    ((F, L, L, L), 2),
+    ((L, F, L, L, L, F), 8),
+])
+def test_replace_layers_not_a_multiple_of_the_period(pattern, n):
+  cfg = qwen_jax.QwenConfig.from_preset("tiny", layer_types=pattern,
+                                        num_hidden_layers=len(pattern))
+  with pytest.raises(ValueError, match=r"num_hidden_layers: expected a "
+                     r"multiple of the layer pattern's period .*found "
+                     rf"{n}; pass layer_types"):
+    cfg.replace(num_hidden_layers=n)
+
+
+def test_preset_with_bad_layer_count_names_the_field():
+  with pytest.raises(ValueError, match="num_hidden_layers: .*period 4.*"
+                     "found 6"):
+    qwen_jax.QwenConfig.from_preset("tiny", num_hidden_layers=6)
+  with pytest.raises(ValueError, match="num_hidden_layers: expected a "
+                     "positive integer, found 8.0"):
+    qwen_jax.QwenConfig.from_preset("tiny", num_hidden_layers=8.0)
+
+
+@pytest.mark.parametrize("ratio,n,field", [
+    ((3, 1, 2), 4, "ratio"), ((1.5, 0.5), 4, "ratio"), (3, 4, "ratio"),
+    (None, 4, "ratio"), ((True, 1), 2, "ratio"), ("3:1", 8.0, "num_layers"),
+    ((3, 1), "8", "num_layers"),
+])
+def test_bad_ratio_types(ratio, n, field):
+  with pytest.raises(ValueError, match=f"^{field}: expected"):
+    layer_types_from_ratio(ratio, n)
