@@ -19,7 +19,7 @@ can be compared across attention ratios without allocating anything.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,12 @@ def cache_shapes(cfg: QwenConfig, batch: int, max_len: int,
       cfg.max_position_embeddings.
   """
   _validate(cfg, batch, max_len)
+  return _shapes(cfg, batch, max_len, dtype)
+
+
+def _shapes(cfg: QwenConfig, batch: int, max_len: int,
+            dtype: Any = None) -> PyTree:
+  """`cache_shapes` without the argument checks."""
   dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
   lead = (cfg.num_periods,) if is_scanned(cfg) else ()
   sds = jax.ShapeDtypeStruct
@@ -105,6 +111,65 @@ def init_cache(cfg: QwenConfig, batch: int, max_len: int,
   """
   shapes = cache_shapes(cfg, batch, max_len, dtype)
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_cache(cfg: QwenConfig, cache: Any, batch: int) -> int | None:
+  """Checks that `cache` is a cache of `cfg` for `batch` sequences.
+
+  Compares the tree (slots and entries) and the shape of every leaf with
+  `cache_shapes(cfg, batch, S)`, S being the cache's own number of KV slots
+  (anything for a model without full-attention layers). Only shapes are
+  read, never values, so it runs under jit as well; dtypes are not compared
+  (`init_cache` takes a dtype).
+
+  Args:
+    cfg: the model config.
+    cache: what was passed as the cache.
+    batch: sequences in the call (the rows of input_ids).
+
+  Returns:
+    S, or None when no layer keeps K/V.
+
+  Raises:
+    ValueError: naming the first entry that differs, with the expected and
+      found shape.
+  """
+  if not isinstance(cache, Mapping) or set(cache) != {"layers", "index"}:
+    found = (f"a {type(cache).__name__} with keys {sorted(map(str, cache))}"
+             if isinstance(cache, Mapping) else type(cache).__name__)
+    raise ValueError(f"cache: expected a dict with keys 'index' and 'layers' "
+                     f"(qwen_jax.cache.init_cache), found {found}")
+  found = _leaf_shapes(cache["layers"])
+  slots = None
+  for key, shape in found.items():
+    if key.endswith("['k']") and len(shape) >= 3:
+      slots = shape[-3]
+      break
+  expected = _leaf_shapes(_shapes(cfg, batch, 1 if slots is None else slots)
+                          ["layers"])
+  where = (f"for this config ({cfg.num_hidden_layers} layers "
+           f"{'scanned' if is_scanned(cfg) else 'unscanned'}, "
+           f"{cfg.layer_types.count(FULL)} with K/V) and batch {batch}")
+  missing = [k for k in expected if k not in found]
+  extra = [k for k in found if k not in expected]
+  if missing or extra:
+    raise ValueError(
+        f"cache: expected the entries {sorted(expected)} {where}, found "
+        f"{sorted(found)} (missing {missing[:3]}, unexpected {extra[:3]}); "
+        f"build it with qwen_jax.cache.init_cache(cfg, batch, max_len)")
+  for key, shape in expected.items():
+    if found[key] != shape:
+      raise ValueError(f"cache: expected cache['layers']{key} of shape "
+                       f"{shape} {where}, found {found[key]}")
+  if np.shape(cache["index"]) != ():
+    raise ValueError(f"cache: expected a scalar cache['index'], found shape "
+                     f"{np.shape(cache['index'])}")
+  return slots
 
 
 def cache_bytes(cfg: QwenConfig, batch: int, max_len: int,

@@ -51,8 +51,9 @@ class GatedDeltaNet(nn.Module):
 
     Args:
       x: [b, t, d] normalised hidden states.
-      attention_mask: [b, t] 1 for real tokens, 0 for (left) padding; padded
-        inputs are zeroed so they never reach the state.
+      attention_mask: [b, t] True (or 1) for real tokens, False (0) for
+        (left) padding, read as bool; padded inputs are zeroed so they never
+        reach the state.
       cache: {"conv": [b, K-1, conv_dim], "state": [b, hv, dk, dv] f32} or
         None. With a cache the conv continues from the cached inputs and the
         rule from the cached state.
@@ -71,7 +72,8 @@ class GatedDeltaNet(nn.Module):
     kd = cfg.linear_key_dim
 
     if attention_mask is not None and t > 1:
-      x = x * attention_mask[:, :, None].astype(x.dtype)
+      # Read as bool, as attention reads it (Qwen35 passes a bool mask).
+      x = x * attention_mask[:, :, None].astype(bool).astype(x.dtype)
     dense = lambda f, names, name: layers.Dense(  # pylint: disable=g-long-lambda
         f, names, False, dtype, pdtype, name=name)
     mixed = dense(cfg.linear_conv_dim, ("embed", "linear_qkv"),
@@ -126,7 +128,9 @@ class GatedDeltaNet(nn.Module):
     new_cache = None
     if cache is not None:
       k1 = cfg.linear_conv_kernel_dim - 1
-      tail = jnp.concatenate([cache["conv"].astype(mixed.dtype), mixed],
-                             axis=1)[:, -k1:]
+      window = jnp.concatenate([cache["conv"].astype(mixed.dtype), mixed],
+                               axis=1)
+      # The last K-1 inputs; `[:, -k1:]` would keep them all when K = 1.
+      tail = window[:, window.shape[1] - k1:]
       new_cache = {"conv": tail.astype(cache["conv"].dtype), "state": state}
     return y, new_cache

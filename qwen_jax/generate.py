@@ -48,8 +48,9 @@ import numpy as np
 from qwen_jax import cache as cache_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
+from qwen_jax.model import check_input_ids
+from qwen_jax.model import check_mask_values
 from qwen_jax.model import Qwen35
-from qwen_jax.model import cache_length
 
 # Prompt tokens per prefill call. Bounds activation memory for long prompts
 # (a 262,144-token prompt runs as 32 such blocks).
@@ -190,6 +191,21 @@ def _slot_mask(mask: Array | None, b: int, t: int, index: int,
                    f"cache slot), found {tuple(mask.shape)}")
 
 
+def _token_ids(name: str, ids: Any, ndim: int, vocab_size: int) -> Array:
+  """int32 ids after checking rank, dtype and range (on the host)."""
+  if not isinstance(ids, (jax.Array, np.ndarray)):
+    ids = np.asarray(ids)
+  if ids.ndim != ndim:
+    want = "[batch>=1, time>=1]" if ndim == 2 else "[batch]"
+    raise ValueError(f"{name}: expected shape {want}, found "
+                     f"{tuple(ids.shape)}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name}: expected integer token ids, found dtype "
+                     f"{ids.dtype}")
+  check_input_ids(ids, vocab_size, name)  # before the cast: 2**33 is seen
+  return jnp.asarray(ids, jnp.int32)
+
+
 def _check_block(prefill_block: Any) -> None:
   if not isinstance(prefill_block, (int, np.integer)) or prefill_block < 2:
     # A one-token block would skip the padding mask of the linear layers.
@@ -222,16 +238,20 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     (logits [b, V] float32 of the last prompt token, the filled cache).
 
   Raises:
-    ValueError: bad shapes or a block size < 2.
+    ValueError: bad shapes, ids outside [0, vocab_size), mask values other
+      than 0/1, a cache of another config or batch, a prompt that does not
+      fit the cache, or a block size < 2.
   """
   _check_block(prefill_block)
-  prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-  if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
-    raise ValueError(f"prompt_ids: expected shape [batch, time>=1], found "
+  prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
+  if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
+    raise ValueError(f"prompt_ids: expected shape [batch>=1, time>=1], found "
                      f"{tuple(prompt_ids.shape)}")
   b, t = prompt_ids.shape
-  slots = cache_length(cache)
+  slots = cache_lib.check_cache(cfg, cache, b)
   index = int(cache["index"])
+  if attention_mask is not None:
+    check_mask_values(attention_mask)
   if slots is not None and index + t > slots:
     raise ValueError(f"prompt_ids: {t} tokens do not fit a cache of {slots} "
                      f"slots holding {index}")
@@ -248,17 +268,44 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
                 ) -> tuple[Array, PyTree]:
   """Feeds one token per sequence; returns its logits and the new cache.
 
+  The ids, the cache's shapes and its index are checked on the host first:
+  reading the index waits for the previous step to finish (as reading its
+  logits does).
+
   Args:
     cfg: the model config.
     params: the parameters.
-    tokens: [b] int token ids.
-    cache: the cache (donated: use the returned one).
-    attention_mask: None or [b, S] over every cache slot.
+    tokens: [b] int token ids in [0, vocab_size).
+    cache: the cache (donated: use the returned one), with a free slot.
+    attention_mask: None or [b, S] over every cache slot ([b, >= index + 1]
+      when no layer keeps K/V), 0/1 or bool.
 
   Returns:
     (logits [b, V] float32, the cache with one more token).
+
+  Raises:
+    ValueError: tokens of another shape or outside [0, vocab_size), a cache
+      of another config or batch, a full cache, or a bad mask.
   """
-  tokens = jnp.asarray(tokens, jnp.int32)
+  tokens = _token_ids("tokens", tokens, 1, cfg.vocab_size)
+  b = tokens.shape[0]
+  slots = cache_lib.check_cache(cfg, cache, b)
+  index = int(cache["index"])
+  if slots is not None and index + 1 > slots:
+    raise ValueError(f"cache: expected a free slot, found all {slots} slots "
+                     f"written (index {index}); allocate a longer cache")
+  if attention_mask is not None:
+    if not isinstance(attention_mask, (jax.Array, np.ndarray)):
+      attention_mask = jnp.asarray(attention_mask)
+    shape = tuple(attention_mask.shape)
+    if slots is None and (len(shape) != 2 or shape[0] != b
+                          or shape[1] < index + 1):
+      raise ValueError(f"attention_mask: expected shape ({b}, >= "
+                       f"{index + 1}) (every token written), found {shape}")
+    if slots is not None and shape != (b, slots):
+      raise ValueError(f"attention_mask: expected shape {(b, slots)} (every "
+                       f"cache slot), found {shape}")
+    check_mask_values(attention_mask)
   return _decode_jit(cfg, params, tokens, cache, attention_mask)
 
 

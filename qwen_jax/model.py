@@ -22,9 +22,12 @@ whether the stack was scanned.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_jax import layers
 from qwen_jax.array_typing import Array, PyTree
@@ -60,6 +63,79 @@ def stack_slots(cfg: QwenConfig) -> list[tuple[str, str]]:
   return [(f"layer_{j}", cfg.layer_types[j]) for j in range(n)]
 
 
+def _to_array(name: str, x: Any) -> Any:
+  """x itself when it is an array (jax, numpy or traced), else np.asarray(x).
+
+  Python lists and scalars become numpy arrays (int64 ids stay int64, so the
+  range check sees the values as given).
+  """
+  if x is None or isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
+    return x
+  try:
+    return np.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name}: expected an array, found a "
+                     f"{type(x).__name__} that is not one ({e})") from None
+
+
+def _host_values(x: Any) -> np.ndarray | None:
+  """x's values on the host when they are known here, else None.
+
+  None for a Tracer (under jit, grad, vmap, scan...: reading the values
+  would need a host sync inside the compiled program, so value checks are
+  skipped there) and for an array spread over several hosts.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+  return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def check_input_ids(input_ids: Any, vocab_size: int,
+                    name: str = "input_ids") -> None:
+  """Raises ValueError when concrete ids fall outside [0, vocab_size).
+
+  Out-of-range ids would otherwise give NaN rows (ids >= vocab) or silently
+  read another token's embedding (negative ids wrap). Skipped for traced
+  ids (see `_host_values`).
+  """
+  ids = _host_values(input_ids)
+  if ids is None or ids.size == 0:
+    return
+  bad = (ids < 0) | (ids >= vocab_size)
+  if bad.any():
+    pos = _first(bad)
+    raise ValueError(
+        f"{name}: expected values in [0, vocab_size={vocab_size}), found "
+        f"{ids[pos]} at position {pos} ({int(bad.sum())} out of range)")
+
+
+def check_mask_values(attention_mask: Any) -> None:
+  """Raises ValueError when a concrete mask holds values other than 0 and 1.
+
+  The model reads the mask as bool (1 = token, 0 = padding); a value like 2,
+  0.5 or -inf (an additive mask) means something else and is refused.
+  Skipped for traced masks (see `_host_values`).
+  """
+  if getattr(attention_mask, "dtype", None) == bool:
+    return  # nothing to check, nothing to copy
+  mask = _host_values(attention_mask)
+  if mask is None or mask.size == 0:
+    return
+  bad = (mask != 0) & (mask != 1)
+  if bad.any():
+    pos = _first(bad)
+    raise ValueError(
+        f"attention_mask: expected 0/1 or bool values (1 = token, 0 = "
+        f"padding), found {mask[pos]} at position {pos} (an additive 0/-inf "
+        f"mask is not accepted)")
+
+
 def segment_positions(segment_ids: Array) -> Array:
   """Positions that restart at 0 at the start of every packed document."""
   b, t = segment_ids.shape
@@ -93,8 +169,8 @@ class DecoderLayer(nn.Module):
     Args:
       x: [b, t, d] residual stream.
       positions: [b, t] token positions.
-      attention_mask: [b, s] key mask, s = t without a cache and the cache
-        length with one (padding = 0), or None.
+      attention_mask: [b, s] bool key mask, s = t without a cache and the
+        cache length with one (padding = False), or None.
       cache: this layer's cache (see qwen_jax/cache.py) or None.
       cache_index: int32 scalar, tokens already cached.
       segment_ids: [b, t] packed-document ids or None.
@@ -167,6 +243,14 @@ class Qwen35(nn.Module):
   """
   cfg: QwenConfig
 
+  def __post_init__(self):
+    if not isinstance(self.cfg, QwenConfig):
+      raise TypeError(
+          f"cfg: expected a QwenConfig, found {type(self.cfg).__name__}; "
+          f"build one with QwenConfig.from_hf_config (a transformers config, "
+          f"a config.json dict or its path) or QwenConfig.from_preset")
+    super().__post_init__()
+
   def setup(self):
     self.cfg.validate()
 
@@ -179,30 +263,48 @@ class Qwen35(nn.Module):
                return_hidden: bool = False):
     """Runs the model.
 
+    Shapes are always checked. Values (ids in the vocabulary, a 0/1 mask,
+    the cache index against the cache's slots) are checked only when they
+    are concrete: under jit (or any other transform) they are Tracers and
+    nothing is checked, since that would need a host sync inside the
+    program. There, ids outside [0, vocab_size) give NaN logits (negative
+    ids wrap around), a mask is read as `mask != 0`, and a write past the
+    end of the cache is clamped to its last slots: check such inputs
+    before the jitted call (`generate.prefill` and `decode_step` do).
+
     Args:
-      input_ids: [b, t] int token ids.
-      attention_mask: padding mask, 1 = token, 0 = padding (left padding).
-        [b, t] without a cache; [b, S] over every cache slot with one.
+      input_ids: [b, t] int token ids in [0, vocab_size).
+      attention_mask: padding mask, 1 (or True) = token, 0 = padding (left
+        padding); [b, t] without a cache; [b, S] over every cache slot with
+        one ([b, >= index + t] when no layer keeps K/V). Read as bool.
       positions: [b, t] positions; default arange(t) (+ the cache index), or
         restarting per document when `segment_ids` is given.
-      cache: the model cache (`qwen_jax.cache.init_cache`) or None.
+      cache: the model cache (`qwen_jax.cache.init_cache` for this config
+        and batch) or None.
       segment_ids: [b, t] packed-document ids (training; not with a cache).
         Documents never attend to or pass state to each other.
       return_hidden: also return the final normalised hidden states.
 
     Returns:
       logits [b, t, vocab] in cfg.dtype; with a cache `(logits, cache)`;
-      with return_hidden the hidden states [b, t, d] are appended.
+      with return_hidden the hidden states [b, t, d] are appended. An empty
+      batch (b = 0) gives empty results (not at init).
 
     Raises:
       ValueError: a sequence longer than max_position_embeddings, bad
-        shapes, or segment_ids together with a cache.
+        shapes, a cache of another config or batch, more tokens than the
+        cache has slots left, segment_ids together with a cache, and (when
+        concrete) ids outside the vocabulary or mask values other than 0/1.
     """
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    input_ids = _to_array("input_ids", input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids: expected shape [batch, time], found "
                        f"{tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids: expected integer token ids, found dtype "
+                       f"{input_ids.dtype}")
     b, t = input_ids.shape
     if t > cfg.max_position_embeddings:
       raise ValueError(
@@ -210,18 +312,63 @@ class Qwen35(nn.Module):
           f"{cfg.max_position_embeddings}, found {t}")
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids: packed sequences cannot use a cache")
+    attention_mask = _to_array("attention_mask", attention_mask)
+    positions = _to_array("positions", positions)
+    segment_ids = _to_array("segment_ids", segment_ids)
     cache_index = None
     if cache is not None:
+      from qwen_jax import cache as cache_lib  # pylint: disable=g-import-not-at-top
+      s = cache_lib.check_cache(cfg, cache, b)
       cache_index = cache["index"]
-      s = cache_length(cache)
-      if (attention_mask is not None and s is not None
-          and attention_mask.shape != (b, s)):
-        raise ValueError(
-            f"attention_mask: with a cache expected shape {(b, s)} (one "
-            f"entry per cache slot), found {tuple(attention_mask.shape)}")
+      if s is not None and t > s:
+        raise ValueError(f"input_ids: expected at most {s} tokens (the "
+                         f"cache's slots), found {t}")
+      index = _host_values(cache_index)
+      if index is not None:
+        index = int(index)
+        if index < 0:
+          raise ValueError(f"cache: expected cache['index'] >= 0, found "
+                           f"{index}")
+        if s is not None and index + t > s:
+          raise ValueError(
+              f"input_ids: {t} tokens do not fit a cache of {s} slots "
+              f"holding {index} (cache['index'] = {index})")
+      if attention_mask is not None:
+        shape = tuple(attention_mask.shape)
+        if s is not None and shape != (b, s):
+          raise ValueError(
+              f"attention_mask: with a cache expected shape {(b, s)} (one "
+              f"entry per cache slot), found {shape}")
+        need = t if index is None else index + t
+        if s is None and (len(shape) != 2 or shape[0] != b
+                          or shape[1] < need):
+          raise ValueError(
+              f"attention_mask: with a cache expected shape ({b}, >= {need}) "
+              f"(an entry per token written so far), found {shape}")
     elif attention_mask is not None and attention_mask.shape != (b, t):
       raise ValueError(f"attention_mask: expected shape {(b, t)}, found "
                        f"{tuple(attention_mask.shape)}")
+    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+      if x is not None and tuple(x.shape) != (b, t):
+        raise ValueError(f"{name}: expected shape {(b, t)} (as input_ids), "
+                         f"found {tuple(x.shape)}")
+    check_input_ids(input_ids, cfg.vocab_size)
+    if attention_mask is not None:
+      check_mask_values(attention_mask)
+      # One meaning for both mixers: attention keeps the keys where True,
+      # Gated DeltaNet zeroes the inputs where False.
+      attention_mask = attention_mask.astype(bool)
+    if b == 0 and not self.is_initializing():
+      # Nothing to compute (the chunked delta rule cannot take 0 rows).
+      out = [jnp.zeros((0, t, cfg.vocab_size), dtype)]
+      if cache is not None:
+        out.append({"layers": cache["layers"], "index": cache["index"] + t})
+      if return_hidden:
+        out.append(jnp.zeros((0, t, cfg.hidden_size), dtype))
+      return out[0] if len(out) == 1 else tuple(out)
+    if b == 0:
+      raise ValueError(f"input_ids: init needs at least one row, found shape "
+                       f"{(b, t)}")
     if positions is None:
       if segment_ids is not None:
         positions = segment_positions(segment_ids)

@@ -7,7 +7,11 @@
     (unpadded, and a left-padded batch);
   * a left-padded batch gives what each prompt gives alone;
   * `cache_bytes` equals the bytes `init_cache` allocates;
-  * sampling rules, seeds, stop tokens, streaming, and input errors;
+  * sampling rules, seeds, stop tokens, streaming, and input errors
+    (`generate`, and `prefill` / `decode_step`: ids outside the vocabulary,
+    a cache of another config or batch, decoding past the cache's end);
+  * prefill + decode equal the forward with a conv kernel of 1 and 2 (tiny
+    preset, random weights);
   * `python -m experiments.generate` on a saved folder with a tokenizer.json.
 
 Models are tiny random transformers checkpoints saved by the test
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +123,43 @@ def test_prefill_then_decode_equals_forward(key, scan):
   got = np.stack(got, axis=1)  # logits at positions t_prompt-1 .. t_total-2
   tolerances.assert_close(got, full[:, t_prompt - 1:t_total - 1], "float32",
                           err_msg=f"{key} scan={scan}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(**overrides):
+  """(cfg, params) of the tiny preset with random weights."""
+  cfg = qwen_jax.QwenConfig.from_preset("tiny", **overrides)
+  variables = qwen_jax.Qwen35(cfg).init(jax.random.PRNGKey(7),
+                                         jnp.zeros((1, 8), jnp.int32))
+  return cfg, flax.linen.meta.unbox(variables["params"])
+
+
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_prefill_then_decode_equals_forward_conv_kernel(kernel):
+  # K = 1: the conv cache is empty ([b, 0, c]); `[:, -0:]` used to keep the
+  # whole window, so the cache grew and decoding went wrong.
+  cfg, params = _tiny(linear_conv_kernel_dim=kernel)
+  b, t_prompt, t_total = 2, 9, 16
+  ids = hf_utils.random_ids(np.random.default_rng(40 + kernel), b, t_total,
+                            cfg.vocab_size)
+  mask = np.ones((b, t_total), np.int32)
+  mask[1, :3] = 0  # row 1 is left padded
+  full = np.asarray(_forward(cfg)(params, jnp.asarray(ids),
+                                  jnp.asarray(mask)))
+  cache = cache_lib.init_cache(cfg, b, t_total)
+  mask_j = jnp.asarray(mask)
+  logits, cache = prefill(cfg, params, ids[:, :t_prompt], cache, mask_j,
+                          prefill_block=4)
+  got = [np.asarray(logits)]
+  for i in range(t_prompt, t_total - 1):
+    logits, cache = decode_step(cfg, params, ids[:, i], cache, mask_j)
+    got.append(np.asarray(logits))
+  conv = [x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]
+          if p[-1].key == "conv"]
+  assert all(x.shape[-2] == kernel - 1 for x in conv)
+  tolerances.assert_close(np.stack(got, axis=1),
+                          full[:, t_prompt - 1:t_total - 1], "float32",
+                          err_msg=f"linear_conv_kernel_dim={kernel}")
 
 
 # ------------------------------------------------------ greedy == transformers
@@ -286,6 +328,71 @@ def test_errors():
   for kw, match in cases:
     with pytest.raises(ValueError, match=match):
       qwen_jax.generate(cfg, params, **kw)
+
+
+def test_prefill_and_decode_step_errors():
+  cfg, params = _tiny()
+  b, slots = 2, 6
+  ids = hf_utils.random_ids(np.random.default_rng(5), b, 5, cfg.vocab_size)
+  cache = cache_lib.init_cache(cfg, b, slots)
+  bad_prefill = [
+      (dict(prompt_ids=np.where(np.arange(5) == 2, 300, ids)),
+       r"prompt_ids: expected values in \[0, vocab_size=256\), found 300 at "
+       r"position \(0, 2\)"),
+      (dict(prompt_ids=np.where(np.arange(5) == 4, -1, ids)),
+       r"prompt_ids: .*found -1 at position \(0, 4\)"),
+      (dict(prompt_ids=np.full((b, 5), 2 ** 33, np.int64)),
+       "prompt_ids: .*found 8589934592"),
+      (dict(prompt_ids=ids.astype(np.float32)), "prompt_ids: expected integer"),
+      (dict(prompt_ids=ids[:0]), "prompt_ids: expected shape"),
+      (dict(prompt_ids=ids, attention_mask=np.full((b, 5), 2)),
+       "attention_mask: expected 0/1"),
+      (dict(prompt_ids=ids, cache=cache_lib.init_cache(cfg, 1, slots)),
+       r"cache: expected .* and batch 2, found \(1, "),
+      (dict(prompt_ids=ids, cache=cache_lib.init_cache(
+          cfg.replace(head_dim=16), b, slots)),
+       r"cache: expected cache\['layers'\]\['layer_3'\]\['k'\] of shape "
+       r"\(2, 6, 2, 32\)"),
+  ]
+  for kw, match in bad_prefill:
+    kw = dict(dict(cache=cache), **kw)
+    with pytest.raises(ValueError, match=match):
+      prefill(cfg, params, kw.pop("prompt_ids"), kw.pop("cache"), **kw)
+  _, cache = prefill(cfg, params, ids, cache)
+  tok = ids[:, 0]
+  bad_decode = [
+      (dict(tokens=np.array([1, 999])),
+       r"tokens: expected values in \[0, vocab_size=256\), found 999 at "
+       r"position \(1,\)"),
+      (dict(tokens=np.array([-1, 1])), r"tokens: .*found -1"),
+      (dict(tokens=3), r"tokens: expected shape \[batch\], found \(\)"),
+      (dict(tokens=np.array([1, 2, 3])), "cache: expected .* batch 3"),
+      (dict(tokens=tok, attention_mask=np.ones((b, 5))),
+       r"attention_mask: expected shape \(2, 6\)"),
+      (dict(tokens=tok, attention_mask=np.full((b, slots), 0.5)),
+       "attention_mask: expected 0/1"),
+  ]
+  for kw, match in bad_decode:
+    with pytest.raises(ValueError, match=match):
+      decode_step(cfg, params, kw.pop("tokens"), cache, **kw)
+  _, cache = decode_step(cfg, params, tok, cache)  # fills the last slot
+  assert int(cache["index"]) == slots
+  # Past the end: the write used to be clamped onto the last slot.
+  with pytest.raises(ValueError, match="cache: expected a free slot, found "
+                                       "all 6 slots written"):
+    decode_step(cfg, params, tok, cache)
+
+
+def test_decode_step_all_linear_mask_must_cover_the_tokens():
+  cfg, params = _tiny(layer_types=layer_types_from_ratio("all-linear", 4))
+  ids = hf_utils.random_ids(np.random.default_rng(6), 2, 5, cfg.vocab_size)
+  _, cache = prefill(cfg, params, ids, cache_lib.init_cache(cfg, 2, 8))
+  with pytest.raises(ValueError, match=r"attention_mask: expected shape "
+                                       r"\(2, >= 6\).*found \(2, 5\)"):
+    decode_step(cfg, params, ids[:, 0], cache, np.ones((2, 5), np.int32))
+  _, cache = decode_step(cfg, params, ids[:, 0], cache,
+                         np.ones((2, 6), np.int32))
+  assert int(cache["index"]) == 6
 
 
 # --------------------------------------------------- experiments/generate.py
