@@ -90,6 +90,11 @@ class StudyConfig:
     memory_lengths: context lengths of the memory table.
     gdr_chunk: chunk size of the gated delta rule during the study.
     seed: parameters and data.
+
+  Raises:
+    ValueError: a setting of the wrong type or out of range, named with the
+      expected range and the value found (the fields are the flags of the
+      same names), so that a bad study fails before any training.
   """
   ratios: tuple[str, ...] = DEFAULT_RATIOS
   num_layers: int = 8
@@ -112,14 +117,71 @@ class StudyConfig:
   gdr_chunk: int = 32
   seed: int = 0
 
+  def __post_init__(self):
+    def bad(name: str, expected: str, found: Any = None) -> None:
+      found = getattr(self, name) if found is None else found
+      raise ValueError(f"{name}: expected {expected}, found {found!r}")
+
+    def is_int(v: Any) -> bool:
+      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    for name, low in (("num_layers", 1), ("hidden_size", 1),
+                      ("num_heads", 1), ("head_dim", 1), ("steps", 1),
+                      ("batch_size", 2), ("seq_len", 1),
+                      ("warmup_steps", 0), ("num_pairs", 1),
+                      ("key_vocab", 1), ("value_vocab", 1),
+                      ("eval_batches", 1), ("text_eval_batches", 1),
+                      ("gdr_chunk", 1), ("seed", 0)):
+      v = getattr(self, name)
+      if not is_int(v) or v < low:
+        bad(name, f"an int >= {low}")
+    lr = self.learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+        0 < lr < float("inf")):
+      bad("learning_rate", "a finite number > 0")
+    if not 0 < self.mqar_fraction < 1:
+      bad("mqar_fraction", "a number in (0, 1)")
+    n_mqar = int(round(self.batch_size * self.mqar_fraction))
+    if not 1 <= n_mqar < self.batch_size:
+      bad("batch_size", f"room for MQAR and text rows at mqar_fraction="
+          f"{self.mqar_fraction}")
+    if not self.ratios:
+      bad("ratios", "at least one ratio")
+    labels = [str(r).replace(":", "-") for r in self.ratios]  # ratio_label
+    if len(set(labels)) != len(labels):
+      bad("ratios", "distinct ratios (each run has its own directory)",
+          ",".join(self.ratios))
+    for name in ("eval_lengths", "memory_lengths"):
+      lengths = getattr(self, name)
+      if not lengths or not all(is_int(n) and n >= 1 for n in lengths):
+        bad(name, "one or more ints >= 1", ",".join(map(str, lengths)))
+    if self.num_pairs > self.key_vocab:
+      bad("num_pairs", f"<= key_vocab={self.key_vocab} (keys are distinct)")
+    for n in (self.seq_len,) + tuple(self.eval_lengths):
+      pairs = self._pairs(n)
+      if pairs > self.key_vocab:
+        bad("eval_lengths", f"lengths whose pairs (num_pairs * length / "
+            f"seq_len) fit key_vocab={self.key_vocab}; length {n} needs "
+            f"{pairs} pairs", ",".join(map(str, self.eval_lengths)))
+      try:
+        self.mqar(n)
+      except ValueError as e:
+        where = "seq_len" if n == self.seq_len else "eval_lengths"
+        raise ValueError(f"{where}: MQAR at length {n}: {e}") from e
+
   def replace(self, **changes: Any) -> "StudyConfig":
     return dataclasses.replace(self, **changes)
 
+  def _pairs(self, seq_len: int) -> int:
+    return max(1, self.num_pairs * seq_len // self.seq_len)
+
   def mqar(self, seq_len: int | None = None) -> data.MQARConfig:
     """The MQAR task at a length (pairs in proportion to the length)."""
-    seq_len = seq_len or self.seq_len
-    pairs = max(1, self.num_pairs * seq_len // self.seq_len)
-    pairs = min(pairs, self.key_vocab)
+    seq_len = self.seq_len if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(
+        seq_len, (int, np.integer)) or seq_len < 1:
+      raise ValueError(f"seq_len: expected an int >= 1, found {seq_len!r}")
+    pairs = min(self._pairs(seq_len), self.key_vocab)
     return data.MQARConfig(seq_len=seq_len, num_pairs=pairs,
                            key_vocab=self.key_vocab,
                            value_vocab=self.value_vocab)
@@ -250,7 +312,6 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
       out["measured_peak_bytes"] = float(stats["peak_bytes_in_use"])
-    del stats_before
   return out
 
 
@@ -575,7 +636,12 @@ def study_from_flags(holders: dict[str, flags.FlagHolder]) -> StudyConfig:
   for name, parse, _ in _FLAG_FIELDS:
     value = holders[name].value
     if value is not None:
-      changes[name] = parse(value)
+      try:
+        changes[name] = parse(value)
+      except ValueError as e:
+        raise ValueError(f"--{name}: expected a comma-separated list of "
+                         f"integers, found {','.join(value)!r}") from e
+  # StudyConfig checks every field: a bad flag fails here, before training.
   return study.replace(**changes)
 
 

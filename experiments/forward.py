@@ -21,18 +21,46 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen_jax
+from qwen_jax.config import PRESETS
 
-_PRESET = flags.DEFINE_string("preset", "tiny",
-                              "Preset with random weights (ignored with "
-                              "--checkpoint).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "A transformers Qwen3.5 checkpoint folder.")
-_BATCH = flags.DEFINE_integer("batch", 2, "Sequences per batch.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Compute and parameter dtype.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and token ids.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after compiling.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS
+                 ) -> dict[str, flags.FlagHolder]:
+  """Defines the script's flags on `flag_values`, with validators.
+
+  Called when the script runs, not on import, so that this module can be
+  imported next to other experiment scripts that define --checkpoint,
+  --seed or --seq_len too. A value out of range is a flag error, reported
+  before anything is built.
+  """
+  fv = flag_values
+  return {
+      "preset": flags.DEFINE_enum(
+          "preset", "tiny", sorted(PRESETS),
+          "Preset with random weights (ignored with --checkpoint).",
+          flag_values=fv),
+      "checkpoint": flags.DEFINE_string(
+          "checkpoint", None, "A transformers Qwen3.5 checkpoint folder.",
+          flag_values=fv),
+      "batch": flags.DEFINE_integer("batch", 2, "Sequences per batch.",
+                                    lower_bound=1, flag_values=fv),
+      "seq_len": flags.DEFINE_integer("seq_len", 128,
+                                      "Tokens per sequence.", lower_bound=1,
+                                      flag_values=fv),
+      "dtype": flags.DEFINE_enum("dtype", "float32",
+                                 ["float32", "bfloat16"],
+                                 "Compute and parameter dtype.",
+                                 flag_values=fv),
+      "seed": flags.DEFINE_integer("seed", 0,
+                                   "Seed of weights and token ids.",
+                                   flag_values=fv),
+      "repeats": flags.DEFINE_integer("repeats", 3,
+                                      "Timed runs after compiling.",
+                                      lower_bound=1, flag_values=fv),
+  }
+
+
+_HOLDERS: dict[str, flags.FlagHolder] = {}
 
 
 def build(preset: str, checkpoint: str | None, dtype: str, seed: int):
@@ -50,7 +78,15 @@ def build(preset: str, checkpoint: str | None, dtype: str, seed: int):
 
 def run_forward(cfg, params, batch: int, seq_len: int, seed: int,
                 repeats: int) -> dict:
-  """Compiles and times a forward; returns shapes and timings."""
+  """Compiles and times a forward; returns shapes and timings.
+
+  Raises:
+    ValueError: batch, seq_len or repeats < 1 (named as their flags).
+  """
+  for name, value in (("batch", batch), ("seq_len", seq_len),
+                      ("repeats", repeats)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"--{name}: expected an int >= 1, found {value!r}")
   model = qwen_jax.Qwen35(cfg)
   ids = np.random.default_rng(seed).integers(
       0, cfg.vocab_size, size=(batch, seq_len), dtype=np.int32)
@@ -75,15 +111,15 @@ def run_forward(cfg, params, batch: int, seq_len: int, seed: int,
 
 def main(argv):
   del argv
-  cfg, params = build(_PRESET.value, _CHECKPOINT.value, _DTYPE.value,
-                      _SEED.value)
-  src = _CHECKPOINT.value or f"preset {_PRESET.value} (random weights)"
+  v = {name: h.value for name, h in _HOLDERS.items()}
+  cfg, params = build(v["preset"], v["checkpoint"], v["dtype"], v["seed"])
+  src = v["checkpoint"] or f"preset {v['preset']} (random weights)"
   print(f"model:       {src}")
   print(f"layers:      {cfg.num_hidden_layers} "
         f"({cfg.layer_types.count('linear_attention')} Gated DeltaNet, "
         f"{cfg.layer_types.count('full_attention')} full attention)")
-  r = run_forward(cfg, params, _BATCH.value, _SEQ_LEN.value, _SEED.value,
-                  _REPEATS.value)
+  r = run_forward(cfg, params, v["batch"], v["seq_len"], v["seed"],
+                  v["repeats"])
   print(f"parameters:  {r['params']:,}")
   print(f"logits:      {r['logits_shape']} {r['logits_dtype']} "
         f"(finite: {r['finite']})")
@@ -91,10 +127,11 @@ def main(argv):
         f"({jax.default_backend()})")
   print(f"compile:     {r['compile_s']:.2f} s")
   print(f"forward:     {r['forward_s'] * 1e3:.2f} ms "
-        f"({r['tokens_per_s']:,.0f} tokens/s, best of {_REPEATS.value})")
+        f"({r['tokens_per_s']:,.0f} tokens/s, best of {v['repeats']})")
   if not r["finite"]:
     raise SystemExit("non-finite logits")
 
 
 if __name__ == "__main__":
+  _HOLDERS = define_flags()
   app.run(main)

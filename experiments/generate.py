@@ -35,31 +35,90 @@ import qwen_jax
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
 from qwen_jax.generate import stream
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A transformers Qwen3.5 checkpoint folder (with "
-    "tokenizer.json). Default: a tiny random model, byte tokenizer.")
-_PROMPT = flags.DEFINE_string("prompt", "Hello, my name is",
-                              "The prompt text.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0,
-                                  "0 = greedy; > 0 samples logits / T.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely "
-                              "tokens (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampler seed (and the random "
-                             "weights without --checkpoint).")
-_STOP = flags.DEFINE_list("stop_tokens", None, "Stop token ids (default: the "
-                          "checkpoint's eos ids; none for the random model).")
-_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
-                           "Compute and parameter dtype (auto: bfloat16 on "
-                           "GPU/TPU, float32 on CPU).")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Longest prompt + new "
-                                "tokens accepted (default: the model's "
-                                "max_position_embeddings).")
-_BLOCK_STEPS = flags.DEFINE_integer("block_steps", 8, "Decode steps per "
-                                    "compiled call (printing granularity).")
-_PREFILL_BLOCK = flags.DEFINE_integer("prefill_block", DEFAULT_PREFILL_BLOCK,
-                                      "Prompt tokens per prefill call.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS
+                 ) -> dict[str, flags.FlagHolder]:
+  """Defines the script's flags on `flag_values`, with validators.
+
+  Called when the script runs, not on import, so that this module can be
+  imported next to other experiment scripts that define --checkpoint,
+  --seed or --dtype too. A value out of range is a flag error, reported
+  before anything is loaded.
+  """
+  fv = flag_values
+  holders = {
+      "checkpoint": flags.DEFINE_string(
+          "checkpoint", None, "A transformers Qwen3.5 checkpoint folder (with "
+          "tokenizer.json). Default: a tiny random model, byte tokenizer.",
+          flag_values=fv),
+      "prompt": flags.DEFINE_string("prompt", "Hello, my name is",
+                                    "The prompt text.", flag_values=fv),
+      "max_new_tokens": flags.DEFINE_integer(
+          "max_new_tokens", 64, "Tokens to generate.", flag_values=fv),
+      "temperature": flags.DEFINE_float(
+          "temperature", 0.0, "0 = greedy; > 0 samples logits / T.",
+          flag_values=fv),
+      "top_k": flags.DEFINE_integer(
+          "top_k", 0, "Sample among the k most likely tokens (0 = off).",
+          lower_bound=0, flag_values=fv),
+      "top_p": flags.DEFINE_float(
+          "top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).",
+          flag_values=fv),
+      "seed": flags.DEFINE_integer(
+          "seed", 0, "Sampler seed (and the random weights without "
+          "--checkpoint).", flag_values=fv),
+      "stop_tokens": flags.DEFINE_list(
+          "stop_tokens", None, "Stop token ids (default: the checkpoint's "
+          "eos ids; none for the random model).", flag_values=fv),
+      "dtype": flags.DEFINE_enum(
+          "dtype", "auto", ["auto", "float32", "bfloat16"],
+          "Compute and parameter dtype (auto: bfloat16 on GPU/TPU, float32 "
+          "on CPU).", flag_values=fv),
+      "max_len": flags.DEFINE_integer(
+          "max_len", None, "Longest prompt + new tokens accepted (default: "
+          "the model's max_position_embeddings).", flag_values=fv),
+      "block_steps": flags.DEFINE_integer(
+          "block_steps", 8, "Decode steps per compiled call (printing "
+          "granularity).", flag_values=fv),
+      "prefill_block": flags.DEFINE_integer(
+          "prefill_block", DEFAULT_PREFILL_BLOCK,
+          "Prompt tokens per prefill call.", flag_values=fv),
+  }
+  flags.register_validator(
+      "top_p", lambda v: _top_p_error(v) is None,
+      "expected a value in (0, 1] (1 = off)", flag_values=fv)
+  flags.register_validator(
+      "stop_tokens", lambda v: _stop_tokens_error(v) is None,
+      "expected comma-separated integer token ids", flag_values=fv)
+  return holders
+
+
+def _top_p_error(top_p: float) -> str | None:
+  if not 0.0 < top_p <= 1.0:  # NaN fails too
+    return f"--top_p: expected a value in (0, 1] (1 = off), found {top_p}"
+  return None
+
+
+def _stop_tokens_error(stop_tokens: Sequence[Any] | None) -> str | None:
+  for s in stop_tokens or ():
+    try:
+      int(s)
+    except (TypeError, ValueError):
+      return (f"--stop_tokens: expected comma-separated integer token ids, "
+              f"found {s!r}")
+  return None
+
+
+def check_options(top_k: int = 0, top_p: float = 1.0,
+                  stop_tokens: Sequence[Any] | None = None) -> None:
+  """Raises ValueError naming the flag of a bad sampling option."""
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"--top_k: expected an int >= 0 (0 = off), found "
+                     f"{top_k!r}")
+  for error in (_top_p_error(top_p), _stop_tokens_error(stop_tokens)):
+    if error:
+      raise ValueError(error)
+
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -156,9 +215,11 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
      "decode_s", "tokens_per_s"}; times include compilation on first use.
 
   Raises:
-    ValueError: a bad checkpoint folder, an empty prompt, or a prompt plus
+    ValueError: a bad top_k, top_p or stop token (before anything is
+      loaded), a bad checkpoint folder, an empty prompt, or a prompt plus
       max_new_tokens longer than max_len / max_position_embeddings.
   """
+  check_options(top_k, top_p, stop_tokens)
   cfg, params, tokenizer, eos = load(checkpoint, dtype, seed)
   ids = tokenizer.encode(prompt)
   if not ids:
@@ -182,17 +243,23 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
   shown = ""
   t0 = time.perf_counter()
   prefill_s = None
-  for block in gen:
-    if prefill_s is None:
-      prefill_s = time.perf_counter() - t0
-    new.extend(int(i) for i in block[0])
-    kept = [i for i in new if i not in stops]
-    text = tokenizer.decode(kept)
-    if text.endswith("\ufffd") and len(kept) == len(new):
-      continue  # maybe half a character: wait for the next block
-    out.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+  try:
+    for block in gen:
+      if prefill_s is None:
+        prefill_s = time.perf_counter() - t0
+      new.extend(int(i) for i in block[0])
+      kept = [i for i in new if i not in stops]
+      text = tokenizer.decode(kept)
+      if text.endswith("\ufffd") and len(kept) == len(new):
+        continue  # maybe half a character: wait for the next block
+      out.write(text[len(shown):] if text.startswith(shown)
+                else "\n" + text)
+      out.flush()
+      shown = text
+  except Exception:
+    out.write("\n")  # an error message then starts on its own line
     out.flush()
-    shown = text
+    raise
   total = time.perf_counter() - t0
   text = tokenizer.decode([i for i in new if i not in stops])
   if text != shown:
@@ -204,14 +271,18 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
               tokens_per_s=(len(new) - 1) / decode_s if decode_s > 0 else 0.0)
 
 
+_HOLDERS: dict[str, flags.FlagHolder] = {}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  v = {name: h.value for name, h in _HOLDERS.items()}
   try:
-    r = run(_CHECKPOINT.value, _PROMPT.value, _MAX_NEW.value,
-            _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value,
-            _STOP.value, _DTYPE.value, _MAX_LEN.value, _BLOCK_STEPS.value,
-            _PREFILL_BLOCK.value)
+    r = run(v["checkpoint"], v["prompt"], v["max_new_tokens"],
+            v["temperature"], v["top_k"], v["top_p"], v["seed"],
+            v["stop_tokens"], v["dtype"], v["max_len"], v["block_steps"],
+            v["prefill_block"])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -222,4 +293,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _HOLDERS = define_flags()
   app.run(main)

@@ -257,6 +257,18 @@ def check_lengths(cfg: QwenConfig, mesh: jax.sharding.Mesh, seq_len: int,
                         f"{cfg.max_position_embeddings}, found {slots}")
 
 
+def check_blocks(attention_block: int, gdr_block: int | None) -> None:
+  """Raises ConfigError for a block size that is not a positive integer
+  (--gdr_block may also be left unset: the whole shard in one call)."""
+  for name, value in (("attention_block", attention_block),
+                      ("gdr_block", gdr_block)):
+    if value is None and name == "gdr_block":
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"--{name}: expected a positive integer, found "
+                        f"{value!r}")
+
+
 def sp_options(attention_block: int = 512,
                gdr_block: int | None = None) -> dict[str, Any]:
   """SPContext fields (qwen_jax.sequence_parallel) from the flags."""
@@ -798,6 +810,7 @@ def main(argv: Sequence[str]) -> None:
                           "--num_devices (the unsharded reference of "
                           "--verify needs one host)")
       jax.distributed.initialize()
+    check_blocks(_ATTENTION_BLOCK.value, _GDR_BLOCK.value)
     configure_devices(_NUM_DEVICES.value)
     cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
                        _PARAM_DTYPE.value, _REMAT.value, _MODE.value,

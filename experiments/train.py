@@ -104,15 +104,12 @@ def build_train_config(
   if unknown:
     raise ValueError(f"config.train: expected TrainConfig fields, found "
                      f"unknown {unknown}")
-  tcfg = train_lib.TrainConfig(**values)
-  for name in ("batch_size", "seq_len", "num_steps", "log_every"):
-    if getattr(tcfg, name) < 1:
-      raise ValueError(f"config.train.{name}: expected >= 1, found "
-                       f"{getattr(tcfg, name)}")
-  for name in ("warmup_steps", "checkpoint_every", "ce_chunk_size"):
-    if getattr(tcfg, name) < 0:
-      raise ValueError(f"config.train.{name}: expected >= 0, found "
-                       f"{getattr(tcfg, name)}")
+  try:
+    # TrainConfig checks every field's type and range.
+    tcfg = train_lib.TrainConfig(**values)
+  except ValueError as e:
+    raise ValueError(str(e).replace("TrainConfig.", "config.train.", 1)
+                     ) from e
   if not tcfg.learning_rate > 0:
     raise ValueError(f"config.train.learning_rate: expected > 0, found "
                      f"{tcfg.learning_rate}")
@@ -137,16 +134,33 @@ class Task:
   info: dict[str, Any]
 
 
+def _check_int(name: str, value: Any, low: int) -> None:
+  """Raises ValueError unless `value` is an int (not a bool) >= low."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
+
+
 def build_task(config: ml_collections.ConfigDict,
                tcfg: train_lib.TrainConfig) -> Task:
   """The Task of `config.data` / `config.eval` at tcfg's batch shape.
 
   Raises:
-    ValueError: an unknown data kind or bad task settings.
+    ValueError: an unknown data kind or bad task settings (data or eval:
+      seeds < 0, eval.batch_size or eval.num_batches < 1, max_bytes < 1).
   """
   d, ev = config.data, config.eval
   kind = d.kind
   bs, seed = tcfg.batch_size, d.get("seed", 0)
+  # Checked here, before training: the evaluation runs only after it.
+  _check_int("config.data.seed", seed, 0)
+  _check_int("config.eval.batch_size", ev.get("batch_size"), 1)
+  if kind == "mqar" or ev.get("num_batches") is not None:
+    _check_int("config.eval.num_batches", ev.get("num_batches"), 1)
+  if ev.get("seed") is not None:
+    _check_int("config.eval.seed", ev.get("seed"), 0)
+  for part, name in ((d, "config.data"), (ev, "config.eval")):
+    if part.get("max_bytes") is not None:
+      _check_int(f"{name}.max_bytes", part.get("max_bytes"), 1)
   if kind == "mqar":
     task = data.MQARConfig(
         seq_len=tcfg.seq_len, num_pairs=d.num_pairs,
@@ -215,10 +229,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     The summary written to eval.json.
 
   Raises:
-    ValueError: a bad config (before anything is written), or a checkpoint
-      in `workdir` written for another model.
+    ValueError: a bad config, or a checkpoint in `workdir` that this run
+      cannot resume (another model, gradient clipping switched on or off,
+      num_steps below its step): both before anything is written.
   """
   cfg, tcfg, task = build(config)
+  # Refuse a resume before run_config.json is overwritten.
+  train_lib.check_resume(workdir, cfg, tcfg)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,6 +41,13 @@ BYTE_VOCAB = 256
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
   return np.random.default_rng([int(seed)] + [int(s) for s in stream])
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+  """Raises ValueError unless `value` is an int (not a bool) >= low."""
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < low):
+    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
 
 
 # --------------------------------------------------------------------- MQAR
@@ -118,7 +125,13 @@ def mqar_batch(task: MQARConfig, batch_size: int, seed: int = 0,
     dict with "inputs", "targets" int32 [batch, seq_len], "loss_mask"
     float32 [batch, seq_len] (1 at query keys), and "segment_ids" int32
     ones (one document per row).
+
+  Raises:
+    ValueError: batch_size < 1, or a negative seed or step.
   """
+  _check_int("batch_size", batch_size, 1)
+  _check_int("seed", seed, 0)
+  _check_int("step", step, 0)
   rng = _rng(seed, 0x4D51, step)
   n, p, q = batch_size, task.num_pairs, task.queries
   length = task.seq_len + 1
@@ -271,9 +284,14 @@ def text_documents(split: str = "train",
 
   Returns:
     A list of uint8 arrays (token ids 0..255).
+
+  Raises:
+    ValueError: a bad split, max_bytes < 1, or no module readable.
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split: expected 'train' or 'eval', found {split!r}")
+  if max_bytes is not None:
+    _check_int("max_bytes", max_bytes, 1)
   names = TEXT_TRAIN_MODULES if split == "train" else TEXT_EVAL_MODULES
   docs, total = [], 0
   for name in names:
@@ -308,6 +326,7 @@ class TextData:
   def __init__(self, seq_len: int, split: str = "train",
                max_bytes: int | None = None,
                docs: Sequence[np.ndarray] | None = None):
+    _check_int("seq_len", seq_len, 1)
     self.seq_len = seq_len
     if docs is None:
       docs = text_documents(split, max_bytes)
@@ -322,7 +341,14 @@ class TextData:
     return int((self.segment_ids > 0).sum())
 
   def batch(self, batch_size: int, seed: int = 0, step: int = 0) -> Batch:
-    """Rows number step * batch_size ... of the (seed, epoch) order."""
+    """Rows number step * batch_size ... of the (seed, epoch) order.
+
+    Raises:
+      ValueError: batch_size < 1, or a negative seed or step.
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+    _check_int("step", step, 0)
     n = self.num_rows
     perms = {}
     idx = []
@@ -337,7 +363,18 @@ class TextData:
 
   def eval_batches(self, batch_size: int,
                    max_batches: int | None = None) -> list[Batch]:
-    """The rows in order, in batches (the last one padded with empty rows)."""
+    """The rows in order, in batches (the last one padded with empty rows).
+
+    Args:
+      batch_size: rows per batch (>= 1).
+      max_batches: at most this many batches (>= 1; None = all).
+
+    Raises:
+      ValueError: batch_size or max_batches < 1.
+    """
+    _check_int("batch_size", batch_size, 1)
+    if max_batches is not None:
+      _check_int("max_batches", max_batches, 1)
     out = []
     for s in range(0, self.num_rows, batch_size):
       tok = self.tokens[s:s + batch_size]

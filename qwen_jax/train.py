@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -77,6 +78,9 @@ PEAK_FLOPS = (
 # Auto chunk of the cross-entropy: about this many logits per chunk.
 _CE_CHUNK_ELEMENTS = 2 ** 27
 
+# Accepted values of TrainConfig.compute_dtype.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
 
 # ------------------------------------------------------------------ config
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +96,7 @@ class TrainConfig:
     min_lr_ratio: final learning rate / peak (cosine decay).
     weight_decay: AdamW decay on parameters with >= 2 dims.
     b1, b2, eps: Adam moments.
-    grad_clip: global-norm clip (0 = off).
+    grad_clip: global-norm clip (0 or None = off).
     seed: parameter-init seed.
     compute_dtype: "auto" (bf16 on GPU/TPU, the model config's dtype on
       CPU) or a dtype name.
@@ -106,6 +110,10 @@ class TrainConfig:
     peak_flops: per-device peak FLOP/s for MFU (0 = look up the device).
     save_checkpoints: write orbax checkpoints when a workdir is given
       (False: metrics.csv only, no resume; for benchmarks of big models).
+
+  Raises:
+    ValueError: a field of the wrong type or out of range (the message names
+      it, the expected range and the value found).
   """
   batch_size: int = 32
   seq_len: int = 64
@@ -127,6 +135,45 @@ class TrainConfig:
   async_checkpointing: bool = False
   peak_flops: float = 0.0
   save_checkpoints: bool = True
+
+  def __post_init__(self):
+    def bad(name: str, expected: str) -> None:
+      raise ValueError(f"TrainConfig.{name}: expected {expected}, found "
+                       f"{getattr(self, name)!r}")
+
+    def number(name: str, integer: bool = False) -> float:
+      v = getattr(self, name)
+      kinds = (int, np.integer) if integer else (int, float, np.integer,
+                                                 np.floating)
+      if isinstance(v, bool) or not isinstance(v, kinds):
+        bad(name, "an int" if integer else "a number")
+      if not integer and math.isnan(v):
+        bad(name, "a number")
+      return v
+
+    for name, low in (("batch_size", 1), ("seq_len", 1), ("num_steps", 1),
+                      ("log_every", 1), ("keep_checkpoints", 1),
+                      ("warmup_steps", 0), ("checkpoint_every", 0),
+                      ("ce_chunk_size", 0)):
+      if number(name, integer=True) < low:
+        bad(name, f"an int >= {low}")
+    number("seed", integer=True)
+    for name in ("learning_rate", "weight_decay", "eps", "peak_flops"):
+      v = number(name)
+      if not 0 <= v < math.inf:
+        bad(name, "a finite number >= 0")
+    if not 0 <= number("min_lr_ratio") <= 1:
+      bad("min_lr_ratio", "a number in [0, 1]")
+    for name in ("b1", "b2"):
+      if not 0 <= number(name) < 1:
+        bad(name, "a number in [0, 1)")
+    if self.grad_clip is not None and not number("grad_clip") >= 0:
+      bad("grad_clip", "a number > 0, or 0 or None (off)")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      bad("compute_dtype", f"one of {COMPUTE_DTYPES}")
+    for name in ("async_checkpointing", "save_checkpoints"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        bad(name, "a bool")
 
   def replace(self, **changes: Any) -> "TrainConfig":
     return dataclasses.replace(self, **changes)
@@ -163,13 +210,18 @@ def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
       end_value=tcfg.learning_rate * tcfg.min_lr_ratio)
 
 
+def _clips(grad_clip: float | None) -> bool:
+  """Whether a grad_clip value turns clipping on (0 and None: off)."""
+  return bool(grad_clip) and grad_clip > 0
+
+
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (no decay on vectors: norms, biases)."""
   def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
   parts = []
-  if tcfg.grad_clip > 0:
+  if _clips(tcfg.grad_clip):
     parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
   parts.append(optax.adamw(
       learning_rate_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
@@ -327,12 +379,25 @@ BATCH_KEYS = ("inputs", "targets")
 OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask")
 
 
-def check_batch(batch: Mapping[str, Any]) -> None:
-  """Raises a ValueError naming the keys a batch lacks or should not have.
+def _is_host_array(x: Any) -> bool:
+  """A concrete host value (NumPy): checking its values costs no device
+  sync (tracers and device arrays are not read)."""
+  return isinstance(x, (np.ndarray, np.generic))
+
+
+def check_batch(batch: Mapping[str, Any],
+                vocab_size: int | None = None) -> None:
+  """Raises a ValueError naming what is wrong with a batch.
 
   Every batch in the project (data generators, training, the sharded
-  programs) is a dict with "inputs" and "targets" [b, t] and optionally
-  "loss_mask", "segment_ids", "attention_mask" [b, t].
+  programs) is a dict with "inputs" and "targets" [b, t] (integer token
+  ids) and optionally "loss_mask", "segment_ids", "attention_mask" [b, t],
+  with b >= 1 and t >= 1. Keys, shapes and dtypes are checked always (they
+  are static, so this also works on tracers inside jit, at no cost). With
+  `vocab_size`, the ids of "inputs" and "targets" are checked to lie in
+  [0, vocab_size) when they are NumPy arrays (values on the host): device
+  arrays and tracers are not read, so the check never syncs (`train` and
+  `evaluate` call it on the host batches before the compiled step).
   """
   missing = [k for k in BATCH_KEYS if k not in batch]
   unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
@@ -340,6 +405,35 @@ def check_batch(batch: Mapping[str, Any]) -> None:
     raise ValueError(
         f"batch: expected keys {BATCH_KEYS} and optionally "
         f"{OPTIONAL_BATCH_KEYS}; missing {missing}, unknown {unknown}")
+  shape = tuple(np.shape(batch["inputs"]))
+  if len(shape) != 2:
+    raise ValueError(f"batch: expected inputs of shape [b, t], found shape "
+                     f"{shape}")
+  if shape[0] < 1 or shape[1] < 1:
+    raise ValueError(f"batch: expected at least one row and one token "
+                     f"(inputs [b, t] with b, t >= 1), found shape {shape}")
+  for key, value in batch.items():
+    if value is None and key in OPTIONAL_BATCH_KEYS:
+      continue
+    found = tuple(np.shape(value))
+    if found != shape:
+      raise ValueError(f"batch: expected {key} of the inputs' shape "
+                       f"{shape}, found {found}")
+  for key in BATCH_KEYS:
+    value = batch[key]
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(value).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer)
+            and not jnp.issubdtype(dtype, jnp.bool_)):
+      raise ValueError(f"batch: expected integer token ids in {key}, found "
+                       f"dtype {dtype}")
+    if vocab_size is not None and _is_host_array(value) and value.size:
+      lo, hi = int(value.min()), int(value.max())
+      if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"batch: expected {key} ids in [0, {vocab_size}) "
+                         f"(the model's vocab_size), found ids from {lo} "
+                         f"to {hi}")
 
 
 def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
@@ -356,7 +450,7 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   Returns:
     (mean loss, {"loss_sum", "tokens", "correct"}).
   """
-  check_batch(batch)
+  check_batch(batch, cfg.vocab_size)
   inputs, targets = batch["inputs"], batch["targets"]
   mask = batch.get("loss_mask")
   if mask is None:
@@ -526,31 +620,68 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))
     return out["config"]
 
+  def check(self, step: int) -> None:
+    """Checks, from its JSON record alone, that the checkpoint at `step`
+    fits this run: the same model config (implementation fields aside) and
+    an optimizer state of the same structure (gradient clipping on in both
+    or off in both; the clip value itself may change).
+
+    Raises:
+      ValueError: naming the fields that differ and both values.
+    """
+    record = self.read_config(step)
+    where = f"checkpoint {self.directory} (step {step})"
+    diffs = config_differences(record.get("model_config", {}), self._cfg)
+    if diffs:
+      raise ValueError(
+          f"{where} was written for a different model config; "
+          + "; ".join(diffs))
+    saved = record.get("train_config") or {}
+    if "grad_clip" in saved and (_clips(saved["grad_clip"])
+                                 != _clips(self._tcfg.grad_clip)):
+      def state(v):
+        return "clipping on" if _clips(v) else "clipping off"
+      raise ValueError(
+          f"{where} was written with grad_clip={saved['grad_clip']!r} "
+          f"({state(saved['grad_clip'])}), this run has grad_clip="
+          f"{self._tcfg.grad_clip!r} ({state(self._tcfg.grad_clip)}): the "
+          f"optimizer states differ; resume with clipping "
+          f"{'on' if _clips(saved['grad_clip']) else 'off'} or use another "
+          f"workdir")
+
   def restore(self, like: TrainState,
               step: int | None = None) -> TrainState | None:
     """The state at `step` (default newest), or None without checkpoints.
 
     Raises:
-      ValueError: the checkpoint was written for another model config.
+      ValueError: the checkpoint was written for another model config or
+        with an optimizer state of another structure (see `check`).
     """
     ocp = self._ocp
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    record = self.read_config(step)
-    diffs = config_differences(record.get("model_config", {}), self._cfg)
-    if diffs:
-      raise ValueError(
-          f"checkpoint {self.directory} (step {step}) was written for a "
-          f"different model config; " + "; ".join(diffs))
+    self.check(step)
     # Restore onto `like`'s shardings: the arrays then match the ones the
     # step was compiled for (no second compile after a resume).
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None)),
         _as_dict(like))
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      saved = self.read_config(step).get("train_config") or {}
+      now = dataclasses.asdict(self._tcfg)
+      diffs = [f"{k}: checkpoint {saved[k]!r}, this run {now[k]!r}"
+               for k in sorted(saved) if k in now and saved[k] != now[k]]
+      raise ValueError(
+          f"checkpoint {self.directory} (step {step}): its state does not "
+          f"fit this run's (train config differences: "
+          f"{'; '.join(diffs) or 'none'}); orbax: {e}") from e
     d = out["state"]
     restored = TrainState(step=d["step"], params=d["params"],
                           opt_state=d["opt_state"])
@@ -565,6 +696,45 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _check_steps(step: int, tcfg: TrainConfig, directory: str) -> None:
+  if step > tcfg.num_steps:
+    raise ValueError(
+        f"TrainConfig.num_steps: expected >= {step}, the step of the newest "
+        f"checkpoint in {directory}, found {tcfg.num_steps} (the run is "
+        f"already past its end; raise num_steps to train on, or use "
+        f"another workdir)")
+
+
+def check_resume(workdir: str, cfg: QwenConfig,
+                 tcfg: TrainConfig) -> int | None:
+  """Checks that `train` can resume in `workdir`, reading only the newest
+  checkpoint's JSON record and writing nothing.
+
+  Returns:
+    The step `train` would resume from; None when it would start afresh
+    (no checkpoint, or `tcfg.save_checkpoints` off).
+
+  Raises:
+    ValueError: as `train` would, before any array is read: another model
+      config, gradient clipping switched on or off (`Checkpointer.check`),
+      or `tcfg.num_steps` below the checkpoint's step.
+  """
+  if not tcfg.save_checkpoints:
+    return None
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir),
+                                    "checkpoints")):
+    return None
+  ckpt = Checkpointer(workdir, cfg, tcfg)
+  try:
+    step = ckpt.latest_step()
+    if step is not None:
+      ckpt.check(step)
+      _check_steps(step, tcfg, ckpt.directory)
+  finally:
+    ckpt.close()
+  return step
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
@@ -695,6 +865,10 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   """Trains for `tcfg.num_steps` steps (resuming from `workdir` if it holds
   checkpoints).
 
+  A resumed run whose newest checkpoint is at `tcfg.num_steps` trains no
+  more and returns that state; one whose checkpoint is past
+  `tcfg.num_steps` is refused (its state would not be the run asked for).
+
   Args:
     cfg: model config (the compute dtype is set from tcfg).
     tcfg: train config.
@@ -711,6 +885,13 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
 
   Returns:
     A TrainResult.
+
+  Raises:
+    ValueError: a batch of the wrong keys, shape (other than
+      [tcfg.batch_size, tcfg.seq_len]) or dtype, or with token ids outside
+      [0, vocab_size) (checked on the host for NumPy batches, before each
+      step); a checkpoint in `workdir` that this run cannot resume (see
+      `check_resume`).
   """
   cfg = model_config_for_training(cfg, tcfg)
   if params is not None:
@@ -725,10 +906,18 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     os.makedirs(workdir, exist_ok=True)
     if tcfg.save_checkpoints:
       ckpt = Checkpointer(workdir, cfg, tcfg)
-      restored = ckpt.restore(state)
-      if restored is not None:
-        state = restored
-        resumed_from = int(jax.device_get(state.step))
+      try:
+        latest = ckpt.latest_step()
+        if latest is not None:  # refused before any array is read
+          ckpt.check(latest)
+          _check_steps(latest, tcfg, ckpt.directory)
+        restored = ckpt.restore(state, latest)
+        if restored is not None:
+          state = restored
+          resumed_from = int(jax.device_get(state.step))
+      except BaseException:
+        ckpt.close()
+        raise
     csv_path = os.path.join(workdir, "metrics.csv")
     _rewrite_csv(csv_path, resumed_from or 0)
   # One placement for fresh and restored states (orbax returns committed
@@ -740,7 +929,24 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     state = jax.device_put(state, devices.pop())
   start = int(jax.device_get(state.step))
   step_fn = make_train_step(cfg, tcfg)
-  first = batch_fn(start) if start < tcfg.num_steps else batch_fn(0)
+  expected = (tcfg.batch_size, tcfg.seq_len)
+
+  def get_batch(step: int) -> Batch:
+    batch = batch_fn(step)
+    check_batch(batch, cfg.vocab_size)
+    found = tuple(np.shape(batch["inputs"]))
+    if found != expected:
+      raise ValueError(
+          f"batch_fn({step}): expected inputs of shape (TrainConfig."
+          f"batch_size, TrainConfig.seq_len) = {expected}, found {found}")
+    return batch
+
+  try:
+    first = get_batch(start if start < tcfg.num_steps else 0)
+  except BaseException:
+    if ckpt is not None:
+      ckpt.close()
+    raise
   t0 = time.time()
   compiled = step_fn.lower(state, first).compile()
   compile_s = time.time() - t0
@@ -765,7 +971,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   t_last, steps_since = t_loop, 0
   try:
     for step in range(start, tcfg.num_steps):
-      batch = first if step == start else batch_fn(step)
+      batch = first if step == start else get_batch(step)
       state, metrics = compiled(state, batch)
       pending.append((step, metrics))
       steps_since += 1
@@ -818,10 +1024,19 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
 def evaluate(cfg: QwenConfig, params: PyTree,
              batches: Sequence[Batch], chunk_size: int = 0,
              eval_step: Callable | None = None) -> dict[str, float]:
-  """Mean loss and accuracy over masked tokens of several batches."""
+  """Mean loss and accuracy over masked tokens of several batches.
+
+  Raises:
+    ValueError: no batch, or a bad batch (`check_batch`, ids checked on the
+      host for NumPy batches).
+  """
+  batches = list(batches)
+  if not batches:
+    raise ValueError("batches: expected at least one batch, found none")
   eval_step = eval_step or make_eval_step(cfg, chunk_size)
   totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
   for batch in batches:
+    check_batch(batch, cfg.vocab_size)  # ids on the host, before the step
     out = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += float(out[k])
@@ -836,9 +1051,9 @@ def param_count(params: PyTree) -> int:
 
 __all__ = [
     "Checkpointer", "ProgressBar", "TrainConfig", "TrainResult", "TrainState",
-    "chunked_cross_entropy", "cross_entropy", "device_peak_flops",
-    "evaluate", "export_hf", "flops_per_token", "head_weights",
-    "init_params", "init_state", "learning_rate_schedule", "loss_and_stats",
+    "check_batch", "check_resume", "chunked_cross_entropy", "cross_entropy",
+    "device_peak_flops", "evaluate", "export_hf", "flops_per_token",
+    "head_weights", "init_params", "init_state", "learning_rate_schedule", "loss_and_stats",
     "make_eval_step", "make_optimizer", "make_train_step",
     "model_config_for_training", "param_count", "train",
 ]

@@ -150,3 +150,36 @@ def test_bad_ratio_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="num_layers"):
     cr.run_study(TINY.replace(ratios=("3:1", "5:1")), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "runs"))
+
+
+def test_forward_memory_gpu_branch_runs(monkeypatch):
+  """The GPU-only branch (run the program, read the device's peak) on the
+  CPU: the backend check and the device's memory stats are faked."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  class FakeDevice:
+
+    def __init__(self, device):
+      self._device = device
+
+    def memory_stats(self):
+      return {"peak_bytes_in_use": 12345}
+
+    def __getattr__(self, name):
+      return getattr(self._device, name)
+
+  real = jax.devices()
+  # The chunked rule and XLA attention run on the CPU whatever the backend
+  # claims to be ("auto" would pick the GPU kernels).
+  cfg = cr.model_config(TINY, "1:1").replace(gdr_implementation="chunked")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice(real[0])])
+  out = cr.forward_memory(cfg, 64)
+  assert out["measured_peak_bytes"] == 12345.0
+  assert out["temp_bytes"] > 0 and out["argument_bytes"] > 0
+
+
+def test_bad_eval_length_fails_before_training(tmp_path):
+  with pytest.raises(ValueError, match="eval_lengths"):
+    cr.run_study(TINY.replace(eval_lengths=(64, 0)), str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "runs"))

@@ -246,6 +246,8 @@ def test_collective_parser():
      "unknown axis 'pipe'"),
     (["--num_devices", "4", "--mesh", "seq:4", "--seq_len", "66"],
      "--seq_len: expected a multiple of the mesh's seq axis (4), found 66"),
+    (["--attention_block", "0"],
+     "--attention_block: expected a positive integer, found 0"),
 ])
 def test_bad_mesh_or_length_exits_cleanly(args, message):
   proc = _run(["--aot", "--preset", "tiny", "--seq_len", "64", *args])

@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 from absl import flags
 import jax
@@ -682,6 +683,22 @@ def _with(config, path, value):
     (("train", "num_steps"), 0, "num_steps"),
     (("data", "kind"), "images", "config.data.kind"),
     (("data", "num_pairs"), 15, "seq_len"),
+    # Checked by TrainConfig, named as config fields.
+    (("train", "log_every"), 0, "config.train.log_every"),
+    (("train", "grad_clip"), -1.0, "config.train.grad_clip"),
+    (("train", "b1"), 2.0, "config.train.b1"),
+    (("train", "weight_decay"), -1.0, "config.train.weight_decay"),
+    (("train", "min_lr_ratio"), 5.0, "config.train.min_lr_ratio"),
+    (("train", "keep_checkpoints"), 0, "config.train.keep_checkpoints"),
+    (("train", "learning_rate"), float("inf"), "config.train.learning_rate"),
+    # Evaluation and data settings: refused before training, not after.
+    (("eval", "batch_size"), 0, "config.eval.batch_size"),
+    (("eval", "num_batches"), 0, "config.eval.num_batches"),
+    (("eval", "num_batches"), -1, "config.eval.num_batches"),
+    (("eval", "seed"), -1, "config.eval.seed"),
+    (("data", "seed"), -1, "config.data.seed"),
+    (("data", "max_bytes"), 0, "config.data.max_bytes"),
+    (("eval", "max_bytes"), -5, "config.eval.max_bytes"),
 ])
 def test_train_script_rejects_bad_config_values(path, value, field,
                                                 tmp_path):
@@ -714,3 +731,252 @@ def test_parse_arg_types():
   assert arg.ratio == "1:1" and arg.lr == 0.5
   with pytest.raises(ValueError, match="layers"):
     configs.parse_arg("layers=eight", layers=0)
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_batches(batch, vocab):
+  """(name, bad batch, message) from a good [b, t] batch."""
+  b, t = batch["inputs"].shape
+  shape = (b, t)
+
+  def change(**kw):
+    out = dict(batch)
+    out.update(kw)
+    return out
+
+  ids = batch["targets"]
+  return [
+      ("targets_short", change(targets=ids[:, :-1]),
+       f"expected targets of the inputs' shape {shape}, found "
+       f"{(b, t - 1)}"),
+      ("loss_mask_1d", change(loss_mask=batch["loss_mask"][0]),
+       f"expected loss_mask of the inputs' shape {shape}, found {(t,)}"),
+      ("segment_ids_short", change(segment_ids=batch["segment_ids"][:, 1:]),
+       f"expected segment_ids of the inputs' shape {shape}"),
+      ("zero_rows", {k: v[:0] for k, v in batch.items()},
+       f"expected at least one row and one token (inputs [b, t] with b, "
+       f"t >= 1), found shape {(0, t)}"),
+      ("inputs_1d", change(inputs=batch["inputs"][0]),
+       "expected inputs of shape [b, t]"),
+      ("float_targets", change(targets=ids.astype(np.float32)),
+       "expected integer token ids in targets, found dtype float32"),
+      ("targets_past_vocab", change(targets=np.full_like(ids, 999)),
+       f"expected targets ids in [0, {vocab}) (the model's vocab_size), "
+       f"found ids from 999 to 999"),
+      ("negative_targets", change(targets=np.where(ids > 0, ids, -1)),
+       f"expected targets ids in [0, {vocab})"),
+      ("inputs_past_vocab", change(inputs=batch["inputs"] + vocab),
+       f"expected inputs ids in [0, {vocab})"),
+  ]
+
+
+_BAD_BATCH_NAMES = ("targets_short", "loss_mask_1d", "segment_ids_short",
+                    "zero_rows", "inputs_1d", "float_targets",
+                    "targets_past_vocab", "negative_targets",
+                    "inputs_past_vocab")
+
+
+@pytest.mark.parametrize("name", _BAD_BATCH_NAMES)
+def test_a_bad_batch_is_refused_by_name(name):
+  _, cfg, tcfg, task = _local()
+  good = task.batch_fn(0)
+  train.check_batch(good, cfg.vocab_size)
+  (batch, message), = [(b, m) for n, b, m in
+                       _bad_batches(good, cfg.vocab_size) if n == name]
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.check_batch(batch, cfg.vocab_size)
+  params = train.init_params(cfg, seed=0)
+  # Before the compiled programs: evaluation, training, an eager loss.
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.evaluate(cfg, params, [batch])
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train(cfg, tcfg, lambda step: batch, progress=False)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.loss_and_stats(params, cfg, batch)
+  # Traced (inside jit): keys, shapes and dtypes are static and checked;
+  # ids are values, which are never read there (no host sync).
+  trace = lambda: jax.eval_shape(  # pylint: disable=g-long-lambda
+      lambda p, b: train.loss_and_stats(p, cfg, b)[0], params, batch)
+  if "vocab" in name or "negative" in name:
+    trace()
+  else:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      trace()
+
+
+def test_a_later_bad_batch_stops_training_before_its_step():
+  _, cfg, tcfg, task = _local()
+  seen = []
+
+  def batch_fn(step):
+    batch = task.batch_fn(step)
+    if step == 2:
+      batch = dict(batch, targets=np.full_like(batch["targets"], 999))
+    return batch
+
+  with pytest.raises(ValueError, match=re.escape(
+      f"expected targets ids in [0, {cfg.vocab_size})")):
+    train.train(cfg, tcfg, batch_fn, progress=False,
+                callback=lambda s, m: seen.append(s))
+  assert seen == [0, 1]  # steps 0 and 1 ran (logged at step 1), not 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 4, "batch_fn(0): expected inputs of shape (TrainConfig."
+     "batch_size, TrainConfig.seq_len) = (4, 32), found (8, 32)"),
+    ("seq_len", 16, "= (8, 16), found (8, 32)"),
+])
+def test_train_refuses_a_batch_of_another_shape(field, value, message):
+  _, cfg, tcfg, task = _local()
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train(cfg, tcfg.replace(**{field: value}), task.batch_fn,
+                progress=False)
+
+
+def test_evaluate_needs_a_batch():
+  _, cfg, _, _ = _local()
+  with pytest.raises(ValueError, match="batches: expected at least one"):
+    train.evaluate(cfg, train.init_params(cfg, 0), [])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(log_every=0), "TrainConfig.log_every: expected an int >= 1, "
+     "found 0"),
+    (dict(num_steps=0), "TrainConfig.num_steps: expected an int >= 1"),
+    (dict(num_steps=-2), "TrainConfig.num_steps: expected an int >= 1"),
+    (dict(num_steps=2.5), "TrainConfig.num_steps: expected an int, found "
+     "2.5"),
+    (dict(batch_size=0), "TrainConfig.batch_size: expected an int >= 1"),
+    (dict(seq_len=0), "TrainConfig.seq_len: expected an int >= 1"),
+    (dict(learning_rate=-1.0), "TrainConfig.learning_rate: expected a "
+     "finite number >= 0, found -1.0"),
+    (dict(learning_rate=float("nan")), "TrainConfig.learning_rate: "
+     "expected a number"),
+    (dict(b1=1.0), "TrainConfig.b1: expected a number in [0, 1)"),
+    (dict(b2=1.5), "TrainConfig.b2: expected a number in [0, 1), found 1.5"),
+    (dict(b2=-0.1), "TrainConfig.b2: expected a number in [0, 1)"),
+    (dict(grad_clip=-1.0), "TrainConfig.grad_clip: expected a number > 0, "
+     "or 0 or None (off), found -1.0"),
+    (dict(min_lr_ratio=-1.0), "TrainConfig.min_lr_ratio: expected a number "
+     "in [0, 1]"),
+    (dict(warmup_steps=-5), "TrainConfig.warmup_steps: expected an int >= "
+     "0, found -5"),
+    (dict(weight_decay=-0.1), "TrainConfig.weight_decay"),
+    (dict(keep_checkpoints=0), "TrainConfig.keep_checkpoints"),
+    (dict(compute_dtype="fp16"), "TrainConfig.compute_dtype: expected one "
+     "of ('auto', 'float32', 'bfloat16', 'float16', 'float64'), found "
+     "'fp16'"),
+    (dict(save_checkpoints="no"), "TrainConfig.save_checkpoints: expected "
+     "a bool"),
+])
+def test_train_config_rejects_bad_fields(kw, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.TrainConfig(**kw)
+
+
+def test_train_config_grad_clip_off():
+  _, cfg, tcfg, _ = _local()
+  params = train.init_params(cfg, 0)
+  states = [train.make_optimizer(tcfg.replace(grad_clip=v)).init(params)
+            for v in (None, 0.0, 1.0)]
+  structure = [jax.tree_util.tree_structure(s) for s in states]
+  assert structure[0] == structure[1] != structure[2]
+  # Edge values that are valid.
+  train.TrainConfig(learning_rate=0.0, b1=0.0, min_lr_ratio=1.0,
+                    grad_clip=None, num_steps=1, log_every=1)
+
+
+def _metrics_csv(workdir):
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    return f.read()
+
+
+def test_resume_with_clipping_switched_is_refused(reference_run):
+  cfg, tcfg, task, ref, workdir = reference_run
+  before = _metrics_csv(workdir)
+  with pytest.raises(ValueError, match=re.escape(
+      "was written with grad_clip=1.0 (clipping on), this run has "
+      "grad_clip=0.0 (clipping off): the optimizer states differ")):
+    train.train(cfg, tcfg.replace(grad_clip=0.0), task.batch_fn, workdir,
+                progress=False)
+  with pytest.raises(ValueError, match="grad_clip=None"):
+    train.check_resume(workdir, cfg, tcfg.replace(grad_clip=None))
+  assert _metrics_csv(workdir) == before  # refused before writing
+  # Another clip value keeps the state's structure: the resume works.
+  ckpt = train.Checkpointer(workdir, cfg, tcfg.replace(grad_clip=0.5))
+  try:
+    state = ckpt.restore(ref.state)
+  finally:
+    ckpt.close()
+  assert int(state.step) == tcfg.num_steps
+  assert _tree_equal(state.opt_state, ref.state.opt_state)
+
+
+def test_resume_past_num_steps_is_refused(reference_run, tmp_path):
+  cfg, tcfg, task, _, workdir = reference_run
+  before = _metrics_csv(workdir)
+  message = (f"TrainConfig.num_steps: expected >= {tcfg.num_steps}, the "
+             f"step of the newest checkpoint in "
+             f"{os.path.join(workdir, 'checkpoints')}, found 8")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train(cfg, tcfg.replace(num_steps=8), task.batch_fn, workdir,
+                progress=False)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.check_resume(workdir, cfg, tcfg.replace(num_steps=8))
+  assert _metrics_csv(workdir) == before
+  # At the checkpoint's step or past it: resumes (nothing written here).
+  assert train.check_resume(workdir, cfg, tcfg) == tcfg.num_steps
+  assert train.check_resume(workdir, cfg,
+                            tcfg.replace(num_steps=20)) == tcfg.num_steps
+  assert train.check_resume(str(tmp_path), cfg, tcfg) is None
+  assert not os.listdir(tmp_path)
+
+
+def test_refused_resume_keeps_run_config(reference_run, tmp_path):
+  _, _, _, _, ref_dir = reference_run
+  config = mqar_config.get_config("runlocal")
+  workdir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(ref_dir, "checkpoints"),
+                  os.path.join(workdir, "checkpoints"))
+  path = os.path.join(workdir, train_script.CONFIG_FILE)
+  written = config.to_json_best_effort(indent=2, sort_keys=True)
+  with open(path, "w") as f:
+    f.write(written)
+  for where, value, field in ((("model", "hidden_size"), 64, "hidden_size"),
+                              (("train", "grad_clip"), 0.0, "grad_clip"),
+                              (("train", "num_steps"), 4, "num_steps")):
+    with pytest.raises(ValueError, match=field):
+      train_script.run(_with(config, where, value), workdir, progress=False)
+    with open(path) as f:
+      assert f.read() == written, where
+  assert sorted(os.listdir(workdir)) == ["checkpoints",
+                                         train_script.CONFIG_FILE]
+
+
+def test_data_generators_name_bad_arguments():
+  task = data.MQARConfig(seq_len=32, num_pairs=4, key_vocab=16,
+                         value_vocab=16)
+  text = data.TextData(16, docs=[np.arange(200) % 256])
+  cases = [
+      (lambda: data.mqar_batch(task, 0), "batch_size: expected an int >= "
+       "1, found 0"),
+      (lambda: data.mqar_batch(task, 2.5), "batch_size: expected an int"),
+      (lambda: data.mqar_batch(task, 2, seed=-1), "seed: expected an int "
+       ">= 0, found -1"),
+      (lambda: data.mqar_batch(task, 2, step=-1), "step: expected an int "
+       ">= 0, found -1"),
+      (lambda: text.batch(0), "batch_size: expected an int >= 1, found 0"),
+      (lambda: text.batch(2, step=-1), "step: expected an int >= 0"),
+      (lambda: text.eval_batches(0), "batch_size: expected an int >= 1"),
+      (lambda: text.eval_batches(2, max_batches=0), "max_batches: expected "
+       "an int >= 1, found 0"),
+      (lambda: data.TextData(0, docs=[np.arange(10)]), "seq_len: expected "
+       "an int >= 1, found 0"),
+      (lambda: data.text_documents("train", max_bytes=0), "max_bytes: "
+       "expected an int >= 1, found 0"),
+  ]
+  for fn, message in cases:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      fn()
+  assert len(text.eval_batches(2, max_batches=1)) == 1
+  assert len(data.text_documents("eval", max_bytes=100)) == 1
