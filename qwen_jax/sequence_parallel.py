@@ -66,6 +66,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import gated_delta_rule as gdr
 from pallas_kernels.gated_delta_rule import seq_split
 from qwen_jax.array_typing import Array
@@ -150,6 +151,18 @@ def current() -> SPContext | None:
   return _STACK[-1] if _STACK else None
 
 
+def _context(ctx: SPContext | None, op: str) -> SPContext:
+  """`ctx`, else the active context; a ValueError naming `op` if none."""
+  ctx = ctx or current()
+  if ctx is None:
+    raise ValueError(
+        f"ctx: sequence_parallel.{op} needs a sequence-parallel context, "
+        f"found none active; call it inside qwen_jax.sharding.activate(mesh) "
+        f"(as the sharded programs do) or pass "
+        f"ctx=qwen_jax.sharding.sp_context(mesh)")
+  return ctx
+
+
 def _shard_map(ctx: SPContext, fn, in_specs, out_specs):
   # check_vma=False: the bodies build float32 carries (identity states,
   # zero accumulators) that the per-axis varying-type check would reject;
@@ -195,7 +208,7 @@ def causal_conv(conv_fn: Callable[[Array, Array | None], Array], x: Array,
   Returns:
     [b, t, c], as conv_fn over the whole sequence would give.
   """
-  ctx = ctx or current()
+  ctx = _context(ctx, "causal_conv")
   b, t, c = x.shape
   n, k1 = ctx.num_shards, kernel_size - 1
   tl = t // n
@@ -324,8 +337,15 @@ def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array,
 
   Returns:
     (o [b, t, hv, dv] in v.dtype, final state [b, hv, dk, dv] float32).
+
+  Raises:
+    ValueError: no context (none given, none active), or bad arguments,
+      named in terms of the global shapes passed here
+      (`gated_delta_rule`'s checks, `api.check_inputs`).
   """
-  ctx = ctx or current()
+  ctx = _context(ctx, "gated_delta_rule")
+  gdr_api.check_inputs(q, k, v, g, beta, initial_state, segment_ids, scale,
+                       chunk_size)
   b, t, hk, dk = q.shape
   hv, dv = v.shape[2], v.shape[3]
   n, seq = ctx.num_shards, ctx.seq_axis
@@ -605,7 +625,7 @@ def attention(q: Array, k: Array, v: Array,
   Returns:
     [b, t, h, e] in v.dtype.
   """
-  ctx = ctx or current()
+  ctx = _context(ctx, "attention")
   b, t, h, e = q.shape
   n, seq = ctx.num_shards, ctx.seq_axis
   qs = ctx.spec(("batch", "seq", "heads", None), q.shape)

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
+import warnings
 
 import flax.linen as nn
 import jax
@@ -203,13 +204,33 @@ def param_shardings(cfg: QwenConfig, mesh: Mesh) -> PyTree:
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """[b, t, ...] batch arrays: batch over (data, fsdp), tokens over seq."""
+  """[b, t, ...] batch arrays: batch over (data, fsdp), tokens over seq.
+
+  The token axis must divide (a ValueError otherwise). A batch that the
+  mesh's data * fsdp devices do not divide is replicated over the axes
+  that do not divide it (`fit_spec`; docs/sharding.md), which turns off
+  data parallelism there: every such replica computes the whole batch.
+  That runs and is exact, so it is allowed, with a `UserWarning` naming
+  the batch size and the axes.
+  """
   names = ("batch", "seq") + (None,) * (len(shape) - 2)
   spec = fit_spec(names, shape, mesh)
   n = mesh.shape["seq"]
   if len(shape) > 1 and n > 1 and shape[1] % n:
     raise ValueError(f"sequence length: expected a multiple of the mesh's "
                      f"seq axis ({n}), found {shape[1]}")
+  batch_axes = [a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1]
+  want = math.prod(mesh.shape[a] for a in batch_axes)
+  if shape and want > 1 and shape[0] % want:
+    kept = spec[0] if len(spec) else None
+    kept = () if kept is None else (kept,) if isinstance(kept, str) else kept
+    dropped = [a for a in batch_axes if a not in kept]
+    warnings.warn(
+        f"batch: expected a multiple of the mesh's "
+        f"{'*'.join(batch_axes)}={want} devices, found {shape[0]}; the "
+        f"batch is replicated over {', '.join(dropped)} (those devices "
+        f"each compute all {shape[0]} rows: no data parallelism there)",
+        stacklevel=2)
   return NamedSharding(mesh, spec)
 
 

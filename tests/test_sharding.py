@@ -25,6 +25,7 @@ the leaf.
 """
 
 import os
+import warnings
 
 import pytest
 
@@ -113,6 +114,29 @@ class TestMeshSpec:
     with pytest.raises(ValueError, match="multiple of the mesh's seq axis"):
       sharding.put_batch(np.zeros((2, 100), np.int32), mesh)
 
+  @pytest.mark.parametrize("spec, b, axes, dropped", [
+      ("data:2,seq:4", 3, "data=2", "data"),
+      ("data:8", 3, "data=8", "data"),
+      ("data:2,fsdp:2,seq:2", 2, "data\\*fsdp=4", "fsdp"),
+  ])
+  def test_batch_not_divisible_warns(self, spec, b, axes, dropped):
+    """A batch the data (and fsdp) axes do not divide stays replicated over
+    them (documented: docs/sharding.md), with a warning naming both."""
+    mesh = sharding.make_mesh(spec)
+    with pytest.warns(UserWarning, match=f"batch: expected a multiple of "
+                      f"the mesh's {axes} devices, found {b}; the batch is "
+                      f"replicated over {dropped}"):
+      x = sharding.put_batch(np.zeros((b, 64), np.int32), mesh)
+    assert dropped not in jax.tree_util.tree_leaves(tuple(x.sharding.spec))
+
+  def test_divisible_batch_does_not_warn(self):
+    mesh = sharding.make_mesh("data:2,fsdp:2,seq:2")
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      x = sharding.put_batch(np.zeros((4, 64), np.int32), mesh)
+      sharding.batch_sharding(mesh, (4, 64, 3))
+    assert x.sharding.spec[0] == ("data", "fsdp")
+
 
 # ------------------------------------------------------------ the ops
 def _gdr_inputs(key, t, hk=2, hv=4, dk=16, dv=24, g_scale=1.0):
@@ -164,6 +188,36 @@ def test_gated_delta_rule_state_passing(spec, segmented, g_scale):
   tolerances.assert_close(got_o, want_o, jnp.float32, scale=0.05)
   tolerances.assert_close(got_s, want_s, jnp.float32, scale=0.05)
   _grad_check(got_g, want_g)
+
+
+@pytest.mark.parametrize("change, match", [
+    # The shapes passed here, not a shard's (b = 2, t = 64 on data:2,seq:4).
+    (dict(g=np.s_[:, :32]),
+     r"g: expected shape \(2, 64, 4\), found \(2, 32, 4\)"),
+    (dict(initial_state=np.s_[:, :2]),
+     r"initial_state: expected shape \(2, 4, 16, 24\), found "
+     r"\(2, 2, 16, 24\)"),
+    (dict(q=np.s_[..., 0]), r"q: expected rank 4 \[b, t, hk, dk\], found "
+     r"shape \(2, 64, 2\)"),
+    (dict(v=np.s_[:, :, :3]), "v: expected a head count hv that is a "
+     "multiple of hk=2, found hv=3"),
+])
+def test_sequence_parallel_rule_names_global_shapes(change, match):
+  mesh = sharding.make_mesh("data:2,seq:4")
+  names = ("q", "k", "v", "g", "beta", "initial_state")
+  args = dict(zip(names, _gdr_inputs(jax.random.PRNGKey(0), 64)))
+  for name, index in change.items():
+    args[name] = args[name][index]
+  with pytest.raises(ValueError, match=match):
+    with sharding.activate(mesh):
+      spm.gated_delta_rule(**args, implementation="chunked")
+  # Concrete g is checked as in the unsharded rule; an explicit ctx works
+  # without an active one.
+  good = dict(zip(names, _gdr_inputs(jax.random.PRNGKey(0), 64)))
+  with pytest.raises(ValueError, match="g: expected log decays <= 0"):
+    spm.gated_delta_rule(**dict(good, g=jnp.abs(good["g"])),
+                         implementation="chunked",
+                         ctx=sharding.sp_context(mesh))
 
 
 def test_causal_conv_left_context():

@@ -7,6 +7,7 @@ and of the kernels' `custom_vjp`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 
@@ -82,6 +83,23 @@ def _bool_or(field: str, value, word: str) -> None:
                      f"{value!r}")
 
 
+# The int fields of `BlockSizes`; those that also take None (and block_dv,
+# which also takes "auto", checked on its own).
+_INT_FIELDS = ("chunk_size", "num_warps", "num_stages", "num_warps_intra",
+               "state_stride")
+_OPTIONAL_INT_FIELDS = ("solve_block", "sub_chunk", "wy_block", "out_block",
+                        "bwd_block", "fwd_block")
+
+
+def _is_int(value) -> bool:
+  """A real integer: int or a numpy integer, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _power_of_two(n: int) -> bool:
+  return n >= 1 and not n & (n - 1)
+
+
 def _per_kernel(field: str, value, what: str, ok) -> tuple:
   """A `kernel_warps` / `kernel_stages` value (pairs, or a string
   "name:n,name:n" with "+" also separating) as sorted (name, n) pairs,
@@ -149,6 +167,9 @@ def tpu_value_tile(dk: int, dv: int) -> int | None:
 class BlockSizes:
   """Tiles of the chunked gated delta rule kernels.
 
+  The int fields take ints (numpy integers too, stored as int; not bools
+  or strings): a ValueError names the field otherwise.
+
   Attributes:
     chunk_size: tokens per chunk (the UT/WY transform size). 64 matches the
       reference and FLA; must be a multiple of 8 (16 on GPU).
@@ -158,12 +179,13 @@ class BlockSizes:
       "auto" (the TPU default): `tpu_value_tile`, all of dv unless the
       state is too large for the fused kernels' scoped VMEM.
     chunk_loop: "kernel" or "grid", see `CHUNK_LOOPS`.
-    num_warps: Triton warps per program (GPU only); for "split", of the
-      sequential kernels.
-    num_stages: Triton pipelining stages (GPU only).
+    num_warps: Triton warps per program (GPU only), a power of two; for
+      "split", of the sequential kernels.
+    num_stages: Triton pipelining stages (GPU only), at least 1.
     kernels: "split" or "fused", see `KERNELS`. block_dv tiles the
       sequential kernels of "split"; its parallel kernels take all of dv.
-    num_warps_intra: Triton warps of the parallel kernels of "split".
+    num_warps_intra: Triton warps of the parallel kernels of "split", a
+      power of two.
     solve_block: None, or a divisor of chunk_size: "split" then inverts
       the chunk's triangular matrix in blocks
       (`kernel.block_unit_lower_inverse`): forward substitution on the
@@ -271,9 +293,28 @@ class BlockSizes:
   block_loop: str = "scan"
 
   def __post_init__(self):
+    # Types first (a spec's unparsed value stays a string; True is an int
+    # to Python); numpy integers become ints.
+    for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+      value = getattr(self, name)
+      if value is None and name in _OPTIONAL_INT_FIELDS:
+        continue
+      if not _is_int(value):
+        none = " or None" if name in _OPTIONAL_INT_FIELDS else ""
+        raise ValueError(f"{name}: expected an int{none}, found {value!r}")
+      object.__setattr__(self, name, int(value))
+    if _is_int(self.block_dv):
+      object.__setattr__(self, "block_dv", int(self.block_dv))
+    for name in ("num_warps", "num_warps_intra"):
+      if not _power_of_two(getattr(self, name)):
+        raise ValueError(f"{name}: expected a power-of-two number of warps "
+                         f"(1, 2, 4, 8, ...), found {getattr(self, name)}")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages: expected a positive int, found "
+                       f"{self.num_stages}")
     object.__setattr__(self, "kernel_warps", _per_kernel(
         "kernel_warps", self.kernel_warps, "a power-of-two number of warps",
-        lambda n: n >= 1 and not n & (n - 1)))
+        _power_of_two))
     object.__setattr__(self, "kernel_stages", _per_kernel(
         "kernel_stages", self.kernel_stages, "a positive number of stages",
         lambda n: n >= 1))
@@ -281,7 +322,7 @@ class BlockSizes:
       raise ValueError(f"chunk_size: expected a positive multiple of 8, "
                        f"found {self.chunk_size}")
     if self.block_dv not in (None, "auto") and not (
-        isinstance(self.block_dv, int) and self.block_dv >= 1):
+        _is_int(self.block_dv) and self.block_dv >= 1):
       raise ValueError(f"block_dv: expected a positive int, None or "
                        f"'auto', found {self.block_dv!r}")
     if self.chunk_loop not in CHUNK_LOOPS:

@@ -443,10 +443,13 @@ def gated_delta_rule_pallas(
   Args:
     q, k: [b, t, hk, dk] (bf16 or f32).
     v: [b, t, hv, dv], hv a multiple of hk.
-    g: [b, t, hv] log decay (<= 0).
+    g: [b, t, hv] log decay, finite and <= 0 (not checked here: the
+      kernels use exp of its in-chunk cumulative sums, so g > 0 gives wrong
+      results, far off the per-token rule from g ~ 0.2, and -inf NaN).
     beta: [b, t, hv].
     initial_state: [b, hv, dk, dv] or None (zeros).
-    scale: query scale, default dk ** -0.5.
+    scale: query scale, a static number (not a traced value), default
+      dk ** -0.5.
     segment_ids: [b, t] ints or None; the state resets where the id changes.
     block_sizes: tiles; default `BlockSizes.get_default(backend)`.
     interpret: run the kernels in Pallas interpret mode: True, or
@@ -515,14 +518,12 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
   hv, dv = v.shape[2], v.shape[3]
   if scale is None:
     scale = dk ** -0.5
-  if backend == "gpu":
-    dk_p, dv_p = _next_pow2(dk), _next_pow2(dv)
-  elif bs.block_dv == "auto":
-    dk_p, dv_p = dk, block_sizes_lib.tpu_padded_dv(dk, dv)
-  else:
-    dk_p, dv_p = dk, dv
-  bs = bs.for_dims(dk_p, dv_p)
-  bs.dv_tile(dv_p)  # validates block_dv early
+  if isinstance(scale, jax.core.Tracer):
+    raise ValueError(
+        "scale: expected a static number for the Pallas kernels, found a "
+        "traced value; gated_delta_rule(..., implementation='pallas') "
+        "takes one (it scales q first)")
+  bs, dk_p, dv_p = kernel_tiles(bs, backend, dk, dv)  # validates block_dv
   cfg = _Config(scale=float(scale), group=hv // hk, block_sizes=bs,
                 backend=backend, interpret=interpret,
                 has_segments=segment_ids is not None)
@@ -559,6 +560,39 @@ def split_pipeline_stages(q, k, v, g, beta, *,
   return pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg, _SQ)
 
 
+def kernel_dims(bs: BlockSizes, backend: str, dk: int, dv: int
+                ) -> tuple[int, int]:
+  """The key and value dims the kernels take for head dims dk, dv: GPU
+  pads both to a power of two (at least 16, as Triton requires); TPU
+  under block_dv "auto" pads dv where a large state must be tiled
+  (`block_sizes.tpu_padded_dv`); otherwise dk, dv."""
+  if backend == "gpu":
+    return _next_pow2(dk), _next_pow2(dv)
+  if bs.block_dv == "auto":
+    return dk, block_sizes_lib.tpu_padded_dv(dk, dv)
+  return dk, dv
+
+
+def kernel_tiles(bs: BlockSizes, backend: str, dk: int, dv: int,
+                 origin: str = "") -> tuple[BlockSizes, int, int]:
+  """(bs for the padded dims, dk_p, dv_p) (`kernel_dims`), with block_dv
+  checked against dv_p; the error names dv_p and, where it differs, what
+  it came from (`origin`, default the value dim dv padded)."""
+  dk_p, dv_p = kernel_dims(bs, backend, dk, dv)
+  bs = bs.for_dims(dk_p, dv_p)
+  try:
+    bs.dv_tile(dv_p)
+  except ValueError as e:
+    if dv_p == dv and not origin:
+      raise
+    what = origin or f"the value dim {dv}"
+    if dv_p != dv:
+      what += f", padded for the {backend} kernels"
+    raise ValueError(f"block_dv: expected a divisor of dv={dv_p} ({what}), "
+                     f"found {bs.block_dv}") from e
+  return bs, dk_p, dv_p
+
+
 def block_sizes_for(backend: str, chunk_size: int,
                     spec: str = "") -> BlockSizes:
   """`backend`'s default BlockSizes at `chunk_size`, with the fields of
@@ -586,6 +620,15 @@ def api_entry(q, k, v, g, beta, initial_state, scale, segment_ids,
   backend's at `chunk_size`."""
   backend = block_sizes_lib.target_backend()
   bs = block_sizes or block_sizes_for(backend, chunk_size)
+  if isinstance(scale, jax.core.Tracer):
+    # The kernels take the scale as a static argument: a traced one (the
+    # api accepts it on every implementation) scales q here, in q's dtype.
+    if scale.shape:
+      raise ValueError(f"scale: expected a scalar, found shape "
+                       f"{tuple(scale.shape)}")
+    ct = jnp.promote_types(q.dtype, _F32)
+    q = (q.astype(ct) * scale.astype(ct)).astype(q.dtype)
+    scale = 1.0
   return gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale,
                                  segment_ids, block_sizes=bs,
                                  interpret=interpret, backend=backend)

@@ -11,9 +11,16 @@ With `segment_ids`, the carried state is reset to zero at every position whose
 segment id differs from the previous position's (packed documents never share
 state); `initial_state` only seeds the first segment.
 
-Both functions compute in float32 (inputs are cast up), return the output in
-v.dtype and the final state in float32, and are differentiable by plain
-autodiff.
+Both functions compute in float32 (inputs are cast up, float64 ones
+included), return the output in v.dtype and the final state in float32, and
+are differentiable by plain autodiff.
+
+g is the log decay: finite and <= 0. Nothing here checks it (the public
+`api.gated_delta_rule` does, where g is concrete). The chunked form uses
+exp(cumsum(g)) inside a chunk, so g > 0 makes it ill-conditioned (results
+far off the per-token rule from g ~ 0.3, non-finite from g ~ 1.5), and
+g = -inf gives NaN there ((-inf) - (-inf) in the pairwise decays); the
+per-token rule stays finite in both cases.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def recurrent_gated_delta_rule(
     q: [b, t, hk, dk] queries.
     k: [b, t, hk, dk] keys.
     v: [b, t, hv, dv] values, hv a multiple of hk.
-    g: [b, t, hv] log decay (<= 0).
+    g: [b, t, hv] log decay (finite, <= 0; not checked here).
     beta: [b, t, hv] write strength.
     initial_state: [b, hv, dk, dv] or None (zeros).
     scale: query scale, default dk ** -0.5.
@@ -259,6 +266,8 @@ def chunked_gated_delta_rule(
   Within each chunk of `chunk_size` tokens the delta updates are solved in
   parallel (a unit-lower-triangular solve), then a lax.scan over chunks
   carries the state. Any length: t is padded with g = beta = k = v = q = 0.
+  g must be finite and <= 0 (module docstring: g > 0 gives wrong results,
+  -inf NaN; not checked here).
 
   Args:
     q, k, v, g, beta, initial_state, scale, segment_ids: as in
