@@ -27,7 +27,7 @@ before jax starts its backend; the script sets it first thing):
       --preset qwen3.5-9b --mode prefill --json_out prefill_9b.json
   # sharded == unsharded on 8 fake devices, tiny model:
   python -m experiments.long_context --verify --num_devices 8 \
-      --preset tiny --seq_len 512 --mesh data:2,seq:4
+      --preset tiny --seq_len 512 --batch 2 --mesh data:2,seq:4
   # on 8 GPUs (one host) or a TPU slice (after jax.distributed.initialize()
   # on every host; see docs/sharding.md), the same commands without
   # --num_devices.

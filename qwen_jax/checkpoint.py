@@ -33,6 +33,7 @@ from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import hf_text_config
 from qwen_jax.config import read_hf_config
+from qwen_jax.config import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +270,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
 
 def _read_index(index: str) -> dict[str, str]:
   """The weight_map of a model.safetensors.index.json, checked."""
-  with open(index) as f:
-    try:
-      d = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-      raise ValueError(f"{index}: not valid JSON ({e})") from e
-  if not isinstance(d, dict):
-    raise ValueError(f"{index}: expected a JSON object with a 'weight_map', "
-                     f"found a JSON {type(d).__name__}")
-  wmap = d.get("weight_map")
+  wmap = read_json_object(index).get("weight_map")
   if not isinstance(wmap, dict):
     raise ValueError(f"{index}: expected a 'weight_map' object")
   for key, fname in wmap.items():

@@ -129,6 +129,24 @@ def layer_types_from_interval(interval: int,
                for i in range(num_layers))
 
 
+def read_json_object(path: str) -> dict[str, Any]:
+  """The JSON object in the file `path` (config.json, an index).
+
+  Raises:
+    ValueError: naming the file, when it is not valid JSON or holds
+      something other than an object.
+  """
+  with open(path) as f:
+    try:
+      d = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object, found a JSON "
+                     f"{type(d).__name__}")
+  return d
+
+
 def read_hf_config(hf: Any) -> dict[str, Any]:
   """The top-level config dict of a transformers config, a dict or a path.
 
@@ -144,15 +162,7 @@ def read_hf_config(hf: Any) -> dict[str, Any]:
   """
   path = _config_json_path(hf)
   if path is not None:
-    with open(path) as f:
-      try:
-        d = json.load(f)
-      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-      raise ValueError(f"{path}: expected a JSON object, found "
-                       f"{type(d).__name__}")
-    return d
+    return read_json_object(path)
   if isinstance(hf, Mapping):
     return dict(hf)
   return hf.to_dict()

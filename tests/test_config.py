@@ -223,7 +223,7 @@ def test_hf_bad_full_attention_interval(interval):
 
 @pytest.mark.parametrize("text,match", [
     ('{"model_type": "qwen3_5_text",}', "config.json: not valid JSON"),
-    ("[1, 2]", "config.json: expected a JSON object, found list"),
+    ("[1, 2]", "config.json: expected a JSON object, found a JSON list"),
 ])
 def test_hf_config_file_not_an_object(tmp_path, text, match):
   (tmp_path / "config.json").write_text(text)

@@ -27,6 +27,7 @@ the leaf.
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -38,7 +39,6 @@ if IN_PROCESS:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from pallas_kernels.gated_delta_rule import gated_delta_rule
   from qwen_jax import cache as cache_lib
