@@ -416,12 +416,3 @@ class Qwen35(nn.Module):
     if return_hidden:
       out.append(hidden)
     return out[0] if len(out) == 1 else tuple(out)
-
-
-def cache_length(cache: PyTree) -> int | None:
-  """Slots S of a cache's KV buffers; None when no layer keeps K/V."""
-  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(
-      cache["layers"])[0]:
-    if getattr(leaf_path[-1], "key", None) == "k":
-      return leaf.shape[-3]
-  return None
