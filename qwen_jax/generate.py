@@ -50,6 +50,7 @@ from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
 from qwen_jax.model import check_mask_values
+from qwen_jax.model import host_values
 from qwen_jax.model import Qwen35
 
 # Prompt tokens per prefill call. Bounds activation memory for long prompts
@@ -191,6 +192,28 @@ def _slot_mask(mask: Array | None, b: int, t: int, index: int,
                    f"cache slot), found {tuple(mask.shape)}")
 
 
+def _check_left_padded(mask: Array | None, written: int) -> None:
+  """Raises ValueError unless every row of a concrete slot mask is left
+  padded over the slots written so far (`written`, this call's tokens
+  included): 0s, then 1s, ending with a token.
+
+  Right padding, or a row whose newest token is masked, would make the
+  returned logits those of a padding position (the model reads the mask
+  as given and cannot tell). Skipped for traced masks.
+  """
+  values = None if mask is None else host_values(mask)
+  if values is None or written == 0:
+    return
+  rows = values[:, :written] != 0
+  bad = np.flatnonzero(~rows[:, -1] | (rows[:, 1:] < rows[:, :-1]).any(1))
+  if bad.size:
+    r = int(bad[0])
+    raise ValueError(
+        f"attention_mask: expected left padding (0s, then 1s, the last "
+        f"token a 1) over the {written} slots written, found row {r}: "
+        f"{rows[r].astype(int).tolist()[-16:]} (last 16 shown)")
+
+
 def _token_ids(name: str, ids: Any, ndim: int, vocab_size: int) -> Array:
   """int32 ids after checking rank, dtype and range (on the host)."""
   if not isinstance(ids, (jax.Array, np.ndarray)):
@@ -238,9 +261,10 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     (logits [b, V] float32 of the last prompt token, the filled cache).
 
   Raises:
-    ValueError: bad shapes, ids outside [0, vocab_size), mask values other
-      than 0/1, a cache of another config or batch, a prompt that does not
-      fit the cache, or a block size < 2.
+    ValueError: bad shapes, ids outside [0, vocab_size), a concrete mask
+      with values other than 0/1 or not left padded, a cache of another
+      config or batch, a prompt that does not fit the cache, or a block
+      size < 2.
   """
   _check_block(prefill_block)
   prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
@@ -256,6 +280,7 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     raise ValueError(f"prompt_ids: {t} tokens do not fit a cache of {slots} "
                      f"slots holding {index}")
   mask = _slot_mask(attention_mask, b, t, index, slots)
+  _check_left_padded(mask, index + t)
   logits = None
   for start in range(0, t, prefill_block):
     chunk = prompt_ids[:, start:start + prefill_block]
@@ -306,6 +331,7 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
       raise ValueError(f"attention_mask: expected shape {(b, slots)} (every "
                        f"cache slot), found {shape}")
     check_mask_values(attention_mask)
+    _check_left_padded(attention_mask, index + 1)
   return _decode_jit(cfg, params, tokens, cache, attention_mask)
 
 

@@ -78,7 +78,7 @@ def _to_array(name: str, x: Any) -> Any:
                      f"{type(x).__name__} that is not one ({e})") from None
 
 
-def _host_values(x: Any) -> np.ndarray | None:
+def host_values(x: Any) -> np.ndarray | None:
   """x's values on the host when they are known here, else None.
 
   None for a Tracer (under jit, grad, vmap, scan...: reading the values
@@ -102,9 +102,9 @@ def check_input_ids(input_ids: Any, vocab_size: int,
 
   Out-of-range ids would otherwise give NaN rows (ids >= vocab) or silently
   read another token's embedding (negative ids wrap). Skipped for traced
-  ids (see `_host_values`).
+  ids (see `host_values`).
   """
-  ids = _host_values(input_ids)
+  ids = host_values(input_ids)
   if ids is None or ids.size == 0:
     return
   bad = (ids < 0) | (ids >= vocab_size)
@@ -120,11 +120,11 @@ def check_mask_values(attention_mask: Any) -> None:
 
   The model reads the mask as bool (1 = token, 0 = padding); a value like 2,
   0.5 or -inf (an additive mask) means something else and is refused.
-  Skipped for traced masks (see `_host_values`).
+  Skipped for traced masks (see `host_values`).
   """
   if getattr(attention_mask, "dtype", None) == bool:
     return  # nothing to check, nothing to copy
-  mask = _host_values(attention_mask)
+  mask = host_values(attention_mask)
   if mask is None or mask.size == 0:
     return
   bad = (mask != 0) & (mask != 1)
@@ -323,7 +323,7 @@ class Qwen35(nn.Module):
       if s is not None and t > s:
         raise ValueError(f"input_ids: expected at most {s} tokens (the "
                          f"cache's slots), found {t}")
-      index = _host_values(cache_index)
+      index = host_values(cache_index)
       if index is not None:
         index = int(index)
         if index < 0:

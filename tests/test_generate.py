@@ -347,6 +347,15 @@ def test_prefill_and_decode_step_errors():
       (dict(prompt_ids=ids[:0]), "prompt_ids: expected shape"),
       (dict(prompt_ids=ids, attention_mask=np.full((b, 5), 2)),
        "attention_mask: expected 0/1"),
+      # Right padding, and a row whose last prompt token is masked: the
+      # returned logits would be a padding position's.
+      (dict(prompt_ids=ids, attention_mask=np.array([[1, 1, 1, 1, 1],
+                                                     [1, 1, 1, 0, 0]])),
+       r"attention_mask: expected left padding .* found row 1: "
+       r"\[1, 1, 1, 0, 0\]"),
+      (dict(prompt_ids=ids, attention_mask=np.array([[0, 1, 1, 1, 0]] * 2,
+                                                    bool)),
+       r"attention_mask: expected left padding .* found row 0"),
       (dict(prompt_ids=ids, cache=cache_lib.init_cache(cfg, 1, slots)),
        r"cache: expected .* and batch 2, found \(1, "),
       (dict(prompt_ids=ids, cache=cache_lib.init_cache(
@@ -371,6 +380,10 @@ def test_prefill_and_decode_step_errors():
        r"attention_mask: expected shape \(2, 6\)"),
       (dict(tokens=tok, attention_mask=np.full((b, slots), 0.5)),
        "attention_mask: expected 0/1"),
+      # The new token's slot (index 5) masked out.
+      (dict(tokens=tok, attention_mask=np.array([[1] * 6, [1] * 5 + [0]])),
+       r"attention_mask: expected left padding .* over the 6 slots written, "
+       r"found row 1"),
   ]
   for kw, match in bad_decode:
     with pytest.raises(ValueError, match=match):
