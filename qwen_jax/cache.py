@@ -19,6 +19,7 @@ can be compared across attention ratios without allocating anything.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -118,6 +119,15 @@ def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_leaf_shapes(cfg: QwenConfig, batch: int, slots: int
+                          ) -> dict[str, tuple[int, ...]]:
+  """`_leaf_shapes` of the layers of `cache_shapes(cfg, batch, slots)`,
+  kept per config and size (decode_step checks its cache every token).
+  Callers read the dict, never change it."""
+  return _leaf_shapes(_shapes(cfg, batch, slots)["layers"])
+
+
 def check_cache(cfg: QwenConfig, cache: Any, batch: int) -> int | None:
   """Checks that `cache` is a cache of `cfg` for `batch` sequences.
 
@@ -150,8 +160,8 @@ def check_cache(cfg: QwenConfig, cache: Any, batch: int) -> int | None:
     if key.endswith("['k']") and len(shape) >= 3:
       slots = shape[-3]
       break
-  expected = _leaf_shapes(_shapes(cfg, batch, 1 if slots is None else slots)
-                          ["layers"])
+  expected = _expected_leaf_shapes(cfg, batch,
+                                  1 if slots is None else slots)
   where = (f"for this config ({cfg.num_hidden_layers} layers "
            f"{'scanned' if is_scanned(cfg) else 'unscanned'}, "
            f"{cfg.layer_types.count(FULL)} with K/V) and batch {batch}")

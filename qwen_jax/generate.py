@@ -192,17 +192,21 @@ def _slot_mask(mask: Array | None, b: int, t: int, index: int,
                    f"cache slot), found {tuple(mask.shape)}")
 
 
-def _check_left_padded(mask: Array | None, written: int) -> None:
-  """Raises ValueError unless every row of a concrete slot mask is left
-  padded over the slots written so far (`written`, this call's tokens
-  included): 0s, then 1s, ending with a token.
+def _check_mask(mask: Array | None, written: int) -> None:
+  """Checks a concrete mask's values, read to the host once: 0/1 or bool
+  (`check_mask_values`), and every row left padded over the slots written
+  so far (`written`, this call's tokens included): 0s, then 1s, ending
+  with a token.
 
   Right padding, or a row whose newest token is masked, would make the
   returned logits those of a padding position (the model reads the mask
   as given and cannot tell). Skipped for traced masks.
   """
   values = None if mask is None else host_values(mask)
-  if values is None or written == 0:
+  if values is None:
+    return
+  check_mask_values(values)
+  if written == 0:
     return
   rows = values[:, :written] != 0
   bad = np.flatnonzero(~rows[:, -1] | (rows[:, 1:] < rows[:, :-1]).any(1))
@@ -274,13 +278,12 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   b, t = prompt_ids.shape
   slots = cache_lib.check_cache(cfg, cache, b)
   index = int(cache["index"])
-  if attention_mask is not None:
-    check_mask_values(attention_mask)
   if slots is not None and index + t > slots:
     raise ValueError(f"prompt_ids: {t} tokens do not fit a cache of {slots} "
                      f"slots holding {index}")
   mask = _slot_mask(attention_mask, b, t, index, slots)
-  _check_left_padded(mask, index + t)
+  # The shape is checked: its first index + t columns are the slots written.
+  _check_mask(attention_mask, index + t)
   logits = None
   for start in range(0, t, prefill_block):
     chunk = prompt_ids[:, start:start + prefill_block]
@@ -330,8 +333,7 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
     if slots is not None and shape != (b, slots):
       raise ValueError(f"attention_mask: expected shape {(b, slots)} (every "
                        f"cache slot), found {shape}")
-    check_mask_values(attention_mask)
-    _check_left_padded(attention_mask, index + 1)
+    _check_mask(attention_mask, index + 1)
   return _decode_jit(cfg, params, tokens, cache, attention_mask)
 
 
