@@ -58,6 +58,7 @@ from qwen_jax import cache as cache_lib
 from qwen_jax import data
 from qwen_jax import train as train_lib
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
+from qwen_jax.config import check_int, is_int, is_real
 from qwen_jax.model import Qwen35
 
 DEFAULT_RATIOS = ("all-full", "1:1", "3:1", "7:1", "all-linear")
@@ -122,9 +123,6 @@ class StudyConfig:
       found = getattr(self, name) if found is None else found
       raise ValueError(f"{name}: expected {expected}, found {found!r}")
 
-    def is_int(v: Any) -> bool:
-      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
     for name, low in (("num_layers", 1), ("hidden_size", 1),
                       ("num_heads", 1), ("head_dim", 1), ("steps", 1),
                       ("batch_size", 2), ("seq_len", 1),
@@ -136,10 +134,9 @@ class StudyConfig:
       if not is_int(v) or v < low:
         bad(name, f"an int >= {low}")
     lr = self.learning_rate
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-        0 < lr < float("inf")):
+    if not is_real(lr) or not 0 < lr < float("inf"):
       bad("learning_rate", "a finite number > 0")
-    if not 0 < self.mqar_fraction < 1:
+    if not is_real(self.mqar_fraction) or not 0 < self.mqar_fraction < 1:
       bad("mqar_fraction", "a number in (0, 1)")
     n_mqar = int(round(self.batch_size * self.mqar_fraction))
     if not 1 <= n_mqar < self.batch_size:
@@ -178,9 +175,7 @@ class StudyConfig:
   def mqar(self, seq_len: int | None = None) -> data.MQARConfig:
     """The MQAR task at a length (pairs in proportion to the length)."""
     seq_len = self.seq_len if seq_len is None else seq_len
-    if isinstance(seq_len, bool) or not isinstance(
-        seq_len, (int, np.integer)) or seq_len < 1:
-      raise ValueError(f"seq_len: expected an int >= 1, found {seq_len!r}")
+    check_int("seq_len", seq_len, 1)
     pairs = min(self._pairs(seq_len), self.key_vocab)
     return data.MQARConfig(seq_len=seq_len, num_pairs=pairs,
                            key_vocab=self.key_vocab,

@@ -22,6 +22,7 @@ import numpy as np
 
 import qwen_jax
 from qwen_jax.config import PRESETS
+from qwen_jax.config import check_int
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS
@@ -85,8 +86,7 @@ def run_forward(cfg, params, batch: int, seq_len: int, seed: int,
   """
   for name, value in (("batch", batch), ("seq_len", seq_len),
                       ("repeats", repeats)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"--{name}: expected an int >= 1, found {value!r}")
+    check_int(f"--{name}", value, 1)
   model = qwen_jax.Qwen35(cfg)
   ids = np.random.default_rng(seed).integers(
       0, cfg.vocab_size, size=(batch, seq_len), dtype=np.int32)

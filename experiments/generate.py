@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen_jax
+from qwen_jax.config import is_int
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
 from qwen_jax.generate import stream
 
@@ -112,7 +113,7 @@ def _stop_tokens_error(stop_tokens: Sequence[Any] | None) -> str | None:
 def check_options(top_k: int = 0, top_p: float = 1.0,
                   stop_tokens: Sequence[Any] | None = None) -> None:
   """Raises ValueError naming the flag of a bad sampling option."""
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+  if not is_int(top_k) or top_k < 0:
     raise ValueError(f"--top_k: expected an int >= 0 (0 = off), found "
                      f"{top_k!r}")
   for error in (_top_p_error(top_p), _stop_tokens_error(stop_tokens)):

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from qwen_jax import data
 from qwen_jax import train as train_lib
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
+from qwen_jax.config import check_int as _check_int
 
 DATA_KINDS = ("mqar", "text")
 EVAL_FILE = "eval.json"
@@ -132,12 +133,6 @@ class Task:
   batch_fn: Callable[[int], data.Batch]
   eval_batches: Callable[[], list[data.Batch]]
   info: dict[str, Any]
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-  """Raises ValueError unless `value` is an int (not a bool) >= low."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
 
 
 def build_task(config: ml_collections.ConfigDict,

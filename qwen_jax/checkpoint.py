@@ -32,6 +32,7 @@ from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import hf_text_config
+from qwen_jax.config import is_int
 from qwen_jax.config import read_hf_config
 from qwen_jax.config import read_json_object
 
@@ -193,9 +194,6 @@ class SafetensorsFile:
 
   def _check_entry(self, key: str, info: Any, data_bytes: int) -> None:
     """Raises ValueError naming the file and tensor of a bad header entry."""
-    def is_int(x):
-      return isinstance(x, int) and not isinstance(x, bool)
-
     where = f"{self.path}: tensor {key}"
     if not isinstance(info, dict):
       raise ValueError(f"{where}: expected a header object, found {info!r}")

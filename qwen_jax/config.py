@@ -55,14 +55,22 @@ _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "scan_layers",
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _is_int(x: Any) -> bool:
+# The value predicates of the whole package (configs, data, training and the
+# experiment scripts): a bool is an int to Python, never to a check here.
+def is_int(x: Any) -> bool:
   """A Python or NumPy integer, not a bool."""
   return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
   """An int or float (Python or NumPy), not a bool."""
   return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+  """Raises ValueError naming `name` unless `value` is an int >= low."""
+  if not is_int(value) or value < low:
+    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
 
 
 def layer_types_from_ratio(ratio: str | tuple[int, int],
@@ -95,7 +103,7 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
             f"'all-linear', found {ratio!r}") from None
   else:
     if (not isinstance(ratio, (tuple, list)) or len(ratio) != 2 or
-        not all(_is_int(x) for x in ratio)):
+        not all(is_int(x) for x in ratio)):
       raise ValueError(
           f"ratio: expected 'linear:full' such as '3:1', 'all-full', "
           f"'all-linear' or a pair of integer counts (L, F), found {ratio!r}")
@@ -104,7 +112,7 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
     raise ValueError(f"ratio: expected non-negative counts, not both zero; "
                      f"found {lin}:{full}")
   period = lin + full
-  if not _is_int(num_layers):
+  if not is_int(num_layers):
     raise ValueError(f"num_layers: expected a positive integer, found "
                      f"{num_layers!r}")
   if num_layers < 1 or num_layers % period:
@@ -119,10 +127,10 @@ def layer_types_from_ratio(ratio: str | tuple[int, int],
 def layer_types_from_interval(interval: int,
                               num_layers: int) -> tuple[str, ...]:
   """transformers' rule: layer i is full attention iff (i + 1) % interval == 0."""
-  if not _is_int(interval) or interval < 1:
+  if not is_int(interval) or interval < 1:
     raise ValueError(f"full_attention_interval: expected a positive integer, "
                      f"found {interval!r}")
-  if not _is_int(num_layers) or num_layers < 0:
+  if not is_int(num_layers) or num_layers < 0:
     raise ValueError(f"num_layers: expected a non-negative integer, found "
                      f"{num_layers!r}")
   return tuple(FULL if (i + 1) % interval == 0 else LINEAR
@@ -321,12 +329,12 @@ class QwenConfig:
 
     for f in _POSITIVE_INT_FIELDS:
       x = getattr(self, f)
-      if not _is_int(x) or x < 1:
+      if not is_int(x) or x < 1:
         bad(f, "a positive integer", x)
       put(f, int(x))
     for f in _FLOAT_FIELDS:
       x = getattr(self, f)
-      if not _is_real(x) or not math.isfinite(x):
+      if not is_real(x) or not math.isfinite(x):
         bad(f, "a finite real number", x)
       put(f, float(x))
     for f in _BOOL_FIELDS:
@@ -337,11 +345,11 @@ class QwenConfig:
     for f in _TOKEN_ID_FIELDS:
       x = getattr(self, f)
       if f == "eos_token_id" and isinstance(x, (list, tuple)):
-        if not all(_is_int(i) for i in x):
+        if not all(is_int(i) for i in x):
           bad(f, "an integer, a list of integers or None", x)
         put(f, tuple(int(i) for i in x))
       elif x is not None:
-        if not _is_int(x):
+        if not is_int(x):
           bad(f, "an integer or None", x)
         put(f, int(x))
     for f in ("hidden_act", "dtype", "param_dtype", "remat_policy",
@@ -447,7 +455,7 @@ class QwenConfig:
     """
     n = changes.get("num_hidden_layers")
     if ("num_hidden_layers" in changes and "layer_types" not in changes and
-        _is_int(n) and n >= 1 and len(self.layer_types) != n):
+        is_int(n) and n >= 1 and len(self.layer_types) != n):
       period = self.layer_types[:self.period]
       if n % len(period):
         raise ValueError(
@@ -493,10 +501,10 @@ class QwenConfig:
     prf = rope.get("partial_rotary_factor",
                    d.get("partial_rotary_factor", 0.25))
     for name, x in (("rope_theta", theta), ("partial_rotary_factor", prf)):
-      if not _is_real(x):
+      if not is_real(x):
         raise ValueError(f"{name}: expected a real number, found {x!r}")
     n = d.get("num_hidden_layers", 32)
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
       raise ValueError(f"num_hidden_layers: expected a positive integer, "
                        f"found {n!r}")
     layer_types = d.get("layer_types")

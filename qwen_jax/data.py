@@ -29,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from qwen_jax.config import check_int as _check_int
 
 Batch = dict[str, np.ndarray]
 
@@ -41,13 +43,6 @@ BYTE_VOCAB = 256
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
   return np.random.default_rng([int(seed)] + [int(s) for s in stream])
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-  """Raises ValueError unless `value` is an int (not a bool) >= low."""
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < low):
-    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
 
 
 # --------------------------------------------------------------------- MQAR

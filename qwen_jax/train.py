@@ -50,7 +50,7 @@ import optax
 
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.checkpoint import save_hf_checkpoint
-from qwen_jax.config import FULL, QwenConfig
+from qwen_jax.config import FULL, QwenConfig, is_int, is_real
 from qwen_jax.model import Qwen35
 
 Batch = Mapping[str, Any]
@@ -143,9 +143,7 @@ class TrainConfig:
 
     def number(name: str, integer: bool = False) -> float:
       v = getattr(self, name)
-      kinds = (int, np.integer) if integer else (int, float, np.integer,
-                                                 np.floating)
-      if isinstance(v, bool) or not isinstance(v, kinds):
+      if not (is_int(v) if integer else is_real(v)):
         bad(name, "an int" if integer else "a number")
       if not integer and math.isnan(v):
         bad(name, "a number")
