@@ -60,6 +60,7 @@ from qwen_jax import cache as cache_lib
 from qwen_jax import sharding
 from qwen_jax.array_typing import PyTree
 from qwen_jax.config import QwenConfig
+from qwen_jax.config import is_int
 from qwen_jax.config import layer_types_from_ratio
 from qwen_jax.model import Qwen35
 
@@ -250,6 +251,9 @@ def check_lengths(cfg: QwenConfig, mesh: jax.sharding.Mesh, seq_len: int,
   if n > 1 and seq_len // n < k1:
     raise ConfigError(f"--seq_len: expected at least {k1} tokens per "
                       f"sequence shard, found {seq_len // n}")
+  if mode != "prefill" and max_len is not None:
+    raise ConfigError(f"--max_len: sets the cache slots of --mode prefill "
+                      f"only, found --max_len {max_len} with --mode {mode}")
   if mode == "prefill":
     slots = seq_len if max_len is None else max_len
     if slots < seq_len or slots > cfg.max_position_embeddings:
@@ -264,7 +268,7 @@ def check_blocks(attention_block: int, gdr_block: int | None) -> None:
                       ("gdr_block", gdr_block)):
     if value is None and name == "gdr_block":
       continue
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
       raise ConfigError(f"--{name}: expected a positive integer, found "
                         f"{value!r}")
 

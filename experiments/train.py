@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -359,6 +360,11 @@ def main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   config, workdir, export = (h.value for h in _HOLDERS)
+  try:  # the config and the resume, checked before anything is written
+    cfg, tcfg, _ = build(config)
+    train_lib.check_resume(workdir, cfg, tcfg)
+  except ValueError as e:  # a bad config: its message, not a traceback
+    sys.exit(f"experiments.train: error: {e}")
   summary = run(config, workdir, export_hf=export)
   print(format_summary(summary))
 

@@ -70,6 +70,7 @@ from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import gated_delta_rule as gdr
 from pallas_kernels.gated_delta_rule import seq_split
 from qwen_jax.array_typing import Array
+from qwen_jax.config import is_int
 
 _NEG = -1e30  # same fill as qwen_jax.attention: rows behave identically
 _FAR = np.iinfo(np.int32).max // 2  # position of padded keys (never seen)
@@ -99,6 +100,22 @@ class SPContext:
   attention_block_k: int = 512
   balance_attention: bool = True
   gdr_block: int | None = None
+
+  def __post_init__(self):
+    if self.seq_axis not in self.mesh.shape:
+      raise ValueError(f"seq_axis: expected an axis of the mesh "
+                       f"{dict(self.mesh.shape)}, found {self.seq_axis!r}")
+    for name in ("attention_block_q", "attention_block_k", "gdr_block"):
+      value = getattr(self, name)
+      if name == "gdr_block" and value is None:
+        continue
+      if not is_int(value) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1"
+                         f"{' or None' if name == 'gdr_block' else ''}, "
+                         f"found {value!r}")
+    if not isinstance(self.balance_attention, (bool, np.bool_)):
+      raise ValueError(f"balance_attention: expected True or False, found "
+                       f"{self.balance_attention!r}")
 
   @property
   def num_shards(self) -> int:

@@ -133,11 +133,15 @@ def make_mesh(spec: str | Mapping[str, int],
     shardings between the constraints the model sets).
 
   Raises:
-    ValueError: a bad spec (see `parse_mesh_spec`), or axis sizes whose
-      product differs from the number of devices.
+    ValueError: a bad spec (see `parse_mesh_spec`), a device given twice,
+      or axis sizes whose product differs from the number of devices.
   """
   sizes = parse_mesh_spec(spec)
   devices = list(jax.devices() if devices is None else devices)
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices: expected distinct devices, found "
+                     f"{len(devices) - len(set(devices))} repeated in "
+                     f"{devices}")
   total = math.prod(sizes.values())
   if total != len(devices):
     raise ValueError(

@@ -1,12 +1,15 @@
 """Bad input to the public gated delta rule: each gets a named ValueError.
 
 Covers `pallas_kernels.gated_delta_rule.gated_delta_rule` (implementations
-"recurrent", "chunked" and "pallas", the last in interpret mode on CPU),
-`BlockSizes`' int fields and `qwen_jax.sequence_parallel` without a
-context. Valid inputs next to each bad one still run (g = 0, very negative
-g, t = 0, a traced scale, block_sizes None or a `BlockSizes`). Tiny shapes:
-b = 1, t = 70, two heads, head dims 16.
+"recurrent", "chunked" and "pallas", the last in interpret mode on CPU,
+and its `interpret` argument), `BlockSizes`' int fields,
+`qwen_jax.sequence_parallel` without a context or with bad context fields,
+and a mesh given one device twice. Valid inputs next to each bad one still
+run (g = 0, very negative g, t = 0, a traced scale, block_sizes None or a
+`BlockSizes`). Tiny shapes: b = 1, t = 70, two heads, head dims 16.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from pallas_kernels.gated_delta_rule import block_sizes as block_sizes_lib
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 from qwen_jax import sequence_parallel as spm
+from qwen_jax import sharding
 from tests import tolerances
 
 B, T, H, D = 1, 70, 2, 16
@@ -156,6 +160,15 @@ def test_bad_scale_raises(impl, scale, found):
     _run(impl, _inputs(), scale=scale)
 
 
+@pytest.mark.parametrize("interpret", ["yes", 1, None])
+def test_bad_interpret_raises(interpret):
+  """A string or number for interpret is named as such, not read as a
+  request for TPU interpreter params (the message used to say that)."""
+  with pytest.raises(ValueError, match="interpret: expected True, False or "
+                     f"TPU interpreter params .*found {interpret!r}"):
+    _run("pallas", _inputs(), interpret=interpret)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_traced_scale(impl):
   """A traced scale works on every implementation, gradient included,
@@ -276,3 +289,31 @@ def test_sequence_parallel_ops_need_a_context():
     spm.causal_conv(lambda xb, sb: xb, x, 4)
   with pytest.raises(ValueError, match="ctx: sequence_parallel.attention"):
     spm.attention(jnp.zeros((B, T, 2, 8)), x[..., None], x[..., None])
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("gdr_block", 0, "gdr_block: expected an int >= 1 or None, found 0"),
+    ("gdr_block", -64, "gdr_block: expected an int >= 1 or None, found -64"),
+    ("gdr_block", 64.0, "gdr_block: expected an int >= 1 or None, found "
+     "64.0"),
+    ("attention_block_q", 0, "attention_block_q: expected an int >= 1, "
+     "found 0"),
+    ("attention_block_k", True, "attention_block_k: expected an int >= 1, "
+     "found True"),
+    ("balance_attention", "no", "balance_attention: expected True or False, "
+     "found 'no'"),
+    ("seq_axis", "sequence", "seq_axis: expected an axis of the mesh"),
+])
+def test_sequence_parallel_context_fields(field, value, match):
+  """gdr_block=0 used to run the whole shard in one call without a word."""
+  mesh = sharding.make_mesh("seq:1")
+  sharding.sp_context(mesh, gdr_block=64)  # valid
+  with pytest.raises(ValueError, match=re.escape(match)):
+    sharding.sp_context(mesh, **{field: value})
+
+
+def test_mesh_devices_must_be_distinct():
+  device = jax.devices()[0]
+  with pytest.raises(ValueError, match="devices: expected distinct devices, "
+                     "found 1 repeated"):
+    sharding.make_mesh("seq:2", devices=[device, device])

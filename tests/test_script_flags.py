@@ -195,3 +195,18 @@ def test_long_context_bad_blocks(attention_block, gdr_block, message):
 def test_long_context_good_blocks():
   long_context.check_blocks(512, None)
   long_context.check_blocks(1, 16)
+
+
+@pytest.mark.parametrize("mode", ["train", "forward"])
+def test_long_context_max_len_only_with_prefill(mode):
+  """--max_len sets the prefill cache; with another mode it used to be
+  ignored without a word."""
+  cfg = long_context.build_config("tiny", 256, mode=mode)
+  mesh = long_context.build_mesh("seq:1")
+  long_context.check_lengths(cfg, mesh, 256, 1, mode)
+  with pytest.raises(long_context.ConfigError, match=re.escape(
+      f"--max_len: sets the cache slots of --mode prefill only, found "
+      f"--max_len 512 with --mode {mode}")):
+    long_context.check_lengths(cfg, mesh, 256, 1, mode, max_len=512)
+  prefill = long_context.build_config("tiny", 256, mode="prefill")
+  long_context.check_lengths(prefill, mesh, 256, 1, "prefill", max_len=512)

@@ -31,6 +31,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 from absl import flags
 import jax
@@ -662,6 +664,22 @@ def test_train_script_flags_parse_config_overrides(tmp_path):
   assert cfg.layer_types == (LINEAR, LINEAR, LINEAR, FULL)
   assert task.info["task"]["num_pairs"] == 5
   assert cfg.vocab_size == task.vocab_size
+
+
+def test_train_script_names_a_bad_config_without_a_traceback(tmp_path):
+  """The command line: a bad config is one line naming the field (exit 1),
+  before the workdir is written."""
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train",
+       f"--config={os.path.join(CONFIG_DIR, 'mqar.py')}",
+       f"--workdir={workdir}", "--config.train.num_steps=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert ("experiments.train: error: config.train.num_steps: expected an "
+          "int >= 1, found 0") in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert not workdir.exists()
 
 
 def _with(config, path, value):
