@@ -23,6 +23,9 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_TILELANG=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# No shared compilation cache for the tests here (tests/conftest.py makes one
+# on CPU runs): not tried with the Triton kernels on a GPU yet.
+export QWEN_JAX_TEST_JAX_CACHE=0
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -14,6 +14,8 @@ the scripts) inherit it, so a program that several tests compile (the same
 tiny model at the same shapes) is compiled once. The cache is keyed by the
 program (HLO), the compile options, the backend and the jax version, so it
 returns only the executable that compiling would have produced.
+QWEN_JAX_TEST_JAX_CACHE=0 turns it off (experiments/gpu_checks.sh does: the
+GPU runs keep the configuration they were measured in).
 """
 
 import atexit
@@ -25,7 +27,8 @@ import pytest
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if ("JAX_COMPILATION_CACHE_DIR" not in os.environ
+    and os.environ.get("QWEN_JAX_TEST_JAX_CACHE", "1") != "0"):
   # Set before jax is imported (jax reads these at import), here in the
   # pytest process that starts the xdist workers, which inherit it.
   _cache_dir = tempfile.mkdtemp(prefix="qwen_jax_test_jax_cache_")
