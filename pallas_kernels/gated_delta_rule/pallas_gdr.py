@@ -488,9 +488,8 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
   """Checks the backend and tiles; returns the kernels' inputs and config:
   (q, k, v, scalars, initial state, _Config) in the padded layout."""
   backend = backend or block_sizes_lib.target_backend()
-  interpreter = getattr(_tpu_module(), "InterpretParams", None)
-  if not isinstance(interpret, (bool, np.bool_)) and not (
-      interpreter is not None and isinstance(interpret, interpreter)):
+  if not isinstance(interpret, (bool, np.bool_)) and not isinstance(
+      interpret, getattr(_tpu_module(), "InterpretParams", ())):
     raise ValueError(
         f"interpret: expected True, False or TPU interpreter params "
         f"(`tpu_interpreter()`), found {interpret!r}")
