@@ -84,6 +84,24 @@ def test_ids_under_jit_are_not_checked():
   assert out.shape == (B, T, VOCAB)
 
 
+def test_eager_model_does_not_read_g_to_the_host(monkeypatch):
+  """The layer forms g <= 0 itself, so the rule's value check (a host read
+  of g, waited for layer by layer in an un-jitted call) is skipped; the
+  public rule still checks a concrete g by default."""
+  from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
+  _, model, params = _setup()
+  want = np.asarray(_jitted()(params, _ids(), None))
+  reads = []
+  monkeypatch.setattr(api, "_check_log_decay", reads.append)
+  got = _apply(model, params, _ids())  # eager: g is concrete in each layer
+  assert reads == []
+  tolerances.assert_close(got, want, jnp.float32, scale=0.01)
+  x = jnp.ones((1, 8, 1, 4))
+  api.gated_delta_rule(x, x, x, -jnp.ones((1, 8, 1)), jnp.ones((1, 8, 1)),
+                       implementation="recurrent")
+  assert len(reads) == 1
+
+
 def test_float_ids_raise():
   _, model, params = _setup()
   with pytest.raises(ValueError, match="input_ids: expected integer"):

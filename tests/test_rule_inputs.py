@@ -79,6 +79,16 @@ def test_log_decay_values_accepted():
   assert want.shape == (B, T, H, D)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_check_values_false_skips_only_the_g_check(impl):
+  """For callers whose g is <= 0 by construction (the model's layer)."""
+  inputs = _inputs()
+  bad = dict(inputs, g=inputs["g"].at[0, 5, 1].set(0.3))
+  _run(impl, bad, check_values=False)  # not read: no error
+  with pytest.raises(ValueError, match="v: expected"):
+    _run(impl, dict(inputs, v=inputs["v"][..., :1, :]), check_values=False)
+
+
 def test_log_decay_values_not_checked_under_jit():
   """Traced g: no check, nothing added to the program (a value check
   cannot run under jit; the docstring says what g > 0 does there)."""

@@ -188,12 +188,12 @@ def _check_log_decay(g) -> None:
 
 
 def check_inputs(q, k, v, g, beta, initial_state=None, segment_ids=None,
-                 scale=None, chunk_size: int = 64, seq_splits: int = 1
-                 ) -> None:
+                 scale=None, chunk_size: int = 64, seq_splits: int = 1,
+                 check_values: bool = True) -> None:
   """The checks of `gated_delta_rule` on its array arguments and scale.
 
   Shapes and dtypes are static (checked under jit too); g's values only
-  where g is a concrete array (see `gated_delta_rule`). Also used by
+  where g is a concrete array and `check_values` (see `gated_delta_rule`). Also used by
   `qwen_jax.sequence_parallel.gated_delta_rule` on the global arrays, so
   that its errors name the shapes its caller passed.
 
@@ -203,7 +203,8 @@ def check_inputs(q, k, v, g, beta, initial_state=None, segment_ids=None,
   _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size,
             seq_splits)
   _check_scale(scale)
-  _check_log_decay(g)
+  if check_values:
+    _check_log_decay(g)
 
 
 def tiles_for(block_sizes, chunk_size: int, backend: str | None = None
@@ -243,6 +244,7 @@ def gated_delta_rule(
     segment_ids: jax.Array | None = None,
     seq_splits: int = 1,
     block_sizes: str | BlockSizes | None = "",
+    check_values: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Gated delta rule over a sequence (Gated DeltaNet's token mixer).
 
@@ -291,6 +293,11 @@ def gated_delta_rule(
       kernels would see: dv, padded on GPU, plus dk with seq_splits > 1),
       used only where the Pallas kernels run (tiling never changes the
       result beyond rounding).
+    check_values: check a concrete g's values (it is read to the host,
+      which waits for it). False skips only that check, for callers whose
+      g is <= 0 by construction: Qwen3.5's Gated DeltaNet layer forms it as
+      -exp(A_log) * softplus(.), and passes False so that a model called
+      without jit does not wait for every layer's g.
 
   Returns:
     (o [b, t, hv, dv] in v.dtype, final_state [b, hv, dk, dv] float32).
@@ -302,7 +309,7 @@ def gated_delta_rule(
       real scalar, or bad block sizes; each names the argument.
   """
   check_inputs(q, k, v, g, beta, initial_state, segment_ids, scale,
-               chunk_size, seq_splits)
+               chunk_size, seq_splits, check_values)
   name = _resolve(implementation, v.dtype)
   impl = _IMPLEMENTATIONS[name]
   if (block_sizes is not None and not isinstance(block_sizes, str)) or (
