@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gated_delta_rule import api
 import qwen_jax
 from qwen_jax import cache as cache_lib
 from qwen_jax import QwenConfig
@@ -88,7 +89,6 @@ def test_eager_model_does_not_read_g_to_the_host(monkeypatch):
   """The layer forms g <= 0 itself, so the rule's value check (a host read
   of g, waited for layer by layer in an un-jitted call) is skipped; the
   public rule still checks a concrete g by default."""
-  from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
   _, model, params = _setup()
   want = np.asarray(_jitted()(params, _ids(), None))
   reads = []

@@ -193,9 +193,10 @@ def check_inputs(q, k, v, g, beta, initial_state=None, segment_ids=None,
   """The checks of `gated_delta_rule` on its array arguments and scale.
 
   Shapes and dtypes are static (checked under jit too); g's values only
-  where g is a concrete array and `check_values` (see `gated_delta_rule`). Also used by
-  `qwen_jax.sequence_parallel.gated_delta_rule` on the global arrays, so
-  that its errors name the shapes its caller passed.
+  where g is a concrete array and `check_values` is true (see
+  `gated_delta_rule`). Also used by `qwen_jax.sequence_parallel.
+  gated_delta_rule` on the global arrays, so that its errors name the
+  shapes its caller passed.
 
   Raises:
     ValueError: naming the argument, what was expected and what was found.
