@@ -136,6 +136,11 @@ class Task:
   info: dict[str, Any]
 
 
+class ConfigError(ValueError):
+  """A bad config, or a workdir the config cannot resume: raised by `run`
+  before anything is written (the message names the field)."""
+
+
 def build_task(config: ml_collections.ConfigDict,
                tcfg: train_lib.TrainConfig) -> Task:
   """The Task of `config.data` / `config.eval` at tcfg's batch shape.
@@ -225,13 +230,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     The summary written to eval.json.
 
   Raises:
-    ValueError: a bad config, or a checkpoint in `workdir` that this run
-      cannot resume (another model, gradient clipping switched on or off,
+    ConfigError (a ValueError): a bad config, or a checkpoint in `workdir`
+      that this run cannot resume (another model, gradient clipping switched on or off,
       num_steps below its step): both before anything is written.
   """
-  cfg, tcfg, task = build(config)
-  # Refuse a resume before run_config.json is overwritten.
-  train_lib.check_resume(workdir, cfg, tcfg)
+  try:
+    cfg, tcfg, task = build(config)
+    # Refuse a resume before run_config.json is overwritten.
+    train_lib.check_resume(workdir, cfg, tcfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -360,12 +368,10 @@ def main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   config, workdir, export = (h.value for h in _HOLDERS)
-  try:  # the config and the resume, checked before anything is written
-    cfg, tcfg, _ = build(config)
-    train_lib.check_resume(workdir, cfg, tcfg)
-  except ValueError as e:  # a bad config: its message, not a traceback
+  try:
+    summary = run(config, workdir, export_hf=export)
+  except ConfigError as e:  # a bad config: its message, not a traceback
     sys.exit(f"experiments.train: error: {e}")
-  summary = run(config, workdir, export_hf=export)
   print(format_summary(summary))
 
 
