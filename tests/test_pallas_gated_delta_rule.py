@@ -935,7 +935,7 @@ _BENCH_BOUND_MIB = 16 * 512 * 128 * 128 * 2 / 2**20
     ("recompute_states=True/fwd_block=4096/bwd_block=4096", True),
     ("recompute_states=paired/fwd_block=4096/bwd_block=4096", True),
     ("recompute_states=paired/fwd_block=4096/bwd_block=4096/"
-     "block_loop=unroll", True),
+     "block_loop=scan", True),
 ])
 def test_memory_bound_at_the_benchmark_shape(spec, within, count):
   """Forward+backward's temporaries as an operation at the benchmark's
@@ -1043,10 +1043,11 @@ def test_blocks_read_whole_arrays_at_an_offset(spec):
 
 def test_backward_in_blocks_lowers_for_cuda():
   """bwd_block: the backward's five kernels inside a loop over whole
-  blocks, and once more for the shorter last block (130 tokens, 192
-  padded: one block of 128 in the loop, then 64)."""
+  blocks (block_loop "scan"), and once more for the shorter last block
+  (130 tokens, 192 padded: one block of 128 in the loop, then 64)."""
   text = _grad_lowered_for_cuda(
-      dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128),
+      dataclasses.replace(BlockSizes.get_default("gpu"), bwd_block=128,
+                          block_loop="scan"),
       t=130, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 5 + 5
   assert "stablehlo.while" in text
@@ -1054,10 +1055,12 @@ def test_backward_in_blocks_lowers_for_cuda():
 
 def test_forward_in_blocks_lowers_for_cuda():
   """fwd_block: the forward's three kernels for the first block, inside a
-  loop for the next whole ones, and for the shorter last block (300
-  tokens, 320 padded: 128, 128, 64), then the backward's five."""
+  loop (block_loop "scan") for the next whole ones, and for the shorter
+  last block (300 tokens, 320 padded: 128, 128, 64), then the backward's
+  five."""
   text = _grad_lowered_for_cuda(
-      dataclasses.replace(BlockSizes.get_default("gpu"), fwd_block=128),
+      dataclasses.replace(BlockSizes.get_default("gpu"), fwd_block=128,
+                          block_loop="scan"),
       t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 + 3 + 3 + 5
   assert "stablehlo.while" in text
@@ -1066,10 +1069,11 @@ def test_forward_in_blocks_lowers_for_cuda():
 def test_stored_states_of_every_other_chunk_lower_for_cuda():
   """state_stride 2 with the forward and backward in blocks of two chunks
   (300 tokens, 320 padded: 2, 2 and 1 chunks): prep and state_out per
-  forward block, five kernels per backward block, loops for both."""
+  forward block, five kernels per backward block, loops for both
+  (block_loop "scan")."""
   text = _grad_lowered_for_cuda(BlockSizes.from_spec(
-      "output_in_state=True/fwd_block=128/bwd_block=128/state_stride=2",
-      "gpu"), t=300, d=128)
+      "output_in_state=True/fwd_block=128/bwd_block=128/state_stride=2/"
+      "block_loop=scan", "gpu"), t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 * 5
   assert text.count("stablehlo.while") == 2
 
@@ -1120,7 +1124,7 @@ def test_unrolled_blocks_equal_the_scan():
   rng = np.random.default_rng(17)
   r_o = jnp.asarray(rng.normal(size=inputs["v"].shape), jnp.float32)
   out = {}
-  for loop in ("scan", "unroll"):
+  for loop in ("scan", "unroll", "auto"):
     bs = BlockSizes.from_spec(f"{spec}/block_loop={loop}", "gpu")
 
     def loss(*args, bs=bs):
@@ -1132,7 +1136,10 @@ def test_unrolled_blocks_equal_the_scan():
     args = [inputs[n] for n in NAMES]
     eqns = _eqns(jax.grad(lambda *a: loss(*a)[0]), *args)
     loops = [e for e in eqns if e.primitive.name in ("scan", "while")]
+    # "auto" (the default) unrolls four blocks (AUTO_UNROLL_BLOCKS).
     assert bool(loops) == (loop == "scan"), (loop, len(loops))
+    if loop == "auto":
+      break  # the same program as "unroll"
     (_, (o, st)), grads = jax.jit(jax.value_and_grad(
         loss, argnums=tuple(range(6)), has_aux=True))(*args)
     out[loop] = (o, st, *grads)
@@ -1141,14 +1148,43 @@ def test_unrolled_blocks_equal_the_scan():
     tolerances.assert_close(a, b, jnp.float32, scale=0.01, err_msg=name)
 
 
+def test_auto_block_loop_scans_beyond_its_cap(monkeypatch):
+  """block_loop "auto" (the default) unrolls a loop of at most
+  AUTO_UNROLL_BLOCKS blocks and scans a longer one, counted in blocks:
+  the paired backward takes two a step. Four blocks of one chunk under
+  recompute_states "paired": the forward's loop takes three blocks, the
+  backward's one step of two. A cap of 3 unrolls both, 2 scans the
+  forward's alone, 1 both (counting the backward's steps instead of its
+  blocks would unroll it)."""
+  inputs = make_inputs(23, 256, b=1, hk=1, hv=1, dk=16, dv=16)
+  args = [inputs[n] for n in NAMES]
+  bs = BlockSizes.from_spec(
+      "recompute_states=paired/fwd_block=64/bwd_block=64", "gpu")
+  assert bs.block_loop == "auto"
+
+  def loss(*a):
+    o, st = pallas_gdr.gated_delta_rule_pallas(
+        *a, block_sizes=bs, interpret=True, backend="gpu")
+    return jnp.sum(o) + jnp.sum(st)
+
+  def loops(cap):
+    monkeypatch.setattr(block_sizes, "AUTO_UNROLL_BLOCKS", cap)
+    return sum(e.primitive.name in ("scan", "while")
+               for e in _eqns(jax.grad(loss, argnums=tuple(range(6))),
+                              *args))
+
+  assert [loops(cap) for cap in (3, 2, 1)] == [0, 1, 2]
+
+
 def test_recomputed_states_lower_for_cuda():
   """recompute_states with blocks of two chunks (300 tokens, 320 padded:
   2, 2 and 1 chunks): prep (with P) and state_out per forward block (no
   states written), and per backward block prep, state_fwd (the block's
-  states again), bwd_pdo, state_bwd, bwd_out and wy; loops for both."""
+  states again), bwd_pdo, state_bwd, bwd_out and wy; loops for both
+  (block_loop "scan")."""
   text = _grad_lowered_for_cuda(BlockSizes.from_spec(
-      "recompute_states=True/fwd_block=128/bwd_block=128", "gpu"),
-      t=300, d=128)
+      "recompute_states=True/fwd_block=128/bwd_block=128/block_loop=scan",
+      "gpu"), t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 3 * 2 + 2 * 6
   assert text.count("stablehlo.while") == 2
   for name in ("state_out", "state_fwd", "bwd_pdo"):
@@ -1162,11 +1198,12 @@ def test_paired_recomputed_states_lower_for_cuda():
   backward runs the last block's prep and state_fwd alone, then per block
   bwd_pdo, the prep of the block before, one state_pair (this block's
   state_bwd, the one before's state_fwd), bwd_out and wy: block 4, block
-  3 (an odd one out), then blocks 2 and 1 in a loop of two blocks a step;
-  and for block 0 bwd_pdo, state_bwd, bwd_out and wy."""
+  3 (an odd one out), then blocks 2 and 1 in a loop of two blocks a step
+  (block_loop "scan"); and for block 0 bwd_pdo, state_bwd, bwd_out and
+  wy."""
   text = _grad_lowered_for_cuda(BlockSizes.from_spec(
-      "recompute_states=paired/fwd_block=64/bwd_block=64", "gpu"),
-      t=300, d=128)
+      "recompute_states=paired/fwd_block=64/bwd_block=64/block_loop=scan",
+      "gpu"), t=300, d=128)
   assert text.count(_CUSTOM_CALLS["cuda"]) == 2 * 2 + 2 + 5 * 4 + 4
   assert text.count("stablehlo.while") == 2
   assert text.count('"gated_delta_rule_state_pair"') == 4

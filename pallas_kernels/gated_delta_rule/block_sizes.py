@@ -42,7 +42,16 @@ KERNELS = ("split", "fused")
 #   "unroll": a Python loop, each block's kernels written out in the
 #     program: no loop on the device (where XLA's loop costs a step, it is
 #     gone), and more to compile for many blocks.
-BLOCK_LOOPS = ("scan", "unroll")
+#   "auto" (the default): "unroll" when the loop takes at most
+#     `AUTO_UNROLL_BLOCKS` blocks, else "scan". On the H100 (2026-11-27,
+#     fifteenth session, BENCHMARKS.md; 32k tokens in blocks of 4096, 7
+#     blocks in the loop) unrolled blocks took 2.6% (recompute_states
+#     "paired") and 10% (recompute_states=True) less forward+backward
+#     time than scanned ones, within the same memory bound; the cap keeps
+#     the program (and its compile) from growing with long sequences in
+#     short blocks.
+BLOCK_LOOPS = ("auto", "scan", "unroll")
+AUTO_UNROLL_BLOCKS = 16
 
 # How the split kernels compute f32 x f32 products (`BlockSizes.f32_dot`).
 # "highest" is IEEE f32; on Triton that is a dot on the CUDA cores, not the
@@ -251,8 +260,9 @@ class BlockSizes:
       Needs output_in_state=True (the three-kernel forward's output
       kernel reads every chunk's state), and fwd_block / bwd_block of
       whole pairs of chunks.
-    block_loop: "scan" or "unroll", see `BLOCK_LOOPS`: how fwd_block and
-      bwd_block step from block to block; the same kernels either way.
+    block_loop: "auto", "scan" or "unroll", see `BLOCK_LOOPS`: how
+      fwd_block and bwd_block step from block to block; the same kernels
+      either way.
     recompute_states: False, or True: the forward under autodiff stores
       no per-chunk states, only the state entering each block of
       bwd_block tokens (f32, one [dk, dv] per block and head), and the
@@ -290,7 +300,7 @@ class BlockSizes:
   fwd_block: int | None = None
   state_stride: int = 1
   recompute_states: bool | str = False
-  block_loop: str = "scan"
+  block_loop: str = "auto"
 
   def __post_init__(self):
     # Types first (a spec's unparsed value stays a string; True is an int
@@ -449,6 +459,13 @@ class BlockSizes:
       # left out their output kernel: BENCHMARKS.md). fwd_block, bwd_block
       # and state_stride stay off: the memory-lean form (2048 / 2048 /
       # 2) took 9.05 ms forward+backward (BENCHMARKS.md).
+      # Timed end to end on an H100 (2026-11-27, fifteenth session,
+      # three processes): these defaults took 5.88 to 6.01 ms
+      # forward+backward against FLA's 6.58 to 6.71, and 1.345 to 1.368
+      # ms forward (queued) against 1.372 to 1.387. recompute_states
+      # ("paired", blocks of 4096, unrolled) met the memory bound (255
+      # MiB against 980) at 6.58 to 6.70 ms: FLA's speed, 10% to 13%
+      # over these, so it stays an option.
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,

@@ -24,6 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import kernel
 from pallas_kernels.gated_delta_rule import kernel_split as ks
 
@@ -507,8 +508,9 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
 
   entering = [s0[None]]  # the state entering each block
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
-  (s, o, h), mid = _over_blocks(
-      lambda j, carry: (step(j * per, per, *carry), carry[0]), (s, o, h),
+  (s, o, h), mid = _over_blocks(  # mid: the states entering, if kept
+      lambda j, carry: (step(j * per, per, *carry),
+                        carry[0] if starts else None), (s, o, h),
       range(1, full), bs.block_loop)
   if mid is not None:
     entering.append(mid)
@@ -737,14 +739,18 @@ def _place(dsc, dsc_block, start):
 
 
 def _over_blocks(step, carry, blocks: range, loop: str,
-                 reverse: bool = False):
+                 reverse: bool = False, blocks_per_step: int = 1):
   """(carry, ys) after `carry, y = step(j, carry)` for the whole blocks j
   in `blocks`, first to last or (`reverse`) last to first, the ys
   stacked in block order (None if the steps give None or there are no
   blocks): a `lax.scan`, or with `loop` "unroll" (`BlockSizes.block_loop`)
-  a Python loop."""
+  a Python loop; "auto" unrolls when the steps take at most
+  `AUTO_UNROLL_BLOCKS` blocks (`blocks_per_step` a step)."""
   if not blocks:
     return carry, None
+  if loop == "auto":
+    loop = ("unroll" if len(blocks) * blocks_per_step
+            <= block_sizes.AUTO_UNROLL_BLOCKS else "scan")
   if loop == "scan":
     return lax.scan(lambda carry, j: step(j, carry), carry,
                     jnp.arange(blocks.start, blocks.stop), reverse=reverse)
@@ -831,7 +837,8 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
     return step(2 * i + 1, per, carry, pair=True), None
 
   carry, _ = _over_blocks(two, carry, range(top // 2),
-                          cfg.block_sizes.block_loop, reverse=True)
+                          cfg.block_sizes.block_loop, reverse=True,
+                          blocks_per_step=2)
   ds, grads, dsc, _ = step(0, per, carry, pair=False)
   return (*grads, dsc, ds)
 
