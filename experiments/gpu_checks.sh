@@ -7,14 +7,15 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests defaults32k lean32k memory32k ncu_blocks32k
-# warps32k scaling8k model, in order of priority; on the H100 of 2026-11-27
-# (ninth session) env, tests (4 xdist workers), memory32k, scaling8k,
-# ncu32k and model (4 workers) took 11, 90, 30, 36, 40 and 145 s, and
-# options32k more than its 330; the others are new; run them as
-# `BUDGET_S=560 bash experiments/gpu_checks.sh` in a 600 s call, which
-# skips what no longer fits, and what was skipped in a second call if the
-# lease has time left).
+# Steps (default: env tests ncu_blocks32k warps32k lean32k defaults32k
+# memory32k scaling8k model, in order of priority; on the H100 of
+# 2026-11-27 (fifteenth session) env, tests (4 xdist workers),
+# defaults32k, memory32k, lean32k (then without FLA), model (4 workers)
+# and scaling8k took 10, 135, 212, 44, 116, 128 and 36 s; ncu_blocks32k
+# and warps32k are yet to run; run them as `BUDGET_S=560 bash
+# experiments/gpu_checks.sh` in a 600 s call, which skips what no longer
+# fits, and what was skipped in a second call if the lease has time
+# left).
 # Also: options32k hlo32k ncu32k bench32k tests_all profile32k prep32k
 # best32k final32k base32k split32k scaling bench8k.
 set -u
@@ -71,7 +72,7 @@ NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests defaults32k lean32k memory32k ncu_blocks32k warps32k scaling8k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests ncu_blocks32k warps32k lean32k defaults32k memory32k scaling8k model)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -121,20 +122,17 @@ for s in "${steps[@]}"; do
     # o (before 2026-11-27 XLA dropped the output kernel from it).
     defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
-    # The memory-lean forms end to end (10 runs; XLA's temporaries of the
-    # timed program beside): no per-chunk states stored, each backward
-    # block's recomputed by state_fwd (recompute_states; jaxpr count 158
-    # MiB at 32k in blocks of 4096, against 256 of per-chunk states),
-    # first "paired" (each block's state_fwd in one launch with the next
-    # block's state_bwd, twice the programs, two an SM; 249 MiB), which is
-    # what may make it as fast as the unblocked defaults; each with its
-    # blocks in a lax.scan and unrolled (block_loop: blocks of 4096 cost
-    # ~0.11 ms a backward block on 2026-11-27, 7.72 ms forward+backward
-    # against 6.72 unblocked; if unrolled blocks cost less, the loop was
-    # the cost); last the output inside the sequential pass with blocks
-    # of 4096, the form timed that day.
-    lean32k) bench lean32k 240 32768 10 --implementations pallas \
-      --pallas_variants "recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=unroll,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/block_loop=unroll,output_in_state=True/fwd_block=4096/bwd_block=4096" ;;
+    # The memory-lean forms end to end beside FLA (10 runs; XLA's
+    # temporaries of the timed program beside): no per-chunk states
+    # stored, each backward block's recomputed (recompute_states) in
+    # blocks of 4096. On 2026-11-27 (fifteenth session) "paired" unrolled
+    # took 6.70 ms forward+backward against 5.92 for the unblocked
+    # defaults and 6.58 for FLA (another process), scanned 6.88: so
+    # "paired" under block_loop "auto" (unrolled), its pair in 3
+    # pipelining stages (one program an SM, two waves, against two an SM
+    # in 2 stages), scanned, and recompute_states=True.
+    lean32k) bench lean32k 240 32768 10 --implementations pallas,fla \
+      --pallas_variants "recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/kernel_stages=state_pair:3,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=scan,recompute_states=True/fwd_block=4096/bwd_block=4096" ;;
     # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
     # points to (latency-bound kernels with 1 or 2 programs an SM): the
     # prep with P in 2 warps (ptxas spills 508 bytes there against 196
@@ -170,12 +168,15 @@ for s in "${steps[@]}"; do
     # on the CPU (triton_resources.xla_temporaries, which gave 980.0,
     # 373.0 and 208.5 MiB as the H100 did for the defaults and the
     # output_in_state forms of 2026-11-27): 980.0, then 157.0, 248.0 and
-    # 248.0; the last two hold only if the GPU's scheduler keeps the
-    # blocks' ordering barriers (docs/kernels.md, "XLA's own count").
+    # 248.0; the H100 of the fifteenth session gave 980.0, 157.0 and
+    # 248.0 scanned, 255.0 for "paired" unrolled (the blocks' ordering
+    # barriers held: docs/kernels.md, "XLA's own count"). Since then
+    # block_loop "auto" unrolls these 8 blocks: recompute_states=True and
+    # "paired" as the default runs them, then "paired" scanned.
     memory32k)
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-        --op_memory --pallas_variants "recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=unroll" ;;
+        --op_memory --pallas_variants "recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=scan" ;;
     # XLA's optimised GPU programs of memory32k's tilings (forward+backward
     # as an operation), for reading on a CPU afterwards: whether the blocked
     # forms' scans copy whole-sequence arrays (o, h, dq, dk, dv) each step
