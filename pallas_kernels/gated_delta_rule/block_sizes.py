@@ -243,8 +243,8 @@ class BlockSizes:
       its loop anyway, so they take True only from split and ignore
       "inference".
     bwd_block: None, or a multiple of chunk_size: the split backward takes
-      the sequence in blocks of this many tokens, last to first (a
-      `lax.scan`), so its intermediates (T, w, u, v', dv', the state
+      the sequence in blocks of this many tokens, last to first (stepped
+      as `block_loop` says), so its intermediates (T, w, u, v', dv', the state
       cotangents, the dk partial) exist for one block at a time beside the
       stored per-chunk states. None: the whole sequence at once.
     fwd_block: None, or a multiple of chunk_size: the split forward takes
