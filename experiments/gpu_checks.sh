@@ -144,6 +144,21 @@ for s in "${steps[@]}"; do
     # "paired" (its state_pair against state_fwd + state_bwd: two passes
     # side by side, two programs an SM, or one after the other?), bwd_pdo
     # in 4 warps and in 2.
+    lean2_32k)  # sixteenth session: the forward unblocked or in blocks of
+      # several backward blocks (state_out writes the states entering the
+      # backward's blocks), (dg, dbeta) summed inside wy
+      bench lean2_32k 240 32768 20 --implementations pallas,fla \
+      --pallas_variants "recompute_states=paired/fwd_block=None/bwd_block=4096,recompute_states=paired/fwd_block=16384/bwd_block=4096,recompute_states=paired/fwd_block=None/bwd_block=4096/kernel_stages=state_pair:3,recompute_states=paired/fwd_block=4096/bwd_block=4096" ;;
+    memory2_32k)
+      step memory2_32k 200 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --op_memory --pallas_variants "recompute_states=paired/fwd_block=None/bwd_block=4096,recompute_states=paired/fwd_block=16384/bwd_block=4096,recompute_states=True/fwd_block=None/bwd_block=4096" ;;
+    repeat2_32k)  # a second process, FLA first
+      step repeat2_32k 200 python3 -m experiments.bench_gated_delta_rule \
+        --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
+        --implementations fla,pallas --iters 40 --warmup 3 \
+        --pallas_variants "${REPEAT_VARIANT:-recompute_states=paired/fwd_block=None/bwd_block=4096}" \
+        --json_out "$OUT/repeat2_32k.json" ;;
     warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \

@@ -165,14 +165,17 @@ CASES = {
         state_stride=2, fwd_block=128, bwd_block=128),
     # No per-chunk states stored (recompute_states): the backward forms
     # each block's again from the state entering it with state_fwd. Five
-    # chunks in blocks of two and a last one of one, slow decays and
-    # documents across blocks (the GPU defaults: the output inside the
-    # sequential pass under autodiff too, as nothing is stored); in bf16
-    # with segments and the three-kernel forward, blocks of three chunks
-    # and a last one of two; one block that takes the whole sequence.
+    # chunks in backward blocks of two and a last one of one, the forward
+    # in one block (its sequential pass writes the state entering each
+    # backward block), slow decays and documents across blocks (the GPU
+    # defaults: the output inside the sequential pass under autodiff too,
+    # as nothing is stored); in bf16 with segments and the three-kernel
+    # forward, blocks of three chunks and a last one of two (the forward's
+    # blocks hand those states on); one block that takes the whole
+    # sequence.
     "t300_slow_decay_long_docs_recompute": Case(
         300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
-        fwd_block=128, bwd_block=128, recompute_states=True),
+        fwd_block=None, bwd_block=128, recompute_states=True),
     "t300_bf16_segments_recompute": Case(
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
@@ -185,10 +188,12 @@ CASES = {
     # last paired with block 3, block 3 with block 2 as the odd one out of
     # the loop, which takes two blocks a step: blocks 2 and 1; block 0
     # alone); in bf16 with segments, blocks of three chunks and a last one
-    # of two (no loop). Unrolled: test_unrolled_blocks_equal_the_scan.
+    # of two (no loop). The first with the forward in blocks of three
+    # backward blocks and a last one of two. Unrolled:
+    # test_unrolled_blocks_equal_the_scan.
     "t300_slow_decay_long_docs_paired": Case(
         300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
-        fwd_block=64, bwd_block=64, recompute_states="paired"),
+        fwd_block=192, bwd_block=64, recompute_states="paired"),
     "t300_bf16_segments_paired": Case(
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
@@ -529,16 +534,30 @@ def test_block_sizes_validation():
     BlockSizes(state_stride=2)  # the output kernel reads every state
   with pytest.raises(ValueError, match="bwd_block.*pairs"):
     BlockSizes(state_stride=2, output_in_state=True, bwd_block=192)
-  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
+  # The three-kernel forward hands on the states entering the backward's
+  # blocks from its own blocks: the same blocks.
+  with pytest.raises(ValueError, match="recompute_states.*output_in_state="
+                     "False.*fwd_block must equal"):
     BlockSizes(recompute_states=True, bwd_block=128)  # no forward blocks
-  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
-    BlockSizes(recompute_states=True, fwd_block=128, bwd_block=256)
+  with pytest.raises(ValueError, match="recompute_states.*fwd_block must "
+                     "equal"):
+    BlockSizes(recompute_states=True, fwd_block=256, bwd_block=128)
+  # state_out writes them: forward blocks of whole backward blocks, or none.
+  with pytest.raises(ValueError, match="recompute_states: fwd_block must be "
+                     "None or a multiple of bwd_block"):
+    BlockSizes(recompute_states=True, output_in_state="inference",
+               fwd_block=384, bwd_block=256)
+  for fwd_block in (None, 128, 512):
+    assert BlockSizes(recompute_states="paired", output_in_state=True,
+                      fwd_block=fwd_block, bwd_block=128).fwd_block == (
+                          fwd_block)
   with pytest.raises(ValueError, match="recompute_states.*state_stride"):
     BlockSizes(recompute_states=True, fwd_block=128, bwd_block=128,
                output_in_state=True, state_stride=2)
   with pytest.raises(ValueError, match="recompute_states: expected"):
     BlockSizes(recompute_states="yes", fwd_block=128, bwd_block=128)
-  with pytest.raises(ValueError, match="recompute_states.*fwd_block equal"):
+  with pytest.raises(ValueError, match="recompute_states: needs.*a "
+                     "bwd_block"):
     BlockSizes(recompute_states="paired", fwd_block=128)
   assert BlockSizes.from_spec(
       "recompute_states=paired/fwd_block=128/bwd_block=128",
@@ -1102,7 +1121,7 @@ def test_recomputed_states_keep_no_per_chunk_states_for_the_backward():
   kinds = sorted(
       "qkv" if (x.shape, x.dtype) == (args[0].shape, args[0].dtype)
       else "scalars" if x.shape[:3] == (b, t, hv) and x.shape[3] <= 4
-      else "entering" if (x.shape, x.dtype) == ((t // 256, b, hv, d, d),
+      else "entering" if (x.shape, x.dtype) == ((b, hv, t // 256, d, d),
                                                  jnp.float32)
       else f"other {x.shape} {x.dtype}" for x in res)
   assert kinds.count("qkv") == 3 and kinds.count("entering") == 1, kinds

@@ -271,8 +271,11 @@ class BlockSizes:
       before its own kernels; its parallel bwd_local then forms P^T dO
       alone ("bwd_pdo"). One more sequential pass in the backward for
       no stored states: with blocks, what the rule holds is one block's
-      intermediates. Needs fwd_block == bwd_block (the forward's blocks
-      hand over the states the backward starts from) and state_stride 1.
+      intermediates. Needs state_stride 1, and fwd_block None or a
+      multiple of bwd_block (the forward's sequential pass, `state_out`,
+      writes the state entering each backward block as it passes it;
+      with output_in_state False the three-kernel forward's blocks hand
+      them on instead, so there fwd_block == bwd_block).
       "paired": the same, with the recomputation of each block's states
       run beside the backward pass of the block after it: blocks j and
       j - 1 are independent there (j's state cotangent pass needs its own
@@ -396,13 +399,28 @@ class BlockSizes:
     _bool_or("recompute_states", self.recompute_states, "paired")
     if self.recompute_states and (
         self.kernels != "split" or self.bwd_block is None
-        or self.fwd_block != self.bwd_block or self.state_stride != 1):
+        or self.state_stride != 1):
       raise ValueError(
-          "recompute_states: needs kernels='split' with fwd_block equal to "
-          "bwd_block (the forward's blocks hand the backward the state "
-          "entering each block) and state_stride=1; found kernels="
-          f"{self.kernels!r}, fwd_block={self.fwd_block!r}, bwd_block="
-          f"{self.bwd_block!r}, state_stride={self.state_stride!r}")
+          "recompute_states: needs kernels='split' with a bwd_block (the "
+          "backward recomputes each block's states from the state entering "
+          "it) and state_stride=1; found kernels="
+          f"{self.kernels!r}, bwd_block={self.bwd_block!r}, state_stride="
+          f"{self.state_stride!r}")
+    if self.recompute_states and self.fwd_block != self.bwd_block:
+      if self.state_out_for(False):
+        if self.fwd_block is not None and self.fwd_block % self.bwd_block:
+          raise ValueError(
+              "recompute_states: fwd_block must be None or a multiple of "
+              "bwd_block (the forward's sequential pass writes the state "
+              "entering each backward block; a forward block starts on "
+              f"one); found fwd_block={self.fwd_block}, bwd_block="
+              f"{self.bwd_block}")
+      else:
+        raise ValueError(
+            "recompute_states: with output_in_state=False (the three-kernel "
+            "forward, whose blocks hand on the state entering each backward "
+            "block) fwd_block must equal bwd_block; found fwd_block="
+            f"{self.fwd_block!r}, bwd_block={self.bwd_block!r}")
     if self.kernels == "split" and self.chunk_loop != "kernel":
       raise ValueError("kernels: 'split' loops over chunks inside its "
                        "sequential kernels (chunk_loop='kernel'); found "

@@ -568,14 +568,14 @@ def bwd_out_kernel(q_ref, k_ref, vn_ref, h_ref, dh_ref, aux_ref, do_ref,
   dg_ref[...] = jnp.where(_iota(dg_ref.shape, 1) == 0, dg, 0.0)
 
 
-def _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, dbeta):
-  """(dg part, dbeta part) [c, 2] of the WY path: through A (da; kkg is
-  k k^T * Gamma), through w (kdxw = rowsum(k * T^T dw)), plus `dbeta` from
-  elsewhere."""
+def _write_wy_scalars(dsc_ref, da, kkg, beta, eg, kdxw, dbeta, dscin):
+  """(dg, dbeta) [c, 2]: `dscin` (bwd_out's part) plus the WY path's,
+  through A (da; kkg is k k^T * Gamma), through w (kdxw = rowsum(k * T^T
+  dw)), plus `dbeta` from elsewhere."""
   dakkg = da * kkg
   dbeta = dbeta + eg * kdxw + jnp.sum(dakkg, axis=1, keepdims=True)
   dg = _decay_grad(dakkg * beta, beta * kdxw * eg, jnp.zeros((1, 1), _F32))
-  dsc_ref[...] = jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
+  dsc_ref[...] = dscin + jnp.where(_iota(dsc_ref.shape, 1) == 0, dg, dbeta)
 
 
 def _strict_lower(x):
@@ -584,8 +584,8 @@ def _strict_lower(x):
 
 
 def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, vn_ref, dvn_ref, h_ref,
-              dkin_ref, dk_ref, dv_ref, dsc_ref, *, has_segments: bool,
-              block: int | None, d: Dots):
+              dkin_ref, dscin_ref, dk_ref, dv_ref, dsc_ref, *,
+              has_segments: bool, block: int | None, d: Dots):
   """Gradients through u = T(beta v), w = T(beta e^G k), T = (I + A)^-1
   (parallel over chunks).
 
@@ -595,8 +595,9 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, vn_ref, dvn_ref, h_ref,
     T^T dT T^T = dxu u^T + dxw w^T = dxu (u - w h_n)^T = dxu v'^T,
   so dA = -dxu v'^T (strictly lower) from the v' the backward already
   has: neither dT, nor dw, nor u and w are formed or read. Writes dv, the
-  rest of dk (plus dkin, bwd_out's part) and (dg part, dbeta part) as
-  [c, 2]. With `block`, dk is taken that many columns at a time.
+  rest of dk (plus dkin, bwd_out's part) and (dg, dbeta) as [c, 2] (plus
+  dscin, bwd_out's part: the chunk's whole scalar gradients, so that no
+  XLA op outside sums the two). With `block`, dk is taken that many columns at a time.
   """
   t = t_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)
@@ -619,4 +620,5 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, vn_ref, dvn_ref, h_ref,
     dk_ref[:, cols_k] = (dkin_ref[:, cols_k].astype(_F32) + bek * dxw
                          + d.fm(dkk, k)).astype(dk_ref.dtype)
     kdxw = kdxw + jnp.sum(k.astype(_F32) * dxw, axis=1, keepdims=True)
-  _write_wy_scalars(dsc_ref, da, kk * gamma, beta, eg, kdxw, dbeta)
+  _write_wy_scalars(dsc_ref, da, kk * gamma, beta, eg, kdxw, dbeta,
+                    _load(dscin_ref))

@@ -94,8 +94,11 @@ class _Win:
   program's chunk, [c, width] rows, of a parallel kernel), "state" (the
   program's chunk of the per-chunk states), "seq" (the window's rows, of
   a sequential kernel), "seq_states" (the window's chunks of the stored
-  per-chunk states, of a sequential kernel) or "chunk_pair" (the first
-  chunk of the program's pair, with `BlockSizes.state_stride` 2)."""
+  per-chunk states, of a sequential kernel), "chunk_pair" (the first
+  chunk of the program's pair, with `BlockSizes.state_stride` 2),
+  "entering" (the state entering the window's backward block, of the
+  states entering each block, `BlockSizes.recompute_states`) or
+  "entering_seq" (the rows of those states that fall in the window)."""
   spec: object
   kind: str
 
@@ -200,6 +203,11 @@ class _Plan:
     # The stored per-chunk states: every `stride`-th chunk's.
     self.stride = bs.state_stride
     self.n_stored = -(-self.n_in // self.stride)
+    # recompute_states: the states entering each backward block (every
+    # `every`-th chunk's, f32), which the forward writes and the backward
+    # reads.
+    self.every = (bs.bwd_block // self.c if bs.recompute_states
+                  and bs.bwd_block is not None else None)
     self.window, self.first = window, first
     if window is not None:
       self.tp = window * self.c
@@ -243,6 +251,17 @@ class _Plan:
     self.stored_tile = pl.BlockSpec(
         (sq, sq, self.n_stored, self.dk, self.bv),
         lambda i, h, j: (i, h, 0, 0, j))
+    if self.every is not None:
+      self.n_entering = -(-self.n_in // self.every)
+      entering = pl.BlockSpec((sq, sq, self.n_entering, self.dk, self.bv),
+                              lambda i, h, j: (i, h, 0, 0, j))
+      if window is None:  # one backward block: its state is row 0
+        self.entering_in = pl.BlockSpec((sq, sq, sq, self.dk, self.bv),
+                                        lambda i, h, j: (i, h, 0, 0, j))
+        self.entering_out = entering
+      else:
+        self.entering_in = _Win(entering, "entering")
+        self.entering_out = _Win(entering, "entering_seq")
     # The whole-sequence arrays (see the class docstring).
     if window is None:
       self.key_in, self.val_in = self.key_chunk, self.val_chunk
@@ -331,6 +350,11 @@ class _Plan:
           ref = _Rows(ref, pl.multiple_of(start * c, c), self.tp, c)
         elif kind == "seq_states":
           ref = _Rows(ref, ks.stored_row(start, s), -(-self.n // s), 1)
+        elif kind == "entering":  # windows start on a backward block
+          ref = _Rows(ref, ks.stored_row(start, self.every), None, 1)
+        elif kind == "entering_seq":
+          ref = _Rows(ref, ks.stored_row(start, self.every),
+                      -(-self.n // self.every), 1)
         views.append(ref)
       body(*views)
 
@@ -408,18 +432,21 @@ def _into(outputs) -> tuple:
 
 
 def _state_fwd(p: _Plan, w, u, k, aux, s0, h_whole: bool = True,
-               h_in=None, launch: bool = True):
+               h_in=None, launch: bool = True, entering: bool = False):
   """v' [b, tp, hv, dv] md, states h [b, hv, n, dk, dv] md, final state.
   Windowed plans: h is the whole sequence's with `h_whole` (written into
-  `h_in` in place when given), else the window's. launch=False: the
-  `_Launch` instead."""
+  `h_in` in place when given), else the window's. With `entering`, s0 is
+  the states entering every backward block ([b, hv, blocks, dk, dv] f32,
+  `BlockSizes.recompute_states`), of which the kernel reads the window's.
+  launch=False: the `_Launch` instead."""
   body = functools.partial(ks.state_fwd_kernel, num_chunks=p.n, chunk=p.c,
                            d=p.d)
   h_spec, h_shape = _states(p, h_whole)
   return p.call(
       body, w, u, k, aux, s0, grid=p.seq_grid,
       in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq_in,
-                p.head_seq(ks.NUM_AUX), p.state_tile],
+                p.head_seq(ks.NUM_AUX),
+                p.entering_in if entering else p.state_tile],
       out_specs=[p.tile_seq, h_spec, p.state_tile],
       out_shape=[p.tokens(p.dv, dtype=p.md), h_shape,
                  p.shape(p.b, p.hv, p.dk, p.dv)],
@@ -443,27 +470,34 @@ def _output(p: _Plan, q, k, vn, h, aux, out_dtype, h_whole: bool = True,
 
 
 def _state_out(p: _Plan, w, u, q, k, pm, aux, s0, out_dtype, store_states,
-               o_in=None, h_in=None):
+               o_in=None, h_in=None, entering: bool = False):
   """o [b, tp, hv, dv], the final state and, with store_states, the states
-  h [b, hv, n, dk, dv] md (else None): one sequential pass. Windowed
-  plans: o and h are the whole sequence's (written into `o_in`, `h_in` in
-  place when given)."""
+  h [b, hv, n, dk, dv] md (else None): one sequential pass. With
+  `entering` (`BlockSizes.recompute_states`), in place of h the states
+  entering every backward block, [b, hv, blocks, dk, dv] f32 (the state
+  entering every `p.every`-th chunk). Windowed plans: o and h are the
+  whole sequence's (written into `o_in`, `h_in` in place when given)."""
   out_specs = [p.tile_seq_in, p.state_tile]
   out_shape = [p.tokens(p.dv, dtype=out_dtype, whole=True),
                p.shape(p.b, p.hv, p.dk, p.dv)]
-  if store_states:
+  stride = p.stride
+  if entering:
+    out_specs.append(p.entering_out)
+    out_shape.append(p.shape(p.b, p.hv, p.n_entering, p.dk, p.dv))
+    stride = p.every
+  elif store_states:
     h_spec, h_shape = _states(p, True)
     out_specs.append(h_spec)
     out_shape.append(h_shape)
   outs = p.call(
       functools.partial(ks.state_out_kernel, num_chunks=p.n, chunk=p.c,
-                        scale=p.cfg.scale, d=p.d, stride=p.stride),
+                        scale=p.cfg.scale, d=p.d, stride=stride),
       w, u, q, k, pm, aux, s0, grid=p.seq_grid,
       in_specs=[p.head_seq(p.dk), p.tile_seq, p.key_seq_in, p.key_seq_in,
                 p.head_seq(p.c), p.head_seq(ks.NUM_AUX), p.state_tile],
       out_specs=out_specs, out_shape=out_shape, stage="state_out",
       aliases=_into([(0, o_in), (2, h_in)]))
-  return outs[0], outs[1], (outs[2] if store_states else None)
+  return outs[0], outs[1], (outs[2] if store_states or entering else None)
 
 
 def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
@@ -487,38 +521,47 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   With `BlockSizes.recompute_states`, a forward with store_states runs
   as one without (no per-chunk states; the output inside the sequential
   pass under output_in_state "inference") and returns in place of h the
-  state entering each block, [blocks, b, hv, dk, dv] f32, for the
-  backward to recompute the block's states from.
+  state entering each backward block (of bwd_block tokens), [b, hv,
+  blocks, dk, dv] f32, for the backward to recompute the block's states
+  from. The sequential pass `state_out` writes them as it goes (every
+  bwd_block // chunk_size chunks), so the forward's blocks may be
+  several backward blocks long, or the whole sequence; the three-kernel
+  forward (output_in_state False) hands them from block to block instead,
+  in blocks of bwd_block.
   """
   bs = cfg.block_sizes
   starts = store_states and bs.recompute_states
   store_states = store_states and not bs.recompute_states
+  marks = starts and bs.state_out_for(False)  # state_out writes them
   split = _block_split(q.shape[1], bs.chunk_size, bs.fwd_block)
   if split is None:
-    o, s, h = _forward_all(q, k, v, sc, s0, cfg, sq, store_states)
-    return o, s, (s0[None] if starts else h)
+    o, s, h = _forward_all(q, k, v, sc, s0, cfg, sq, store_states,
+                           entering=marks)
+    return o, s, (s0[:, :, None] if starts and not marks else h)
   per, full, tail = split
+  kept = store_states or marks  # h: per-chunk or entering states
 
   def step(first, chunks, s, o, h):
     (s, o, h), (q_, k_, v_, sc_) = _in_order((s, o, h), (q, k, v, sc))
     o, s, h_block = _forward_all(
         q_, k_, v_, sc_, s, cfg, sq, store_states, window=chunks,
-        first=_first(first), o_in=o, h_in=h)
-    return s, o, (h_block if store_states else None)
+        first=_first(first), o_in=o, h_in=h, entering=marks)
+    return s, o, (h_block if kept else None)
 
-  entering = [s0[None]]  # the state entering each block
+  handed = starts and not marks  # the states entering, block to block
+  entering = [s0]
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
-  (s, o, h), mid = _over_blocks(  # mid: the states entering, if kept
+  (s, o, h), mid = _over_blocks(  # mid: the states entering, if handed
       lambda j, carry: (step(j * per, per, *carry),
-                        carry[0] if starts else None), (s, o, h),
+                        carry[0] if handed else None), (s, o, h),
       range(1, full), bs.block_loop)
   if mid is not None:
-    entering.append(mid)
+    entering.extend(mid)
   if tail:  # the last, shorter block
-    entering.append(s[None])
+    entering.append(s)
     s, o, h = step(full * per, tail, s, o, h)
-  if starts:
-    h = jnp.concatenate(entering)
+  if handed:
+    h = jnp.stack(entering, axis=2)
   return o, s, h
 
 
@@ -530,19 +573,23 @@ def _direct(name, fn, *args):
 
 
 def _forward_all(q, k, v, sc, s0, cfg, sq, store_states, window=None,
-                 first=None, o_in=None, h_in=None, stage=_direct):
+                 first=None, o_in=None, h_in=None, stage=_direct,
+                 entering: bool = False):
   """`forward` over the whole sequence at once, or (window, first: a
   windowed `_Plan`) over that window, writing o (and, with store_states,
-  h) into the whole-sequence `o_in` and `h_in` in place (created when
-  None). Each kernel runs as `stage(name, fn, *args)`."""
+  h; with `entering`, which needs `state_out`, the states entering the
+  backward's blocks in its place) into the whole-sequence `o_in` and
+  `h_in` in place (created when None). Each kernel runs as `stage(name,
+  fn, *args)`."""
   p = _Plan(q, k, v, cfg, sq, window, first)
   if cfg.block_sizes.state_out_for(store_states):
     w, u, aux, pm = stage("prep", lambda *a: _prep(p, *a[:3], q=a[3]),
                           k, v, sc, q)
     return stage("state_out",
                  lambda *a: _state_out(p, *a, v.dtype, store_states, o_in,
-                                       h_in),
+                                       h_in, entering),
                  w, u, q, k, pm, aux, s0)
+  assert not entering, "the states entering blocks come from state_out"
   w, u, aux = stage("prep", lambda *a: _prep(p, *a), k, v, sc)
   vn, h, st = stage(
       "state_fwd",
@@ -628,27 +675,27 @@ def _bwd_out(p: _Plan, q, k, vn, h, dh, aux, do, dq_in=None,
       stage="bwd_out", aliases=() if dq_in is None else ((0, dq_in),))
 
 
-def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out, dk_in=None,
-        dv_in=None, h_spec=None):
-  """Gradients through the WY form: dv, dk (with bwd_out's dk_out), (dg
-  part, dbeta part). dk_in, dv_in: (windowed plans) the whole-sequence dk
-  and dv that the window's rows are written into, in place."""
+def _wy(p: _Plan, t, k, v, sc, aux, vn, dvn, h, dk_out, dsc_out, dk_in=None,
+        dv_in=None, dsc_in=None, h_spec=None):
+  """Gradients through the WY form: dv, dk (with bwd_out's dk_out), (dg,
+  dbeta) [b, tp, hv, 2] f32 (with bwd_out's dsc_out). dk_in, dv_in,
+  dsc_in: (windowed plans) the whole-sequence dk, dv and (dg, dbeta) that
+  the window's rows are written into, in place."""
   dk, dv, c = p.dk, p.dv, p.c
   ndsc = kernel.NUM_DSCALARS
   return p.call(
       functools.partial(ks.wy_kernel, has_segments=p.cfg.has_segments,
                         block=p.cfg.block_sizes.wy_block, d=p.d),
-      t, k, v, sc, aux, vn, dvn, h, dk_out, grid=p.par_grid,
+      t, k, v, sc, aux, vn, dvn, h, dk_out, dsc_out, grid=p.par_grid,
       in_specs=[p.val_chunk(c), p.key_in, p.val_in(dv),
                 p.val_in(kernel.NUM_SCALARS), p.val_chunk(ks.NUM_AUX),
                 p.val_chunk(dv), p.val_chunk(dv), h_spec or p.state_in,
-                p.val_chunk(dk)],
-      out_specs=[p.val_in(dk), p.val_in(dv), p.val_chunk(ndsc)],
+                p.val_chunk(dk), p.val_chunk(ndsc)],
+      out_specs=[p.val_in(dk), p.val_in(dv), p.val_in(ndsc)],
       out_shape=[p.tokens(dk, dtype=p.dk_dtype, whole=True),
                  p.tokens(dv, dtype=p.dv_dtype, whole=True),
-                 p.tokens(ndsc)],
-      stage="wy", aliases=() if dk_in is None else ((0, dk_in),
-                                                    (1, dv_in)))
+                 p.tokens(ndsc, whole=True)],
+      stage="wy", aliases=_into([(0, dk_in), (1, dv_in), (2, dsc_in)]))
 
 
 def backward(q, k, v, sc, h, do, dst, cfg, sq):
@@ -682,28 +729,26 @@ def backward(q, k, v, sc, h, do, dst, cfg, sq):
   if recompute == "paired":
     return _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split)
   per, full, tail = split
-  dsc = _dsc_zeros(q, v)
 
-  def step(first, chunks, ds, grads, dsc):
-    (ds, grads, dsc), (q_, k_, v_, sc_, h_, do_) = _in_order(
-        (ds, grads, dsc), (q, k, v, sc, h, do))
-    # recompute: the state entering this block, h[first // per].
-    states = (lax.dynamic_index_in_dim(h_, first // per, keepdims=True)
-              if recompute else h_)
-    *grads, dsc_block, ds = _backward_all(
-        q_, k_, v_, sc_, states, do_, ds, cfg, sq, window=chunks,
+  def step(first, chunks, ds, grads):
+    (ds, grads), (q_, k_, v_, sc_, h_, do_) = _in_order(
+        (ds, grads), (q, k, v, sc, h, do))
+    # recompute: h_ holds the states entering every block; the kernel
+    # reads this block's.
+    *grads, ds = _backward_all(
+        q_, k_, v_, sc_, h_, do_, ds, cfg, sq, window=chunks,
         first=_first(first), grads=grads, recompute=recompute)
-    return ds, grads, _place(dsc, dsc_block, first * c)
+    return ds, grads
 
   # The last block goes first (the shorter one, if the blocks do not fill
-  # the sequence) and creates dq, dk, dv; the whole blocks before it
-  # follow, last to first.
+  # the sequence) and creates dq, dk, dv and (dg, dbeta); the whole blocks
+  # before it follow, last to first.
   last = full if tail else full - 1
-  carry = step(last * per, tail or per, dst, None, dsc)
-  (ds, grads, dsc), _ = _over_blocks(
+  carry = step(last * per, tail or per, dst, None)
+  (ds, grads), _ = _over_blocks(
       lambda j, carry: (step(j * per, per, *carry), None), carry,
       range(last), cfg.block_sizes.block_loop, reverse=True)
-  return (*grads, dsc, ds)
+  return (*grads, ds)
 
 
 def _first(chunk) -> jax.Array:
@@ -724,18 +769,6 @@ def _in_order(carry, inputs):
   barrier. A barrier moves no data; the GPU compiler removes it after
   scheduling."""
   return lax.optimization_barrier((carry, inputs))
-
-
-def _dsc_zeros(q, v):
-  """(dg, dbeta) of the whole sequence, [b, tp, hv, 2] f32, that each
-  block's (1/32 of dq's bytes at d = 128) is placed into (`_place`)."""
-  return jnp.zeros((q.shape[0], q.shape[1], v.shape[2],
-                    kernel.NUM_DSCALARS), _F32)
-
-
-def _place(dsc, dsc_block, start):
-  """dsc with a block's (dg, dbeta) written at token `start`."""
-  return lax.dynamic_update_slice_in_dim(dsc, dsc_block, start, axis=1)
 
 
 def _over_blocks(step, carry, blocks: range, loop: str,
@@ -774,7 +807,6 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   runs alone first, and the first block's state_bwd alone at the end.
   """
   per, full, tail = split
-  c = cfg.block_sizes.chunk_size
   inputs = (q, k, v, sc, do, h)
 
   def plan(j, chunks, q, k, v):
@@ -784,15 +816,17 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
     return _prep(p, k, v, sc, with_t=True)
 
   def ahead(p, j, prepped, k, h, launch=True):
-    """Block j's state_fwd from h[j]: (v', states, final state)."""
+    """Block j's state_fwd from the state entering it (in h, the states
+    entering every block, which p's window picks): (v', states, final
+    state)."""
+    del j
     w, u, aux, _ = prepped
-    return _state_fwd(p, w, u, k, aux,
-                      lax.dynamic_index_in_dim(h, j, keepdims=False),
-                      h_whole=False, launch=launch)
+    return _state_fwd(p, w, u, k, aux, h, h_whole=False, launch=launch,
+                      entering=True)
 
   def step(j, chunks, carry, pair: bool):
     carry, (q, k, v, sc, do, h) = _in_order(carry, inputs)
-    ds, grads, dsc, (w, aux, t, vn, hs) = carry
+    ds, grads, (w, aux, t, vn, hs) = carry
     p = plan(j, chunks, q, k, v)
     dvl = _bwd_pdo(p, q, k, aux, do)
     bwd = _state_bwd(p, q, k, w, aux, do, dvl, ds, launch=not pair)
@@ -807,16 +841,16 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
     else:
       dvn, dh, ds = bwd
       ahead_carry = None
-    *grads, dsc_block = _bwd_grads(p, q, k, v, sc, do, aux, t, vn, hs, dvn,
-                                   dh, grads, p.state_chunk)
-    return ds, grads, _place(dsc, dsc_block, j * per * c), ahead_carry
+    grads = _bwd_grads(p, q, k, v, sc, do, aux, t, vn, hs, dvn, dh, grads,
+                       p.state_chunk)
+    return ds, grads, ahead_carry
 
   last = full if tail else full - 1  # >= 1: there are two blocks or more
   p = plan(last, tail or per, q, k, v)
   w, u, aux, t = prep(p, k, v, sc)
   vn, hs, _ = ahead(p, last, (w, u, aux, t), k, h)
   carry = step(last, tail or per,
-               (dst, None, _dsc_zeros(q, v), (w, aux, t, vn, hs)),
+               (dst, None, (w, aux, t, vn, hs)),
                pair=True)
   # Whole blocks last - 1 ... 1, each paired with the one before it, two
   # blocks a step (an odd one first, alone). A block forms the next
@@ -839,23 +873,24 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   carry, _ = _over_blocks(two, carry, range(top // 2),
                           cfg.block_sizes.block_loop, reverse=True,
                           blocks_per_step=2)
-  ds, grads, dsc, _ = step(0, per, carry, pair=False)
-  return (*grads, dsc, ds)
+  ds, grads, _ = step(0, per, carry, pair=False)
+  return (*grads, ds)
 
 
 def _bwd_grads(p: _Plan, q, k, v, sc, do, aux, t, vn, h, dvn, dh, grads,
                h_spec, stage=_direct):
   """The kernels after the state cotangent pass: bwd_out and wy. Returns
-  dq, dk, dv (windowed plans: written into `grads` in place) and the
-  window's (dg, dbeta)."""
-  dq_in, dk_in, dv_in = grads or (None, None, None)
-  dq, dk_out, dg_out = stage(
+  dq, dk, dv and (dg, dbeta) (windowed plans: the whole sequence's,
+  written into `grads` in place, or created by the first block)."""
+  dq_in, dk_in, dv_in, dsc_in = grads or (None,) * 4
+  dq, dk_out, dsc_out = stage(
       "bwd_out", lambda *a: _bwd_out(p, *a, dq_in=dq_in, h_spec=h_spec),
       q, k, vn, h, dh, aux, do)
-  dk, dv, dsc_wy = stage(
-      "wy", lambda *a: _wy(p, *a, dk_in=dk_in, dv_in=dv_in, h_spec=h_spec),
-      t, k, v, sc, aux, vn, dvn, h, dk_out)
-  return dq, dk, dv, dg_out + dsc_wy
+  dk, dv, dsc = stage(
+      "wy", lambda *a: _wy(p, *a, dk_in=dk_in, dv_in=dv_in, dsc_in=dsc_in,
+                           h_spec=h_spec),
+      t, k, v, sc, aux, vn, dvn, h, dk_out, dsc_out)
+  return dq, dk, dv, dsc
 
 
 def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
@@ -863,17 +898,18 @@ def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
   """`backward` over the whole sequence at once, or (window, first: a
   windowed `_Plan`) over that window, writing dq, dk, dv into `grads`
   in place; (dg, dbeta) and dS0 are the window's. With `recompute`, h is
-  the state entering the window ([1, b, hv, dk, dv] f32), from which
-  state_fwd forms the window's per-chunk states and v' again. Each kernel
-  runs as `stage(name, fn, *args)`."""
+  the states entering every backward block ([b, hv, blocks, dk, dv] f32),
+  from the window's of which state_fwd forms the window's per-chunk states
+  and v' again. Each kernel runs as `stage(name, fn, *args)`."""
   p = _Plan(q, k, v, cfg, sq, window, first)
   w, u, aux, t = stage("prep (with T)",
                        lambda *a: _prep(p, *a, with_t=True), k, v, sc)
   h_spec = None
   if recompute:
     vn, h, _ = stage("state_fwd (backward)",
-                     lambda *a: _state_fwd(p, *a, h_whole=False),
-                     w, u, k, aux, h[0])
+                     lambda *a: _state_fwd(p, *a, h_whole=False,
+                                           entering=True),
+                     w, u, k, aux, h)
     h_spec = p.state_chunk  # the window's states
     dvl = stage("bwd_pdo", lambda *a: _bwd_pdo(p, *a), q, k, aux, do)
   else:
@@ -911,7 +947,8 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
   recompute = cfg.block_sizes.recompute_states
   _, _, h = _forward_all(q, k, v, sc, s0, cfg, sq, not recompute,
                          stage=run)
-  _backward_all(q, k, v, sc, s0[None] if recompute else h, do, dst, cfg, sq,
+  _backward_all(q, k, v, sc, s0[:, :, None] if recompute else h, do, dst,
+                cfg, sq,
                 recompute=bool(recompute), stage=run)
   if recompute == "paired":
     # Its backward runs state_fwd and state_bwd (of neighbouring blocks)
@@ -925,7 +962,8 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     run("state_pair (state_bwd beside state_fwd)",
         lambda *a: _paired(
             _state_bwd(p, *a[:n], launch=False),
-            _state_fwd(p, *a[n:], h_whole=False, launch=False),
+            _state_fwd(p, *a[n:], h_whole=False, launch=False,
+                       entering=True),
             "state_pair").run(cfg), *bwd_args, *fwd_args)
     pair = stages.pop()
     stages[at_bwd] = pair
