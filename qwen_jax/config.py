@@ -266,9 +266,11 @@ class QwenConfig:
       sequences, the result is the same up to rounding).
     gdr_block_sizes: tiling of the Pallas gated delta rule as a
       `BlockSizes.from_spec` string over the backend's defaults, e.g.
-      "bwd_block=4096" (the backward in blocks: less memory) or
-      "output_in_state=True"; "" for the defaults. Used only where the
-      Pallas kernels run.
+      "bwd_block=4096" (the backward in blocks: less memory),
+      "output_in_state=True" or the preset "lean" (no per-chunk states
+      stored, the issue's memory bound from 32k tokens; `block_sizes.
+      PRESETS`); "" for the defaults. Used only where the Pallas kernels
+      run.
     attention_implementation: "xla" or "cudnn" (jax.nn.dot_product_attention).
   """
 

@@ -54,11 +54,12 @@ def _loss_and_grad(cfg, params, ids, segment_ids=None):
   return val, logits, grads
 
 
-# The backend's default tiling, and the output inside the sequential pass
-# with the forward and the backward in blocks of 64 tokens (80 tokens: two
-# blocks each).
+# The backend's default tiling, and the "lean" preset (no per-chunk states
+# stored: the backward recomputes them, paired, with the output inside the
+# sequential pass) with the forward and the backward in blocks of 64 tokens
+# (80 tokens: two blocks each).
 @pytest.mark.parametrize(
-    "block_sizes", ["", "output_in_state=True/fwd_block=64/bwd_block=64"])
+    "block_sizes", ["", "lean/fwd_block=64/bwd_block=64"])
 def test_pallas_model_matches_chunked(params, block_sizes):
   ids = _ids(0, 2, 80)
   _, ref_logits, ref_grads = _loss_and_grad(_cfg("chunked"), params, ids)

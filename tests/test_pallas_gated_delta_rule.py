@@ -371,11 +371,13 @@ def test_api_dispatch_pallas_matches_chunked():
 
 def test_api_block_sizes_reach_the_kernels():
   """gated_delta_rule(block_sizes=...) tiles the Pallas kernels (here: the
-  output inside the sequential pass, the forward in blocks of 24 and the
-  backward in blocks of 16) and gives the chunked rule's output and
-  gradients; a spec that sets the chunk size twice is refused by name."""
+  "lean" preset, with the forward in blocks of 32 and the backward in
+  blocks of 16: the output inside the sequential pass, the states
+  recomputed in the backward, paired) and gives the chunked rule's output
+  and gradients; a spec that sets the chunk size twice is refused by
+  name."""
   inputs = make_inputs(5, 37, with_segments=True, hk=1, hv=3, g_scale=0.02)
-  spec = "output_in_state=True/bwd_block=16/fwd_block=24"
+  spec = "lean/bwd_block=16/fwd_block=32"
 
   def run(impl, **kw):
     def loss(q, k, v, g, beta):
@@ -384,14 +386,14 @@ def test_api_block_sizes_reach_the_kernels():
                               implementation=impl, chunk_size=8, **kw)
       return jnp.sum(o * jnp.cos(o)) + jnp.sum(s), o
     args = [inputs[n] for n in NAMES[:5]]
-    return jax.value_and_grad(loss, argnums=tuple(range(5)),
-                              has_aux=True)(*args), jax.make_jaxpr(loss)(
-                                  *args)
+    grad = jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)
+    return grad(*args), jax.make_jaxpr(grad)(*args)
 
   ((_, o), grads), jaxpr = run("pallas", interpret=_HW is None,
                                block_sizes=spec)
   ((_, o_ref), grads_ref), _ = run("chunked")
   assert "gated_delta_rule_state_out" in str(jaxpr)
+  assert "gated_delta_rule_state_pair" in str(jaxpr)
   assert_scaled_close(o, o_ref, jnp.float32)
   for name, got, want in zip(NAMES, grads, grads_ref):
     assert_scaled_close(got, want, jnp.float32, f"d{name}")
@@ -562,6 +564,18 @@ def test_block_sizes_validation():
   assert BlockSizes.from_spec(
       "recompute_states=paired/fwd_block=128/bwd_block=128",
       "gpu").recompute_states == "paired"
+  # Presets stand for their fields; later items win, on any backend whose
+  # kernels are split.
+  for backend in ("gpu", "cpu"):
+    lean = BlockSizes.from_spec("lean/bwd_block=2048", backend)
+    assert (lean.recompute_states, lean.fwd_block, lean.bwd_block,
+            lean.output_in_state) == ("paired", 16384, 2048, "inference")
+  with pytest.raises(ValueError, match="only the split forward is taken "
+                     "in blocks; found kernels='fused'"):
+    BlockSizes.from_spec("lean", "tpu")  # the fused kernels
+  with pytest.raises(ValueError, match="or a preset from.*'lean'.*found "
+                     "'fast'"):
+    BlockSizes.parse_spec("fast")
   # Per-kernel stages, as kernel_warps: state_pair takes at most 2 unless
   # named (its two passes share one program's shared memory).
   bs = BlockSizes.from_spec("num_stages=3/kernel_stages=state_bwd:1", "gpu")
@@ -952,7 +966,7 @@ _BENCH_BOUND_MIB = 16 * 512 * 128 * 128 * 2 / 2**20
     ("output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2",
      True),
     ("recompute_states=True/fwd_block=4096/bwd_block=4096", True),
-    ("recompute_states=paired/fwd_block=4096/bwd_block=4096", True),
+    ("lean", True),  # paired, the forward in blocks of 16384
     ("recompute_states=paired/fwd_block=4096/bwd_block=4096/"
      "block_loop=scan", True),
 ])
@@ -975,7 +989,8 @@ def test_memory_bound_at_the_benchmark_shape(spec, within, count):
     got = _op_memory(spec, _BENCH_SHAPE)
     assert (got["peak_mib"] <= _BENCH_BOUND_MIB) == within, got["peak_mib"]
     return
-  if blocks.fwd_block and not triton_resources.host_schedules_barriers():
+  if ((blocks.fwd_block or blocks.bwd_block)
+      and not triton_resources.host_schedules_barriers()):
     pytest.skip(f"jax {jax.__version__}'s host compiler removes the blocks' "
                 "optimization barriers before scheduling, the GPU's after")
   try:

@@ -287,7 +287,9 @@ def gated_delta_rule(
       dk = dv, for more parallelism at small batch.
     block_sizes: tiling of the Pallas kernels as a `BlockSizes.from_spec`
       string over the backend's defaults, e.g.
-      "output_in_state=True/bwd_block=4096" ("" or None for the defaults;
+      "output_in_state=True/bwd_block=4096" or "lean" (a preset, within
+      the issue's memory bound: `block_sizes.PRESETS`) ("" or None for
+      the defaults;
       the chunk size comes from `chunk_size`), or a whole `BlockSizes`
       (its chunk_size must equal `chunk_size`). Checked whatever the
       implementation, block_dv included (it must divide the value dim the

@@ -172,6 +172,29 @@ def tpu_value_tile(dk: int, dv: int) -> int | None:
   return max(fitting) if fitting else 128
 
 
+# Named tilings, usable as items of a spec string (`BlockSizes.parse_spec`).
+# "lean": forward+backward within the issue's memory bound (the bytes of the
+# per-chunk states) from 32k tokens at 16 heads and D = 128, and faster than
+# flash-linear-attention on the device's time. No per-chunk states stored;
+# the backward recomputes them in blocks of 4096 tokens, each block's
+# recomputation in one launch beside the block after it; the forward in
+# blocks of 16384 (its sequential pass writes the state entering each
+# backward block). Measured on an H100 (2026-11-27, sixteenth session,
+# BENCHMARKS.md) at B=1, T=32768, H=16, D=128, bf16: 247 MiB of XLA
+# temporaries (bound 256; the defaults 980), forward+backward 6.50 ms
+# waited / 5.94 queued against FLA's 6.54 / 6.10 and the defaults' 5.82 /
+# 5.43 in the same process. Its memory hardly grows with the sequence (293
+# MiB at 128k by XLA's count, bound 1,024), the bound does: below 32k
+# tokens (or with fewer heads) it needs smaller backward blocks, e.g.
+# "lean/bwd_block=512" at 8k (50 MiB by XLA's count on the CPU, bound 64;
+# not timed). Needs the split kernels (the GPU's; not the TPU's fused
+# ones).
+PRESETS = {
+    "lean": "output_in_state=inference/recompute_states=paired/"
+            "fwd_block=16384/bwd_block=4096",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles of the chunked gated delta rule kernels.
@@ -495,15 +518,20 @@ class BlockSizes:
   def parse_spec(cls, spec: str) -> dict:
     """'kernels=fused/block_dv=64' ('/'-separated field=value pairs; ""
     for none) -> {field: value}. Integers, None, True and False are
-    parsed; other values stay strings."""
+    parsed; other values stay strings. An item that is a name from
+    `PRESETS` stands for its fields ("lean/bwd_block=2048": the lean
+    preset with blocks of 2048; later items win)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     changes = {}
     for item in filter(None, spec.split("/")):
+      if item in PRESETS:
+        changes.update(cls.parse_spec(PRESETS[item]))
+        continue
       name, sep, value = item.partition("=")
       if not sep or name not in fields:
         raise ValueError(f"BlockSizes spec {spec!r}: expected field=value "
-                         f"pairs with fields from {sorted(fields)}, found "
-                         f"{item!r}")
+                         f"pairs with fields from {sorted(fields)}, or a "
+                         f"preset from {sorted(PRESETS)}, found {item!r}")
       changes[name] = ({"None": None, "True": True, "False": False}[value]
                        if value in ("None", "True", "False") else
                        int(value) if value.lstrip("-").isdigit() else value)
