@@ -7,15 +7,15 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
 #
-# Steps (default: env tests ncu_blocks32k warps32k lean32k defaults32k
-# memory32k scaling8k model, in order of priority; on the H100 of
-# 2026-11-27 (fifteenth session) env, tests (4 xdist workers),
-# defaults32k, memory32k, lean32k (then without FLA), model (4 workers)
-# and scaling8k took 10, 135, 212, 44, 116, 128 and 36 s; ncu_blocks32k
-# and warps32k are yet to run; run them as `BUDGET_S=560 bash
-# experiments/gpu_checks.sh` in a 600 s call, which skips what no longer
-# fits, and what was skipped in a second call if the lease has time
-# left).
+# Steps (default: env tests model lean2_32k ncu_blocks32k memory2_32k
+# repeat2_32k scaling8k, in order of priority; on the H100 of 2026-11-27
+# (fifteenth and sixteenth sessions) env, tests (4 xdist workers), model
+# (4 workers), memory2_32k, repeat2_32k, warps32k and scaling8k took 10,
+# 126, 128, 50, 54, 93 and 36 s, lean2_32k over 240 with its five
+# variants then; ncu_blocks32k is yet to run; run them as `BUDGET_S=560
+# bash experiments/gpu_checks.sh` in a 600 s call, which skips what no
+# longer fits, and what was skipped in a second call if the lease has
+# time left).
 # Also: options32k hlo32k ncu32k bench32k tests_all profile32k prep32k
 # best32k final32k base32k split32k scaling bench8k.
 set -u
@@ -72,7 +72,7 @@ NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null |
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests ncu_blocks32k warps32k lean32k defaults32k memory32k scaling8k model)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests model lean2_32k ncu_blocks32k memory2_32k repeat2_32k scaling8k)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -144,20 +144,21 @@ for s in "${steps[@]}"; do
     # "paired" (its state_pair against state_fwd + state_bwd: two passes
     # side by side, two programs an SM, or one after the other?), bwd_pdo
     # in 4 warps and in 2.
-    lean2_32k)  # sixteenth session: the forward unblocked or in blocks of
-      # several backward blocks (state_out writes the states entering the
-      # backward's blocks), (dg, dbeta) summed inside wy
+    lean2_32k)  # the "lean" preset (block_sizes.PRESETS) against FLA and the
+      # defaults; its forward unblocked; value tiles of 32 with the pair in
+      # 3 stages (the backward 0.13 ms faster, the forward 0.07 slower in
+      # the sixteenth session)
       bench lean2_32k 240 32768 20 --implementations pallas,fla \
-      --pallas_variants "recompute_states=paired/fwd_block=None/bwd_block=4096,recompute_states=paired/fwd_block=16384/bwd_block=4096,recompute_states=paired/fwd_block=None/bwd_block=4096/kernel_stages=state_pair:3,recompute_states=paired/fwd_block=4096/bwd_block=4096" ;;
+      --pallas_variants "${LEAN_VARIANTS:-lean,lean/fwd_block=None,lean/block_dv=32/kernel_stages=state_pair:3}" ;;
     memory2_32k)
       step memory2_32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
-        --op_memory --pallas_variants "recompute_states=paired/fwd_block=None/bwd_block=4096,recompute_states=paired/fwd_block=16384/bwd_block=4096,recompute_states=True/fwd_block=None/bwd_block=4096" ;;
+        --op_memory --pallas_variants "lean,recompute_states=paired/fwd_block=None/bwd_block=4096,recompute_states=True/fwd_block=None/bwd_block=4096" ;;
     repeat2_32k)  # a second process, FLA first
       step repeat2_32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations fla,pallas --iters 40 --warmup 3 \
-        --pallas_variants "${REPEAT_VARIANT:-recompute_states=paired/fwd_block=None/bwd_block=4096}" \
+        --pallas_variants "${REPEAT_VARIANT:-lean}" \
         --json_out "$OUT/repeat2_32k.json" ;;
     warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
@@ -235,22 +236,19 @@ for s in "${steps[@]}"; do
         --pallas_variants output_in_state=True > '$OUT/ncu32k.csv'"
       python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
     # Where the blocked forms' time goes: each kernel launch of one
-    # forward+backward, for the defaults, output_in_state=True, its blocks
-    # of 4096, the memory-lean form (blocks of 2048, every other chunk's
-    # state) and recompute_states in blocks of 4096 (alone and "paired"),
-    # summed per tiling and
-    # kernel name (ncu_summary
-    # --by_tiling; 7.72 and 9.05 ms end to end against 6.72 unblocked on
-    # 2026-11-27). Kernel time near the unblocked form's says the rest is
-    # between kernels (launches, the scans), well above it names the
-    # kernels that lose. ~250 launches, Duration only.
+    # forward+backward, for the defaults, output_in_state=True, the "lean"
+    # preset and recompute_states=True in blocks of 4096, summed per
+    # tiling and kernel name (ncu_summary --by_tiling). Kernel time near
+    # the unblocked form's says the rest is between kernels (launches),
+    # well above it names the kernels that lose. ~150 launches, Duration
+    # only.
     ncu_blocks32k)
       step ncu_blocks32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
         --kernel-name regex:gated_delta_rule --section SpeedOfLight \
         --csv --page details \
         python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
-        --pallas_variants output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096 \
+        --pallas_variants output_in_state=True,lean,recompute_states=True/fwd_block=4096/bwd_block=4096 \
         > '$OUT/ncu_blocks32k.csv'"
       python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing

@@ -503,10 +503,10 @@ class BlockSizes:
       # Timed end to end on an H100 (2026-11-27, fifteenth session,
       # three processes): these defaults took 5.88 to 6.01 ms
       # forward+backward against FLA's 6.58 to 6.71, and 1.345 to 1.368
-      # ms forward (queued) against 1.372 to 1.387. recompute_states
-      # ("paired", blocks of 4096, unrolled) met the memory bound (255
-      # MiB against 980) at 6.58 to 6.70 ms: FLA's speed, 10% to 13%
-      # over these, so it stays an option.
+      # ms forward (queued) against 1.372 to 1.387. The "lean" preset
+      # (PRESETS; sixteenth session) meets the memory bound (247 MiB
+      # against 980) and beat FLA forward+backward too, but took 9% to
+      # 12% longer than these, so it stays an option.
       return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
                  num_stages=3, kernels="split", num_warps_intra=4,
                  solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,
