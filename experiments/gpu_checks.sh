@@ -145,11 +145,13 @@ for s in "${steps[@]}"; do
     # side by side, two programs an SM, or one after the other?), bwd_pdo
     # in 4 warps and in 2.
     lean2_32k)  # the "lean" preset (block_sizes.PRESETS) against FLA and the
-      # defaults; its forward unblocked; value tiles of 32 with the pair in
-      # 3 stages (the backward 0.13 ms faster, the forward 0.07 slower in
-      # the sixteenth session)
+      # defaults; the backward's sequential kernels in value tiles of 32
+      # (bwd_block_dv, untimed), the pair in 3 stages (one program an SM)
+      # or 2 (value tiles of 32 for every sequential kernel took the
+      # backward 0.13 ms less, the forward 0.07 more, in the sixteenth
+      # session)
       bench lean2_32k 240 32768 20 --implementations pallas,fla \
-      --pallas_variants "${LEAN_VARIANTS:-lean,lean/fwd_block=None,lean/block_dv=32/kernel_stages=state_pair:3}" ;;
+      --pallas_variants "${LEAN_VARIANTS:-lean,lean/bwd_block_dv=32/kernel_stages=state_pair:3,lean/bwd_block_dv=32}" ;;
     memory2_32k)
       step memory2_32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \

@@ -77,6 +77,7 @@ class Case:
   fwd_block: int | None = None  # BlockSizes.fwd_block
   state_stride: int = 1  # BlockSizes.state_stride
   recompute_states: bool | str = False  # BlockSizes.recompute_states
+  bwd_block_dv: int | None = None  # BlockSizes.bwd_block_dv
   # backend "tpu": `pallas_gdr.tpu_interpreter`'s params, as pairs
   # (interpret=True, the interpreter's defaults, when empty).
   tpu_interpreter: tuple = ()
@@ -189,11 +190,14 @@ CASES = {
     # the loop, which takes two blocks a step: blocks 2 and 1; block 0
     # alone); in bf16 with segments, blocks of three chunks and a last one
     # of two (no loop). The first with the forward in blocks of three
-    # backward blocks and a last one of two. Unrolled:
+    # backward blocks and a last one of two, and the backward's sequential
+    # kernels in one value tile where the forward's take two
+    # (bwd_block_dv; dv 24 is padded to 32). Unrolled:
     # test_unrolled_blocks_equal_the_scan.
     "t300_slow_decay_long_docs_paired": Case(
         300, chunk_loop=None, backend="gpu", g_scale=0.02, long_docs=True,
-        fwd_block=192, bwd_block=64, recompute_states="paired"),
+        fwd_block=192, bwd_block=64, recompute_states="paired",
+        bwd_block_dv=32),
     "t300_bf16_segments_paired": Case(
         300, jnp.bfloat16, with_segments=True, chunk_loop=None,
         backend="gpu", hk=1, g_scale=0.02, output_in_state=False,
@@ -286,7 +290,8 @@ def _run_case(case: Case):
   if case.chunk_loop is None:
     changes = dict(bwd_block=case.bwd_block, fwd_block=case.fwd_block,
                    state_stride=case.state_stride,
-                   recompute_states=case.recompute_states)
+                   recompute_states=case.recompute_states,
+                   bwd_block_dv=case.bwd_block_dv)
     if case.output_in_state is not None:
       changes["output_in_state"] = case.output_in_state
     bs = dataclasses.replace(BlockSizes.get_default(backend), **changes)
@@ -496,6 +501,18 @@ def test_block_sizes_validation():
     BlockSizes(sub_chunk=24)
   with pytest.raises(ValueError, match="block_dv"):
     BlockSizes(block_dv=24).dv_tile(64)
+  # The backward's sequential kernels' own tile: checked like block_dv,
+  # used only where the backward asks, split kernels only.
+  tiles = BlockSizes(block_dv=16, bwd_block_dv=32)
+  assert (tiles.dv_tile(64), tiles.dv_tile(64, backward=True)) == (16, 32)
+  assert BlockSizes(block_dv=16).dv_tile(64, backward=True) == 16
+  with pytest.raises(ValueError, match="bwd_block_dv: expected a divisor "
+                     "of dv=64, found 24"):
+    BlockSizes(bwd_block_dv=24).dv_tile(64, backward=True)
+  with pytest.raises(ValueError, match="bwd_block_dv: expected a positive"):
+    BlockSizes(bwd_block_dv=0)
+  with pytest.raises(ValueError, match="bwd_block_dv: only the split"):
+    BlockSizes(bwd_block_dv=32, kernels="fused")
   with pytest.raises(ValueError, match="kernel_warps"):
     BlockSizes(kernel_warps="wy_q:8")
   with pytest.raises(ValueError, match="kernel_warps"):

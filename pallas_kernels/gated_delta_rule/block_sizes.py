@@ -97,7 +97,7 @@ def _bool_or(field: str, value, word: str) -> None:
 _INT_FIELDS = ("chunk_size", "num_warps", "num_stages", "num_warps_intra",
                "state_stride")
 _OPTIONAL_INT_FIELDS = ("solve_block", "sub_chunk", "wy_block", "out_block",
-                        "bwd_block", "fwd_block")
+                        "bwd_block", "fwd_block", "bwd_block_dv")
 
 
 def _is_int(value) -> bool:
@@ -210,6 +210,13 @@ class BlockSizes:
       recomputed per tile); the backward sums the tiles' partial gradients.
       "auto" (the TPU default): `tpu_value_tile`, all of dv unless the
       state is too large for the fused kernels' scoped VMEM.
+    bwd_block_dv: None, or the value-dim tile of the split backward's
+      sequential kernels (state_bwd, the recomputing state_fwd and their
+      pair) in place of block_dv, which then tiles the forward's only.
+      Each program reads its head's whole q, k and w for its tile, so a
+      wider tile reads them fewer times (the pair of `recompute_states`
+      "paired" may be bound by those reads: docs/kernels.md) for fewer
+      programs.
     chunk_loop: "kernel" or "grid", see `CHUNK_LOOPS`.
     num_warps: Triton warps per program (GPU only), a power of two; for
       "split", of the sequential kernels.
@@ -309,6 +316,7 @@ class BlockSizes:
   """
   chunk_size: int = 64
   block_dv: int | None = None
+  bwd_block_dv: int | None = None
   chunk_loop: str = "kernel"
   num_warps: int = 4
   num_stages: int = 1
@@ -380,11 +388,15 @@ class BlockSizes:
     if self.f32_dot not in F32_DOTS:
       raise ValueError(f"f32_dot: expected one of {F32_DOTS}, found "
                        f"{self.f32_dot!r}")
-    for name in ("wy_block", "out_block"):
+    for name in ("wy_block", "out_block", "bwd_block_dv"):
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ValueError(f"{name}: expected a positive int or None, found "
                          f"{value}")
+    if self.bwd_block_dv is not None and self.kernels != "split":
+      raise ValueError(f"bwd_block_dv: only the split backward has "
+                       f"sequential kernels of its own to tile; found "
+                       f"kernels={self.kernels!r}")
     _bool_or("output_in_state", self.output_in_state, "inference")
     if self.output_in_state is True and self.kernels != "split":
       raise ValueError(f"output_in_state: only the split kernels have a "
@@ -581,14 +593,18 @@ class BlockSizes:
       return self
     return dataclasses.replace(self, block_dv=tpu_value_tile(dk, dv))
 
-  def dv_tile(self, dv: int) -> int:
-    """The value-dim tile actually used for a value dim `dv`."""
-    if self.block_dv == "auto":
+  def dv_tile(self, dv: int, backward: bool = False) -> int:
+    """The value-dim tile actually used for a value dim `dv` (`backward`:
+    by the split backward's sequential kernels, `bwd_block_dv`)."""
+    name, tile = "block_dv", self.block_dv
+    if backward and self.bwd_block_dv is not None:
+      name, tile = "bwd_block_dv", self.bwd_block_dv
+    if tile == "auto":
       raise ValueError("block_dv: 'auto' is resolved for the head dims "
                        "first (BlockSizes.for_dims)")
-    if self.block_dv is None or self.block_dv >= dv:
+    if tile is None or tile >= dv:
       return dv
-    if dv % self.block_dv:
-      raise ValueError(f"block_dv: expected a divisor of dv={dv}, found "
-                       f"{self.block_dv}")
-    return self.block_dv
+    if dv % tile:
+      raise ValueError(f"{name}: expected a divisor of dv={dv}, found "
+                       f"{tile}")
+    return tile

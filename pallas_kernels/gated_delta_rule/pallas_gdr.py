@@ -595,6 +595,7 @@ def kernel_tiles(bs: BlockSizes, backend: str, dk: int, dv: int,
       what += f", padded for the {backend} kernels"
     raise ValueError(f"block_dv: expected a divisor of dv={dv_p} ({what}), "
                      f"found {bs.block_dv}") from e
+  bs.dv_tile(dv_p, backward=True)  # bwd_block_dv, named in its error
   return bs, dk_p, dv_p
 
 

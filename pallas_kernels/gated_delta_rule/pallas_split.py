@@ -187,7 +187,7 @@ class _Plan:
   """
 
   def __init__(self, q, k, v, cfg, sq, window: int | None = None,
-               first: jax.Array | None = None):
+               first: jax.Array | None = None, backward: bool = False):
     self.b, self.tp, _, self.dk = q.shape
     self.md = matmul_dtype(q, k, v)
     f32 = cfg.block_sizes.f32_dot
@@ -198,7 +198,9 @@ class _Plan:
     self.hv, self.dv = v.shape[2], v.shape[3]
     bs = cfg.block_sizes
     self.c, self.r = bs.chunk_size, cfg.group
-    self.bv = bs.dv_tile(self.dv)
+    # The backward's sequential kernels may take another value tile
+    # (`BlockSizes.bwd_block_dv`); what they write is the same either way.
+    self.bv = bs.dv_tile(self.dv, backward)
     self.tp_in, self.n_in = self.tp, self.tp // self.c  # whole arrays
     # The stored per-chunk states: every `stride`-th chunk's.
     self.stride = bs.state_stride
@@ -810,7 +812,7 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   inputs = (q, k, v, sc, do, h)
 
   def plan(j, chunks, q, k, v):
-    return _Plan(q, k, v, cfg, sq, chunks, _first(j * per))
+    return _Plan(q, k, v, cfg, sq, chunks, _first(j * per), backward=True)
 
   def prep(p, k, v, sc):  # -> (w, u, aux, t)
     return _prep(p, k, v, sc, with_t=True)
@@ -901,7 +903,7 @@ def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
   the states entering every backward block ([b, hv, blocks, dk, dv] f32),
   from the window's of which state_fwd forms the window's per-chunk states
   and v' again. Each kernel runs as `stage(name, fn, *args)`."""
-  p = _Plan(q, k, v, cfg, sq, window, first)
+  p = _Plan(q, k, v, cfg, sq, window, first, backward=True)
   w, u, aux, t = stage("prep (with T)",
                        lambda *a: _prep(p, *a, with_t=True), k, v, sc)
   h_spec = None
@@ -957,7 +959,7 @@ def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
     at_fwd, at_bwd = (names.index("state_fwd (backward)"),
                       names.index("state_bwd"))
     fwd_args, bwd_args = stages[at_fwd][2], stages[at_bwd][2]
-    p = _Plan(q, k, v, cfg, sq)
+    p = _Plan(q, k, v, cfg, sq, backward=True)
     n = len(bwd_args)
     run("state_pair (state_bwd beside state_fwd)",
         lambda *a: _paired(
