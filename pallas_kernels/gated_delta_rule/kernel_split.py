@@ -597,7 +597,8 @@ def wy_kernel(t_ref, k_ref, v_ref, sc_ref, aux_ref, vn_ref, dvn_ref, h_ref,
   has: neither dT, nor dw, nor u and w are formed or read. Writes dv, the
   rest of dk (plus dkin, bwd_out's part) and (dg, dbeta) as [c, 2] (plus
   dscin, bwd_out's part: the chunk's whole scalar gradients, so that no
-  XLA op outside sums the two). With `block`, dk is taken that many columns at a time.
+  XLA op outside sums the two). With `block`, dk is taken that many
+  columns at a time.
   """
   t = t_ref[...]
   beta = _pick_col(_load(sc_ref), kernel.BETA_COL)

@@ -551,19 +551,19 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
     return s, o, (h_block if kept else None)
 
   handed = starts and not marks  # the states entering, block to block
-  entering = [s0]
+  entering = [s0[None]]
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
   (s, o, h), mid = _over_blocks(  # mid: the states entering, if handed
       lambda j, carry: (step(j * per, per, *carry),
                         carry[0] if handed else None), (s, o, h),
       range(1, full), bs.block_loop)
   if mid is not None:
-    entering.extend(mid)
+    entering.append(mid)
   if tail:  # the last, shorter block
-    entering.append(s)
+    entering.append(s[None])
     s, o, h = step(full * per, tail, s, o, h)
-  if handed:
-    h = jnp.stack(entering, axis=2)
+  if handed:  # [blocks, b, hv, dk, dv] -> [b, hv, blocks, dk, dv]
+    h = jnp.moveaxis(jnp.concatenate(entering), 0, 2)
   return o, s, h
 
 
@@ -817,11 +817,10 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   def prep(p, k, v, sc):  # -> (w, u, aux, t)
     return _prep(p, k, v, sc, with_t=True)
 
-  def ahead(p, j, prepped, k, h, launch=True):
-    """Block j's state_fwd from the state entering it (in h, the states
-    entering every block, which p's window picks): (v', states, final
-    state)."""
-    del j
+  def ahead(p, prepped, k, h, launch=True):
+    """The state_fwd of p's block from the state entering it (in h, the
+    states entering every block, of which p's window picks its block's):
+    (v', states, final state)."""
     w, u, aux, _ = prepped
     return _state_fwd(p, w, u, k, aux, h, h_whole=False, launch=launch,
                       entering=True)
@@ -835,7 +834,7 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
     if pair:
       p_prev = plan(j - 1, per, q, k, v)
       prepped = prep(p_prev, k, v, sc)
-      outs = _paired(bwd, ahead(p_prev, j - 1, prepped, k, h, launch=False),
+      outs = _paired(bwd, ahead(p_prev, prepped, k, h, launch=False),
                      "state_pair").run(cfg)
       (dvn, dh, ds), (vn_prev, hs_prev, _) = outs[:3], outs[3:]
       w_prev, _, aux_prev, t_prev = prepped
@@ -850,7 +849,7 @@ def _backward_paired(q, k, v, sc, h, do, dst, cfg, sq, split):
   last = full if tail else full - 1  # >= 1: there are two blocks or more
   p = plan(last, tail or per, q, k, v)
   w, u, aux, t = prep(p, k, v, sc)
-  vn, hs, _ = ahead(p, last, (w, u, aux, t), k, h)
+  vn, hs, _ = ahead(p, (w, u, aux, t), k, h)
   carry = step(last, tail or per,
                (dst, None, (w, aux, t, vn, hs)),
                pair=True)
