@@ -535,11 +535,12 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
   starts = store_states and bs.recompute_states
   store_states = store_states and not bs.recompute_states
   marks = starts and bs.state_out_for(False)  # state_out writes them
+  handed = starts and not marks  # else the blocks hand them on
   split = _block_split(q.shape[1], bs.chunk_size, bs.fwd_block)
   if split is None:
     o, s, h = _forward_all(q, k, v, sc, s0, cfg, sq, store_states,
                            entering=marks)
-    return o, s, (s0[:, :, None] if starts and not marks else h)
+    return o, s, (s0[:, :, None] if handed else h)
   per, full, tail = split
   kept = store_states or marks  # h: per-chunk or entering states
 
@@ -550,8 +551,7 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
         first=_first(first), o_in=o, h_in=h, entering=marks)
     return s, o, (h_block if kept else None)
 
-  handed = starts and not marks  # the states entering, block to block
-  entering = [s0[None]]
+  entering = [s0[None]]  # the states entering each block, if handed
   s, o, h = step(0, per, s0, None, None)  # creates o (and h)
   (s, o, h), mid = _over_blocks(  # mid: the states entering, if handed
       lambda j, carry: (step(j * per, per, *carry),
@@ -897,11 +897,12 @@ def _bwd_grads(p: _Plan, q, k, v, sc, do, aux, t, vn, h, dvn, dh, grads,
 def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
                   grads=None, recompute: bool = False, stage=_direct):
   """`backward` over the whole sequence at once, or (window, first: a
-  windowed `_Plan`) over that window, writing dq, dk, dv into `grads`
-  in place; (dg, dbeta) and dS0 are the window's. With `recompute`, h is
-  the states entering every backward block ([b, hv, blocks, dk, dv] f32),
-  from the window's of which state_fwd forms the window's per-chunk states
-  and v' again. Each kernel runs as `stage(name, fn, *args)`."""
+  windowed `_Plan`) over that window, writing dq, dk, dv and (dg, dbeta)
+  into `grads` in place (created when None); dS0 is the window's. With
+  `recompute`, h is the states entering every backward block ([b, hv,
+  blocks, dk, dv] f32), from the window's of which state_fwd forms the
+  window's per-chunk states and v' again. Each kernel runs as
+  `stage(name, fn, *args)`."""
   p = _Plan(q, k, v, cfg, sq, window, first, backward=True)
   w, u, aux, t = stage("prep (with T)",
                        lambda *a: _prep(p, *a, with_t=True), k, v, sc)
