@@ -7,13 +7,13 @@
   decode   `qwen_jax.generate` (greedy, no stop tokens) at each batch size in
            --decode_batches with a --decode_prompt-token prompt and
            --decode_new new tokens: new tokens/s end to end (prefill
-           included, the way transformers' number in ANCHORS.md is taken)
+           included, as transformers' `generate` throughput is timed)
            and for the decode loop alone.
 With --hf the same workloads run through transformers (torch, same config,
 random weights, `model.model(...)` without logits for prefill, greedy
 `generate` for decoding) and the table gives ours / theirs.
 
-  # H100, the issue's workloads (0.8B preset, bf16, random weights):
+  # H100, the 0.8B preset against transformers (bf16, random weights):
   python -m experiments.bench_generate --hf --json_out bench_generate.json
   # 262,144-token prompt:
   python -m experiments.bench_generate --prefill_lengths 262144 \

@@ -3,11 +3,12 @@
 Keeps torch to two threads (the CI machines have two cores; more threads only
 add contention with XLA), lets every pytest-xdist worker load libtpu (the TPU
 compiler of tests/test_tpu_compile.py, which by default takes a lockfile that
-one process may hold), and provides a session-wide scratch directory for
-checkpoints that several test modules build. Nothing here hides failures.
+one process may hold), and provides a scratch directory that lives for the
+whole pytest run, for checkpoints that several test modules build. Nothing
+here hides failures.
 
 Compiled programs are shared through JAX's persistent compilation cache, in
-a directory made for the session (removed at its end) unless
+a directory made for the pytest run (removed at its end) unless
 JAX_COMPILATION_CACHE_DIR is already set: the pytest-xdist workers and the
 subprocesses the tests start (the notebooks, the 8-device sharding suite,
 the scripts) inherit it, so a program that several tests compile (the same
@@ -47,5 +48,5 @@ if torch is not None:
 
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory):
-  """A directory that lives for the whole test session."""
-  return tmp_path_factory.mktemp("session")
+  """A directory that lives for the whole pytest run."""
+  return tmp_path_factory.mktemp("shared")

@@ -4,7 +4,9 @@ Everything here runs on the CPU in float32 and is seeded with
 `torch.manual_seed` / a `torch.Generator`, so a (config, seed) pair always
 gives the same weights. Every parameter is randomised, norms, `A_log` and
 `dt_bias` included: HF's default init (zero-centred norms at 0, gated norm at
-1) would hide `(1 + w)` versus `w` mistakes (QWEN35_SPEC.md §5.12).
+1) would hide `(1 + w)` versus `w` mistakes (transformers'
+`models/qwen3_5/modeling_qwen3_5.py`: `Qwen3_5RMSNorm` scales by `1 + w`,
+`Qwen3_5RMSNormGated` by `w`).
 
 The helpers also edit saved checkpoints (add, drop or replace tensors, edit
 config.json) so that tests can build checkpoints the project did not write.
@@ -26,8 +28,9 @@ import transformers
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
-# Fake multi-token-prediction head tensors, as released checkpoints carry
-# (QWEN35_SPEC.md §4.1); HF and our loader must both skip them.
+# Fake multi-token-prediction head tensors, as released checkpoints carry;
+# HF (`_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]` in
+# modeling_qwen3_5.py) and our loader must both skip them.
 _FAKE_MTP_SHAPES = {
     "mtp.fc.weight": (2, 4),
     "mtp.norm.weight": (4,),

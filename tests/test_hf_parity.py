@@ -26,7 +26,7 @@ _PERIODIC = [L, L, L, F, L, L, L, F]
 
 @functools.lru_cache(maxsize=None)
 def _saved(key):
-  """(path, torch model) for a named config, built once per session."""
+  """(path, torch model) for a named config, built once per process."""
   import tempfile  # pylint: disable=g-import-not-at-top
   overrides, seed, kind = _CASES[key]
   cfg = hf_utils.make_text_config(**overrides)
