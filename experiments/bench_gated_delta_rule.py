@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
-from experiments import gdr_shapes
-from experiments import triton_resources
+from pallas_kernels.tools import gdr_shapes
+from pallas_kernels.tools import triton_resources
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split

@@ -1,4 +1,4 @@
-"""experiments/gpu_checks.sh, checked without a GPU.
+"""pallas_kernels/tools/gpu_checks.sh, checked without a GPU.
 
 The script runs in short, metered GPU leases; a misspelt BlockSizes variant
 or a default step without a case would only show there, after minutes of
@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / (
-    "experiments/gpu_checks.sh")
+    "pallas_kernels/tools/gpu_checks.sh")
 
 
 def _text() -> str:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import triton_resources
+from pallas_kernels.tools import triton_resources
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel

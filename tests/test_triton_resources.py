@@ -1,4 +1,4 @@
-"""experiments/triton_resources.py: the split kernels compile for sm_90.
+"""pallas_kernels.tools.triton_resources: split kernels compile for sm_90.
 
 Without a GPU this is the furthest the CPU can take the Triton path: the
 Pallas lowering's Triton IR through the `triton` package's whole pipeline
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import triton_resources as tr
+from pallas_kernels.tools import triton_resources as tr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_importable_beside_other_experiments():
   process. A subprocess, so that this process's flags do not matter."""
   code = ("import experiments.forward, experiments.compare_ratios, "
           "experiments.long_context, experiments.train, "
-          "experiments.triton_resources")
+          "pallas_kernels.tools.triton_resources")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 

@@ -766,7 +766,7 @@ def _in_order(carry, inputs):
   inputs) after the block before, and XLA may run every block's ahead and
   hold all their intermediates at once: unrolled (`block_loop`
   "unroll"), XLA's buffer assignment of the 32k benchmark shape in
-  blocks of 4096 (`experiments.triton_resources.xla_temporaries`) held
+  blocks of 4096 (`pallas_kernels.tools.triton_resources.xla_temporaries`) held
   717 MiB of temporaries with recompute_states "paired", 248 with the
   barrier. A barrier moves no data; the GPU compiler removes it after
   scheduling."""

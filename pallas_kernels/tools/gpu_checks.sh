@@ -5,7 +5,7 @@
 # .whl/). Made for a short, metered GPU lease: every step has a time limit,
 # everything is logged to $OUT/gpu_checks.log and the benchmark JSON to $OUT.
 #
-#   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
+#   OUT=/tmp/gpu bash pallas_kernels/tools/gpu_checks.sh [steps...]
 #
 # Steps (default: env tests model lean2_32k ncu_blocks32k memory2_32k
 # repeat2_32k scaling8k, in order of priority; on the H100 of 2026-11-27
@@ -13,7 +13,7 @@
 # (4 workers), memory2_32k, repeat2_32k, warps32k and scaling8k took 10,
 # 126, 128, 50, 54, 93 and 36 s, lean2_32k over 240 with its five
 # variants then; ncu_blocks32k is yet to run; run them as `BUDGET_S=560
-# bash experiments/gpu_checks.sh` in a 600 s call, which skips what no
+# bash pallas_kernels/tools/gpu_checks.sh` in a 600 s call, which skips what no
 # longer fits, and what was skipped in a second call if the lease has
 # time left).
 # Also: options32k hlo32k ncu32k bench32k tests_all profile32k prep32k
@@ -236,7 +236,7 @@ for s in "${steps[@]}"; do
         python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
         --pallas_variants output_in_state=True > '$OUT/ncu32k.csv'"
-      python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
+      python3 -m pallas_kernels.tools.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
     # Where the blocked forms' time goes: each kernel launch of one
     # forward+backward, for the defaults, output_in_state=True, the "lean"
     # preset and recompute_states=True in blocks of 4096, summed per
@@ -252,7 +252,7 @@ for s in "${steps[@]}"; do
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
         --pallas_variants output_in_state=True,lean,recompute_states=True/fwd_block=4096/bwd_block=4096 \
         > '$OUT/ncu_blocks32k.csv'"
-      python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
+      python3 -m pallas_kernels.tools.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing
       step profile32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \

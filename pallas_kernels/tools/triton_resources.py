@@ -21,7 +21,7 @@ GPU, XLA compiles the same IR with the Triton it bundles, whose passes
 and register-limited occupancy are what it is for.
 
   pip install triton==3.6.0   # the Triton of the H100/H200 machine
-  python -m experiments.triton_resources --seq_len 32768 \
+  python -m pallas_kernels.tools.triton_resources --seq_len 32768 \
       --variants "wy_block=None/out_block=None,num_warps_intra=8"
 
 Variants are '/'-separated BlockSizes field=value pairs over the GPU
@@ -674,7 +674,8 @@ def format_row(row: dict) -> str:
 def _define_flags():
   """The command's flags, defined only when it runs as a command: tests
   import this module beside other experiments whose flags share names."""
-  from experiments import gdr_shapes  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from pallas_kernels.tools import gdr_shapes
   holders = dict(
       shape=gdr_shapes,
       variants=flags.DEFINE_list(
