@@ -39,12 +39,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
-from pallas_kernels.tools import gdr_shapes
-from pallas_kernels.tools import triton_resources
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from pallas_kernels.tools import gdr_shapes
+from pallas_kernels.tools import split_profile
+from pallas_kernels.tools import triton_resources
 
 _IMPLS = flags.DEFINE_list("implementations", ["pallas", "chunked", "fla"],
                            "pallas, chunked, recurrent, fla.")
@@ -362,7 +363,7 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
                      "on GPU and in interpret mode; the TPU runs the fused "
                      "ones")
   q, k, v = (jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v"))
-  stages = pallas_gdr.split_pipeline_stages(
+  stages = split_profile.split_pipeline_stages(
       q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]),
       block_sizes=block_sizes, interpret=interpret, backend=backend, seed=1)
   return [dict(kernel=name, first_call_s=first,
