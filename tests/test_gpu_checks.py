@@ -1,8 +1,8 @@
 """pallas_kernels/tools/gpu_checks.sh, checked without a GPU.
 
-The script runs in short, metered GPU leases; a misspelt BlockSizes variant
-or a default step without a case would only show there, after minutes of
-device time. So: it parses as bash, every default step has a case, and
+The script runs in short calls on a GPU machine with a time limit; a
+misspelt BlockSizes variant or a default step without a case would only
+show there, after minutes of device time. So: it parses as bash, every default step has a case, and
 every tiling it names is a valid `BlockSizes` spec over the GPU defaults.
 """
 

@@ -133,7 +133,8 @@ def test_prep_on_full_tiles_compiles_for_hopper():
   """prep on whole-chunk tiles (`sub_chunk=None`, the alternative that
   `gpu_checks.sh prep32k` times beside the defaults) compiles for sm_90
   and fits an SM, forward and backward calls."""
-  spec = "sub_chunk=None/kernel_warps=prep:4"  # as timed (BENCHMARKS.md)
+  # As timed in docs/measurements/2026-11-26-h100-fb7591c/prep32k.json.
+  spec = "sub_chunk=None/kernel_warps=prep:4"
   rows = [r for r in _compile_for_hopper((spec,), ("prep",))
           if r["blocks"] == f"pallas[{spec}]"]
   # The inference forward's prep (with P), forward+backward's two.

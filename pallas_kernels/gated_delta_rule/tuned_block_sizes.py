@@ -30,9 +30,9 @@ DEFAULTS: dict[str, dict[str, object]] = {
         "num_stages": 3,
         # 2026-11-27-h100-ae2f428/options32k.json (bwd_out, wy: 4 beat 8).
         "num_warps_intra": 4,
-        # 2026-11-26-h100-fb7591c/prep32k.json (solve_block 8, 16 slower).
+        # 2026-11-26-h100-fb7591c/prep32k.json (16 slower, 8 within noise).
         "solve_block": 1,
-        # 2026-11-26-h100-fb7591c/prep32k.json (full tiles: within noise).
+        # 2026-11-26-h100-fb7591c/prep32k.json (None within noise).
         "sub_chunk": 32,
         # 2026-11-26-h100-fb7591c/tuning_notes.md (H200 end to end).
         "f32_dot": "auto",
