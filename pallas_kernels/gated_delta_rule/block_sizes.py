@@ -54,12 +54,12 @@ AUTO_UNROLL_BLOCKS = tuned_block_sizes.AUTO_UNROLL_BLOCKS
 
 # How the split kernels compute f32 x f32 products (`BlockSizes.f32_dot`).
 # "highest" is IEEE f32; on Triton that is a dot on the CUDA cores, not the
-# tensor cores, and several times slower (docs/measurements/
-# 2026-11-26-h100-fb7591c/tuning_notes.md). "tf32x3"
-# splits each operand into a TF32 high and low part and sums three
-# tensor-core products: about f32 accuracy. The bf16 splits are the same
-# idea with bf16 parts (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both
-# operands to bf16 once (flash-linear-attention's precision for T, w, u).
+# tensor cores, and over ten times slower (docs/measurements/
+# 2026-11-26-h100-fb7591c/tuning_notes.md). "tf32x3" splits each operand
+# into a TF32 high and low part and sums three tensor-core products:
+# about f32 accuracy. The bf16 splits are the same idea with bf16 parts
+# (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both operands to bf16 once
+# (flash-linear-attention's precision for T, w, u).
 F32_ALGORITHMS = {
     "highest": lax.Precision.HIGHEST,
     "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
