@@ -12,9 +12,10 @@ ahead, so launches and dispatch drop out). Every
 JAX implementation's output, final state and gradients are compared with
 `chunked`'s in the same run; `--profile_kernels` / `--profile_variants`
 time each Pallas split kernel alone, beside its HBM traffic floor (the
-bytes of its arrays at ANCHORS.md's measured 2.5 TB/s) and the ratio.
+bytes of its arrays at `triton_resources.HBM_BYTES_PER_S`, 2.5 TB/s) and
+the ratio.
 
-  # GPU, the ANCHORS.md shape:
+  # GPU, the shape of the runs under docs/measurements/:
   python -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
       --heads 16 --dk 128 --dv 128 --implementations pallas,chunked,fla
   # CPU smoke run: Pallas in interpret mode, small shapes by default.
@@ -39,12 +40,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
-from experiments import gdr_shapes
-from experiments import triton_resources
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from pallas_kernels.tools import gdr_shapes
+from pallas_kernels.tools import split_profile
+from pallas_kernels.tools import triton_resources
 
 _IMPLS = flags.DEFINE_list("implementations", ["pallas", "chunked", "fla"],
                            "pallas, chunked, recurrent, fla.")
@@ -70,8 +72,8 @@ _VARIANTS_FROM = flags.DEFINE_list(
     "variants_from_profile", [],
     "JSONs of earlier runs with --profile_variants: the profiled BlockSizes "
     "whose kernels summed to the least time, if not the defaults, is added "
-    "to --pallas_variants (a GPU lease can profile and then time the best "
-    "tiling end to end in one call). Files that do not exist (a run cut "
+    "to --pallas_variants (one GPU call can profile and then time the best "
+    "tiling end to end). Files that do not exist (a run cut "
     "short) are skipped; the defaults count once.")
 _SEQ_SPLITS = flags.DEFINE_list(
     "seq_splits", [],
@@ -214,9 +216,10 @@ def parse_variant(spec: str) -> tuple[str, BlockSizes]:
 
 def chunk_states_bytes(batch: int, heads: int, seq_len: int, dk: int,
                        dv: int, dtype) -> int:
-  """What the issue allows a forward+backward to hold beyond its inputs and
-  outputs: the state entering every chunk, [b, hv, n, dk, dv], in the
-  inputs' dtype (bf16 or f32; chunk 64)."""
+  """The memory bound of a forward+backward beyond its inputs and outputs:
+  the bytes of the state entering every chunk, [b, hv, n, dk, dv], in the
+  inputs' dtype (bf16 or f32; chunk 64), which a rule that stores them
+  for the backward holds anyway."""
   return (batch * heads * -(-seq_len // 64) * dk * dv
           * jnp.dtype(dtype).itemsize)
 
@@ -255,8 +258,8 @@ def _jax_fns(impl: str, inputs: dict, dtype, interpret: bool,
     """(o, gradients), cotangents of ones: o is a result, as in a training
     step whose loss reads it and in FLA's timed forward+backward, so XLA
     cannot drop the kernels that only form it (the three-kernel forward's
-    output kernel, which it removed from this program before
-    2026-11-27)."""
+    output kernel, which it removes from a program that returns only the
+    gradients)."""
     (o, _), grads = op(q, k, v, g, beta, *_cotangents(q, v, 1.0))
     return o, grads
 
@@ -355,14 +358,14 @@ def profile_kernels(inputs: dict, dtype, interpret: bool, iters: int,
   every call waited for ("ms"), mean ms of calls queued back to back
   ("ms_queued", its device time; see `MODES`), and its HBM traffic floor
   (`triton_resources.kernel_traffic`: the bytes of its arrays at
-  ANCHORS.md's measured 2.5 TB/s)."""
+  `triton_resources.HBM_BYTES_PER_S`)."""
   backend = "cpu" if interpret else jax.default_backend()
   if backend == "tpu":
     raise ValueError("profile_kernels: times the split kernels, which run "
                      "on GPU and in interpret mode; the TPU runs the fused "
                      "ones")
   q, k, v = (jnp.asarray(inputs[n], dtype) for n in ("q", "k", "v"))
-  stages = pallas_gdr.split_pipeline_stages(
+  stages = split_profile.split_pipeline_stages(
       q, k, v, jnp.asarray(inputs["g"]), jnp.asarray(inputs["beta"]),
       block_sizes=block_sizes, interpret=interpret, backend=backend, seed=1)
   return [dict(kernel=name, first_call_s=first,

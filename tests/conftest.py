@@ -15,8 +15,8 @@ the scripts) inherit it, so a program that several tests compile (the same
 tiny model at the same shapes) is compiled once. The cache is keyed by the
 program (HLO), the compile options, the backend and the jax version, so it
 returns only the executable that compiling would have produced.
-QWEN_JAX_TEST_JAX_CACHE=0 turns it off (experiments/gpu_checks.sh does: the
-GPU runs keep the configuration they were measured in).
+QWEN_JAX_TEST_JAX_CACHE=0 turns it off (pallas_kernels/tools/gpu_checks.sh
+does: the GPU runs keep the configuration they were measured in).
 """
 
 import atexit

@@ -240,7 +240,7 @@ def test_profile_marker_lowers_through_triton():
   copy."""
   code = (
       "import jax, jax.numpy as jnp\n"
-      "from experiments import triton_resources as tr\n"
+      "from pallas_kernels.tools import triton_resources as tr\n"
       "from experiments import bench_gated_delta_rule as b\n"
       "try:\n"
       "  target = tr.abstract_target('cuda')\n"

@@ -1,8 +1,8 @@
-"""experiments/gpu_checks.sh, checked without a GPU.
+"""pallas_kernels/tools/gpu_checks.sh, checked without a GPU.
 
-The script runs in short, metered GPU leases; a misspelt BlockSizes variant
-or a default step without a case would only show there, after minutes of
-device time. So: it parses as bash, every default step has a case, and
+The script runs in short calls on a GPU machine with a time limit; a
+misspelt BlockSizes variant or a default step without a case would only
+show there, after minutes of device time. So: it parses as bash, every default step has a case, and
 every tiling it names is a valid `BlockSizes` spec over the GPU defaults.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / (
-    "experiments/gpu_checks.sh")
+    "pallas_kernels/tools/gpu_checks.sh")
 
 
 def _text() -> str:

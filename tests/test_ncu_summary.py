@@ -1,11 +1,11 @@
-"""experiments/ncu_summary.py on a report in ncu's CSV layout."""
+"""pallas_kernels/tools/ncu_summary.py on a report in ncu's CSV layout."""
 
 import pathlib
 import random
 
 import pytest
 
-from experiments import ncu_summary
+from pallas_kernels.tools import ncu_summary
 
 _HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name",'
            '"Context","Stream","Block Size","Grid Size","Device","CC",'

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import triton_resources
+from pallas_kernels.tools import triton_resources
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import kernel
@@ -852,7 +852,7 @@ def test_every_f32_dot_lowers_for_cuda(f32_dot):
 
 
 def test_backward_in_blocks_keeps_one_block_of_intermediates():
-  """The jaxpr liveness count of forward+backward (experiments.
+  """The jaxpr liveness count of forward+backward (pallas_kernels.tools.
   triton_resources, the estimate that matched XLA's measured temporaries
   on the H100 within 12%): with bwd_block the state cotangents and the
   backward's other intermediates are alive for one block at a time, so
@@ -917,9 +917,10 @@ def test_states_of_every_other_chunk_meet_the_memory_target():
   backward; the cotangents arguments, the outputs and gradients results,
   as XLA counts temporaries): with output_in_state, the forward and the
   backward in blocks and state_stride 2, what it holds beyond its inputs
-  and outputs fits in the bytes of the per-chunk states, the issue's
-  bound: half of them stored (every other chunk's), the rest of the
-  room for one block's intermediates. Without the stride, or without the
+  and outputs fits in the bytes of the per-chunk states (the memory
+  bound, `chunk_states_bytes` of the benchmark): half of them stored
+  (every other chunk's), the rest of the room for one block's
+  intermediates. Without the stride, or without the
   forward in blocks, it does not fit."""
   t, hv, d = 4096, 2, 128
   shape = dict(batch=1, seq_len=t, key_heads=hv, heads=hv, dk=d, dv=d,
@@ -969,7 +970,7 @@ def test_recomputed_states_meet_the_memory_target():
 
 
 
-# The benchmark's shape (B=1, T=32768, H=16, D=128, bf16) and the issue's
+# The benchmark's shape (B=1, T=32768, H=16, D=128, bf16) and the memory
 # bound there: the bytes of the per-chunk states, 512 chunks x 16 heads of
 # 128 x 128 in bf16 (256 MiB).
 _BENCH_SHAPE = dict(batch=1, seq_len=32768, key_heads=16, heads=16, dk=128,
@@ -989,7 +990,7 @@ _BENCH_BOUND_MIB = 16 * 512 * 128 * 128 * 2 / 2**20
 ])
 def test_memory_bound_at_the_benchmark_shape(spec, within, count):
   """Forward+backward's temporaries as an operation at the benchmark's
-  shape: the memory-lean tilings within the issue's bound, the defaults
+  shape: the memory-lean tilings within the memory bound, the defaults
   not. Counted by XLA ("xla": `triton_resources.xla_memory`, the program
   lowered for CUDA through the host compiler's copy insertion, scheduling
   and buffer assignment, which gave the H100's measured numbers to the

@@ -1,7 +1,7 @@
 """The fused TPU kernels compiled for TPUs, without one.
 
-`experiments.tpu_compile`: XLA's TPU compiler in libtpu, Mosaic's passes
-included, compiles the rule's inference forward and its gradient for a
+`pallas_kernels.tools.tpu_compile`: XLA's TPU compiler in libtpu, Mosaic's
+passes included, compiles the rule's inference forward and its gradient for a
 TPU generation it is only told of. Tracing and the TPU interpreter
 (tests/test_pallas_gated_delta_rule.py) accept things a TPU does not:
 the compiler is what refuses a kernel whose blocks overflow the scoped
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import tpu_compile
-from experiments import triton_resources
+from pallas_kernels.tools import tpu_compile
+from pallas_kernels.tools import triton_resources
 from pallas_kernels.gated_delta_rule import block_sizes
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 import qwen_jax

@@ -1,4 +1,4 @@
-"""experiments/triton_resources.py: the split kernels compile for sm_90.
+"""pallas_kernels.tools.triton_resources: split kernels compile for sm_90.
 
 Without a GPU this is the furthest the CPU can take the Triton path: the
 Pallas lowering's Triton IR through the `triton` package's whole pipeline
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import triton_resources as tr
+from pallas_kernels.tools import triton_resources as tr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_importable_beside_other_experiments():
   process. A subprocess, so that this process's flags do not matter."""
   code = ("import experiments.forward, experiments.compare_ratios, "
           "experiments.long_context, experiments.train, "
-          "experiments.triton_resources")
+          "pallas_kernels.tools.triton_resources")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 
@@ -133,7 +133,8 @@ def test_prep_on_full_tiles_compiles_for_hopper():
   """prep on whole-chunk tiles (`sub_chunk=None`, the alternative that
   `gpu_checks.sh prep32k` times beside the defaults) compiles for sm_90
   and fits an SM, forward and backward calls."""
-  spec = "sub_chunk=None/kernel_warps=prep:4"  # as timed (BENCHMARKS.md)
+  # As timed in docs/measurements/2026-11-26-h100-fb7591c/prep32k.json.
+  spec = "sub_chunk=None/kernel_warps=prep:4"
   rows = [r for r in _compile_for_hopper((spec,), ("prep",))
           if r["blocks"] == f"pallas[{spec}]"]
   # The inference forward's prep (with P), forward+backward's two.

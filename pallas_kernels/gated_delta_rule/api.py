@@ -45,11 +45,14 @@ _IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
 
 
 # What implementation="auto" runs, per jax backend: the fastest path that
-# has been measured there. GPU: the Pallas kernels (H100, 2026-11-26,
-# BENCHMARKS.md: about 10x the chunked jnp rule's speed forward and
-# forward+backward at 32k tokens, bf16, and within 10% of FLA's either
-# way). TPU: the chunked rule, since the
-# Pallas kernels have never been compiled for a TPU;
+# has been measured there. GPU: the Pallas kernels (on an H100 at 32k
+# tokens, bf16: about 10x the chunked jnp rule's speed,
+# docs/measurements/2026-11-26-h100-fb7591c/bench32k.json; FLA's
+# forward+backward took 1.12x to 1.14x as long in 2026-11-27-h100-e58d8ea/
+# defaults32k.json and repeat32k.json). TPU: the chunked rule. The fused
+# Pallas kernels are compiled, not run, for TPU v4, v5e, v5p and v6e by
+# libtpu's deviceless compiler in CI (pallas_kernels.tools.tpu_compile,
+# tests/test_tpu_compile.py), but have not been timed on a TPU;
 # implementation="pallas" runs them there.
 AUTO: dict[str, str] = {"gpu": "pallas", "tpu": "chunked"}
 
@@ -287,15 +290,14 @@ def gated_delta_rule(
       dk = dv, for more parallelism at small batch.
     block_sizes: tiling of the Pallas kernels as a `BlockSizes.from_spec`
       string over the backend's defaults, e.g.
-      "output_in_state=True/bwd_block=4096" or "lean" (a preset, within
-      the issue's memory bound: `block_sizes.PRESETS`) ("" or None for
-      the defaults;
-      the chunk size comes from `chunk_size`), or a whole `BlockSizes`
-      (its chunk_size must equal `chunk_size`). Checked whatever the
-      implementation, block_dv included (it must divide the value dim the
-      kernels would see: dv, padded on GPU, plus dk with seq_splits > 1),
-      used only where the Pallas kernels run (tiling never changes the
-      result beyond rounding).
+      "output_in_state=True/bwd_block=4096" or "lean" (a preset that
+      stores no per-chunk states: `block_sizes.PRESETS`) ("" or None for
+      the defaults; the chunk size comes from `chunk_size`), or a whole
+      `BlockSizes` (its chunk_size must equal `chunk_size`). Checked
+      whatever the implementation, block_dv included (it must divide the
+      value dim the kernels would see: dv, padded on GPU, plus dk with
+      seq_splits > 1), used only where the Pallas kernels run (tiling
+      never changes the result beyond rounding).
     check_values: check a concrete g's values (it is read to the host,
       which waits for it). False skips only that check, for callers whose
       g is <= 0 by construction: Qwen3.5's Gated DeltaNet layer forms it as

@@ -1,7 +1,9 @@
-"""Tiling choices of the Pallas gated delta rule kernels, per backend.
+"""Tiling choices of the Pallas gated delta rule kernels: `BlockSizes`.
 
 `BlockSizes` is frozen (hashable), so it can be a static argument of `jit`
-and of the kernels' `custom_vjp`.
+and of the kernels' `custom_vjp`. Its fields are checked here and parsed
+from spec strings; the tuned values per backend (`get_default`), the
+presets and the tuned constants are the table in `tuned_block_sizes`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import numbers
 import jax
 
 from jax import lax
+
+from pallas_kernels.gated_delta_rule import tuned_block_sizes
 
 # How the sequential pass over chunks is driven:
 #   "kernel": one program per (batch, head, dv tile) loops over all chunks
@@ -43,24 +47,19 @@ KERNELS = ("split", "fused")
 #     program: no loop on the device (where XLA's loop costs a step, it is
 #     gone), and more to compile for many blocks.
 #   "auto" (the default): "unroll" when the loop takes at most
-#     `AUTO_UNROLL_BLOCKS` blocks, else "scan". On the H100 (2026-11-27,
-#     fifteenth session, BENCHMARKS.md; 32k tokens in blocks of 4096, 7
-#     blocks in the loop) unrolled blocks took 2.6% (recompute_states
-#     "paired") and 10% (recompute_states=True) less forward+backward
-#     time than scanned ones, within the same memory bound; the cap keeps
-#     the program (and its compile) from growing with long sequences in
-#     short blocks.
+#     `AUTO_UNROLL_BLOCKS` blocks, else "scan": the cap keeps the program
+#     (and its compile) from growing with long sequences in short blocks.
 BLOCK_LOOPS = ("auto", "scan", "unroll")
-AUTO_UNROLL_BLOCKS = 16
+AUTO_UNROLL_BLOCKS = tuned_block_sizes.AUTO_UNROLL_BLOCKS
 
 # How the split kernels compute f32 x f32 products (`BlockSizes.f32_dot`).
 # "highest" is IEEE f32; on Triton that is a dot on the CUDA cores, not the
-# tensor cores (measured on an H200: the kernels built on it took 18 to 85
-# ms at 32k tokens where tensor-core versions take one to six). "tf32x3"
-# splits each operand into a TF32 high and low part and sums three
-# tensor-core products: about f32 accuracy. The bf16 splits are the same
-# idea with bf16 parts (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both
-# operands to bf16 once (flash-linear-attention's precision for T, w, u).
+# tensor cores, and over ten times slower (docs/measurements/
+# 2026-11-26-h100-fb7591c/tuning_notes.md). "tf32x3" splits each operand
+# into a TF32 high and low part and sums three tensor-core products:
+# about f32 accuracy. The bf16 splits are the same idea with bf16 parts
+# (x3: ~16 bits, x6: ~24 bits); "bf16" rounds both operands to bf16 once
+# (flash-linear-attention's precision for T, w, u).
 F32_ALGORITHMS = {
     "highest": lax.Precision.HIGHEST,
     "bf16": lax.DotAlgorithmPreset.BF16_BF16_F32,
@@ -135,19 +134,16 @@ def target_backend() -> str:
   "tpu") of the abstract device of the current abstract mesh, where the
   caller names one (`jax.sharding.use_abstract_mesh` with an
   `AbstractDevice`: jax's way to compile for hardware that is not here,
-  as `experiments/tpu_compile.py` does), else `jax.default_backend()`."""
+  as `pallas_kernels.tools.tpu_compile` does), else
+  `jax.default_backend()`."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   platform = getattr(device, "platform", None)
   return platform if platform in ("gpu", "tpu") else jax.default_backend()
 
 
 # The fused kernels' state tile on a TPU: at most this many elements
-# (dk x block_dv). Compiled for TPU v4, v5e, v5p and v6e without one
-# (experiments/tpu_compile.py, tests/test_tpu_compile.py): the backward in
-# whole 512 x 512 states does not fit the scoped VMEM of v4, v5e and v5p
-# (on v4 it needs 19.1 MiB with f32 inputs, 21.5 with bf16, of 16); in
-# 512 x 128 tiles, or whole 256 x 256 states, it fits.
-TPU_STATE_TILE = 256 * 256
+# (dk x block_dv); see `tuned_block_sizes.TPU_STATE_TILE`.
+TPU_STATE_TILE = tuned_block_sizes.TPU_STATE_TILE
 
 
 def tpu_padded_dv(dk: int, dv: int) -> int:
@@ -172,27 +168,13 @@ def tpu_value_tile(dk: int, dv: int) -> int | None:
   return max(fitting) if fitting else 128
 
 
-# Named tilings, usable as items of a spec string (`BlockSizes.parse_spec`).
-# "lean": forward+backward within the issue's memory bound (the bytes of the
-# per-chunk states) from 32k tokens at 16 heads and D = 128, and faster than
-# flash-linear-attention on the device's time. No per-chunk states stored;
-# the backward recomputes them in blocks of 4096 tokens, each block's
+# Named tilings, usable as items of a spec string (`BlockSizes.parse_spec`):
+# `tuned_block_sizes.PRESETS`. "lean" keeps no per-chunk states (the
+# backward recomputes them in blocks of 4096 tokens, each block's
 # recomputation in one launch beside the block after it; the forward in
-# blocks of 16384 (its sequential pass writes the state entering each
-# backward block). Measured on an H100 (2026-11-27, sixteenth session,
-# BENCHMARKS.md) at B=1, T=32768, H=16, D=128, bf16: 247 MiB of XLA
-# temporaries (bound 256; the defaults 980), forward+backward 6.50 ms
-# waited / 5.94 queued against FLA's 6.54 / 6.10 and the defaults' 5.82 /
-# 5.43 in the same process. Its memory hardly grows with the sequence (293
-# MiB at 128k by XLA's count, bound 1,024), the bound does: below 32k
-# tokens (or with fewer heads) it needs smaller backward blocks, e.g.
-# "lean/bwd_block=512" at 8k (50 MiB by XLA's count on the CPU, bound 64;
-# not timed). Needs the split kernels (the GPU's; not the TPU's fused
-# ones).
-PRESETS = {
-    "lean": "output_in_state=inference/recompute_states=paired/"
-            "fwd_block=16384/bwd_block=4096",
-}
+# blocks of 16384). Needs the split kernels (the GPU's; not the TPU's
+# fused ones).
+PRESETS = tuned_block_sizes.PRESETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,67 +446,10 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, backend: str) -> "BlockSizes":
-    """Defaults for `backend` ("gpu", "tpu" or "cpu" for interpret mode)."""
-    if backend == "tpu":
-      return cls(chunk_loop="grid", kernels="fused", block_dv="auto")
-    if backend == "gpu":
-      # The sequential kernels tile dv: b * hv alone is 16 programs for 132
-      # SMs at batch 1 (dv is padded to a power of two).
-      # f32 products on the tensor cores and a blocked solve: with IEEE
-      # f32 dots and the row-by-row solve, the parallel kernels took 18 to
-      # 85 ms each at 32k tokens on an H200. End to end there (bf16,
-      # BENCHMARKS.md), forward+backward took 11.9 ms with TF32 x3 and
-      # 8.7 ms with bf16 x3, equally close to the chunked rule.
-      # Timed on an H100 (2026-11-26, BENCHMARKS.md): these defaults took
-      # 1.65 to 1.76 ms forward and 6.08 to 6.33 ms forward+backward at 32k
-      # tokens (bf16, B=1, H=16, D=128), FLA 1.55 to 1.77 and 6.51 to 6.68
-      # in the same processes. Kernel by kernel, prep on full tiles
-      # (sub_chunk=None), solve blocks of 8 and 8-warp sequential kernels
-      # timed within the run-to-run spread of these; the 16-token
-      # substitution solve was slower (prep 1.13 ms against 0.71 to 0.77).
-      # The sub-chunk prep (only the blocks on and below the diagonal) and
-      # the solve by doubling (solve_block=1) were chosen on static sm_90
-      # counts before that run; bwd_out and wy in 8 warps with dk in
-      # column tiles (32 in bwd_out, 64 in wy) on ptxas spills (836 and
-      # 1,092 bytes per thread in 4 warps with whole rows, 4 and 84 now).
-      # The sequential kernels in value tiles of 16 with 3 pipelining
-      # stages: 0.69 and 1.45 ms (state_fwd, state_bwd) on the H200
-      # against 1.75 and 2.66 ms with tiles of 32 and no pipelining.
-      # Timed on an H100 (2026-11-27, eighth-session kernels, same
-      # process, BENCHMARKS.md), kernel by kernel at 32k tokens (waited /
-      # queued ms): prep in 2 warps 0.635 / 0.425 against 0.792 / 0.560
-      # in 4 (the backward's, with T, 0.712 / 0.443 against 0.870 /
-      # 0.589), and bwd_out and wy in 4 warps 1.520 / 1.207 and 1.502 /
-      # 1.205 against 1.714 / 1.366 and 2.012 / 1.609 in the 8 chosen
-      # on ptxas' spills: two programs an SM (2 x 4 warps) beat one of
-      # 8 warps although ptxas spills more (1,040 bytes a thread in wy,
-      # 84 in 8 warps). The kernels not changed timed within 1% in both.
-      # The prep that also writes P ("prep_out") stays in the 4 warps it
-      # was timed in (in 2 ptxas spills 508 bytes against 196).
-      # output_in_state only for the forward that is not differentiated:
-      # 1.626 / 1.355 ms end to end against 1.842 / 1.467 for the three
-      # kernels (FLA 1.813 / 1.395) in that run, and no per-chunk states
-      # written (256 MiB in bf16 at 32k tokens and 16 heads). Under
-      # autodiff (states written) the two forms' kernels summed to the
-      # same device time (1.487 and 1.485 ms queued), and prep in 2 warps
-      # takes 0.135 ms off the three kernels' only, so the training
-      # forward keeps them (the end-to-end forward+backward of that run
-      # left out their output kernel: BENCHMARKS.md). fwd_block, bwd_block
-      # and state_stride stay off: the memory-lean form (2048 / 2048 /
-      # 2) took 9.05 ms forward+backward (BENCHMARKS.md).
-      # Timed end to end on an H100 (2026-11-27, fifteenth session,
-      # three processes): these defaults took 5.88 to 6.01 ms
-      # forward+backward against FLA's 6.58 to 6.71, and 1.345 to 1.368
-      # ms forward (queued) against 1.372 to 1.387. The "lean" preset
-      # (PRESETS; sixteenth session) meets the memory bound (247 MiB
-      # against 980) and beat FLA forward+backward too, but took 9% to
-      # 12% longer than these, so it stays an option.
-      return cls(chunk_loop="kernel", block_dv=16, num_warps=4,
-                 num_stages=3, kernels="split", num_warps_intra=4,
-                 solve_block=1, sub_chunk=32, f32_dot="auto", wy_block=64,
-                 out_block=32, kernel_warps="prep:2,prep_out:4",
-                 output_in_state="inference")
-    return cls()
+    """Defaults for `backend` ("gpu", "tpu" or "cpu" for interpret mode):
+    its row of `tuned_block_sizes.DEFAULTS` over the dataclass defaults
+    (which any other backend gets)."""
+    return cls(**tuned_block_sizes.DEFAULTS.get(backend, {}))
 
   @classmethod
   def parse_spec(cls, spec: str) -> dict:

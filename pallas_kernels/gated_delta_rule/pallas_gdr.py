@@ -543,28 +543,6 @@ def _prepare(q, k, v, g, beta, initial_state, scale, segment_ids,
   return qh, kh, vh, sc, s0, cfg
 
 
-def split_pipeline_stages(q, k, v, g, beta, *,
-                          block_sizes: BlockSizes | None = None,
-                          interpret: bool = False,
-                          backend: str | None = None, seed: int = 0):
-  """Each kernel of the split family on these inputs, for timing one by one.
-
-  Same arguments as `gated_delta_rule_pallas` (no initial state or
-  segments); the backward's cotangents are random. Returns
-  `pallas_split.pipeline_stages`'s list of (name, jitted fn, args, seconds
-  of the first call).
-  """
-  qh, kh, vh, sc, s0, cfg = _prepare(q, k, v, g, beta, None, None, None,
-                                     block_sizes, interpret, backend)
-  if cfg.block_sizes.kernels != "split":
-    raise ValueError(f"block_sizes: expected the split kernels, found "
-                     f"kernels={cfg.block_sizes.kernels!r}")
-  rng = np.random.default_rng(seed)
-  do = jnp.asarray(rng.normal(size=vh.shape), vh.dtype)
-  dst = jnp.asarray(rng.normal(size=s0.shape), _F32)
-  return pallas_split.pipeline_stages(qh, kh, vh, sc, s0, do, dst, cfg, _SQ)
-
-
 def kernel_dims(bs: BlockSizes, backend: str, dk: int, dv: int
                 ) -> tuple[int, int]:
   """The key and value dims the kernels take for head dims dk, dv: GPU

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 
 import jax
 from jax import lax
@@ -569,7 +568,8 @@ def forward(q, k, v, sc, s0, cfg, sq, store_states: bool = True):
 
 def _direct(name, fn, *args):
   """The `stage` hook of `_forward_all` / `_backward_all` that just calls
-  the kernel (`pipeline_stages` passes one that times it)."""
+  the kernel (`pallas_kernels.tools.split_profile` passes one that times
+  it)."""
   del name
   return fn(*args)
 
@@ -766,7 +766,7 @@ def _in_order(carry, inputs):
   inputs) after the block before, and XLA may run every block's ahead and
   hold all their intermediates at once: unrolled (`block_loop`
   "unroll"), XLA's buffer assignment of the 32k benchmark shape in
-  blocks of 4096 (`experiments.triton_resources.xla_temporaries`) held
+  blocks of 4096 (`pallas_kernels.tools.triton_resources.xla_temporaries`) held
   717 MiB of temporaries with recompute_states "paired", 248 with the
   barrier. A barrier moves no data; the GPU compiler removes it after
   scheduling."""
@@ -925,49 +925,3 @@ def _backward_all(q, k, v, sc, h, do, dst, cfg, sq, window=None, first=None,
   return (*_bwd_grads(p, q, k, v, sc, do, aux, t, vn, h, dvn, dh, grads,
                       h_spec, stage), ds0)
 
-
-def pipeline_stages(q, k, v, sc, s0, do, dst, cfg, sq):
-  """Every kernel of the forward and backward as (name, jitted fn, args,
-  seconds of its first call: compilation and one run).
-
-  The args of each stage are the outputs of the stages before it, computed
-  here once, so each kernel can be timed on its own (per-kernel profile of
-  `experiments.bench_gated_delta_rule --profile_kernels`).
-  """
-  stages = []
-
-  def run(name, fn, *args):
-    fn = jax.jit(fn)
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    stages.append((name, fn, args, time.perf_counter() - start))
-    return out
-
-  # The kernels `forward` and `backward` run, unblocked, each timed.
-  # recompute_states: the forward stores no states and the backward
-  # starts from the initial state.
-  recompute = cfg.block_sizes.recompute_states
-  _, _, h = _forward_all(q, k, v, sc, s0, cfg, sq, not recompute,
-                         stage=run)
-  _backward_all(q, k, v, sc, s0[:, :, None] if recompute else h, do, dst,
-                cfg, sq,
-                recompute=bool(recompute), stage=run)
-  if recompute == "paired":
-    # Its backward runs state_fwd and state_bwd (of neighbouring blocks)
-    # in one launch: time them so, on the same inputs, in their place.
-    names = [x[0] for x in stages]
-    at_fwd, at_bwd = (names.index("state_fwd (backward)"),
-                      names.index("state_bwd"))
-    fwd_args, bwd_args = stages[at_fwd][2], stages[at_bwd][2]
-    p = _Plan(q, k, v, cfg, sq, backward=True)
-    n = len(bwd_args)
-    run("state_pair (state_bwd beside state_fwd)",
-        lambda *a: _paired(
-            _state_bwd(p, *a[:n], launch=False),
-            _state_fwd(p, *a[n:], h_whole=False, launch=False,
-                       entering=True),
-            "state_pair").run(cfg), *bwd_args, *fwd_args)
-    pair = stages.pop()
-    stages[at_bwd] = pair
-    del stages[at_fwd]
-  return stages

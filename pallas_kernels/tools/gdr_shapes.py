@@ -1,7 +1,11 @@
-"""The gated delta rule's problem shape as absl flags, shared by the
-experiments that take it (bench_gated_delta_rule, triton_resources), so
-that one process can import both. The defaults are the issue's target
-shape: B=1, T=32768, 16 heads, dk = dv = 128, bf16."""
+"""The gated delta rule's problem shape as absl flags.
+
+Shared by the commands that take it (experiments.bench_gated_delta_rule,
+triton_resources, tpu_compile), so that one process can import several.
+The flags are defined on import, so triton_resources and tpu_compile
+import this module only when they run as commands. The defaults are the benchmark shape of docs/measurements/: B=1,
+T=32768, 16 heads, dk = dv = 128, bf16.
+"""
 
 from absl import flags
 

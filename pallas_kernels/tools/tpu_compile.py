@@ -11,7 +11,8 @@ Nothing runs: it says whether the gated delta rule's TPU kernels compile
 for a generation and shape, and how much memory XLA gives the program
 (`memory_analysis`).
 
-  python -m experiments.tpu_compile --generations v5e,v6e --seq_len 32768
+  python -m pallas_kernels.tools.tpu_compile --generations v5e,v6e \
+      --seq_len 32768
 
 No TPU is needed; libtpu finds none, says so on stderr, and jax keeps the
 CPU as its default backend.
@@ -28,8 +29,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from experiments.triton_resources import abstract_target
-from experiments.triton_resources import rule_args
+from pallas_kernels.tools.triton_resources import abstract_target
+from pallas_kernels.tools.triton_resources import rule_args
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
 
@@ -113,7 +114,8 @@ def compile_rule(generation: str, *args,
 
 def _define_flags():
   """The command's flags, defined only when it runs as a command."""
-  from experiments import gdr_shapes  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from pallas_kernels.tools import gdr_shapes
   return dict(
       shape=gdr_shapes,
       generations=flags.DEFINE_list(

@@ -12,16 +12,16 @@ order of the program's jaxpr (`live_temporaries`), has XLA count them
 (`xla_temporaries`: the host compiler's buffer assignment of the program
 lowered for CUDA, which gave the H100's measured numbers), and gives
 each kernel's HBM traffic floor: the bytes of its input and output
-arrays at ANCHORS.md's measured 2.5 TB/s (`kernel_traffic`).
+arrays at `HBM_BYTES_PER_S` (`kernel_traffic`).
 
-No GPU is needed: this is what a session without one can learn about a
+No GPU is needed: this is what a machine without one can learn about a
 tiling. It is not a timing, and it is an approximation of what runs: on a
 GPU, XLA compiles the same IR with the Triton it bundles, whose passes
 (layouts, software pipelining) may differ from the Python package's. Spills
 and register-limited occupancy are what it is for.
 
   pip install triton==3.6.0   # the Triton of the H100/H200 machine
-  python -m experiments.triton_resources --seq_len 32768 \
+  python -m pallas_kernels.tools.triton_resources --seq_len 32768 \
       --variants "wy_block=None/out_block=None,num_warps_intra=8"
 
 Variants are '/'-separated BlockSizes field=value pairs over the GPU
@@ -269,8 +269,10 @@ def _peak_of(eqns, results, count_results: bool = True
   return peak, at_peak
 
 
-# The bandwidth of the traffic floor: ANCHORS.md's elementwise read+write
-# of 2 GiB through XLA on the H100 (its "HBM floor" of the forward).
+# The bandwidth of the traffic floor: a round figure below the H100 SXM's
+# 3.35 TB/s HBM3 peak (NVIDIA's H100 datasheet), since a kernel that only
+# streams its arrays does not reach the peak. Assumed, not measured here:
+# the floor compares kernels with their own bytes, it predicts no time.
 HBM_BYTES_PER_S = 2.5e12
 
 
@@ -484,8 +486,9 @@ def xla_temporaries(fn, *args) -> dict:
   bytes each moves). The host's pipeline is not the GPU's (its fusion
   and scheduling differ), but the kernels are opaque calls to both: at
   the 32k benchmark shape it gave 980.0, 373.0 and 208.5 MiB for the
-  three tilings XLA measured on the H100 on 2026-11-27 (BENCHMARKS.md),
-  the same to the tenth of a MiB. Returns dict(temp_mib, copies: [(MiB,
+  three tilings XLA measured on the H100 (docs/measurements/
+  2026-11-27-h100-ae2f428/gpu_checks.log, memory32k), the same to the
+  tenth of a MiB. Returns dict(temp_mib, copies: [(MiB,
   type)] largest first, of 1 MiB or more).
 
   `lax.optimization_barrier`s (the blocked kernels' `_in_order`) order
@@ -674,7 +677,8 @@ def format_row(row: dict) -> str:
 def _define_flags():
   """The command's flags, defined only when it runs as a command: tests
   import this module beside other experiments whose flags share names."""
-  from experiments import gdr_shapes  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from pallas_kernels.tools import gdr_shapes
   holders = dict(
       shape=gdr_shapes,
       variants=flags.DEFINE_list(

@@ -2,22 +2,23 @@
 # GPU checks in one call: the Pallas kernel tests compiled on the GPU, the
 # model on the Pallas path, and the gated-delta-rule benchmark against the
 # jnp chunked path and flash-linear-attention (when its wheel is carried in
-# .whl/). Made for a short, metered GPU lease: every step has a time limit,
-# everything is logged to $OUT/gpu_checks.log and the benchmark JSON to $OUT.
+# .whl/). Made for calls with a time limit on a GPU machine: every step has
+# a limit of its own, everything is logged to $OUT/gpu_checks.log and the
+# benchmark JSON goes to $OUT. Run it from the repository root:
 #
-#   OUT=/tmp/gpu bash experiments/gpu_checks.sh [steps...]
+#   OUT=/tmp/gpu bash pallas_kernels/tools/gpu_checks.sh [steps...]
 #
 # Steps (default: env tests model lean2_32k ncu_blocks32k memory2_32k
-# repeat2_32k scaling8k, in order of priority; on the H100 of 2026-11-27
-# (fifteenth and sixteenth sessions) env, tests (4 xdist workers), model
-# (4 workers), memory2_32k, repeat2_32k, warps32k and scaling8k took 10,
-# 126, 128, 50, 54, 93 and 36 s, lean2_32k over 240 with its five
-# variants then; ncu_blocks32k is yet to run; run them as `BUDGET_S=560
-# bash experiments/gpu_checks.sh` in a 600 s call, which skips what no
-# longer fits, and what was skipped in a second call if the lease has
-# time left).
-# Also: options32k hlo32k ncu32k bench32k tests_all profile32k prep32k
-# best32k final32k base32k split32k scaling bench8k.
+# repeat2_32k scaling8k, in order of priority). On an H100 (the logs of
+# docs/measurements/2026-11-27-h100-e58d8ea and 2026-11-27-h100-a998346)
+# env, tests (4 xdist workers), model (4 workers), memory2_32k,
+# repeat2_32k, warps32k and scaling8k took 10, 126, 128, 50, 54, 93 and
+# 36 s, and lean2_32k over 240 with five variants. `BUDGET_S=560 bash
+# pallas_kernels/tools/gpu_checks.sh` in a 600 s call runs the defaults
+# and skips what no longer fits; a second call runs what was skipped.
+# Also: options32k defaults32k lean32k warps32k memory32k hlo32k ncu32k
+# bench32k tests_all profile32k prep32k best32k final32k base32k split32k
+# scaling bench8k.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -32,9 +33,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-# BUDGET_S=N: the whole run ends within N seconds of starting (a lease's
-# call limit): each step's limit is cut to what is left, and a step with
-# under MIN_STEP_S (45) seconds left is skipped, so order steps by priority.
+# BUDGET_S=N: the whole run ends within N seconds of starting (the call's
+# limit): each step's limit is cut to what is left, and a step with under
+# MIN_STEP_S (45) seconds left is skipped, so order steps by priority.
 DEADLINE=${BUDGET_S:+$(( $(date +%s) + BUDGET_S ))}
 
 step() {  # step NAME SECONDS CMD...
@@ -101,55 +102,40 @@ for s in "${steps[@]}"; do
     # that ran first), chunked and FLA, forward and forward+backward.
     best32k) bench best32k 220 32768 5 \
       --variants_from_profile "$OUT/profile32k.json,$OUT/prep32k.json" ;;
-    # The run of 2026-11-27 (BENCHMARKS.md), kept to repeat it: the
-    # options of that day against the defaults of ae2f428 (prep in 4
-    # warps, bwd_out and wy in 8, three forward kernels) and FLA, end to
-    # end (20 runs; XLA's temporaries per variant) and kernel by kernel:
+    # The run of docs/measurements/2026-11-27-h100-ae2f428 (options32k):
+    # end to end against FLA (20 runs; XLA's temporaries per variant),
     # output_in_state, with the forward and the backward in blocks of 4096
-    # tokens, and the stride-2 memory-lean form; kernel by kernel
-    # output_in_state and prep in 2 warps (since then the defaults). On
-    # today's defaults the "pallas" rows are not ae2f428's: defaults32k
-    # compares the two. The e2e lines are logged as measured, so a step
-    # cut short by its limit still leaves them.
+    # tokens, and the stride-2 memory-lean form; kernel by kernel the
+    # defaults, output_in_state, prep in 2 warps (which also ran bwd_out
+    # and wy in 4) and sub-chunks of 16. That run's defaults were
+    # ae2f428's (kernel_warps=bwd_out:8+wy:8/output_in_state=False), not
+    # today's. The e2e lines are logged as measured, so a step cut short
+    # by its limit still leaves them.
     options32k) bench options32k 330 32768 20 --implementations pallas,fla \
       --pallas_variants "output_in_state=True,output_in_state=True/fwd_block=4096/bwd_block=4096,output_in_state=True/fwd_block=2048/bwd_block=2048/state_stride=2" \
       --profile_kernels --profile_variants "output_in_state=True,kernel_warps=prep:2,sub_chunk=16/kernel_warps=prep:2" ;;
-    # The GPU defaults of 2026-11-27 (prep in 2 warps, bwd_out and wy in
-    # 4, the output inside the sequential pass without autodiff only),
-    # end to end against the defaults before them (ae2f428: bwd_out and
-    # wy in 8 warps, prep in 4, three forward kernels), output_in_state
-    # under autodiff too, and FLA; 20 runs. The forward+backward returns
-    # o (before 2026-11-27 XLA dropped the output kernel from it).
+    # The GPU defaults end to end against those of ae2f428 (bwd_out and
+    # wy in 8 warps, three forward kernels), output_in_state under
+    # autodiff too, and FLA; 20 runs (2026-11-27-h100-e58d8ea/
+    # defaults32k.json).
     defaults32k) bench defaults32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "kernel_warps=bwd_out:8+wy:8/output_in_state=False,output_in_state=True" ;;
     # The memory-lean forms end to end beside FLA (10 runs; XLA's
     # temporaries of the timed program beside): no per-chunk states
     # stored, each backward block's recomputed (recompute_states) in
-    # blocks of 4096. On 2026-11-27 (fifteenth session) "paired" unrolled
-    # took 6.70 ms forward+backward against 5.92 for the unblocked
-    # defaults and 6.58 for FLA (another process), scanned 6.88: so
-    # "paired" under block_loop "auto" (unrolled), its pair in 3
-    # pipelining stages (one program an SM, two waves, against two an SM
-    # in 2 stages), scanned, and recompute_states=True.
+    # blocks of 4096: "paired" under block_loop "auto" (unrolled), its
+    # pair in 3 pipelining stages (one program an SM, two waves, against
+    # two an SM in 2 stages), scanned, and recompute_states=True
+    # (2026-11-27-h100-e58d8ea/lean32k.json has the variants before
+    # these).
     lean32k) bench lean32k 240 32768 10 --implementations pallas,fla \
       --pallas_variants "recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096/kernel_stages=state_pair:3,recompute_states=paired/fwd_block=4096/bwd_block=4096/block_loop=scan,recompute_states=True/fwd_block=4096/bwd_block=4096" ;;
-    # Kernel by kernel, warps and tiles that the ncu profile of 2026-11-27
-    # points to (latency-bound kernels with 1 or 2 programs an SM): the
-    # prep with P in 2 warps (ptxas spills 508 bytes there against 196
-    # for the plain prep, which was 24% faster in 2), wy and bwd_out in
-    # narrower column tiles (fewer registers, perhaps 3 programs an SM),
-    # and the sequential kernels in value tiles of 8 (256 programs, 2 an
-    # SM, at twice the reads of w and k); recompute_states' kernels
-    # (profiled unblocked: state_fwd again and bwd_pdo in the backward),
-    # "paired" (its state_pair against state_fwd + state_bwd: two passes
-    # side by side, two programs an SM, or one after the other?), bwd_pdo
-    # in 4 warps and in 2.
     lean2_32k)  # the "lean" preset (block_sizes.PRESETS) against FLA and the
       # defaults; the backward's sequential kernels in value tiles of 32
-      # (bwd_block_dv, untimed), the pair in 3 stages (one program an SM)
-      # or 2 (value tiles of 32 for every sequential kernel took the
-      # backward 0.13 ms less, the forward 0.07 more, in the sixteenth
-      # session)
+      # (bwd_block_dv), the pair in 3 stages (one program an SM) or 2
+      # (value tiles of 32 for every sequential kernel took the backward
+      # 0.13 ms less, the forward 0.07 more: 2026-11-27-h100-a998346/
+      # bv32.json)
       bench lean2_32k 240 32768 20 --implementations pallas,fla \
       --pallas_variants "${LEAN_VARIANTS:-lean,lean/bwd_block_dv=32/kernel_stages=state_pair:3,lean/bwd_block_dv=32}" ;;
     memory2_32k)
@@ -162,12 +148,23 @@ for s in "${steps[@]}"; do
         --implementations fla,pallas --iters 40 --warmup 3 \
         --pallas_variants "${REPEAT_VARIANT:-lean}" \
         --json_out "$OUT/repeat2_32k.json" ;;
+    # Kernel by kernel, warps and tiles that the ncu profile
+    # (2026-11-27-h100-ae2f428/ncu32k.csv.gz) points to (latency-bound
+    # kernels with 1 or 2 programs an SM): the prep with P in 2 warps
+    # (ptxas spills 508 bytes there against 196 for the plain prep, which
+    # was 24% faster in 2), wy and bwd_out in narrower column tiles (fewer
+    # registers, perhaps 3 programs an SM), and the sequential kernels in
+    # value tiles of 8 (256 programs, 2 an SM, at twice the reads of w and
+    # k); recompute_states' kernels (profiled unblocked: state_fwd again
+    # and bwd_pdo in the backward), "paired" (its state_pair against
+    # state_fwd + state_bwd: two passes side by side, two programs an SM,
+    # or one after the other?), bwd_pdo in 4 warps and in 2.
     warps32k) step warps32k 240 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations= --iters 5 --warmup 1 --profile_kernels \
         --profile_variants "${WARPS_VARIANTS:-output_in_state=True/kernel_warps=prep:2+prep_out:2,wy_block=32/out_block=16,block_dv=8,recompute_states=True/fwd_block=4096/bwd_block=4096,recompute_states=paired/fwd_block=4096/bwd_block=4096,recompute_states=True/fwd_block=4096/bwd_block=4096/kernel_warps=prep:2+prep_out:4+bwd_pdo:2}" \
         --json_out "$OUT/warps32k.json" ;;
-    # The run of BENCHMARKS.md's end-to-end table (2026-11-26).
+    # The H200 run of f32_dot (2026-11-26-h100-fb7591c/tuning_notes.md).
     final32k) bench final32k "${BENCH_LIMIT:-260}" 32768 5 \
       --pallas_variants f32_dot=bf16x3,f32_dot=bf16 ;;
     split32k)  # the sequence cut into pieces inside the device
@@ -175,22 +172,20 @@ for s in "${steps[@]}"; do
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
         --implementations pallas,chunked --iters 5 --warmup 1 \
         --seq_splits 4,8 --json_out "$OUT/split32k.json" ;;
-    # Throughput at 8k against options32k's at 32k: each mode also timed
+    # Throughput at 8k against the 32k runs': each mode also timed
     # with calls queued back to back (the "_queued" rows), which tells the
     # device's time per call from the latency of launching and waiting.
     scaling8k) bench scaling8k 150 8192 20 --implementations pallas,fla ;;
     # XLA's temporaries of the rule as an operation (cotangents arguments;
-    # output, final state and gradients results: what the issue bounds by
-    # the per-chunk states, 256 MiB here), compiled and not run, for the
-    # defaults and the forms that store no per-chunk states. XLA's count
-    # on the CPU (triton_resources.xla_temporaries, which gave 980.0,
-    # 373.0 and 208.5 MiB as the H100 did for the defaults and the
-    # output_in_state forms of 2026-11-27): 980.0, then 157.0, 248.0 and
-    # 248.0; the H100 of the fifteenth session gave 980.0, 157.0 and
-    # 248.0 scanned, 255.0 for "paired" unrolled (the blocks' ordering
-    # barriers held: docs/kernels.md, "XLA's own count"). Since then
-    # block_loop "auto" unrolls these 8 blocks: recompute_states=True and
-    # "paired" as the default runs them, then "paired" scanned.
+    # output, final state and gradients results: what the memory bound,
+    # the per-chunk states' 256 MiB here, limits), compiled and not run,
+    # for the defaults and the forms that store no per-chunk states:
+    # recompute_states=True and "paired" under block_loop "auto"
+    # (unrolled), then "paired" scanned. 2026-11-27-h100-e58d8ea/
+    # gpu_checks.log has the H100's counts (980.0, 157.0, 248.0 scanned,
+    # 255.0 unrolled); XLA's count on the CPU
+    # (triton_resources.xla_temporaries) gives the same for the scanned
+    # forms and 248.0 for the unrolled one.
     memory32k)
       step memory32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \
@@ -223,8 +218,8 @@ for s in "${steps[@]}"; do
     # warps' stall reasons, to tell latency from bandwidth (the sequential
     # kernels read w and k once per value tile, 8 x at value tiles of 16;
     # prep runs 8 warps an SM). Full CSV in $OUT/ncu32k.csv; the log gets
-    # the headline rows. Needs ncu's counters (seen on Firecracker
-    # machines, not on gVisor: KINDS.md).
+    # the headline rows. Needs access to the GPU's performance counters,
+    # which some sandboxed machines do not give.
     ncu32k)
       step ncu32k "${NCU_LIMIT:-240}" bash -c "'${NCU:-ncu}' --clock-control none \
         --kernel-name regex:gated_delta_rule --launch-count 15 \
@@ -236,7 +231,7 @@ for s in "${steps[@]}"; do
         python3 -m experiments.bench_gated_delta_rule --batch 1 --seq_len 32768 \
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
         --pallas_variants output_in_state=True > '$OUT/ncu32k.csv'"
-      python3 -m experiments.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
+      python3 -m pallas_kernels.tools.ncu_summary "$OUT/ncu32k.csv" >>"$LOG" 2>&1 ;;
     # Where the blocked forms' time goes: each kernel launch of one
     # forward+backward, for the defaults, output_in_state=True, the "lean"
     # preset and recompute_states=True in blocks of 4096, summed per
@@ -252,7 +247,7 @@ for s in "${steps[@]}"; do
         --heads 16 --dk 128 --dv 128 --dtype bfloat16 --once \
         --pallas_variants output_in_state=True,lean,recompute_states=True/fwd_block=4096/bwd_block=4096 \
         > '$OUT/ncu_blocks32k.csv'"
-      python3 -m experiments.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
+      python3 -m pallas_kernels.tools.ncu_summary --by_tiling "$OUT/ncu_blocks32k.csv" >>"$LOG" 2>&1 ;;
     profile32k)  # each split kernel alone, for several tilings; no pipeline timing
       step profile32k 200 python3 -m experiments.bench_gated_delta_rule \
         --batch 1 --seq_len 32768 --heads 16 --dk 128 --dv 128 --dtype bfloat16 \

@@ -1,16 +1,16 @@
 """Headline rows of an Nsight Compute CSV report (`ncu --csv --page details`).
 
-  python -m experiments.ncu_summary ncu32k.csv
+  python -m pallas_kernels.tools.ncu_summary ncu32k.csv
 
 prints, per profiled kernel, its time, its throughput against the SM, DRAM,
 L2 and L1 peaks, occupancy and registers, and the five stall reasons that
 cost its warps the most cycles per issued instruction (from `--metrics
 regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio`).
-`experiments/gpu_checks.sh ncu32k` writes such a report. Lines before the
-CSV header (the profiled program's own output) and rows that are not
-metrics (ncu's closing messages) are skipped.
+`pallas_kernels/tools/gpu_checks.sh ncu32k` writes such a report. Lines
+before the CSV header (the profiled program's own output) and rows that
+are not metrics (ncu's closing messages) are skipped.
 
-  python -m experiments.ncu_summary --by_tiling ncu_blocks32k.csv
+  python -m pallas_kernels.tools.ncu_summary --by_tiling ncu_blocks32k.csv
 
 prints, for a profile of `bench_gated_delta_rule --once` (which launches a
 marker kernel before each tiling), each tiling's kernel time in its
