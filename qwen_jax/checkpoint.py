@@ -9,9 +9,9 @@ Layouts read (QWEN35_SPEC.md §4.1):
 Single `model.safetensors` or shards listed by `model.safetensors.index.json`.
 
 Files are memory-mapped and converted one tensor at a time (torch is not
-needed), so a 9B checkpoint never sits twice in host memory. Torch `Linear`
-weights are [out, in]; ours are [in, out]; the depthwise conv is [c, 1, K]
-in torch and [K, c] here.
+needed), so a 9B checkpoint never sits twice in host memory; a weight with
+NaN or Inf is refused by name. Torch `Linear` weights are [out, in]; ours
+are [in, out]; the depthwise conv is [c, 1, K] in torch and [K, c] here.
 """
 
 from __future__ import annotations
@@ -346,6 +346,35 @@ def param_shapes(cfg: QwenConfig) -> dict:
 
 
 # ------------------------------------------------------------------- loading
+_FINITE_BLOCK = 1 << 24  # elements checked at a time (bounds the temporary)
+
+
+def _check_finite(key: str, x: np.ndarray, src: np.ndarray, where: str,
+                  param_dtype: str) -> None:
+  """ValueError naming `key` when the converted weight `x` has NaN or Inf.
+
+  Checked on the array just converted (in blocks, so the temporary stays
+  small); the stored tensor `src` is read again only to word the error.
+  """
+  flat = x.ravel(order="K")  # a view: x is contiguous in some order
+  bad = 0
+  for i in range(0, flat.size, _FINITE_BLOCK):
+    block = flat[i:i + _FINITE_BLOCK]
+    bad += block.size - int(np.count_nonzero(np.isfinite(block)))
+  if not bad:
+    return
+  nan = int(np.count_nonzero(np.isnan(src)))
+  inf = int(np.count_nonzero(np.isinf(src)))
+  if nan + inf:
+    raise ValueError(
+        f"weight {key}: expected finite values, found {nan + inf} non-finite "
+        f"of {src.size} ({nan} NaN, {inf} Inf) (in {where})")
+  raise ValueError(
+      f"weight {key}: expected values finite in {param_dtype}, found {bad} "
+      f"of {src.size} that overflow it (largest |value| "
+      f"{float(np.max(np.abs(src.astype(np.float64))))}) (in {where})")
+
+
 def _dtype_name(arg: str, value: Any, allowed: tuple[str, ...]) -> str:
   """The jnp dtype name of `value`, or ValueError naming the argument."""
   try:
@@ -385,8 +414,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
     ValueError: no such folder or config, unsupported model_type, a config
       override of a field that changes the math, a bad dtype, a broken
       safetensors or index file, a missing or unexpected weight, a tensor
-      that is not floating point, or a tensor whose shape contradicts the
-      config.
+      that is not floating point, a tensor whose shape contradicts the
+      config, or a tensor holding NaN or Inf (or values that overflow
+      `param_dtype`), named with the count of such entries.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -458,7 +488,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
       raise ValueError(f"weight {key}: expected a floating dtype "
                        f"{_FLOAT_ST_DTYPES}, found {stored} (in "
                        f"{files[key].path})")
-    x = _to_ours(files[key].get(key), layout).astype(pdt)
+    src = files[key].get(key)
+    with np.errstate(over="ignore"):  # overflow is reported just below
+      x = _to_ours(src, layout).astype(pdt)
+    _check_finite(key, x, src, files[key].path, param_dtype)
     if idx is None:
       _set(host, ours, jnp.asarray(x))
       continue
