@@ -1,6 +1,6 @@
 """Hugging Face safetensors checkpoints <-> (QwenConfig, params).
 
-Layouts read (QWEN35_SPEC.md §4.1):
+Layouts read (the keys transformers' Qwen3.5 models save under):
   * text-only `Qwen3_5ForCausalLM`: `model.{embed_tokens,layers.i.*,norm}`
     and, when untied, `lm_head.weight`;
   * multimodal `Qwen3_5ForConditionalGeneration`: the same under
