@@ -1,26 +1,35 @@
 """Hugging Face safetensors checkpoints <-> (QwenConfig, params).
 
-Layouts read (QWEN35_SPEC.md §4.1):
+Layouts read (the keys transformers' Qwen3.5 models save under):
   * text-only `Qwen3_5ForCausalLM`: `model.{embed_tokens,layers.i.*,norm}`
     and, when untied, `lm_head.weight`;
   * multimodal `Qwen3_5ForConditionalGeneration`: the same under
-    `model.language_model.*`, plus `model.visual.*` and `mtp.*`, which are
-    skipped with a log line.
+    `model.language_model.*`, plus `model.visual.*` and `mtp.*`, which the
+    loader skips with a log line and a save into the folder carries over.
 Single `model.safetensors` or shards listed by `model.safetensors.index.json`.
 
 Files are memory-mapped and converted one tensor at a time (torch is not
-needed), so a 9B checkpoint never sits twice in host memory. Torch `Linear`
-weights are [out, in]; ours are [in, out]; the depthwise conv is [c, 1, K]
-in torch and [K, c] here.
+needed), so a 9B checkpoint never sits twice in host memory; a weight with
+NaN or Inf is refused by name. Torch `Linear` weights are [out, in]; ours
+are [in, out]; the depthwise conv is [c, 1, K] in torch and [K, c] here.
+
+Saving writes every file into a hidden folder inside the destination and
+moves each into place with `os.replace`; what the destination held that the
+model does not own (tensors, config entries, other files) is kept (see
+`save_hf_checkpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import re
-from typing import Any, Iterator
+import shutil
+import tempfile
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,7 @@ from qwen_jax import model as model_lib
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
+from qwen_jax.config import VLM_MODEL_TYPE
 from qwen_jax.config import hf_text_config
 from qwen_jax.config import is_int
 from qwen_jax.config import read_hf_config
@@ -65,8 +75,6 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                  "linear_num_value_heads", "linear_key_head_dim",
                  "linear_value_head_dim", "linear_conv_kernel_dim",
                  "attention_bias", "tie_word_embeddings")
-# Weight files this module writes (and may remove as stale).
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 # (HF suffix inside a layer, our path inside the layer, layout).
 _COMMON = [
@@ -238,23 +246,55 @@ class SafetensorsFile:
     if info["dtype"] not in _ST_DTYPES:
       raise ValueError(f"{self.path}: tensor {key} has unsupported dtype "
                        f"{info['dtype']}")
-    start, end = info["data_offsets"]
-    raw = self._mmap[self._offset + start:self._offset + end]
-    return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return self.raw(key).view(_ST_DTYPES[info["dtype"]]).reshape(
+        info["shape"])
+
+  def raw(self, key: str) -> np.ndarray:
+    """The stored bytes of a tensor (uint8, memory-mapped), any dtype."""
+    start, end = self.header[key]["data_offsets"]
+    return self._mmap[self._offset + start:self._offset + end]
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-  """Writes a safetensors file (tensors stored C-contiguous, in order)."""
-  header, offset, arrays = {}, 0, []
-  for key, x in tensors.items():
-    x = np.ascontiguousarray(x)
-    if x.dtype not in _ST_NAMES:
-      raise ValueError(f"{key}: dtype {x.dtype} cannot be saved")
-    header[key] = {"dtype": _ST_NAMES[x.dtype], "shape": list(x.shape),
-                   "data_offsets": [offset, offset + x.nbytes]}
-    offset += x.nbytes
-    arrays.append(x)
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One tensor of a file to write: its header fields and how to read it.
+
+  `read()` returns an array whose bytes are the tensor's (C order); it is
+  called once, when the tensor is written, so a file never holds more than
+  one tensor in host memory at a time.
+  """
+  key: str
+  dtype: str  # safetensors name ("F32", "BF16", ... or any other, copied)
+  shape: tuple[int, ...]
+  nbytes: int
+  read: Callable[[], np.ndarray]
+
+
+def _array_entry(key: str, x: Any) -> _Entry:
+  x = np.asarray(x)
+  if x.dtype not in _ST_NAMES:
+    raise ValueError(f"{key}: dtype {x.dtype} cannot be saved")
+  return _Entry(key, _ST_NAMES[x.dtype], tuple(x.shape), x.nbytes,
+                lambda: x)
+
+
+def _write_tensor(f, entry: _Entry) -> None:
+  """Appends one tensor's bytes to the open file `f`."""
+  data = np.ascontiguousarray(entry.read()).reshape(-1).view(np.uint8)
+  if data.size != entry.nbytes:
+    raise ValueError(f"{entry.key}: expected {entry.nbytes} bytes, the "
+                     f"tensor has {data.size}")
+  f.write(data)
+
+
+def _write_file(path: str, entries: list[_Entry],
+                metadata: dict[str, str] | None) -> None:
+  """Writes a safetensors file tensor by tensor, then syncs it to disk."""
+  header, offset = {}, 0
+  for e in entries:
+    header[e.key] = {"dtype": e.dtype, "shape": list(e.shape),
+                     "data_offsets": [offset, offset + e.nbytes]}
+    offset += e.nbytes
   if metadata:
     header["__metadata__"] = metadata
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -262,8 +302,52 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
   with open(path, "wb") as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
-    for x in arrays:
-      f.write(x.tobytes())
+    for e in entries:
+      _write_tensor(f, e)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_json(path: str, obj: Any, **kw: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, **kw)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+  """Makes the renames in `path` durable (where the OS allows it)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file (tensors stored C-contiguous, in order).
+
+  The file is written under a hidden temporary name beside `path` and moved
+  into place with `os.replace`, so `path` is never left half written.
+  """
+  path = os.fspath(path)
+  entries = [_array_entry(k, x) for k, x in tensors.items()]
+  folder, name = os.path.split(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+  os.close(fd)
+  try:
+    _write_file(tmp, entries, metadata)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _read_index(index: str) -> dict[str, str]:
@@ -276,6 +360,25 @@ def _read_index(index: str) -> dict[str, str]:
       raise ValueError(f"{index}: weight_map[{key!r}]: expected a file name, "
                        f"found {fname!r}")
   return wmap
+
+
+def _index_files(path: str, index: str
+                 ) -> tuple[dict[str, SafetensorsFile],
+                            dict[str, SafetensorsFile]]:
+  """(key -> shard, shard name -> shard) of an index, each shard checked."""
+  wmap = _read_index(index)
+  files, out = {}, {}
+  for key, fname in wmap.items():
+    if fname not in files:
+      fpath = os.path.join(path, fname)
+      if not os.path.exists(fpath):
+        raise ValueError(f"{index}: lists shard {fname!r}, which is missing")
+      files[fname] = SafetensorsFile(fpath)
+    if key not in files[fname].header:
+      raise ValueError(f"{index}: maps {key!r} to {fname!r}, which does "
+                       f"not contain it")
+    out[key] = files[fname]
+  return out, files
 
 
 def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
@@ -295,20 +398,7 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
     st = SafetensorsFile(single)
     return {k: st for k in st.keys()}
   if os.path.exists(index):
-    wmap = _read_index(index)
-    files = {}
-    out = {}
-    for key, fname in wmap.items():
-      if fname not in files:
-        fpath = os.path.join(path, fname)
-        if not os.path.exists(fpath):
-          raise ValueError(f"{index}: lists shard {fname!r}, which is missing")
-        files[fname] = SafetensorsFile(fpath)
-      if key not in files[fname].header:
-        raise ValueError(f"{index}: maps {key!r} to {fname!r}, which does "
-                         f"not contain it")
-      out[key] = files[fname]
-    return out
+    return _index_files(path, index)[0]
   names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
   if len(names) == 1:
     st = SafetensorsFile(os.path.join(path, names[0]))
@@ -346,6 +436,35 @@ def param_shapes(cfg: QwenConfig) -> dict:
 
 
 # ------------------------------------------------------------------- loading
+_FINITE_BLOCK = 1 << 24  # elements checked at a time (bounds the temporary)
+
+
+def _check_finite(key: str, x: np.ndarray, src: np.ndarray, where: str,
+                  param_dtype: str) -> None:
+  """ValueError naming `key` when the converted weight `x` has NaN or Inf.
+
+  Checked on the array just converted (in blocks, so the temporary stays
+  small); the stored tensor `src` is read again only to word the error.
+  """
+  flat = x.ravel(order="K")  # a view: x is contiguous in some order
+  bad = 0
+  for i in range(0, flat.size, _FINITE_BLOCK):
+    block = flat[i:i + _FINITE_BLOCK]
+    bad += block.size - int(np.count_nonzero(np.isfinite(block)))
+  if not bad:
+    return
+  nan = int(np.count_nonzero(np.isnan(src)))
+  inf = int(np.count_nonzero(np.isinf(src)))
+  if nan + inf:
+    raise ValueError(
+        f"weight {key}: expected finite values, found {nan + inf} non-finite "
+        f"of {src.size} ({nan} NaN, {inf} Inf) (in {where})")
+  raise ValueError(
+      f"weight {key}: expected values finite in {param_dtype}, found {bad} "
+      f"of {src.size} that overflow it (largest |value| "
+      f"{float(np.max(np.abs(src.astype(np.float64))))}) (in {where})")
+
+
 def _dtype_name(arg: str, value: Any, allowed: tuple[str, ...]) -> str:
   """The jnp dtype name of `value`, or ValueError naming the argument."""
   try:
@@ -385,8 +504,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
     ValueError: no such folder or config, unsupported model_type, a config
       override of a field that changes the math, a bad dtype, a broken
       safetensors or index file, a missing or unexpected weight, a tensor
-      that is not floating point, or a tensor whose shape contradicts the
-      config.
+      that is not floating point, a tensor whose shape contradicts the
+      config, or a tensor holding NaN or Inf (or values that overflow
+      `param_dtype`), named with the count of such entries.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -458,7 +578,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
       raise ValueError(f"weight {key}: expected a floating dtype "
                        f"{_FLOAT_ST_DTYPES}, found {stored} (in "
                        f"{files[key].path})")
-    x = _to_ours(files[key].get(key), layout).astype(pdt)
+    src = files[key].get(key)
+    with np.errstate(over="ignore"):  # overflow is reported just below
+      x = _to_ours(src, layout).astype(pdt)
+    _check_finite(key, x, src, files[key].path, param_dtype)
     if idx is None:
       _set(host, ours, jnp.asarray(x))
       continue
@@ -517,93 +640,382 @@ def _as_plain_params(params: Any, shapes: dict, cfg: QwenConfig) -> dict:
                    f"{f' ({n} keys differ)' if n > 1 else ''}")
 
 
-def _remove_stale_weights(path: str, written: set[str]) -> None:
-  """Deletes the weight files of an earlier save that `written` replaces.
+# The text model's own fields that fix tensor shapes: a checkpoint's other
+# parts (vision tower, multi-token-prediction head) are made for them.
+_ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "layer_types", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "linear_num_key_heads",
+                "linear_num_value_heads", "linear_key_head_dim",
+                "linear_value_head_dim", "linear_conv_kernel_dim",
+                "attention_bias")
+# config.json names that say what `to_hf_dict` says under another name
+# (older transformers releases); updated where present, so none disagrees.
+_DTYPE_ALIASES = ("torch_dtype",)
+_ROPE_ALIASES = ("rope_theta", "partial_rotary_factor")
+# Prefix of the hidden folder a save writes into before moving files.
+STAGING_PREFIX = ".qwen_jax-save-"
 
-  Only names this module writes (model.safetensors, model-NNNNN-of-NNNNN
-  .safetensors, model.safetensors.index.json) are removed; any other file
-  stays. A stale index or shard beside a fresh model.safetensors would
-  otherwise make loaders disagree about which weights the folder holds.
+
+def _text_namespace(prefix: str) -> re.Pattern:
+  """Keys of the text model itself under `prefix` (and the LM head)."""
+  return re.compile(rf"^(?:{re.escape(prefix)}(?:embed_tokens|norm|layers)\."
+                    rf"|lm_head\.)")
+
+
+def _group(key: str) -> str:
+  """'mtp.*', 'model.visual.*', ...: how foreign tensors are named."""
+  parts = key.split(".")
+  return ".".join(parts[:1 if parts[0] != "model" else 2]) + ".*"
+
+
+def _groups(keys) -> str:
+  return ", ".join(sorted({_group(k) for k in keys}))
+
+
+# --------------------------------------- what the destination holds already
+@dataclasses.dataclass
+class _Destination:
+  """The checkpoint already in a folder a save writes into.
+
+  Attributes:
+    config: its config.json, or None.
+    tensors: key -> the file holding it (the single file wins over shards
+      for a key both hold, as loaders read it).
+    removable: its weight files (model.safetensors, the index and the
+      shards the index lists): superseded once every tensor in them is
+      rewritten or carried into the new files.
   """
-  for name in sorted(os.listdir(path)):
-    full = os.path.join(path, name)
-    if name in written or not (os.path.isfile(full) or os.path.islink(full)):
-      continue
-    if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.match(name):
-      log.info("Removing %s, left by an earlier save.", full)
-      os.remove(full)
+  config: dict[str, Any] | None = None
+  tensors: dict[str, SafetensorsFile] = dataclasses.field(
+      default_factory=dict)
+  removable: list[str] = dataclasses.field(default_factory=list)
 
 
+def _plain_name(name: str) -> bool:
+  """A file name right inside the folder (no path, no '..')."""
+  return (name == os.path.basename(name) and name not in ("", ".", "..")
+          and os.sep not in name and "/" not in name)
+
+
+def _read_destination(path: str) -> _Destination:
+  """What `path` holds; ValueError when its checkpoint cannot be read."""
+  dest = _Destination()
+  if not os.path.isdir(path):
+    return dest
+  if os.path.exists(os.path.join(path, CONFIG_NAME)):
+    dest.config = read_hf_config(os.path.join(path, CONFIG_NAME))
+    hf_text_config(dest.config)  # an unsupported model_type raises here
+  index = os.path.join(path, INDEX_FILE)
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.exists(index):
+    by_key, shards = _index_files(path, index)
+    dest.tensors.update(by_key)
+    dest.removable += [INDEX_FILE] + [f for f in shards if _plain_name(f)]
+  if os.path.exists(single):
+    st = SafetensorsFile(single)
+    dest.tensors.update({k: st for k in st.keys()})
+    dest.removable.append(SINGLE_FILE)
+  if not dest.removable:
+    # A lone weight file of another name (loaders read it): carried, kept.
+    names = [f for f in os.listdir(path) if f.endswith(".safetensors")
+             and os.path.isfile(os.path.join(path, f))]
+    if len(names) == 1:
+      st = SafetensorsFile(os.path.join(path, names[0]))
+      dest.tensors = {k: st for k in st.keys()}
+  return dest
+
+
+def _differences(dest: _Destination, theirs: QwenConfig | None,
+                 cfg: QwenConfig, prefix: str,
+                 ours: dict[str, tuple[int, ...]]) -> list[str]:
+  """How the text model in `dest` (config `theirs`) differs from `cfg`'s."""
+  out = []
+  if theirs is not None:
+    for f in _ARCH_FIELDS:
+      a, b = getattr(theirs, f), getattr(cfg, f)
+      if a != b:
+        out.append(f"{f} {list(a) if f == 'layer_types' else a!r} there, "
+                   f"{list(b) if f == 'layer_types' else b!r} here")
+  text = _text_namespace(prefix)
+  for key, st in dest.tensors.items():
+    if key in ours and tuple(st.shape(key)) != ours[key]:
+      out.append(f"{key} of shape {tuple(st.shape(key))} there, "
+                 f"{ours[key]} here")
+    elif (key not in ours and key != "lm_head.weight"
+          and text.match(key)):
+      out.append(f"{key} there is not in this model")
+  return out
+
+
+def _carried(path: str, dest: _Destination, theirs: QwenConfig | None,
+             cfg: QwenConfig, prefix: str,
+             ours: dict[str, tuple[int, ...]]) -> list[_Entry]:
+  """The tensors of `dest` the model does not own, as entries to copy.
+
+  Raises:
+    ValueError: one line naming what would be lost, when the folder holds
+      parts of another model (they would no longer fit this one).
+  """
+  foreign = [k for k in dest.tensors if k not in ours
+             and k != "lm_head.weight"]
+  wrapper = (dest.config is not None and
+             dest.config.get("model_type") == VLM_MODEL_TYPE)
+  differs = _differences(dest, theirs, cfg, prefix, ours)
+  if differs:
+    text = _text_namespace(prefix)
+    others = [k for k in foreign if not text.match(k)]
+    if others or wrapper:
+      what = []
+      if others:
+        what.append(f"{len(others)} tensors ({_groups(others)})")
+      if wrapper:
+        extra = sorted(k for k in dest.config if k not in (
+            "text_config", "architectures", "model_type", "dtype",
+            "torch_dtype", "tie_word_embeddings", "transformers_version"))
+        what.append(f"the config entries {', '.join(extra)}")
+      raise ValueError(
+          f"save_hf_checkpoint: {path!r} holds a checkpoint of another "
+          f"model ({differs[0]}); its {' and '.join(what)} were made for "
+          f"that model and would not fit this one, so saving here would "
+          f"lose them; nothing was written: save to another folder")
+    return []  # the text model there is replaced as a whole
+  out = []
+  for key in foreign:
+    st = dest.tensors[key]
+    info = st.header[key]
+    start, end = info["data_offsets"]
+    out.append(_Entry(key, info["dtype"], tuple(info["shape"]), end - start,
+                      functools.partial(st.raw, key)))
+  return out
+
+
+def _merged_config(old: dict[str, Any] | None, cfg: QwenConfig,
+                   dtype: str) -> dict[str, Any]:
+  """config.json: `cfg.to_hf_dict()` written into the folder's own config.
+
+  Entries we do not own (a multimodal wrapper's vision_config and token
+  ids, any other field) are kept; the text model's fields are updated where
+  they live (top level, or text_config of a "qwen3_5" wrapper). `dtype`:
+  the saved weights' dtype.
+  """
+  ours = dict(cfg.to_hf_dict(), dtype=dtype)
+  if old is None:
+    return ours
+  new = dict(old)
+  if old.get("model_type") == VLM_MODEL_TYPE:
+    text = dict(old["text_config"])
+    had_dtype = "dtype" in text
+    text.update({k: v for k, v in ours.items()
+                 if k not in ("architectures", "dtype")})
+    if had_dtype:
+      text["dtype"] = dtype
+    _update_aliases(text, cfg, dtype)
+    new["text_config"] = text
+    # Either flag ties in transformers' wrapper: both say what cfg says.
+    new["tie_word_embeddings"] = cfg.tie_word_embeddings
+    new["dtype"] = dtype
+  else:
+    new.update(ours)
+  _update_aliases(new, cfg, dtype,
+                  rope=old.get("model_type") != VLM_MODEL_TYPE)
+  return new
+
+
+def _update_aliases(d: dict[str, Any], cfg: QwenConfig, dtype: str,
+                    rope: bool = True) -> None:
+  """Older names of fields we write (torch_dtype, rope_theta, ...)."""
+  for alias in _DTYPE_ALIASES:
+    if alias in d:
+      d[alias] = dtype
+  for name in _ROPE_ALIASES if rope else ():
+    if name in d:
+      d[name] = getattr(cfg, name)
+
+
+# ------------------------------------------------------------ the save itself
 def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
                        params: dict, dtype: Any = None,
                        max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes a folder that transformers' `from_pretrained` loads.
 
-  Weight files of an earlier save in the same folder (model.safetensors,
-  model-NNNNN-of-NNNNN.safetensors, model.safetensors.index.json) that this
-  save does not rewrite are removed; other files are left alone.
+  Nothing a folder holds is lost:
+
+  * Every file is written into a hidden folder inside `path`
+    (`.qwen_jax-save-*`, on the same filesystem) and moved into place with
+    `os.replace` once all are complete, so a save that fails or is killed
+    while writing leaves the checkpoint that was there as it was (a killed
+    one leaves its hidden folder behind, which may be deleted).
+  * When `path` holds a checkpoint already, the tensors outside the text
+    model's weight map (`mtp.*`, `model.visual.*`, anything else) are
+    carried into the new files, copied one at a time with their stored
+    dtype, and its layout is kept: a multimodal `model.language_model.*`
+    checkpoint stays one, its config.json keeps every entry (vision_config,
+    token ids, ...) and only the text model's fields are updated. Loading a
+    checkpoint in bfloat16 and saving it into its own folder converts its
+    text weights and leaves the rest as they were.
+  * Files other than the weights and config.json (tokenizer, generation
+    config, README, anything unknown) are never touched. The old weight
+    files (model.safetensors, model.safetensors.index.json and the shards
+    the index lists) are removed only after the new files are in place,
+    and only when every tensor in them has been rewritten (the text
+    model's own, which the save replaces) or carried into those files.
+  * When the folder's checkpoint cannot be read (so its tensors could not
+    be carried), holds parts of another model beside a text model of other
+    shapes (a vision tower made for another hidden size would no longer
+    fit), or has a file in the way of a new weight file that is not part of
+    its checkpoint, the save refuses with a ValueError naming what would be
+    lost, before writing anything. A text-only checkpoint of another shape
+    is replaced as a whole, as saving over a file would.
+
+  The moves themselves are one `os.replace` per file: the new index (or
+  model.safetensors) is moved after the shards it lists, and the old
+  single file removed before config.json is moved. Shards whose names the
+  old checkpoint used as well are replaced one by one, so a kill in the
+  middle of those few renames leaves whole files of both saves (the new
+  index still in the hidden folder).
 
   Args:
     path: output folder (created).
     cfg: the config of `params`.
     params: our parameter tree (the "params" collection); boxed leaves
       straight from `Module.init` and FrozenDicts are accepted.
-    dtype: dtype of the saved tensors (float32, bfloat16, float16 or
-      float64); default each parameter's own.
+    dtype: dtype of the saved text-model tensors (float32, bfloat16,
+      float16 or float64); default each parameter's own. Carried tensors
+      keep theirs.
     max_shard_bytes: split into shards with an index above this size.
 
   Raises:
     ValueError: params that do not match cfg (naming the first missing or
-      extra key), or a dtype that is not floating point.
+      extra key), a dtype that is not floating point, a `path` that is a
+      file, or a folder whose contents the save would lose (see above).
   """
   path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"path: expected a folder, found the file {path!r}")
   if dtype is not None:
     dtype = _dtype_name("dtype", dtype, _FLOAT_DTYPES)
+  if not is_int(max_shard_bytes) or max_shard_bytes < 1:
+    raise ValueError(f"max_shard_bytes: expected a positive integer, found "
+                     f"{max_shard_bytes!r}")
   shapes = param_shapes(cfg)
   params = _as_plain_params(params, shapes, cfg)
-  os.makedirs(path, exist_ok=True)
-
-  def tensors() -> Iterator[tuple[str, np.ndarray]]:
-    for hf_key, ours, idx, layout in weight_map(cfg):
-      x = _get(params, ours)
-      if tuple(x.shape) != tuple(_get(shapes, ours).shape):
-        raise ValueError(f"params{list(ours)}: expected shape "
-                         f"{_get(shapes, ours).shape}, found {x.shape}")
-      x = x if idx is None else x[idx]
-      x = np.asarray(x)
-      if dtype is not None:
-        x = x.astype(np.dtype(jnp.dtype(dtype)))
-      key = hf_key if hf_key == "lm_head.weight" else TEXT_PREFIX + hf_key
-      yield key, _to_hf(x, layout)
-
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for key, x in tensors():
-    if size and size + x.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][key] = x
-    size += x.nbytes
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    write_safetensors(os.path.join(path, SINGLE_FILE), shards[0], meta)
-    written = {SINGLE_FILE}
+  try:
+    dest = _read_destination(path)
+    theirs = (None if dest.config is None else
+              QwenConfig.from_hf_config(dest.config))
+  except ValueError as e:
+    raise ValueError(
+        f"save_hf_checkpoint: cannot read the checkpoint in {path!r} ({e}), "
+        f"so what it holds beyond this model could not be kept; nothing was "
+        f"written: save to another folder or move it away") from e
+  if dest.tensors:
+    prefix = _layout_prefix(dest.tensors)
+  elif (dest.config is not None and
+        dest.config.get("model_type") == VLM_MODEL_TYPE):
+    prefix = VLM_PREFIX
   else:
-    written = {INDEX_FILE}
-    wmap, total = {}, 0
-    for n, shard in enumerate(shards):
-      fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-      write_safetensors(os.path.join(path, fname), shard, meta)
-      written.add(fname)
-      for key, x in shard.items():
-        wmap[key] = fname
-        total += x.nbytes
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f,
-                indent=2, sort_keys=True)
-  _remove_stale_weights(path, written)
-  hf = cfg.to_hf_dict()
-  if dtype is not None:
-    hf["dtype"] = dtype
-  with open(os.path.join(path, CONFIG_NAME), "w") as f:
-    json.dump(hf, f, indent=2)
+    prefix = TEXT_PREFIX
+  ours = _own_entries(cfg, params, shapes, dtype, prefix)
+  carried = _carried(path, dest, theirs, cfg, prefix,
+                     {e.key: e.shape for e in ours})
+  config = _merged_config(dest.config, cfg, dtype or cfg.param_dtype)
+
+  shards: list[list[_Entry]] = [[]]
+  size = 0
+  for e in ours + carried:
+    if size and size + e.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += e.nbytes
+  if len(shards) == 1:
+    names = [SINGLE_FILE]
+  else:
+    names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+             for n in range(len(shards))]
+  switch = SINGLE_FILE if len(shards) == 1 else INDEX_FILE
+  for name in set(names) | {switch}:
+    full = os.path.join(path, name)
+    if os.path.lexists(full) and name not in dest.removable:
+      raise ValueError(
+          f"save_hf_checkpoint: {full!r} is in the way of a new weight file "
+          f"and is not part of the checkpoint in {path!r} (no index lists "
+          f"it), so saving would lose it; nothing was written: move it away")
+
+  os.makedirs(path, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path)
+  try:
+    meta = {"format": "pt"}
+    for name, entries in zip(names, shards):
+      _write_file(os.path.join(staging, name), entries, meta)
+    if len(shards) > 1:
+      wmap = {e.key: name for name, entries in zip(names, shards)
+              for e in entries}
+      total = sum(e.nbytes for entries in shards for e in entries)
+      _write_json(os.path.join(staging, INDEX_FILE),
+                  {"metadata": {"total_size": total}, "weight_map": wmap},
+                  sort_keys=True)
+    _write_json(os.path.join(staging, CONFIG_NAME), config)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  # Every tensor is read: let the old files' memory maps go.
+  del ours, carried, shards
+  dest.tensors.clear()
+  _commit(path, staging, names, switch, dest.removable)
+
+
+def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
+                 dtype: str | None, prefix: str) -> list[_Entry]:
+  """The model's tensors in HF layout, checked, as entries (none read)."""
+  out = []
+  for hf_key, ours, idx, layout in weight_map(cfg):
+    x = _get(params, ours)
+    want = _get(shapes, ours).shape
+    if tuple(np.shape(x)) != tuple(want):
+      raise ValueError(f"params{list(ours)}: expected shape {want}, found "
+                       f"{tuple(np.shape(x))}")
+    src = getattr(x, "dtype", None)  # (a dtype is falsy: test for None)
+    src = np.dtype(np.asarray(x).dtype if src is None else src)
+    dt = src if dtype is None else np.dtype(jnp.dtype(dtype))
+    if dt not in _ST_NAMES or dt.kind != "f" and dt != _ST_DTYPES["BF16"]:
+      raise ValueError(f"params{list(ours)}: expected a floating dtype, "
+                       f"found {src}")
+    shape = _hf_shape(want if idx is None else want[1:], layout)
+    key = hf_key if hf_key == "lm_head.weight" else prefix + hf_key
+
+    def read(x=x, idx=idx, layout=layout, dt=dt):
+      x = np.asarray(x if idx is None else x[idx])
+      return _to_hf(x.astype(dt, copy=False), layout)
+
+    out.append(_Entry(key, _ST_NAMES[dt], shape,
+                      int(np.prod(shape, dtype=np.int64)) * dt.itemsize,
+                      read))
+  return out
+
+
+def _commit(path: str, staging: str, names: list[str], switch: str,
+            removable: list[str]) -> None:
+  """Moves the staged files into `path`, then removes superseded ones."""
+  def move(name):
+    os.replace(os.path.join(staging, name), os.path.join(path, name))
+
+  for name in names:
+    if name != switch:
+      move(name)
+  move(switch)  # from here on, loaders read the new weights ...
+  written = set(names) | {switch}
+  if SINGLE_FILE in removable and SINGLE_FILE not in written:
+    # ... or from here, where an old model.safetensors would win.
+    log.info("Removing %s: every tensor in it is in the new files.",
+             os.path.join(path, SINGLE_FILE))
+    os.remove(os.path.join(path, SINGLE_FILE))
+  move(CONFIG_NAME)
+  for name in removable:
+    full = os.path.join(path, name)
+    if name in written or name == SINGLE_FILE or not os.path.isfile(full):
+      continue
+    log.info("Removing %s: every tensor in it is in the new files.", full)
+    os.remove(full)
+  os.rmdir(staging)
+  _fsync_dir(path)

@@ -277,11 +277,12 @@ class Qwen35(nn.Module):
       attention_mask: padding mask, 1 (or True) = token, 0 = padding (left
         padding); [b, t] without a cache; [b, S] over every cache slot with
         one ([b, >= index + t] when no layer keeps K/V). Read as bool.
-      positions: [b, t] positions; default arange(t) (+ the cache index), or
-        restarting per document when `segment_ids` is given.
+      positions: [b, t] integer positions; default arange(t) (+ the cache
+        index), or restarting per document when `segment_ids` is given.
       cache: the model cache (`qwen_jax.cache.init_cache` for this config
         and batch) or None.
-      segment_ids: [b, t] packed-document ids (training; not with a cache).
+      segment_ids: [b, t] integer packed-document ids (training; not with a
+        cache).
         Documents never attend to or pass state to each other.
       return_hidden: also return the final normalised hidden states.
 
@@ -292,9 +293,11 @@ class Qwen35(nn.Module):
 
     Raises:
       ValueError: a sequence longer than max_position_embeddings, bad
-        shapes, a cache of another config or batch, more tokens than the
-        cache has slots left, segment_ids together with a cache, and (when
-        concrete) ids outside the vocabulary or mask values other than 0/1.
+        shapes, positions or segment_ids that are not integer arrays (a
+        float array could hold NaN), a cache of another config or batch,
+        more tokens than the cache has slots left, segment_ids together
+        with a cache, and (when concrete) ids outside the vocabulary or mask
+        values other than 0/1.
     """
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -320,6 +323,12 @@ class Qwen35(nn.Module):
       from qwen_jax import cache as cache_lib  # pylint: disable=g-import-not-at-top
       s = cache_lib.check_cache(cfg, cache, b)
       cache_index = cache["index"]
+      index_dtype = getattr(cache_index, "dtype", None)
+      if index_dtype is None:
+        index_dtype = np.asarray(cache_index).dtype
+      if not jnp.issubdtype(index_dtype, jnp.integer):
+        raise ValueError(f"cache: expected an integer cache['index'] (tokens "
+                         f"written), found dtype {index_dtype}")
       if s is not None and t > s:
         raise ValueError(f"input_ids: expected at most {s} tokens (the "
                          f"cache's slots), found {t}")
@@ -352,6 +361,13 @@ class Qwen35(nn.Module):
       if x is not None and tuple(x.shape) != (b, t):
         raise ValueError(f"{name}: expected shape {(b, t)} (as input_ids), "
                          f"found {tuple(x.shape)}")
+      # The dtype is known under jit too. A float array could hold NaN or
+      # 2.5: NaN positions give NaN logits, and float document ids compare
+      # NaN != NaN (a token that attends to nothing).
+      if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+        what = "positions" if name == "positions" else "document ids"
+        raise ValueError(f"{name}: expected an integer array of {what}, "
+                         f"found dtype {x.dtype}")
     check_input_ids(input_ids, cfg.vocab_size)
     if attention_mask is not None:
       check_mask_values(attention_mask)
