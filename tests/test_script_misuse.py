@@ -1,0 +1,264 @@
+"""Misusing an experiment script ends with one line, an exit status, no trace.
+
+Each script runs in a subprocess (`python -m experiments.NAME ...`, cwd the
+repository root, JAX_PLATFORMS=cpu) on a table of bad command lines. For
+each the test asserts:
+
+  * exactly one line on stderr, "experiments.NAME: error: ...", naming the
+    flag or path (and, where it matters, what it must not blame);
+  * the exit status (1 bad input, 2 usage, 130 Ctrl-C; experiments/cli.py);
+  * no "Traceback" anywhere on stderr;
+  * that it returned quickly: every check runs before a checkpoint is read,
+    a model is built or anything is compiled (the checkpoints here have
+    broken weights, so a check made after loading would report those
+    instead of the flag);
+  * that the files and folders in the way are untouched (same bytes, same
+    mtime, no new entries), and that output folders were not created.
+
+stderr is taken as it is, except for lines in the format of XLA's C++
+logging ("W0101 12:00:00.000000  123 file.cc:45] ...", and absl's notice
+that precedes them), which a platform may print when jax starts; none is
+expected on a CPU with JAX_PLATFORMS=cpu. The Ctrl-C test also lets
+through the training progress lines ("mqar [#...] 3/100000 ...").
+
+Each call costs a Python start and the script's imports (jax: about 2 s),
+so the tables hold one case per distinct check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MQAR_LOCAL = "--config=experiments/configs/mqar.py:runlocal"
+# A bad invocation must fail in a few seconds (the imports); a limit well
+# under what loading or compiling takes, with room for a loaded CI machine.
+QUICK_S = 30.0
+# Old behaviours (running on, loading first) end here instead of hanging.
+TIMEOUT_S = 120.0
+
+_NOISE = re.compile(
+    r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] |WARNING: All log "
+    r"messages before absl::InitializeLog\(\) is called)")
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+def _error_lines(stderr: str, extra_ok: re.Pattern | None = None
+                 ) -> list[str]:
+  return [s for s in stderr.splitlines()
+          if s.strip() and not _NOISE.match(s)
+          and not (extra_ok and extra_ok.match(s))]
+
+
+def _snapshot(root: str) -> dict[str, tuple]:
+  """Every entry under root: kind, size, mtime and the bytes' hash."""
+  out = {}
+  for d, dirs, files in os.walk(root):
+    st = os.stat(d)
+    out[d] = ("dir", st.st_mtime_ns, tuple(sorted(dirs + files)))
+    for f in files:
+      p = os.path.join(d, f)
+      st = os.stat(p)
+      with open(p, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+      out[p] = ("file", st.st_size, st.st_mtime_ns, digest)
+  return out
+
+
+@dataclasses.dataclass
+class Case:
+  """A bad command line and what its one error line must say."""
+  args: list[str]
+  names: list[str]  # substrings of the error line
+  status: int = 1
+  not_created: list[str] = dataclasses.field(default_factory=list)
+  not_prefix: str | None = None  # the message must not start with this
+
+
+def _check_cases(script: str, cases: list[Case], way: str) -> None:
+  """Runs each case; collects every failure, then fails with all of them."""
+  before = _snapshot(way)
+  problems = []
+  for case in cases:
+    t0 = time.monotonic()
+    try:
+      proc = subprocess.run(
+          [sys.executable, "-m", f"experiments.{script}", *case.args],
+          cwd=ROOT, env=_env(), capture_output=True, text=True,
+          timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+      problems.append(f"{case.args}: still running after {TIMEOUT_S} s")
+      continue
+    took = time.monotonic() - t0
+    lines = _error_lines(proc.stderr)
+    prefix = f"experiments.{script}: error: "
+    why = []
+    if proc.returncode != case.status:
+      why.append(f"exit status {proc.returncode}, expected {case.status}")
+    if "Traceback" in proc.stderr:
+      why.append("a traceback")
+    if len(lines) != 1 or not lines[0].startswith(prefix):
+      why.append(f"{len(lines)} stderr lines, expected one "
+                 f"starting {prefix!r}")
+    else:
+      missing = [n for n in case.names if n not in lines[0]]
+      if missing:
+        why.append(f"the line does not name {missing}")
+      if case.not_prefix and lines[0][len(prefix):].startswith(
+          case.not_prefix):
+        why.append(f"the line blames {case.not_prefix}")
+    if took > QUICK_S:
+      why.append(f"took {took:.0f} s")
+    created = [p for p in case.not_created if os.path.lexists(p)]
+    if created:
+      why.append(f"created {created}")
+    after = _snapshot(way)
+    if after != before:
+      changed = sorted(set(before.items()) ^ set(after.items()))
+      why.append(f"changed {[c[0] for c in changed]}")
+      before = after
+    if why:
+      problems.append(f"{case.args}: {'; '.join(why)}\n    stderr: "
+                      f"{proc.stderr[-600:]!r}")
+  assert not problems, "\n".join(problems)
+
+
+def _char_tokenizer(path: str) -> None:
+  """A 128-token character-level tokenizer.json."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = {chr(i): i for i in range(32, 127)}
+  vocab.update({f"<c{i}>": i for i in list(range(32)) + [127]})
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[],
+                                                   unk_token="<c0>"))
+  tok.save(os.path.join(path, "tokenizer.json"))
+
+
+def _checkpoint(path: str, eos: int = 1, tokenizer: bool = True) -> str:
+  """A folder with config.json, a tokenizer.json (valid or not) and a
+  model.safetensors that is not one: loading its weights fails."""
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model_type": "qwen3_5_text", "vocab_size": 128,
+               "max_position_embeddings": 512, "eos_token_id": eos}, f)
+  if tokenizer:
+    _char_tokenizer(path)
+  else:
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+      f.write("{not json")
+  with open(os.path.join(path, "model.safetensors"), "wb") as f:
+    f.write(b"\x00" * 64)
+  return path
+
+
+def _unwritable(tmp: str) -> str:
+  """A folder this process cannot write in (root may write anywhere but
+  in /proc/self; pytest's cleanup restores the permissions it needs)."""
+  d = os.path.join(tmp, "read_only")
+  os.makedirs(d, exist_ok=True)
+  os.chmod(d, 0o555)
+  if os.access(d, os.W_OK):
+    d = "/proc/self"
+  assert not os.access(d, os.W_OK)
+  return d
+
+
+@pytest.fixture(scope="module")
+def way(tmp_path_factory):
+  """Files and folders that bad flags point at, none to be changed:
+  afile, adir/, empty/, and checkpoints with broken parts."""
+  root = str(tmp_path_factory.mktemp("in_the_way"))
+  with open(os.path.join(root, "afile"), "w") as f:
+    f.write("precious\n")
+  os.makedirs(os.path.join(root, "adir"))
+  with open(os.path.join(root, "adir", "inside.txt"), "w") as f:
+    f.write("keep\n")
+  os.makedirs(os.path.join(root, "empty"))
+  _checkpoint(os.path.join(root, "bad_weights"))
+  _checkpoint(os.path.join(root, "bad_tokenizer"), tokenizer=False)
+  _checkpoint(os.path.join(root, "bad_eos"), eos=999)
+  return root
+
+
+def _new(tmp_path, name: str) -> str:
+  return str(tmp_path / name)
+
+
+# ------------------------------------------------------ the path checks
+def test_path_checks_name_the_flag_expected_and_found(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  adir = tmp_path / "adir"
+  adir.mkdir()
+  missing = str(tmp_path / "missing")
+  cases = [
+      (cli.existing_folder, afile, "--f: expected a folder, found a file"),
+      (cli.existing_folder, missing, "--f: expected an existing folder, "
+       "found nothing at"),
+      (cli.existing_file, adir, "--f: expected a file, found a folder"),
+      (cli.existing_file, missing, "--f: expected a file, found nothing"),
+      (cli.writable_folder, afile, "--f: expected a folder (existing or to "
+       "be created), found a file"),
+      (cli.writable_folder, afile / "sub", "found a file"),
+      (cli.writable_folder, "", "--f: expected a folder to write in, "
+       "found ''"),
+      (cli.writable_folder, os.path.join(_unwritable(str(tmp_path)), "x"),
+       "not writable"),
+      (cli.writable_file, adir, "--f: expected a file path to write, found "
+       "a folder"),
+      (cli.writable_file, os.path.join(missing, "out.json"),
+       "--f: expected a file path in an existing folder, found nothing"),
+  ]
+  for check, path, message in cases:
+    with pytest.raises(cli.UserError) as e:
+      check("--f", str(path))
+    assert message in str(e.value), (check.__name__, path, str(e.value))
+    assert str(path) in str(e.value)
+  # Accepted, and nothing is created.
+  assert cli.existing_folder("--f", str(adir)) == str(adir)
+  assert cli.existing_file("--f", str(afile)) == str(afile)
+  new = str(tmp_path / "new" / "deeper")
+  assert cli.writable_folder("--f", new) == new
+  assert cli.writable_file("--f", str(adir / "out.json"))
+  assert not os.path.exists(tmp_path / "new")
+  assert os.listdir(adir) == []
+
+
+def test_int_lists_and_flag_error_statuses():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  assert cli.int_list("--l", ["1", "", "16"]) == [1, 16]
+  for bad in (["0"], ["1", "x"], ["-2"]):
+    with pytest.raises(cli.UserError, match="--l: expected comma-separated "
+                       "ints >= 1"):
+      cli.int_list("--l", bad)
+  assert cli.positive_int("--n", 3) == 3
+  for bad in (0, True, 1.5):
+    with pytest.raises(cli.UserError, match="--n: expected an int >= 1"):
+      cli.positive_int("--n", bad)
+  status, _ = cli._flag_error(flags.UnrecognizedFlagError("nope"))
+  assert status == cli.EXIT_USAGE
+  status, message = cli._flag_error(flags.IllegalFlagValueError(
+      "flag --workdir=None: Flag --workdir must have a value other than "
+      "None."))
+  assert (status, message) == (cli.EXIT_USAGE, "--workdir: required, not "
+                               "given")
+  status, _ = cli._flag_error(flags.IllegalFlagValueError(
+      "flag --batch=0: 0 is not a positive integer"))
+  assert status == cli.EXIT_ERROR
