@@ -262,3 +262,37 @@ def test_int_lists_and_flag_error_statuses():
   status, _ = cli._flag_error(flags.IllegalFlagValueError(
       "flag --batch=0: 0 is not a positive integer"))
   assert status == cli.EXIT_ERROR
+
+
+# ---------------------------------------------------------------- scripts
+def test_forward_misuse(way):
+  afile = os.path.join(way, "afile")
+  _check_cases("forward", [
+      Case(["extra_arg"], ["extra_arg"], status=2),
+      Case(["--nope=1"], ["nope"], status=2),
+      Case(["--batch=0"], ["--batch"]),
+      Case(["--checkpoint", afile], ["--checkpoint", afile, "a file"]),
+      Case(["--checkpoint", os.path.join(way, "empty")],
+           ["--checkpoint", "config.json"]),
+  ], way)
+
+
+def test_generate_misuse(way):
+  weights = os.path.join(way, "bad_weights")
+  _check_cases("generate", [
+      Case(["--checkpoint", os.path.join(way, "bad_tokenizer")],
+           ["tokenizer.json", "bad_tokenizer"]),
+      # Flags first: the broken weights are never read.
+      Case(["--checkpoint", weights, "--max_new_tokens=0"],
+           ["--max_new_tokens"]),
+      Case(["--checkpoint", weights, "--temperature=-1"], ["--temperature"]),
+      Case(["--checkpoint", weights, "--prompt="], ["--prompt"]),
+      Case(["--checkpoint", weights, "--prompt=xxxx",
+            "--max_new_tokens=600"], ["--max_new_tokens", "512"]),
+      # An eos id of config.json outside the vocabulary is the file's fault.
+      Case(["--checkpoint", os.path.join(way, "bad_eos")],
+           ["config.json", "eos_token_id", "999"],
+           not_prefix="--stop_tokens"),
+      # Every flag good: the weights' error is one line too.
+      Case(["--checkpoint", weights], ["model.safetensors"]),
+  ], way)
