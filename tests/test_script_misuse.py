@@ -296,3 +296,96 @@ def test_generate_misuse(way):
       # Every flag good: the weights' error is one line too.
       Case(["--checkpoint", weights], ["model.safetensors"]),
   ], way)
+
+
+def test_train_misuse(way, tmp_path):
+  afile = os.path.join(way, "afile")
+  new = _new(tmp_path, "run")
+  _check_cases("train", [
+      Case([MQAR_LOCAL, f"--workdir={afile}"], ["--workdir", afile]),
+      Case([MQAR_LOCAL], ["--workdir", "required"], status=2),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--config.train.nope=3"],
+           ["--config.train.nope"], not_created=[new]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--config.trian.num_steps=3"],
+           ["--config.trian.num_steps", "train"], not_created=[new]),
+      Case(["--config=experiments/configs/nope.py", f"--workdir={new}"],
+           ["--config", "experiments/configs/nope.py"], not_created=[new]),
+      Case(["--config=experiments/configs/mqar.py:nope", f"--workdir={new}"],
+           ["--config", "'nope'"], not_created=[new]),
+      Case([MQAR_LOCAL, f"--workdir={new}", f"--export_hf={afile}"],
+           ["--export_hf", afile], not_created=[new]),
+      Case([MQAR_LOCAL,
+            f"--workdir={os.path.join(_unwritable(str(tmp_path)), 'run')}"],
+           ["--workdir", "not writable"]),
+  ], way)
+
+
+# ------------------------------------------------------------ train Ctrl-C
+def test_train_ctrl_c_names_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  ckpts = os.path.join(workdir, "checkpoints")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", MQAR_LOCAL,
+       f"--workdir={workdir}", "--config.train.num_steps=100000",
+       "--config.train.checkpoint_every=1"],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+      if os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts)):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert "Traceback" not in stderr, stderr[-3000:]
+  progress = re.compile(r"^mqar \[[#.]+\] \d+/\d+ ")
+  lines = _error_lines(stderr, progress)
+  assert len(lines) == 1, stderr[-3000:]
+  assert proc.returncode == cli.EXIT_INTERRUPTED, (proc.returncode, lines)
+  line = lines[0]
+  assert line.startswith("experiments.train: error: interrupted"), line
+  steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  assert steps, os.listdir(ckpts)
+  # Ctrl-C waits for a save in progress: no half-written step is left.
+  assert len(steps) == len(os.listdir(ckpts)), os.listdir(ckpts)
+  # The newest checkpoint on disk is the one named, with its folder.
+  assert f"step {steps[-1]}" in line, (line, steps)
+  assert os.path.join(ckpts, str(steps[-1])) in line, line
+
+
+def test_interrupt_message_names_the_newest_complete_checkpoint(tmp_path):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  assert train.interrupt_message(workdir) == (
+      f"no checkpoint was written yet in {workdir}/checkpoints")
+  assert "writes no checkpoints" in train.interrupt_message(workdir, False)
+  for name in ("1", "12", "9", "13.orbax-checkpoint-tmp"):
+    os.makedirs(os.path.join(workdir, "checkpoints", name))
+  assert train.interrupt_message(workdir).startswith(
+      f"the last checkpoint is step 12 in {workdir}/checkpoints/12;")
+
+
+def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
+  """Only misuse is one line: an exception that is a bug (here in a config
+  file's code, whichever way ml_collections passes it on) keeps its
+  traceback."""
+  for error in ("AttributeError", "TypeError"):
+    path = tmp_path / f"buggy_{error}.py"
+    path.write_text(f"def get_config(arg=None):\n"
+                    f"  raise {error}('a bug in get_config')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", f"--config={path}",
+         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert f"{error}('a bug in get_config')" in proc.stderr or (
+        f"{error}: a bug in get_config" in proc.stderr), proc.stderr[-2000:]
+    assert "experiments.train: error:" not in proc.stderr
+    assert not (tmp_path / "run").exists()
