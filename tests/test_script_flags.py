@@ -22,7 +22,6 @@ import io
 import os
 import re
 
-from absl import app
 from absl import flags
 import numpy as np
 import pytest
@@ -185,13 +184,13 @@ def test_compare_ratios_bad_flags_fail_before_training(args, message,
   with pytest.raises(ValueError, match=re.escape(message)):
     cr.study_from_flags(holders)
 
-  # The script's main turns it into a usage error before any training.
+  # The script's main refuses it (one line, exit 1) before any training.
   def no_training(*args, **kwargs):
     raise AssertionError("trained before checking the flags")
 
   monkeypatch.setattr(cr, "_HOLDERS", holders, raising=False)
   monkeypatch.setattr(cr.train_lib, "train", no_training)
-  with pytest.raises(app.UsageError, match=re.escape(message)):
+  with pytest.raises(cli.UserError, match=re.escape(message)):
     cr.main(["prog"])
   assert not os.path.exists(tmp_path / "runs")
 

@@ -320,6 +320,53 @@ def test_train_misuse(way, tmp_path):
   ], way)
 
 
+def test_compare_ratios_misuse(way, tmp_path):
+  new = _new(tmp_path, "study")
+  _check_cases("compare_ratios", [
+      Case(["--preset=smoke"], ["--workdir", "required"], status=2),
+      Case(["--preset=smoke", f"--workdir={os.path.join(way, 'afile')}"],
+           ["--workdir", "afile"]),
+      Case(["--preset=smoke", f"--workdir={new}", "--steps=0"],
+           ["--steps", "found 0"], not_created=[new]),
+  ], way)
+
+
+def test_long_context_misuse(way):
+  aot = ["--aot", "--preset=tiny", "--seq_len=64"]
+  _check_cases("long_context", [
+      Case(aot + [f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+      Case(aot + [f"--hlo_out={os.path.join(way, 'nothing', 'x.txt')}"],
+           ["--hlo_out", "nothing"]),
+      Case(["--verify", "--preset=tiny", "--seq_len=64", "--loss_chunk=-1"],
+           ["--loss_chunk", "found -1"]),
+  ], way)
+
+
+def test_bench_gated_delta_rule_misuse(way):
+  _check_cases("bench_gated_delta_rule", [
+      Case(["--interpret", "extra_arg"], ["extra_arg"], status=2),
+      Case(["--interpret", "--iters=0"], ["--iters"]),
+      Case(["--interpret", "--implementations=pallas,nope"],
+           ["--implementations", "nope"]),
+      Case(["--interpret", "--pallas_variants=bogus=1"],
+           ["--pallas_variants", "bogus"]),
+      Case(["--interpret", f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_bench_generate_misuse(way):
+  _check_cases("bench_generate", [
+      Case(["--small", "--decode_batches=0"], ["--decode_batches"]),
+      Case(["--small", "--prefill_lengths=64,abc"], ["--prefill_lengths"]),
+      Case(["--preset=nope"], ["--preset", "nope"]),
+      Case(["--small", "--decode_prompt=5000"], ["--decode_prompt", "4096"]),
+      Case(["--small", f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
 # ------------------------------------------------------------ train Ctrl-C
 def test_train_ctrl_c_names_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
