@@ -22,6 +22,12 @@ the ratio.
   python -m experiments.bench_gated_delta_rule --interpret
 
 q, k, v use --dtype; g and beta are float32 (as the model passes them).
+
+Every flag is checked before anything is compiled (shapes and counts out of
+range, an unknown implementation, a BlockSizes variant that does not parse,
+an unreadable --variants_from_profile file, a --json_out that cannot be
+written); a misuse ends with one line on stderr and exit status 1 (2 for
+usage errors); see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import statistics
 import time
 from typing import Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 import numpy as np
 
+from experiments import cli
+from pallas_kernels.gated_delta_rule import available_implementations
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from pallas_kernels.gated_delta_rule import pallas_gdr
 from pallas_kernels.gated_delta_rule import seq_split
@@ -584,8 +591,16 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+def check_flags() -> tuple[dict[str, int], int, tuple[str, ...]]:
+  """(shape and timing values, key heads, the kernel profile rows of
+  --variants_from_profile and their fastest variant), every flag checked
+  before anything is compiled.
+
+  Raises:
+    cli.UserError: naming the flag of a value out of range, an unknown
+      implementation, a variant spec that does not parse, a profile JSON
+      that cannot be read, or a --json_out that cannot be written.
+  """
   values = dict(batch=gdr_shapes.BATCH.value,
                 seq_len=gdr_shapes.SEQ_LEN.value,
                 heads=gdr_shapes.HEADS.value, dk=gdr_shapes.DK.value,
@@ -595,7 +610,44 @@ def main(argv):
     for name, small in _SMALL.items():
       if not flags.FLAGS[name].present:
         values[name] = small
-  key_heads = gdr_shapes.KEY_HEADS.value or values["heads"]
+  for name, value in values.items():
+    cli.positive_int(f"--{name}", value, 0 if name == "warmup" else 1)
+  key_heads = gdr_shapes.KEY_HEADS.value
+  if key_heads is None:
+    key_heads = values["heads"]
+  elif (not isinstance(key_heads, int) or key_heads < 1
+        or values["heads"] % key_heads):
+    raise cli.UserError(f"--key_heads: expected an int >= 1 that divides "
+                        f"--heads {values['heads']}, found {key_heads!r}")
+  known = ("auto",) + available_implementations() + ("fla",)
+  unknown = [i for i in _IMPLS.value if i not in known]
+  if unknown:
+    raise cli.UserError(f"--implementations: expected names among {known}, "
+                        f"found {unknown}")
+  cli.int_list("--seq_splits", _SEQ_SPLITS.value)
+  for flag, specs in (("--pallas_variants", _VARIANTS.value),
+                      ("--profile_variants", _PROFILE_VARIANTS.value)):
+    for spec in specs:
+      with cli.user_errors(f"{flag} {spec!r}"):
+        parse_variant(spec)
+  for path in _VARIANTS_FROM.value:
+    if os.path.lexists(path):  # absent files are skipped (a run cut short)
+      cli.existing_file("--variants_from_profile", path, "a JSON file")
+  try:
+    profiled = merge_profiles(_VARIANTS_FROM.value)
+    best = best_profiled_variant(profiled)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise cli.UserError(f"--variants_from_profile: expected JSONs written "
+                        f"with --profile_variants, found one it cannot read "
+                        f"({type(e).__name__}: {cli.one_line(e)})") from e
+  if _JSON_OUT.value is not None:
+    cli.writable_file("--json_out", _JSON_OUT.value)
+  return values, key_heads, profiled, best
+
+
+def main(argv):
+  del argv  # cli.run refuses positional arguments
+  values, key_heads, profiled, best = check_flags()
   if _ONCE.value or _OP_MEMORY.value:
     dtype = jnp.dtype(gdr_shapes.DTYPE.value)
     inputs = make_inputs(values["batch"], values["seq_len"], key_heads,
@@ -616,8 +668,6 @@ def main(argv):
     return
   variants = tuple(_VARIANTS.value)
   if _VARIANTS_FROM.value:
-    profiled = merge_profiles(_VARIANTS_FROM.value)
-    best = best_profiled_variant(profiled)
     print(f"fastest profiled tiling in {_VARIANTS_FROM.value}: "
           f"{best or 'the defaults'}"
           f"{'' if profiled else ' (no profile found)'}", flush=True)
@@ -630,7 +680,8 @@ def main(argv):
                profile=_PROFILE.value,
                profile_variants=tuple(_PROFILE_VARIANTS.value),
                progress_path=_JSON_OUT.value,
-               seq_splits=tuple(int(n) for n in _SEQ_SPLITS.value), **values)
+               seq_splits=tuple(cli.int_list("--seq_splits",
+                                             _SEQ_SPLITS.value)), **values)
   c = result["config"]
   print(f"gated delta rule on {result['device']} ({result['backend']}), "
         f"jax {result['jax_version']}: B={c['batch']} T={c['seq_len']} "
@@ -644,4 +695,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

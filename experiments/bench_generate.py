@@ -22,24 +22,30 @@ random weights, `model.model(...)` without logits for prefill, greedy
   python -m experiments.bench_generate --small --hf
 
 Timings are medians of --repeats runs after one compiling run.
+
+Every flag is checked before the model is built (a length or batch out of
+range, an unknown preset, a --json_out that cannot be written, --hf without
+torch and transformers installed); a misuse ends with one line on stderr
+and exit status 1 (2 for usage errors); see experiments/cli.py.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import platform
 import statistics
 import time
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 import qwen_jax
 from qwen_jax import cache as cache_lib
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
@@ -192,13 +198,59 @@ def _fmt(x: float | None) -> str:
   return "—" if x is None else f"{x:,.1f}"
 
 
+def check_flags() -> dict[str, Any]:
+  """The settings of the run (with --small's), every one checked.
+
+  Raises:
+    cli.UserError: a flag out of range (named), an unknown preset, lengths
+      past the preset's max_position_embeddings, an unwritable --json_out,
+      or --hf without torch and transformers.
+  """
+  v = dict(preset=_flag("preset"), dtype=_flag("dtype"),
+           block=cli.positive_int("--prefill_block", _flag("prefill_block"),
+                                  2),
+           prompt_len=cli.positive_int("--decode_prompt",
+                                       _flag("decode_prompt")),
+           # The decode loop runs after the first new token.
+           new_tokens=cli.positive_int("--decode_new", _flag("decode_new"),
+                                       2),
+           repeats=cli.positive_int("--repeats", _flag("repeats")),
+           lengths=cli.int_list("--prefill_lengths",
+                                _flag("prefill_lengths")),
+           batches=cli.int_list("--decode_batches", _flag("decode_batches")))
+  with cli.user_errors("--preset"):
+    cfg = qwen_jax.QwenConfig.from_preset(v["preset"])
+  limit = cfg.max_position_embeddings
+  for n in v["lengths"]:
+    if n > limit:
+      raise cli.UserError(f"--prefill_lengths: expected lengths <= "
+                          f"{limit} (max_position_embeddings of "
+                          f"{v['preset']}), found {n}")
+  if v["batches"] and v["prompt_len"] + v["new_tokens"] > limit:
+    raise cli.UserError(
+        f"--decode_prompt {v['prompt_len']} + --decode_new "
+        f"{v['new_tokens']}: expected at most {limit} tokens "
+        f"(max_position_embeddings of {v['preset']}), found "
+        f"{v['prompt_len'] + v['new_tokens']}")
+  if _JSON_OUT.value is not None:
+    cli.writable_file("--json_out", _JSON_OUT.value)
+  if _HF.value:
+    missing = [m for m in ("torch", "transformers")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+      raise cli.UserError(f"--hf: expected torch and transformers "
+                          f"installed, found {' and '.join(missing)} "
+                          f"missing")
+  return v
+
+
 def main(argv):
-  del argv
-  preset, dtype = _flag("preset"), _flag("dtype")
-  lengths = [int(x) for x in _flag("prefill_lengths") if x]
-  batches = [int(x) for x in _flag("decode_batches") if x]
-  block, prompt_len = _flag("prefill_block"), _flag("decode_prompt")
-  new_tokens, repeats = _flag("decode_new"), _flag("repeats")
+  del argv  # cli.run refuses positional arguments
+  v = check_flags()
+  preset, dtype, lengths, batches = (v["preset"], v["dtype"], v["lengths"],
+                                     v["batches"])
+  block, prompt_len = v["block"], v["prompt_len"]
+  new_tokens, repeats = v["new_tokens"], v["repeats"]
   cfg, params = random_model(preset, dtype, _SEED.value)
   dev = jax.devices()[0]
   print(f"preset {preset} ({cfg.num_params():,} parameters), {dtype}, "
@@ -239,4 +291,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,6 +33,10 @@ task weighted equally. Writes under --workdir:
   # Your own sweep:
   python -m experiments.compare_ratios --workdir /tmp/r \\
       --ratios all-full,3:1,all-linear --num_layers 8 --steps 2000
+
+Every flag, --workdir and (unless --no_plots) matplotlib are checked before
+the first run trains; a misuse ends with one line on stderr and exit status
+1 (2 for usage errors); see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -47,13 +52,13 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from qwen_jax import cache as cache_lib
 from qwen_jax import data
 from qwen_jax import train as train_lib
@@ -625,7 +630,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
 
 
 def study_from_flags(holders: dict[str, flags.FlagHolder]) -> StudyConfig:
-  """The preset named by --preset with the flags that were given."""
+  """The preset named by --preset with the flags that were given.
+
+  Raises:
+    cli.UserError (a ValueError): a bad flag, named as "--flag", or a ratio
+      the depth cannot follow.
+  """
   study = PRESETS[holders["preset"].value]
   changes = {}
   for name, parse, _ in _FLAG_FIELDS:
@@ -634,21 +644,34 @@ def study_from_flags(holders: dict[str, flags.FlagHolder]) -> StudyConfig:
       try:
         changes[name] = parse(value)
       except ValueError as e:
-        raise ValueError(f"--{name}: expected a comma-separated list of "
-                         f"integers, found {','.join(value)!r}") from e
+        raise cli.UserError(f"--{name}: expected a comma-separated list of "
+                            f"integers, found {','.join(value)!r}") from e
   # StudyConfig checks every field: a bad flag fails here, before training.
-  return study.replace(**changes)
+  try:
+    study = study.replace(**changes)
+  except ValueError as e:
+    field = str(e).split(":", 1)[0]
+    flag = "--" if field in {f[0] for f in _FLAG_FIELDS} else ""
+    raise cli.UserError(f"{flag}{e}") from e
+  for r in study.ratios:
+    with cli.user_errors(f"--ratios {r!r} with --num_layers "
+                         f"{study.num_layers}"):
+      layer_types_from_ratio(r, study.num_layers)
+  return study
 
 
 def main(argv):
-  del argv
+  del argv  # cli.run refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  workdir = _HOLDERS["workdir"].value
-  try:
-    study = study_from_flags(_HOLDERS)
-    record = run_study(study, workdir, plots=not _HOLDERS["no_plots"].value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  workdir = cli.writable_folder("--workdir", _HOLDERS["workdir"].value)
+  study = study_from_flags(_HOLDERS)
+  plots = not _HOLDERS["no_plots"].value
+  if plots and importlib.util.find_spec("matplotlib") is None:
+    raise cli.UserError("plots: expected matplotlib (pip install "
+                        "matplotlib), found it missing; --no_plots skips "
+                        "the plots")
+  cli.hold_interrupts_inside("orbax")  # no half-written checkpoint
+  record = run_study(study, workdir, plots=plots)
   print()
   print(markdown_table(record))
   print(f"Results, plots and runs under {os.path.abspath(workdir)}")
@@ -656,4 +679,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _HOLDERS = define_flags()
-  app.run(main)
+  cli.run(main)

@@ -7,19 +7,24 @@ parameter count, the logits' shape and the time. Runs on any CPU, offline.
   python -m experiments.forward                        # tiny, random weights
   python -m experiments.forward --preset qwen3.5-0.8b --seq_len 512
   python -m experiments.forward --checkpoint /path/to/Qwen3.5-0.8B
+
+A misuse (a bad flag, a --checkpoint that is not a checkpoint folder) ends
+with one line on stderr and exit status 1 (2 for usage errors); see
+experiments/cli.py.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-from absl import app
 from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 import qwen_jax
 from qwen_jax.config import PRESETS
 from qwen_jax.config import check_int
@@ -64,10 +69,26 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
 _HOLDERS: dict[str, flags.FlagHolder] = {}
 
 
+def check_checkpoint(checkpoint: str) -> None:
+  """Raises cli.UserError unless `checkpoint` is a folder with config.json
+  (before anything is loaded)."""
+  cli.existing_folder("--checkpoint", checkpoint)
+  cli.existing_file(f"--checkpoint {checkpoint!r}",
+                    os.path.join(checkpoint, "config.json"),
+                    "a config.json in the folder")
+
+
 def build(preset: str, checkpoint: str | None, dtype: str, seed: int):
-  """(cfg, params): loaded from `checkpoint`, else a random `preset`."""
+  """(cfg, params): loaded from `checkpoint`, else a random `preset`.
+
+  Raises:
+    cli.UserError (a ValueError): a checkpoint folder that is missing or
+      broken (the loader's message, after the flag).
+  """
   if checkpoint:
-    return qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
+    check_checkpoint(checkpoint)
+    with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+      return qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
   cfg = qwen_jax.QwenConfig.from_preset(preset, dtype=dtype,
                                         param_dtype=dtype)
   model = qwen_jax.Qwen35(cfg)
@@ -110,8 +131,10 @@ def run_forward(cfg, params, batch: int, seq_len: int, seed: int,
 
 
 def main(argv):
-  del argv
+  del argv  # cli.run refuses positional arguments
   v = {name: h.value for name, h in _HOLDERS.items()}
+  if v["checkpoint"] is not None:
+    check_checkpoint(v["checkpoint"])
   cfg, params = build(v["preset"], v["checkpoint"], v["dtype"], v["seed"])
   src = v["checkpoint"] or f"preset {v['preset']} (random weights)"
   print(f"model:       {src}")
@@ -134,4 +157,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _HOLDERS = define_flags()
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,11 @@ tokenizer, so it works on any machine, offline (the text is noise).
 Decoding runs `--block_steps` tokens per compiled call and prints after each
 call (`qwen_jax.generate.stream`). Stop tokens default to the checkpoint's
 eos ids (config.json and generation_config.json).
+
+Every flag, the checkpoint folder, its config.json and tokenizer.json, the
+prompt's length and the stop ids are checked before the weights are read;
+a misuse ends with one line on stderr and exit status 1 (2 for usage
+errors); see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -24,13 +29,13 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 import qwen_jax
 from qwen_jax.config import is_int
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
@@ -55,7 +60,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "prompt": flags.DEFINE_string("prompt", "Hello, my name is",
                                     "The prompt text.", flag_values=fv),
       "max_new_tokens": flags.DEFINE_integer(
-          "max_new_tokens", 64, "Tokens to generate.", flag_values=fv),
+          "max_new_tokens", 64, "Tokens to generate.", lower_bound=1,
+          flag_values=fv),
       "temperature": flags.DEFINE_float(
           "temperature", 0.0, "0 = greedy; > 0 samples logits / T.",
           flag_values=fv),
@@ -77,21 +83,42 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
           "on CPU).", flag_values=fv),
       "max_len": flags.DEFINE_integer(
           "max_len", None, "Longest prompt + new tokens accepted (default: "
-          "the model's max_position_embeddings).", flag_values=fv),
+          "the model's max_position_embeddings).", lower_bound=1,
+          flag_values=fv),
       "block_steps": flags.DEFINE_integer(
           "block_steps", 8, "Decode steps per compiled call (printing "
-          "granularity).", flag_values=fv),
+          "granularity).", lower_bound=1, flag_values=fv),
       "prefill_block": flags.DEFINE_integer(
           "prefill_block", DEFAULT_PREFILL_BLOCK,
-          "Prompt tokens per prefill call.", flag_values=fv),
+          "Prompt tokens per prefill call (>= 2).", lower_bound=2,
+          flag_values=fv),
   }
+  flags.register_validator(
+      "temperature", lambda v: _temperature_error(v) is None,
+      "expected a finite value >= 0 (0 = greedy)", flag_values=fv)
+  flags.register_validator(
+      "prompt", lambda v: _prompt_error(v) is None,
+      "expected some text", flag_values=fv)
   flags.register_validator(
       "top_p", lambda v: _top_p_error(v) is None,
       "expected a value in (0, 1] (1 = off)", flag_values=fv)
   flags.register_validator(
       "stop_tokens", lambda v: _stop_tokens_error(v) is None,
-      "expected comma-separated integer token ids", flag_values=fv)
+      "expected comma-separated token ids (ints >= 0)", flag_values=fv)
   return holders
+
+
+def _temperature_error(temperature: float) -> str | None:
+  if not 0.0 <= temperature < float("inf"):  # NaN fails too
+    return (f"--temperature: expected a finite value >= 0 (0 = greedy), "
+            f"found {temperature}")
+  return None
+
+
+def _prompt_error(prompt: str | None) -> str | None:
+  if not prompt:
+    return f"--prompt: expected some text, found {prompt!r}"
+  return None
 
 
 def _top_p_error(top_p: float) -> str | None:
@@ -103,22 +130,42 @@ def _top_p_error(top_p: float) -> str | None:
 def _stop_tokens_error(stop_tokens: Sequence[Any] | None) -> str | None:
   for s in stop_tokens or ():
     try:
-      int(s)
+      ok = int(s) >= 0
     except (TypeError, ValueError):
+      ok = False
+    if not ok:
       return (f"--stop_tokens: expected comma-separated integer token ids, "
               f"found {s!r}")
   return None
 
 
 def check_options(top_k: int = 0, top_p: float = 1.0,
-                  stop_tokens: Sequence[Any] | None = None) -> None:
-  """Raises ValueError naming the flag of a bad sampling option."""
+                  stop_tokens: Sequence[Any] | None = None, *,
+                  temperature: float = 0.0, max_new_tokens: int = 1,
+                  max_len: int | None = None, block_steps: int = 1,
+                  prefill_block: int = DEFAULT_PREFILL_BLOCK,
+                  prompt: str = "x") -> None:
+  """Raises cli.UserError (a ValueError) naming the flag of a bad option.
+
+  The flags' validators refuse the same values at parse time; this covers
+  `run` called from Python.
+  """
   if not is_int(top_k) or top_k < 0:
-    raise ValueError(f"--top_k: expected an int >= 0 (0 = off), found "
-                     f"{top_k!r}")
-  for error in (_top_p_error(top_p), _stop_tokens_error(stop_tokens)):
+    raise cli.UserError(f"--top_k: expected an int >= 0 (0 = off), found "
+                        f"{top_k!r}")
+  for error in (_top_p_error(top_p), _stop_tokens_error(stop_tokens),
+                _temperature_error(temperature), _prompt_error(prompt)):
     if error:
-      raise ValueError(error)
+      raise cli.UserError(error)
+  for flag, value, low in (("--max_new_tokens", max_new_tokens, 1),
+                           ("--block_steps", block_steps, 1),
+                           ("--prefill_block", prefill_block, 2)):
+    if not is_int(value) or value < low:
+      raise cli.UserError(f"{flag}: expected an int >= {low}, found "
+                          f"{value!r}")
+  if max_len is not None and (not is_int(max_len) or max_len < 1):
+    raise cli.UserError(f"--max_len: expected an int >= 1, found "
+                        f"{max_len!r}")
 
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -140,11 +187,21 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A `tokenizers.Tokenizer` read from tokenizer.json."""
+  """A `tokenizers.Tokenizer` read from tokenizer.json.
+
+  Raises:
+    cli.UserError: a file the `tokenizers` library cannot read.
+  """
 
   def __init__(self, path: str):
     import tokenizers  # pylint: disable=g-import-not-at-top
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # tokenizers raises a bare Exception for a file it cannot parse.
+      raise cli.UserError(
+          f"{path}: expected a tokenizer.json of the tokenizers library, "
+          f"found a file it cannot read ({cli.one_line(e)})") from e
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -153,31 +210,92 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def _checkpoint_eos(path: str) -> list[int]:
-  """eos ids from config.json and generation_config.json (deduplicated)."""
+def _checkpoint_eos(path: str, vocab_size: int | None = None) -> list[int]:
+  """eos ids from config.json and generation_config.json (deduplicated).
+
+  Raises:
+    cli.UserError: a file that is not JSON, or an eos id that is not an int
+      in [0, vocab_size) (named with its file, not as --stop_tokens).
+  """
   ids = []
   for name in ("config.json", "generation_config.json"):
     f = os.path.join(path, name)
     if not os.path.exists(f):
       continue
-    with open(f) as fh:
-      d = json.load(fh)
+    where = f"--checkpoint {path!r}: {name}"
+    try:
+      with open(f) as fh:
+        d = json.load(fh)
+    except ValueError as e:
+      raise cli.UserError(f"{where}: expected JSON, found a file it cannot "
+                          f"parse ({e})") from e
+    if not isinstance(d, dict):
+      raise cli.UserError(f"{where}: expected a JSON object, found "
+                          f"{type(d).__name__}")
     for src in (d, d.get("text_config") or {}):
-      eos = src.get("eos_token_id")
+      eos = src.get("eos_token_id") if isinstance(src, dict) else None
       if eos is None:
         continue
       for i in (eos if isinstance(eos, list) else [eos]):
+        if not is_int(i) or i < 0 or (vocab_size is not None
+                                      and i >= vocab_size):
+          span = f"[0, {vocab_size})" if vocab_size else ">= 0"
+          raise cli.UserError(
+              f"{where} eos_token_id: expected ints in {span} (the model's "
+              f"vocabulary), found {eos!r}; --stop_tokens sets the stop "
+              f"ids instead")
         if int(i) not in ids:
           ids.append(int(i))
   return ids
 
 
-def load(checkpoint: str | None, dtype: str, seed: int):
-  """(cfg, params, tokenizer, default stop ids).
+def check_checkpoint(checkpoint: str) -> None:
+  """Raises cli.UserError unless `checkpoint` is a folder holding
+  config.json and tokenizer.json (nothing is read)."""
+  cli.existing_folder("--checkpoint", checkpoint)
+  for name in ("config.json", TOKENIZER_FILE):
+    cli.existing_file(f"--checkpoint {checkpoint!r}",
+                      os.path.join(checkpoint, name), f"a {name} in it")
+
+
+def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
+             ) -> tuple[qwen_jax.QwenConfig, Any, list[int]]:
+  """(config, tokenizer, stop ids) without reading the weights.
+
+  The config is the checkpoint's config.json (or the `tiny` preset); the
+  stop ids are `stop_tokens`, else the checkpoint's eos ids.
 
   Raises:
-    ValueError: a folder that is missing, lacks tokenizer.json or holds a
-      bad checkpoint (the loader's message says which).
+    cli.UserError: a folder without config.json or tokenizer.json, a
+      config.json or tokenizer.json that cannot be read, or a stop id
+      outside the vocabulary (named as the flag or the file it came from).
+  """
+  if not checkpoint:
+    cfg = qwen_jax.QwenConfig.from_preset("tiny")
+    tokenizer, eos = ByteTokenizer(), []
+  else:
+    check_checkpoint(checkpoint)
+    with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+      cfg = qwen_jax.QwenConfig.from_hf_config(checkpoint)
+    tokenizer = HFTokenizer(os.path.join(checkpoint, TOKENIZER_FILE))
+    eos = ([] if stop_tokens is not None
+           else _checkpoint_eos(checkpoint, cfg.vocab_size))
+  if stop_tokens is None:
+    return cfg, tokenizer, eos
+  stops = [int(s) for s in stop_tokens]
+  bad = [s for s in stops if not 0 <= s < cfg.vocab_size]
+  if bad:
+    raise cli.UserError(f"--stop_tokens: expected ids in [0, "
+                        f"{cfg.vocab_size}) (the model's vocabulary), found "
+                        f"{bad}")
+  return cfg, tokenizer, stops
+
+
+def load(checkpoint: str | None, dtype: str, seed: int):
+  """(cfg, params): the checkpoint's weights, or the random `tiny` model.
+
+  Raises:
+    cli.UserError: a bad checkpoint (the loader's message says which).
   """
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -190,17 +308,9 @@ def load(checkpoint: str | None, dtype: str, seed: int):
     # Scale the init up so the random model's choices are not all ties.
     params = jax.tree_util.tree_map(lambda x: x * 30 if x.ndim > 1 else x,
                                     params)
-    return cfg, params, ByteTokenizer(), []
-  if not os.path.isdir(checkpoint):
-    raise ValueError(f"--checkpoint: expected a folder, found {checkpoint!r}")
-  tok_path = os.path.join(checkpoint, TOKENIZER_FILE)
-  if not os.path.exists(tok_path):
-    raise ValueError(f"--checkpoint {checkpoint!r}: expected "
-                     f"{TOKENIZER_FILE}, found "
-                     f"{sorted(os.listdir(checkpoint))}")
-  tokenizer = HFTokenizer(tok_path)
-  cfg, params = qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
-  return cfg, params, tokenizer, _checkpoint_eos(checkpoint)
+    return cfg, params
+  with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+    return qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
 
 
 def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
@@ -216,23 +326,29 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
      "decode_s", "tokens_per_s"}; times include compilation on first use.
 
   Raises:
-    ValueError: a bad top_k, top_p or stop token (before anything is
-      loaded), a bad checkpoint folder, an empty prompt, or a prompt plus
-      max_new_tokens longer than max_len / max_position_embeddings.
+    cli.UserError (a ValueError), all before the weights are read: a bad
+      option, a bad checkpoint folder, config.json, tokenizer.json or eos
+      id, an empty prompt, or a prompt plus max_new_tokens longer than
+      max_len / max_position_embeddings; then a checkpoint whose weights
+      cannot be loaded.
   """
-  check_options(top_k, top_p, stop_tokens)
-  cfg, params, tokenizer, eos = load(checkpoint, dtype, seed)
+  check_options(top_k, top_p, stop_tokens, temperature=temperature,
+                max_new_tokens=max_new_tokens, max_len=max_len,
+                block_steps=block_steps, prefill_block=prefill_block,
+                prompt=prompt)
+  cfg, tokenizer, stops = describe(checkpoint, stop_tokens)
   ids = tokenizer.encode(prompt)
   if not ids:
-    raise ValueError("--prompt: expected at least one token, found none")
+    raise cli.UserError(f"--prompt: expected at least one token, found "
+                        f"none in {prompt!r}")
   limit = cfg.max_position_embeddings if max_len is None else min(
       max_len, cfg.max_position_embeddings)
   if len(ids) + max_new_tokens > limit:
-    raise ValueError(
+    raise cli.UserError(
         f"--prompt: {len(ids)} tokens + --max_new_tokens {max_new_tokens} = "
         f"{len(ids) + max_new_tokens} exceeds the maximum of {limit} tokens "
         f"(max_len / max_position_embeddings)")
-  stops = eos if stop_tokens is None else [int(s) for s in stop_tokens]
+  cfg, params = load(checkpoint, dtype, seed)
   gen = stream(cfg, params, np.asarray([ids], np.int32), max_new_tokens,
                temperature=temperature, top_k=top_k or None,
                top_p=top_p if top_p < 1.0 else None, seed=seed,
@@ -276,17 +392,14 @@ _HOLDERS: dict[str, flags.FlagHolder] = {}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   v = {name: h.value for name, h in _HOLDERS.items()}
-  try:
-    r = run(v["checkpoint"], v["prompt"], v["max_new_tokens"],
-            v["temperature"], v["top_k"], v["top_p"], v["seed"],
-            v["stop_tokens"], v["dtype"], v["max_len"], v["block_steps"],
-            v["prefill_block"])
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if v["checkpoint"] is not None:
+    check_checkpoint(v["checkpoint"])  # "" is not the random model
+  r = run(v["checkpoint"], v["prompt"], v["max_new_tokens"],
+          v["temperature"], v["top_k"], v["top_p"], v["seed"],
+          v["stop_tokens"], v["dtype"], v["max_len"], v["block_steps"],
+          v["prefill_block"])
   print(f"[{r['prompt_tokens']} prompt tokens, {len(r['ids'])} new; "
         f"prefill {r['prefill_s']:.2f} s, decode "
         f"{r['tokens_per_s']:.1f} tokens/s, compilation included; "
@@ -295,4 +408,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _HOLDERS = define_flags()
-  app.run(main)
+  cli.run(main)

@@ -33,8 +33,10 @@ before jax starts its backend; the script sets it first thing):
   # --num_devices.
 
 A bad --mesh (an unknown axis, sizes that do not multiply to the device
-count) or a --seq_len the mesh cannot split ends with a one-line error and
-exit status 1.
+count), a --seq_len the mesh cannot split, a number out of range or an
+output path that cannot be written (--json_out, --hlo_out) ends with one
+line on stderr and exit status 1 (2 for usage errors), before anything is
+compiled; see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ import textwrap
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from qwen_jax import cache as cache_lib
 from qwen_jax import sharding
 from qwen_jax.array_typing import PyTree
@@ -113,7 +115,8 @@ def define_flags() -> None:
   _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache slots of --mode "
                                   "prefill; default --seq_len.")
   _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk "
-                                     "of the cross-entropy.")
+                                     "of the cross-entropy (0: about 2^27 "
+                                     "logits per chunk).")
   _ATTENTION_BLOCK = flags.DEFINE_integer(
       "attention_block", 512, "Query and key block of the context-parallel "
       "flash attention.")
@@ -154,7 +157,7 @@ MEMORY_NOTE = (
     "temporaries + code - aliased")
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError):
   """A flag combination that cannot run (reported without a traceback)."""
 
 
@@ -271,6 +274,27 @@ def check_blocks(attention_block: int, gdr_block: int | None) -> None:
     if not is_int(value) or value < 1:
       raise ConfigError(f"--{name}: expected a positive integer, found "
                         f"{value!r}")
+
+
+def check_flags() -> None:
+  """Raises ConfigError for a number out of range or an output path that
+  cannot be written (before jax starts its backend)."""
+  for name, holder, low in (("loss_chunk", _LOSS_CHUNK, 0),
+                            ("num_layers", _NUM_LAYERS, 1),
+                            ("batch", _BATCH, 1), ("seq_len", _SEQ_LEN, 1),
+                            ("max_len", _MAX_LEN, 1)):
+    if holder.value is not None and holder.value < low:
+      raise ConfigError(f"--{name}: expected an int >= {low}, found "
+                        f"{holder.value}")
+  if not 0.0 <= _TOLERANCE.value < float("inf"):  # NaN fails too
+    raise ConfigError(f"--tolerance: expected a finite number >= 0, found "
+                      f"{_TOLERANCE.value}")
+  for flag, holder in (("--json_out", _JSON_OUT), ("--hlo_out", _HLO_OUT)):
+    if holder.value is not None:
+      try:
+        cli.writable_file(flag, holder.value)
+      except cli.UserError as e:
+        raise ConfigError(str(e)) from e
 
 
 def sp_options(attention_block: int = 512,
@@ -803,27 +827,25 @@ def _base_report(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str,
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    if _AOT.value == _VERIFY.value:
-      raise ConfigError("expected exactly one of --aot and --verify")
-    if _DISTRIBUTED.value:
-      if _VERIFY.value or _NUM_DEVICES.value:
-        raise ConfigError("--distributed: only with --aot, without "
-                          "--num_devices (the unsharded reference of "
-                          "--verify needs one host)")
-      jax.distributed.initialize()
-    check_blocks(_ATTENTION_BLOCK.value, _GDR_BLOCK.value)
-    configure_devices(_NUM_DEVICES.value)
-    cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
-                       _PARAM_DTYPE.value, _REMAT.value, _MODE.value,
-                       _RATIO.value, _NUM_LAYERS.value)
-    mesh = build_mesh(_MESH.value)
-    check_lengths(cfg, mesh, _SEQ_LEN.value, _BATCH.value, _MODE.value,
-                  _MAX_LEN.value)
-  except ConfigError as e:
-    sys.exit(f"long_context: error: {e}")
+  del argv  # cli.run refuses positional arguments
+  # A ConfigError (a cli.UserError) is one line on stderr, exit status 1.
+  if _AOT.value == _VERIFY.value:
+    raise ConfigError("expected exactly one of --aot and --verify")
+  check_flags()
+  check_blocks(_ATTENTION_BLOCK.value, _GDR_BLOCK.value)
+  if _DISTRIBUTED.value:
+    if _VERIFY.value or _NUM_DEVICES.value:
+      raise ConfigError("--distributed: only with --aot, without "
+                        "--num_devices (the unsharded reference of "
+                        "--verify needs one host)")
+    jax.distributed.initialize()
+  configure_devices(_NUM_DEVICES.value)
+  cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
+                     _PARAM_DTYPE.value, _REMAT.value, _MODE.value,
+                     _RATIO.value, _NUM_LAYERS.value)
+  mesh = build_mesh(_MESH.value)
+  check_lengths(cfg, mesh, _SEQ_LEN.value, _BATCH.value, _MODE.value,
+                _MAX_LEN.value)
 
   report = _base_report(cfg, mesh, _PRESET.value, _MODE.value,
                         _SEQ_LEN.value, _BATCH.value, _LOGITS.value)
@@ -849,9 +871,9 @@ def main(argv: Sequence[str]) -> None:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(report, f, indent=2)
   if _VERIFY.value and not report["passed"]:
-    sys.exit("long_context: verify failed: " + "; ".join(bad))
+    sys.exit("experiments.long_context: verify failed: " + "; ".join(bad))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

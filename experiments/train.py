@@ -19,6 +19,13 @@ summary of the run). A progress bar goes to stderr.
 
 `--export_hf DIR` writes the trained weights as a transformers checkpoint
 folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
+
+The config (file, arguments, `--config.*` overrides and every value),
+--workdir and --export_hf are checked before anything is built or written;
+a misuse ends with one line on stderr and exit status 1 (2 for usage
+errors). Ctrl-C ends training with one line naming the last checkpoint
+(its step and folder) or saying that none was written yet, and exit
+status 130; see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -27,16 +34,15 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import cli
 from qwen_jax import data
 from qwen_jax import train as train_lib
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
@@ -136,7 +142,7 @@ class Task:
   info: dict[str, Any]
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError):
   """A bad config, or a workdir the config cannot resume: raised by `run`
   before anything is written (the message names the field)."""
 
@@ -359,22 +365,55 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   return config, workdir, export
 
 
+def check_paths(workdir: str, export_hf: str | None) -> None:
+  """Raises cli.UserError for a --workdir or --export_hf that cannot be a
+  folder to write in (a file, or under a folder that is not writable)."""
+  cli.writable_folder("--workdir", workdir)
+  if export_hf is not None:
+    cli.writable_folder("--export_hf", export_hf)
+
+
+def interrupt_message(workdir: str, save_checkpoints: bool = True) -> str:
+  """Where a run interrupted in `workdir` can resume from (for Ctrl-C)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # Orbax writes a step under a temporary name and renames it to the bare
+  # step number when complete.
+  steps = sorted(int(n) for n in (os.listdir(directory)
+                                  if os.path.isdir(directory) else ())
+                 if n.isdigit())
+  if steps:
+    return (f"the last checkpoint is step {steps[-1]} in "
+            f"{os.path.join(directory, str(steps[-1]))}; the same command "
+            f"resumes from it")
+  if not save_checkpoints:
+    return "this run writes no checkpoints (config.train.save_checkpoints)"
+  return f"no checkpoint was written yet in {directory}"
+
+
 _HOLDERS = None
 
 
+def _interrupted() -> str:
+  config, workdir, _ = (h.value for h in _HOLDERS)
+  try:
+    save = bool(config.train.get("save_checkpoints", True))
+  except (AttributeError, KeyError, TypeError):
+    save = True
+  return interrupt_message(workdir, save)
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   config, workdir, export = (h.value for h in _HOLDERS)
-  try:
-    summary = run(config, workdir, export_hf=export)
-  except ConfigError as e:  # a bad config: its message, not a traceback
-    sys.exit(f"experiments.train: error: {e}")
+  check_paths(workdir, export)
+  cli.hold_interrupts_inside("orbax")  # no half-written checkpoint
+  # A bad config raises ConfigError (a cli.UserError): one line, exit 1.
+  summary = run(config, workdir, export_hf=export)
   print(format_summary(summary))
 
 
 if __name__ == "__main__":
   _HOLDERS = define_flags()
-  app.run(main)
+  cli.run(main, on_interrupt=_interrupted)

@@ -254,5 +254,6 @@ def test_bad_mesh_or_length_exits_cleanly(args, message):
   assert proc.returncode == 1, _output(proc)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
-  assert lines and lines[-1].startswith("long_context: error: "), lines
+  assert lines and lines[-1].startswith(
+      "experiments.long_context: error: "), lines
   assert message in lines[-1], lines[-1]

@@ -8,21 +8,25 @@ naming the flag). That the modules import side by side here is itself
 checked: experiments/forward.py and experiments/generate.py both have
 --checkpoint, --seed and --dtype.
 
-Covered: generate (--top_p, --top_k, --stop_tokens; an error raised while
-streaming starts on its own line), forward (--batch, --seq_len, --repeats,
---preset), compare_ratios (every study flag checked before training,
-including --eval_lengths 0 and a clamped --num_pairs), long_context
-(--attention_block, --gdr_block).
+Covered: generate (--top_p, --top_k, --stop_tokens, --temperature,
+--max_new_tokens, --max_len, --block_steps, --prefill_block, --prompt; an
+error raised while streaming starts on its own line), forward (--batch,
+--seq_len, --repeats, --preset), compare_ratios (every study flag checked
+before training, including --eval_lengths 0 and a clamped --num_pairs),
+long_context (--attention_block, --gdr_block). The command lines
+themselves (one line on stderr, the exit status) are in
+tests/test_script_misuse.py.
 """
 
 import io
 import os
 import re
 
-from absl import app
 from absl import flags
+import numpy as np
 import pytest
 
+from experiments import cli
 from experiments import compare_ratios as cr
 from experiments import forward
 from experiments import generate
@@ -44,6 +48,14 @@ def _parse(define, *args):
     (["--top_p=nan"], "top_p"),
     (["--top_k=-1"], "top_k"),
     (["--stop_tokens=1,abc"], "stop_tokens"),
+    (["--stop_tokens=-1"], "stop_tokens"),
+    (["--temperature=-1"], "temperature"),
+    (["--temperature=nan"], "temperature"),
+    (["--max_new_tokens=0"], "max_new_tokens"),
+    (["--max_len=0"], "max_len"),
+    (["--block_steps=0"], "block_steps"),
+    (["--prefill_block=1"], "prefill_block"),
+    (["--prompt="], "prompt"),
 ])
 def test_generate_bad_flags_fail_at_parse_time(args, flag):
   with pytest.raises(flags.IllegalFlagValueError, match=f"--{flag}"):
@@ -67,6 +79,20 @@ def test_generate_good_flags_parse():
     (dict(top_k=-1), "--top_k: expected an int >= 0 (0 = off), found -1"),
     (dict(stop_tokens=["abc"]), "--stop_tokens: expected comma-separated "
      "integer token ids, found 'abc'"),
+    # The random model's vocabulary has 256 ids.
+    (dict(stop_tokens=["256"]), "--stop_tokens: expected ids in [0, 256)"),
+    (dict(temperature=-1.0), "--temperature: expected a finite value >= 0"),
+    (dict(temperature=float("inf")), "--temperature: expected a finite"),
+    (dict(max_new_tokens=0), "--max_new_tokens: expected an int >= 1, "
+     "found 0"),
+    (dict(block_steps=0), "--block_steps: expected an int >= 1, found 0"),
+    (dict(prefill_block=1), "--prefill_block: expected an int >= 2, "
+     "found 1"),
+    (dict(max_len=0), "--max_len: expected an int >= 1, found 0"),
+    (dict(prompt=""), "--prompt: expected some text, found ''"),
+    (dict(max_new_tokens=5000), "--prompt: 2 tokens + --max_new_tokens "
+     "5000 = 5002 exceeds the maximum of 4096 tokens"),
+    (dict(max_len=3), "exceeds the maximum of 3 tokens"),
 ])
 def test_generate_run_refuses_bad_options_before_loading(kw, message,
                                                          monkeypatch):
@@ -75,18 +101,25 @@ def test_generate_run_refuses_bad_options_before_loading(kw, message,
 
   monkeypatch.setattr(generate, "load", no_load)
   out = io.StringIO()
-  with pytest.raises(ValueError, match=re.escape(message)):
-    generate.run(None, "Hi", 2, temperature=1.0, out=out, **kw)
+  args = dict(prompt="Hi", max_new_tokens=2, temperature=1.0)
+  args.update(kw)
+  with pytest.raises(cli.UserError, match=re.escape(message)):
+    generate.run(None, out=out, **args)
   assert out.getvalue() == ""  # nothing printed
 
 
-def test_generate_error_while_streaming_starts_a_new_line():
-  # A negative temperature is refused by the sampler, inside the stream,
-  # after the prompt is printed.
+def test_generate_error_while_streaming_starts_a_new_line(monkeypatch):
+  """An error raised by the stream after some text was printed."""
+  def stream(*args, **kwargs):
+    yield np.asarray([[ord("!")]])
+    raise ValueError("the stream failed")
+
+  monkeypatch.setattr(generate, "load", lambda *a: (None, None))
+  monkeypatch.setattr(generate, "stream", stream)
   out = io.StringIO()
-  with pytest.raises(ValueError, match="temperature"):
-    generate.run(None, "Hi", 2, temperature=-1.0, out=out)
-  assert out.getvalue() == "Hi\n"
+  with pytest.raises(ValueError, match="the stream failed"):
+    generate.run(None, "Hi", 3, out=out)
+  assert out.getvalue() == "Hi!\n"
 
 
 # ---------------------------------------------------------------- forward
@@ -151,13 +184,13 @@ def test_compare_ratios_bad_flags_fail_before_training(args, message,
   with pytest.raises(ValueError, match=re.escape(message)):
     cr.study_from_flags(holders)
 
-  # The script's main turns it into a usage error before any training.
+  # The script's main refuses it (one line, exit 1) before any training.
   def no_training(*args, **kwargs):
     raise AssertionError("trained before checking the flags")
 
   monkeypatch.setattr(cr, "_HOLDERS", holders, raising=False)
   monkeypatch.setattr(cr.train_lib, "train", no_training)
-  with pytest.raises(app.UsageError, match=re.escape(message)):
+  with pytest.raises(cli.UserError, match=re.escape(message)):
     cr.main(["prog"])
   assert not os.path.exists(tmp_path / "runs")
 
