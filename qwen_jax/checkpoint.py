@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen_jax import model as model_lib
+from qwen_jax import stack
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
@@ -123,7 +124,7 @@ def weight_map(cfg: QwenConfig) -> list[tuple[str, tuple, int | None, str]]:
            "embed"),
           ("norm.weight", ("norm", "weight"), None, "vector")]
   for i, layer_type in enumerate(cfg.layer_types):
-    slot, idx = model_lib.layer_location(cfg, i)
+    slot, idx = stack.layer_location(cfg, i)
     entries = _COMMON + (_LINEAR_ATTN if layer_type == LINEAR
                          else _full_attn(cfg.attention_bias))
     for suffix, sub, layout in entries:

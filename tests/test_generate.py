@@ -7,6 +7,8 @@
     (unpadded, and a left-padded batch);
   * a left-padded batch gives what each prompt gives alone;
   * `cache_bytes` equals the bytes `init_cache` allocates;
+  * each mixer alone, fed a prefix and then one token at a time from its
+    own `init_cache`, gives its output over the whole sequence;
   * sampling rules, seeds, stop tokens, streaming, and input errors
     (`generate`, and `prefill` / `decode_step`: ids outside the vocabulary,
     a cache of another config or batch, decoding past the cache's end);
@@ -34,6 +36,9 @@ import torch
 
 import qwen_jax
 from qwen_jax import cache as cache_lib
+from qwen_jax import stack
+from qwen_jax.attention import GatedAttention
+from qwen_jax.gated_deltanet import GatedDeltaNet
 from qwen_jax.generate import decode_step
 from qwen_jax.generate import prefill
 from qwen_jax.generate import sample_logits
@@ -103,7 +108,7 @@ def _left_padded(prompts, pad=0):
                                       ("all_full", True)])
 def test_prefill_then_decode_equals_forward(key, scan):
   cfg, params = _loaded(key, scan)
-  assert qwen_jax.model.is_scanned(cfg) == (scan and cfg.num_periods > 1)
+  assert stack.is_scanned(cfg) == (scan and cfg.num_periods > 1)
   b, t_prompt, t_total, block = 2, 70, 140, 64  # blocks of 64 + 6
   ids = hf_utils.random_ids(np.random.default_rng(0), b, t_total, VOCAB)
   mask = np.ones((b, t_total), np.int32)
@@ -261,6 +266,37 @@ def test_sample_logits_rules():
 
 
 # ------------------------------------------------------------------- caches
+@pytest.mark.parametrize("mixer", [GatedAttention, GatedDeltaNet])
+def test_each_mixer_decodes_from_its_own_cache(mixer):
+  cfg = qwen_jax.QwenConfig.from_preset("tiny", gdr_chunk_size=4)
+  b, t, split = 2, 11, 6
+  kx, kp = jax.random.split(jax.random.PRNGKey(5))
+  x = jax.random.normal(kx, (b, t, cfg.hidden_size), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  layer = mixer(cfg)
+  if mixer is GatedAttention:
+    params = layer.init(kp, x, pos)
+    full, _ = layer.apply(params, x, pos)
+    cache = GatedAttention.init_cache(cfg, b, t)
+    run = lambda lo, hi, c: layer.apply(  # pylint: disable=g-long-lambda
+        params, x[:, lo:hi], pos[:, lo:hi], None, c, jnp.int32(lo))
+  else:
+    params = layer.init(kp, x)
+    full, _ = layer.apply(params, x)
+    cache = GatedDeltaNet.init_cache(cfg, b)
+    run = lambda lo, hi, c: layer.apply(params, x[:, lo:hi], None, c)
+  shapes = mixer.cache_shapes(
+      cfg, b, *((t,) if mixer is GatedAttention else ()))
+  assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), cache) == (
+      jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes))
+  y, cache = run(0, split, cache)
+  outs = [y]
+  for i in range(split, t):
+    y, cache = run(i, i + 1, cache)
+    outs.append(y)
+  tolerances.assert_close(jnp.concatenate(outs, axis=1), full, jnp.float32)
+
+
 @pytest.mark.parametrize("pattern,layers,scan,dtype", [
     ("3:1", 8, True, None), ("3:1", 8, False, "bfloat16"),
     ("all-linear", 3, True, None), ("all-full", 2, True, "bfloat16"),
@@ -278,7 +314,7 @@ def test_cache_bytes_equals_allocation(pattern, layers, scan, dtype):
   itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
   assert parts["kv"] == n_full * 2 * 3 * 40 * 2 * 32 * itemsize
   for leaf in jax.tree_util.tree_leaves(cache["layers"]):
-    lead = (cfg.num_periods,) if qwen_jax.model.is_scanned(cfg) else ()
+    lead = (cfg.num_periods,) if stack.is_scanned(cfg) else ()
     assert leaf.shape[:len(lead) + 1] == lead + (3,)
   states = [x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]
             if p[-1].key == "state"]

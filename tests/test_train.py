@@ -47,9 +47,9 @@ from experiments.configs import qwen3_5_0_8b as qwen08b_config
 from experiments.configs import text as text_config
 from qwen_jax import data
 from qwen_jax import sharding
+from qwen_jax import stack
 from qwen_jax import train
 from qwen_jax.config import FULL, LINEAR, QwenConfig
-from qwen_jax import model as model_lib
 from qwen_jax.model import Qwen35
 from tests import tolerances
 
@@ -274,7 +274,7 @@ def test_scanned_remat_stack_gradients_match_finite_differences():
         linear_key_head_dim=8, linear_value_head_dim=8, dtype="float64",
         param_dtype="float64", gdr_implementation="chunked",
         gdr_chunk_size=4, scan_layers=True, remat_policy="full")
-    assert model_lib.is_scanned(cfg)
+    assert stack.is_scanned(cfg)
     rng = np.random.default_rng(303)
     params = _randomize(jax.eval_shape(lambda: train.init_params(cfg)), rng)
     b, t = 2, 9
