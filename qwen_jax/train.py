@@ -48,9 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwen_jax import head
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.checkpoint import save_hf_checkpoint
 from qwen_jax.config import FULL, QwenConfig, is_int, is_real
+from qwen_jax.data import check_batch
 from qwen_jax.model import Qwen35
 
 Batch = Mapping[str, Any]
@@ -74,9 +76,6 @@ PEAK_FLOPS = (
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
     ("TPU v5", 459e12), ("TPU v4", 275e12),
 )
-
-# Auto chunk of the cross-entropy: about this many logits per chunk.
-_CE_CHUNK_ELEMENTS = 2 ** 27
 
 # Accepted values of TrainConfig.compute_dtype.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -267,173 +266,6 @@ def init_state(cfg: QwenConfig, tcfg: TrainConfig,
 
 
 # -------------------------------------------------------------------- loss
-def head_weights(cfg: QwenConfig, params: PyTree) -> tuple[Array, bool]:
-  """(LM-head matrix, vocab_major): [vocab, d] when tied, else [d, vocab]."""
-  if cfg.tie_word_embeddings:
-    return params["embed_tokens"]["embedding"], True
-  return params["lm_head"]["kernel"], False
-
-
-def _logits(h: Array, w: Array, vocab_major: bool, dtype) -> Array:
-  acc = jnp.promote_types(dtype, jnp.float32)
-  spec = "cd,vd->cv" if vocab_major else "cd,dv->cv"
-  return jnp.einsum(spec, h.astype(dtype), w.astype(dtype),
-                    preferred_element_type=acc)
-
-
-def chunked_cross_entropy(hidden: Array, w: Array, targets: Array,
-                          loss_mask: Array, *, vocab_major: bool,
-                          chunk_size: int = 0, dtype=None,
-                          vocab_axis: Any = None, vocab_offset: Any = 0,
-                          ) -> tuple[Array, Array, Array]:
-  """Sum of token cross-entropies without materialising all the logits.
-
-  Tokens are split into chunks; a `lax.scan` computes each chunk's logits
-  (float32 accumulation), log-sum-exp and target logit under
-  `jax.checkpoint`, so the backward recomputes one chunk's logits at a time
-  and the head gradient accumulates in the scan carry. The one
-  implementation of the loss: `qwen_jax.sharding.chunked_lm_loss` calls it
-  on each device's tokens inside a `shard_map`.
-
-  Args:
-    hidden: [b, t, d] final normalised hidden states.
-    w: LM head, [vocab, d] if vocab_major (tied embedding) else [d, vocab].
-    targets: [b, t] int token ids.
-    loss_mask: [b, t] weights (0 = ignored).
-    vocab_major: layout of `w`.
-    chunk_size: tokens per chunk; 0 picks about 2^27 logits per chunk.
-    dtype: matmul input dtype (default hidden.dtype).
-    vocab_axis: inside a `shard_map` whose mesh splits the vocabulary: the
-      mesh axis (or axes) of the split; `w` then holds the slice of the
-      vocabulary that starts at `vocab_offset`, and the log-sum-exp and the
-      target logit are combined over the axis.
-    vocab_offset: first vocabulary id of this device's slice of `w`.
-
-  Returns:
-    (sum of mask * loss, sum of mask, sum of mask * [argmax == target]),
-    float32 scalars (float64 under x64 with float64 inputs). With
-    `vocab_axis`, a hit is a target logit equal to the largest logit.
-  """
-  b, t, d = hidden.shape
-  vocab = w.shape[0] if vocab_major else w.shape[1]
-  dtype = jnp.dtype(dtype or hidden.dtype)
-  n = b * t
-  if chunk_size <= 0:
-    chunk_size = max(1, min(n, _CE_CHUNK_ELEMENTS // vocab))
-  chunk_size = min(chunk_size, n)
-  num_chunks = -(-n // chunk_size)
-  pad = num_chunks * chunk_size - n
-  acc = jnp.promote_types(dtype, jnp.float32)
-  h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
-  y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad))
-  m = jnp.pad(loss_mask.reshape(n).astype(acc), (0, pad))
-  h = h.reshape(num_chunks, chunk_size, d)
-  y = y.reshape(num_chunks, chunk_size)
-  m = m.reshape(num_chunks, chunk_size)
-
-  @jax.checkpoint
-  def one_chunk(w, h_c, y_c, m_c):
-    logits = _logits(h_c, w, vocab_major, dtype)  # [c, vocab] f32
-    if vocab_axis is None:
-      lse = jax.nn.logsumexp(logits, axis=-1)
-      tgt = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-      hit = jnp.argmax(logits, axis=-1) == y_c
-    else:
-      # Each device holds a slice of the vocabulary. The shift only steadies
-      # exp and cancels, so no gradient flows through it.
-      top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)),
-                         vocab_axis)
-      lse = top + jnp.log(jax.lax.psum(
-          jnp.sum(jnp.exp(logits - top[:, None]), -1), vocab_axis))
-      iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-      tgt = jax.lax.psum(jnp.sum(jnp.where(
-          iota == (y_c - vocab_offset)[:, None], logits, 0.0), -1),
-                         vocab_axis)
-      hit = tgt >= top
-    loss = jnp.sum((lse - tgt) * m_c)
-    correct = jax.lax.stop_gradient(jnp.sum(hit.astype(acc) * m_c))
-    return loss, correct
-
-  def body(carry, xs):
-    loss, correct = one_chunk(w, *xs)
-    return (carry[0] + loss, carry[1] + correct), None
-
-  zero = jnp.zeros((), acc)
-  (loss, correct), _ = jax.lax.scan(body, (zero, zero), (h, y, m))
-  return loss, jnp.sum(m), correct
-
-
-def cross_entropy(logits: Array, targets: Array,
-                  loss_mask: Array) -> tuple[Array, Array]:
-  """Plain (sum of mask * loss, sum of mask) from full logits."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  mask = loss_mask.astype(lse.dtype)
-  return jnp.sum((lse - tgt) * mask), jnp.sum(mask)
-
-
-BATCH_KEYS = ("inputs", "targets")
-OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask")
-
-
-def _is_host_array(x: Any) -> bool:
-  """A concrete host value (NumPy): checking its values costs no device
-  sync (tracers and device arrays are not read)."""
-  return isinstance(x, (np.ndarray, np.generic))
-
-
-def check_batch(batch: Mapping[str, Any],
-                vocab_size: int | None = None) -> None:
-  """Raises a ValueError naming what is wrong with a batch.
-
-  Every batch in the project (data generators, training, the sharded
-  programs) is a dict with "inputs" and "targets" [b, t] (integer token
-  ids) and optionally "loss_mask", "segment_ids", "attention_mask" [b, t],
-  with b >= 1 and t >= 1. Keys, shapes and dtypes are checked always (they
-  are static, so this also works on tracers inside jit, at no cost). With
-  `vocab_size`, the ids of "inputs" and "targets" are checked to lie in
-  [0, vocab_size) when they are NumPy arrays (values on the host): device
-  arrays and tracers are not read, so the check never syncs (`train` and
-  `evaluate` call it on the host batches before the compiled step).
-  """
-  missing = [k for k in BATCH_KEYS if k not in batch]
-  unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
-  if missing or unknown:
-    raise ValueError(
-        f"batch: expected keys {BATCH_KEYS} and optionally "
-        f"{OPTIONAL_BATCH_KEYS}; missing {missing}, unknown {unknown}")
-  shape = tuple(np.shape(batch["inputs"]))
-  if len(shape) != 2:
-    raise ValueError(f"batch: expected inputs of shape [b, t], found shape "
-                     f"{shape}")
-  if shape[0] < 1 or shape[1] < 1:
-    raise ValueError(f"batch: expected at least one row and one token "
-                     f"(inputs [b, t] with b, t >= 1), found shape {shape}")
-  for key, value in batch.items():
-    if value is None and key in OPTIONAL_BATCH_KEYS:
-      continue
-    found = tuple(np.shape(value))
-    if found != shape:
-      raise ValueError(f"batch: expected {key} of the inputs' shape "
-                       f"{shape}, found {found}")
-  for key in BATCH_KEYS:
-    value = batch[key]
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-      dtype = np.asarray(value).dtype
-    if not (jnp.issubdtype(dtype, jnp.integer)
-            and not jnp.issubdtype(dtype, jnp.bool_)):
-      raise ValueError(f"batch: expected integer token ids in {key}, found "
-                       f"dtype {dtype}")
-    if vocab_size is not None and _is_host_array(value) and value.size:
-      lo, hi = int(value.min()), int(value.max())
-      if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"batch: expected {key} ids in [0, {vocab_size}) "
-                         f"(the model's vocab_size), found ids from {lo} "
-                         f"to {hi}")
-
-
 def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
                    chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """Mean masked cross-entropy of a batch, and its sums.
@@ -443,7 +275,7 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
     cfg: model config (its dtype is the compute dtype).
     batch: "inputs", "targets" [b, t]; optional "loss_mask" [b, t] (default
       all ones) and "segment_ids" [b, t] (packed documents).
-    chunk_size: cross-entropy chunk (see `chunked_cross_entropy`).
+    chunk_size: cross-entropy chunk (see `head.chunked_cross_entropy`).
 
   Returns:
     (mean loss, {"loss_sum", "tokens", "correct"}).
@@ -457,8 +289,8 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
       {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
       attention_mask=batch.get("attention_mask"),
       return_hidden=True)
-  w, vocab_major = head_weights(cfg, params)
-  loss_sum, tokens, correct = chunked_cross_entropy(
+  w, vocab_major = head.head_weights(cfg, params)
+  loss_sum, tokens, correct = head.chunked_cross_entropy(
       hidden, w, targets, mask, vocab_major=vocab_major,
       chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
   loss = loss_sum / jnp.maximum(tokens, 1.0)
@@ -1049,9 +881,9 @@ def param_count(params: PyTree) -> int:
 
 __all__ = [
     "Checkpointer", "ProgressBar", "TrainConfig", "TrainResult", "TrainState",
-    "check_batch", "check_resume", "chunked_cross_entropy", "cross_entropy",
-    "device_peak_flops", "evaluate", "export_hf", "flops_per_token",
-    "head_weights", "init_params", "init_state", "learning_rate_schedule", "loss_and_stats",
+    "check_batch", "check_resume", "device_peak_flops", "evaluate",
+    "export_hf", "flops_per_token", "init_params", "init_state",
+    "learning_rate_schedule", "loss_and_stats",
     "make_eval_step", "make_optimizer", "make_train_step",
     "model_config_for_training", "param_count", "train",
 ]

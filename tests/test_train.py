@@ -46,6 +46,7 @@ from experiments.configs import mqar as mqar_config
 from experiments.configs import qwen3_5_0_8b as qwen08b_config
 from experiments.configs import text as text_config
 from qwen_jax import data
+from qwen_jax import head
 from qwen_jax import sharding
 from qwen_jax import stack
 from qwen_jax import train
@@ -322,7 +323,7 @@ def test_chunked_cross_entropy_equals_full_logits(vocab_major):
   spec = "btd,vd->btv" if vocab_major else "btd,dv->btv"
 
   def full(h, w):
-    return train.cross_entropy(jnp.einsum(spec, h, w), targets, mask)[0]
+    return head.cross_entropy(jnp.einsum(spec, h, w), targets, mask)[0]
 
   ref_loss, (ref_dh, ref_dw) = jax.jit(jax.value_and_grad(full, (0, 1)))(
       hidden, w)
@@ -333,7 +334,7 @@ def test_chunked_cross_entropy_equals_full_logits(vocab_major):
   # the automatic size (all 21 tokens here).
   for chunk in (1, 4, 7, 0):
     def chunked(h, w, chunk=chunk):
-      loss, tokens, correct = train.chunked_cross_entropy(
+      loss, tokens, correct = head.chunked_cross_entropy(
           h, w, targets, mask, vocab_major=vocab_major, chunk_size=chunk)
       return loss, (tokens, correct)
 
@@ -798,11 +799,11 @@ _BAD_BATCH_NAMES = ("targets_short", "loss_mask_1d", "segment_ids_short",
 def test_a_bad_batch_is_refused_by_name(name):
   _, cfg, tcfg, task = _local()
   good = task.batch_fn(0)
-  train.check_batch(good, cfg.vocab_size)
+  data.check_batch(good, cfg.vocab_size)
   (batch, message), = [(b, m) for n, b, m in
                        _bad_batches(good, cfg.vocab_size) if n == name]
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.check_batch(batch, cfg.vocab_size)
+    data.check_batch(batch, cfg.vocab_size)
   params = train.init_params(cfg, seed=0)
   # Before the compiled programs: evaluation, training, an eager loss.
   with pytest.raises(ValueError, match=re.escape(message)):
