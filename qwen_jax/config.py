@@ -33,9 +33,12 @@ SUPPORTED_MODEL_TYPES = (TEXT_MODEL_TYPE, VLM_MODEL_TYPE)
 # transformers falls back to this theta when `rope_theta` is absent.
 HF_DEFAULT_ROPE_THETA = 10000.0
 
-# QwenConfig fields that change how, not what, is computed (the fields after
-# "Implementation choices" in `QwenConfig`): the only fields
-# `load_hf_checkpoint` lets a caller override.
+# The QwenConfig fields that change how the model is computed, not what it
+# computes (the fields after "Implementation choices" in `QwenConfig`):
+# precision, the layout of the layer stack, rematerialisation and the
+# kernels. Configs that differ only in these compute the same function (up
+# to rounding) from the same weights, so `load_hf_checkpoint` lets a caller
+# override these fields and no others.
 IMPLEMENTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
                          "gdr_implementation", "gdr_interpret",
                          "gdr_chunk_size", "gdr_block_sizes",

@@ -51,18 +51,22 @@ import optax
 from qwen_jax import head
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.checkpoint import save_hf_checkpoint
-from qwen_jax.config import FULL, QwenConfig, is_int, is_real
+from qwen_jax.config import FULL, IMPLEMENTATION_FIELDS, QwenConfig
+from qwen_jax.config import is_int, is_real
 from qwen_jax.data import check_batch
 from qwen_jax.model import Qwen35
 
 Batch = Mapping[str, Any]
 BatchFn = Callable[[int], Batch]
 
-# QwenConfig fields that change how, not what, is computed: a checkpoint may
-# be restored under different values of these.
-IMPLEMENTATION_FIELDS = ("dtype", "remat_policy", "gdr_implementation",
-                         "gdr_interpret", "gdr_chunk_size",
-                         "gdr_block_sizes", "attention_implementation")
+# Implementation fields that also fix the structure of the saved train
+# state: scan_layers stacks the layers' parameters (and their optimizer
+# moments) on a leading axis or not, and param_dtype is the dtype of those
+# arrays. A checkpoint resumes only under the values it was written with.
+STATE_LAYOUT_FIELDS = ("param_dtype", "scan_layers")
+# The QwenConfig fields a checkpoint may be resumed under other values of.
+RESUMABLE_FIELDS = tuple(f for f in IMPLEMENTATION_FIELDS
+                         if f not in STATE_LAYOUT_FIELDS)
 
 # TrainConfig fields that the compiled step does not read: runs that differ
 # only in these share one compiled step (see `make_train_step`).
@@ -391,12 +395,13 @@ def _config_record(cfg: QwenConfig) -> dict[str, Any]:
 
 def config_differences(saved: Mapping[str, Any],
                        cfg: QwenConfig) -> list[str]:
-  """'field: checkpoint X, this run Y' for fields that change the model."""
+  """'field: checkpoint X, this run Y' for the fields a resume must keep
+  (all but `RESUMABLE_FIELDS`)."""
   now = _config_record(cfg)
   defaults = {f.name: f.default for f in dataclasses.fields(QwenConfig)}
   out = []
   for key in sorted(set(saved) | set(now)):
-    if key in IMPLEMENTATION_FIELDS:
+    if key in RESUMABLE_FIELDS:
       continue
     if key not in saved and now.get(key) == defaults.get(key):
       continue  # a field added since the checkpoint, at its default

@@ -395,7 +395,10 @@ def test_restore_for_another_model_config_names_the_field(reference_run):
       ({"hidden_size": 48}, ["hidden_size"]),
       ({"layer_types": (FULL, LINEAR)}, ["layer_types"]),
       ({"vocab_size": 40, "tie_word_embeddings": False},
-       ["vocab_size", "tie_word_embeddings"])):
+       ["vocab_size", "tie_word_embeddings"]),
+      # Implementation fields that fix the saved state's structure.
+      ({"scan_layers": not cfg.scan_layers}, ["scan_layers"]),
+      ({"param_dtype": "bfloat16"}, ["param_dtype"])):
     ckpt = train.Checkpointer(workdir, cfg.replace(**changes), tcfg)
     try:
       with pytest.raises(ValueError) as err:
