@@ -32,10 +32,10 @@ from qwen_jax import stack
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
-from qwen_jax.config import hf_text_config
 from qwen_jax.config import is_int
-from qwen_jax.config import read_hf_config
-from qwen_jax.config import read_json_object
+from qwen_jax.hf_config import hf_text_config
+from qwen_jax.hf_config import read_hf_config
+from qwen_jax.hf_config import read_json_object
 
 log = logging.getLogger(__name__)
 
