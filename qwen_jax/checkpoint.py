@@ -1,6 +1,6 @@
 """Hugging Face safetensors checkpoints <-> (QwenConfig, params).
 
-Layouts read (QWEN35_SPEC.md §4.1):
+Layouts read (the state-dict names of transformers' Qwen3.5 classes):
   * text-only `Qwen3_5ForCausalLM`: `model.{embed_tokens,layers.i.*,norm}`
     and, when untied, `lm_head.weight`;
   * multimodal `Qwen3_5ForConditionalGeneration`: the same under
@@ -44,7 +44,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TEXT_PREFIX = "model."
 VLM_PREFIX = "model.language_model."
-# Keys that belong to parts of the released checkpoints we do not model.
+# Keys that belong to parts of the published checkpoints we do not model.
 _SKIPPED = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."),
             re.compile(r"^model\.mtp\."))
 

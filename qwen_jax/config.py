@@ -96,9 +96,9 @@ class QwenConfig:
       `BlockSizes.from_spec` string over the backend's defaults, e.g.
       "bwd_block=4096" (the backward in blocks: less memory),
       "output_in_state=True" or the preset "lean" (no per-chunk states
-      stored, the issue's memory bound from 32k tokens; `block_sizes.
-      PRESETS`); "" for the defaults. Used only where the Pallas kernels
-      run.
+      stored: from 32k tokens a forward+backward holds fewer bytes than the
+      per-chunk states alone would; `block_sizes.PRESETS`); "" for the
+      defaults. Used only where the Pallas kernels run.
     attention_implementation: "xla" or "cudnn" (jax.nn.dot_product_attention).
   """
 
@@ -366,7 +366,8 @@ def _qwen35(hidden, layers, inter, heads, kv_heads, v_heads, tied):
       tie_word_embeddings=tied, eos_token_id=248044)
 
 
-# Released hyperparameters (../shared/QWEN35_SPEC.md §1.3 gives the sources).
+# The published models' hyperparameters, as their config.json files give
+# them (the Qwen3.5 0.8B, 2B, 4B and 9B checkpoints).
 PRESETS: dict[str, QwenConfig] = {
     "qwen3.5-0.8b": _qwen35(1024, 24, 3584, 8, 2, 16, True),
     "qwen3.5-2b": _qwen35(2048, 24, 6144, 8, 2, 16, True),

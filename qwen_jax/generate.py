@@ -30,8 +30,8 @@ Example:
   cfg, params = qwen_jax.load_hf_checkpoint(path)
   new = qwen_jax.generate(cfg, params, prompt_ids, max_new_tokens=32)
 
-`qwen_jax.generate` is the function (DESIGN §3), which hides this module's
-name on the package; import the other names with
+`qwen_jax.generate` is the function (the package's public API), which hides
+this module's name on the package; import the other names with
 `from qwen_jax.generate import prefill, decode_step, stream`.
 """
 
