@@ -1,7 +1,8 @@
 """The LM head and its chunked cross-entropy.
 
-One implementation of the output projection, shared by training, the
-sharded programs (`qwen_jax.sharding`) and generation (`qwen_jax.generate`):
+One implementation of the output projection, shared by training
+(`qwen_jax.train_step`), the sharded programs (`qwen_jax.sharding`) and
+generation (`qwen_jax.generate`):
 
   logits = h W_lm      W_lm = embed_tokens^T when tied, else lm_head/kernel
 
