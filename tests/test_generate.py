@@ -7,8 +7,8 @@
     (unpadded, and a left-padded batch);
   * a left-padded batch gives what each prompt gives alone;
   * `cache_bytes` equals the bytes `init_cache` allocates;
-  * each mixer alone, fed a prefix and then one token at a time from its
-    own `init_cache`, gives its output over the whole sequence;
+  * each mixer alone, fed one token at a time from its own `init_cache`,
+    gives its output over the whole sequence;
   * sampling rules, seeds, stop tokens, streaming, and input errors
     (`generate`, and `prefill` / `decode_step`: ids outside the vocabulary,
     a cache of another config or batch, decoding past the cache's end);
@@ -268,8 +268,8 @@ def test_sample_logits_rules():
 # ------------------------------------------------------------------- caches
 @pytest.mark.parametrize("mixer", [GatedAttention, GatedDeltaNet])
 def test_each_mixer_decodes_from_its_own_cache(mixer):
-  cfg = qwen_jax.QwenConfig.from_preset("tiny", gdr_chunk_size=4)
-  b, t, split = 2, 11, 6
+  cfg = qwen_jax.QwenConfig.from_preset("tiny")
+  b, t = 2, 6
   kx, kp = jax.random.split(jax.random.PRNGKey(5))
   x = jax.random.normal(kx, (b, t, cfg.hidden_size), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -278,21 +278,20 @@ def test_each_mixer_decodes_from_its_own_cache(mixer):
     params = layer.init(kp, x, pos)
     full, _ = layer.apply(params, x, pos)
     cache = GatedAttention.init_cache(cfg, b, t)
-    run = lambda lo, hi, c: layer.apply(  # pylint: disable=g-long-lambda
-        params, x[:, lo:hi], pos[:, lo:hi], None, c, jnp.int32(lo))
+    shapes = GatedAttention.cache_shapes(cfg, b, t)
+    step = lambda i, c: layer.apply(  # pylint: disable=g-long-lambda
+        params, x[:, i:i + 1], pos[:, i:i + 1], None, c, jnp.int32(i))
   else:
     params = layer.init(kp, x)
     full, _ = layer.apply(params, x)
     cache = GatedDeltaNet.init_cache(cfg, b)
-    run = lambda lo, hi, c: layer.apply(params, x[:, lo:hi], None, c)
-  shapes = mixer.cache_shapes(
-      cfg, b, *((t,) if mixer is GatedAttention else ()))
+    shapes = GatedDeltaNet.cache_shapes(cfg, b)
+    step = lambda i, c: layer.apply(params, x[:, i:i + 1], None, c)
   assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), cache) == (
       jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes))
-  y, cache = run(0, split, cache)
-  outs = [y]
-  for i in range(split, t):
-    y, cache = run(i, i + 1, cache)
+  outs = []
+  for i in range(t):  # one token at a time, from the zero cache
+    y, cache = step(i, cache)
     outs.append(y)
   tolerances.assert_close(jnp.concatenate(outs, axis=1), full, jnp.float32)
 
