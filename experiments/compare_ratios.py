@@ -62,6 +62,7 @@ from experiments import cli
 from qwen_jax import cache as cache_lib
 from qwen_jax import data
 from qwen_jax import train as train_lib
+from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
 from qwen_jax.config import check_int, is_int, is_real
 from qwen_jax.model import Qwen35
@@ -294,7 +295,7 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
   once and the device's peak is read.
   """
   model = Qwen35(cfg)
-  params = jax.eval_shape(lambda: train_lib.init_params(cfg, 0))
+  params = jax.eval_shape(lambda: train_step.init_params(cfg, 0))
   ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
 
   def hidden(p, x):
@@ -307,7 +308,7 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
     out["temp_bytes"] = float(mem.temp_size_in_bytes)
     out["argument_bytes"] = float(mem.argument_size_in_bytes)
   if jax.default_backend() == "gpu":
-    real = train_lib.init_params(cfg, 0)
+    real = train_step.init_params(cfg, 0)
     jax.block_until_ready(compiled(real, jnp.zeros((1, seq_len), jnp.int32)))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -335,7 +336,7 @@ def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
               total: int, mixed: MixedData) -> dict[str, Any]:
   """Trains and evaluates one ratio; returns its result row."""
   cfg = model_config(study, ratio)
-  tcfg = train_lib.TrainConfig(
+  tcfg = train_step.TrainConfig(
       batch_size=study.batch_size, seq_len=study.seq_len,
       num_steps=study.steps, learning_rate=study.learning_rate,
       warmup_steps=study.warmup_steps, weight_decay=0.01, seed=study.seed,
@@ -350,7 +351,7 @@ def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
   # gives the same outputs on the real tokens), so one program serves all.
   t0 = time.time()
   eval_len = max(study.eval_lengths + (study.seq_len,))
-  eval_step = train_lib.make_eval_step(cfg)
+  eval_step = train_step.make_eval_step(cfg)
 
   def pad(batches):
     return [data.pad_batch(b, eval_len) for b in batches]
@@ -374,7 +375,7 @@ def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
       "ratio": ratio,
       "linear_layers": n_lin,
       "full_layers": n_full,
-      "params": train_lib.param_count(params),
+      "params": train_step.param_count(params),
       "final_train_loss": (result.history[-1]["loss"] if result.history
                            else float("nan")),
       "text_loss": ev_text["loss"],

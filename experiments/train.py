@@ -45,6 +45,8 @@ from ml_collections import config_flags
 from experiments import cli
 from qwen_jax import data
 from qwen_jax import train as train_lib
+from qwen_jax import train_checkpoint
+from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
 from qwen_jax.config import check_int as _check_int
 
@@ -100,21 +102,21 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
 
 def build_train_config(
     train: Mapping[str, Any] | ml_collections.ConfigDict,
-) -> train_lib.TrainConfig:
+) -> train_step.TrainConfig:
   """TrainConfig from the `train` part of a config.
 
   Raises:
     ValueError: an unknown field or a value out of range.
   """
   values = _as_dict(train)
-  names = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+  names = {f.name for f in dataclasses.fields(train_step.TrainConfig)}
   unknown = sorted(set(values) - names)
   if unknown:
     raise ValueError(f"config.train: expected TrainConfig fields, found "
                      f"unknown {unknown}")
   try:
     # TrainConfig checks every field's type and range.
-    tcfg = train_lib.TrainConfig(**values)
+    tcfg = train_step.TrainConfig(**values)
   except ValueError as e:
     raise ValueError(str(e).replace("TrainConfig.", "config.train.", 1)
                      ) from e
@@ -148,7 +150,7 @@ class ConfigError(cli.UserError):
 
 
 def build_task(config: ml_collections.ConfigDict,
-               tcfg: train_lib.TrainConfig) -> Task:
+               tcfg: train_step.TrainConfig) -> Task:
   """The Task of `config.data` / `config.eval` at tcfg's batch shape.
 
   Raises:
@@ -199,7 +201,7 @@ def build_task(config: ml_collections.ConfigDict,
 
 
 def build(config: ml_collections.ConfigDict,
-          ) -> tuple[QwenConfig, train_lib.TrainConfig, Task]:
+          ) -> tuple[QwenConfig, train_step.TrainConfig, Task]:
   """(model config, train config, task) of a config, all validated."""
   for part in ("model", "train", "data", "eval"):
     if part not in config:
@@ -237,13 +239,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     ConfigError (a ValueError): a bad config, or a checkpoint in `workdir`
-      that this run cannot resume (another model, gradient clipping switched on or off,
-      num_steps below its step): both before anything is written.
+      that this run cannot resume (another model, gradient clipping
+      switched on or off, num_steps below its step): both before anything
+      is written.
   """
   try:
     cfg, tcfg, task = build(config)
     # Refuse a resume before run_config.json is overwritten.
-    train_lib.check_resume(workdir, cfg, tcfg)
+    train_checkpoint.check_resume(workdir, cfg, tcfg)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
@@ -274,7 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "full_layers": kinds.count(FULL),
           "hidden_size": cfg.hidden_size,
           "vocab_size": cfg.vocab_size,
-          "params": train_lib.param_count(params),
+          "params": train_step.param_count(params),
           "compute_dtype": result.cfg.dtype,
       },
       "train": {
@@ -292,7 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       "eval": ev,
   }
   if export_hf:
-    train_lib.export_hf(export_hf, result.cfg, params)
+    train_checkpoint.export_hf(export_hf, result.cfg, params)
     summary["export_hf"] = os.path.abspath(export_hf)
   with open(os.path.join(workdir, EVAL_FILE), "w") as f:
     json.dump(summary, f, indent=2)

@@ -1,7 +1,8 @@
 """qwen-jax: a JAX/Flax reimplementation of the Qwen3.5 hybrid language model.
 
-Public API (DESIGN §3):
-  QwenConfig, Qwen35, load_hf_checkpoint, save_hf_checkpoint, generate.
+Public API:
+  QwenConfig, Qwen35, load_hf_checkpoint, save_hf_checkpoint, generate,
+  layer_types_from_ratio.
 """
 
 from qwen_jax.checkpoint import load_hf_checkpoint

@@ -8,9 +8,15 @@
   o        = softmax(q k^T / sqrt(e) + mask) v   (query head i uses kv head
                                                   i // (h / n))
   y        = (o * sigmoid(gate)) W_o             (element-wise gate)
+
+Decoding cache (`GatedAttention.init_cache`): the keys and values of every
+slot written so far, {"k": [b, S, n, e], "v": [b, S, n, e]}, S fixed when
+the cache is allocated.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -95,6 +101,33 @@ class GatedAttention(nn.Module):
     cfg: the model config.
   """
   cfg: QwenConfig
+
+  @staticmethod
+  def cache_shapes(cfg: QwenConfig, batch: int, max_len: int,
+                   dtype: Any = None) -> PyTree:
+    """This layer's cache as `jax.ShapeDtypeStruct`s (nothing allocated).
+
+    Args:
+      cfg: the model config.
+      batch: sequences decoded together.
+      max_len: KV slots (prompt + new tokens).
+      dtype: dtype of K and V; default cfg.dtype.
+
+    Returns:
+      {"k": [batch, max_len, n, e], "v": the same}.
+    """
+    dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    kv = jax.ShapeDtypeStruct(
+        (batch, max_len, cfg.num_key_value_heads, cfg.head_dim), dt)
+    return {"k": kv, "v": kv}
+
+  @staticmethod
+  def init_cache(cfg: QwenConfig, batch: int, max_len: int,
+                 dtype: Any = None) -> PyTree:
+    """A zero cache of `cache_shapes(cfg, batch, max_len, dtype)`."""
+    return jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        GatedAttention.cache_shapes(cfg, batch, max_len, dtype))
 
   @nn.compact
   def __call__(self, x: Array, positions: Array,

@@ -1,15 +1,18 @@
-"""Decoding caches of the hybrid stack, as plain pytrees.
+"""The decoding cache of the hybrid stack, as a plain pytree.
 
-Only the full-attention layers keep a KV cache that grows with the context;
-the Gated DeltaNet layers keep a fixed-size state whatever the length:
+Each token mixer owns its cache (`GatedAttention.cache_shapes` /
+`init_cache`, `GatedDeltaNet.cache_shapes` / `init_cache`); this module
+assembles them into the model's cache and checks caches passed in. Only
+the full-attention layers keep a cache that grows with the context; the
+Gated DeltaNet layers keep a fixed-size state whatever the length:
 
   full-attention layer:  {"k": [b, S, n, e], "v": [b, S, n, e]}   cfg.dtype
   Gated DeltaNet layer:  {"conv": [b, K-1, conv_dim]}             cfg.dtype
                          {"state": [b, hv, dk, dv]}               float32
 
 The model cache is `{"layers": {slot: layer_cache}, "index": int32 scalar}`,
-`slot` running over `qwen_jax.model.stack_slots(cfg)`; when the stack is
-scanned (`qwen_jax.model.is_scanned`) every leaf of a slot carries a leading
+`slot` running over `qwen_jax.stack.stack_slots(cfg)`; when the stack is
+scanned (`qwen_jax.stack.is_scanned`) every leaf of a slot carries a leading
 [num_periods] axis, matching the parameter tree. `index` counts the tokens
 already written (the next token goes to slot `index`).
 
@@ -26,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import stack
 from qwen_jax.array_typing import PyTree
+from qwen_jax.attention import GatedAttention
 from qwen_jax.config import FULL, LINEAR, QwenConfig
-from qwen_jax.model import is_scanned, stack_slots
+from qwen_jax.gated_deltanet import GatedDeltaNet
 
-# The recurrent state is always float32 (it integrates over the whole
-# context; bf16 would drift).
-STATE_DTYPE = jnp.float32
 INDEX_DTYPE = jnp.int32
 
 
@@ -71,24 +73,19 @@ def cache_shapes(cfg: QwenConfig, batch: int, max_len: int,
 def _shapes(cfg: QwenConfig, batch: int, max_len: int,
             dtype: Any = None) -> PyTree:
   """`cache_shapes` without the argument checks."""
-  dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
-  lead = (cfg.num_periods,) if is_scanned(cfg) else ()
-  sds = jax.ShapeDtypeStruct
+  lead = stack.leading_axes(cfg)
   layers = {}
-  for name, layer_type in stack_slots(cfg):
+  for name, layer_type in stack.stack_slots(cfg):
     if layer_type == FULL:
-      kv = lead + (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-      layers[name] = {"k": sds(kv, dt), "v": sds(kv, dt)}
+      layer = GatedAttention.cache_shapes(cfg, batch, max_len, dtype)
     elif layer_type == LINEAR:
-      conv = lead + (batch, cfg.linear_conv_kernel_dim - 1,
-                     cfg.linear_conv_dim)
-      state = lead + (batch, cfg.linear_num_value_heads,
-                      cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-      layers[name] = {"conv": sds(conv, dt), "state": sds(state, STATE_DTYPE)}
+      layer = GatedDeltaNet.cache_shapes(cfg, batch, dtype)
     else:
       raise ValueError(f"layer_types: expected {LINEAR!r} or {FULL!r}, "
                        f"found {layer_type!r}")
-  return {"layers": layers, "index": sds((), INDEX_DTYPE)}
+    layers[name] = {k: jax.ShapeDtypeStruct(lead + s.shape, s.dtype)
+                    for k, s in layer.items()}
+  return {"layers": layers, "index": jax.ShapeDtypeStruct((), INDEX_DTYPE)}
 
 
 def init_cache(cfg: QwenConfig, batch: int, max_len: int,
@@ -163,7 +160,7 @@ def check_cache(cfg: QwenConfig, cache: Any, batch: int) -> int | None:
   expected = _expected_leaf_shapes(cfg, batch,
                                   1 if slots is None else slots)
   where = (f"for this config ({cfg.num_hidden_layers} layers "
-           f"{'scanned' if is_scanned(cfg) else 'unscanned'}, "
+           f"{'scanned' if stack.is_scanned(cfg) else 'unscanned'}, "
            f"{cfg.layer_types.count(FULL)} with K/V) and batch {batch}")
   missing = [k for k in expected if k not in found]
   extra = [k for k in found if k not in expected]

@@ -1,6 +1,6 @@
 """Hugging Face safetensors checkpoints <-> (QwenConfig, params).
 
-Layouts read (the keys transformers' Qwen3.5 models save under):
+Layouts read (the state-dict names of transformers' Qwen3.5 classes):
   * text-only `Qwen3_5ForCausalLM`: `model.{embed_tokens,layers.i.*,norm}`
     and, when untied, `lm_head.weight`;
   * multimodal `Qwen3_5ForConditionalGeneration`: the same under
@@ -37,14 +37,15 @@ import ml_dtypes
 import numpy as np
 
 from qwen_jax import model as model_lib
+from qwen_jax import stack
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
-from qwen_jax.config import VLM_MODEL_TYPE
-from qwen_jax.config import hf_text_config
 from qwen_jax.config import is_int
-from qwen_jax.config import read_hf_config
-from qwen_jax.config import read_json_object
+from qwen_jax.hf_config import VLM_MODEL_TYPE
+from qwen_jax.hf_config import hf_text_config
+from qwen_jax.hf_config import read_hf_config
+from qwen_jax.hf_config import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TEXT_PREFIX = "model."
 VLM_PREFIX = "model.language_model."
-# Keys that belong to parts of the released checkpoints we do not model.
+# Keys that belong to parts of the published checkpoints we do not model.
 _SKIPPED = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."),
             re.compile(r"^model\.mtp\."))
 
@@ -131,7 +132,7 @@ def weight_map(cfg: QwenConfig) -> list[tuple[str, tuple, int | None, str]]:
            "embed"),
           ("norm.weight", ("norm", "weight"), None, "vector")]
   for i, layer_type in enumerate(cfg.layer_types):
-    slot, idx = model_lib.layer_location(cfg, i)
+    slot, idx = stack.layer_location(cfg, i)
     entries = _COMMON + (_LINEAR_ATTN if layer_type == LINEAR
                          else _full_attn(cfg.attention_bias))
     for suffix, sub, layout in entries:

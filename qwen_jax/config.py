@@ -1,8 +1,9 @@
-"""Model configuration: `QwenConfig`, presets and layer-pattern helpers.
+"""Model configuration: `QwenConfig` and the presets.
 
-The layer schedule is data (`QwenConfig.layer_types`), never `i % 4` in a
-module. `layer_types_from_ratio` builds the schedule for attention-ratio
-studies (3:1 is Qwen3.5; "all-full" and "all-linear" work too).
+The layer schedule is data (`QwenConfig.layer_types`, built with the
+helpers of `qwen_jax.layer_pattern`, re-exported here), never `i % 4` in a
+module. Hugging Face config.json translation lives in `qwen_jax.hf_config`;
+`QwenConfig.from_hf_config`, `to_hf_dict` and `to_hf_config` call it.
 
 Example:
   cfg = QwenConfig.from_preset("qwen3.5-0.8b")
@@ -13,29 +14,27 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import numbers
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-LINEAR = "linear_attention"
-FULL = "full_attention"
-_LAYER_KINDS = (LINEAR, FULL)
+from qwen_jax import hf_config
+# Re-exported: the package and its scripts import these from here.
+# pylint: disable=unused-import
+from qwen_jax.checks import check_int, is_int, is_real
+from qwen_jax.layer_pattern import FULL, LAYER_KINDS, LINEAR
+from qwen_jax.layer_pattern import find_period
+from qwen_jax.layer_pattern import layer_types_from_interval
+from qwen_jax.layer_pattern import layer_types_from_ratio
+# pylint: enable=unused-import
 
-# model_type values whose text path we implement.
-TEXT_MODEL_TYPE = "qwen3_5_text"
-VLM_MODEL_TYPE = "qwen3_5"
-SUPPORTED_MODEL_TYPES = (TEXT_MODEL_TYPE, VLM_MODEL_TYPE)
-
-# transformers falls back to this theta when `rope_theta` is absent.
-HF_DEFAULT_ROPE_THETA = 10000.0
-
-# QwenConfig fields that change how, not what, is computed (the fields after
-# "Implementation choices" in `QwenConfig`): the only fields
-# `load_hf_checkpoint` lets a caller override.
+# The QwenConfig fields that change how the model is computed, not what it
+# computes (the fields after "Implementation choices" in `QwenConfig`):
+# precision, the layout of the layer stack, rematerialisation and the
+# kernels. Configs that differ only in these compute the same function (up
+# to rounding) from the same weights, so `load_hf_checkpoint` lets a caller
+# override these fields and no others.
 IMPLEMENTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
                          "gdr_implementation", "gdr_interpret",
                          "gdr_chunk_size", "gdr_block_sizes",
@@ -53,177 +52,6 @@ _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
 _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "scan_layers",
                 "gdr_interpret")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-# The value predicates of the whole package (configs, data, training and the
-# experiment scripts): a bool is an int to Python, never to a check here.
-def is_int(x: Any) -> bool:
-  """A Python or NumPy integer, not a bool."""
-  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
-def is_real(x: Any) -> bool:
-  """An int or float (Python or NumPy), not a bool."""
-  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-  """Raises ValueError naming `name` unless `value` is an int >= low."""
-  if not is_int(value) or value < low:
-    raise ValueError(f"{name}: expected an int >= {low}, found {value!r}")
-
-
-def layer_types_from_ratio(ratio: str | tuple[int, int],
-                           num_layers: int) -> tuple[str, ...]:
-  """Builds a layer schedule from a `linear:full` ratio.
-
-  "3:1" gives [lin, lin, lin, full] repeated (full attention closes every
-  group, as in Qwen3.5); "0:1" or "all-full" is all attention, "1:0" or
-  "all-linear" is all Gated DeltaNet.
-
-  Args:
-    ratio: "L:F", (L, F), "all-full" or "all-linear".
-    num_layers: total number of layers; must be a multiple of L + F.
-
-  Returns:
-    A tuple of "linear_attention" / "full_attention" of length num_layers.
-  """
-  if isinstance(ratio, str):
-    name = ratio.strip().lower()
-    if name in ("all-full", "all_full", "full"):
-      lin, full = 0, 1
-    elif name in ("all-linear", "all_linear", "linear"):
-      lin, full = 1, 0
-    else:
-      try:
-        lin, full = (int(x) for x in name.split(":"))
-      except ValueError:
-        raise ValueError(
-            f"ratio: expected 'linear:full' such as '3:1', 'all-full' or "
-            f"'all-linear', found {ratio!r}") from None
-  else:
-    if (not isinstance(ratio, (tuple, list)) or len(ratio) != 2 or
-        not all(is_int(x) for x in ratio)):
-      raise ValueError(
-          f"ratio: expected 'linear:full' such as '3:1', 'all-full', "
-          f"'all-linear' or a pair of integer counts (L, F), found {ratio!r}")
-    lin, full = (int(x) for x in ratio)
-  if lin < 0 or full < 0 or lin + full == 0:
-    raise ValueError(f"ratio: expected non-negative counts, not both zero; "
-                     f"found {lin}:{full}")
-  period = lin + full
-  if not is_int(num_layers):
-    raise ValueError(f"num_layers: expected a positive integer, found "
-                     f"{num_layers!r}")
-  if num_layers < 1 or num_layers % period:
-    raise ValueError(
-        f"num_layers: expected a positive multiple of the ratio period "
-        f"{period} "
-        f"({lin}:{full}), found {num_layers}")
-  group = (LINEAR,) * lin + (FULL,) * full
-  return group * (num_layers // period)
-
-
-def layer_types_from_interval(interval: int,
-                              num_layers: int) -> tuple[str, ...]:
-  """transformers' rule: layer i is full attention iff (i + 1) % interval == 0."""
-  if not is_int(interval) or interval < 1:
-    raise ValueError(f"full_attention_interval: expected a positive integer, "
-                     f"found {interval!r}")
-  if not is_int(num_layers) or num_layers < 0:
-    raise ValueError(f"num_layers: expected a non-negative integer, found "
-                     f"{num_layers!r}")
-  return tuple(FULL if (i + 1) % interval == 0 else LINEAR
-               for i in range(num_layers))
-
-
-def read_json_object(path: str) -> dict[str, Any]:
-  """The JSON object in the file `path` (config.json, an index).
-
-  Raises:
-    ValueError: naming the file, when it is not valid JSON or holds
-      something other than an object.
-  """
-  with open(path) as f:
-    try:
-      d = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-      raise ValueError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object, found a JSON "
-                     f"{type(d).__name__}")
-  return d
-
-
-def read_hf_config(hf: Any) -> dict[str, Any]:
-  """The top-level config dict of a transformers config, a dict or a path.
-
-  Args:
-    hf: a transformers config object, a config.json dict, the path of a
-      config.json or of the folder that holds it.
-
-  Returns:
-    A new dict (the caller may change it).
-
-  Raises:
-    ValueError: a file that is not valid JSON, or not a JSON object.
-  """
-  path = _config_json_path(hf)
-  if path is not None:
-    return read_json_object(path)
-  if isinstance(hf, Mapping):
-    return dict(hf)
-  return hf.to_dict()
-
-
-def hf_text_config(d: Mapping[str, Any]) -> dict[str, Any]:
-  """The text model's part of a top-level HF config dict.
-
-  "qwen3_5_text" is the dict itself; the multimodal "qwen3_5" keeps it in
-  `text_config` (its top-level tie_word_embeddings is merged in).
-
-  Raises:
-    ValueError: an unsupported model_type, or a "qwen3_5" config without a
-      text_config object.
-  """
-  model_type = d.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES},"
-                     f" found {model_type!r}")
-  if model_type != VLM_MODEL_TYPE:
-    return dict(d)
-  text = d.get("text_config")
-  if not isinstance(text, Mapping):
-    raise ValueError(
-        f"text_config: model_type {VLM_MODEL_TYPE!r} needs a text_config "
-        f"object with the text model's fields, found {text!r}")
-  text = dict(text)
-  top = d.get("tie_word_embeddings")
-  if top is not None:
-    inner = text.get("tie_word_embeddings", False)
-    # Either flag ties (as transformers' wrapper does); a non-bool is left
-    # for QwenConfig.validate to name.
-    text["tie_word_embeddings"] = (
-        bool(top or inner) if isinstance(top, bool) and isinstance(
-            inner, bool) else top)
-  return text
-
-
-def _config_json_path(hf: Any) -> str | None:
-  """The config.json path that `read_hf_config(hf)` reads, if a path."""
-  if not isinstance(hf, (str, os.PathLike)):
-    return None
-  path = os.fspath(hf)
-  return os.path.join(path, "config.json") if os.path.isdir(path) else path
-
-
-def find_period(layer_types: Sequence[str]) -> int:
-  """Smallest p such that the schedule is a repetition of its first p."""
-  n = len(layer_types)
-  for p in range(1, n + 1):
-    if n % p == 0 and tuple(layer_types) == tuple(layer_types[:p]) * (n // p):
-      return p
-  return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,9 +96,9 @@ class QwenConfig:
       `BlockSizes.from_spec` string over the backend's defaults, e.g.
       "bwd_block=4096" (the backward in blocks: less memory),
       "output_in_state=True" or the preset "lean" (no per-chunk states
-      stored, the issue's memory bound from 32k tokens; `block_sizes.
-      PRESETS`); "" for the defaults. Used only where the Pallas kernels
-      run.
+      stored: from 32k tokens a forward+backward holds fewer bytes than the
+      per-chunk states alone would; `block_sizes.PRESETS`); "" for the
+      defaults. Used only where the Pallas kernels run.
     attention_implementation: "xla" or "cudnn" (jax.nn.dot_product_attention).
   """
 
@@ -372,8 +200,8 @@ class QwenConfig:
       bad("layer_types", f"length num_hidden_layers={self.num_hidden_layers}",
           f"length {len(self.layer_types)}")
     for t in self.layer_types:
-      if t not in _LAYER_KINDS:
-        bad("layer_types", f"entries in {_LAYER_KINDS}", t)
+      if t not in LAYER_KINDS:
+        bad("layer_types", f"entries in {LAYER_KINDS}", t)
     if self.rope_theta <= 0:
       bad("rope_theta", "a RoPE base > 0", self.rope_theta)
     if self.rms_norm_eps < 0:
@@ -483,100 +311,22 @@ class QwenConfig:
 
     Accepts model_type "qwen3_5_text" and the multimodal "qwen3_5" (whose
     text part sits in `text_config`). Fields absent from the config take
-    QwenConfig's defaults (the 9B model's).
+    QwenConfig's defaults (the 9B model's). See `hf_config.config_from_hf`.
 
     Raises:
       ValueError: invalid JSON, an unsupported model_type or rope_type, a
         "qwen3_5" config without text_config, or a bad field value (the
         message names the field, and the file when `hf` is a path).
     """
-    d = hf_text_config(read_hf_config(hf))
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if not isinstance(rope, Mapping):
-      raise ValueError(f"rope_parameters: expected an object, found {rope!r}")
-    rope = dict(rope)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-      raise ValueError(f"rope_parameters.rope_type: expected 'default', "
-                       f"found {rope_type!r}")
-    theta = rope.get("rope_theta", d.get("rope_theta", HF_DEFAULT_ROPE_THETA))
-    prf = rope.get("partial_rotary_factor",
-                   d.get("partial_rotary_factor", 0.25))
-    for name, x in (("rope_theta", theta), ("partial_rotary_factor", prf)):
-      if not is_real(x):
-        raise ValueError(f"{name}: expected a real number, found {x!r}")
-    n = d.get("num_hidden_layers", 32)
-    if not is_int(n) or n < 1:
-      raise ValueError(f"num_hidden_layers: expected a positive integer, "
-                       f"found {n!r}")
-    layer_types = d.get("layer_types")
-    if layer_types is None:
-      layer_types = layer_types_from_interval(
-          d.get("full_attention_interval", 4), n)
-    elif isinstance(layer_types, str):
-      raise ValueError(f"layer_types: expected a list of layer type names, "
-                       f"found {layer_types!r}")
-    kw = {}
-    for f in dataclasses.fields(cls):
-      if f.name in d and f.name not in ("layer_types", "rope_theta",
-                                        "partial_rotary_factor", "dtype"):
-        kw[f.name] = d[f.name]
-    kw.update(layer_types=tuple(layer_types), rope_theta=float(theta),
-              partial_rotary_factor=float(prf), num_hidden_layers=n)
-    kw.update(overrides)
-    try:
-      return cls(**kw)
-    except ValueError as e:
-      path = _config_json_path(hf)
-      if path is None or str(e).split(":", 1)[0] in overrides:
-        raise
-      raise ValueError(f"{e} (in {path})") from e
+    return hf_config.config_from_hf(cls, hf, overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """config.json contents for transformers' `Qwen3_5ForCausalLM`."""
-    d = {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": TEXT_MODEL_TYPE,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "layer_types": list(self.layer_types),
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "linear_num_key_heads": self.linear_num_key_heads,
-        "linear_num_value_heads": self.linear_num_value_heads,
-        "linear_key_head_dim": self.linear_key_head_dim,
-        "linear_value_head_dim": self.linear_value_head_dim,
-        "linear_conv_kernel_dim": self.linear_conv_kernel_dim,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": self.rope_theta,
-            "partial_rotary_factor": self.partial_rotary_factor,
-        },
-        "max_position_embeddings": self.max_position_embeddings,
-        "attention_bias": self.attention_bias,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "hidden_act": self.hidden_act,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": (list(self.eos_token_id)
-                         if isinstance(self.eos_token_id, tuple)
-                         else self.eos_token_id),
-        "pad_token_id": self.pad_token_id,
-        "dtype": self.param_dtype,
-    }
-    return d
+    return hf_config.to_hf_dict(self)
 
   def to_hf_config(self):
     """transformers' `Qwen3_5TextConfig` (needs the [hf] extra)."""
-    import transformers  # pylint: disable=g-import-not-at-top
-    d = self.to_hf_dict()
-    d.pop("architectures")
-    d.pop("model_type")
-    d.pop("dtype")
-    return transformers.Qwen3_5TextConfig(**d)
+    return hf_config.to_hf_config(self)
 
   # ---------------------------------------------------------------- numbers
   def num_params(self) -> int:
@@ -616,7 +366,8 @@ def _qwen35(hidden, layers, inter, heads, kv_heads, v_heads, tied):
       tie_word_embeddings=tied, eos_token_id=248044)
 
 
-# Released hyperparameters (../shared/QWEN35_SPEC.md §1.3 gives the sources).
+# The published models' hyperparameters, as their config.json files give
+# them (the Qwen3.5 0.8B, 2B, 4B and 9B checkpoints).
 PRESETS: dict[str, QwenConfig] = {
     "qwen3.5-0.8b": _qwen35(1024, 24, 3584, 8, 2, 16, True),
     "qwen3.5-2b": _qwen35(2048, 24, 6144, 8, 2, 16, True),

@@ -21,7 +21,8 @@ kernel take: tokens of different documents never attend to or pass state to
 each other, and the loss never predicts across a boundary.
 
 Every batch is a pure function of (seed, step): a run restarted from a
-checkpoint sees exactly the batches it would have seen.
+checkpoint sees exactly the batches it would have seen. `check_batch` is the
+one check of the batch format, used by training and the sharded programs.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax.config import check_int as _check_int
@@ -39,6 +41,68 @@ Batch = dict[str, np.ndarray]
 
 PAD = 0
 BYTE_VOCAB = 256
+
+
+# ------------------------------------------------------------ batch format
+BATCH_KEYS = ("inputs", "targets")
+OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask")
+
+
+def _is_host_array(x: Any) -> bool:
+  """A concrete host value (NumPy): checking its values costs no device
+  sync (tracers and device arrays are not read)."""
+  return isinstance(x, (np.ndarray, np.generic))
+
+
+def check_batch(batch: Mapping[str, Any],
+                vocab_size: int | None = None) -> None:
+  """Raises a ValueError naming what is wrong with a batch.
+
+  Every batch in the project (data generators, training, the sharded
+  programs) is a dict with "inputs" and "targets" [b, t] (integer token
+  ids) and optionally "loss_mask", "segment_ids", "attention_mask" [b, t],
+  with b >= 1 and t >= 1. Keys, shapes and dtypes are checked always (they
+  are static, so this also works on tracers inside jit, at no cost). With
+  `vocab_size`, the ids of "inputs" and "targets" are checked to lie in
+  [0, vocab_size) when they are NumPy arrays (values on the host): device
+  arrays and tracers are not read, so the check never syncs (`train` and
+  `evaluate` call it on the host batches before the compiled step).
+  """
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_BATCH_KEYS))
+  if missing or unknown:
+    raise ValueError(
+        f"batch: expected keys {BATCH_KEYS} and optionally "
+        f"{OPTIONAL_BATCH_KEYS}; missing {missing}, unknown {unknown}")
+  shape = tuple(np.shape(batch["inputs"]))
+  if len(shape) != 2:
+    raise ValueError(f"batch: expected inputs of shape [b, t], found shape "
+                     f"{shape}")
+  if shape[0] < 1 or shape[1] < 1:
+    raise ValueError(f"batch: expected at least one row and one token "
+                     f"(inputs [b, t] with b, t >= 1), found shape {shape}")
+  for key, value in batch.items():
+    if value is None and key in OPTIONAL_BATCH_KEYS:
+      continue
+    found = tuple(np.shape(value))
+    if found != shape:
+      raise ValueError(f"batch: expected {key} of the inputs' shape "
+                       f"{shape}, found {found}")
+  for key in BATCH_KEYS:
+    value = batch[key]
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(value).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer)
+            and not jnp.issubdtype(dtype, jnp.bool_)):
+      raise ValueError(f"batch: expected integer token ids in {key}, found "
+                       f"dtype {dtype}")
+    if vocab_size is not None and _is_host_array(value) and value.size:
+      lo, hi = int(value.min()), int(value.max())
+      if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"batch: expected {key} ids in [0, {vocab_size}) "
+                         f"(the model's vocab_size), found ids from {lo} "
+                         f"to {hi}")
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:

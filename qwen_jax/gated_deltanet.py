@@ -10,11 +10,17 @@
   o_t        = S_t^T q_t / sqrt(dk)            (value head j reads key head
                                                 j // (hv / hk))
   y          = (GatedRMSNorm(o, z)) W_out
+
+Decoding cache (`GatedDeltaNet.init_cache`), of a fixed size whatever the
+context length: the last K-1 inputs of the conv, {"conv": [b, K-1,
+conv_dim]}, and the recurrent state {"state": [b, hv, dk, dv]}, always
+float32 (it integrates over the whole context; bf16 would drift).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,6 +33,8 @@ from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 
 L2_EPS = 1e-6  # hard-coded in transformers and flash-linear-attention
+# dtype of the cached recurrent state, whatever the compute dtype.
+STATE_DTYPE = jnp.float32
 
 
 def l2_normalize(x: Array, eps: float = L2_EPS) -> Array:
@@ -42,6 +50,34 @@ class GatedDeltaNet(nn.Module):
     cfg: the model config.
   """
   cfg: QwenConfig
+
+  @staticmethod
+  def cache_shapes(cfg: QwenConfig, batch: int, dtype: Any = None
+                   ) -> PyTree:
+    """This layer's cache as `jax.ShapeDtypeStruct`s (nothing allocated).
+
+    Args:
+      cfg: the model config.
+      batch: sequences decoded together.
+      dtype: dtype of the conv inputs; default cfg.dtype (the state is
+        STATE_DTYPE whatever this says).
+
+    Returns:
+      {"conv": [batch, K-1, conv_dim], "state": [batch, hv, dk, dv]}.
+    """
+    dt = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    sds = jax.ShapeDtypeStruct
+    conv = (batch, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim)
+    state = (batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+             cfg.linear_value_head_dim)
+    return {"conv": sds(conv, dt), "state": sds(state, STATE_DTYPE)}
+
+  @staticmethod
+  def init_cache(cfg: QwenConfig, batch: int, dtype: Any = None) -> PyTree:
+    """A zero cache of `cache_shapes(cfg, batch, dtype)`."""
+    return jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        GatedDeltaNet.cache_shapes(cfg, batch, dtype))
 
   @nn.compact
   def __call__(self, x: Array, attention_mask: Array | None = None,

@@ -30,8 +30,8 @@ Example:
   cfg, params = qwen_jax.load_hf_checkpoint(path)
   new = qwen_jax.generate(cfg, params, prompt_ids, max_new_tokens=32)
 
-`qwen_jax.generate` is the function (DESIGN §3), which hides this module's
-name on the package; import the other names with
+`qwen_jax.generate` is the function (the package's public API), which hides
+this module's name on the package; import the other names with
 `from qwen_jax.generate import prefill, decode_step, stream`.
 """
 
@@ -40,12 +40,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import cache as cache_lib
+from qwen_jax import head
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
@@ -131,15 +131,11 @@ def _step_key(seed_key: Array, step: Array) -> Array:
 
 # -------------------------------------------------------- model entry points
 def _head(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
-  """Logits [b, V] (float32) from final normalised hidden states [b, d]."""
-  dtype = jnp.dtype(cfg.dtype)
-  if cfg.tie_word_embeddings:
-    w = nn.meta.unbox(params["embed_tokens"]["embedding"]).astype(dtype)
-    logits = jnp.einsum("bd,vd->bv", hidden.astype(dtype), w)
-  else:
-    w = nn.meta.unbox(params["lm_head"]["kernel"]).astype(dtype)
-    logits = jnp.einsum("bd,dv->bv", hidden.astype(dtype), w)
-  return logits.astype(jnp.float32)
+  """Logits [b, V] (float32) from final normalised hidden states [b, d],
+  computed in cfg.dtype as the model's forward computes them."""
+  w, vocab_major = head.head_weights(cfg, params)
+  return head.lm_logits(hidden, w, vocab_major, jnp.dtype(cfg.dtype),
+                        accumulate=False).astype(jnp.float32)
 
 
 def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,

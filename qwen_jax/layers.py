@@ -1,7 +1,8 @@
 """Building blocks: norms, the causal depthwise conv, partial RoPE, Dense.
 
-Numerics follow transformers' Qwen3.5 (../shared/QWEN35_SPEC.md §2.3, §2.4,
-§2.5 step 4, §2.6 step 3): norms compute in float32 and cast back at the end.
+Numerics follow transformers' Qwen3.5 (models/qwen3_5/modeling_qwen3_5.py:
+Qwen3_5RMSNorm, Qwen3_5RMSNormGated, causal_conv1d_forward,
+apply_rotary_pos_emb): norms compute in float32 and cast back at the end.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ Parameter tree (`params`):
   norm/weight [d]
   lm_head/kernel [d, vocab]  (absent when tied)
 
-`layer_location(cfg, i)` maps layer i to its place in that tree; the
-checkpoint converter and the caches use it, so nothing else needs to know
-whether the stack was scanned.
+`qwen_jax.stack` holds that layout (`layer_location(cfg, i)` maps layer i to
+its place in the tree); the checkpoint converter and the cache read it there,
+so nothing else needs to know whether the stack was scanned.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import cache as cache_lib
 from qwen_jax import layers
+from qwen_jax import stack
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.attention import GatedAttention
 from qwen_jax.config import FULL, LINEAR, QwenConfig
@@ -40,27 +42,6 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def is_scanned(cfg: QwenConfig) -> bool:
-  """Whether the stack is a scan over repeated periods."""
-  return cfg.scan_layers and cfg.num_periods > 1
-
-
-def layer_location(cfg: QwenConfig, i: int) -> tuple[str, int | None]:
-  """(name under params['layers'], index on the leading axis or None)."""
-  if not 0 <= i < cfg.num_hidden_layers:
-    raise ValueError(f"layer index: expected 0 <= i < "
-                     f"{cfg.num_hidden_layers}, found {i}")
-  if is_scanned(cfg):
-    return f"layer_{i % cfg.period}", i // cfg.period
-  return f"layer_{i}", None
-
-
-def stack_slots(cfg: QwenConfig) -> list[tuple[str, str]]:
-  """(name, layer type) of each entry under params['layers']."""
-  n = cfg.period if is_scanned(cfg) else cfg.num_hidden_layers
-  return [(f"layer_{j}", cfg.layer_types[j]) for j in range(n)]
 
 
 def _to_array(name: str, x: Any) -> Any:
@@ -211,7 +192,7 @@ def _maybe_remat(cfg: QwenConfig, module_cls, scanned: bool):
 
 
 class Period(nn.Module):
-  """The layers under params['layers'] (see `stack_slots`).
+  """The layers under params['layers'] (see `stack.stack_slots`).
 
   Scanned: one repeating group, the scan body (carries x, maps over the
   per-period caches). Unscanned: every layer of the model.
@@ -226,7 +207,7 @@ class Period(nn.Module):
                segment_ids):
     block = _maybe_remat(self.cfg, DecoderLayer, scanned=True)
     new_cache = {} if cache is not None else None
-    for name, layer_type in stack_slots(self.cfg):
+    for name, layer_type in stack.stack_slots(self.cfg):
       c = None if cache is None else cache[name]
       x, c = block(self.cfg, layer_type, name=name)(
           x, positions, attention_mask, c, cache_index, segment_ids)
@@ -320,7 +301,6 @@ class Qwen35(nn.Module):
     segment_ids = _to_array("segment_ids", segment_ids)
     cache_index = None
     if cache is not None:
-      from qwen_jax import cache as cache_lib  # pylint: disable=g-import-not-at-top
       s = cache_lib.check_cache(cfg, cache, b)
       cache_index = cache["index"]
       index_dtype = getattr(cache_index, "dtype", None)
@@ -402,7 +382,7 @@ class Qwen35(nn.Module):
 
     layer_cache = None if cache is None else cache["layers"]
     new_layers = None
-    if is_scanned(cfg):
+    if stack.is_scanned(cfg):
       scan = nn.scan(
           _maybe_remat(cfg, Period, scanned=True),
           variable_axes={"params": 0},

@@ -43,10 +43,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_jax import cache as cache_lib
+from qwen_jax import head
 from qwen_jax import sequence_parallel
-from qwen_jax import train as train_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
+from qwen_jax.data import check_batch
 from qwen_jax.model import Qwen35
 
 AXES = ("data", "fsdp", "tensor", "seq")
@@ -298,21 +299,14 @@ def activate(mesh: Mesh, sequence_parallel_options: Mapping[str, Any] | None
     yield
 
 
-# --------------------------------------------------------------- the head
-def lm_head_weight(cfg: QwenConfig, params: PyTree) -> Array:
-  """[d, vocab] output projection (the embedding's transpose when tied)."""
-  if cfg.tie_word_embeddings:
-    return params["embed_tokens"]["embedding"].T
-  return params["lm_head"]["kernel"]
-
-
+# --------------------------------------------------------------- the loss
 def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
                     targets: Array, loss_mask: Array | None = None,
                     chunk: int = 1024, mesh: Mesh | None = None
                     ) -> tuple[Array, Array]:
   """Summed next-token cross-entropy without materialising [t, vocab].
 
-  `qwen_jax.train.chunked_cross_entropy` (chunks of tokens, float32 logits
+  `qwen_jax.head.chunked_cross_entropy` (chunks of tokens, float32 logits
   of one chunk at a time, rematerialised for the backward pass), run on
   the whole batch, or on each device's own tokens inside a `jax.shard_map`
   over `mesh`. Sharded, the head weight is gathered once, before the chunk
@@ -334,26 +328,29 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
     (sum of losses, sum of weights), float32 scalars.
   """
   b, t, _ = hidden.shape
-  w = lm_head_weight(cfg, params).astype(hidden.dtype)
+  w, vocab_major = head.head_weights(cfg, params)
+  w = w.astype(hidden.dtype)
   if loss_mask is None:
     loss_mask = jnp.ones((b, t), jnp.float32)
   loss_mask = loss_mask.astype(jnp.float32)
-  ce = functools.partial(train_lib.chunked_cross_entropy, vocab_major=False,
+  ce = functools.partial(head.chunked_cross_entropy, vocab_major=vocab_major,
                          chunk_size=chunk)
   if mesh is None:
     return ce(hidden, w, targets, loss_mask)[:2]
 
   hs = fit_spec(("batch", "seq", None), hidden.shape, mesh)
-  ws = fit_spec((None, "vocab"), w.shape, mesh)
+  v = 0 if vocab_major else 1  # the vocabulary's axis in w
+  ws = fit_spec(("vocab", None) if vocab_major else (None, "vocab"), w.shape,
+                mesh)
   ms = P(hs[0], hs[1])
   token_axes = tuple(a for e in (hs[0], hs[1]) if e is not None
                      for a in ((e,) if isinstance(e, str) else e))
-  vocab_axis = ws[1]
+  vocab_axis = ws[v]
 
   def body(w, h, tgt, m):
     offset = 0
     if vocab_axis is not None:
-      offset = jax.lax.axis_index(vocab_axis) * w.shape[1]
+      offset = jax.lax.axis_index(vocab_axis) * w.shape[v]
     total, count, _ = ce(h, w, tgt, m, vocab_axis=vocab_axis,
                          vocab_offset=offset)
     if token_axes:
@@ -375,9 +372,9 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
   """Mean next-token cross-entropy of a batch (unsharded or inside SP).
 
   batch: "inputs" [b, t]; "targets" [b, t]; optional "loss_mask",
-  "attention_mask", "segment_ids" [b, t] (`train.check_batch`).
+  "attention_mask", "segment_ids" [b, t] (`data.check_batch`).
   """
-  train_lib.check_batch(batch)
+  check_batch(batch)
   _, hidden = Qwen35(cfg).apply(
       {"params": params}, batch["inputs"],
       attention_mask=batch.get("attention_mask"),
@@ -388,6 +385,12 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
 
 
 # --------------------------------------------------------------- programs
+def _last_logits(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
+  """[b, vocab] logits of the last position, float32 accumulation."""
+  w, vocab_major = head.head_weights(cfg, params)
+  return head.lm_logits(hidden[:, -1], w, vocab_major, hidden.dtype)
+
+
 def _sp_args(mesh: Mesh, sequence_parallel_on: bool,
              options: Mapping[str, Any] | None):
   return dict(sequence_parallel_options=options,
@@ -430,9 +433,7 @@ def make_forward(cfg: QwenConfig, mesh: Mesh, logits: str = "all",
         return out
       if logits == "hidden":
         return hidden
-      return jnp.einsum("bd,dv->bv", hidden[:, -1],
-                        lm_head_weight(cfg, params).astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+      return _last_logits(cfg, params, hidden)
 
   def bsh(x):
     return None if x is None else batch_sharding(mesh, x.shape)
@@ -503,9 +504,7 @@ def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
       _, new_cache, hidden = model.apply(
           {"params": params}, input_ids, attention_mask=attention_mask,
           cache=cache, return_hidden=True)
-      last = jnp.einsum("bd,dv->bv", hidden[:, -1],
-                        lm_head_weight(cfg, params).astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+      last = _last_logits(cfg, params, hidden)
     return last, new_cache
 
   def jitted(input_ids, attention_mask):

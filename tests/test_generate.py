@@ -7,6 +7,8 @@
     (unpadded, and a left-padded batch);
   * a left-padded batch gives what each prompt gives alone;
   * `cache_bytes` equals the bytes `init_cache` allocates;
+  * each mixer alone, fed one token at a time from its own `init_cache`,
+    gives its output over the whole sequence;
   * sampling rules, seeds, stop tokens, streaming, and input errors
     (`generate`, and `prefill` / `decode_step`: ids outside the vocabulary,
     a cache of another config or batch, decoding past the cache's end);
@@ -34,6 +36,9 @@ import torch
 
 import qwen_jax
 from qwen_jax import cache as cache_lib
+from qwen_jax import stack
+from qwen_jax.attention import GatedAttention
+from qwen_jax.gated_deltanet import GatedDeltaNet
 from qwen_jax.generate import decode_step
 from qwen_jax.generate import prefill
 from qwen_jax.generate import sample_logits
@@ -103,7 +108,7 @@ def _left_padded(prompts, pad=0):
                                       ("all_full", True)])
 def test_prefill_then_decode_equals_forward(key, scan):
   cfg, params = _loaded(key, scan)
-  assert qwen_jax.model.is_scanned(cfg) == (scan and cfg.num_periods > 1)
+  assert stack.is_scanned(cfg) == (scan and cfg.num_periods > 1)
   b, t_prompt, t_total, block = 2, 70, 140, 64  # blocks of 64 + 6
   ids = hf_utils.random_ids(np.random.default_rng(0), b, t_total, VOCAB)
   mask = np.ones((b, t_total), np.int32)
@@ -274,6 +279,36 @@ def test_sample_logits_rules():
 
 
 # ------------------------------------------------------------------- caches
+@pytest.mark.parametrize("mixer", [GatedAttention, GatedDeltaNet])
+def test_each_mixer_decodes_from_its_own_cache(mixer):
+  cfg = qwen_jax.QwenConfig.from_preset("tiny")
+  b, t = 2, 6
+  kx, kp = jax.random.split(jax.random.PRNGKey(5))
+  x = jax.random.normal(kx, (b, t, cfg.hidden_size), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  layer = mixer(cfg)
+  if mixer is GatedAttention:
+    params = layer.init(kp, x, pos)
+    full, _ = layer.apply(params, x, pos)
+    cache = GatedAttention.init_cache(cfg, b, t)
+    shapes = GatedAttention.cache_shapes(cfg, b, t)
+    step = lambda i, c: layer.apply(  # pylint: disable=g-long-lambda
+        params, x[:, i:i + 1], pos[:, i:i + 1], None, c, jnp.int32(i))
+  else:
+    params = layer.init(kp, x)
+    full, _ = layer.apply(params, x)
+    cache = GatedDeltaNet.init_cache(cfg, b)
+    shapes = GatedDeltaNet.cache_shapes(cfg, b)
+    step = lambda i, c: layer.apply(params, x[:, i:i + 1], None, c)
+  assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), cache) == (
+      jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes))
+  outs = []
+  for i in range(t):  # one token at a time, from the zero cache
+    y, cache = step(i, cache)
+    outs.append(y)
+  tolerances.assert_close(jnp.concatenate(outs, axis=1), full, jnp.float32)
+
+
 @pytest.mark.parametrize("pattern,layers,scan,dtype", [
     ("3:1", 8, True, None), ("3:1", 8, False, "bfloat16"),
     ("all-linear", 3, True, None), ("all-full", 2, True, "bfloat16"),
@@ -291,7 +326,7 @@ def test_cache_bytes_equals_allocation(pattern, layers, scan, dtype):
   itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
   assert parts["kv"] == n_full * 2 * 3 * 40 * 2 * 32 * itemsize
   for leaf in jax.tree_util.tree_leaves(cache["layers"]):
-    lead = (cfg.num_periods,) if qwen_jax.model.is_scanned(cfg) else ()
+    lead = (cfg.num_periods,) if stack.is_scanned(cfg) else ()
     assert leaf.shape[:len(lead) + 1] == lead + (3,)
   states = [x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]
             if p[-1].key == "state"]

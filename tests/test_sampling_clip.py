@@ -30,9 +30,9 @@ from transformers.generation import logits_process
 
 from qwen_jax.generate import Sampler
 from qwen_jax.generate import sample_logits
-from qwen_jax.train import TrainConfig
-from qwen_jax.train import learning_rate_schedule
-from qwen_jax.train import make_optimizer
+from qwen_jax.train_step import TrainConfig
+from qwen_jax.train_step import learning_rate_schedule
+from qwen_jax.train_step import make_optimizer
 from tests import tolerances
 
 _DRAWS = 4096

@@ -2,7 +2,7 @@
 
 What is checked:
   * a few AdamW steps on one fixed batch lower the loss clearly;
-  * jax.grad of `train.loss_and_stats` (whole model, float64 parameters)
+  * jax.grad of `train_step.loss_and_stats` (whole model, float64 parameters)
     matches central finite differences along random directions and for
     single entries of a norm weight, A_log, dt_bias, a conv kernel and the
     embedding;
@@ -46,10 +46,13 @@ from experiments.configs import mqar as mqar_config
 from experiments.configs import qwen3_5_0_8b as qwen08b_config
 from experiments.configs import text as text_config
 from qwen_jax import data
+from qwen_jax import head
 from qwen_jax import sharding
+from qwen_jax import stack
 from qwen_jax import train
+from qwen_jax import train_checkpoint
+from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR, QwenConfig
-from qwen_jax import model as model_lib
 from qwen_jax.model import Qwen35
 from tests import tolerances
 
@@ -95,7 +98,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
            "loss_mask": np.ones((tcfg.batch_size, tcfg.seq_len), np.float32),
            "segment_ids": np.ones((tcfg.batch_size, tcfg.seq_len),
                                   np.int32)}
-  params = train.init_params(cfg, seed=7)
+  params = train_step.init_params(cfg, seed=7)
   before = jax.tree_util.tree_map(np.array, params)
   result = train.train(cfg, tcfg, lambda step: batch, params=params,
                        progress=False)
@@ -157,9 +160,9 @@ def test_a_batch_with_wrong_keys_is_refused_by_name(keys, named):
   _, cfg, _, _ = _local()
   ids = np.ones((1, 8), np.int32)
   batch = {k: ids for k in keys}
-  params = train.init_params(cfg, seed=0)
+  params = train_step.init_params(cfg, seed=0)
   with pytest.raises(ValueError, match=re.escape(named)):
-    train.loss_and_stats(params, cfg, batch)
+    train_step.loss_and_stats(params, cfg, batch)
   with pytest.raises(ValueError, match=re.escape(named)):
     sharding.loss_fn(cfg, params, batch)
 
@@ -185,7 +188,7 @@ def test_gradients_match_finite_differences():
         param_dtype="float64", gdr_implementation="chunked",
         gdr_chunk_size=4)  # 10 tokens: three chunks, the last one padded
     rng = np.random.default_rng(202)
-    shapes = jax.eval_shape(lambda: train.init_params(cfg))
+    shapes = jax.eval_shape(lambda: train_step.init_params(cfg))
     params = _randomize(shapes, rng)
     b, t = 2, 10
     seq = rng.integers(0, cfg.vocab_size, (b, t + 1))
@@ -199,7 +202,7 @@ def test_gradients_match_finite_differences():
     }
 
     def loss_fn(p):
-      return train.loss_and_stats(p, cfg, batch, chunk_size=7)[0]
+      return train_step.loss_and_stats(p, cfg, batch, chunk_size=7)[0]
 
     # One compiled program for the gradient and every difference quotient.
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn))
@@ -274,15 +277,16 @@ def test_scanned_remat_stack_gradients_match_finite_differences():
         linear_key_head_dim=8, linear_value_head_dim=8, dtype="float64",
         param_dtype="float64", gdr_implementation="chunked",
         gdr_chunk_size=4, scan_layers=True, remat_policy="full")
-    assert model_lib.is_scanned(cfg)
+    assert stack.is_scanned(cfg)
     rng = np.random.default_rng(303)
-    params = _randomize(jax.eval_shape(lambda: train.init_params(cfg)), rng)
+    params = _randomize(
+        jax.eval_shape(lambda: train_step.init_params(cfg)), rng)
     b, t = 2, 9
     seq = rng.integers(0, cfg.vocab_size, (b, t + 1))
     batch = {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
              "targets": jnp.asarray(seq[:, 1:], jnp.int32)}
     value_and_grad = jax.jit(jax.value_and_grad(
-        lambda p: train.loss_and_stats(p, cfg, batch)[0]))
+        lambda p: train_step.loss_and_stats(p, cfg, batch)[0]))
     grads = value_and_grad(params)[1]
     leaves = jax.tree_util.tree_leaves
     gnorm = np.sqrt(sum(float(jnp.sum(x * x)) for x in leaves(grads)))
@@ -322,7 +326,7 @@ def test_chunked_cross_entropy_equals_full_logits(vocab_major):
   spec = "btd,vd->btv" if vocab_major else "btd,dv->btv"
 
   def full(h, w):
-    return train.cross_entropy(jnp.einsum(spec, h, w), targets, mask)[0]
+    return head.cross_entropy(jnp.einsum(spec, h, w), targets, mask)[0]
 
   ref_loss, (ref_dh, ref_dw) = jax.jit(jax.value_and_grad(full, (0, 1)))(
       hidden, w)
@@ -333,7 +337,7 @@ def test_chunked_cross_entropy_equals_full_logits(vocab_major):
   # the automatic size (all 21 tokens here).
   for chunk in (1, 4, 7, 0):
     def chunked(h, w, chunk=chunk):
-      loss, tokens, correct = train.chunked_cross_entropy(
+      loss, tokens, correct = head.chunked_cross_entropy(
           h, w, targets, mask, vocab_major=vocab_major, chunk_size=chunk)
       return loss, (tokens, correct)
 
@@ -394,8 +398,11 @@ def test_restore_for_another_model_config_names_the_field(reference_run):
       ({"hidden_size": 48}, ["hidden_size"]),
       ({"layer_types": (FULL, LINEAR)}, ["layer_types"]),
       ({"vocab_size": 40, "tie_word_embeddings": False},
-       ["vocab_size", "tie_word_embeddings"])):
-    ckpt = train.Checkpointer(workdir, cfg.replace(**changes), tcfg)
+       ["vocab_size", "tie_word_embeddings"]),
+      # Implementation fields that fix the saved state's structure.
+      ({"scan_layers": not cfg.scan_layers}, ["scan_layers"]),
+      ({"param_dtype": "bfloat16"}, ["param_dtype"])):
+    ckpt = train_checkpoint.Checkpointer(workdir, cfg.replace(**changes), tcfg)
     try:
       with pytest.raises(ValueError) as err:
         ckpt.restore(ref.state)
@@ -406,7 +413,7 @@ def test_restore_for_another_model_config_names_the_field(reference_run):
     assert "num_hidden_layers" not in str(err.value)  # unchanged: not named
   # How the model is computed may change between save and restore.
   other = cfg.replace(remat_policy="full", gdr_implementation="recurrent")
-  ckpt = train.Checkpointer(workdir, other, tcfg)
+  ckpt = train_checkpoint.Checkpointer(workdir, other, tcfg)
   try:
     state = ckpt.restore(ref.state)
   finally:
@@ -421,7 +428,7 @@ def test_export_hf_loads_in_transformers(reference_run, tmp_path):
   _, _, _, ref, _ = reference_run
   cfg, params = ref.cfg, ref.state.params
   path = str(tmp_path / "hf")
-  train.export_hf(path, cfg, params)
+  train_checkpoint.export_hf(path, cfg, params)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       path, dtype=torch.float32).eval()
   ids = np.random.default_rng(404).integers(0, cfg.vocab_size, (2, 19))
@@ -798,23 +805,23 @@ _BAD_BATCH_NAMES = ("targets_short", "loss_mask_1d", "segment_ids_short",
 def test_a_bad_batch_is_refused_by_name(name):
   _, cfg, tcfg, task = _local()
   good = task.batch_fn(0)
-  train.check_batch(good, cfg.vocab_size)
+  data.check_batch(good, cfg.vocab_size)
   (batch, message), = [(b, m) for n, b, m in
                        _bad_batches(good, cfg.vocab_size) if n == name]
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.check_batch(batch, cfg.vocab_size)
-  params = train.init_params(cfg, seed=0)
+    data.check_batch(batch, cfg.vocab_size)
+  params = train_step.init_params(cfg, seed=0)
   # Before the compiled programs: evaluation, training, an eager loss.
   with pytest.raises(ValueError, match=re.escape(message)):
     train.evaluate(cfg, params, [batch])
   with pytest.raises(ValueError, match=re.escape(message)):
     train.train(cfg, tcfg, lambda step: batch, progress=False)
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.loss_and_stats(params, cfg, batch)
+    train_step.loss_and_stats(params, cfg, batch)
   # Traced (inside jit): keys, shapes and dtypes are static and checked;
   # ids are values, which are never read there (no host sync).
   trace = lambda: jax.eval_shape(  # pylint: disable=g-long-lambda
-      lambda p, b: train.loss_and_stats(p, cfg, b)[0], params, batch)
+      lambda p, b: train_step.loss_and_stats(p, cfg, b)[0], params, batch)
   if "vocab" in name or "negative" in name:
     trace()
   else:
@@ -854,7 +861,7 @@ def test_train_refuses_a_batch_of_another_shape(field, value, message):
 def test_evaluate_needs_a_batch():
   _, cfg, _, _ = _local()
   with pytest.raises(ValueError, match="batches: expected at least one"):
-    train.evaluate(cfg, train.init_params(cfg, 0), [])
+    train.evaluate(cfg, train_step.init_params(cfg, 0), [])
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -889,18 +896,18 @@ def test_evaluate_needs_a_batch():
 ])
 def test_train_config_rejects_bad_fields(kw, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.TrainConfig(**kw)
+    train_step.TrainConfig(**kw)
 
 
 def test_train_config_grad_clip_off():
   _, cfg, tcfg, _ = _local()
-  params = train.init_params(cfg, 0)
-  states = [train.make_optimizer(tcfg.replace(grad_clip=v)).init(params)
+  params = train_step.init_params(cfg, 0)
+  states = [train_step.make_optimizer(tcfg.replace(grad_clip=v)).init(params)
             for v in (None, 0.0, 1.0)]
   structure = [jax.tree_util.tree_structure(s) for s in states]
   assert structure[0] == structure[1] != structure[2]
   # Edge values that are valid.
-  train.TrainConfig(learning_rate=0.0, b1=0.0, min_lr_ratio=1.0,
+  train_step.TrainConfig(learning_rate=0.0, b1=0.0, min_lr_ratio=1.0,
                     grad_clip=None, num_steps=1, log_every=1)
 
 
@@ -918,10 +925,11 @@ def test_resume_with_clipping_switched_is_refused(reference_run):
     train.train(cfg, tcfg.replace(grad_clip=0.0), task.batch_fn, workdir,
                 progress=False)
   with pytest.raises(ValueError, match="grad_clip=None"):
-    train.check_resume(workdir, cfg, tcfg.replace(grad_clip=None))
+    train_checkpoint.check_resume(workdir, cfg, tcfg.replace(grad_clip=None))
   assert _metrics_csv(workdir) == before  # refused before writing
   # Another clip value keeps the state's structure: the resume works.
-  ckpt = train.Checkpointer(workdir, cfg, tcfg.replace(grad_clip=0.5))
+  ckpt = train_checkpoint.Checkpointer(workdir, cfg,
+                                      tcfg.replace(grad_clip=0.5))
   try:
     state = ckpt.restore(ref.state)
   finally:
@@ -940,13 +948,13 @@ def test_resume_past_num_steps_is_refused(reference_run, tmp_path):
     train.train(cfg, tcfg.replace(num_steps=8), task.batch_fn, workdir,
                 progress=False)
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.check_resume(workdir, cfg, tcfg.replace(num_steps=8))
+    train_checkpoint.check_resume(workdir, cfg, tcfg.replace(num_steps=8))
   assert _metrics_csv(workdir) == before
   # At the checkpoint's step or past it: resumes (nothing written here).
-  assert train.check_resume(workdir, cfg, tcfg) == tcfg.num_steps
-  assert train.check_resume(workdir, cfg,
+  assert train_checkpoint.check_resume(workdir, cfg, tcfg) == tcfg.num_steps
+  assert train_checkpoint.check_resume(workdir, cfg,
                             tcfg.replace(num_steps=20)) == tcfg.num_steps
-  assert train.check_resume(str(tmp_path), cfg, tcfg) is None
+  assert train_checkpoint.check_resume(str(tmp_path), cfg, tcfg) is None
   assert not os.listdir(tmp_path)
 
 

@@ -5,7 +5,7 @@ Each config file has `get_config(arg=None) -> ConfigDict` with four parts:
   model  preset name, `ratio` ("3:1", "1:1", "all-full", ...), and every
          architecture field of `QwenConfig` as a placeholder (None keeps the
          preset's value), so `--config.model.hidden_size=256` works.
-  train  every field of `qwen_jax.train.TrainConfig`.
+  train  every field of `qwen_jax.train_step.TrainConfig`.
   data   `kind` ("mqar" or "text") and its settings.
   eval   held-out batches evaluated after training.
 
@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from qwen_jax.config import QwenConfig
-from qwen_jax.train import TrainConfig
+from qwen_jax.train_step import TrainConfig
 
 # QwenConfig fields that a config may set, by their annotated type; the
 # tuple-valued `layer_types` is set through `ratio` instead, the token ids

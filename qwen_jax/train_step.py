@@ -1,0 +1,363 @@
+"""The optimizer and the compiled train and eval steps.
+
+  * f32 master weights (`param_dtype`), computed in bf16 on GPU/TPU
+    (`TrainConfig.compute_dtype="auto"`); remat per layer from
+    `QwenConfig.remat_policy`.
+  * AdamW (decoupled weight decay on matrices only) with linear warmup and
+    cosine decay, global-norm gradient clipping.
+  * The loss from the final hidden states through the chunked
+    cross-entropy of `qwen_jax.head` (one chunk's float32 logits at a time).
+  * One jit-compiled step with the state donated; metrics loss, gradient
+    norm, learning rate and loss tokens. `flops_per_token` and
+    `device_peak_flops` give the MFU estimate the loop reports.
+
+The loop around the step is `qwen_jax.train`, its checkpoints
+`qwen_jax.train_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qwen_jax import head
+from qwen_jax.array_typing import Array, PyTree
+from qwen_jax.config import FULL, QwenConfig
+from qwen_jax.config import is_int, is_real
+from qwen_jax.data import check_batch
+from qwen_jax.model import Qwen35
+
+Batch = Mapping[str, Any]
+BatchFn = Callable[[int], Batch]
+
+# TrainConfig fields that the compiled step does not read: runs that differ
+# only in these share one compiled step (see `make_train_step`).
+_LOOP_ONLY_FIELDS = ("seed", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "async_checkpointing", "peak_flops",
+                     "save_checkpoints", "batch_size", "seq_len")
+
+# Dense bf16 peak FLOP/s per device, by a substring of `device_kind`.
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5", 459e12), ("TPU v4", 275e12),
+)
+
+# Accepted values of TrainConfig.compute_dtype.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+# ------------------------------------------------------------------ config
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Hyperparameters of a training run.
+
+  Attributes:
+    batch_size: sequences per step.
+    seq_len: tokens per sequence.
+    num_steps: total optimizer steps (the schedule's length).
+    learning_rate: peak learning rate.
+    warmup_steps: linear warmup from 0.
+    min_lr_ratio: final learning rate / peak (cosine decay).
+    weight_decay: AdamW decay on parameters with >= 2 dims.
+    b1, b2, eps: Adam moments.
+    grad_clip: global-norm clip (0 or None = off).
+    seed: parameter-init seed.
+    compute_dtype: "auto" (bf16 on GPU/TPU, the model config's dtype on
+      CPU) or a dtype name.
+    ce_chunk_size: tokens per cross-entropy chunk; 0 picks about 2^27
+      logits per chunk.
+    log_every: steps between metric fetches, CSV rows and progress updates.
+    checkpoint_every: steps between orbax checkpoints (0 = only at the end
+      when a workdir is given).
+    keep_checkpoints: newest checkpoints kept.
+    async_checkpointing: let orbax write in the background.
+    peak_flops: per-device peak FLOP/s for MFU (0 = look up the device).
+    save_checkpoints: write orbax checkpoints when a workdir is given
+      (False: metrics.csv only, no resume; for benchmarks of big models).
+
+  Raises:
+    ValueError: a field of the wrong type or out of range (the message names
+      it, the expected range and the value found).
+  """
+  batch_size: int = 32
+  seq_len: int = 64
+  num_steps: int = 1000
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  seed: int = 0
+  compute_dtype: str = "auto"
+  ce_chunk_size: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = False
+  peak_flops: float = 0.0
+  save_checkpoints: bool = True
+
+  def __post_init__(self):
+    def bad(name: str, expected: str) -> None:
+      raise ValueError(f"TrainConfig.{name}: expected {expected}, found "
+                       f"{getattr(self, name)!r}")
+
+    def number(name: str, integer: bool = False) -> float:
+      v = getattr(self, name)
+      if not (is_int(v) if integer else is_real(v)):
+        bad(name, "an int" if integer else "a number")
+      if not integer and math.isnan(v):
+        bad(name, "a number")
+      return v
+
+    for name, low in (("batch_size", 1), ("seq_len", 1), ("num_steps", 1),
+                      ("log_every", 1), ("keep_checkpoints", 1),
+                      ("warmup_steps", 0), ("checkpoint_every", 0),
+                      ("ce_chunk_size", 0)):
+      if number(name, integer=True) < low:
+        bad(name, f"an int >= {low}")
+    number("seed", integer=True)
+    for name in ("learning_rate", "weight_decay", "eps", "peak_flops"):
+      v = number(name)
+      if not 0 <= v < math.inf:
+        bad(name, "a finite number >= 0")
+    if not 0 <= number("min_lr_ratio") <= 1:
+      bad("min_lr_ratio", "a number in [0, 1]")
+    for name in ("b1", "b2"):
+      if not 0 <= number(name) < 1:
+        bad(name, "a number in [0, 1)")
+    if self.grad_clip is not None and not number("grad_clip") >= 0:
+      bad("grad_clip", "a number > 0, or 0 or None (off)")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      bad("compute_dtype", f"one of {COMPUTE_DTYPES}")
+    for name in ("async_checkpointing", "save_checkpoints"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        bad(name, "a bool")
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    """From a mapping (e.g. an ml_collections ConfigDict), unknown keys
+    ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+
+def on_accelerator() -> bool:
+  return jax.default_backend() in ("gpu", "tpu")
+
+
+def model_config_for_training(cfg: QwenConfig,
+                              tcfg: TrainConfig) -> QwenConfig:
+  """The model config with the compute dtype the run uses."""
+  if tcfg.compute_dtype == "auto":
+    dtype = "bfloat16" if on_accelerator() else cfg.dtype
+  else:
+    dtype = tcfg.compute_dtype
+  return cfg.replace(dtype=dtype)
+
+
+# --------------------------------------------------------------- optimizer
+def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup to the peak, cosine decay to min_lr_ratio x peak."""
+  warmup = min(tcfg.warmup_steps, max(tcfg.num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tcfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(tcfg.num_steps, warmup + 1),
+      end_value=tcfg.learning_rate * tcfg.min_lr_ratio)
+
+
+def clipping_on(grad_clip: float | None) -> bool:
+  """Whether a grad_clip value turns clipping on (0 and None: off)."""
+  return bool(grad_clip) and grad_clip > 0
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW (no decay on vectors: norms, biases)."""
+  def decay_mask(params):
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+  parts = []
+  if clipping_on(tcfg.grad_clip):
+    parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
+  parts.append(optax.adamw(
+      learning_rate_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+      weight_decay=tcfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes (a pytree; checkpointed as a whole).
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: float32 master weights (the "params" collection).
+    opt_state: the optax state.
+  """
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: QwenConfig) -> Callable:
+  # One jit object per config, so repeated runs (resume, seeds) reuse the
+  # compiled init.
+  model = Qwen35(cfg)
+  return jax.jit(model.init)
+
+
+def init_params(cfg: QwenConfig, seed: int = 0) -> PyTree:
+  """Random parameters (unboxed from their partitioning metadata)."""
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  variables = _jitted_init(cfg)(jax.random.PRNGKey(seed), dummy)
+  return nn.meta.unbox(variables)["params"]
+
+
+def init_state(cfg: QwenConfig, tcfg: TrainConfig,
+               params: PyTree | None = None) -> TrainState:
+  """A fresh state (random parameters unless `params` is given)."""
+  if params is None:
+    params = init_params(cfg, tcfg.seed)
+  opt_state = make_optimizer(tcfg).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=opt_state)
+
+
+# -------------------------------------------------------------------- loss
+def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
+                   chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+  """Mean masked cross-entropy of a batch, and its sums.
+
+  Args:
+    params: model parameters.
+    cfg: model config (its dtype is the compute dtype).
+    batch: "inputs", "targets" [b, t]; optional "loss_mask" [b, t] (default
+      all ones) and "segment_ids" [b, t] (packed documents).
+    chunk_size: cross-entropy chunk (see `head.chunked_cross_entropy`).
+
+  Returns:
+    (mean loss, {"loss_sum", "tokens", "correct"}).
+  """
+  check_batch(batch, cfg.vocab_size)
+  inputs, targets = batch["inputs"], batch["targets"]
+  mask = batch.get("loss_mask")
+  if mask is None:
+    mask = jnp.ones(inputs.shape, jnp.float32)
+  _, hidden = Qwen35(cfg).apply(
+      {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
+      attention_mask=batch.get("attention_mask"),
+      return_hidden=True)
+  w, vocab_major = head.head_weights(cfg, params)
+  loss_sum, tokens, correct = head.chunked_cross_entropy(
+      hidden, w, targets, mask, vocab_major=vocab_major,
+      chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
+  loss = loss_sum / jnp.maximum(tokens, 1.0)
+  return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+
+
+# -------------------------------------------------------------------- step
+def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
+                    donate: bool = True) -> Callable:
+  """jit-compiled `step(state, batch) -> (state, metrics)`.
+
+  The state is donated (its buffers are reused for the new state). Metrics:
+  loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
+  Calls with the same model config and the same optimizer settings return
+  the same jit object, so a second run in the process (a resume, another
+  seed) does not compile again.
+  """
+  key = tcfg.replace(**{f: getattr(TrainConfig, f)
+                        for f in _LOOP_ONLY_FIELDS})
+  return _make_train_step(cfg, key, donate)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
+                     donate: bool) -> Callable:
+  tx = make_optimizer(tcfg)
+  schedule = learning_rate_schedule(tcfg)
+
+  def step(state: TrainState, batch: Batch):
+    grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
+    (loss, stats), grads = grad_fn(state.params, cfg, batch,
+                                   tcfg.ce_chunk_size)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step),
+               "tokens": stats["tokens"]}
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(cfg: QwenConfig, chunk_size: int = 0) -> Callable:
+  """jit-compiled `eval(params, batch) -> {"loss_sum", "tokens",
+  "correct"}` (sums over the batch's masked tokens; one jit object per
+  (cfg, chunk_size))."""
+
+  def evaluate(params, batch):
+    return loss_and_stats(params, cfg, batch, chunk_size)[1]
+
+  return jax.jit(evaluate)
+
+
+# ------------------------------------------------------------- flops / mfu
+def flops_per_token(cfg: QwenConfig, seq_len: int,
+                    chunk_size: int = 64) -> float:
+  """Estimated training FLOPs per token (3 x forward matmul FLOPs).
+
+  Counts projections, MLP and LM head (2 per multiply-add), causal
+  attention scores and values (average context seq_len / 2), and the
+  chunked gated delta rule (intra-chunk c x c products and state
+  reads/writes). Norms, activations and the embedding lookup are ignored.
+  """
+  d, i = cfg.hidden_size, cfg.intermediate_size
+  h, n, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  hv = cfg.linear_num_value_heads
+  dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+  c = min(chunk_size, seq_len)
+  mlp = 2 * 3 * d * i
+  full = 2 * (d * 2 * h * e + 2 * d * n * e + h * e * d)
+  full += 2 * 2 * h * e * (seq_len / 2)
+  lin = 2 * (d * cfg.linear_conv_dim + d * cfg.linear_value_dim
+             + 2 * d * hv + cfg.linear_value_dim * d)
+  lin += 2 * cfg.linear_conv_kernel_dim * cfg.linear_conv_dim
+  lin += 2 * hv * (c * (2 * dk + 2 * dv) + 3 * dk * dv)
+  fwd = 2 * d * cfg.vocab_size
+  for kind in cfg.layer_types:
+    fwd += mlp + (full if kind == FULL else lin)
+  return 3.0 * fwd
+
+
+def device_peak_flops(device: Any = None) -> float | None:
+  """Dense bf16 peak FLOP/s of a device from its kind; None if unknown."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def param_count(params: PyTree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
