@@ -3,9 +3,17 @@
 The config (see experiments/configs/) names a model preset with overrides,
 the TrainConfig fields, the data (MQAR or byte-level text) and the held-out
 evaluation. The workdir receives orbax checkpoints (a rerun with the same
-workdir resumes from the newest), metrics.csv, run_config.json and, after
-training, eval.json (MQAR accuracy or text loss on held-out data, and a
-summary of the run). A progress bar goes to stderr.
+workdir resumes from the newest), metrics.csv, run_history.json (one entry
+per start or resume), run_config.json and, after training, eval.json (MQAR
+accuracy or text loss on held-out data, and a summary of the run). A
+progress bar goes to stderr.
+
+A rerun resumes only with the settings recorded for the run (the model,
+train, data and eval sections); `--allow_changes=train.learning_rate,
+train.num_steps` (or a section: `--allow_changes=eval`) accepts the changes
+named and records them in run_history.json. The model's architecture,
+param_dtype and scan_layers cannot change. See `qwen_jax.train_checkpoint`
+for the rules and the learning-rate schedule after a change.
 
   python -m experiments.train --config=experiments/configs/mqar.py:runlocal \
       --workdir=/tmp/qwen_mqar_local
@@ -21,11 +29,13 @@ summary of the run). A progress bar goes to stderr.
 folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
 
 The config (file, arguments, `--config.*` overrides and every value),
---workdir and --export_hf are checked before anything is built or written;
-a misuse ends with one line on stderr and exit status 1 (2 for usage
-errors). Ctrl-C ends training with one line naming the last checkpoint
-(its step and folder) or saying that none was written yet, and exit
-status 130; see experiments/cli.py.
+--workdir (a new or empty folder, or a training workdir: nothing else in
+it), a resume's settings, and --export_hf (a folder whose contents the
+export keeps; see `qwen_jax.checkpoint.save_hf_checkpoint`) are checked
+before anything is built or written; a misuse ends with one line on stderr
+and exit status 1 (2 for usage errors). Ctrl-C ends training with one line
+naming the last checkpoint (its step and folder) or saying that none was
+written yet, and exit status 130; see experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from qwen_jax import data
 from qwen_jax import train as train_lib
 from qwen_jax import train_checkpoint
 from qwen_jax import train_step
+from qwen_jax import train_workdir
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
 from qwen_jax.config import check_int as _check_int
 
@@ -222,39 +233,96 @@ def build(config: ml_collections.ConfigDict,
 
 
 # --------------------------------------------------------------------- run
+def _export_entry(workdir: str, export_hf: str | None) -> str | None:
+  """The entry of `workdir` that `export_hf` lies in, or None.
+
+  Raises:
+    ConfigError: an export folder that is the workdir or one of its own
+      files.
+  """
+  if not export_hf:
+    return None
+  rel = os.path.relpath(os.path.abspath(export_hf), os.path.abspath(workdir))
+  if rel == os.curdir:
+    raise ConfigError(f"--export_hf: expected a folder other than "
+                      f"--workdir, found {export_hf!r}")
+  if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+    return None
+  entry = rel.split(os.sep, 1)[0]
+  if entry in train_workdir.OWN_NAMES:
+    raise ConfigError(f"--export_hf: expected a folder outside the "
+                      f"workdir's own {entry!r}, found {export_hf!r}")
+  return entry
+
+
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The data and eval sections, as recorded and compared on a resume."""
+  return {"data": _as_dict(config.data), "eval": _as_dict(config.eval)}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        export_hf: str | None = None,
-        progress: bool | str = True) -> dict[str, Any]:
+        export_hf: str | None = None, progress: bool | str = True,
+        allow_changes: Sequence[str] = ()) -> dict[str, Any]:
   """Trains (resuming from `workdir`), evaluates, writes eval.json.
 
   Args:
     config: a config as returned by experiments/configs/*.py.
-    workdir: output folder (checkpoints, metrics.csv, run_config.json,
-      eval.json); created if needed.
+    workdir: output folder (checkpoints, metrics.csv, run_history.json,
+      run_config.json, eval.json); created if needed.
     export_hf: also write the trained weights as a transformers folder.
     progress: progress bar on stderr (a string sets its label).
+    allow_changes: settings ("train.learning_rate") or sections ("eval") a
+      resume may change from the recorded run's.
 
   Returns:
     The summary written to eval.json.
 
   Raises:
-    ConfigError (a ValueError): a bad config, or a checkpoint in `workdir`
+    ConfigError (a ValueError), before anything is written: a bad config;
+      a workdir that is not a training workdir; a checkpoint in `workdir`
       that this run cannot resume (another model, gradient clipping
-      switched on or off, num_steps below its step): both before anything
-      is written.
+      switched on or off, num_steps below its step); settings changed from
+      the recorded run's and not allowed; an --export_hf folder whose
+      contents the export would not keep.
   """
   try:
     cfg, tcfg, task = build(config)
-    # Refuse a resume before run_config.json is overwritten.
-    train_checkpoint.check_resume(workdir, cfg, tcfg)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  entry = _export_entry(workdir, export_hf)
+  other = [entry] if entry else []
+  if export_hf:
+    try:
+      train_checkpoint.check_export(export_hf, cfg)
+    except ValueError as e:
+      raise ConfigError(f"--export_hf: {e}") from e
+  settings = _settings(config)
+  # Every check of the run before run_config.json is written.
+  try:
+    train_checkpoint.plan_run(
+        workdir, train_step.model_config_for_training(cfg, tcfg), tcfg,
+        settings=settings, allow_changes=allow_changes, other_files=other)
+  except train_checkpoint.SettingsChangedError as e:
+    names = ",".join(c.name for c in e.changes)
+    raise ConfigError(e.message(f"pass --allow_changes={names}",
+                                "--workdir")) from e
+  except ValueError as e:
+    message = str(e)
+    for lib, flag in (("allow_changes:", "--allow_changes:"),
+                      ("TrainConfig.", "config.train."),
+                      ("workdir ", "--workdir ")):
+      if message.startswith(lib):
+        message = flag + message[len(lib):]
+    raise ConfigError(message) from e
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  train_workdir.atomic_write(
+      os.path.join(workdir, CONFIG_FILE),
+      config.to_json_best_effort(indent=2, sort_keys=True))
   label = progress if isinstance(progress, str) else task.kind
   result = train_lib.train(cfg, tcfg, task.batch_fn, workdir,
-                           progress=label if progress else False)
+                           progress=label if progress else False,
+                           settings=settings, allow_changes=allow_changes,
+                           other_files=other)
   params = result.state.params
   # Peak device memory of the training so far (GPU/TPU; None on a CPU).
   stats = jax.devices()[0].memory_stats() or {}
@@ -295,10 +363,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       "eval": ev,
   }
   if export_hf:
-    train_checkpoint.export_hf(export_hf, result.cfg, params)
+    # Recorded first: a later run then knows the folder if it lies in the
+    # workdir, even when this export is cut short.
+    train_workdir.record_export(workdir, export_hf)
+    try:
+      train_checkpoint.export_hf(export_hf, result.cfg, params)
+    except ValueError as e:  # the folder changed since the check
+      raise cli.UserError(
+          f"--export_hf: {e}; the trained state is in the checkpoints of "
+          f"{os.path.abspath(workdir)}: the same command with another "
+          f"--export_hf exports it without training") from e
     summary["export_hf"] = os.path.abspath(export_hf)
-  with open(os.path.join(workdir, EVAL_FILE), "w") as f:
-    json.dump(summary, f, indent=2)
+  train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
+                             json.dumps(summary, indent=2))
   return summary
 
 
@@ -339,7 +416,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------- flags
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Sequence[str] | None = None):
-  """Defines --config, --workdir and --export_hf on `flag_values`.
+  """Defines --config, --workdir, --export_hf and --allow_changes on
+  `flag_values`.
 
   Called when the script runs, not on import, so that importing this module
   next to other experiment scripts (which define --workdir too) is safe.
@@ -351,7 +429,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
       the list given to `flag_values`).
 
   Returns:
-    The (config, workdir, export_hf) flag holders.
+    The (config, workdir, export_hf, allow_changes) flag holders.
   """
   config = config_flags.DEFINE_config_file(
       "config", None, "A config file, e.g. experiments/configs/mqar.py or "
@@ -363,9 +441,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   export = flags.DEFINE_string(
       "export_hf", None, "Also write the trained weights as a transformers "
       "checkpoint folder here.", flag_values=flag_values)
+  allow = flags.DEFINE_list(
+      "allow_changes", [], "Settings a resumed run may change from the "
+      "recorded run's, e.g. train.learning_rate,train.num_steps, or a "
+      "section (data, eval); recorded in run_history.json.",
+      flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"],
                                flag_values=flag_values)
-  return config, workdir, export
+  return config, workdir, export, allow
 
 
 def check_paths(workdir: str, export_hf: str | None) -> None:
@@ -397,7 +480,7 @@ _HOLDERS = None
 
 
 def _interrupted() -> str:
-  config, workdir, _ = (h.value for h in _HOLDERS)
+  config, workdir = _HOLDERS[0].value, _HOLDERS[1].value
   try:
     save = bool(config.train.get("save_checkpoints", True))
   except (AttributeError, KeyError, TypeError):
@@ -409,11 +492,11 @@ def main(argv: Sequence[str]) -> None:
   del argv  # cli.run refuses positional arguments
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
-  config, workdir, export = (h.value for h in _HOLDERS)
+  config, workdir, export, allow = (h.value for h in _HOLDERS)
   check_paths(workdir, export)
   cli.hold_interrupts_inside("orbax")  # no half-written checkpoint
   # A bad config raises ConfigError (a cli.UserError): one line, exit 1.
-  summary = run(config, workdir, export_hf=export)
+  summary = run(config, workdir, export_hf=export, allow_changes=allow)
   print(format_summary(summary))
 
 

@@ -836,7 +836,8 @@ def _update_aliases(d: dict[str, Any], cfg: QwenConfig, dtype: str,
 # ------------------------------------------------------------ the save itself
 def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
                        params: dict, dtype: Any = None,
-                       max_shard_bytes: int = 5 * 2**30) -> None:
+                       max_shard_bytes: int = 5 * 2**30, *,
+                       check_only: bool = False) -> None:
   """Writes a folder that transformers' `from_pretrained` loads.
 
   Nothing a folder holds is lost:
@@ -884,6 +885,8 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
       float16 or float64); default each parameter's own. Carried tensors
       keep theirs.
     max_shard_bytes: split into shards with an index above this size.
+    check_only: run every check above and return before writing anything
+      (`params` may then be `param_shapes(cfg)`: no tensor is read).
 
   Raises:
     ValueError: params that do not match cfg (naming the first missing or
@@ -942,6 +945,9 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
           f"save_hf_checkpoint: {full!r} is in the way of a new weight file "
           f"and is not part of the checkpoint in {path!r} (no index lists "
           f"it), so saving would lose it; nothing was written: move it away")
+  if check_only:
+    dest.tensors.clear()
+    return
 
   os.makedirs(path, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path)

@@ -16,6 +16,20 @@ MFU estimate) for `TrainConfig.num_steps` steps, fetching metrics every
 progress bar; it resumes from and saves checkpoints through
 `qwen_jax.train_checkpoint`. `evaluate` averages the loss and accuracy of
 held-out batches.
+
+Steps are counted as the progress bar and the checkpoints count them: row
+`step` of metrics.csv is the state after that many updates (the loss of the
+update's batch, the learning rate it applied). Tokens/s and MFU measure the
+steps only: the time of checkpoint saves, callbacks and the CSV and
+progress output between them is left out (the loop runs no evaluation).
+
+The workdir is checked before anything is written (`train_checkpoint.
+plan_run`): a folder that is not a training workdir, a metrics.csv this
+workdir's run did not write, or a resume with other settings than the
+recorded ones (unless allowed by name) raises a ValueError. Each start and
+resume is recorded in `<workdir>/run_history.json`; see
+`qwen_jax.train_workdir` for the files and `qwen_jax.train_checkpoint` for
+what a resumed run may change and the learning-rate schedule then.
 """
 
 from __future__ import annotations
@@ -25,13 +39,14 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import train_checkpoint
+from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.data import check_batch
@@ -122,13 +137,16 @@ class TrainResult:
   Attributes:
     state: the final TrainState.
     cfg: the model config used (with the compute dtype).
-    losses: {step: loss} for every step this call ran (step = the state's
-      step before the update).
-    history: logged metric rows (dicts).
+    losses: {step: loss} for every step this call ran (keyed by the
+      batch's step, `batch_fn(step)`: the state's step before the update).
+    history: logged metric rows (dicts; the rows of metrics.csv, `step` the
+      updates done).
     compile_s: seconds spent compiling the step.
-    train_s: seconds in the loop after compilation.
-    tokens_per_s: mean training throughput (all tokens, after compile).
+    train_s: seconds spent in the steps after compilation (checkpoint
+      saves and the host work between log points left out).
+    tokens_per_s: mean training throughput (all tokens, over train_s).
     resumed_from: checkpoint step the run started from, or None.
+    checkpoint_s: seconds spent saving checkpoints.
   """
   state: TrainState
   cfg: QwenConfig
@@ -138,39 +156,29 @@ class TrainResult:
   train_s: float
   tokens_per_s: float
   resumed_from: int | None
-
-
-_CSV_FIELDS = ("step", "loss", "grad_norm", "learning_rate", "tokens_per_s",
-               "mfu", "elapsed_s")
+  checkpoint_s: float = 0.0
 
 
 def _open_csv(path: str) -> tuple[Any, csv.DictWriter]:
-  """(file, writer) appending rows to metrics.csv; the header goes into a
-  new file."""
+  """(file, writer) appending rows to metrics.csv (checked to be this
+  run's by `train_checkpoint.plan_run`); the header goes into a new
+  file."""
   new_file = not os.path.exists(path)
   f = open(path, "a", newline="")  # pylint: disable=consider-using-with
-  writer = csv.DictWriter(f, _CSV_FIELDS)
+  writer = csv.DictWriter(f, train_workdir.METRICS_FIELDS,
+                          lineterminator="\n")
   if new_file:
     writer.writeheader()
   return f, writer
-
-
-def _rewrite_csv(path: str, keep_below: int) -> None:
-  """Drops rows at or after `keep_below` (a resumed run redoes them)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_below]
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, _CSV_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
 
 
 def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           workdir: str | None = None, *, params: PyTree | None = None,
           progress: bool | str = True,
           callback: Callable[[int, dict[str, float]], None] | None = None,
+          settings: Mapping[str, Mapping[str, Any]] | None = None,
+          allow_changes: Sequence[str] = (),
+          other_files: Sequence[str] = (),
           ) -> TrainResult:
   """Trains for `tcfg.num_steps` steps (resuming from `workdir` if it holds
   checkpoints).
@@ -178,6 +186,10 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   A resumed run whose newest checkpoint is at `tcfg.num_steps` trains no
   more and returns that state; one whose checkpoint is past
   `tcfg.num_steps` is refused (its state would not be the run asked for).
+  A resumed run must have the settings recorded for the run it continues
+  (model, train and `settings`), except those named in `allow_changes`;
+  from the resume step s on, step t then uses the new settings' learning
+  rate at t (`train_checkpoint` describes the rules).
 
   Args:
     cfg: model config (the compute dtype is set from tcfg).
@@ -190,8 +202,17 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       the caller's arrays are not donated.
     progress: show a progress bar (a string sets its label).
     callback: called after every step with (step, {"loss": ...}) once the
-      loss is fetched (at log points); raising stops the run without saving
-      (the tests use this to simulate a crash).
+      loss is fetched (at log points; step as in `batch_fn(step)`); raising
+      stops the run without saving (the tests use this to simulate a
+      crash).
+    settings: the run's other config sections (e.g. {"data": {...},
+      "eval": {...}}), recorded in run_history.json and compared on a
+      resume.
+    allow_changes: settings ("train.learning_rate") or sections ("data")
+      that a resume may change from the recorded ones; the changes are
+      recorded in run_history.json.
+    other_files: entries of `workdir` that belong to the caller (e.g. an
+      export folder), accepted beside the run's own files.
 
   Returns:
     A TrainResult.
@@ -200,25 +221,40 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     ValueError: a batch of the wrong keys, shape (other than
       [tcfg.batch_size, tcfg.seq_len]) or dtype, or with token ids outside
       [0, vocab_size) (checked on the host for NumPy batches, before each
-      step); a checkpoint in `workdir` that this run cannot resume (see
-      `train_checkpoint.check_resume`).
+      step); a workdir that is not a training workdir, or a checkpoint or
+      settings this run cannot resume (`train_checkpoint.plan_run`), before
+      anything is written.
   """
   cfg = model_config_for_training(cfg, tcfg)
   if params is not None:
     # The step donates the state: train on a copy so that the caller's
     # arrays stay valid.
     params = jax.tree_util.tree_map(jnp.copy, params)
+  plan = None
+  if workdir is not None:
+    # Every check before anything is written or compiled.
+    plan = train_checkpoint.plan_run(
+        workdir, cfg, tcfg, settings=settings, allow_changes=allow_changes,
+        other_files=other_files)
   state = init_state(cfg, tcfg, params)
   ckpt = None
   resumed_from = None
   csv_path = None
-  if workdir is not None:
-    os.makedirs(workdir, exist_ok=True)
+  if plan is not None:
     if tcfg.save_checkpoints:
       ckpt, state, resumed_from = train_checkpoint.resume(
           workdir, cfg, tcfg, state)
-    csv_path = os.path.join(workdir, "metrics.csv")
-    _rewrite_csv(csv_path, resumed_from or 0)
+    if resumed_from != plan.step:  # the folder changed since the check
+      plan = train_checkpoint.plan_run(
+          workdir, cfg, tcfg, settings=settings,
+          allow_changes=allow_changes, other_files=other_files)
+    try:
+      train_checkpoint.begin_run(plan)
+    except BaseException:
+      if ckpt is not None:
+        ckpt.close()
+      raise
+    csv_path = os.path.join(workdir, train_workdir.METRICS_FILE)
   # One placement for fresh and restored states (orbax returns committed
   # arrays, a fresh init does not): the step then lowers to one program, and
   # a resumed run in the same process reuses its compilation.
@@ -261,7 +297,9 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   csv_file, writer = (None, None) if csv_path is None else _open_csv(
       csv_path)
   t_loop = time.time()
-  t_last, steps_since = t_loop, 0
+  # Step time is measured from the end of the host work at one log point
+  # to the fetch at the next: saves, callbacks and output are left out.
+  t_last, steps_since, train_s, checkpoint_s = t_loop, 0, 0.0, 0.0
   try:
     for step in range(start, tcfg.num_steps):
       batch = first if step == start else get_batch(step)
@@ -274,15 +312,17 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       if (step + 1) % tcfg.log_every == 0 or last or save_now:
         fetched = jax.device_get(pending)
         now = time.time()
-        tps = steps_since * tokens_per_step / max(now - t_last, 1e-9)
-        t_last, steps_since = now, 0
+        interval = max(now - t_last, 1e-9)
+        train_s += interval
+        tps = steps_since * tokens_per_step / interval
+        steps_since = 0
         for s, m in fetched:
           losses[s] = float(m["loss"])
           if callback is not None:
             callback(s, {k: float(v) for k, v in m.items()})
         pending = []
-        s, m = fetched[-1]
-        row = {"step": s, "loss": float(m["loss"]),
+        _, m = fetched[-1]
+        row = {"step": step + 1, "loss": float(m["loss"]),
                "grad_norm": float(m["grad_norm"]),
                "learning_rate": float(m["learning_rate"]),
                "tokens_per_s": tps,
@@ -294,13 +334,17 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           csv_file.flush()
         bar.update(step + 1, f"loss {row['loss']:.3f} "
                    f"{tps / 1e3:.1f}k tok/s")
-      if save_now:
-        ckpt.save(state)
+        if save_now:
+          t_save = time.time()
+          ckpt.save(state)
+          checkpoint_s += time.time() - t_save
+        t_last = time.time()
     jax.block_until_ready(state)
-    train_s = time.time() - t_loop
     if ckpt is not None:
+      t_save = time.time()
       ckpt.save(state)
       ckpt.wait()
+      checkpoint_s += time.time() - t_save
   finally:
     bar.close()
     if csv_file is not None:
@@ -311,7 +355,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   tps = ran * tokens_per_step / train_s if ran > 0 and train_s > 0 else 0.0
   return TrainResult(state=state, cfg=cfg, losses=losses, history=history,
                      compile_s=compile_s, train_s=train_s,
-                     tokens_per_s=tps, resumed_from=resumed_from)
+                     tokens_per_s=tps, resumed_from=resumed_from,
+                     checkpoint_s=checkpoint_s)
 
 
 def evaluate(cfg: QwenConfig, params: PyTree,

@@ -314,6 +314,16 @@ def test_train_misuse(way, tmp_path):
            ["--config", "'nope'"], not_created=[new]),
       Case([MQAR_LOCAL, f"--workdir={new}", f"--export_hf={afile}"],
            ["--export_hf", afile], not_created=[new]),
+      # A folder holding other files is no training workdir.
+      Case([MQAR_LOCAL, f"--workdir={os.path.join(way, 'adir')}"],
+           ["--workdir", "inside.txt"]),
+      # A folder the export could not keep: refused before training.
+      Case([MQAR_LOCAL, f"--workdir={new}",
+            f"--export_hf={os.path.join(way, 'bad_weights')}"],
+           ["--export_hf", "bad_weights", "model.safetensors"],
+           not_created=[new]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--allow_changes=train.lr"],
+           ["--allow_changes", "train.lr"], not_created=[new]),
       Case([MQAR_LOCAL,
             f"--workdir={os.path.join(_unwritable(str(tmp_path)), 'run')}"],
            ["--workdir", "not writable"]),

@@ -390,6 +390,14 @@ def test_killed_run_resumes_with_identical_losses(reference_run, tmp_path):
   ref_rows = _csv_rows(os.path.join(ref_dir, "metrics.csv"))
   assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
   assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+  # The row written after the last checkpoint (step 6; the crash came in
+  # the callback of step index 6, before row 8) is kept, moved aside with
+  # the step the resume started from: no row is lost.
+  moved = _csv_rows(os.path.join(workdir, "metrics.superseded.csv"))
+  assert [(r["step"], r["resumed_from"]) for r in moved] == [("6", "4")]
+  (ref_6,) = [r for r in ref_rows if r["step"] == "6"]
+  assert moved[0]["loss"] == ref_6["loss"]
+  assert float(moved[0]["loss"]) == seen[5]  # the batch of step index 5
 
 
 def test_restore_for_another_model_config_names_the_field(reference_run):
@@ -625,8 +633,9 @@ def test_train_script_writes_metrics_checkpoints_and_eval(reference_run,
                              progress=False)
   assert sorted(os.listdir(hf_dir)) == ["config.json", "model.safetensors"]
   rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
+  # Numbered as the progress bar and the checkpoints: updates done.
   assert [int(r["step"]) for r in rows] == list(
-      range(tcfg.log_every - 1, tcfg.num_steps, tcfg.log_every))
+      range(tcfg.log_every, tcfg.num_steps + 1, tcfg.log_every))
   # Same config, same data: the losses of the library run above.
   ref_rows = _csv_rows(os.path.join(ref_dir, "metrics.csv"))
   assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
@@ -662,10 +671,12 @@ def test_train_script_flags_parse_config_overrides(tmp_path):
           "--config.model.hidden_size=48", "--config.data.num_pairs=5",
           f"--export_hf={tmp_path / 'hf'}"]
   fv = flags.FlagValues()
-  holders = train_script.define_flags(fv, argv)
-  fv(argv)
-  config, workdir, export = (h.value for h in holders)
+  holders = train_script.define_flags(fv, argv + [
+      "--allow_changes=train.learning_rate,data"])
+  fv(argv + ["--allow_changes=train.learning_rate,data"])
+  config, workdir, export, allow = (h.value for h in holders)
   assert workdir == str(tmp_path) and export == str(tmp_path / "hf")
+  assert allow == ["train.learning_rate", "data"]
   cfg, tcfg, task = train_script.build(config)
   assert tcfg.num_steps == 3 and cfg.hidden_size == 48
   assert cfg.layer_types == (LINEAR, LINEAR, LINEAR, FULL)
@@ -952,8 +963,9 @@ def test_resume_past_num_steps_is_refused(reference_run, tmp_path):
   assert _metrics_csv(workdir) == before
   # At the checkpoint's step or past it: resumes (nothing written here).
   assert train_checkpoint.check_resume(workdir, cfg, tcfg) == tcfg.num_steps
-  assert train_checkpoint.check_resume(workdir, cfg,
-                            tcfg.replace(num_steps=20)) == tcfg.num_steps
+  assert train_checkpoint.check_resume(
+      workdir, cfg, tcfg.replace(num_steps=20),
+      allow_changes=["train.num_steps"]) == tcfg.num_steps
   assert train_checkpoint.check_resume(str(tmp_path), cfg, tcfg) is None
   assert not os.listdir(tmp_path)
 
@@ -970,7 +982,9 @@ def test_refused_resume_keeps_run_config(reference_run, tmp_path):
     f.write(written)
   for where, value, field in ((("model", "hidden_size"), 64, "hidden_size"),
                               (("train", "grad_clip"), 0.0, "grad_clip"),
-                              (("train", "num_steps"), 4, "num_steps")):
+                              (("train", "num_steps"), 4, "num_steps"),
+                              (("train", "learning_rate"), 0.5,
+                               "train.learning_rate 0.01 -> 0.5")):
     with pytest.raises(ValueError, match=field):
       train_script.run(_with(config, where, value), workdir, progress=False)
     with open(path) as f:
