@@ -18,7 +18,10 @@ summary of the run). A progress bar goes to stderr.
       --workdir=/tmp/qwen08b_bench                      # GPU benchmark
 
 `--export_hf DIR` writes the trained weights as a transformers checkpoint
-folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
+folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it); a text run
+adds the byte-level tokenizer.json of its data, so that
+`python -m experiments.generate --checkpoint DIR --prompt "def "` samples
+it at once.
 
 The config (file, arguments, `--config.*` overrides and every value),
 --workdir and --export_hf are checked before anything is built or written;
@@ -34,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
@@ -295,7 +299,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       "eval": ev,
   }
   if export_hf:
-    train_checkpoint.export_hf(export_hf, result.cfg, params)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+      tokenizer_from = None
+      if task.kind == "text":  # bytes: its tokenizer makes the export usable
+        data.save_byte_tokenizer(tokenizer_dir)
+        tokenizer_from = tokenizer_dir
+      train_checkpoint.export_hf(export_hf, result.cfg, params,
+                                 tokenizer_from=tokenizer_from)
     summary["export_hf"] = os.path.abspath(export_hf)
   with open(os.path.join(workdir, EVAL_FILE), "w") as f:
     json.dump(summary, f, indent=2)

@@ -258,6 +258,8 @@ def _as_dict(state: TrainState) -> dict[str, Any]:
 
 
 def export_hf(path: str, cfg: QwenConfig, params: PyTree,
-              dtype: Any = None) -> None:
-  """Writes trained params as a transformers checkpoint folder."""
-  save_hf_checkpoint(path, cfg, jax.device_get(params), dtype=dtype)
+              dtype: Any = None, tokenizer_from: str | None = None) -> None:
+  """Writes trained params as a transformers checkpoint folder, with the
+  tokenizer files of `tokenizer_from` (see `save_hf_checkpoint`)."""
+  save_hf_checkpoint(path, cfg, jax.device_get(params), dtype=dtype,
+                     tokenizer_from=tokenizer_from)
