@@ -63,13 +63,17 @@ def small_config(**overrides) -> qwen_jax.QwenConfig:
 
 def random_params(cfg: qwen_jax.QwenConfig, seed: int = 0) -> dict:
   """Random float32 parameters drawn with NumPy (nothing compiled): wide
-  kernels and embeddings (logits far from ties), scales near 1."""
+  kernels and embeddings (logits far from ties), scales near 1, slow
+  Gated DeltaNet decays (its state matters over many tokens)."""
   rng = np.random.default_rng(seed)
 
   def leaf(path, s):
-    if getattr(path[-1], "key", None) in ("kernel", "embedding"):
+    name = getattr(path[-1], "key", None)
+    if name in ("kernel", "embedding"):
       std = 3.0 / np.sqrt(s.shape[-2])
       return (std * rng.standard_normal(s.shape)).astype(np.float32)
+    if name == "A_log":  # slow decays: the state remembers many tokens
+      return np.log(rng.uniform(0.02, 0.2, s.shape)).astype(np.float32)
     return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))

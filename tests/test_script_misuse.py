@@ -322,6 +322,19 @@ def test_generate_misuse(way, tmp_path):
   ], way)
 
 
+def test_chat_misuse(way):
+  weights = os.path.join(way, "bad_weights")
+  _check_cases("chat", [
+      Case([], ["--checkpoint", "required"], status=2),
+      Case(["--checkpoint", weights, "hello"], ["hello"], status=2),
+      Case(["--checkpoint", os.path.join(way, "bad_tokenizer")],
+           ["tokenizer.json", "bad_tokenizer"]),
+      Case(["--checkpoint", weights, "--min_p=2"], ["--min_p", "found 2"]),
+      # Its tokenizer has no chat template: said before the weights.
+      Case(["--checkpoint", weights], ["--checkpoint", "chat template"]),
+  ], way)
+
+
 def test_train_misuse(way, tmp_path):
   afile = os.path.join(way, "afile")
   new = _new(tmp_path, "run")
