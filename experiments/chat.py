@@ -187,6 +187,11 @@ def _slots(cache: PyTree) -> int | None:
 class Chat:
   """A conversation with a model, kept in its cache between turns.
 
+  `stop_tokens` default to cfg.eos_token_id and generation_config's eos
+  ids; `sampling` holds explicit sampling arguments of `qwen_jax.generate`
+  (None values: generation_config's); each turn draws with seed + its
+  number.
+
   Attributes:
     messages: the conversation so far (a system message first when given).
     enable_thinking: passed to the chat template (None: not passed).
@@ -213,7 +218,15 @@ class Chat:
     self.sampler = Sampler.from_generation_config(generation_config,
                                                   **self.sampling)
     self.seed = int(seed)
-    self.stop_tokens = list(stop_tokens) if stop_tokens is not None else []
+    if stop_tokens is None:  # the model's and the config's eos ids
+      stop_tokens = []
+      for ids in (cfg.eos_token_id,
+                  getattr(generation_config, "eos_token_id", None)):
+        for i in ([] if ids is None else [ids] if isinstance(ids, int)
+                  else ids):
+          if i not in stop_tokens:
+            stop_tokens.append(int(i))
+    self.stop_tokens = list(stop_tokens)
     self.stop_strings = list(stop_strings or [])
     self.block_steps = int(block_steps)
     self.cache_len = min(int(cache_len), cfg.max_position_embeddings)

@@ -788,7 +788,10 @@ def _begin(cfg, params, sampler, plan: _Plan, prefill_block, cache=None):
     context = None if plan.context is None else jnp.asarray(plan.context)
     seen = _seen_init_jit(cfg.vocab_size, jnp.asarray(plan.prompt), valid,
                           context)
-  row_keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in plan.seeds])
+  if sampler.greedy:  # no draws: skip b key computations on the host
+    row_keys = jnp.zeros((b, 2), jnp.uint32)
+  else:
+    row_keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in plan.seeds])
   stops = jnp.asarray(plan.stops)
   pad = jnp.int32(plan.pad)
   out = jnp.full((b, int(plan.limits.max())), pad, jnp.int32)
