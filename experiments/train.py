@@ -26,7 +26,10 @@ for the rules and the learning-rate schedule after a change.
       --workdir=/tmp/qwen08b_bench                      # GPU benchmark
 
 `--export_hf DIR` writes the trained weights as a transformers checkpoint
-folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
+folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it); a text run
+adds the byte-level tokenizer.json of its data, so that
+`python -m experiments.generate --checkpoint DIR --prompt "def "` samples
+it at once.
 
 The config (file, arguments, `--config.*` overrides and every value),
 --workdir (a new or empty folder, or a training workdir: nothing else in
@@ -40,11 +43,13 @@ written yet, and exit status 130; see experiments/cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import flags
 from absl import logging
@@ -260,6 +265,20 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"data": _as_dict(config.data), "eval": _as_dict(config.eval)}
 
 
+
+@contextlib.contextmanager
+def _export_tokenizer(task: Task) -> Iterator[str | None]:
+  """The folder whose tokenizer an export of `task`'s model carries: a
+  byte-level tokenizer for text data (so the export can be sampled at
+  once), none for MQAR."""
+  if task.kind != "text":
+    yield None
+    return
+  with tempfile.TemporaryDirectory() as folder:
+    data.save_byte_tokenizer(folder)
+    yield folder
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         export_hf: str | None = None, progress: bool | str = True,
         allow_changes: Sequence[str] = ()) -> dict[str, Any]:
@@ -293,7 +312,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   other = [entry] if entry else []
   if export_hf:
     try:
-      train_checkpoint.check_export(export_hf, cfg)
+      with _export_tokenizer(task) as tokenizer_from:
+        train_checkpoint.check_export(export_hf, cfg,
+                                      tokenizer_from=tokenizer_from)
     except ValueError as e:
       raise ConfigError(f"--export_hf: {e}") from e
   settings = _settings(config)
@@ -366,13 +387,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     # Recorded first: a later run then knows the folder if it lies in the
     # workdir, even when this export is cut short.
     train_workdir.record_export(workdir, export_hf)
-    try:
-      train_checkpoint.export_hf(export_hf, result.cfg, params)
-    except ValueError as e:  # the folder changed since the check
-      raise cli.UserError(
-          f"--export_hf: {e}; the trained state is in the checkpoints of "
-          f"{os.path.abspath(workdir)}: the same command with another "
-          f"--export_hf exports it without training") from e
+    with _export_tokenizer(task) as tokenizer_from:
+      try:
+        train_checkpoint.export_hf(export_hf, result.cfg, params,
+                                   tokenizer_from=tokenizer_from)
+      except ValueError as e:  # the folder changed since the check
+        raise cli.UserError(
+            f"--export_hf: {e}; the trained state is in the checkpoints of "
+            f"{os.path.abspath(workdir)}: the same command with another "
+            f"--export_hf exports it without training") from e
     summary["export_hf"] = os.path.abspath(export_hf)
   train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
                              json.dumps(summary, indent=2))

@@ -16,7 +16,9 @@ are [in, out]; the depthwise conv is [c, 1, K] in torch and [K, c] here.
 Saving writes every file into a hidden folder inside the destination and
 moves each into place with `os.replace`; what the destination held that the
 model does not own (tensors, config entries, other files) is kept (see
-`save_hf_checkpoint`).
+`save_hf_checkpoint`). `tokenizer_from=FOLDER` also copies that folder's
+tokenizer, chat templates and generation_config.json, so that a fine-tune
+of a downloaded checkpoint is saved ready to chat.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 
 from qwen_jax import model as model_lib
 from qwen_jax import stack
+from qwen_jax import tokenizer as tokenizer_lib
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
@@ -837,7 +840,9 @@ def _update_aliases(d: dict[str, Any], cfg: QwenConfig, dtype: str,
 def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
                        params: dict, dtype: Any = None,
                        max_shard_bytes: int = 5 * 2**30, *,
-                       check_only: bool = False) -> None:
+                       check_only: bool = False,
+                       tokenizer_from: str | os.PathLike | None = None
+                       ) -> None:
   """Writes a folder that transformers' `from_pretrained` loads.
 
   Nothing a folder holds is lost:
@@ -856,7 +861,10 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
     checkpoint in bfloat16 and saving it into its own folder converts its
     text weights and leaves the rest as they were.
   * Files other than the weights and config.json (tokenizer, generation
-    config, README, anything unknown) are never touched. The old weight
+    config, README, anything unknown) are never touched, except for the
+    files copied from `tokenizer_from`, which are written only where the
+    folder holds no file of that name or an identical one (a different
+    one refuses the save, before anything is written). The old weight
     files (model.safetensors, model.safetensors.index.json and the shards
     the index lists) are removed only after the new files are in place,
     and only when every tensor in them has been rewritten (the text
@@ -887,11 +895,20 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
     max_shard_bytes: split into shards with an index above this size.
     check_only: run every check above and return before writing anything
       (`params` may then be `param_shapes(cfg)`: no tensor is read).
+    tokenizer_from: a checkpoint folder (e.g. the one the weights were
+      loaded from) whose tokenizer files are copied along, staged and moved
+      like the weights: tokenizer.json, tokenizer_config.json,
+      special_tokens_map.json, chat_template.jinja, chat_template.json,
+      vocab.json, merges.txt, added_tokens.json, generation_config.json
+      and additional_chat_templates/*.jinja, those it has. It must hold a
+      tokenizer.json that `qwen_jax.tokenizer.load_tokenizer` reads, with
+      ids inside cfg.vocab_size. None (or `path` itself) copies nothing.
 
   Raises:
     ValueError: params that do not match cfg (naming the first missing or
       extra key), a dtype that is not floating point, a `path` that is a
-      file, or a folder whose contents the save would lose (see above).
+      file, a folder whose contents the save would lose (see above), or a
+      `tokenizer_from` without a readable tokenizer that fits the model.
   """
   path = os.fspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
@@ -945,6 +962,8 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
           f"save_hf_checkpoint: {full!r} is in the way of a new weight file "
           f"and is not part of the checkpoint in {path!r} (no index lists "
           f"it), so saving would lose it; nothing was written: move it away")
+  copies = ([] if tokenizer_from is None else
+            _tokenizer_copies(os.fspath(tokenizer_from), path, cfg))
   if check_only:
     dest.tensors.clear()
     return
@@ -952,6 +971,9 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
   os.makedirs(path, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path)
   try:
+    for name in copies:
+      _copy_file(os.path.join(os.fspath(tokenizer_from), name),
+                 os.path.join(staging, name))
     meta = {"format": "pt"}
     for name, entries in zip(names, shards):
       _write_file(os.path.join(staging, name), entries, meta)
@@ -969,7 +991,74 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
   # Every tensor is read: let the old files' memory maps go.
   del ours, carried, shards
   dest.tensors.clear()
-  _commit(path, staging, names, switch, dest.removable)
+  _commit(path, staging, names, switch, dest.removable, copies)
+
+
+def _tokenizer_copies(source: str, path: str, cfg: QwenConfig) -> list[str]:
+  """The tokenizer files of `source` to copy into `path` (relative paths).
+
+  Raises:
+    ValueError: no readable tokenizer in `source`, ids past cfg.vocab_size,
+      or a file of another content in `path` where one would be copied
+      (nothing is written).
+  """
+  if not os.path.isdir(source):
+    raise ValueError(f"tokenizer_from: expected a checkpoint folder, found "
+                     f"{source!r}")
+  if not os.path.isfile(os.path.join(source, tokenizer_lib.TOKENIZER_FILE)):
+    raise ValueError(f"tokenizer_from: expected a folder with "
+                     f"{tokenizer_lib.TOKENIZER_FILE}, found none in "
+                     f"{source!r}")
+  try:
+    tok = tokenizer_lib.load_tokenizer(source)
+    tokenizer_lib.load_generation_config(source)
+  except ValueError as e:
+    raise ValueError(f"tokenizer_from: {e}") from e
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer_from: expected a tokenizer whose ids fit "
+                     f"the model's vocab_size {cfg.vocab_size}, found ids up "
+                     f"to {tok.vocab_size - 1} in {source!r}")
+  if os.path.isdir(path) and os.path.samefile(source, path):
+    return []  # the files are there already
+  names = [n for n in tokenizer_lib.TOKENIZER_FILES + (
+      tokenizer_lib.GENERATION_CONFIG_FILE,)
+           if os.path.isfile(os.path.join(source, n))]
+  extra = os.path.join(source, tokenizer_lib.CHAT_TEMPLATE_DIR)
+  if os.path.isdir(extra):
+    names += [os.path.join(tokenizer_lib.CHAT_TEMPLATE_DIR, n)
+              for n in sorted(os.listdir(extra)) if n.endswith(".jinja")
+              and os.path.isfile(os.path.join(extra, n))]
+  copies = []
+  for name in names:
+    dst = os.path.join(path, name)
+    if not os.path.lexists(dst):
+      copies.append(name)
+      continue
+    if os.path.isfile(dst):
+      with open(dst, "rb") as a, open(os.path.join(source, name), "rb") as b:
+        if a.read() == b.read():
+          continue  # already there
+    raise ValueError(
+        f"save_hf_checkpoint: {dst!r} differs from {name} in "
+        f"tokenizer_from {source!r}, so copying it would lose it; nothing "
+        f"was written: move it away or save to another folder")
+  subdir = os.path.join(path, tokenizer_lib.CHAT_TEMPLATE_DIR)
+  if (any(os.path.dirname(n) for n in copies) and os.path.lexists(subdir)
+      and not os.path.isdir(subdir)):
+    raise ValueError(
+        f"save_hf_checkpoint: {subdir!r} is not a folder, so the chat "
+        f"templates of tokenizer_from cannot go there; nothing was written: "
+        f"move it away")
+  return copies
+
+
+def _copy_file(src: str, dst: str) -> None:
+  """Copies a file's bytes into the staging folder, synced to disk."""
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with open(src, "rb") as fin, open(dst, "wb") as fout:
+    shutil.copyfileobj(fin, fout)
+    fout.flush()
+    os.fsync(fout.fileno())
 
 
 def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
@@ -1002,11 +1091,15 @@ def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
 
 
 def _commit(path: str, staging: str, names: list[str], switch: str,
-            removable: list[str]) -> None:
+            removable: list[str], copies: list[str] = ()) -> None:
   """Moves the staged files into `path`, then removes superseded ones."""
   def move(name):
     os.replace(os.path.join(staging, name), os.path.join(path, name))
 
+  for name in copies:  # tokenizer files: none is in the way (checked)
+    if os.path.dirname(name):
+      os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
+    move(name)
   for name in names:
     if name != switch:
       move(name)
@@ -1024,5 +1117,7 @@ def _commit(path: str, staging: str, names: list[str], switch: str,
       continue
     log.info("Removing %s: every tensor in it is in the new files.", full)
     os.remove(full)
+  for sub in sorted({os.path.dirname(n) for n in copies} - {""}):
+    os.rmdir(os.path.join(staging, sub))
   os.rmdir(staging)
   _fsync_dir(path)

@@ -333,6 +333,49 @@ def module_source_bytes(name: str) -> bytes:
     return f.read()
 
 
+def _byte_chars() -> list[str]:
+  """The character standing for each byte in byte-level BPE vocabularies.
+
+  The printable Latin-1 bytes stand for themselves; the others (controls,
+  space, soft hyphen, ...) take the characters from U+0100 on, in byte
+  order, as in GPT-2's byte-level BPE (what `tokenizers`' ByteLevel
+  pre-tokenizer and decoder use).
+  """
+  shown = set(range(ord("!"), ord("~") + 1)) | set(
+      range(ord("\u00a1"), ord("\u00ac") + 1)) | set(
+          range(ord("\u00ae"), ord("\u00ff") + 1))
+  chars, extra = [], 0
+  for b in range(BYTE_VOCAB):
+    if b in shown:
+      chars.append(chr(b))
+    else:
+      chars.append(chr(256 + extra))
+      extra += 1
+  return chars
+
+
+def save_byte_tokenizer(folder: str) -> str:
+  """Writes the tokenizer.json of the byte-level text data into `folder`.
+
+  Token i is byte i (the ids `text_documents` uses), so a model trained on
+  this data reads and writes UTF-8 text through `qwen_jax.tokenizer.
+  load_tokenizer(folder)`, `transformers.AutoTokenizer` or
+  experiments.generate: a byte-level BPE model without merges.
+
+  Returns:
+    The file's path.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = {c: i for i, c in enumerate(_byte_chars())}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  path = os.path.join(folder, "tokenizer.json")
+  tok.save(path)
+  return path
+
+
 def text_documents(split: str = "train",
                    max_bytes: int | None = None) -> list[np.ndarray]:
   """Byte-level documents (one per module) of the text corpus.
