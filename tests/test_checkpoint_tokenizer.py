@@ -158,8 +158,8 @@ def test_byte_tokenizer_and_the_text_export(tmp_path, monkeypatch):
   assert ours.decode(list(text.encode("utf-8"))) == text
 
   # experiments.train exports a text run with it (training stubbed).
-  def fake_train(cfg, tcfg, batch_fn, workdir, progress=True):
-    del batch_fn, workdir, progress
+  def fake_train(cfg, tcfg, batch_fn, workdir, progress=True, **options):
+    del batch_fn, workdir, progress, options  # the loop's other options
     state = types.SimpleNamespace(
         params=sampling_tests.random_params(cfg), step=tcfg.num_steps)
     return types.SimpleNamespace(state=state, cfg=cfg, losses={0: 1.0},
@@ -167,6 +167,9 @@ def test_byte_tokenizer_and_the_text_export(tmp_path, monkeypatch):
                                  tokens_per_s=0.0, resumed_from=None)
 
   monkeypatch.setattr(train_script.train_lib, "train", fake_train)
+  # The stubbed loop writes no run history for the export to be noted in.
+  monkeypatch.setattr(train_script.train_workdir, "record_export",
+                      lambda *a: None)
   monkeypatch.setattr(train_script.train_lib, "evaluate",
                       lambda *a, **k: {"loss": 1.0, "tokens": 1.0})
   export = str(tmp_path / "hf")
