@@ -439,6 +439,23 @@ def write_report(record: dict[str, Any], workdir: str,
   return path
 
 
+def _short_title(metric: str, study: dict[str, Any]) -> str:
+  """A plot title for a headline metric."""
+  if metric == "text_bits_per_byte":
+    return "held-out text, bits/byte (lower: better)"
+  if metric == "tokens_per_s":
+    return "training k tokens/s"
+  name, n = metric.split("@")
+  n = int(n)
+  if name == "recall":
+    pairs = min(max(1, study["num_pairs"] * n // study["seq_len"]),
+                study["key_vocab"])
+    return f"MQAR, {pairs} pairs in {n:,} tokens"
+  if name == "needle":
+    return f"needle in text at {n:,} tokens"
+  return f"MQAR, {study['num_pairs']} pairs over {n:,} tokens"
+
+
 def write_plots(record: dict[str, Any], workdir: str) -> list[str]:
   """The PNG plots (error bars: 95% intervals); returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -532,20 +549,20 @@ def write_plots(record: dict[str, Any], workdir: str) -> list[str]:
   ax.legend(fontsize=7)
   save(fig, "memory_vs_context.png")
 
-  heads = [h for h in headline_metrics(study) if h[0] != "tokens_per_s"]
-  heads.append(("tokens_per_s", "training k tokens/s", True, ""))
-  fig, axes = plt.subplots(1, len(heads), figsize=(3.4 * len(heads), 3.8))
+  heads = headline_metrics(study)
+  fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.8))
   x = np.arange(len(rows))
   colors = ["C0" if r["placement"] in ("periodic", "-") else
             "C1" if r["placement"] != "pattern" else "C2" for r in rows]
-  for ax, (metric, desc, _, chance_key) in zip(axes, heads):
+  for ax, (metric, _, _, chance_key) in zip(axes, heads):
     scale = 1e-3 if metric == "tokens_per_s" else 1.0
     means, errs = zip(*[stat(r, metric) for r in rows])
     ax.bar(x, np.asarray(means) * scale, yerr=np.asarray(errs) * scale,
            color=colors, capsize=3)
     if chance_key:
       ax.axhline(record[chance_key], color="gray", ls=":")
-    ax.set_title(desc if len(desc) < 40 else metric, fontsize=8)
+      ax.set_ylim(0, 1.02)
+    ax.set_title(_short_title(metric, study), fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels([r["config"] for r in rows], rotation=45,
                        ha="right", fontsize=7)
