@@ -190,6 +190,15 @@ def test_forward_run_forward_names_the_flag(kw, flag):
     (["--learning_rate=-1"], "learning_rate: expected a finite number > 0"),
     (["--ratios=3:1,3:1"], "ratios: expected distinct ratios"),
     (["--batch_size=1"], "batch_size: expected an int >= 2, found 1"),
+    (["--seeds=0"], "--seeds: expected an int >= 1, found 0"),
+    (["--placements=sideways"], "--placements: 'sideways' of "
+     "placement_ratio='3:1' over num_layers=8: placement: expected one of "
+     "periodic, bottom, top, middle, ends, found 'sideways'"),
+    (["--patterns=LLXFLLLF"], "--patterns: expected letters L (linear) and "
+     "F (full), one per layer, found 'LLXFLLLF'"),
+    (["--patterns=LLF"], "--patterns: expected num_layers=8 letters L/F"),
+    (["--retrieval_lengths=64,2"], "--retrieval_lengths: expected lengths "
+     ">= 3"),
 ])
 def test_compare_ratios_bad_flags_fail_before_training(args, message,
                                                        tmp_path,
