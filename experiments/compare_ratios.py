@@ -858,8 +858,10 @@ def run_one(study: StudyConfig, configuration: Configuration,
       warmup_steps=study.warmup_steps, weight_decay=0.01, seed=seed,
       log_every=max(1, study.steps // 20),
       checkpoint_every=0, keep_checkpoints=1)  # a checkpoint at the end
+  # settings.json and result.json are the study's, beside the run's files.
   result = train_lib.train(cfg, tcfg, MixedData(study, seed), where,
-                           progress=label)
+                           progress=label,
+                           other_files=("settings.json", "result.json"))
   params, cfg = result.state.params, result.cfg
   history = _metrics_csv(os.path.join(where, "metrics.csv"))
   trained = result.resumed_from != study.steps
