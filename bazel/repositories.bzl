@@ -19,8 +19,12 @@ one of them is made here from local files:
     imports something else.
 """
 
+_FORWARDER = """def {rule}(**kwargs):
+    native.{rule}(**kwargs)
+"""
+
 def _forwarder(rule):
-    return "def {rule}(**kwargs):\n    native.{rule}(**kwargs)\n".format(rule = rule)
+    return _FORWARDER.format(rule = rule)
 
 def _native_rules_repository_impl(rctx):
     rctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % rctx.name)
@@ -29,7 +33,8 @@ def _native_rules_repository_impl(rctx):
         rctx.file(package + "/BUILD", "")
         rctx.file(
             package + "/defs.bzl",
-            "\"\"\"Bazel's built-in rules under %s's names.\"\"\"\n\n" % rctx.name +
+            ("\"\"\"Bazel's built-in rules under %s's names.\"\"\"\n\n" %
+             rctx.name) +
             "\n\n".join([_forwarder(rule) for rule in rules]),
         )
 
@@ -75,8 +80,8 @@ coverage_tools_repository = repository_rule(
 
 _PYTHON_ENV = "QWEN_JAX_BAZEL_PYTHON"
 
-_ROOT_BUILD = """# The Python that {env} (else `python3` on PATH) named when this
-# repository was made: {python} ({version}).
+_ROOT_BUILD = """# The Python that {env} (else `python3` on PATH) named
+# when this repository was made: {python} ({version}).
 load("@bazel_tools//tools/python:toolchain.bzl", "py_runtime_pair")
 
 py_runtime(
@@ -98,7 +103,8 @@ toolchain(
 )
 """
 
-_DIST_BUILD = """# Installed in {python}: on sys.path through the interpreter itself.
+_DIST_BUILD = """# Installed in {python}: on sys.path through the
+# interpreter itself.
 py_library(
     name = "{name}",
     visibility = ["//visibility:public"],
@@ -110,8 +116,9 @@ def _python_distributions_impl(rctx):
     if not python:
         found = rctx.which("python3")
         if not found:
-            fail("%s is not set and there is no python3 on PATH: set it to " % _PYTHON_ENV +
-                 "the Python that has the project's dependencies")
+            fail(("%s is not set and there is no python3 on PATH: set " +
+                  "it to the Python that has the project's dependencies") %
+                 _PYTHON_ENV)
         python = str(found)
     result = rctx.execute([python, rctx.path(rctx.attr._lister)])
     if result.return_code != 0:

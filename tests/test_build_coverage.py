@@ -12,7 +12,8 @@ attributes. Then:
     tests/ is in some target's srcs or data;
   * every file BUILD names explicitly exists;
   * every module with a `__main__` block under qwen_jax/, pallas_kernels/
-    or experiments/ is the main of a py_binary;
+    or experiments/ is the main of a py_binary, and every py_binary's main
+    has one (BUILD globs the scripts, less the shared modules it names);
   * every file of the tree a test names is among that test's runfiles (its
     srcs and data and its deps', transitively): another test module it
     imports, a path in a string ("experiments/configs/mqar.py"), a script
@@ -93,8 +94,9 @@ class Build:
            "exports_files": _ignore, "glob": self.glob}
     for kind in _RULES:
       env[kind] = self._rule_recorder(kind)
-    text = (root / "BUILD").read_text()
-    exec(compile(text, str(root / "BUILD"), "exec"), env)  # pylint: disable=exec-used
+    path = root / "BUILD"
+    code = compile(path.read_text(), str(path), "exec")
+    exec(code, env)  # pylint: disable=exec-used
 
   def glob(self, include: list[str], exclude: list[str] = (),
            **unused_kwargs) -> list[str]:
@@ -125,8 +127,10 @@ class Build:
     """The files a target lists in srcs, data and main (targets it lists
     there contribute their runfiles)."""
     out = set()
-    for label in (list(target.get("srcs", [])) + list(target.get("data", []))
-                  + ([target["main"]] if "main" in target else [])):
+    labels = list(target.get("srcs", [])) + list(target.get("data", []))
+    if "main" in target:
+      labels.append(target["main"])
+    for label in labels:
       out |= self.label_files(label)
     return out
 
@@ -249,10 +253,14 @@ def problems(root: pathlib.Path) -> list[str]:
   mains = {t.get("main") for t in build.targets.values()
            if t["kind"] == "py_binary"}
   for f in sorted(files):
-    if (f.split("/")[0] in _SCRIPT_DIRS and f.endswith(".py")
-        and _MAIN_BLOCK.search((root / f).read_text(encoding="utf-8"))
-        and f not in mains):
+    if f.split("/")[0] not in _SCRIPT_DIRS or not f.endswith(".py"):
+      continue
+    script = _MAIN_BLOCK.search((root / f).read_text(encoding="utf-8"))
+    if script and f not in mains:
       out.append(f"{f}: a script (a __main__ block) with no py_binary")
+    elif f in mains and not script:
+      out.append(f"{f}: the main of a py_binary, but no __main__ block "
+                 "(a shared module: leave it out of the binaries)")
 
   for t in sorted(tests, key=lambda t: t["name"]):
     if "external" in t.get("tags", []):
@@ -328,6 +336,7 @@ def test_reports_what_an_explicit_build_misses(tmp_path):
       "qwen_jax/vocab.json": "{}",
       "tests/test_b.py": "",
       "experiments/script.py": 'if __name__ == "__main__":\n  pass\n',
+      "experiments/tool.py": "",
       "colab/nb.py": "",
       "tests/test_a.py": ('"""Runs colab/nb.py."""\n'
                           "from tests.test_b import helper\n"
@@ -340,6 +349,8 @@ def test_reports_what_an_explicit_build_misses(tmp_path):
       "colab/nb.py: in no target's srcs or data",
       "experiments/script.py: in no target's srcs or data",
       "experiments/script.py: a script (a __main__ block) with no py_binary",
+      "experiments/tool.py: the main of a py_binary, but no __main__ block "
+      "(a shared module: leave it out of the binaries)",
       "qwen_jax/b.py: in no target's srcs or data",
       "qwen_jax/vocab.json: in no target's srcs or data",
       "qwen_jax/gone.py: named in BUILD but not in the tree",
@@ -354,8 +365,8 @@ def test_reports_what_an_explicit_build_misses(tmp_path):
 
 def test_the_build_globs_take_in_new_files(tmp_path):
   """The real BUILD over a copy of the tree (file names only, empty files,
-  BUILD and the scripts as they are): new modules, data files and tests
-  need no edit; a new script needs its py_binary."""
+  BUILD and the scripts as they are): new modules, data files, tests and
+  scripts need no edit; a new shared module beside the scripts does."""
   build = Build(ROOT)
   mains = {t["main"] for t in build.targets.values() if "main" in t}
   for f in build.files:
@@ -369,17 +380,18 @@ def test_the_build_globs_take_in_new_files(tmp_path):
       "qwen_jax/chat.py": "",
       "qwen_jax/templates/chat.jinja": "",
       "pallas_kernels/gated_delta_rule/new_kernel.py": "",
-      "pallas_kernels/tools/new_tool_helper.py": "",
       "experiments/configs/vision.py": "",
       "colab/vision.py": "",
       "colab/vision.ipynb": "",
       "tests/test_new_feature.py": "",
       "tests/new_helper.py": "",
       "tests/data/tiny.json": "",
+      "experiments/new_script.py": 'if __name__ == "__main__":\n  pass\n',
+      "pallas_kernels/tools/new_tool.py": (
+          'if __name__ == "__main__":\n  pass\n'),
   })
   assert problems(tmp_path) == []
-  _write(tmp_path, {
-      "experiments/new_script.py": 'if __name__ == "__main__":\n  pass\n'})
+  _write(tmp_path, {"experiments/new_shared_code.py": ""})
   assert problems(tmp_path) == [
-      "experiments/new_script.py: a script (a __main__ block) with no "
-      "py_binary"]
+      "experiments/new_shared_code.py: the main of a py_binary, but no "
+      "__main__ block (a shared module: leave it out of the binaries)"]
