@@ -19,6 +19,15 @@ keys are masked out, so each row gives what it gives alone. The padded
 inputs of the Gated DeltaNet layers are zeroed, so its state and conv
 window start exactly as for the row alone.
 
+Images and videos (`pixel_values` / `image_grid_thw`, `pixel_values_videos`
+/ `video_grid_thw`, as transformers' processor gives them) go through the
+tower once, before the prompt; each prefill block takes the features of
+its own placeholders and its slice of the prompt's multimodal positions
+(`qwen_jax.mrope`, padding skipped, as transformers' `get_rope_index`).
+The cache then carries each row's rope delta (cache["rope_delta"]), and
+every decoded token sits at (the row's tokens before it) + its delta:
+transformers' generate, left padding included.
+
 Sampling (`Sampler`): greedy when temperature == 0, otherwise softmax
 sampling of logits / temperature, restricted to the `top_k` largest and
 then to the smallest set whose probability reaches `top_p` (the order
@@ -46,6 +55,8 @@ import numpy as np
 
 from qwen_jax import cache as cache_lib
 from qwen_jax import head
+from qwen_jax import model as model_lib
+from qwen_jax import vision as vision_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
@@ -139,12 +150,16 @@ def _head(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
 
 
 def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,
-                   cache: PyTree, mask: Array | None):
+                   cache: PyTree, mask: Array | None,
+                   positions: Array | None = None,
+                   image_features: Array | None = None,
+                   video_features: Array | None = None):
   # Only the last hidden state leaves the function, so XLA drops the
   # [b, t, V] logits the model would otherwise compute.
   _, cache, hidden = Qwen35(cfg).apply(
       {"params": params}, ids, attention_mask=mask, cache=cache,
-      return_hidden=True)
+      positions=positions, image_features=image_features,
+      video_features=video_features, return_hidden=True)
   return _head(cfg, params, hidden[:, -1]), cache
 
 
@@ -238,14 +253,22 @@ def _check_block(prefill_block: Any) -> None:
 
 def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
             cache: PyTree, attention_mask: Array | None = None,
-            prefill_block: int = DEFAULT_PREFILL_BLOCK
-            ) -> tuple[Array, PyTree]:
+            prefill_block: int = DEFAULT_PREFILL_BLOCK,
+            pixel_values: Array | None = None, image_grid_thw: Any = None,
+            pixel_values_videos: Array | None = None,
+            video_grid_thw: Any = None) -> tuple[Array, PyTree]:
   """Runs the prompt through the model, filling the cache.
 
   The prompt is cut into blocks of `prefill_block` tokens (the last one may
   be shorter); each block continues from the cache the previous one left.
   At most two programs are compiled per prompt length (a full block and the
   remainder). The cache passed in is donated: use the returned one.
+
+  With images or videos, the tower runs once on all of them (one program
+  per grid set), each block gets the features of its placeholders and its
+  slice of the prompt's multimodal positions, and the returned cache holds
+  "rope_delta" (each row's offset, added to those of earlier calls), which
+  `decode_step` and `generate` continue from.
 
   Args:
     cfg: the model config.
@@ -256,6 +279,9 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     attention_mask: None, or [b, t] over the prompt, or [b, S] over every
       cache slot (1 = token, 0 = padding).
     prefill_block: prompt tokens per model call (>= 2).
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: the
+      prompt's images and videos, as `Qwen35.__call__` takes them (the
+      grids as host data).
 
   Returns:
     (logits [b, V] float32 of the last prompt token, the filled cache).
@@ -263,8 +289,9 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   Raises:
     ValueError: bad shapes, ids outside [0, vocab_size), a concrete mask
       with values other than 0/1 or not left padded, a cache of another
-      config or batch, a prompt that does not fit the cache, or a block
-      size < 2.
+      config or batch, a prompt that does not fit the cache, a block
+      size < 2, or images or videos that the model or the prompt does not
+      take (`qwen_jax.model.check_media`).
   """
   _check_block(prefill_block)
   prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
@@ -280,10 +307,56 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   mask = _slot_mask(attention_mask, b, t, index, slots)
   # The shape is checked: its first index + t columns are the slots written.
   _check_mask(attention_mask, index + t)
+  media = model_lib.check_media(cfg, np.asarray(prompt_ids), pixel_values,
+                                image_grid_thw, pixel_values_videos,
+                                video_grid_thw)
+  if media.any:
+    return _prefill_media(cfg, params, prompt_ids, cache, mask, index,
+                          prefill_block, media, pixel_values,
+                          pixel_values_videos)
   logits = None
   for start in range(0, t, prefill_block):
     chunk = prompt_ids[:, start:start + prefill_block]
     logits, cache = _prefill_chunk_jit(cfg, params, chunk, cache, mask)
+  return logits, cache
+
+
+def _prefill_media(cfg, params, prompt_ids, cache, mask, index,
+                   prefill_block, media, pixel_values, pixel_values_videos):
+  """`prefill` of a prompt with images or videos (inputs checked)."""
+  b, t = prompt_ids.shape
+  ids = np.asarray(prompt_ids)
+  delta = cache.get("rope_delta")
+  if delta is None:
+    delta = jnp.zeros((b,), jnp.int32)
+  positions, delta = model_lib.media_positions(
+      cfg, prompt_ids, None if mask is None else mask.astype(bool), media,
+      jnp.int32(index), delta)
+  feats = {}
+  for kind, pixels, grid, token in (
+      ("image", pixel_values, media.image_grid, cfg.image_token_id),
+      ("video", pixel_values_videos, media.video_grid, cfg.video_token_id)):
+    if pixels is None:
+      continue
+    x = vision_lib.encode(cfg.vision, params["visual"], pixels, grid)
+    where = ids == token
+    # Feature k goes to the k-th placeholder in reading order.
+    order = (np.cumsum(where.reshape(-1)) - 1).reshape(b, t)
+    feats[kind] = (x, where, order)
+  cache = dict(cache, rope_delta=cache.get("rope_delta",
+                                           jnp.zeros((b,), jnp.int32)))
+  logits = None
+  for start in range(0, t, prefill_block):
+    end = min(start + prefill_block, t)
+    chunk_feats = {}
+    for kind, (x, where, order) in feats.items():
+      rows = order[:, start:end][where[:, start:end]]
+      chunk_feats[kind] = jnp.take(x, rows, axis=0) if rows.size else None
+    logits, cache = _prefill_chunk_jit(
+        cfg, params, prompt_ids[:, start:end], cache, mask,
+        positions[:, :, start:end], chunk_feats.get("image"),
+        chunk_feats.get("video"))
+  cache["rope_delta"] = delta
   return logits, cache
 
 
@@ -371,6 +444,15 @@ _loop_jit = jax.jit(_loop, static_argnums=(0, 1), donate_argnums=3)
 
 
 # ------------------------------------------------------------------- public
+def _media_args(pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw) -> dict[str, Any]:
+  """The media keyword arguments that were given."""
+  args = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+              pixel_values_videos=pixel_values_videos,
+              video_grid_thw=video_grid_thw)
+  return {k: v for k, v in args.items() if v is not None}
+
+
 def _stop_ids(cfg: QwenConfig, stop_tokens) -> np.ndarray:
   if stop_tokens is None:
     stop_tokens = cfg.eos_token_id
@@ -435,7 +517,8 @@ def _prepare(cfg, prompt_ids, max_new_tokens, attention_mask, cache_len,
 
 
 def _begin(cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask,
-           seed, stop_tokens, pad_token_id, prefill_block, cache_len):
+           seed, stop_tokens, pad_token_id, prefill_block, cache_len,
+           media=None):
   """Validates, prefills and samples token 0.
 
   Returns:
@@ -444,10 +527,13 @@ def _begin(cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask,
   prompt, mask, cache_len, stops, pad_id = _prepare(
       cfg, prompt_ids, max_new_tokens, attention_mask, cache_len,
       prefill_block, stop_tokens, pad_token_id)
+  media = dict(media or {})
+  model_lib.check_media(cfg, prompt, **media)  # before any work
   b, _ = prompt.shape
   cache = cache_lib.init_cache(cfg, b, cache_len)
   mask = None if mask is None else jnp.asarray(mask)
-  logits, cache = prefill(cfg, params, prompt, cache, mask, prefill_block)
+  logits, cache = prefill(cfg, params, prompt, cache, mask, prefill_block,
+                          **media)
   seed_key = jax.random.PRNGKey(seed)
   stops = jnp.asarray(stops)
   pad = jnp.int32(pad_id)
@@ -464,7 +550,10 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
            stop_tokens: int | Sequence[int] | None = None,
            pad_token_id: int | None = None, block_steps: int = 16,
            prefill_block: int = DEFAULT_PREFILL_BLOCK,
-           cache_len: int | None = None) -> Iterator[np.ndarray]:
+           cache_len: int | None = None,
+           pixel_values: Array | None = None, image_grid_thw: Any = None,
+           pixel_values_videos: Array | None = None,
+           video_grid_thw: Any = None) -> Iterator[np.ndarray]:
   """Like `generate`, yielding new tokens as they are decoded.
 
   The first block is the token sampled from the prompt; then each block is
@@ -475,7 +564,8 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   Args:
     cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
     attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
-    cache_len: as in `generate`.
+    cache_len, pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw: as in `generate`.
     block_steps: decode steps per compiled call (>= 1).
 
   Yields:
@@ -489,7 +579,9 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   sampler = Sampler(float(temperature), top_k, top_p)
   state, loop_args = _begin(cfg, params, prompt_ids, max_new_tokens, sampler,
                             attention_mask, seed, stop_tokens, pad_token_id,
-                            prefill_block, cache_len)
+                            prefill_block, cache_len, _media_args(
+                                pixel_values, image_grid_thw,
+                                pixel_values_videos, video_grid_thw))
   yield np.asarray(state["out"][:, :1])
   done = 1
   while done < max_new_tokens and not bool(jnp.all(state["done"])):
@@ -509,7 +601,10 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
              stop_tokens: int | Sequence[int] | None = None,
              pad_token_id: int | None = None,
              prefill_block: int = DEFAULT_PREFILL_BLOCK,
-             cache_len: int | None = None) -> Array:
+             cache_len: int | None = None,
+             pixel_values: Array | None = None, image_grid_thw: Any = None,
+             pixel_values_videos: Array | None = None,
+             video_grid_thw: Any = None) -> Array:
   """Generates `max_new_tokens` tokens after each prompt.
 
   Args:
@@ -533,19 +628,31 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     cache_len: KV slots to allocate (>= t + max_new_tokens; default exactly
       that). A fixed value avoids recompiling the decode loop when prompt
       lengths change.
+    pixel_values: [n_patches, C*T*P*P] float patches of the prompts'
+      images, row after row (transformers' processor output, or
+      `qwen_jax.load_image_processor(dir)(images=...)`); each image's
+      placeholders must be expanded in prompt_ids (t*h*w / m^2
+      image_token_id each). Needs a config with a tower.
+    image_grid_thw: [n_images, 3] int patch grids (host data).
+    pixel_values_videos, video_grid_thw: the same for videos.
 
   Returns:
     [b, max_new_tokens] int32 new token ids.
 
   Raises:
     ValueError: bad shapes or ids, a right-padded mask, bad sampling
-      parameters, or a prompt plus new tokens longer than
-      max_position_embeddings.
+      parameters, a prompt plus new tokens longer than
+      max_position_embeddings, or images or videos that the model or the
+      prompt does not take (`qwen_jax.model.check_media`: no tower or
+      placeholder id, a grid that does not match the pixel values,
+      placeholders that do not match the features).
   """
   sampler = Sampler(float(temperature), top_k, top_p)
   state, loop_args = _begin(cfg, params, prompt_ids, max_new_tokens, sampler,
                             attention_mask, seed, stop_tokens, pad_token_id,
-                            prefill_block, cache_len)
+                            prefill_block, cache_len, _media_args(
+                                pixel_values, image_grid_thw,
+                                pixel_values_videos, video_grid_thw))
   if max_new_tokens > 1:
     state = _loop_jit(cfg, sampler, params, state, *loop_args,
                       jnp.int32(max_new_tokens))
