@@ -10,13 +10,26 @@ tokenizer, so it works on any machine, offline (the text is noise).
       --prompt "The capital of France is" --max_new_tokens 64
   python -m experiments.generate --checkpoint DIR --temperature 0.7 \
       --top_p 0.9 --top_k 50 --seed 1
+  python -m experiments.generate --checkpoint DIR --image a.png \
+      --image b.png --prompt "Describe these pictures."
+  python -m experiments.generate --checkpoint DIR --video frames_dir \
+      --prompt "What happens here?"
+
+Images and videos (a checkpoint with a vision tower and its
+preprocessor_config.json; without --checkpoint, the `tiny-vl` preset with
+random weights): each --image is a picture file, each --video a folder of
+frames (image files, in name order, already sampled). They come before the
+prompt text, each as <|vision_start|> placeholder <|vision_end|> (the
+placeholders expanded per image and per frame as transformers' Qwen3-VL
+processor does, without frame times), in the order given, images first.
 
 Decoding runs `--block_steps` tokens per compiled call and prints after each
 call (`qwen_jax.generate.stream`). Stop tokens default to the checkpoint's
 eos ids (config.json and generation_config.json).
 
 Every flag, the checkpoint folder, its config.json and tokenizer.json, the
-prompt's length and the stop ids are checked before the weights are read;
+image and video paths (and that the model takes them), the prompt's length
+and the stop ids are checked before the weights are read;
 a misuse ends with one line on stderr and exit status 1 (2 for usage
 errors); see experiments/cli.py.
 """
@@ -34,9 +47,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 
 from experiments import cli
 import qwen_jax
+from qwen_jax import image_processing
+from qwen_jax import vision
 from qwen_jax.config import is_int
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
 from qwen_jax.generate import stream
@@ -91,6 +107,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "prefill_block": flags.DEFINE_integer(
           "prefill_block", DEFAULT_PREFILL_BLOCK,
           "Prompt tokens per prefill call (>= 2).", lower_bound=2,
+          flag_values=fv),
+      "image": flags.DEFINE_multi_string(
+          "image", [], "An image file to put before the prompt (repeat "
+          "for several). Needs a checkpoint with a vision tower.",
+          flag_values=fv),
+      "video": flags.DEFINE_multi_string(
+          "video", [], "A folder of video frames (image files, in name "
+          "order) to put before the prompt (repeat for several).",
           flag_values=fv),
   }
   flags.register_validator(
@@ -258,12 +282,14 @@ def check_checkpoint(checkpoint: str) -> None:
                       os.path.join(checkpoint, name), f"a {name} in it")
 
 
-def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
+def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None,
+             vision_model: bool = False
              ) -> tuple[qwen_jax.QwenConfig, Any, list[int]]:
   """(config, tokenizer, stop ids) without reading the weights.
 
-  The config is the checkpoint's config.json (or the `tiny` preset); the
-  stop ids are `stop_tokens`, else the checkpoint's eos ids.
+  The config is the checkpoint's config.json (or the `tiny` preset,
+  `tiny-vl` with vision_model); the stop ids are `stop_tokens`, else the
+  checkpoint's eos ids.
 
   Raises:
     cli.UserError: a folder without config.json or tokenizer.json, a
@@ -271,7 +297,8 @@ def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
       outside the vocabulary (named as the flag or the file it came from).
   """
   if not checkpoint:
-    cfg = qwen_jax.QwenConfig.from_preset("tiny")
+    cfg = qwen_jax.QwenConfig.from_preset("tiny-vl" if vision_model
+                                          else "tiny")
     tokenizer, eos = ByteTokenizer(), []
   else:
     check_checkpoint(checkpoint)
@@ -291,8 +318,113 @@ def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
   return cfg, tokenizer, stops
 
 
-def load(checkpoint: str | None, dtype: str, seed: int):
-  """(cfg, params): the checkpoint's weights, or the random `tiny` model.
+# Frame files a --video folder may hold.
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp",
+                    ".tif", ".tiff")
+PREPROCESSOR_FILE = image_processing.IMAGE_CONFIG_NAME
+# The random `tiny-vl` model's preprocessing: 4-pixel patches, as its tower.
+_TINY_PROCESSOR = image_processing.ProcessorConfig(
+    min_pixels=8 * 8, max_pixels=64 * 64, patch_size=4, temporal_patch_size=2,
+    merge_size=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+def check_media_paths(images: Sequence[str], videos: Sequence[str]
+                      ) -> list[list[str]]:
+  """The frame files of each --video; cli.UserError for a bad path.
+
+  Every --image must be a file, every --video a folder holding at least one
+  frame file (FRAME_EXTENSIONS); nothing is opened.
+  """
+  for path in images:
+    cli.existing_file("--image", path)
+  frames = []
+  for path in videos:
+    cli.existing_folder("--video", path)
+    names = sorted(f for f in os.listdir(path)
+                   if f.lower().endswith(FRAME_EXTENSIONS)
+                   and os.path.isfile(os.path.join(path, f)))
+    if not names:
+      raise cli.UserError(f"--video {path!r}: expected a folder of frame "
+                          f"images ({', '.join(FRAME_EXTENSIONS)}), found "
+                          f"none")
+    frames.append([os.path.join(path, f) for f in names])
+  return frames
+
+
+def prepare_media(cfg: qwen_jax.QwenConfig, checkpoint: str | None,
+                  images: Sequence[str], videos: Sequence[str]
+                  ) -> tuple[list[int], dict[str, np.ndarray]]:
+  """(prompt ids of the images and videos, the model's media arguments).
+
+  Checks that the model takes them (a tower, the placeholder ids, the
+  checkpoint's preprocessor_config.json) and reads and preprocesses every
+  file, all before any weight is read.
+
+  Raises:
+    cli.UserError: naming the flag and the file or field at fault.
+  """
+  if not images and not videos:
+    return [], {}
+  flag = "--image" if images else "--video"
+  where = (f"the checkpoint {checkpoint!r}" if checkpoint
+           else "the random model")
+  if cfg.vision is None:
+    raise cli.UserError(f"{flag}: expected a checkpoint with a vision tower "
+                        f"(a vision_config in config.json), found "
+                        f"{where} without one")
+  for paths, name, token in ((images, "--image", "image_token_id"),
+                             (videos, "--video", "video_token_id"),
+                             (True, flag, "vision_start_token_id"),
+                             (True, flag, "vision_end_token_id")):
+    if paths and getattr(cfg, token) is None:
+      raise cli.UserError(f"{name}: expected a model with a {token}, found "
+                          f"{where} without one")
+  if checkpoint:
+    cli.existing_file(f"{flag}: --checkpoint {checkpoint!r}",
+                      os.path.join(checkpoint, PREPROCESSOR_FILE),
+                      f"a {PREPROCESSOR_FILE} in it")
+    with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+      processor = qwen_jax.load_image_processor(checkpoint)
+  else:
+    processor = image_processing.VisionProcessor(_TINY_PROCESSOR,
+                                                 _TINY_PROCESSOR)
+  frames = check_media_paths(images, videos)
+
+  def read(flag, path):
+    try:
+      with PIL.Image.open(path) as im:
+        im.load()
+        return im.copy()
+    except (OSError, ValueError) as e:
+      raise cli.UserError(f"{flag} {path!r}: expected an image file, found "
+                          f"one Pillow cannot read ({cli.one_line(e)})"
+                          ) from e
+
+  with cli.user_errors(flag):
+    out = processor(
+        images=[read("--image", p) for p in images] or None,
+        videos=[[read("--video", f) for f in v] for v in frames] or None)
+  start, end = cfg.vision_start_token_id, cfg.vision_end_token_id
+  image, video = cfg.image_token_id, cfg.video_token_id
+  # A model may lack one placeholder (its inputs were refused above); the
+  # expansion still wants four distinct ids.
+  spare = iter(sorted(set(range(5)) - {start, end, image, video}))
+  tokens = vision.VisionTokens(
+      image_token_id=image if image is not None else next(spare),
+      video_token_id=video if video is not None else next(spare),
+      vision_start_token_id=start, vision_end_token_id=end)
+  ids = ([start, tokens.image_token_id, end] * len(images) +
+         [start, tokens.video_token_id, end] * len(videos))
+  ids = image_processing.expand_placeholder_ids(
+      ids, out.get("image_grid_thw"), out.get("video_grid_thw"),
+      merge_size=cfg.vision.spatial_merge_size, tokens=tokens)
+  return ids, out
+
+
+def load(checkpoint: str | None, dtype: str, seed: int,
+         vision_model: bool = False):
+  """(cfg, params): the checkpoint's weights, or the random `tiny` model
+  (`tiny-vl` with vision_model).
 
   Raises:
     cli.UserError: a bad checkpoint (the loader's message says which).
@@ -300,8 +432,9 @@ def load(checkpoint: str | None, dtype: str, seed: int):
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   if not checkpoint:
-    cfg = qwen_jax.QwenConfig.from_preset("tiny", dtype=dtype,
-                                          param_dtype=dtype)
+    cfg = qwen_jax.QwenConfig.from_preset(
+        "tiny-vl" if vision_model else "tiny", dtype=dtype,
+        param_dtype=dtype)
     model = qwen_jax.Qwen35(cfg)
     init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))
     params = flax.linen.meta.unbox(init(jax.random.PRNGKey(seed)))["params"]
@@ -318,8 +451,12 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
         seed: int = 0, stop_tokens: Sequence[int] | None = None,
         dtype: str = "auto", max_len: int | None = None,
         block_steps: int = 8, prefill_block: int = DEFAULT_PREFILL_BLOCK,
-        out=sys.stdout) -> dict[str, Any]:
+        out=sys.stdout, images: Sequence[str] = (),
+        videos: Sequence[str] = ()) -> dict[str, Any]:
   """Loads, generates and streams the prompt and new text to `out`.
+
+  `images` (files) and `videos` (folders of frames) go before the prompt
+  text; without a checkpoint they use the random `tiny-vl` model.
 
   Returns:
     {"text", "ids" (new token ids), "prompt_tokens", "prefill_s",
@@ -328,19 +465,24 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
   Raises:
     cli.UserError (a ValueError), all before the weights are read: a bad
       option, a bad checkpoint folder, config.json, tokenizer.json or eos
-      id, an empty prompt, or a prompt plus max_new_tokens longer than
-      max_len / max_position_embeddings; then a checkpoint whose weights
-      cannot be loaded.
+      id, an image or video path that is missing or unreadable (or a model
+      that takes none), an empty prompt, or a prompt plus max_new_tokens
+      longer than max_len / max_position_embeddings; then a checkpoint
+      whose weights cannot be loaded.
   """
   check_options(top_k, top_p, stop_tokens, temperature=temperature,
                 max_new_tokens=max_new_tokens, max_len=max_len,
                 block_steps=block_steps, prefill_block=prefill_block,
                 prompt=prompt)
-  cfg, tokenizer, stops = describe(checkpoint, stop_tokens)
+  check_media_paths(images, videos)
+  media = bool(images or videos)
+  cfg, tokenizer, stops = describe(checkpoint, stop_tokens, media)
   ids = tokenizer.encode(prompt)
   if not ids:
     raise cli.UserError(f"--prompt: expected at least one token, found "
                         f"none in {prompt!r}")
+  media_ids, media_args = prepare_media(cfg, checkpoint, images, videos)
+  ids = media_ids + ids
   limit = cfg.max_position_embeddings if max_len is None else min(
       max_len, cfg.max_position_embeddings)
   if len(ids) + max_new_tokens > limit:
@@ -348,12 +490,12 @@ def run(checkpoint: str | None, prompt: str, max_new_tokens: int = 64,
         f"--prompt: {len(ids)} tokens + --max_new_tokens {max_new_tokens} = "
         f"{len(ids) + max_new_tokens} exceeds the maximum of {limit} tokens "
         f"(max_len / max_position_embeddings)")
-  cfg, params = load(checkpoint, dtype, seed)
+  cfg, params = load(checkpoint, dtype, seed, media)
   gen = stream(cfg, params, np.asarray([ids], np.int32), max_new_tokens,
                temperature=temperature, top_k=top_k or None,
                top_p=top_p if top_p < 1.0 else None, seed=seed,
                stop_tokens=stops, block_steps=block_steps,
-               prefill_block=prefill_block)
+               prefill_block=prefill_block, **media_args)
   out.write(prompt)
   out.flush()
   new: list[int] = []
@@ -399,7 +541,7 @@ def main(argv):
   r = run(v["checkpoint"], v["prompt"], v["max_new_tokens"],
           v["temperature"], v["top_k"], v["top_p"], v["seed"],
           v["stop_tokens"], v["dtype"], v["max_len"], v["block_steps"],
-          v["prefill_block"])
+          v["prefill_block"], images=v["image"], videos=v["video"])
   print(f"[{r['prompt_tokens']} prompt tokens, {len(r['ids'])} new; "
         f"prefill {r['prefill_s']:.2f} s, decode "
         f"{r['tokens_per_s']:.1f} tokens/s, compilation included; "

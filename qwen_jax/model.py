@@ -47,6 +47,7 @@ from qwen_jax import vision as vision_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.attention import GatedAttention
 from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax.config import VISION_TOKEN_FIELDS
 from qwen_jax.gated_deltanet import GatedDeltaNet
 from qwen_jax.mlp import MLP
 
@@ -291,7 +292,6 @@ def check_placeholder_runs(cfg: QwenConfig, input_ids: Any,
   mask = None if attention_mask is None else host_values(attention_mask)
   if ids is None or (attention_mask is not None and mask is None):
     return
-  from qwen_jax.config import VISION_TOKEN_FIELDS  # pylint: disable=g-import-not-at-top
   values = {f: getattr(cfg, f) for f in VISION_TOKEN_FIELDS}
   if None in values.values() or len(set(values.values())) != 4:
     return

@@ -293,6 +293,16 @@ def test_generate_misuse(way):
       Case(["--checkpoint", os.path.join(way, "bad_eos")],
            ["config.json", "eos_token_id", "999"],
            not_prefix="--stop_tokens"),
+      # Images and videos: paths, then whether the model takes them.
+      Case(["--image", os.path.join(way, "nothing.png")],
+           ["--image", "nothing.png"]),
+      Case(["--video", os.path.join(way, "afile")], ["--video", "afile"]),
+      Case(["--video", os.path.join(way, "adir")],
+           ["--video", "adir", "frame images"]),
+      Case(["--image", os.path.join(way, "afile")],
+           ["--image", "afile", "Pillow cannot read"]),
+      Case(["--checkpoint", weights, "--image", os.path.join(way, "afile")],
+           ["--image", "vision tower"]),
       # Every flag good: the weights' error is one line too.
       Case(["--checkpoint", weights], ["model.safetensors"]),
   ], way)
