@@ -365,6 +365,10 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
                 ) -> tuple[Array, PyTree]:
   """Feeds one token per sequence; returns its logits and the new cache.
 
+  After a prompt with images or videos the cache holds each row's
+  "rope_delta" (`prefill`), and the token sits at (the row's tokens before
+  it) + that delta, as in transformers' generate.
+
   The ids, the cache's shapes and its index are checked on the host first:
   reading the index waits for the previous step to finish (as reading its
   logits does).

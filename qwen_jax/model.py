@@ -153,10 +153,6 @@ class Media(NamedTuple):
   any: bool
 
 
-def _rows(x: Any) -> int:
-  return int(np.shape(x)[0])
-
-
 def check_media(cfg: QwenConfig, input_ids: Any, pixel_values: Any = None,
                 image_grid_thw: Any = None, pixel_values_videos: Any = None,
                 video_grid_thw: Any = None, image_features: Any = None,
@@ -179,7 +175,7 @@ def check_media(cfg: QwenConfig, input_ids: Any, pixel_values: Any = None,
       explicit positions), so features need their grids too.
 
   Returns:
-    The grids as NumPy arrays.
+    A `Media`: the grids as int64 NumPy arrays (None where not given).
 
   Raises:
     ValueError: naming the argument, the expected and the found value.
@@ -255,7 +251,7 @@ def check_media(cfg: QwenConfig, input_ids: Any, pixel_values: Any = None,
                          f"{cfg.hidden_size}], found {shape}")
       count = shape[0]
       if grid is not None and int(grid.prod(axis=1).sum()) // (m * m) != (
-          count) and need_grids:
+          count):
         raise ValueError(
             f"{feats_name}: expected one row per merged token of "
             f"{grid_name} ({int(grid.prod(axis=1).sum()) // (m * m)}), "
@@ -523,9 +519,10 @@ class Qwen35(nn.Module):
         the images of every row one after another; needs cfg.vision.
       image_grid_thw: [n_images, 3] (t, h, w) patch grid of each image:
         host data (a NumPy array, nested lists or tuples), since it fixes
-        shapes. Under jit close over it or make it a static argument (a
-        tuple of tuples, `qwen_jax.vision.grid_key`); a traced grid is
-        refused. One program is compiled per distinct grid set.
+        shapes. Under jit close over it, make it a static argument (a
+        tuple of tuples, `qwen_jax.vision.grid_key`) or pass a
+        `qwen_jax.vision.StaticGrid` (static inside a pytree); a traced
+        grid is refused. One program is compiled per distinct grid set.
       pixel_values_videos, video_grid_thw: the same for videos.
       image_features, video_features: [n, d] tower outputs to use instead
         of pixel values (e.g. computed once and reused; in reading order

@@ -366,6 +366,14 @@ def test_bench_gated_delta_rule_misuse(way):
   ], way)
 
 
+def test_bench_vision_misuse(way):
+  _check_cases("bench_vision", [
+      Case(["--image_size=100", "--hf=false"], ["--image_size", "32",
+                                                "found 100"]),
+      Case(["--preset=nope", "--hf=false"], ["--preset", "nope"]),
+  ], way)
+
+
 def test_bench_generate_misuse(way):
   _check_cases("bench_generate", [
       Case(["--small", "--decode_batches=0"], ["--decode_batches"]),
