@@ -13,7 +13,9 @@ placeholder ids inside the 128-token vocabulary; we load that folder once
     token;
   * checkpoints: our random multimodal params saved (sharded) load in
     transformers with our logits; transformers' sharded save loads as its
-    single file does;
+    single file does; a save over a text-only folder switches it to the
+    multimodal layout, keeping what it does not own, and a text-only save
+    into a multimodal folder carries its tower;
   * text alone: a model with a tower gives bit for bit the logits of the
     same language model without one;
   * training: the loss with an image and the tower's gradients equal
@@ -254,6 +256,47 @@ def test_transformers_sharded_save_loads_as_its_single_file(vlm, tmp_path):
   back_cfg, back = qwen_jax.load_hf_checkpoint(tmp_path)
   assert back_cfg == cfg and "visual" in back
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+def test_saves_switch_layouts_and_keep_what_they_do_not_own(vlm, tmp_path):
+  """A model with a tower saved over a text-only checkpoint of its language
+  model: the multimodal layout, the old text tensors replaced, a foreign
+  tensor and config entry kept. Its language model alone (vision=None)
+  saved into a multimodal folder: the tower there is carried bit for bit."""
+  _, model, cfg, params = vlm
+  text_cfg = cfg.replace(vision=None)
+  text_params = {k: v for k, v in params.items() if k != "visual"}
+  dst = tmp_path / "text"
+  qwen_jax.save_hf_checkpoint(dst, text_cfg, text_params)
+  hf_utils.add_fake_mtp(dst)
+  hf_utils.edit_config(dst, lambda d: d.update(my_field=[1, 2]))
+  qwen_jax.save_hf_checkpoint(dst, cfg, params)
+  keys = sorted(hf_utils.read_tensors(dst))
+  assert not [k for k in keys if k.startswith("model.layers.")]
+  assert "model.language_model.norm.weight" in keys
+  assert any(k.startswith("model.visual.") for k in keys)
+  assert any(k.startswith("mtp.") for k in keys)
+  config = hf_utils.read_config(dst)
+  assert config["model_type"] == "qwen3_5"
+  assert config["text_config"]["my_field"] == [1, 2]
+  back_cfg, back = qwen_jax.load_hf_checkpoint(dst)
+  assert back_cfg == cfg
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  theirs = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+      dst, dtype=torch.float32).state_dict()
+  for k, v in model.state_dict().items():
+    np.testing.assert_array_equal(theirs[k].numpy(), v.numpy(), err_msg=k)
+
+  mm = tmp_path / "multimodal"
+  model.save_pretrained(mm)
+  tower = {k: v for k, v in hf_utils.read_tensors(mm).items()
+           if k.startswith("model.visual.")}
+  qwen_jax.save_hf_checkpoint(
+      mm, text_cfg, jax.tree_util.tree_map(lambda x: x * 2, text_params))
+  after = hf_utils.read_tensors(mm)
+  for k, v in tower.items():
+    np.testing.assert_array_equal(after[k], v, err_msg=k)
+  assert hf_utils.read_config(mm)["vision_config"]["depth"] == 1
 
 
 # ----------------------------------------------------------------- training
