@@ -3,8 +3,9 @@
 #
 # A Qwen3.5 hybrid model (Gated DeltaNet + gated attention) in JAX/Flax:
 # build a model, round-trip a Hugging Face checkpoint, generate, describe
-# an image, and compare the gated delta rule backends. Everything here runs on a CPU runtime in a
-# minute; switch `PRESET` and load a real checkpoint on a GPU runtime.
+# an image, and compare the gated delta rule backends. Everything here runs
+# on a CPU runtime in a minute or two; switch `PRESET` and load a real
+# checkpoint on a GPU runtime.
 #
 # On Colab, install first (a code cell):
 # `%pip install "qwen-jax @ git+<this repository's URL>"`

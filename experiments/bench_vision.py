@@ -154,7 +154,9 @@ def main(argv):
                torch_threads=torch.get_num_threads())
   print("| workload | qwen_jax | transformers | ratio | unit | max rel "
         "diff |\n| --- | --- | --- | --- | --- | --- |")
-  fmt = lambda x, f: "—" if x is None else format(x, f)  # pylint: disable=g-long-lambda
+  def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
   print(f"| {row['workload']} | {row['value']:.3f} | {fmt(row['hf'], '.3f')}"
         f" | {fmt(row['ratio'], '.2f')}x | images/s | "
         f"{fmt(row['max_rel_diff'], '.1e')} |")

@@ -323,7 +323,7 @@ FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp",
                     ".tif", ".tiff")
 PREPROCESSOR_FILE = image_processing.IMAGE_CONFIG_NAME
 # The random `tiny-vl` model's preprocessing: 4-pixel patches, as its tower.
-_TINY_PROCESSOR = image_processing.ProcessorConfig(
+TINY_PROCESSOR = image_processing.ProcessorConfig(
     min_pixels=8 * 8, max_pixels=64 * 64, patch_size=4, temporal_patch_size=2,
     merge_size=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 
@@ -386,8 +386,8 @@ def prepare_media(cfg: qwen_jax.QwenConfig, checkpoint: str | None,
     with cli.user_errors(f"--checkpoint {checkpoint!r}"):
       processor = qwen_jax.load_image_processor(checkpoint)
   else:
-    processor = image_processing.VisionProcessor(_TINY_PROCESSOR,
-                                                 _TINY_PROCESSOR)
+    processor = image_processing.VisionProcessor(TINY_PROCESSOR,
+                                                 TINY_PROCESSOR)
   frames = check_media_paths(images, videos)
 
   def read(flag, path):

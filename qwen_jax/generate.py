@@ -26,7 +26,11 @@ its own placeholders and its slice of the prompt's multimodal positions
 (`qwen_jax.mrope`, padding skipped, as transformers' `get_rope_index`).
 The cache then carries each row's rope delta (cache["rope_delta"]), and
 every decoded token sits at (the row's tokens before it) + its delta:
-transformers' generate, left padding included.
+transformers' generate, left padding included, for prompts that end in
+text (as chat prompts do). A prompt whose last token is a placeholder is
+the exception: transformers' generate then steps each of the three rows
+on from its own last value, while here all three continue from the
+position text after the image would take (`get_rope_index`'s rule).
 
 Sampling (`Sampler`): greedy when temperature == 0, otherwise softmax
 sampling of logits / temperature, restricted to the `top_k` largest and

@@ -389,8 +389,11 @@ def test_images_through_the_sharded_programs():
                                 jnp.zeros((1, 8), jnp.int32))["params"]))
   rng = np.random.default_rng(0)
   t = 32
-  image = lambda n: [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [  # pylint: disable=g-long-lambda
-      cfg.vision_end_token_id]
+
+  def image(n):
+    return ([cfg.vision_start_token_id] + [cfg.image_token_id] * n +
+            [cfg.vision_end_token_id])
+
   rows = [image(6) + list(rng.integers(0, 200, t + 3 - 8)),
           list(rng.integers(0, 200, 5)) + image(2) +
           list(rng.integers(0, 200, t + 3 - 9))]

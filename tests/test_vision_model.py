@@ -25,14 +25,17 @@ placeholder ids inside the 128-token vocabulary; we load that folder once
 """
 
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import transformers
 
+from experiments import generate as script
 import qwen_jax
 from qwen_jax import checkpoint
 from qwen_jax import data
@@ -422,9 +425,6 @@ class TestBadInputs:
 def test_generate_script_with_an_image(tmp_path):
   """experiments.generate --image, on the random tiny-vl model: the image
   preprocessed and its placeholders expanded before the prompt bytes."""
-  import io  # pylint: disable=g-import-not-at-top
-  import PIL.Image  # pylint: disable=g-import-not-at-top
-  from experiments import generate as script  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(11)
   pixels = rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)
   PIL.Image.fromarray(pixels).save(tmp_path / "a.png")
@@ -435,7 +435,7 @@ def test_generate_script_with_an_image(tmp_path):
   assert out.getvalue().startswith("Hi")
   cfg, params = script.load(None, "float32", 0, vision_model=True)
   patches, grid = image_processing.process_image(
-      PIL.Image.open(tmp_path / "a.png"), script._TINY_PROCESSOR)  # pylint: disable=protected-access
+      PIL.Image.open(tmp_path / "a.png"), script.TINY_PROCESSOR)
   assert grid.tolist() == [1, 6, 8]  # 24 x 28 -> 24 x 32 pixels, 4-pixel
   ids = ([cfg.vision_start_token_id] + [cfg.image_token_id] * 12 +
          [cfg.vision_end_token_id] + list(b"Hi"))
