@@ -18,6 +18,10 @@ offline (the text is noise).
       --top_p 0.9 --top_k 50 --min_p 0.05 --presence_penalty 1.5 --seed 1
   python -m experiments.generate --checkpoint DIR \
       --prompts_file in.jsonl --output out.jsonl --batch_size 16
+  python -m experiments.generate --checkpoint DIR --image a.png \
+      --image b.png --prompt "Describe these pictures."
+  python -m experiments.generate --checkpoint DIR --video frames_dir \
+      --prompt "What happens here?"
 
 One prompt: decoding runs `--block_steps` tokens per compiled call and the
 text is printed after each call (`qwen_jax.generate.stream`), never
@@ -26,6 +30,15 @@ checkpoint's eos ids from config.json and generation_config.json) or a
 stop string (--stop_strings, not printed). --chat renders the prompt as a
 user message with the checkpoint's chat template (--enable_thinking passes
 enable_thinking to it).
+
+Images and videos (a checkpoint with a vision tower and its
+preprocessor_config.json; without --checkpoint, the `tiny-vl` preset with
+random weights): each --image is a picture file, each --video a folder of
+frames (image files, in name order, already sampled). They come before the
+prompt text, each as <|vision_start|> placeholder <|vision_end|> (the
+placeholders expanded per image and per frame as transformers' Qwen3-VL
+processor does, without frame times), in the order given, images first
+They are for one plain prompt: --chat and --prompts_file take text only.
 
 A prompts file (--prompts_file, JSON lines) holds one prompt per line:
 `{"prompt": "text"}` (plain text; a user message with --chat) or
@@ -52,8 +65,9 @@ results of other prompts (another input_sha256 for an id), is refused
 before anything is loaded, and never changed.
 
 Every flag, the checkpoint folder, its config.json, tokenizer files and
-generation_config.json, every prompt (its length included) and the stop
-ids are checked before the weights are read; a misuse ends with one line
+generation_config.json, the image and video paths (and that the model
+takes them), every prompt (its length included) and the stop ids are
+checked before the weights are read; a misuse ends with one line
 on stderr and exit status 1 (2 for usage errors); see experiments/cli.py.
 """
 
@@ -72,9 +86,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 
 from experiments import cli
 import qwen_jax
+from qwen_jax import image_processing
+from qwen_jax import vision
 from qwen_jax import tokenizer as tokenizer_lib
 from qwen_jax.config import is_int
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
@@ -229,6 +246,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
       "batch_size": flags.DEFINE_integer(
           "batch_size", 8, "Prompts decoded together with --prompts_file.",
           lower_bound=1, flag_values=fv),
+      "image": flags.DEFINE_multi_string(
+          "image", [], "An image file to put before the prompt (repeat "
+          "for several). Needs a checkpoint with a vision tower.",
+          flag_values=fv),
+      "video": flags.DEFINE_multi_string(
+          "video", [], "A folder of video frames (image files, in name "
+          "order) to put before the prompt (repeat for several).",
+          flag_values=fv),
   }
   holders.update(define_sampling_flags(fv))
   _validate(fv, "prompt", _prompt_error)
@@ -382,12 +407,13 @@ class Described:
     return iter((self.cfg, self.tokenizer, self.stops))
 
 
-def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
-             ) -> Described:
+def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None,
+             vision_model: bool = False) -> Described:
   """Reads a checkpoint's config, tokenizer and generation defaults.
 
-  The config is the checkpoint's config.json (or the `tiny` preset); the
-  stop ids are `stop_tokens`, else the checkpoint's eos ids.
+  The config is the checkpoint's config.json (or the `tiny` preset,
+  `tiny-vl` with vision_model); the stop ids are `stop_tokens`, else the
+  checkpoint's eos ids.
 
   Raises:
     cli.UserError: a folder without config.json or tokenizer.json, a
@@ -397,7 +423,8 @@ def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
   """
   gc = tokenizer_lib.GenerationConfig()
   if not checkpoint:
-    cfg = qwen_jax.QwenConfig.from_preset("tiny")
+    cfg = qwen_jax.QwenConfig.from_preset("tiny-vl" if vision_model
+                                          else "tiny")
     tokenizer, eos = ByteTokenizer(), []
   else:
     check_checkpoint(checkpoint)
@@ -425,8 +452,113 @@ def describe(checkpoint: str | None, stop_tokens: Sequence[Any] | None
   return Described(cfg, tokenizer, stops, gc)
 
 
-def load(checkpoint: str | None, dtype: str, seed: int):
-  """(cfg, params): the checkpoint's weights, or the random `tiny` model.
+# Frame files a --video folder may hold.
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp",
+                    ".tif", ".tiff")
+PREPROCESSOR_FILE = image_processing.IMAGE_CONFIG_NAME
+# The random `tiny-vl` model's preprocessing: 4-pixel patches, as its tower.
+TINY_PROCESSOR = image_processing.ProcessorConfig(
+    min_pixels=8 * 8, max_pixels=64 * 64, patch_size=4, temporal_patch_size=2,
+    merge_size=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+def check_media_paths(images: Sequence[str], videos: Sequence[str]
+                      ) -> list[list[str]]:
+  """The frame files of each --video; cli.UserError for a bad path.
+
+  Every --image must be a file, every --video a folder holding at least one
+  frame file (FRAME_EXTENSIONS); nothing is opened.
+  """
+  for path in images:
+    cli.existing_file("--image", path)
+  frames = []
+  for path in videos:
+    cli.existing_folder("--video", path)
+    names = sorted(f for f in os.listdir(path)
+                   if f.lower().endswith(FRAME_EXTENSIONS)
+                   and os.path.isfile(os.path.join(path, f)))
+    if not names:
+      raise cli.UserError(f"--video {path!r}: expected a folder of frame "
+                          f"images ({', '.join(FRAME_EXTENSIONS)}), found "
+                          f"none")
+    frames.append([os.path.join(path, f) for f in names])
+  return frames
+
+
+def prepare_media(cfg: qwen_jax.QwenConfig, checkpoint: str | None,
+                  images: Sequence[str], videos: Sequence[str]
+                  ) -> tuple[list[int], dict[str, np.ndarray]]:
+  """(prompt ids of the images and videos, the model's media arguments).
+
+  Checks that the model takes them (a tower, the placeholder ids, the
+  checkpoint's preprocessor_config.json) and reads and preprocesses every
+  file, all before any weight is read.
+
+  Raises:
+    cli.UserError: naming the flag and the file or field at fault.
+  """
+  if not images and not videos:
+    return [], {}
+  flag = "--image" if images else "--video"
+  where = (f"the checkpoint {checkpoint!r}" if checkpoint
+           else "the random model")
+  if cfg.vision is None:
+    raise cli.UserError(f"{flag}: expected a checkpoint with a vision tower "
+                        f"(a vision_config in config.json), found "
+                        f"{where} without one")
+  for paths, name, token in ((images, "--image", "image_token_id"),
+                             (videos, "--video", "video_token_id"),
+                             (True, flag, "vision_start_token_id"),
+                             (True, flag, "vision_end_token_id")):
+    if paths and getattr(cfg, token) is None:
+      raise cli.UserError(f"{name}: expected a model with a {token}, found "
+                          f"{where} without one")
+  if checkpoint:
+    cli.existing_file(f"{flag}: --checkpoint {checkpoint!r}",
+                      os.path.join(checkpoint, PREPROCESSOR_FILE),
+                      f"a {PREPROCESSOR_FILE} in it")
+    with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+      processor = qwen_jax.load_image_processor(checkpoint)
+  else:
+    processor = image_processing.VisionProcessor(TINY_PROCESSOR,
+                                                 TINY_PROCESSOR)
+  frames = check_media_paths(images, videos)
+
+  def read(flag, path):
+    try:
+      with PIL.Image.open(path) as im:
+        im.load()
+        return im.copy()
+    except (OSError, ValueError) as e:
+      raise cli.UserError(f"{flag} {path!r}: expected an image file, found "
+                          f"one Pillow cannot read ({cli.one_line(e)})"
+                          ) from e
+
+  with cli.user_errors(flag):
+    out = processor(
+        images=[read("--image", p) for p in images] or None,
+        videos=[[read("--video", f) for f in v] for v in frames] or None)
+  start, end = cfg.vision_start_token_id, cfg.vision_end_token_id
+  image, video = cfg.image_token_id, cfg.video_token_id
+  # A model may lack one placeholder (its inputs were refused above); the
+  # expansion still wants four distinct ids.
+  spare = iter(sorted(set(range(5)) - {start, end, image, video}))
+  tokens = vision.VisionTokens(
+      image_token_id=image if image is not None else next(spare),
+      video_token_id=video if video is not None else next(spare),
+      vision_start_token_id=start, vision_end_token_id=end)
+  ids = ([start, tokens.image_token_id, end] * len(images) +
+         [start, tokens.video_token_id, end] * len(videos))
+  ids = image_processing.expand_placeholder_ids(
+      ids, out.get("image_grid_thw"), out.get("video_grid_thw"),
+      merge_size=cfg.vision.spatial_merge_size, tokens=tokens)
+  return ids, out
+
+
+def load(checkpoint: str | None, dtype: str, seed: int,
+         vision_model: bool = False):
+  """(cfg, params): the checkpoint's weights, or the random `tiny` model
+  (`tiny-vl` with vision_model).
 
   Raises:
     cli.UserError: a bad checkpoint (the loader's message says which).
@@ -434,8 +566,9 @@ def load(checkpoint: str | None, dtype: str, seed: int):
   if dtype == "auto":
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   if not checkpoint:
-    cfg = qwen_jax.QwenConfig.from_preset("tiny", dtype=dtype,
-                                          param_dtype=dtype)
+    cfg = qwen_jax.QwenConfig.from_preset(
+        "tiny-vl" if vision_model else "tiny", dtype=dtype,
+        param_dtype=dtype)
     model = qwen_jax.Qwen35(cfg)
     init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))
     params = flax.linen.meta.unbox(init(jax.random.PRNGKey(seed)))["params"]
@@ -519,12 +652,15 @@ def run(checkpoint: str | None, prompt: str,
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
         stop_strings: Sequence[str] | None = None, chat: bool = False,
-        enable_thinking: bool | None = None) -> dict[str, Any]:
+        enable_thinking: bool | None = None, images: Sequence[str] = (),
+        videos: Sequence[str] = ()) -> dict[str, Any]:
   """Loads, generates and streams the prompt and new text to `out`.
 
   Sampling values left None come from the checkpoint's
   generation_config.json (greedy without one). With `chat`, the prompt is
   a user message of the chat template and only the reply is written.
+  `images` (files) and `videos` (folders of frames) go before the prompt
+  text; without a checkpoint they use the random `tiny-vl` model.
 
   Returns:
     {"text", "ids" (new token ids), "prompt_tokens", "prefill_s",
@@ -534,7 +670,9 @@ def run(checkpoint: str | None, prompt: str,
   Raises:
     cli.UserError (a ValueError), all before the weights are read: a bad
       option, a bad checkpoint folder, config.json, tokenizer file,
-      generation_config.json or eos id, an empty prompt, or a prompt plus
+      generation_config.json or eos id, an image or video path that is
+      missing or unreadable (or a model that takes none), an empty prompt,
+      or a prompt plus
       max_new_tokens longer than max_len / max_position_embeddings; then a
       checkpoint whose weights cannot be loaded.
   """
@@ -544,7 +682,14 @@ def run(checkpoint: str | None, prompt: str,
                 prompt=prompt, min_p=min_p,
                 repetition_penalty=repetition_penalty,
                 presence_penalty=presence_penalty, stop_strings=stop_strings)
-  d = describe(checkpoint, stop_tokens)
+  check_media_paths(images, videos)
+  media = bool(images or videos)
+  if media and chat:
+    raise cli.UserError(
+        f"--{'image' if images else 'video'}: expected no images or videos "
+        f"with --chat (the chat template's image entries are not rendered "
+        f"here), found {len(images) + len(videos)}; drop --chat")
+  d = describe(checkpoint, stop_tokens, media)
   cfg, tokenizer, stops, gc = d.cfg, d.tokenizer, d.stops, d.generation_config
   if max_new_tokens is None:
     max_new_tokens = gc.max_new_tokens or 64
@@ -556,6 +701,8 @@ def run(checkpoint: str | None, prompt: str,
   if not ids:
     raise cli.UserError(f"--prompt: expected at least one token, found "
                         f"none in {prompt!r}")
+  media_ids, media_args = prepare_media(cfg, checkpoint, images, videos)
+  ids = media_ids + ids
   limit = _max_tokens(cfg, max_len)
   if len(ids) + max_new_tokens > limit:
     raise cli.UserError(
@@ -566,12 +713,12 @@ def run(checkpoint: str | None, prompt: str,
                             repetition_penalty, presence_penalty)
   with cli.user_errors():  # a bad generation_config.json value, named
     sampler = Sampler.from_generation_config(gc, **sampling)
-  cfg, params = load(checkpoint, dtype, seed)
+  cfg, params = load(checkpoint, dtype, seed, media)
   t0 = time.perf_counter()
   gen = stream(cfg, params, np.asarray([ids], np.int32), max_new_tokens,
                seed=seed, stop_tokens=stops, block_steps=block_steps,
                prefill_block=prefill_block, generation_config=gc,
-               **sampling)
+               **sampling, **media_args)
   if not chat:
     out.write(prompt)
     out.flush()
@@ -969,12 +1116,17 @@ def main(argv):
                       ("--output", "--prompts_file"))
     raise cli.UserError(f"{missing}: required with {given}, not given")
   if v["prompts_file"] is not None:
+    if v["image"] or v["video"]:
+      raise cli.UserError(
+          f"--{'image' if v['image'] else 'video'}: expected no images or "
+          f"videos with --prompts_file (a prompts file holds text), found "
+          f"{len(v['image']) + len(v['video'])}")
     run_batch(v["checkpoint"], v["prompts_file"], v["output"],
               batch_size=v["batch_size"],
               max_new_tokens=v["max_new_tokens"], **common)
     return
   r = run(v["checkpoint"], v["prompt"], v["max_new_tokens"], out=sys.stdout,
-          **common)
+          images=v["image"], videos=v["video"], **common)
   print(f"[{r['prompt_tokens']} prompt tokens, {len(r['ids'])} new; "
         f"prefill {r['prefill_s']:.2f} s, decode "
         f"{r['tokens_per_s']:.1f} tokens/s, compilation included; "

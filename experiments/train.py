@@ -87,7 +87,8 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
       `model.vocab_size` is None and it is given.
 
   Returns:
-    The model config.
+    The model config: the preset's language model (the tasks are text, so
+    a preset's vision tower is left out).
 
   Raises:
     ValueError: an unknown preset or field, a bad ratio, or a vocabulary
@@ -104,7 +105,8 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
   overrides = {k: v for k, v in values.items() if v is not None}
   if "vocab_size" not in overrides and data_vocab_size is not None:
     overrides["vocab_size"] = int(data_vocab_size)
-  base = QwenConfig.from_preset(preset)  # ValueError naming a bad preset
+  # ValueError naming a bad preset; text tasks: no vision tower.
+  base = QwenConfig.from_preset(preset, vision=None)
   if ratio:
     n = overrides.get("num_hidden_layers", base.num_hidden_layers)
     overrides["layer_types"] = layer_types_from_ratio(ratio, n)

@@ -19,6 +19,19 @@ keys are masked out, so each row gives what it gives alone. The padded
 inputs of the Gated DeltaNet layers are zeroed, so its state and conv
 window start exactly as for the row alone.
 
+Images and videos (`pixel_values` / `image_grid_thw`, `pixel_values_videos`
+/ `video_grid_thw`, as transformers' processor gives them) go through the
+tower once, before the prompt; each prefill block takes the features of
+its own placeholders and its slice of the prompt's multimodal positions
+(`qwen_jax.mrope`, padding skipped, as transformers' `get_rope_index`).
+The cache then carries each row's rope delta (cache["rope_delta"]), and
+every decoded token sits at (the row's tokens before it) + its delta:
+transformers' generate, left padding included, for prompts that end in
+text (as chat prompts do). A prompt whose last token is a placeholder is
+the exception: transformers' generate then steps each of the three rows
+on from its own last value, while here all three continue from the
+position text after the image would take (`get_rope_index`'s rule).
+
 Sampling (`Sampler`), in transformers' order: the penalties first (on the
 raw logits, greedy decoding included), then, when sampling, logits /
 temperature, the `top_k` largest, the smallest set whose probability
@@ -76,7 +89,9 @@ import numpy as np
 
 from qwen_jax import cache as cache_lib
 from qwen_jax import head
+from qwen_jax import model as model_lib
 from qwen_jax import tokenizer as tokenizer_lib
+from qwen_jax import vision as vision_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
@@ -347,12 +362,16 @@ def _head(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
 
 
 def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,
-                   cache: PyTree, mask: Array | None):
+                   cache: PyTree, mask: Array | None,
+                   positions: Array | None = None,
+                   image_features: Array | None = None,
+                   video_features: Array | None = None):
   # Only the last hidden state leaves the function, so XLA drops the
   # [b, t, V] logits the model would otherwise compute.
   _, cache, hidden = Qwen35(cfg).apply(
       {"params": params}, ids, attention_mask=mask, cache=cache,
-      return_hidden=True)
+      positions=positions, image_features=image_features,
+      video_features=video_features, return_hidden=True)
   return _head(cfg, params, hidden[:, -1]), cache
 
 
@@ -446,14 +465,22 @@ def _check_block(prefill_block: Any) -> None:
 
 def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
             cache: PyTree, attention_mask: Array | None = None,
-            prefill_block: int = DEFAULT_PREFILL_BLOCK
-            ) -> tuple[Array, PyTree]:
+            prefill_block: int = DEFAULT_PREFILL_BLOCK,
+            pixel_values: Array | None = None, image_grid_thw: Any = None,
+            pixel_values_videos: Array | None = None,
+            video_grid_thw: Any = None) -> tuple[Array, PyTree]:
   """Runs the prompt through the model, filling the cache.
 
   The prompt is cut into blocks of `prefill_block` tokens (the last one may
   be shorter); each block continues from the cache the previous one left.
   At most two programs are compiled per prompt length (a full block and the
   remainder). The cache passed in is donated: use the returned one.
+
+  With images or videos, the tower runs once on all of them (one program
+  per grid set), each block gets the features of its placeholders and its
+  slice of the prompt's multimodal positions, and the returned cache holds
+  "rope_delta" (each row's offset, added to those of earlier calls), which
+  `decode_step` and `generate` continue from.
 
   Args:
     cfg: the model config.
@@ -464,6 +491,9 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     attention_mask: None, or [b, t] over the prompt, or [b, S] over every
       cache slot (1 = token, 0 = padding).
     prefill_block: prompt tokens per model call (>= 2).
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: the
+      prompt's images and videos, as `Qwen35.__call__` takes them (the
+      grids as host data).
 
   Returns:
     (logits [b, V] float32 of the last prompt token, the filled cache).
@@ -471,8 +501,9 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   Raises:
     ValueError: bad shapes, ids outside [0, vocab_size), a concrete mask
       with values other than 0/1 or not left padded, a cache of another
-      config or batch, a prompt that does not fit the cache, or a block
-      size < 2.
+      config or batch, a prompt that does not fit the cache, a block
+      size < 2, or images or videos that the model or the prompt does not
+      take (`qwen_jax.model.check_media`).
   """
   _check_block(prefill_block)
   prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
@@ -488,6 +519,13 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   mask = _slot_mask(attention_mask, b, t, index, slots)
   # The shape is checked: its first index + t columns are the slots written.
   _check_mask(attention_mask, index + t)
+  media = model_lib.check_media(cfg, np.asarray(prompt_ids), pixel_values,
+                                image_grid_thw, pixel_values_videos,
+                                video_grid_thw)
+  if media.any:
+    return _prefill_media(cfg, params, prompt_ids, cache, mask, index,
+                          prefill_block, media, pixel_values,
+                          pixel_values_videos)
   logits = None
   for start in range(0, t, prefill_block):
     chunk = prompt_ids[:, start:start + prefill_block]
@@ -495,10 +533,53 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   return logits, cache
 
 
+def _prefill_media(cfg, params, prompt_ids, cache, mask, index,
+                   prefill_block, media, pixel_values, pixel_values_videos):
+  """`prefill` of a prompt with images or videos (inputs checked)."""
+  b, t = prompt_ids.shape
+  ids = np.asarray(prompt_ids)
+  delta = cache.get("rope_delta")
+  if delta is None:
+    delta = jnp.zeros((b,), jnp.int32)
+  positions, delta = model_lib.media_positions(
+      cfg, prompt_ids, None if mask is None else mask.astype(bool), media,
+      jnp.int32(index), delta)
+  feats = {}
+  for kind, pixels, grid, token in (
+      ("image", pixel_values, media.image_grid, cfg.image_token_id),
+      ("video", pixel_values_videos, media.video_grid, cfg.video_token_id)):
+    if pixels is None:
+      continue
+    x = vision_lib.encode(cfg.vision, params["visual"], pixels, grid)
+    where = ids == token
+    # Feature k goes to the k-th placeholder in reading order.
+    order = (np.cumsum(where.reshape(-1)) - 1).reshape(b, t)
+    feats[kind] = (x, where, order)
+  cache = dict(cache, rope_delta=cache.get("rope_delta",
+                                           jnp.zeros((b,), jnp.int32)))
+  logits = None
+  for start in range(0, t, prefill_block):
+    end = min(start + prefill_block, t)
+    chunk_feats = {}
+    for kind, (x, where, order) in feats.items():
+      rows = order[:, start:end][where[:, start:end]]
+      chunk_feats[kind] = jnp.take(x, rows, axis=0) if rows.size else None
+    logits, cache = _prefill_chunk_jit(
+        cfg, params, prompt_ids[:, start:end], cache, mask,
+        positions[:, :, start:end], chunk_feats.get("image"),
+        chunk_feats.get("video"))
+  cache["rope_delta"] = delta
+  return logits, cache
+
+
 def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
                 cache: PyTree, attention_mask: Array | None = None
                 ) -> tuple[Array, PyTree]:
   """Feeds one token per sequence; returns its logits and the new cache.
+
+  After a prompt with images or videos the cache holds each row's
+  "rope_delta" (`prefill`), and the token sits at (the row's tokens before
+  it) + that delta, as in transformers' generate.
 
   The ids, the cache's shapes and its index are checked on the host first:
   reading the index waits for the previous step to finish (as reading its
@@ -586,6 +667,15 @@ _loop_jit = jax.jit(_loop, static_argnums=(0, 1), donate_argnums=3)
 
 
 # ------------------------------------------------------------------- public
+def _media_args(pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw) -> dict[str, Any]:
+  """The media keyword arguments that were given."""
+  args = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+              pixel_values_videos=pixel_values_videos,
+              video_grid_thw=video_grid_thw)
+  return {k: v for k, v in args.items() if v is not None}
+
+
 STOP_TOKEN = "stop_token"
 STOP_STRING = "stop_string"
 LENGTH = "length"
@@ -769,8 +859,10 @@ def _prepare(cfg, prompt_ids, max_new_tokens, attention_mask, cache_len,
                context)
 
 
-def _begin(cfg, params, sampler, plan: _Plan, prefill_block, cache=None):
-  """Prefills and samples token 0.
+def _begin(cfg, params, sampler, plan: _Plan, prefill_block, cache=None,
+           media=None):
+  """Prefills (with the prompt's images and videos, if any) and samples
+  token 0.
 
   Returns:
     (loop state, (mask, row keys, stops, pad) for `_loop`).
@@ -780,7 +872,7 @@ def _begin(cfg, params, sampler, plan: _Plan, prefill_block, cache=None):
     cache = cache_lib.init_cache(cfg, b, plan.cache_len)
   mask = None if plan.slot_mask is None else jnp.asarray(plan.slot_mask)
   logits, cache = prefill(cfg, params, plan.prompt, cache, mask,
-                          prefill_block)
+                          prefill_block, **(media or {}))
   seen = None
   if sampler.penalized:
     valid = (None if plan.prompt_mask is None
@@ -804,7 +896,7 @@ def _setup(cfg, params, prompt_ids, max_new_tokens, temperature, top_k,
            top_p, attention_mask, seed, stop_tokens, pad_token_id,
            prefill_block, cache_len, min_p, repetition_penalty,
            presence_penalty, generation_config, stop_strings, tokenizer,
-           cache, context_ids):
+           cache, context_ids, media):
   """Everything `generate` and `stream` check, then the prefill."""
   sampler = Sampler.from_generation_config(
       generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -814,7 +906,9 @@ def _setup(cfg, params, prompt_ids, max_new_tokens, temperature, top_k,
                   prefill_block, stop_tokens, pad_token_id, seed,
                   generation_config, cache, context_ids)
   rows = _row_stop_strings(stop_strings, plan.prompt.shape[0], tokenizer)
-  state, loop_args = _begin(cfg, params, sampler, plan, prefill_block, cache)
+  model_lib.check_media(cfg, plan.prompt, **media)  # before any work
+  state, loop_args = _begin(cfg, params, sampler, plan, prefill_block, cache,
+                            media)
   return sampler, plan, rows, state, loop_args
 
 
@@ -955,7 +1049,10 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
            generation_config: Any = None,
            stop_strings: Sequence[str] | Sequence[Sequence[str]] | None = None,
            tokenizer: Any = None, cache: PyTree | None = None,
-           context_ids: Array | None = None) -> TokenStream:
+           context_ids: Array | None = None,
+           pixel_values: Array | None = None, image_grid_thw: Any = None,
+           pixel_values_videos: Array | None = None,
+           video_grid_thw: Any = None) -> TokenStream:
   """Like `generate`, yielding new tokens as they are decoded.
 
   The prompt is checked and prefilled here; the first block is the token
@@ -968,7 +1065,8 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
     attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
     cache_len, min_p, repetition_penalty, presence_penalty,
-    generation_config, stop_strings, tokenizer: as in `generate`.
+    generation_config, stop_strings, tokenizer, pixel_values,
+    image_grid_thw, pixel_values_videos, video_grid_thw: as in `generate`.
     block_steps: decode steps per compiled call (>= 1); stop strings and
       per-row lengths are checked after each.
     cache: continue this cache (donated; the stream's `cache` attribute
@@ -990,7 +1088,9 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
       attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
       cache_len, min_p, repetition_penalty, presence_penalty,
-      generation_config, stop_strings, tokenizer, cache, context_ids)
+      generation_config, stop_strings, tokenizer, cache, context_ids,
+      _media_args(pixel_values, image_grid_thw, pixel_values_videos,
+                  video_grid_thw))
   return TokenStream(cfg, params, sampler, plan, rows, state, loop_args,
                      int(block_steps), tokenizer)
 
@@ -1009,7 +1109,10 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
              presence_penalty: float | None = None,
              generation_config: Any = None,
              stop_strings: Sequence[str] | Sequence[Sequence[str]] | None
-             = None, tokenizer: Any = None) -> Array:
+             = None, tokenizer: Any = None,
+             pixel_values: Array | None = None, image_grid_thw: Any = None,
+             pixel_values_videos: Array | None = None,
+             video_grid_thw: Any = None) -> Array:
   """Generates up to `max_new_tokens` tokens after each prompt.
 
   Args:
@@ -1047,20 +1150,32 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       (checked after each block of 16 tokens; the row's tokens end at the
       one completing it): a list for every row, or one list per row.
     tokenizer: decodes the tokens for stop_strings.
+    pixel_values: [n_patches, C*T*P*P] float patches of the prompts'
+      images, row after row (transformers' processor output, or
+      `qwen_jax.load_image_processor(dir)(images=...)`); each image's
+      placeholders must be expanded in prompt_ids (t*h*w / m^2
+      image_token_id each). Needs a config with a tower.
+    image_grid_thw: [n_images, 3] int patch grids (host data).
+    pixel_values_videos, video_grid_thw: the same for videos.
 
   Returns:
     [b, max(max_new_tokens)] int32 new token ids.
 
   Raises:
     ValueError: bad shapes or ids, a right-padded mask, bad sampling
-      parameters, or a prompt plus new tokens longer than
-      max_position_embeddings.
+      parameters, a prompt plus new tokens longer than
+      max_position_embeddings, or images or videos that the model or the
+      prompt does not take (`qwen_jax.model.check_media`: no tower or
+      placeholder id, a grid that does not match the pixel values,
+      placeholders that do not match the features).
   """
   sampler, plan, rows, state, loop_args = _setup(
       cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
       attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
       cache_len, min_p, repetition_penalty, presence_penalty,
-      generation_config, stop_strings, tokenizer, None, None)
+      generation_config, stop_strings, tokenizer, None, None,
+      _media_args(pixel_values, image_grid_thw, pixel_values_videos,
+                  video_grid_thw))
   max_new = int(plan.limits.max())
   if rows is None and (plan.limits == max_new).all():
     # Nothing to check on the host: the whole loop is one call.

@@ -34,6 +34,9 @@ from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import FULL, QwenConfig
 from qwen_jax.config import is_int, is_real
 from qwen_jax.data import check_batch
+from qwen_jax.data import media_args
+from qwen_jax.data import placeholder_loss_mask
+from qwen_jax.data import with_static_grids
 from qwen_jax.model import Qwen35
 
 Batch = Mapping[str, Any]
@@ -249,7 +252,12 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
     params: model parameters.
     cfg: model config (its dtype is the compute dtype).
     batch: "inputs", "targets" [b, t]; optional "loss_mask" [b, t] (default
-      all ones) and "segment_ids" [b, t] (packed documents).
+      all ones) and "segment_ids" [b, t] (packed documents); for a model
+      with a tower, optional images and videos (`data.MEDIA_KEYS`; grids
+      static under jit: `data.with_static_grids`). Targets that are image
+      or video placeholders are left out of the loss (their embeddings are
+      the tower's features, not tokens to predict); gradients reach the
+      tower through the features.
     chunk_size: cross-entropy chunk (see `head.chunked_cross_entropy`).
 
   Returns:
@@ -260,10 +268,11 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   mask = batch.get("loss_mask")
   if mask is None:
     mask = jnp.ones(inputs.shape, jnp.float32)
+  mask = placeholder_loss_mask(cfg, targets, mask)
   _, hidden = Qwen35(cfg).apply(
       {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
       attention_mask=batch.get("attention_mask"),
-      return_hidden=True)
+      return_hidden=True, **media_args(batch))
   w, vocab_major = head.head_weights(cfg, params)
   loss_sum, tokens, correct = head.chunked_cross_entropy(
       hidden, w, targets, mask, vocab_major=vocab_major,
@@ -280,8 +289,10 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
   Calls with the same model config and the same optimizer settings return
-  the same jit object, so a second run in the process (a resume, another
-  seed) does not compile again.
+  the same function, so a second run in the process (a resume, another
+  seed) does not compile again. A batch's image and video grids become
+  static (`data.with_static_grids`): one compilation per grid set;
+  `fn.lower(state, batch)` lowers the program for that batch.
   """
   key = tcfg.replace(**{f: getattr(TrainConfig, f)
                         for f in _LOOP_ONLY_FIELDS})
@@ -306,19 +317,29 @@ def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return _static_grid_call(
+      jax.jit(step, donate_argnums=(0,) if donate else ()))
+
+
+def _static_grid_call(jitted: Callable) -> Callable:
+  """fn(x, batch) -> jitted(x, with_static_grids(batch)), with `lower`."""
+  def call(x, batch):
+    return jitted(x, with_static_grids(batch))
+
+  call.lower = lambda x, batch: jitted.lower(x, with_static_grids(batch))  # pylint: disable=g-long-lambda
+  return call
 
 
 @functools.lru_cache(maxsize=16)
 def make_eval_step(cfg: QwenConfig, chunk_size: int = 0) -> Callable:
   """jit-compiled `eval(params, batch) -> {"loss_sum", "tokens",
-  "correct"}` (sums over the batch's masked tokens; one jit object per
-  (cfg, chunk_size))."""
+  "correct"}` (sums over the batch's masked tokens; one function per
+  (cfg, chunk_size); grids static as in `make_train_step`)."""
 
   def evaluate(params, batch):
     return loss_and_stats(params, cfg, batch, chunk_size)[1]
 
-  return jax.jit(evaluate)
+  return _static_grid_call(jax.jit(evaluate))
 
 
 # ------------------------------------------------------------- flops / mfu

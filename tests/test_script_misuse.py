@@ -304,6 +304,16 @@ def test_generate_misuse(way, tmp_path):
       Case(["--checkpoint", os.path.join(way, "bad_eos")],
            ["config.json", "eos_token_id", "999"],
            not_prefix="--stop_tokens"),
+      # Images and videos: paths, then whether the model takes them.
+      Case(["--image", os.path.join(way, "nothing.png")],
+           ["--image", "nothing.png"]),
+      Case(["--video", os.path.join(way, "afile")], ["--video", "afile"]),
+      Case(["--video", os.path.join(way, "adir")],
+           ["--video", "adir", "frame images"]),
+      Case(["--image", os.path.join(way, "afile")],
+           ["--image", "afile", "Pillow cannot read"]),
+      Case(["--checkpoint", weights, "--image", os.path.join(way, "afile")],
+           ["--image", "vision tower"]),
       # Every flag good: the weights' error is one line too.
       Case(["--checkpoint", weights], ["model.safetensors"]),
       # Batch mode: the prompts and the output file, before the weights.
@@ -400,6 +410,14 @@ def test_bench_gated_delta_rule_misuse(way):
            ["--pallas_variants", "bogus"]),
       Case(["--interpret", f"--json_out={os.path.join(way, 'adir')}"],
            ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_bench_vision_misuse(way):
+  _check_cases("bench_vision", [
+      Case(["--image_size=100", "--hf=false"], ["--image_size", "32",
+                                                "found 100"]),
+      Case(["--preset=nope", "--hf=false"], ["--preset", "nope"]),
   ], way)
 
 
