@@ -2,7 +2,7 @@
 
 Public API:
   QwenConfig, Qwen35, load_hf_checkpoint, save_hf_checkpoint, generate,
-  layer_types_from_ratio.
+  quantize, layer_types_from_ratio.
 """
 
 from qwen_jax.checkpoint import load_hf_checkpoint
@@ -11,6 +11,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.config import layer_types_from_ratio
 from qwen_jax.generate import generate
 from qwen_jax.model import Qwen35
+from qwen_jax.quantize import quantize
 
 __all__ = [
     "QwenConfig",
@@ -18,6 +19,7 @@ __all__ = [
     "generate",
     "layer_types_from_ratio",
     "load_hf_checkpoint",
+    "quantize",
     "save_hf_checkpoint",
 ]
 

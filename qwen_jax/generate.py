@@ -26,9 +26,18 @@ transformers applies them in). Draws are seeded: step i uses
 `fold_in(PRNGKey(seed), i)`, so a result does not depend on how the loop is
 split into blocks.
 
+Layer loop: on a CPU, `generate` and `stream` run float parameters in the
+decode layout (`qwen_jax.decode_loop.prepare`: unscanned, output-major
+kernels; converted once per parameter object and kept while it lives), the
+fastest layout for reading the weights there. Every function here also
+takes a decode-layout tree from `qwen_jax.quantize` (int8 or bfloat16
+weights), with the unscanned config's cache.
+
 Example:
   cfg, params = qwen_jax.load_hf_checkpoint(path)
   new = qwen_jax.generate(cfg, params, prompt_ids, max_new_tokens=32)
+  new = qwen_jax.generate(cfg, qwen_jax.quantize(cfg, params, "int8"),
+                          prompt_ids, max_new_tokens=32)
 
 `qwen_jax.generate` is the function (the package's public API), which hides
 this module's name on the package; import the other names with
@@ -45,13 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import cache as cache_lib
+from qwen_jax import decode_loop
 from qwen_jax import head
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
 from qwen_jax.model import check_mask_values
 from qwen_jax.model import host_values
-from qwen_jax.model import Qwen35
+from qwen_jax.quantize import is_decode_layout
 
 # Prompt tokens per prefill call. Bounds activation memory for long prompts
 # (a 262,144-token prompt runs as 32 such blocks).
@@ -133,6 +143,8 @@ def _step_key(seed_key: Array, step: Array) -> Array:
 def _head(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
   """Logits [b, V] (float32) from final normalised hidden states [b, d],
   computed in cfg.dtype as the model's forward computes them."""
+  if is_decode_layout(params):
+    return decode_loop.head_logits(cfg, params, hidden)
   w, vocab_major = head.head_weights(cfg, params)
   return head.lm_logits(hidden, w, vocab_major, jnp.dtype(cfg.dtype),
                         accumulate=False).astype(jnp.float32)
@@ -142,9 +154,8 @@ def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,
                    cache: PyTree, mask: Array | None):
   # Only the last hidden state leaves the function, so XLA drops the
   # [b, t, V] logits the model would otherwise compute.
-  _, cache, hidden = Qwen35(cfg).apply(
-      {"params": params}, ids, attention_mask=mask, cache=cache,
-      return_hidden=True)
+  _, cache, hidden = decode_loop.apply_model(
+      cfg, params, ids, attention_mask=mask, cache=cache, return_hidden=True)
   return _head(cfg, params, hidden[:, -1]), cache
 
 
@@ -154,8 +165,8 @@ _prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnums=0,
 
 def _decode(cfg: QwenConfig, params: PyTree, tokens: Array, cache: PyTree,
             mask: Array | None):
-  logits, cache = Qwen35(cfg).apply(
-      {"params": params}, tokens[:, None], attention_mask=mask, cache=cache)
+  logits, cache = decode_loop.apply_model(
+      cfg, params, tokens[:, None], attention_mask=mask, cache=cache)
   return logits[:, 0].astype(jnp.float32), cache
 
 
@@ -267,6 +278,7 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       size < 2.
   """
   _check_block(prefill_block)
+  cfg = decode_loop.layout_cfg(cfg, params)
   prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
   if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
     raise ValueError(f"prompt_ids: expected shape [batch>=1, time>=1], found "
@@ -311,6 +323,7 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
     ValueError: tokens of another shape or outside [0, vocab_size), a cache
       of another config or batch, a full cache, or a bad mask.
   """
+  cfg = decode_loop.layout_cfg(cfg, params)
   tokens = _token_ids("tokens", tokens, 1, cfg.vocab_size)
   b = tokens.shape[0]
   slots = cache_lib.check_cache(cfg, cache, b)
@@ -439,11 +452,13 @@ def _begin(cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask,
   """Validates, prefills and samples token 0.
 
   Returns:
-    (loop state, (mask, seed_key, stops, pad) for `_loop`).
+    (loop state, (mask, seed_key, stops, pad) for `_loop`, and the config
+    and parameters the programs run: `decode_loop.prepare`'s).
   """
   prompt, mask, cache_len, stops, pad_id = _prepare(
       cfg, prompt_ids, max_new_tokens, attention_mask, cache_len,
       prefill_block, stop_tokens, pad_token_id)
+  cfg, params = decode_loop.prepare(cfg, params)
   b, _ = prompt.shape
   cache = cache_lib.init_cache(cfg, b, cache_len)
   mask = None if mask is None else jnp.asarray(mask)
@@ -454,7 +469,7 @@ def _begin(cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask,
   out = jnp.full((b, max_new_tokens), pad, jnp.int32)
   state = _start_jit(sampler, logits, seed_key, stops, out)
   state["cache"] = cache
-  return state, (mask, seed_key, stops, pad)
+  return state, (mask, seed_key, stops, pad), cfg, params
 
 
 def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
@@ -487,9 +502,9 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
     raise ValueError(f"block_steps: expected an int >= 1, found "
                      f"{block_steps!r}")
   sampler = Sampler(float(temperature), top_k, top_p)
-  state, loop_args = _begin(cfg, params, prompt_ids, max_new_tokens, sampler,
-                            attention_mask, seed, stop_tokens, pad_token_id,
-                            prefill_block, cache_len)
+  state, loop_args, cfg, params = _begin(
+      cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask, seed,
+      stop_tokens, pad_token_id, prefill_block, cache_len)
   yield np.asarray(state["out"][:, :1])
   done = 1
   while done < max_new_tokens and not bool(jnp.all(state["done"])):
@@ -543,9 +558,9 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       max_position_embeddings.
   """
   sampler = Sampler(float(temperature), top_k, top_p)
-  state, loop_args = _begin(cfg, params, prompt_ids, max_new_tokens, sampler,
-                            attention_mask, seed, stop_tokens, pad_token_id,
-                            prefill_block, cache_len)
+  state, loop_args, cfg, params = _begin(
+      cfg, params, prompt_ids, max_new_tokens, sampler, attention_mask, seed,
+      stop_tokens, pad_token_id, prefill_block, cache_len)
   if max_new_tokens > 1:
     state = _loop_jit(cfg, sampler, params, state, *loop_args,
                       jnp.int32(max_new_tokens))
