@@ -112,46 +112,60 @@ def matmul(x: Array, w_t: Array, scale: Array | None, dtype: Any) -> Array:
 
   One row (batch-1 decoding) is a vector-matrix product that XLA's CPU
   backend fuses with the conversion of w_t into one loop reading w_t once
-  (up to ROW_LOOP_MAX rows for a converted matrix: one loop per row).
+  (up to ROW_LOOP_MAX rows for a converted matrix: one loop per row; see
+  `_row_products`).
   """
   dtype = jnp.dtype(dtype)
   lead, d = x.shape[:-1], x.shape[-1]
   rows = int(np.prod(lead)) if lead else 1
   out = w_t.shape[0]
-  xf = x.astype(dtype).astype(jnp.float32)
-  if jnp.issubdtype(w_t.dtype, jnp.floating):
-    wf = w_t.astype(dtype).astype(jnp.float32)
-  else:
-    wf = w_t.astype(jnp.float32)
-  x2 = xf.reshape(rows, d)
+  x2 = x.astype(dtype).astype(jnp.float32).reshape(rows, d)
   # A stored dtype other than float32 is converted inside the loops; the
   # library matmul would read a converted copy of the whole matrix.
   loops = ROW_LOOP_MAX if w_t.dtype != jnp.float32 else 1
   if rows <= loops:
-    y = jnp.stack([v @ wf.T for v in _materialized(x2)])
+    y = _row_products(x2, w_t, dtype)
   else:
-    y = x2 @ wf.T
+    y = x2 @ _as_float(w_t, dtype).T
   if scale is not None:
     y = y * scale.astype(jnp.float32)
   return y.astype(dtype).reshape(lead + (out,))
 
 
-def _materialized(x: Array) -> Array:
-  """x in a buffer of its own, on XLA's CPU backend.
+def _as_float(w_t: Array, dtype: Any) -> Array:
+  """The float32 values of a stored matrix (a float one rounded to the
+  compute dtype first, as Dense rounds its kernel)."""
+  if jnp.issubdtype(w_t.dtype, jnp.floating):
+    return w_t.astype(dtype).astype(jnp.float32)
+  return w_t.astype(jnp.float32)
 
-  There, the ops that compute a vector-matrix product's vector are fused
-  into its loop and redone for every row of the matrix, and the loop no
-  longer vectorises: 20x slower for an int8 [1024, 2048] matrix fed by the
-  gated norm (measured, jax 0.10.2). `optimization_barrier` is removed
-  before fusion there; a conditional is not, so x passes through one whose
+
+def _row_products(x2: Array, w_t: Array, dtype: Any) -> Array:
+  """[rows, out]: one vector-matrix product per row of x2.
+
+  On XLA's CPU backend the products run inside a conditional whose
   predicate always holds (NaN included) but is not known to the compiler.
-  Elsewhere x itself.
+  Two rewrites that slow them down stop at its boundary:
+    * the ops that compute x2 would be fused into each product's loop and
+      redone for every row of w_t, and the loop would no longer vectorise
+      (20x slower for an int8 [1024, 2048] matrix fed by the gated norm);
+    * inside a `while_loop` (generate's decode loop) the conversion of w_t
+      is loop-invariant and would be hoisted out of the loop: a float32
+      copy of every matrix, read at 4 bytes an entry every step.
+  `optimization_barrier` is removed before fusion there, so it cannot do
+  this. Other backends compute the products directly.
   """
+
+  def products(x2, w_t):
+    wf = _as_float(w_t, dtype)
+    return jnp.stack([v @ wf.T for v in x2])
+
   if jax.default_backend() != "cpu":
-    return x
-  x0 = x.reshape(-1)[0]
+    return products(x2, w_t)
+  x0 = x2[0, 0]
   always = jnp.isfinite(x0) | jnp.isnan(x0) | jnp.isinf(x0)
-  return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)
+  zeros = lambda x2, w_t: jnp.zeros((x2.shape[0], w_t.shape[0]), jnp.float32)
+  return jax.lax.cond(always, products, zeros, x2, w_t)
 
 
 def embed_lookup(table_q: Array, scale: Array, ids: Array,
