@@ -21,6 +21,8 @@ import torch
 import transformers
 
 import qwen_jax
+from qwen_jax import decode_loop
+from qwen_jax import quantize
 from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR
 from tests import hf_utils
@@ -191,6 +193,10 @@ def test_fused_tensor_of_wrong_shape_is_named(tmp_path):
 def test_greedy_generation_equals_transformers():
   path, model = _saved("top2")
   cfg, params = qwen_jax.load_hf_checkpoint(path)
+  # On a CPU generate runs the decode layout (qwen_jax.decode_loop): the
+  # router and shared expert output-major, the stacked experts as stored.
+  if jax.default_backend() == "cpu":
+    assert quantize.is_decode_layout(decode_loop.prepare(cfg, params)[1])
   ids = hf_utils.random_ids(np.random.default_rng(3), 2, 9, VOCAB)
   ours = np.asarray(qwen_jax.generate(cfg, params, ids, max_new_tokens=12,
                                       prefill_block=4, stop_tokens=()))
