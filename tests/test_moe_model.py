@@ -22,7 +22,7 @@ import transformers
 
 import qwen_jax
 from qwen_jax import decode_loop
-from qwen_jax import quantize
+from qwen_jax.quantize import is_decode_layout
 from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR
 from tests import hf_utils
@@ -196,7 +196,7 @@ def test_greedy_generation_equals_transformers():
   # On a CPU generate runs the decode layout (qwen_jax.decode_loop): the
   # router and shared expert output-major, the stacked experts as stored.
   if jax.default_backend() == "cpu":
-    assert quantize.is_decode_layout(decode_loop.prepare(cfg, params)[1])
+    assert is_decode_layout(decode_loop.prepare(cfg, params)[1])
   ids = hf_utils.random_ids(np.random.default_rng(3), 2, 9, VOCAB)
   ours = np.asarray(qwen_jax.generate(cfg, params, ids, max_new_tokens=12,
                                       prefill_block=4, stop_tokens=()))
