@@ -22,9 +22,9 @@ import transformers
 
 import qwen_jax
 from qwen_jax import decode_loop
-from qwen_jax.quantize import is_decode_layout
 from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR
+from qwen_jax.quantize import is_decode_layout
 from tests import hf_utils
 from tests import tolerances
 
