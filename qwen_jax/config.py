@@ -442,6 +442,8 @@ class QwenConfig:
     if ("num_hidden_layers" in changes and "mlp_types" not in changes and
         is_int(n) and n >= 1 and len(self.mlp_types) != n):
       kinds = self.mlp_types[:self.period]
+      if len(set(kinds)) == 1:
+        kinds = kinds[:1]  # a uniform stack extends to any depth
       if n % len(kinds):
         raise ValueError(
             f"num_hidden_layers: expected a multiple of the layer pattern's "
