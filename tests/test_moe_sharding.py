@@ -6,8 +6,8 @@ a fresh interpreter with it set (as tests/test_sharding_8_devices.py does
 for tests/test_sharding.py) and fails with its output if it fails.
 
 The model: "tiny-moe" (8 experts, top-2, 4 layers = one scanned 3:1
-period), b = 4, t = 32, float32. About 80 s of CPU time. Meshes compose the expert axis with
-data, fsdp, tensor and seq.
+period), b = 4, t = 32, float32, about 80 s of CPU time. Meshes compose
+the expert axis with data, fsdp, tensor and seq.
 """
 
 import functools
