@@ -26,9 +26,10 @@ The flag checks of experiments/multihost.py run in process. Sizes: the
 tiny preset cut to two layers at 64 tokens (8 per sequence shard) for
 --verify; the runlocal MQAR model (width 32, two layers, batch 8 of 32
 tokens) for training. Measured on a 2-core machine shared with other work
-(load average 11 to 13): the --verify runs 36 s (forward) and 75 to 85 s
-(train) each, the training test 193 s (20 s of it the wait for the dead
-process's heartbeat), the bad flag 10 s; about 3.5 CPU-minutes in all.
+(load average 11 to 12): the --verify runs 43 s (forward) and 99 to 103 s
+(train) each, the training test 214 s (20 s of it the wait for the dead
+process's heartbeat), the bad flag 8 s: 472 s in all, 3.4 CPU-minutes
+(user + system), so about 2 minutes on two idle cores.
 """
 
 import csv
