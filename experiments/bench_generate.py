@@ -39,7 +39,9 @@ random weights, `model.model(...)` without logits for prefill, greedy
 --hf_prefill_lengths when given) and the table gives ours / theirs. On a
 GPU transformers runs first and gives its cached memory back before ours
 starts; on a CPU it runs last. Each measured row is also logged as it is
-taken, so a run cut short keeps what it measured.
+taken, so a run cut short keeps what it measured. With --attention cudnn,
+a failure of cuDNN's attention that jax cannot foresee (in XLA's compile)
+reruns the variant with the jnp attention, noted in its rows.
 
   # H100, the 0.8B preset against transformers (bf16, random weights):
   python -m experiments.bench_generate --hf --json_out bench_generate.json
@@ -463,6 +465,24 @@ def _variant_tree(name, preset, cfg, params, dtype, seed):
   return cfg, qwen_jax.quantize(cfg, params, name)
 
 
+def with_attention_fallback(fn: Callable[[Any], list[dict]], cfg
+                            ) -> list[dict]:
+  """fn(cfg)'s rows; when cuDNN's attention fails where jax could not tell
+  beforehand (XLA's compile), fn again with the jnp attention, each row
+  then noting the error ("attention_error")."""
+  try:
+    return fn(cfg)
+  except Exception as e:  # pylint: disable=broad-except
+    if cfg.attention_implementation != "cudnn":
+      raise
+    error = cli.one_line(f"{type(e).__name__}: {e}")[:300]
+    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
+          f"runs instead", flush=True)
+    jax.clear_caches()
+    rows = fn(cfg.replace(attention_implementation="xla"))
+    return [dict(r, attention_error=error) for r in rows]
+
+
 def _bench_hf(v: dict[str, Any]) -> dict[str, float]:
   cfg = qwen_jax.QwenConfig.from_preset(v["preset"], dtype=v["dtype"],
                                         param_dtype=v["dtype"], vision=None)
@@ -502,10 +522,10 @@ def main(argv):
   for name in v["variants"]:
     vcfg, tree = _variant_tree(name, preset, cfg, params, dtype,
                                _SEED.value)
-    rows += bench_ours(
-        vcfg, tree, lengths if name in v["prefill_variants"] else [],
-        block, batches, prompt_len, new_tokens, repeats, _SEED.value,
-        variant=name, bandwidth=bandwidth)
+    rows += with_attention_fallback(lambda c, vcfg=vcfg, tree=tree, name=name:
+        bench_ours(c, tree, lengths if name in v["prefill_variants"] else [],
+                   block, batches, prompt_len, new_tokens, repeats,
+                   _SEED.value, variant=name, bandwidth=bandwidth), vcfg)
     if ref is not None and name not in ("scan", "unscan"):
       # (scan is the reference; unscan has other weights)
       qual.append(quality(cfg, tree, name, ref))

@@ -18,7 +18,9 @@ float32 master weights, torch's fused AdamW, the same clipping,
 allocator keeps what it took, torch's gives it back); the table gives ours
 / theirs. flash-linear-attention, when installed, is what transformers
 runs for the Gated DeltaNet layers on a GPU. A length that runs out of
-memory is reported as such and the run goes on.
+memory is reported as such and the run goes on. With --attention cudnn, a
+failure of cuDNN's attention that jax cannot foresee (in XLA's compile)
+reruns the length with the jnp attention; the row says which ran.
 
   # H100, the 0.8B preset at 8k tokens against transformers:
   python -m experiments.bench_train --hf --json_out bench_train.json
@@ -275,6 +277,24 @@ def check_flags() -> dict[str, Any]:
   return v
 
 
+def with_attention_fallback(fn: Callable[[QwenConfig], dict[str, Any]],
+                            cfg: QwenConfig) -> dict[str, Any]:
+  """fn(cfg)'s row with the attention it ran ("attention"); when cuDNN's
+  attention fails where jax could not tell beforehand (XLA's compile),
+  fn again with the jnp attention, the error in "attention_error"."""
+  try:
+    return dict(fn(cfg), attention=cfg.attention_implementation)
+  except Exception as e:  # pylint: disable=broad-except
+    if cfg.attention_implementation != "cudnn" or _is_oom(e):
+      raise
+    error = cli.one_line(f"{type(e).__name__}: {e}")[:300]
+    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
+          f"runs instead", flush=True)
+    jax.clear_caches()
+    row = fn(cfg.replace(attention_implementation="xla"))
+    return dict(row, attention="xla", attention_error=error)
+
+
 def _guarded(name: str, workload: str, fn: Callable[[], dict[str, Any]]
              ) -> dict[str, Any]:
   """fn()'s row, or a row saying that it ran out of memory."""
@@ -326,8 +346,9 @@ def main(argv):
           _SEED.value)))
   for t in sorted(v["seq_lens"]):
     w = f"train {batch} x {t}"
-    rows.append(_guarded("qwen_jax", w, lambda t=t: bench_ours(
-        cfg, dtype, batch, t, steps, v["ce_chunk"], _SEED.value)))
+    rows.append(_guarded("qwen_jax", w, lambda t=t: with_attention_fallback(
+        lambda c: bench_ours(c, dtype, batch, t, steps, v["ce_chunk"],
+                             _SEED.value), cfg)))
   theirs = {r["workload"]: r.get("tokens_per_s") for r in rows
             if r["impl"] == "transformers"}
   print("| workload | impl | tokens/s | MFU | peak memory (GiB) | step (s) "

@@ -43,7 +43,7 @@
 #   decode    greedy decoding at batch 1, 16 and 64 (1024-token prompt, 64
 #             new tokens), ours and transformers, with the bf16 bandwidth
 #             floor (weights and cache read once a step) beside ours.
-#   train32k  ours at 1 x 32768 (transformers ran out of memory there).
+#   train32k  ours at 1 x 32768.
 #   decode9b  the 9B preset at batch 1, ours.
 # Also:
 #   train_xla   ours at 1 x 8192 and 1 x 32768 with the default (jnp)
