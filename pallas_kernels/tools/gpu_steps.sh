@@ -15,6 +15,12 @@
 #   * reads BUDGET_S (the whole run ends within BUDGET_S seconds of now) and
 #     MIN_STEP_S (default 45), and defines `step`.
 
+# BUDGET_S=N: the whole run ends within N seconds of starting (the call's
+# limit; the wheels' install counts): each step's limit is cut to what is
+# left, and a step with under MIN_STEP_S (45) seconds left is skipped, so
+# order steps by priority.
+DEADLINE=${BUDGET_S:+$(( $(date +%s) + BUDGET_S ))}
+
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 LOG="$OUT/${LOG_NAME:-gpu_checks}.log"
@@ -27,11 +33,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-
-# BUDGET_S=N: the whole run ends within N seconds of starting (the call's
-# limit): each step's limit is cut to what is left, and a step with under
-# MIN_STEP_S (45) seconds left is skipped, so order steps by priority.
-DEADLINE=${BUDGET_S:+$(( $(date +%s) + BUDGET_S ))}
 
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2 start rc left
