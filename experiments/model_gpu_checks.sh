@@ -30,7 +30,8 @@
 #   BUDGET_S=470 bash experiments/model_gpu_checks.sh      # carry: .whl
 #
 # Steps, in order of priority (the defaults: env train prefill decode
-# train32k decode9b):
+# train32k decode9b train2b train4b; the last ones are likely skipped in
+# one call of 8 minutes, and a second call with their names takes them):
 #   env       the GPU, versions; transformers and flash-linear-attention
 #             imported (a missing wheel shows here).
 #   train     experiments.bench_train at 1 x 8192: transformers + FLA
@@ -45,6 +46,9 @@
 #             floor (weights and cache read once a step) beside ours.
 #   train32k  ours at 1 x 32768.
 #   decode9b  the 9B preset at batch 1, ours.
+#   train2b   the 2B preset at 1 x 8192, ours: tokens/s, MFU, memory.
+#   train4b   the 4B preset at 1 x 8192, ours (float32 weights and AdamW
+#             state alone are 64 GB: an out of memory is a row).
 # Also:
 #   train_xla   ours at 1 x 8192 and 1 x 32768 with the default (jnp)
 #               attention: whether cuDNN's is worth the default.
@@ -68,7 +72,7 @@ DECODE=(--decode_prompt 1024 --decode_new 64 --repeats 2 --noquality
         --prefill_lengths "")
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env train prefill decode train32k decode9b)
+[ ${#steps[@]} -eq 0 ] && steps=(env train prefill decode train32k decode9b train2b train4b)
 for s in "${steps[@]}"; do
   case $s in
     env)
@@ -99,6 +103,10 @@ for s in "${steps[@]}"; do
         --preset qwen3.5-9b --attention cudnn --decode_batches 1 \
         "${DECODE[@]}" --decode_new 32 --variants scan --prefill_variants= \
         --json_out "$OUT/decode9b.json" ;;
+    train2b|train4b)
+      step "$s" 150 python3 -m experiments.bench_train \
+        --preset "qwen3.5-${s#train}" --seq_lens 8192 --steps 3 \
+        --attention cudnn --json_out "$OUT/$s.json" ;;
     train_xla)
       step train_xla 200 python3 -m experiments.bench_train \
         --seq_lens 8192,32768 --steps 3 --attention xla \

@@ -51,7 +51,8 @@ def test_sources_the_shared_steps(script, tmp_path):
 
 def _defaults_and_cases(text):
   defaults = re.search(r"steps=\(([^)]*)\)\n", text.split('steps=("$@")')[1])
-  cases = set(re.findall(r"^    (\w+)\)", text, flags=re.M))
+  cases = {name for names in re.findall(r"^    ([\w|]+)\)", text, flags=re.M)
+           for name in names.split("|")}
   return defaults.group(1).split(), cases
 
 
