@@ -1,7 +1,11 @@
 """Tolerances keyed by dtype: the one place tests take them from."""
 
-import numpy as np
+import functools
+
+import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (rtol, atol) for comparisons against an independent reference.
 _TOLERANCES = {
@@ -50,6 +54,37 @@ def assert_close(actual, expected, dtype, *, scale: float = 1.0,
   np.testing.assert_allclose(
       np.asarray(actual, np.float64), np.asarray(expected, np.float64),
       rtol=rtol * scale, atol=atol * scale, err_msg=err_msg)
+
+
+def assert_trees_close(actual, expected, dtype, *, scale: float = 1.0):
+  """Asserts two pytrees have one structure and every leaf of `actual` ~
+  the same leaf of `expected` with the tolerance of `dtype` (x scale),
+  compared in float64 (chex names the leaves that differ)."""
+  rtol, atol = tol(dtype)
+  chex.assert_trees_all_close(_float64(actual), _float64(expected),
+                              rtol=rtol * scale, atol=atol * scale)
+
+
+def assert_trees_scaled_close(actual, expected, dtype, *,
+                              scale: float = 1.0):
+  """`assert_trees_close` with each pair of leaves divided by max(1, the
+  largest |entry| of the expected leaf): leaves of very different sizes
+  (the gradients of different parameters) each get the tolerance relative
+  to their own size."""
+  chex.assert_trees_all_equal_shapes(actual, expected)
+  expected = _float64(expected)
+  sizes = jax.tree_util.tree_map(_leaf_size, expected)
+  divide = functools.partial(jax.tree_util.tree_map, np.divide)
+  assert_trees_close(divide(_float64(actual), sizes),
+                     divide(expected, sizes), dtype, scale=scale)
+
+
+def _float64(tree):
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def _leaf_size(x: np.ndarray) -> float:
+  return max(1.0, float(np.max(np.abs(x)))) if x.size else 1.0
 
 
 def max_rel_err(actual, expected) -> float:
