@@ -23,6 +23,16 @@ update's batch, the learning rate it applied). Tokens/s and MFU measure the
 steps only: the time of checkpoint saves, callbacks and the CSV and
 progress output between them is left out (the loop runs no evaluation).
 
+With a device mesh (`mesh=`, `qwen_jax.sharding.make_mesh`), the step runs
+sharded: the state is placed with `train_step.state_shardings`, and each
+step's batch becomes global arrays, rows over the mesh's data and fsdp axes
+and tokens over seq, each process transferring only the part its devices
+hold (`qwen_jax.distributed.global_batch`). The mesh may span several
+processes (`qwen_jax.distributed.initialize`): every process then runs
+`train` with the same arguments, orbax saves and restores each checkpoint
+with all of them together, and only process 0 writes metrics.csv, the
+history and the progress bar.
+
 The workdir is checked before anything is written (`train_checkpoint.
 plan_run`): a folder that is not a training workdir, a metrics.csv this
 workdir's run did not write, or a resume with other settings than the
@@ -45,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import distributed
 from qwen_jax import train_checkpoint
 from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
@@ -59,6 +70,7 @@ from qwen_jax.train_step import init_state
 from qwen_jax.train_step import make_eval_step
 from qwen_jax.train_step import make_train_step
 from qwen_jax.train_step import model_config_for_training
+from qwen_jax.train_step import state_shardings
 from qwen_jax.train_step import TrainConfig
 from qwen_jax.train_step import TrainState
 
@@ -180,6 +192,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           settings: Mapping[str, Mapping[str, Any]] | None = None,
           allow_changes: Sequence[str] = (),
           other_files: Sequence[str] = (),
+          mesh: jax.sharding.Mesh | None = None,
           ) -> TrainResult:
   """Trains for `tcfg.num_steps` steps (resuming from `workdir` if it holds
   checkpoints).
@@ -214,6 +227,9 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       recorded in run_history.json.
     other_files: entries of `workdir` that belong to the caller (e.g. an
       export folder), accepted beside the run's own files.
+    mesh: run the step sharded over this device mesh (one or several
+      processes; see the module docstring). `batch_fn(step)` then returns
+      the step's whole batch on every process, each keeping its part.
 
   Returns:
     A TrainResult.
@@ -238,6 +254,9 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
         workdir, cfg, tcfg, settings=settings, allow_changes=allow_changes,
         other_files=other_files)
   state = init_state(cfg, tcfg, params)
+  if mesh is not None:
+    # Before a restore, which then reads each shard onto its device.
+    state = distributed.put_global(state, state_shardings(cfg, tcfg, mesh))
   ckpt = None
   resumed_from = None
   csv_path = None
@@ -249,22 +268,26 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       plan = train_checkpoint.plan_run(
           workdir, cfg, tcfg, settings=settings,
           allow_changes=allow_changes, other_files=other_files)
+    # Every process has read the workdir before process 0 writes to it.
+    distributed.barrier("qwen_jax.train: workdir checked")
     try:
-      train_checkpoint.begin_run(plan)
+      if distributed.is_primary():
+        train_checkpoint.begin_run(plan)
     except BaseException:
       if ckpt is not None:
         ckpt.close()
       raise
-    csv_path = os.path.join(workdir, train_workdir.METRICS_FILE)
+    if distributed.is_primary():
+      csv_path = os.path.join(workdir, train_workdir.METRICS_FILE)
   # One placement for fresh and restored states (orbax returns committed
   # arrays, a fresh init does not): the step then lowers to one program, and
   # a resumed run in the same process reuses its compilation.
   devices = {d for x in jax.tree_util.tree_leaves(state)
              for d in getattr(x, "devices", set)()}
-  if len(devices) == 1:  # a sharded state keeps its placement
+  if len(devices) == 1 and mesh is None:  # a sharded state keeps its own
     state = jax.device_put(state, devices.pop())
   start = int(jax.device_get(state.step))
-  step_fn = make_train_step(cfg, tcfg)
+  step_fn = make_train_step(cfg, tcfg, mesh=mesh)
   expected = (tcfg.batch_size, tcfg.seq_len)
 
   def get_batch(step: int) -> Batch:
@@ -276,6 +299,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       raise ValueError(
           f"batch_fn({step}): expected inputs of shape (TrainConfig."
           f"batch_size, TrainConfig.seq_len) = {expected}, found {found}")
+    if mesh is not None:
+      batch = distributed.global_batch(batch, mesh)
     return batch
 
   try:
@@ -292,7 +317,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   peak = tcfg.peak_flops or device_peak_flops() or 0.0
   peak *= jax.device_count()
   label = progress if isinstance(progress, str) else "train"
-  bar = ProgressBar(tcfg.num_steps, label, start, enabled=bool(progress))
+  bar = ProgressBar(tcfg.num_steps, label, start,
+                    enabled=bool(progress) and distributed.is_primary())
   losses: dict[int, float] = {}
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict[str, Array]]] = []

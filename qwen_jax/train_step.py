@@ -31,6 +31,7 @@ import optax
 
 from qwen_jax import head
 from qwen_jax import moe
+from qwen_jax import sharding
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import FULL, QwenConfig
 from qwen_jax.config import is_int, is_real
@@ -244,6 +245,22 @@ def init_state(cfg: QwenConfig, tcfg: TrainConfig,
                     opt_state=opt_state)
 
 
+def state_shardings(cfg: QwenConfig, tcfg: TrainConfig,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+  """NamedShardings of a TrainState on `mesh`: the weights as
+  `sharding.param_shardings` places them (ZeRO-3 over fsdp and seq,
+  Megatron over tensor), each optimizer moment like its weight, the step
+  and the optimizer's counters replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_sh = sharding.param_shardings(cfg, mesh)
+  tx = make_optimizer(tcfg)
+  opt = jax.eval_shape(tx.init, nn.meta.unbox(sharding.abstract_params(cfg)))
+  opt_sh = optax.tree_map_params(
+      tx, lambda _, sh: sh, opt, param_sh,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
 # -------------------------------------------------------------------- loss
 def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
                    chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
@@ -299,8 +316,13 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
 
 # -------------------------------------------------------------------- step
 def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
   """jit-compiled `step(state, batch) -> (state, metrics)`.
+
+  With `mesh`, the state comes back with `state_shardings` and the metrics
+  replicated (the batch and state go in as global arrays on the mesh; the
+  compiler partitions the step between them).
 
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
@@ -312,12 +334,12 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
   """
   key = tcfg.replace(**{f: getattr(TrainConfig, f)
                         for f in _LOOP_ONLY_FIELDS})
-  return _make_train_step(cfg, key, donate)
+  return _make_train_step(cfg, key, donate, mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
-                     donate: bool) -> Callable:
+def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig, donate: bool,
+                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   tx = make_optimizer(tcfg)
   schedule = learning_rate_schedule(tcfg)
 
@@ -335,8 +357,13 @@ def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
+  out = {}
+  if mesh is not None:
+    out["out_shardings"] = (
+        state_shardings(cfg, tcfg, mesh),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return _static_grid_call(
-      jax.jit(step, donate_argnums=(0,) if donate else ()))
+      jax.jit(step, donate_argnums=(0,) if donate else (), **out))
 
 
 def _static_grid_call(jitted: Callable) -> Callable:

@@ -376,6 +376,10 @@ def test_train_misuse(way, tmp_path):
       Case([MQAR_LOCAL,
             f"--workdir={os.path.join(_unwritable(str(tmp_path)), 'run')}"],
            ["--workdir", "not writable"]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--mesh=data:3"],
+           ["--mesh", "data:3", "device count"], not_created=[new]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--process_id=1"],
+           ["--process_id", "--distributed"], not_created=[new]),
   ], way)
 
 
@@ -399,6 +403,8 @@ def test_long_context_misuse(way):
            ["--hlo_out", "nothing"]),
       Case(["--verify", "--preset=tiny", "--seq_len=64", "--loss_chunk=-1"],
            ["--loss_chunk", "found -1"]),
+      Case(aot + ["--distributed", "--num_processes=2", "--process_id=2"],
+           ["--process_id", "expected 0 to 1", "found 2"]),
   ], way)
 
 
@@ -440,6 +446,33 @@ def test_bench_generate_misuse(way):
       Case(["--small", "--variants=scan", "--prefill_variants=int8"],
            ["--prefill_variants", "int8"]),
       Case(["--small", f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_bench_train_misuse(way):
+  _check_cases("bench_train", [
+      Case(["--small", "--seq_lens=64,abc"], ["--seq_lens"]),
+      Case(["--small", "--steps=0"], ["--steps", "found 0"]),
+      Case(["--preset=nope"], ["--preset", "nope"]),
+      Case(["--small", "--seq_lens=5000"], ["--seq_lens", "4096"]),
+      Case(["--small", "--gdr_block_sizes=bogus=1"],
+           ["--gdr_block_sizes", "bogus"]),
+      Case(["--small", f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_model_memory_misuse(way):
+  _check_cases("model_memory", [
+      Case(["--preset=tiny", "--programs=train,fit"], ["--programs", "fit"]),
+      Case(["--preset=tiny", "--seq_lens=0"], ["--seq_lens"]),
+      Case(["--preset=tiny", "--seq_lens=5000"], ["--seq_lens", "4096"]),
+      Case(["--preset=tiny", "--prefill_block=1"], ["--prefill_block"]),
+      Case(["--preset=tiny", "--seq_lens=64", "--decode_cache=5000"],
+           ["--decode_cache", "found 5000"]),
+      Case(["--preset=tiny", "--seq_lens=64",
+            f"--json_out={os.path.join(way, 'adir')}"],
            ["--json_out", "a folder"]),
   ], way)
 
