@@ -20,8 +20,14 @@ held-out batches.
 Steps are counted as the progress bar and the checkpoints count them: row
 `step` of metrics.csv is the state after that many updates (the loss of the
 update's batch, the learning rate it applied). Tokens/s and MFU measure the
-steps only: the time of checkpoint saves, callbacks and the CSV and
-progress output between them is left out (the loop runs no evaluation).
+steps only: the time of checkpoint saves, callbacks, evaluations and the
+CSV and progress output between them is left out.
+
+Options for fine-tuning (`qwen_jax.finetune` uses them): `frozen=` and
+`lora=` train low-rank adapters over frozen base weights (the state, and so
+the checkpoints, hold the adapters alone), `mesh=` shards the step over a
+device mesh, and `evaluator=` runs every `eval_every` steps on the state
+(held-out loss, samples).
 
 The workdir is checked before anything is written (`train_checkpoint.
 plan_run`): a folder that is not a training workdir, a metrics.csv this
@@ -179,6 +185,11 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           settings: Mapping[str, Mapping[str, Any]] | None = None,
           allow_changes: Sequence[str] = (),
           other_files: Sequence[str] = (),
+          frozen: PyTree | None = None,
+          lora: Any = None,
+          mesh: Any = None,
+          evaluator: Callable[[int, TrainState], None] | None = None,
+          eval_every: int = 0,
           ) -> TrainResult:
   """Trains for `tcfg.num_steps` steps (resuming from `workdir` if it holds
   checkpoints).
@@ -213,6 +224,16 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       recorded in run_history.json.
     other_files: entries of `workdir` that belong to the caller (e.g. an
       export folder), accepted beside the run's own files.
+    frozen: with `lora`, the frozen base weights (not copied, not
+      donated); `params` are then the adapters (`qwen_jax.lora`).
+    lora: a `qwen_jax.lora.LoraSpec`: train adapters over `frozen`.
+    mesh: a device mesh: the state is placed with
+      `train_step.state_shardings` (and `frozen` with the weights'
+      shardings) and the step runs sharded.
+    evaluator: called as evaluator(steps_done, state) every `eval_every`
+      steps and after the last step (outside the timed steps); it must not
+      change the state.
+    eval_every: steps between evaluator calls (0: only after the last).
 
   Returns:
     A TrainResult.
@@ -226,6 +247,12 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       anything is written.
   """
   cfg = model_config_for_training(cfg, tcfg)
+  if (lora is None) != (frozen is None):
+    raise ValueError("lora and frozen: expected both (adapters over frozen "
+                     "base weights) or neither, found one")
+  if lora is not None and params is None:
+    raise ValueError("params: expected the adapters to train with lora, "
+                     "found None")
   if params is not None:
     # The step donates the state: train on a copy so that the caller's
     # arrays stay valid.
@@ -258,12 +285,23 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   # One placement for fresh and restored states (orbax returns committed
   # arrays, a fresh init does not): the step then lowers to one program, and
   # a resumed run in the same process reuses its compilation.
-  devices = {d for x in jax.tree_util.tree_leaves(state)
-             for d in getattr(x, "devices", set)()}
-  if len(devices) == 1:  # a sharded state keeps its placement
-    state = jax.device_put(state, devices.pop())
+  step_fn = make_train_step(cfg, tcfg, lora=lora, mesh=mesh)
+  extra = ()
+  if mesh is not None:
+    state = jax.device_put(state, step_fn.state_shardings)
+    if frozen is not None:
+      frozen = jax.device_put(frozen, step_fn.frozen_shardings)
+  else:
+    devices = {d for x in jax.tree_util.tree_leaves(state)
+               for d in getattr(x, "devices", set)()}
+    if len(devices) == 1:  # a sharded state keeps its placement
+      device = devices.pop()
+      state = jax.device_put(state, device)
+      if frozen is not None:
+        frozen = jax.device_put(frozen, device)
+  if frozen is not None:
+    extra = (frozen,)
   start = int(jax.device_get(state.step))
-  step_fn = make_train_step(cfg, tcfg)
   expected = (tcfg.batch_size, tcfg.seq_len)
 
   def get_batch(step: int) -> Batch:
@@ -283,7 +321,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       ckpt.close()
     raise
   t0 = time.time()
-  compiled = step_fn.lower(state, first).compile()
+  compiled = step_fn.lower(state, first, *extra).compile()
   compile_s = time.time() - t0
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   fpt = flops_per_token(cfg, tcfg.seq_len)
@@ -303,13 +341,15 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   try:
     for step in range(start, tcfg.num_steps):
       batch = first if step == start else get_batch(step)
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, *extra)
       pending.append((step, metrics))
       steps_since += 1
       last = step == tcfg.num_steps - 1
       save_now = (ckpt is not None and tcfg.checkpoint_every > 0
                   and (step + 1) % tcfg.checkpoint_every == 0)
-      if (step + 1) % tcfg.log_every == 0 or last or save_now:
+      eval_now = evaluator is not None and (
+          last or (eval_every > 0 and (step + 1) % eval_every == 0))
+      if (step + 1) % tcfg.log_every == 0 or last or save_now or eval_now:
         fetched = jax.device_get(pending)
         now = time.time()
         interval = max(now - t_last, 1e-9)
@@ -338,6 +378,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           t_save = time.time()
           ckpt.save(state)
           checkpoint_s += time.time() - t_save
+        if eval_now:
+          evaluator(step + 1, state)
         t_last = time.time()
     jax.block_until_ready(state)
     if ckpt is not None:
