@@ -87,9 +87,10 @@ def _flag(name: str) -> Any:
 
 
 def random_model(preset: str, dtype: str, seed: int):
-  """(cfg, params) of a preset with random weights, built on the device."""
+  """(cfg, params) of a preset's language model (no vision tower) with
+  random weights, built on the device."""
   cfg = qwen_jax.QwenConfig.from_preset(preset, dtype=dtype,
-                                        param_dtype=dtype)
+                                        param_dtype=dtype, vision=None)
   model = qwen_jax.Qwen35(cfg)
   init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))
   params = flax.linen.meta.unbox(init(jax.random.PRNGKey(seed)))["params"]

@@ -1,12 +1,21 @@
-"""The attention-ratio study: what does the share of full attention buy?
+"""The attention-ratio study: what do the share and the depth of full
+attention buy?
 
-Trains the same small model at several `linear:full` layer ratios (equal
-depth and width, same data, same steps, same seed) on a mixed task, then
+Trains the same small model (equal depth and width, same data, same steps)
+with several layer patterns, each `--seeds` times (run k draws its
+parameters and its data order from seed + k), on a mixed task, and
 measures for each:
 
   recall     multi-query associative recall (MQAR) accuracy at the trained
-             length and at longer ones (more key-value pairs to remember,
-             `--eval_lengths`); chance is 1 / value vocabulary.
+             length and at longer ones with more key-value pairs in
+             proportion (`--eval_lengths`): how much a model holds.
+  retrieval  a needle (one MQAR key-value pair) hidden in held-out text
+             and asked for at the end, and MQAR with the trained number of
+             pairs, at lengths far past the trained one
+             (`--retrieval_lengths`): how far recall carries. Evaluated by
+             a chunked prefill through the decoding cache (no gradients,
+             `--retrieval_chunk` tokens per call), and shown beside the
+             size of that cache at each length.
   language   held-out byte-level text loss (bits per byte) on Python
              standard-library sources the model never trained on.
   speed      training tokens/s on this machine (after compilation).
@@ -15,28 +24,59 @@ measures for each:
              memory of a compiled forward pass at that length (XLA's memory
              analysis; on a GPU also the measured peak).
 
-Every batch holds MQAR rows and packed text rows (separate token ranges of
-one vocabulary: bytes 0..255, then the MQAR tokens), with the loss of each
-task weighted equally. Writes under --workdir:
+The layer patterns ("configurations"), one letter per layer from the
+bottom (next to the embedding), L = Gated DeltaNet, F = full attention:
 
-  results.json, results.csv, results.md    one row per ratio (and the raw
-                                           curves in the JSON)
-  recall_vs_length.png, train_loss.png, memory_vs_context.png,
-  summary.png                              plots
-  runs/<ratio>/                            checkpoints and metrics.csv of
-                                           each run (a rerun resumes them)
+  --ratios      `linear:full` ratios, full attention closing every group
+                (3:1 = LLLF LLLF, Qwen3.5's layout), all-full, all-linear;
+  --placements  the full-attention layers of `--placement_ratio` at other
+                depths: periodic, bottom, top, middle, ends
+                (`qwen_jax.layer_pattern.layer_types_from_placement`);
+  --patterns    explicit patterns, e.g. "FLLL LLLF".
 
-  # The README's main job (8 minutes on a 2-core CPU):
+A pattern given twice runs once (the 3:1 ratio is the periodic placement
+at 3:1). Every batch holds MQAR rows and text rows, each text row with a
+needle: a key-value pair of MQAR tokens at a random depth, its key again
+at the end (separate token ranges of one vocabulary: bytes 0..255, then
+the MQAR tokens). Recall (the MQAR queries and the needles' answers) is
+half of the loss, the text the other half.
+
+Writes under --workdir:
+
+  report.md               tables, plots, the command, the versions and a
+                          paragraph written from the numbers
+  results.json, .csv, .md per configuration the mean and 95% interval over
+                          the seeds (Student-t), and every run's numbers
+  recall_vs_length.png, retrieval_vs_length.png, train_loss.png,
+  memory_vs_context.png, summary.png    plots (error bars: 95% intervals)
+  runs/<config>/seed-<k>/ checkpoints, metrics.csv, settings.json and
+                          result.json of one run
+  runs/<config>/memory.json             the memory table of one pattern
+  jax_cache/              compiled programs (JAX's persistent cache), so
+                          that seeds and reruns compile each program once
+
+A rerun in the same --workdir reuses every finished run: with more --seeds
+it trains only the new seeds, with the same settings nothing, with other
+evaluation settings it evaluates again from the checkpoints; a run of
+other training settings is refused before anything trains.
+
+  # The README's main job (one seed, under 10 minutes on a 2-core CPU):
   python -m experiments.compare_ratios --workdir /tmp/qwen_jax_ratios
-  # A two-minute smoke run (the numbers mean little):
+  # The same study with three seeds (reuses the seed-0 runs above):
+  python -m experiments.compare_ratios --workdir /tmp/qwen_jax_ratios \\
+      --seeds 3
+  # Plumbing in a few minutes (the numbers mean little):
   python -m experiments.compare_ratios --workdir /tmp/r --preset smoke
-  # Your own sweep:
-  python -m experiments.compare_ratios --workdir /tmp/r \\
-      --ratios all-full,3:1,all-linear --num_layers 8 --steps 2000
+  # Tens of millions of parameters, retrieval to 64k tokens (one GPU):
+  python -m experiments.compare_ratios --workdir /tmp/r --preset gpu
+  # Your own:
+  python -m experiments.compare_ratios --workdir /tmp/r --ratios 3:1 \\
+      --placements periodic,bottom,top --patterns "FLLL LLLF" --seeds 5
 
-Every flag, --workdir and (unless --no_plots) matplotlib are checked before
-the first run trains; a misuse ends with one line on stderr and exit status
-1 (2 for usage errors); see experiments/cli.py.
+Every flag, --workdir, the runs already there and (unless --no_plots)
+matplotlib are checked before the first run trains; a misuse ends with one
+line on stderr and exit status 1 (2 for usage errors); see
+experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -44,10 +84,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from typing import Any, Sequence
@@ -59,32 +104,113 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
+from experiments import ratio_report as report
 from qwen_jax import cache as cache_lib
 from qwen_jax import data
+from qwen_jax import layer_pattern
 from qwen_jax import train as train_lib
 from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
-from qwen_jax.config import check_int, is_int, is_real
+from qwen_jax.config import is_int, is_real
 from qwen_jax.model import Qwen35
 
-DEFAULT_RATIOS = ("all-full", "1:1", "3:1", "7:1", "all-linear")
+# Tokens of a needle row beyond the text: the pair, then the key.
+NEEDLE_MIN_LENGTH = 3
+# Positions (RoPE) the models accept: Qwen3.5's native context. Fixed, so
+# that the trained model's config (which a checkpoint records) does not
+# depend on the evaluation lengths.
+MAX_POSITIONS = 262144
+
+
+# --------------------------------------------------------- configurations
+def ratio_name(layer_types: Sequence[str]) -> str:
+  """"3:1" for LLLF LLLF (reduced), "all-full", "all-linear"."""
+  n_lin, n_full = layer_types.count(LINEAR), layer_types.count(FULL)
+  if n_lin == 0:
+    return "all-full"
+  if n_full == 0:
+    return "all-linear"
+  g = math.gcd(n_lin, n_full)
+  return f"{n_lin // g}:{n_full // g}"
+
+
+def _named_placement(layer_types: tuple[str, ...]) -> str | None:
+  """The named placement that gives this pattern, if one does."""
+  n, f = len(layer_types), layer_types.count(FULL)
+  for name in layer_pattern.PLACEMENTS:
+    try:
+      if layer_pattern.layer_types_from_placement(name, n, f) == layer_types:
+        return name
+    except ValueError:
+      continue
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
+class Configuration:
+  """One layer pattern of the study.
+
+  Attributes:
+    name: "3:1", "3:1 bottom", or the pattern ("FLLLLLLF").
+    layer_types: one entry per layer, bottom first.
+    placement: "periodic", "bottom", "top", "middle", "ends", "pattern"
+      (an explicit pattern matching no named placement), or "-" (one kind
+      of layer only).
+  """
+  name: str
+  layer_types: tuple[str, ...]
+  placement: str
+
+  @property
+  def ratio(self) -> str:
+    return ratio_name(self.layer_types)
+
+  @property
+  def pattern(self) -> str:
+    return layer_pattern.pattern_string(self.layer_types)
+
+  @property
+  def label(self) -> str:
+    """A file-system-safe name: "3:1 bottom" -> "3-1_bottom"."""
+    return self.name.replace(":", "-").replace(" ", "_")
+
+
+def ratio_label(ratio: str) -> str:
+  """A file-system-safe name: "3:1" -> "3-1"."""
+  return ratio.replace(":", "-")
+
+
+def _placement_of(layer_types: tuple[str, ...]) -> str:
+  if len(set(layer_types)) == 1:
+    return "-"
+  return _named_placement(layer_types) or "pattern"
+
+
+# ------------------------------------------------------------------ study
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
-  """Settings of one study; every ratio gets the same.
+  """Settings of one study; every configuration gets the same.
 
   Attributes:
     ratios: `linear:full` ratios (see `layer_types_from_ratio`).
+    placements: named depths (`layer_pattern.PLACEMENTS`) of the
+      full-attention layers of `placement_ratio`.
+    placement_ratio: the ratio whose full-attention layers `placements`
+      moves.
+    patterns: explicit patterns, "LLFF LLLL" (L linear, F full; bottom
+      first; spaces ignored).
+    seeds: runs per configuration; run k uses seed + k for parameters and
+      data order (the evaluation data are the same for every run).
     num_layers: depth (a multiple of every ratio's period).
     hidden_size: model width.
     num_heads: attention query heads (key/value heads: half of them) and
       Gated DeltaNet value heads (key heads: half of them).
     head_dim: head size of both kinds of layer.
-    steps: optimizer steps per ratio.
-    batch_size: rows per step (MQAR rows, then text rows).
-    mqar_fraction: share of the rows that are MQAR (the two tasks weigh the
-      same in the loss whatever their share of rows).
+    steps: optimizer steps per run.
+    batch_size: rows per step (MQAR rows, then text rows, each with a
+      needle).
+    mqar_fraction: share of the rows that are MQAR (recall is half of the
+      loss and text the other half whatever the share of rows).
     seq_len: training tokens per row.
     learning_rate: peak AdamW learning rate.
     warmup_steps: linear warmup.
@@ -94,21 +220,29 @@ class StudyConfig:
     eval_lengths: MQAR evaluation lengths; pairs grow in proportion.
     eval_batches: MQAR batches per length (of batch_size rows).
     text_eval_batches: held-out text batches.
+    retrieval_lengths: lengths of the needle and fixed-pair MQAR
+      evaluation.
+    retrieval_rows: rows per task and length.
+    retrieval_chunk: tokens per prefill call of the retrieval evaluation.
     memory_lengths: context lengths of the memory table.
     gdr_chunk: chunk size of the gated delta rule during the study.
-    seed: parameters and data.
+    seed: the first run's seed of parameters and data.
 
   Raises:
     ValueError: a setting of the wrong type or out of range, named with the
       expected range and the value found (the fields are the flags of the
       same names), so that a bad study fails before any training.
   """
-  ratios: tuple[str, ...] = DEFAULT_RATIOS
+  ratios: tuple[str, ...] = ("all-full", "3:1", "7:1", "all-linear")
+  placements: tuple[str, ...] = ("periodic", "bottom", "top")
+  placement_ratio: str = "3:1"
+  patterns: tuple[str, ...] = ()
+  seeds: int = 1
   num_layers: int = 8
   hidden_size: int = 64
   num_heads: int = 4
   head_dim: int = 16
-  steps: int = 300
+  steps: int = 250
   batch_size: int = 16
   mqar_fraction: float = 0.75
   seq_len: int = 64
@@ -120,6 +254,9 @@ class StudyConfig:
   eval_lengths: tuple[int, ...] = (64, 128, 256)
   eval_batches: int = 4
   text_eval_batches: int = 8
+  retrieval_lengths: tuple[int, ...] = (64, 256, 1024, 4096)
+  retrieval_rows: int = 4
+  retrieval_chunk: int = 256
   memory_lengths: tuple[int, ...] = (1024, 16384, 262144)
   gdr_chunk: int = 32
   seed: int = 0
@@ -129,13 +266,15 @@ class StudyConfig:
       found = getattr(self, name) if found is None else found
       raise ValueError(f"{name}: expected {expected}, found {found!r}")
 
-    for name, low in (("num_layers", 1), ("hidden_size", 1),
+    for name, low in (("seeds", 1), ("num_layers", 1), ("hidden_size", 1),
                       ("num_heads", 1), ("head_dim", 1), ("steps", 1),
                       ("batch_size", 2), ("seq_len", 1),
                       ("warmup_steps", 0), ("num_pairs", 1),
                       ("key_vocab", 1), ("value_vocab", 1),
-                      ("eval_batches", 1), ("text_eval_batches", 1),
-                      ("gdr_chunk", 1), ("seed", 0)):
+                      ("eval_batches", 1),
+                      ("text_eval_batches", 1), ("retrieval_rows", 1),
+                      ("retrieval_chunk", 1), ("gdr_chunk", 1),
+                      ("seed", 0)):
       v = getattr(self, name)
       if not is_int(v) or v < low:
         bad(name, f"an int >= {low}")
@@ -144,17 +283,40 @@ class StudyConfig:
       bad("learning_rate", "a finite number > 0")
     if not is_real(self.mqar_fraction) or not 0 < self.mqar_fraction < 1:
       bad("mqar_fraction", "a number in (0, 1)")
-    n_mqar = int(round(self.batch_size * self.mqar_fraction))
-    if not 1 <= n_mqar < self.batch_size:
+    if min(self.rows()) < 1:
       bad("batch_size", f"room for MQAR and text rows at mqar_fraction="
           f"{self.mqar_fraction}")
-    if not self.ratios:
-      bad("ratios", "at least one ratio")
-    labels = [str(r).replace(":", "-") for r in self.ratios]  # ratio_label
+    labels = [ratio_label(str(r)) for r in self.ratios]
     if len(set(labels)) != len(labels):
       bad("ratios", "distinct ratios (each run has its own directory)",
           ",".join(self.ratios))
-    for name in ("eval_lengths", "memory_lengths"):
+    for r in self.ratios:
+      try:
+        layer_types_from_ratio(r, self.num_layers)
+      except ValueError as e:
+        raise ValueError(f"ratios: {r!r} with num_layers={self.num_layers}:"
+                         f" {e}") from None
+    if len(set(self.placements)) != len(self.placements):
+      bad("placements", "distinct placements", ",".join(self.placements))
+    full = self.placement_full_layers
+    for p in self.placements:
+      try:
+        layer_pattern.layer_types_from_placement(p, self.num_layers, full)
+      except ValueError as e:
+        raise ValueError(f"placements: {p!r} of placement_ratio="
+                         f"{self.placement_ratio!r} over num_layers="
+                         f"{self.num_layers}: {e}") from None
+    for p in self.patterns:
+      try:
+        types = layer_pattern.layer_types_from_string(p)
+      except ValueError:
+        bad("patterns", "letters L (linear) and F (full), one per layer", p)
+      if len(types) != self.num_layers:
+        bad("patterns", f"num_layers={self.num_layers} letters L/F, one "
+            f"per layer", p)
+    if not self.configurations():
+      bad("ratios", "at least one ratio, placement or pattern", "none")
+    for name in ("eval_lengths", "retrieval_lengths", "memory_lengths"):
       lengths = getattr(self, name)
       if not lengths or not all(is_int(n) and n >= 1 for n in lengths):
         bad(name, "one or more ints >= 1", ",".join(map(str, lengths)))
@@ -171,9 +333,66 @@ class StudyConfig:
       except ValueError as e:
         where = "seq_len" if n == self.seq_len else "eval_lengths"
         raise ValueError(f"{where}: MQAR at length {n}: {e}") from e
+    need = NEEDLE_MIN_LENGTH
+    if self.seq_len < need:
+      bad("seq_len", f">= {need} (a needle: its pair, then its key)")
+    for n in self.retrieval_lengths:
+      if n < need:
+        bad("retrieval_lengths", f"lengths >= {need} (a needle: its pair, "
+            f"then its key)", ",".join(map(str, self.retrieval_lengths)))
+      try:
+        self.mqar_fixed(n)
+      except ValueError as e:
+        raise ValueError(f"retrieval_lengths: MQAR with {self.num_pairs} "
+                         f"pairs at length {n}: {e}") from e
 
   def replace(self, **changes: Any) -> "StudyConfig":
     return dataclasses.replace(self, **changes)
+
+  def rows(self) -> tuple[int, int]:
+    """(MQAR, text) rows of a training batch."""
+    n_mqar = int(round(self.batch_size * self.mqar_fraction))
+    return n_mqar, self.batch_size - n_mqar
+
+  @property
+  def placement_full_layers(self) -> int:
+    """Full-attention layers that `placements` moves."""
+    try:
+      types = layer_types_from_ratio(self.placement_ratio, self.num_layers)
+    except ValueError as e:
+      raise ValueError(f"placement_ratio: {e}") from None
+    return types.count(FULL)
+
+  def configurations(self) -> list[Configuration]:
+    """The layer patterns of the study, in order; each pattern once."""
+    out: list[Configuration] = []
+    seen = set()
+
+    def add(name, types, placement):
+      if types not in seen:
+        seen.add(types)
+        out.append(Configuration(name, types, placement))
+
+    for r in self.ratios:
+      types = layer_types_from_ratio(r, self.num_layers)
+      add(ratio_name(types), types, _placement_of(types))
+    if self.placements:
+      f = self.placement_full_layers
+      periodic = layer_pattern.layer_types_from_placement(
+          "periodic", self.num_layers, f)
+      for p in self.placements:
+        types = layer_pattern.layer_types_from_placement(
+            p, self.num_layers, f)
+        if len(set(types)) == 1:
+          add(ratio_name(types), types, "-")
+        elif types == periodic:
+          add(ratio_name(types), types, "periodic")
+        else:
+          add(f"{ratio_name(types)} {p}", types, p)
+    for p in self.patterns:
+      types = layer_pattern.layer_types_from_string(p)
+      add(layer_pattern.pattern_string(types), types, _placement_of(types))
+    return out
 
   def _pairs(self, seq_len: int) -> int:
     return max(1, self.num_pairs * seq_len // self.seq_len)
@@ -181,53 +400,88 @@ class StudyConfig:
   def mqar(self, seq_len: int | None = None) -> data.MQARConfig:
     """The MQAR task at a length (pairs in proportion to the length)."""
     seq_len = self.seq_len if seq_len is None else seq_len
-    check_int("seq_len", seq_len, 1)
+    if not is_int(seq_len) or seq_len < 1:
+      raise ValueError(f"seq_len: expected an int >= 1, found {seq_len!r}")
     pairs = min(self._pairs(seq_len), self.key_vocab)
     return data.MQARConfig(seq_len=seq_len, num_pairs=pairs,
                            key_vocab=self.key_vocab,
                            value_vocab=self.value_vocab)
+
+  def mqar_fixed(self, seq_len: int) -> data.MQARConfig:
+    """MQAR at a length with the trained number of pairs (the queries
+    spread over the whole length: recall at a distance)."""
+    return self.mqar().replace(seq_len=seq_len)
 
   @property
   def vocab_size(self) -> int:
     """Bytes, then the MQAR tokens (pad, keys, values)."""
     return data.BYTE_VOCAB + self.mqar().vocab_size
 
+  @property
+  def retrieval_slots(self) -> int:
+    """Cache slots of the retrieval evaluation: the longest length rounded
+    up to whole chunks (one compiled program serves every length)."""
+    c = self.retrieval_chunk
+    return -(-max(self.retrieval_lengths) // c) * c
 
-# Named settings. "default" is the README's main job; "smoke" checks the
-# plumbing (about two minutes on 2 cores; the numbers mean little).
+
+# Named settings. "default" is the README's main job (one seed: under 10
+# minutes on 2 CPU cores); "smoke" checks the plumbing (a few minutes; the
+# numbers mean little); "gpu" is the study at tens of millions of
+# parameters with retrieval to 64k tokens, sized for one H100 (see the
+# README for its FLOP estimate).
 PRESETS: dict[str, StudyConfig] = {
     "default": StudyConfig(),
     "smoke": StudyConfig(
+        ratios=("all-full", "3:1", "all-linear"),
+        placements=("periodic", "bottom"),
         num_layers=8, hidden_size=32, num_heads=2, head_dim=16, steps=6,
         batch_size=4, seq_len=64, warmup_steps=2, num_pairs=4,
         key_vocab=16, value_vocab=16, eval_lengths=(64, 128),
-        eval_batches=1, text_eval_batches=1, memory_lengths=(256, 1024)),
+        eval_batches=1, text_eval_batches=1, retrieval_lengths=(64, 256),
+        retrieval_rows=2, retrieval_chunk=128, memory_lengths=(256, 1024)),
+    "gpu": StudyConfig(
+        ratios=("all-full", "1:1", "3:1", "7:1", "all-linear"),
+        placements=("periodic", "bottom", "top", "middle", "ends"),
+        num_layers=16, hidden_size=512, num_heads=8, head_dim=64,
+        steps=2000, batch_size=16, seq_len=512, learning_rate=1e-3,
+        warmup_steps=200, num_pairs=32, key_vocab=256, value_vocab=256,
+        eval_lengths=(512, 1024, 2048), eval_batches=4, text_eval_batches=8,
+        retrieval_lengths=(512, 2048, 8192, 32768, 65536), retrieval_rows=4,
+        retrieval_chunk=1024, memory_lengths=(8192, 65536, 262144),
+        gdr_chunk=64),
 }
 
 
 # ------------------------------------------------------------------ model
-def model_config(study: StudyConfig, ratio: str) -> QwenConfig:
-  """The model of one ratio: same shapes for every ratio but the pattern."""
+def model_config(study: StudyConfig,
+                 configuration: Configuration | str) -> QwenConfig:
+  """The model of one configuration (or ratio): the same shapes for every
+  configuration but the layer pattern."""
+  if isinstance(configuration, str):
+    types = layer_types_from_ratio(configuration, study.num_layers)
+  else:
+    types = configuration.layer_types
   h = study.num_heads
   kv = max(1, h // 2)
   return QwenConfig(
       vocab_size=study.vocab_size, hidden_size=study.hidden_size,
       intermediate_size=2 * study.hidden_size,
-      num_hidden_layers=study.num_layers,
-      layer_types=layer_types_from_ratio(ratio, study.num_layers),
+      num_hidden_layers=study.num_layers, layer_types=tuple(types),
       num_attention_heads=h, num_key_value_heads=kv,
       head_dim=study.head_dim, linear_num_key_heads=kv,
       linear_num_value_heads=h, linear_key_head_dim=study.head_dim,
       linear_value_head_dim=study.head_dim, linear_conv_kernel_dim=4,
       rope_theta=1e4, partial_rotary_factor=0.5,
-      max_position_embeddings=max(study.memory_lengths +
-                                  study.eval_lengths + (study.seq_len,)),
+      max_position_embeddings=MAX_POSITIONS,
       tie_word_embeddings=True, gdr_chunk_size=study.gdr_chunk)
 
 
-def ratio_label(ratio: str) -> str:
-  """A file-system-safe name: "3:1" -> "3-1"."""
-  return ratio.replace(":", "-")
+def _with_positions(cfg: QwenConfig, n: int) -> QwenConfig:
+  """cfg accepting n positions (evaluation past MAX_POSITIONS)."""
+  if n <= cfg.max_position_embeddings:
+    return cfg
+  return cfg.replace(max_position_embeddings=n)
 
 
 # ------------------------------------------------------------------- data
@@ -239,51 +493,191 @@ def _offset_mqar(batch: data.Batch) -> data.Batch:
   return out
 
 
-def _weighted(batch: data.Batch, total: float) -> data.Batch:
-  """The batch with its loss mask rescaled to sum to `total`."""
-  out = dict(batch)
-  m = batch["loss_mask"].astype(np.float32)
-  out["loss_mask"] = m * (total / max(float(m.sum()), 1.0))
-  return out
+def _concat(*batches: data.Batch) -> data.Batch:
+  return {k: np.concatenate([b[k] for b in batches], axis=0)
+          for k in batches[0]}
 
 
-def _concat(a: data.Batch, b: data.Batch) -> data.Batch:
-  return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+@functools.lru_cache(maxsize=2)
+def _corpus(split: str) -> np.ndarray:
+  """The text corpus of a split as one byte array (the haystacks)."""
+  return np.concatenate(data.text_documents(split)).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_data(seq_len: int, split: str) -> data.TextData:
+  return data.TextData(seq_len, split)
+
+
+def _needle_rows(study: StudyConfig, seq_len: int, rows: int, seed: int,
+                 step: int, split: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens [rows, seq_len + 1], answer mask, text mask [rows, seq_len]).
+
+  The masks mark the targets: the needle's answer (the last target), and
+  the text (not the inserted pair or key).
+  """
+  fill = seq_len + 1 - 4
+  if fill < 0:
+    raise ValueError(f"seq_len: expected >= {NEEDLE_MIN_LENGTH} for a "
+                     f"needle, found {seq_len}")
+  task = study.mqar()
+  corpus = _corpus(split)
+  if len(corpus) <= fill:
+    corpus = np.tile(corpus, fill // len(corpus) + 2)
+  rng = np.random.default_rng([seed, 0x4E44, step, seq_len])
+  starts = rng.integers(0, len(corpus) - fill, rows)
+  depths = rng.integers(0, fill + 1, rows)
+  keys = data.BYTE_VOCAB + task.key_token(rng.integers(0, task.key_vocab,
+                                                       rows))
+  values = data.BYTE_VOCAB + task.value_token(
+      rng.integers(0, task.value_vocab, rows))
+  tokens = np.empty((rows, seq_len + 1), np.int32)
+  is_text = np.zeros((rows, seq_len + 1), bool)
+  for r in range(rows):
+    hay = corpus[starts[r]:starts[r] + fill]
+    p = depths[r]
+    tokens[r] = np.concatenate([hay[:p], [keys[r], values[r]], hay[p:],
+                                [keys[r], values[r]]])
+    is_text[r, :p] = True
+    is_text[r, p + 2:fill + 2] = True
+  answer = np.zeros((rows, seq_len), np.float32)
+  answer[:, -1] = 1.0  # the key at the end: its value
+  return tokens, answer, is_text[:, 1:].astype(np.float32)
+
+
+def needle_batch(study: StudyConfig, seq_len: int, rows: int, seed: int,
+                 step: int, split: str = "eval") -> data.Batch:
+  """Needle rows: a key-value pair hidden in text, asked for at the end.
+
+  One row of `seq_len + 1` tokens (inputs: the first seq_len, targets: the
+  last seq_len), K and V MQAR tokens:
+
+    text ... K V text ... K V
+
+  The text is a window of the split's corpus (held-out modules for
+  "eval"), the pair at a uniformly drawn depth; the loss mask is 1 at the
+  last target only (the value, chance 1 / value_vocab). A pure function of
+  its arguments.
+  """
+  tokens, answer, _ = _needle_rows(study, seq_len, rows, seed, step, split)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": answer,
+          "segment_ids": np.ones((rows, seq_len), np.int32)}
 
 
 class MixedData:
-  """Training batches: MQAR rows then text rows, each task half the loss.
+  """Training batches: MQAR rows, then text rows that each hide a needle.
 
-  A pure function of (seed, step), so a resumed run sees the same data.
+  Recall (the MQAR queries and the needles' answers, each the same weight)
+  is half of the loss, the text the other half (the loss masks are rescaled
+  to these totals). A pure function of (seed, step), so a resumed run sees
+  the same data.
   """
 
-  def __init__(self, study: StudyConfig):
+  def __init__(self, study: StudyConfig, seed: int | None = None):
     self.study = study
+    self.seed = study.seed if seed is None else seed
     self.task = study.mqar()
-    self.text = data.TextData(study.seq_len, "train")
-    self.n_mqar = int(round(study.batch_size * study.mqar_fraction))
-    self.n_text = study.batch_size - self.n_mqar
-    if self.n_mqar < 1 or self.n_text < 1:
-      raise ValueError(
-          f"batch_size: expected room for MQAR and text rows at "
-          f"mqar_fraction={study.mqar_fraction}, found {study.batch_size}")
+    self.n_mqar, self.n_text = study.rows()
 
   def __call__(self, step: int) -> data.Batch:
     s = self.study
-    recall = _offset_mqar(data.mqar_batch(self.task, self.n_mqar, s.seed,
+    half = s.batch_size * s.seq_len / 2
+    recall = _offset_mqar(data.mqar_batch(self.task, self.n_mqar, self.seed,
                                           step))
-    text = self.text.batch(self.n_text, s.seed, step)
-    # Equal weight per task: each mask sums to half the batch's tokens.
-    half = 0.5 * s.batch_size * s.seq_len
-    return _concat(_weighted(recall, half), _weighted(text, half))
+    tokens, answer, text = _needle_rows(s, s.seq_len, self.n_text,
+                                        self.seed, step, "train")
+    per_query = half / (recall["loss_mask"].sum() + answer.sum())
+    rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": (text * (half / max(text.sum(), 1.0)) +
+                          answer * per_query).astype(np.float32),
+            "segment_ids": np.ones((self.n_text, s.seq_len), np.int32)}
+    recall["loss_mask"] = (recall["loss_mask"] * per_query).astype(
+        np.float32)
+    return _concat(recall, rows)
 
 
 def mqar_eval_batches(study: StudyConfig, seq_len: int) -> list[data.Batch]:
-  """Held-out MQAR batches at a length (a seed no training step uses)."""
+  """Held-out MQAR batches at a length (a seed no training run uses)."""
   task = study.mqar(seq_len)
   return [_offset_mqar(data.mqar_batch(task, study.batch_size,
                                        study.seed + 10_000, i))
           for i in range(study.eval_batches)]
+
+
+def retrieval_batches(study: StudyConfig
+                      ) -> dict[int, dict[str, data.Batch]]:
+  """Per retrieval length: needle rows (held-out text) and fixed-pair MQAR
+  rows, from seeds no training run uses."""
+  out = {}
+  for i, n in enumerate(study.retrieval_lengths):
+    out[n] = {
+        "needle": needle_batch(study, n, study.retrieval_rows,
+                               study.seed + 20_000, i, split="eval"),
+        "mqar": _offset_mqar(data.mqar_batch(
+            study.mqar_fixed(n), study.retrieval_rows, study.seed + 30_000,
+            i)),
+    }
+  return out
+
+
+# -------------------------------------------------------------- retrieval
+def _chunk_correct(cfg: QwenConfig, params: Any, ids: jax.Array,
+                   targets: jax.Array, mask: jax.Array, cache: Any):
+  """One prefill chunk: the cache moves on; correct masked predictions."""
+  logits, cache = Qwen35(cfg).apply({"params": params}, ids, cache=cache)
+  hit = (jnp.argmax(logits, axis=-1) == targets) & (mask > 0)
+  return hit.sum(), cache
+
+
+_chunk_correct_jit = jax.jit(_chunk_correct, static_argnums=0,
+                             donate_argnums=5)
+
+
+def retrieval_accuracy(cfg: QwenConfig, params: Any, batch: data.Batch,
+                       chunk: int, slots: int) -> float:
+  """Accuracy at the masked targets of one batch by chunked prefill.
+
+  The rows go through the model `chunk` tokens at a time, each call
+  continuing from the cache the last one left (full attention reads the
+  keys and values so far, Gated DeltaNet its state), so memory holds one
+  chunk's activations and the cache. The cache has `slots` slots whatever
+  the batch's length: one compiled program serves every length.
+  """
+  ids, tgt, mask = (np.asarray(batch[k]) for k in
+                    ("inputs", "targets", "loss_mask"))
+  rows, n = ids.shape
+  last = int(np.nonzero(mask.any(0))[0].max()) + 1 if mask.any() else 0
+  padded = -(-max(last, 1) // chunk) * chunk
+  if padded > slots:
+    raise ValueError(f"batch: expected at most {slots} tokens (the cache's "
+                     f"slots), found {n}")
+  pad = ((0, 0), (0, max(0, padded - n)))
+  ids, tgt, mask = (np.pad(x, pad)[:, :padded] for x in (ids, tgt, mask))
+  cfg = _with_positions(cfg, slots)
+  cache = cache_lib.init_cache(cfg, rows, slots)
+  hits = []
+  for s in range(0, padded, chunk):
+    part = slice(s, s + chunk)
+    h, cache = _chunk_correct_jit(cfg, params, jnp.asarray(ids[:, part]),
+                                  jnp.asarray(tgt[:, part]),
+                                  jnp.asarray(mask[:, part]), cache)
+    hits.append(h)
+  correct = float(sum(int(h) for h in jax.device_get(hits)))
+  return correct / max(float((mask > 0).sum()), 1.0)
+
+
+def evaluate_retrieval(study: StudyConfig, cfg: QwenConfig, params: Any,
+                       batches: dict[int, dict[str, data.Batch]]
+                       ) -> dict[str, float]:
+  """{"needle@n": accuracy, "mqar@n": accuracy} per retrieval length."""
+  out = {}
+  for n, tasks in batches.items():
+    for task, batch in tasks.items():
+      out[f"{task}@{n}"] = retrieval_accuracy(
+          cfg, params, batch, study.retrieval_chunk, study.retrieval_slots)
+  return out
 
 
 # ----------------------------------------------------------------- memory
@@ -294,6 +688,7 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
   as arguments, temporaries, outputs). On a GPU the program is also run
   once and the device's peak is read.
   """
+  cfg = _with_positions(cfg, seq_len)
   model = Qwen35(cfg)
   params = jax.eval_shape(lambda: train_step.init_params(cfg, 0))
   ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
@@ -316,38 +711,167 @@ def forward_memory(cfg: QwenConfig, seq_len: int) -> dict[str, float]:
   return out
 
 
-def memory_table(cfg: QwenConfig,
-                 lengths: Sequence[int]) -> list[dict[str, float]]:
-  """Per context length: decode-cache bytes by kind and forward memory."""
+def memory_table(cfg: QwenConfig, lengths: Sequence[int],
+                 forward_at: Sequence[int] | None = None
+                 ) -> list[dict[str, float]]:
+  """Per context length: decode-cache bytes by kind, and the memory of a
+  compiled forward (`forward_memory`) at the lengths of `forward_at`
+  (default: the longest; NaN at the others, each one a compilation)."""
+  forward_at = lengths[-1:] if forward_at is None else forward_at
   rows = []
   for n in lengths:
-    kinds = cache_lib.cache_bytes_by_kind(cfg, 1, n, jnp.bfloat16)
-    total = cache_lib.cache_bytes(cfg, 1, n, jnp.bfloat16)
+    c = _with_positions(cfg, n)
+    kinds = cache_lib.cache_bytes_by_kind(c, 1, n, jnp.bfloat16)
+    total = cache_lib.cache_bytes(c, 1, n, jnp.bfloat16)
     row = {"context": n, "cache_bytes": float(total),
            "kv_bytes": float(kinds["kv"]),
            "state_bytes": float(kinds["state"] + kinds["conv"])}
-    row.update(forward_memory(cfg, n))
+    if n in forward_at:
+      row.update(forward_memory(cfg, n))
+    else:
+      row.update(temp_bytes=float("nan"), argument_bytes=float("nan"))
     rows.append(row)
   return rows
 
 
-# -------------------------------------------------------------------- run
-def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
-              total: int, mixed: MixedData) -> dict[str, Any]:
-  """Trains and evaluates one ratio; returns its result row."""
-  cfg = model_config(study, ratio)
+def cache_bytes_at(cfg: QwenConfig, n: int) -> float:
+  """Decoding-cache bytes of one sequence of n tokens (bf16 K/V)."""
+  return float(cache_lib.cache_bytes(_with_positions(cfg, n), 1, n,
+                                     jnp.bfloat16))
+
+
+# ------------------------------------------------------------------- runs
+# The StudyConfig fields a trained run depends on (a run of other values
+# cannot be reused), and those its evaluation depends on (a run of other
+# values is evaluated again from its checkpoint).
+TRAIN_FIELDS = ("num_layers", "hidden_size", "num_heads", "head_dim",
+                "steps", "batch_size", "mqar_fraction",
+                "seq_len", "learning_rate", "warmup_steps", "num_pairs",
+                "key_vocab", "value_vocab", "gdr_chunk")
+EVAL_FIELDS = ("eval_lengths", "eval_batches", "text_eval_batches",
+               "retrieval_lengths", "retrieval_rows", "retrieval_chunk")
+
+
+def _jsonable(x: Any) -> Any:
+  return json.loads(json.dumps(x))
+
+
+def run_settings(study: StudyConfig, configuration: Configuration,
+                 seed_index: int) -> dict[str, Any]:
+  """What one run was trained with (its settings.json)."""
+  s = {f: getattr(study, f) for f in TRAIN_FIELDS}
+  s["pattern"] = configuration.pattern
+  s["seed"] = study.seed + seed_index
+  return _jsonable(s)
+
+
+def eval_settings(study: StudyConfig) -> dict[str, Any]:
+  return _jsonable({f: getattr(study, f) for f in EVAL_FIELDS})
+
+
+def run_dir(workdir: str, configuration: Configuration,
+            seed_index: int) -> str:
+  return os.path.join(workdir, "runs", configuration.label,
+                      f"seed-{seed_index}")
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise cli.UserError(f"--workdir: expected a readable JSON file at "
+                        f"{path}, found {type(e).__name__}: {e}") from e
+
+
+def check_workdir(study: StudyConfig, workdir: str) -> None:
+  """Refuses, before anything trains, runs of other training settings.
+
+  Raises:
+    cli.UserError: a run folder of this study holds a run trained with
+      other settings (named with the first differing field).
+  """
+  for conf in study.configurations():
+    for k in range(study.seeds):
+      where = run_dir(workdir, conf, k)
+      saved = _read_json(os.path.join(where, "settings.json"))
+      want = run_settings(study, conf, k)
+      if saved is None or saved == want:
+        continue
+      diff = sorted(f for f in set(saved) | set(want)
+                    if saved.get(f) != want.get(f))
+      f = diff[0]
+      raise cli.UserError(
+          f"--workdir: {where} holds a run of other settings ({f}: "
+          f"{saved.get(f)!r} there, {want.get(f)!r} now); use another "
+          f"--workdir, or the settings of that run")
+
+
+def _metrics_csv(path: str) -> list[dict[str, float]]:
+  try:
+    with open(path, newline="") as f:
+      return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+              for row in csv.DictReader(f)]
+  except FileNotFoundError:
+    return []
+
+
+class _EvalData:
+  """The evaluation batches, made once per study (the same for every run)."""
+
+  def __init__(self, study: StudyConfig):
+    self.recall = {n: mqar_eval_batches(study, n)
+                   for n in study.eval_lengths}
+    text = _text_data(study.seq_len, "eval")
+    self.text = text.eval_batches(study.batch_size, study.text_eval_batches)
+    self.retrieval = retrieval_batches(study)
+
+
+def run_one(study: StudyConfig, configuration: Configuration,
+            seed_index: int, workdir: str, evals: _EvalData,
+            label: str = "") -> dict[str, Any]:
+  """Trains and evaluates one (configuration, seed), or reuses its result.
+
+  Returns:
+    The run's record (its result.json) with "reused": whether it came from
+    an earlier call unchanged.
+  """
+  where = run_dir(workdir, configuration, seed_index)
+  result_path = os.path.join(where, "result.json")
+  settings = run_settings(study, configuration, seed_index)
+  evals_now = eval_settings(study)
+  prev = _read_json(result_path)
+  if (prev is not None and prev.get("settings") == settings
+      and prev.get("eval_settings") == evals_now):
+    return dict(prev, reused=True)
+  os.makedirs(where, exist_ok=True)
+  if not os.path.exists(os.path.join(where, "settings.json")):
+    report.write_json(os.path.join(where, "settings.json"), settings)
+
+  cfg = model_config(study, configuration)
+  seed = study.seed + seed_index
   tcfg = train_step.TrainConfig(
       batch_size=study.batch_size, seq_len=study.seq_len,
       num_steps=study.steps, learning_rate=study.learning_rate,
-      warmup_steps=study.warmup_steps, weight_decay=0.01, seed=study.seed,
+      warmup_steps=study.warmup_steps, weight_decay=0.01, seed=seed,
       log_every=max(1, study.steps // 20),
-      checkpoint_every=max(1, study.steps // 2), keep_checkpoints=1)
-  run_dir = os.path.join(workdir, "runs", ratio_label(ratio))
-  label = f"[{index}/{total}] {ratio:>10}"
-  result = train_lib.train(cfg, tcfg, mixed, run_dir, progress=label)
+      checkpoint_every=0, keep_checkpoints=1)  # a checkpoint at the end
+  # settings.json and result.json are the study's, beside the run's files.
+  result = train_lib.train(cfg, tcfg, MixedData(study, seed), where,
+                           progress=label,
+                           other_files=("settings.json", "result.json"))
   params, cfg = result.state.params, result.cfg
+  history = _metrics_csv(os.path.join(where, "metrics.csv"))
+  trained = result.resumed_from != study.steps
+  if trained:
+    speed = result.tokens_per_s
+  else:  # nothing trained in this call: the speed the log recorded
+    speed = float(np.median([h["tokens_per_s"] for h in history])
+                  if history else float("nan"))
 
-  # Every evaluation batch is right-padded to one length (a causal model
+  # Every recall / text batch is right-padded to one length (a causal model
   # gives the same outputs on the real tokens), so one program serves all.
   t0 = time.time()
   eval_len = max(study.eval_lengths + (study.seq_len,))
@@ -356,66 +880,173 @@ def run_ratio(study: StudyConfig, ratio: str, workdir: str, index: int,
   def pad(batches):
     return [data.pad_batch(b, eval_len) for b in batches]
 
-  recall = {}
-  for n in study.eval_lengths:
-    ev = train_lib.evaluate(cfg, params, pad(mqar_eval_batches(study, n)),
-                            eval_step=eval_step)
-    recall[n] = ev["accuracy"]
-  text = data.TextData(study.seq_len, "eval")
-  ev_text = train_lib.evaluate(
-      cfg, params, pad(text.eval_batches(study.batch_size,
-                                         study.text_eval_batches)),
-      eval_step=eval_step)
-  memory = memory_table(cfg, study.memory_lengths)
-  eval_s = time.time() - t0
-
-  n_lin = cfg.layer_types.count(LINEAR)
-  n_full = cfg.layer_types.count(FULL)
+  metrics = {}
+  for n, batches in evals.recall.items():
+    ev = train_lib.evaluate(cfg, params, pad(batches), eval_step=eval_step)
+    metrics[f"recall@{n}"] = ev["accuracy"]
+  metrics.update(evaluate_retrieval(study, cfg, params, evals.retrieval))
+  ev_text = train_lib.evaluate(cfg, params, pad(evals.text),
+                               eval_step=eval_step)
+  metrics["text_loss"] = ev_text["loss"]
+  metrics["text_bits_per_byte"] = ev_text["loss"] / np.log(2.0)
+  metrics["tokens_per_s"] = speed
+  metrics["final_train_loss"] = (history[-1]["loss"] if history
+                                 else float("nan"))
   row = {
-      "ratio": ratio,
-      "linear_layers": n_lin,
-      "full_layers": n_full,
+      "config": configuration.name,
+      "pattern": configuration.pattern,
+      "seed_index": seed_index,
+      "seed": seed,
+      "settings": settings,
+      "eval_settings": evals_now,
       "params": train_step.param_count(params),
-      "final_train_loss": (result.history[-1]["loss"] if result.history
-                           else float("nan")),
-      "text_loss": ev_text["loss"],
-      "text_bits_per_byte": ev_text["loss"] / np.log(2.0),
-      "tokens_per_s": result.tokens_per_s,
+      "metrics": metrics,
       "compile_s": result.compile_s,
       "train_s": result.train_s,
-      "eval_s": eval_s,
+      "eval_s": time.time() - t0,
       "resumed_from": result.resumed_from,
-      "recall": {str(k): v for k, v in recall.items()},
-      "memory": memory,
-      "loss_curve": [(h["step"], h["loss"]) for h in result.history],
+      "loss_curve": [(h["step"], h["loss"]) for h in history],
+      "finished": datetime.datetime.now().isoformat(timespec="seconds"),
   }
-  summary = "  ".join(f"recall@{k} {v:.2f}" for k, v in recall.items())
-  print(f"{label}: {summary}  text {row['text_bits_per_byte']:.2f} bpb  "
-        f"{row['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
-  return row
+  report.write_json(result_path, row)
+  n_max = max(study.retrieval_lengths)
+  shown = [f"{m} {metrics[m]:.2f}" for m in
+           (f"recall@{study.seq_len}", f"needle@{n_max}", f"mqar@{n_max}",
+            "text_bits_per_byte") if m in metrics]
+  print(f"{label}: {'  '.join(shown)}  {speed:,.0f} tok/s",
+        file=sys.stderr, flush=True)
+  return dict(row, reused=False)
 
 
-def run_study(study: StudyConfig, workdir: str,
-              plots: bool = True) -> dict[str, Any]:
-  """Runs every ratio and writes the results; returns the JSON record."""
-  for r in study.ratios:
-    layer_types_from_ratio(r, study.num_layers)  # fail before training
+def config_memory(study: StudyConfig, configuration: Configuration,
+                  workdir: str) -> list[dict[str, float]]:
+  """The memory table of a pattern (runs/<config>/memory.json; computed
+  once: it depends on shapes, not on weights)."""
+  path = os.path.join(workdir, "runs", configuration.label, "memory.json")
+  cfg = model_config(study, configuration)
+  key = {"lengths": list(study.memory_lengths),
+         "model": _jsonable(dataclasses.asdict(cfg)),
+         "backend": jax.default_backend()}
+  saved = _read_json(path)
+  if saved is not None and saved.get("key") == key:
+    return saved["rows"]
+  rows = memory_table(cfg, study.memory_lengths)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  report.write_json(path, {"key": key, "rows": rows})
+  return rows
+
+
+def summarize(study: StudyConfig, runs: Sequence[dict[str, Any]],
+              memory: dict[str, list[dict[str, float]]]
+              ) -> list[dict[str, Any]]:
+  """One row per configuration: mean and 95% interval of every metric over
+  its seeds, with the pattern, counts, parameters and memory."""
+  out = []
+  for conf in study.configurations():
+    mine = [r for r in runs if r["config"] == conf.name]
+    names = list(mine[0]["metrics"]) if mine else []
+    metrics = {m: report.mean_ci95([r["metrics"][m] for r in mine])
+               for m in names}
+    curves = [np.asarray(r["loss_curve"], float) for r in mine
+              if len(r["loss_curve"])]
+    curve = []
+    if curves and all(c.shape == curves[0].shape for c in curves):
+      curve = np.column_stack([curves[0][:, 0],
+                               np.mean([c[:, 1] for c in curves], 0)]
+                              ).tolist()
+    cfg = model_config(study, conf)
+    out.append({
+        "config": conf.name,
+        "pattern": conf.pattern,
+        "ratio": conf.ratio,
+        "placement": conf.placement,
+        "linear_layers": conf.layer_types.count(LINEAR),
+        "full_layers": conf.layer_types.count(FULL),
+        "params": mine[0]["params"] if mine else cfg.num_params(),
+        "seeds": [r["seed"] for r in mine],
+        "metrics": metrics,
+        "retrieval_cache_bytes": {str(n): cache_bytes_at(cfg, n)
+                                  for n in study.retrieval_lengths},
+        "memory": memory[conf.name],
+        "loss_curve": curve,
+    })
+  return out
+
+
+def run_study(study: StudyConfig, workdir: str, plots: bool = True,
+              command: str | None = None) -> dict[str, Any]:
+  """Runs (or reuses) every (configuration, seed) and writes the results.
+
+  Args:
+    study: the settings.
+    workdir: the output folder (created).
+    plots: write the PNG plots (matplotlib).
+    command: the command line shown in report.md (default: the equivalent
+      `python -m experiments.compare_ratios` command, `reproduce_command`).
+
+  Returns:
+    The JSON record (results.json).
+
+  Raises:
+    ValueError: a bad study (`StudyConfig` checks its fields), or runs in
+      `workdir` of other training settings (`check_workdir`), before any
+      training.
+  """
+  confs = study.configurations()
   os.makedirs(workdir, exist_ok=True)
-  mixed = MixedData(study)
+  check_workdir(study, workdir)
   t0 = time.time()
-  rows = [run_ratio(study, r, workdir, i + 1, len(study.ratios), mixed)
-          for i, r in enumerate(study.ratios)]
+  evals = _EvalData(study)
+  runs, memory = [], {}
+  total = len(confs) * study.seeds
+  i = 0
+  for conf in confs:
+    memory[conf.name] = config_memory(study, conf, workdir)
+    for k in range(study.seeds):
+      i += 1
+      label = f"[{i}/{total}] {conf.name:>12} seed {study.seed + k}"
+      runs.append(run_one(study, conf, k, workdir, evals, label))
   record = {
       "study": dataclasses.asdict(study),
       "chance_accuracy": study.mqar().chance_accuracy,
-      "results": rows,
+      "configurations": summarize(study, runs, memory),
+      "runs": runs,
+      "trained_runs": sum(not r["reused"] for r in runs),
+      "reused_runs": sum(bool(r["reused"]) for r in runs),
       "elapsed_s": time.time() - t0,
       "environment": environment(),
+      "command": command or reproduce_command(study, workdir),
   }
-  write_results(record, workdir)
+  report.write_results(record, workdir)
   if plots:
-    write_plots(record, workdir)
+    report.write_plots(record, workdir)
+  report.write_report(record, workdir, plots)
   return record
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def _git_commit() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, timeout=10,
+                         check=False)
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True,
+                           text=True, timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  commit = out.stdout.strip()
+  if out.returncode or not commit:
+    return "unknown"
+  return commit + (" (with uncommitted changes)" if dirty.stdout.strip()
+                   else "")
 
 
 def environment() -> dict[str, str]:
@@ -424,160 +1055,41 @@ def environment() -> dict[str, str]:
       "date": datetime.date.today().isoformat(),
       "device": f"{dev.platform}: {dev.device_kind}",
       "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "flax": _version("flax"),
+      "optax": _version("optax"),
+      "numpy": np.__version__,
       "python": platform.python_version(),
       "cpu_count": str(os.cpu_count()),
+      "commit": _git_commit(),
   }
 
 
-# ----------------------------------------------------------------- output
-def _human_bytes(n: float) -> str:
-  if not np.isfinite(n):
-    return "n/a"
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if abs(n) < 1024 or unit == "TiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  return str(n)
-
-
-def markdown_table(record: dict[str, Any]) -> str:
-  """The results as a markdown table (one row per ratio)."""
-  study = record["study"]
-  lengths = [str(n) for n in study["eval_lengths"]]
-  long_ctx = study["memory_lengths"][-1]
-  head = (["ratio", "lin/full", "params"] +
-          [f"recall@{n}" for n in lengths] +
-          ["text bpb", "train tok/s", f"cache @{long_ctx}",
-           f"fwd temp @{long_ctx}"])
-  lines = ["| " + " | ".join(head) + " |",
-           "|" + "---|" * len(head)]
-  for r in record["results"]:
-    mem = r["memory"][-1]
-    cells = ([r["ratio"], f"{r['linear_layers']}/{r['full_layers']}",
-              f"{r['params']:,}"] +
-             [f"{r['recall'][n]:.3f}" for n in lengths] +
-             [f"{r['text_bits_per_byte']:.3f}", f"{r['tokens_per_s']:,.0f}",
-              _human_bytes(mem["cache_bytes"]),
-              _human_bytes(mem["temp_bytes"])])
-    lines.append("| " + " | ".join(cells) + " |")
-  env = record["environment"]
-  pairs = [study["num_pairs"] * n // study["seq_len"]
-           for n in study["eval_lengths"]]
-  lines += [
-      "",
-      f"Recall: MQAR accuracy at the query tokens, trained at "
-      f"{study['seq_len']} tokens with {study['num_pairs']} pairs; "
-      f"evaluated with {', '.join(map(str, pairs))} pairs at "
-      f"{', '.join(lengths)} tokens (chance "
-      f"{record['chance_accuracy']:.3f}). Text: held-out bits per byte. "
-      f"Cache: decoding cache for one sequence (bf16 K/V, f32 states); "
-      f"fwd temp: XLA's memory analysis of a compiled batch-1 forward.",
-      f"{study['steps']} steps of {study['batch_size']} x "
-      f"{study['seq_len']} tokens per ratio, {env['device']}, jax "
-      f"{env['jax']}, {env['date']}, {record['elapsed_s']:.0f} s in all.",
-  ]
-  return "\n".join(lines) + "\n"
-
-
-def write_results(record: dict[str, Any], workdir: str) -> None:
-  """results.json, results.csv and results.md under workdir."""
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(record, f, indent=1, default=float)
-  lengths = [str(n) for n in record["study"]["eval_lengths"]]
-  fields = (["ratio", "linear_layers", "full_layers", "params"] +
-            [f"recall@{n}" for n in lengths] +
-            ["text_loss", "text_bits_per_byte", "final_train_loss",
-             "tokens_per_s", "compile_s", "train_s"] +
-            [f"cache_bytes@{m['context']}"
-             for m in record["results"][0]["memory"]] +
-            [f"forward_temp_bytes@{m['context']}"
-             for m in record["results"][0]["memory"]])
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fields)
-    w.writeheader()
-    for r in record["results"]:
-      row = {k: r[k] for k in fields if k in r}
-      for n in lengths:
-        row[f"recall@{n}"] = r["recall"][n]
-      for m in r["memory"]:
-        row[f"cache_bytes@{m['context']}"] = m["cache_bytes"]
-        row[f"forward_temp_bytes@{m['context']}"] = m["temp_bytes"]
-      w.writerow(row)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown_table(record))
-
-
-def write_plots(record: dict[str, Any], workdir: str) -> list[str]:
-  """The PNG plots; returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  rows = record["results"]
-  study = record["study"]
-  paths = []
-
-  def save(fig, name):
-    path = os.path.join(workdir, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  lengths = study["eval_lengths"]
-  for r in rows:
-    ax.plot(lengths, [r["recall"][str(n)] for n in lengths], "o-",
-            label=r["ratio"])
-  ax.axhline(record["chance_accuracy"], color="gray", ls=":", label="chance")
-  ax.axvline(study["seq_len"], color="gray", ls="--", lw=0.8)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("sequence length (pairs grow in proportion)")
-  ax.set_ylabel("MQAR accuracy")
-  ax.set_ylim(0, 1.02)
-  ax.set_title("Recall against length (dashed: trained length)")
-  ax.legend(fontsize=8)
-  save(fig, "recall_vs_length.png")
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    curve = np.asarray(r["loss_curve"], float)
-    if len(curve):
-      ax.plot(curve[:, 0], curve[:, 1], label=r["ratio"])
-  ax.set_xlabel("step")
-  ax.set_ylabel("training loss (MQAR + text)")
-  ax.set_title("Training loss")
-  ax.legend(fontsize=8)
-  save(fig, "train_loss.png")
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    ctx = [m["context"] for m in r["memory"]]
-    ax.plot(ctx, [m["cache_bytes"] / 2**20 for m in r["memory"]], "o-",
-            label=r["ratio"])
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("context length (tokens)")
-  ax.set_ylabel("decoding cache (MiB, batch 1)")
-  ax.set_title("Cache memory against context")
-  ax.legend(fontsize=8)
-  save(fig, "memory_vs_context.png")
-
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-  names = [r["ratio"] for r in rows]
-  x = np.arange(len(rows))
-  axes[0].bar(x, [r["recall"][str(lengths[0])] for r in rows])
-  axes[0].axhline(record["chance_accuracy"], color="gray", ls=":")
-  axes[0].set_title(f"MQAR accuracy @{lengths[0]} (dotted: chance)")
-  axes[1].bar(x, [r["text_bits_per_byte"] for r in rows])
-  axes[1].set_title("held-out text (bits/byte)")
-  axes[2].bar(x, [r["tokens_per_s"] / 1e3 for r in rows])
-  axes[2].set_title("training k tokens/s")
-  for ax in axes:
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=30, fontsize=8)
-  save(fig, "summary.png")
-  return paths
+def reproduce_command(study: StudyConfig, workdir: str) -> str:
+  """The `python -m experiments.compare_ratios` command of a study: the
+  preset nearest to it and a flag per field that differs. Fields without a
+  flag that differ from every preset are given as a Python call instead."""
+  flag_names = {f[0] for f in _FLAG_FIELDS}
+  best = None
+  for name, preset in PRESETS.items():
+    diff = [f.name for f in dataclasses.fields(StudyConfig)
+            if getattr(study, f.name) != getattr(preset, f.name)]
+    if best is None or len(diff) < len(best[1]):
+      best = (name, diff)
+  name, diff = best
+  if any(f not in flag_names for f in diff):
+    changes = ", ".join(f"{f}={getattr(study, f)!r}" for f in diff)
+    return (f"experiments.compare_ratios.run_study(PRESETS[{name!r}]"
+            f".replace({changes}), {workdir!r})")
+  args = ["python", "-m", "experiments.compare_ratios",
+          f"--workdir={workdir}"]
+  if name != "default":
+    args.append(f"--preset={name}")
+  for f in diff:
+    v = getattr(study, f)
+    v = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    args.append(f"--{f}={v}")
+  return " ".join(shlex.quote(a) for a in args)
 
 
 # ------------------------------------------------------------------ flags
@@ -585,22 +1097,46 @@ def _list_of_ints(v: Sequence[str]) -> tuple[int, ...]:
   return tuple(int(x) for x in v)
 
 
+def _list_of_str(v: Sequence[str]) -> tuple[str, ...]:
+  return tuple(x.strip() for x in v if x.strip())
+
+
 # (flag = StudyConfig field, parser, help); an absent flag keeps the
 # preset's value.
 _FLAG_FIELDS = (
-    ("ratios", tuple, "Ratios, e.g. all-full,1:1,3:1,7:1,all-linear."),
+    ("ratios", _list_of_str,
+     "Ratios, e.g. all-full,1:1,3:1,7:1,all-linear (full attention closing "
+     "each group)."),
+    ("placements", _list_of_str,
+     "Depths of the full-attention layers of --placement_ratio: periodic,"
+     "bottom,top,middle,ends (empty: none)."),
+    ("placement_ratio", str, "The ratio whose full layers --placements "
+     "moves, e.g. 3:1."),
+    ("patterns", _list_of_str,
+     "Explicit patterns, one letter per layer from the bottom (L linear, F "
+     "full), e.g. 'FLLL LLLF,LLFF LLLL'."),
+    ("seeds", int, "Runs per configuration (seed, seed + 1, ...); a rerun "
+     "trains only the seeds not yet in --workdir."),
     ("num_layers", int, "Depth (a multiple of every ratio's period)."),
     ("hidden_size", int, "Width."),
-    ("steps", int, "Optimizer steps per ratio."),
+    ("steps", int, "Optimizer steps per run."),
     ("batch_size", int, "Rows per step."),
     ("seq_len", int, "Training length."),
     ("learning_rate", float, "Peak learning rate."),
     ("num_pairs", int, "MQAR pairs at the training length."),
     ("key_vocab", int, "MQAR key tokens."),
     ("value_vocab", int, "MQAR value tokens (chance = 1 / value_vocab)."),
-    ("eval_lengths", _list_of_ints, "MQAR evaluation lengths."),
+    ("mqar_fraction", float, "Share of the rows that are MQAR (the rest: "
+     "text rows, each with a needle)."),
+    ("eval_lengths", _list_of_ints, "MQAR evaluation lengths (pairs grow "
+     "in proportion)."),
+    ("retrieval_lengths", _list_of_ints,
+     "Needle and fixed-pair MQAR evaluation lengths."),
+    ("retrieval_rows", int, "Rows per task and retrieval length."),
+    ("retrieval_chunk", int, "Tokens per prefill call of the retrieval "
+     "evaluation."),
     ("memory_lengths", _list_of_ints, "Context lengths of the memory table."),
-    ("seed", int, "Seed of parameters and data."),
+    ("seed", int, "Seed of the first run's parameters and data."),
 )
 
 
@@ -623,9 +1159,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
                                     flag_values=flag_values),
   }
   for name, parse, help_text in _FLAG_FIELDS:
-    define = (flags.DEFINE_list if parse in (tuple, _list_of_ints) else
-              {int: flags.DEFINE_integer,
-               float: flags.DEFINE_float}[parse])
+    define = (flags.DEFINE_list if parse in (_list_of_str, _list_of_ints)
+              else {int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                    str: flags.DEFINE_string}[parse])
     holders[name] = define(name, None, help_text, flag_values=flag_values)
   return holders
 
@@ -654,10 +1190,6 @@ def study_from_flags(holders: dict[str, flags.FlagHolder]) -> StudyConfig:
     field = str(e).split(":", 1)[0]
     flag = "--" if field in {f[0] for f in _FLAG_FIELDS} else ""
     raise cli.UserError(f"{flag}{e}") from e
-  for r in study.ratios:
-    with cli.user_errors(f"--ratios {r!r} with --num_layers "
-                         f"{study.num_layers}"):
-      layer_types_from_ratio(r, study.num_layers)
   return study
 
 
@@ -672,10 +1204,19 @@ def main(argv):
                         "matplotlib), found it missing; --no_plots skips "
                         "the plots")
   cli.hold_interrupts_inside("orbax")  # no half-written checkpoint
-  record = run_study(study, workdir, plots=plots)
+  if not jax.config.jax_compilation_cache_dir:
+    # Seeds of one pattern, and reruns, compile each program once.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(workdir, "jax_cache"))
+  command = " ".join(shlex.quote(a) for a in
+                     ["python", "-m", "experiments.compare_ratios"] +
+                     sys.argv[1:])
+  record = run_study(study, workdir, plots=plots, command=command)
   print()
-  print(markdown_table(record))
-  print(f"Results, plots and runs under {os.path.abspath(workdir)}")
+  print(report.markdown_tables(record))
+  print(report.findings(record))
+  print(f"\nReport, results, plots and runs under "
+        f"{os.path.abspath(workdir)} (report.md)")
 
 
 if __name__ == "__main__":

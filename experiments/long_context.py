@@ -188,7 +188,8 @@ def build_config(preset: str, seq_len: int, dtype: str = "bfloat16",
                  param_dtype: str | None = None, remat: str | None = None,
                  mode: str = "train", ratio: str | None = None,
                  num_layers: int | None = None) -> QwenConfig:
-  """The preset with the dtypes, remat policy and layer pattern asked for.
+  """The preset's language model (no vision tower) with the dtypes, remat
+  policy and layer pattern asked for.
 
   The `tiny` preset (a test model) has its max_position_embeddings raised
   to seq_len when needed; the real presets keep theirs (262,144).
@@ -206,7 +207,7 @@ def build_config(preset: str, seq_len: int, dtype: str = "bfloat16",
   over: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype,
                               remat_policy=remat)
   try:
-    base = QwenConfig.from_preset(preset)
+    base = QwenConfig.from_preset(preset, vision=None)  # the text model
     n = base.num_hidden_layers if num_layers is None else num_layers
     if num_layers is not None:
       over["num_hidden_layers"] = n

@@ -33,7 +33,10 @@ and tokenizer) to the user's text or chats, fully or with LoRA, on one
 device or a mesh; experiments/finetune.py runs it.
 
 `--export_hf DIR` writes the trained weights as a transformers checkpoint
-folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it).
+folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it); a text run
+adds the byte-level tokenizer.json of its data, so that
+`python -m experiments.generate --checkpoint DIR --prompt "def "` samples
+it at once.
 
 The config (file, arguments, `--config.*` overrides and every value),
 --workdir (a new or empty folder, or a training workdir: nothing else in
@@ -47,11 +50,13 @@ written yet, and exit status 130; see experiments/cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import flags
 from absl import logging
@@ -90,7 +95,8 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
       `model.vocab_size` is None and it is given.
 
   Returns:
-    The model config.
+    The model config: the preset's language model (the tasks are text, so
+    a preset's vision tower is left out).
 
   Raises:
     ValueError: an unknown preset or field, a bad ratio, or a vocabulary
@@ -107,7 +113,8 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
   overrides = {k: v for k, v in values.items() if v is not None}
   if "vocab_size" not in overrides and data_vocab_size is not None:
     overrides["vocab_size"] = int(data_vocab_size)
-  base = QwenConfig.from_preset(preset)  # ValueError naming a bad preset
+  # ValueError naming a bad preset; text tasks: no vision tower.
+  base = QwenConfig.from_preset(preset, vision=None)
   if ratio:
     n = overrides.get("num_hidden_layers", base.num_hidden_layers)
     overrides["layer_types"] = layer_types_from_ratio(ratio, n)
@@ -268,6 +275,20 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"data": _as_dict(config.data), "eval": _as_dict(config.eval)}
 
 
+
+@contextlib.contextmanager
+def _export_tokenizer(task: Task) -> Iterator[str | None]:
+  """The folder whose tokenizer an export of `task`'s model carries: a
+  byte-level tokenizer for text data (so the export can be sampled at
+  once), none for MQAR."""
+  if task.kind != "text":
+    yield None
+    return
+  with tempfile.TemporaryDirectory() as folder:
+    data.save_byte_tokenizer(folder)
+    yield folder
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         export_hf: str | None = None, progress: bool | str = True,
         allow_changes: Sequence[str] = ()) -> dict[str, Any]:
@@ -306,7 +327,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   other = [entry] if entry else []
   if export_hf:
     try:
-      train_checkpoint.check_export(export_hf, cfg)
+      with _export_tokenizer(task) as tokenizer_from:
+        train_checkpoint.check_export(export_hf, cfg,
+                                      tokenizer_from=tokenizer_from)
     except ValueError as e:
       raise ConfigError(f"--export_hf: {e}") from e
   settings = _settings(config)
@@ -379,13 +402,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     # Recorded first: a later run then knows the folder if it lies in the
     # workdir, even when this export is cut short.
     train_workdir.record_export(workdir, export_hf)
-    try:
-      train_checkpoint.export_hf(export_hf, result.cfg, params)
-    except ValueError as e:  # the folder changed since the check
-      raise cli.UserError(
-          f"--export_hf: {e}; the trained state is in the checkpoints of "
-          f"{os.path.abspath(workdir)}: the same command with another "
-          f"--export_hf exports it without training") from e
+    with _export_tokenizer(task) as tokenizer_from:
+      try:
+        train_checkpoint.export_hf(export_hf, result.cfg, params,
+                                   tokenizer_from=tokenizer_from)
+      except ValueError as e:  # the folder changed since the check
+        raise cli.UserError(
+            f"--export_hf: {e}; the trained state is in the checkpoints of "
+            f"{os.path.abspath(workdir)}: the same command with another "
+            f"--export_hf exports it without training") from e
     summary["export_hf"] = os.path.abspath(export_hf)
   train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
                              json.dumps(summary, indent=2))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax import layers
+from qwen_jax import mrope
 from qwen_jax import sequence_parallel
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
@@ -140,7 +141,9 @@ class GatedAttention(nn.Module):
 
     Args:
       x: [b, t, d] normalised hidden states.
-      positions: [b, t] int positions (RoPE and causality).
+      positions: [b, t] int positions, or [3, b, t] multimodal (t, h, w)
+        positions (`qwen_jax.mrope`); RoPE only (causality follows the
+        token order and the cache slots).
       attention_mask: [b, s] 1 for real tokens, 0 for padding, over the keys:
         s = t without a cache, s = the cache length with one.
       cache: {"k": [b, S, n, e], "v": [b, S, n, e]} or None.
@@ -164,8 +167,13 @@ class GatedAttention(nn.Module):
     v = dense(n * e, ("embed", "kv_heads"), "v_proj")(x).reshape(b, t, n, e)
     q = layers.RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="q_norm")(q)
     k = layers.RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="k_norm")(k)
-    cos, sin = layers.rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta,
-                                   dtype)
+    if positions.ndim == 3:  # (t, h, w) rows: multimodal RoPE
+      cos, sin = mrope.mrope_cos_sin(positions, cfg.rotary_dim,
+                                     cfg.rope_theta, dtype,
+                                     cfg.mrope_section)
+    else:
+      cos, sin = layers.rope_cos_sin(positions, cfg.rotary_dim,
+                                     cfg.rope_theta, dtype)
     q = layers.apply_partial_rope(q, cos, sin)
     k = layers.apply_partial_rope(k, cos, sin)
     q = layers.constrain(q, ("batch", "seq", "heads", "head_dim"))

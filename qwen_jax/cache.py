@@ -14,7 +14,10 @@ The model cache is `{"layers": {slot: layer_cache}, "index": int32 scalar}`,
 `slot` running over `qwen_jax.stack.stack_slots(cfg)`; when the stack is
 scanned (`qwen_jax.stack.is_scanned`) every leaf of a slot carries a leading
 [num_periods] axis, matching the parameter tree. `index` counts the tokens
-already written (the next token goes to slot `index`).
+already written (the next token goes to slot `index`). A cache that holds
+images or videos also carries "rope_delta" [b] int32, each row's offset of
+multimodal positions (`Qwen35` adds it, `qwen_jax.generate.prefill` sets
+it): text after them continues at (tokens before it) + rope_delta.
 
 `cache_bytes` gives the exact size of what `init_cache` allocates, so memory
 can be compared across attention ratios without allocating anything.
@@ -146,11 +149,18 @@ def check_cache(cfg: QwenConfig, cache: Any, batch: int) -> int | None:
     ValueError: naming the first entry that differs, with the expected and
       found shape.
   """
-  if not isinstance(cache, Mapping) or set(cache) != {"layers", "index"}:
+  if not isinstance(cache, Mapping) or not (
+      {"layers", "index"} <= set(cache) <= {"layers", "index",
+                                            "rope_delta"}):
     found = (f"a {type(cache).__name__} with keys {sorted(map(str, cache))}"
              if isinstance(cache, Mapping) else type(cache).__name__)
     raise ValueError(f"cache: expected a dict with keys 'index' and 'layers' "
-                     f"(qwen_jax.cache.init_cache), found {found}")
+                     f"(qwen_jax.cache.init_cache), and 'rope_delta' after "
+                     f"images or videos, found {found}")
+  if "rope_delta" in cache and np.shape(cache["rope_delta"]) != (batch,):
+    raise ValueError(f"cache: expected cache['rope_delta'] of shape "
+                     f"{(batch,)} (one offset per row), found "
+                     f"{np.shape(cache['rope_delta'])}")
   found = _leaf_shapes(cache["layers"])
   slots = None
   for key, shape in found.items():

@@ -4,19 +4,28 @@ Layouts read (the state-dict names of transformers' Qwen3.5 classes):
   * text-only `Qwen3_5ForCausalLM`: `model.{embed_tokens,layers.i.*,norm}`
     and, when untied, `lm_head.weight`;
   * multimodal `Qwen3_5ForConditionalGeneration`: the same under
-    `model.language_model.*`, plus `model.visual.*` and `mtp.*`, which the
-    loader skips with a log line and a save into the folder carries over.
+    `model.language_model.*`, the vision tower under `model.visual.*`
+    (loaded into params["visual"] when config.json has a vision_config;
+    `load_hf_checkpoint(path, vision=None)` loads the language model
+    alone), and `mtp.*`, which the loader skips with a log line and a save
+    into the folder carries over.
 Single `model.safetensors` or shards listed by `model.safetensors.index.json`.
+A config with a tower is saved in the multimodal layout, with a "qwen3_5"
+config.json.
 
 Files are memory-mapped and converted one tensor at a time (torch is not
 needed), so a 9B checkpoint never sits twice in host memory; a weight with
 NaN or Inf is refused by name. Torch `Linear` weights are [out, in]; ours
-are [in, out]; the depthwise conv is [c, 1, K] in torch and [K, c] here.
+are [in, out]; the depthwise conv is [c, 1, K] in torch and [K, c] here;
+the tower's patch Conv3d is [D, C, T, P, P] in torch and [C, T, P, P, D]
+here.
 
 Saving writes every file into a hidden folder inside the destination and
 moves each into place with `os.replace`; what the destination held that the
 model does not own (tensors, config entries, other files) is kept (see
-`save_hf_checkpoint`).
+`save_hf_checkpoint`). `tokenizer_from=FOLDER` also copies that folder's
+tokenizer, chat templates and generation_config.json, so that a fine-tune
+of a downloaded checkpoint is saved ready to chat.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import numpy as np
 
 from qwen_jax import model as model_lib
 from qwen_jax import stack
+from qwen_jax import tokenizer as tokenizer_lib
+from qwen_jax import vision as vision_lib
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
 from qwen_jax.config import QwenConfig
@@ -54,9 +65,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TEXT_PREFIX = "model."
 VLM_PREFIX = "model.language_model."
-# Keys that belong to parts of the published checkpoints we do not model.
-_SKIPPED = (re.compile(r"^model\.visual\."), re.compile(r"^mtp\."),
-            re.compile(r"^model\.mtp\."))
+VISION_PREFIX = vision_lib.VISION_PREFIX  # "model.visual."
+# Keys that belong to parts of the published checkpoints we do not model
+# (the tower's too, when the config has none).
+_SKIPPED = (re.compile(r"^mtp\."), re.compile(r"^model\.mtp\."))
+_VISION_KEY = re.compile(r"^model\.visual\.")
 
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
@@ -143,11 +156,35 @@ def weight_map(cfg: QwenConfig) -> list[tuple[str, tuple, int | None, str]]:
   return rows
 
 
+def checkpoint_map(cfg: QwenConfig, prefix: str
+                   ) -> list[tuple[str, tuple, int | None, str]]:
+  """`weight_map` with full checkpoint keys, the tower's included.
+
+  Args:
+    cfg: the model config.
+    prefix: the text model's prefix ("model." or "model.language_model.").
+
+  Returns:
+    (key in the checkpoint, our path in params, index on the leading
+    stacked axis or None, layout); the tower's rows (when cfg.vision is
+    set) are `model.visual.*` -> ("visual", ...), layout "conv3d" for the
+    patch embedding.
+  """
+  rows = [(k if k == "lm_head.weight" else prefix + k, ours, idx, layout)
+          for k, ours, idx, layout in weight_map(cfg)]
+  if cfg.vision is not None:
+    rows += [(VISION_PREFIX + k, ("visual",) + ours, None, layout)
+             for k, ours, layout in vision_lib.vision_weight_map(cfg.vision)]
+  return rows
+
+
 def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
   if layout == "linear":
     return x.T
   if layout == "conv":
     return x[:, 0, :].T
+  if layout == "conv3d":
+    return vision_lib.vision_to_ours(x, layout)
   return x
 
 
@@ -156,6 +193,8 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     return x.T
   if layout == "conv":
     return x.T[:, None, :]
+  if layout == "conv3d":
+    return vision_lib.vision_to_hf(x, layout)
   return x
 
 
@@ -164,6 +203,8 @@ def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return tuple(reversed(shape))
   if layout == "conv":
     return (shape[1], 1, shape[0])
+  if layout == "conv3d":
+    return vision_lib.vision_hf_shape(shape, layout)
   return tuple(shape)
 
 
@@ -492,14 +533,19 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
       (`config.IMPLEMENTATION_FIELDS`: scan_layers, remat_policy,
       gdr_implementation, gdr_interpret, gdr_chunk_size, gdr_block_sizes,
       attention_implementation; dtype and param_dtype are the arguments
-      above). They change how the model computes, not what: the fields that
-      change the math (sizes, rope_theta, rms_norm_eps, the layer pattern,
-      ...) come from config.json, and overriding one raises ValueError
-      (change them on the returned config with `cfg.replace` if you mean
-      to run another model with these weights).
+      above), and `vision=None`, which loads a multimodal checkpoint's
+      language model alone (its `model.visual.*` tensors are skipped, as
+      for a config without a vision_config). They change how the model
+      computes, not what: the fields that change the math (sizes,
+      rope_theta, rms_norm_eps, the layer pattern, ...) come from
+      config.json, and overriding one raises ValueError (change them on
+      the returned config with `cfg.replace` if you mean to run another
+      model with these weights).
 
   Returns:
-    (cfg, params) with params ready for `Qwen35(cfg).apply({"params": ...})`.
+    (cfg, params) with params ready for `Qwen35(cfg).apply({"params": ...})`;
+    a multimodal checkpoint's tower (with a vision_config in config.json)
+    sits in params["visual"] and cfg.vision describes it.
 
   Raises:
     ValueError: no such folder or config, unsupported model_type, a config
@@ -518,6 +564,8 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
   allowed = tuple(f for f in IMPLEMENTATION_FIELDS
                   if f not in ("dtype", "param_dtype"))  # the arguments
   for field, value in config_overrides.items():
+    if field == "vision" and value is None:
+      continue  # the language model alone: drops the tower, not the math
     if field not in allowed:
       raise ValueError(
           f"config_overrides: {field} changes the model (it comes from "
@@ -539,16 +587,15 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
   prefix = _layout_prefix(files)
   pdt = np.dtype(jnp.dtype(param_dtype))
 
-  skipped = [k for k in files if any(p.match(k) for p in _SKIPPED)]
+  skipped = [k for k in files if any(p.match(k) for p in _SKIPPED) or (
+      cfg.vision is None and _VISION_KEY.match(k))]
   if skipped:
     groups = sorted({k.split(".")[0] if k.startswith("mtp")
                      else ".".join(k.split(".")[:2]) for k in skipped})
-    log.info("Skipping %d tensors not used by the text model (%s).",
+    log.info("Skipping %d tensors not used by the model (%s).",
              len(skipped), ", ".join(f"{g}.*" for g in groups))
-  wanted = {}
-  for hf_key, ours, idx, layout in weight_map(cfg):
-    full = hf_key if hf_key == "lm_head.weight" else prefix + hf_key
-    wanted[full] = (ours, idx, layout)
+  wanted = {full: (ours, idx, layout)
+            for full, ours, idx, layout in checkpoint_map(cfg, prefix)}
   remaining = set(files) - set(skipped) - set(wanted)
   if cfg.tie_word_embeddings and "lm_head.weight" in remaining:
     log.info("tie_word_embeddings is set: ignoring lm_head.weight.")
@@ -727,9 +774,11 @@ def _read_destination(path: str) -> _Destination:
 
 
 def _differences(dest: _Destination, theirs: QwenConfig | None,
-                 cfg: QwenConfig, prefix: str,
+                 cfg: QwenConfig, prefix: str, their_prefix: str,
                  ours: dict[str, tuple[int, ...]]) -> list[str]:
-  """How the text model in `dest` (config `theirs`) differs from `cfg`'s."""
+  """How the model in `dest` (config `theirs`) differs from `cfg`'s: the
+  text model's fields and tensors (theirs under `their_prefix`, compared
+  with ours under `prefix`), and the shapes of any tensor both own."""
   out = []
   if theirs is not None:
     for f in _ARCH_FIELDS:
@@ -737,49 +786,72 @@ def _differences(dest: _Destination, theirs: QwenConfig | None,
       if a != b:
         out.append(f"{f} {list(a) if f == 'layer_types' else a!r} there, "
                    f"{list(b) if f == 'layer_types' else b!r} here")
-  text = _text_namespace(prefix)
+  text = _text_namespace(their_prefix)
   for key, st in dest.tensors.items():
-    if key in ours and tuple(st.shape(key)) != ours[key]:
+    mine = _as_ours(key, prefix, their_prefix)
+    if mine in ours and tuple(st.shape(key)) != ours[mine]:
       out.append(f"{key} of shape {tuple(st.shape(key))} there, "
-                 f"{ours[key]} here")
-    elif (key not in ours and key != "lm_head.weight"
+                 f"{ours[mine]} here")
+    elif (mine not in ours and key != "lm_head.weight"
           and text.match(key)):
       out.append(f"{key} there is not in this model")
   return out
 
 
+def _as_ours(key: str, prefix: str, their_prefix: str) -> str:
+  """A text-model key of the destination under our prefix (the same key
+  when the layouts agree, or for anything else)."""
+  if (prefix != their_prefix and key.startswith(their_prefix) and
+      _text_namespace(their_prefix).match(key)):
+    return prefix + key[len(their_prefix):]
+  return key
+
+
+# Top-level entries of a "qwen3_5" config.json that a save writes (with a
+# tower, also its vision_config and placeholder ids).
+_WRAPPER_OWN = ("text_config", "architectures", "model_type", "dtype",
+                "torch_dtype", "tie_word_embeddings", "transformers_version")
+_WRAPPER_VISION = ("vision_config", "image_token_id", "video_token_id",
+                   "vision_start_token_id", "vision_end_token_id")
+
+
 def _carried(path: str, dest: _Destination, theirs: QwenConfig | None,
-             cfg: QwenConfig, prefix: str,
+             cfg: QwenConfig, prefix: str, their_prefix: str,
              ours: dict[str, tuple[int, ...]]) -> list[_Entry]:
   """The tensors of `dest` the model does not own, as entries to copy.
+
+  The destination's text model (under `their_prefix`) and, when `cfg` has
+  a tower, its `model.visual.*` are the model's own: replaced, never
+  carried.
 
   Raises:
     ValueError: one line naming what would be lost, when the folder holds
       parts of another model (they would no longer fit this one).
   """
-  foreign = [k for k in dest.tensors if k not in ours
-             and k != "lm_head.weight"]
+  text = _text_namespace(their_prefix)
+  foreign = [k for k in dest.tensors
+             if _as_ours(k, prefix, their_prefix) not in ours
+             and k != "lm_head.weight" and not text.match(k)]
+  if cfg.vision is not None:
+    foreign = [k for k in foreign if not _VISION_KEY.match(k)]
   wrapper = (dest.config is not None and
              dest.config.get("model_type") == VLM_MODEL_TYPE)
-  differs = _differences(dest, theirs, cfg, prefix, ours)
+  differs = _differences(dest, theirs, cfg, prefix, their_prefix, ours)
   if differs:
-    text = _text_namespace(prefix)
-    others = [k for k in foreign if not text.match(k)]
-    if others or wrapper:
+    own = _WRAPPER_OWN + (_WRAPPER_VISION if cfg.vision is not None else ())
+    extra = sorted(k for k in dest.config if k not in own) if wrapper else []
+    if foreign or extra:
       what = []
-      if others:
-        what.append(f"{len(others)} tensors ({_groups(others)})")
-      if wrapper:
-        extra = sorted(k for k in dest.config if k not in (
-            "text_config", "architectures", "model_type", "dtype",
-            "torch_dtype", "tie_word_embeddings", "transformers_version"))
+      if foreign:
+        what.append(f"{len(foreign)} tensors ({_groups(foreign)})")
+      if extra:
         what.append(f"the config entries {', '.join(extra)}")
       raise ValueError(
           f"save_hf_checkpoint: {path!r} holds a checkpoint of another "
           f"model ({differs[0]}); its {' and '.join(what)} were made for "
           f"that model and would not fit this one, so saving here would "
           f"lose them; nothing was written: save to another folder")
-    return []  # the text model there is replaced as a whole
+    return []  # the model there is replaced as a whole
   out = []
   for key in foreign:
     st = dest.tensors[key]
@@ -795,30 +867,72 @@ def _merged_config(old: dict[str, Any] | None, cfg: QwenConfig,
   """config.json: `cfg.to_hf_dict()` written into the folder's own config.
 
   Entries we do not own (a multimodal wrapper's vision_config and token
-  ids, any other field) are kept; the text model's fields are updated where
-  they live (top level, or text_config of a "qwen3_5" wrapper). `dtype`:
-  the saved weights' dtype.
+  ids when the model has no tower, any other field) are kept; the model's
+  fields are updated where they live (top level, or text_config and
+  vision_config of a "qwen3_5" wrapper). A model with a tower saved over a
+  text-only config gets a wrapper, the old file's other entries moving
+  into its text_config. `dtype`: the saved weights' dtype.
   """
   ours = dict(cfg.to_hf_dict(), dtype=dtype)
+  if cfg.vision is not None:
+    ours["text_config"] = dict(ours["text_config"], dtype=dtype)
   if old is None:
     return ours
+  if cfg.vision is not None and old.get("model_type") != VLM_MODEL_TYPE:
+    new = ours
+    text = new["text_config"]
+    for k, v in old.items():
+      if k == "transformers_version":
+        new[k] = v
+      elif k not in text and k not in ("architectures", "model_type"):
+        text[k] = v
+    _update_aliases(text, cfg, dtype)
+    return new
   new = dict(old)
   if old.get("model_type") == VLM_MODEL_TYPE:
+    ours_text = (ours["text_config"] if cfg.vision is not None else ours)
     text = dict(old["text_config"])
     had_dtype = "dtype" in text
-    text.update({k: v for k, v in ours.items()
+    ours_text = dict(ours_text, rope_parameters=_merged_rope(
+        text.get("rope_parameters"), ours_text["rope_parameters"], cfg))
+    text.update({k: v for k, v in ours_text.items()
                  if k not in ("architectures", "dtype")})
     if had_dtype:
       text["dtype"] = dtype
     _update_aliases(text, cfg, dtype)
     new["text_config"] = text
+    if cfg.vision is not None:
+      old_vision = old.get("vision_config")
+      vision = dict(old_vision) if isinstance(old_vision, dict) else {}
+      had_dtype = "dtype" in vision
+      vision.update(ours["vision_config"])
+      if had_dtype:
+        vision["dtype"] = dtype
+      new["vision_config"] = vision
+      for k in _WRAPPER_VISION[1:]:
+        new[k] = ours[k]
+      new.setdefault("architectures", ours["architectures"])
     # Either flag ties in transformers' wrapper: both say what cfg says.
     new["tie_word_embeddings"] = cfg.tie_word_embeddings
     new["dtype"] = dtype
   else:
     new.update(ours)
+    new["rope_parameters"] = _merged_rope(old.get("rope_parameters"),
+                                          ours["rope_parameters"], cfg)
   _update_aliases(new, cfg, dtype,
                   rope=old.get("model_type") != VLM_MODEL_TYPE)
+  return new
+
+
+def _merged_rope(old: Any, ours: dict[str, Any],
+                 cfg: QwenConfig) -> dict[str, Any]:
+  """rope_parameters: ours over the old entries (mrope_interleaved, ...),
+  mrope_section written where the old one had it."""
+  if not isinstance(old, dict):
+    return ours
+  new = dict(old, **ours)
+  if "mrope_section" in old:
+    new["mrope_section"] = list(cfg.mrope_section)
   return new
 
 
@@ -837,7 +951,9 @@ def _update_aliases(d: dict[str, Any], cfg: QwenConfig, dtype: str,
 def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
                        params: dict, dtype: Any = None,
                        max_shard_bytes: int = 5 * 2**30, *,
-                       check_only: bool = False) -> None:
+                       check_only: bool = False,
+                       tokenizer_from: str | os.PathLike | None = None
+                       ) -> None:
   """Writes a folder that transformers' `from_pretrained` loads.
 
   Nothing a folder holds is lost:
@@ -856,7 +972,10 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
     checkpoint in bfloat16 and saving it into its own folder converts its
     text weights and leaves the rest as they were.
   * Files other than the weights and config.json (tokenizer, generation
-    config, README, anything unknown) are never touched. The old weight
+    config, README, anything unknown) are never touched, except for the
+    files copied from `tokenizer_from`, which are written only where the
+    folder holds no file of that name or an identical one (a different
+    one refuses the save, before anything is written). The old weight
     files (model.safetensors, model.safetensors.index.json and the shards
     the index lists) are removed only after the new files are in place,
     and only when every tensor in them has been rewritten (the text
@@ -887,11 +1006,20 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
     max_shard_bytes: split into shards with an index above this size.
     check_only: run every check above and return before writing anything
       (`params` may then be `param_shapes(cfg)`: no tensor is read).
+    tokenizer_from: a checkpoint folder (e.g. the one the weights were
+      loaded from) whose tokenizer files are copied along, staged and moved
+      like the weights: tokenizer.json, tokenizer_config.json,
+      special_tokens_map.json, chat_template.jinja, chat_template.json,
+      vocab.json, merges.txt, added_tokens.json, generation_config.json
+      and additional_chat_templates/*.jinja, those it has. It must hold a
+      tokenizer.json that `qwen_jax.tokenizer.load_tokenizer` reads, with
+      ids inside cfg.vocab_size. None (or `path` itself) copies nothing.
 
   Raises:
     ValueError: params that do not match cfg (naming the first missing or
       extra key), a dtype that is not floating point, a `path` that is a
-      file, or a folder whose contents the save would lose (see above).
+      file, a folder whose contents the save would lose (see above), or a
+      `tokenizer_from` without a readable tokenizer that fits the model.
   """
   path = os.fspath(path)
   if os.path.exists(path) and not os.path.isdir(path):
@@ -912,16 +1040,18 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
         f"save_hf_checkpoint: cannot read the checkpoint in {path!r} ({e}), "
         f"so what it holds beyond this model could not be kept; nothing was "
         f"written: save to another folder or move it away") from e
+  their_prefix = None
   if dest.tensors:
-    prefix = _layout_prefix(dest.tensors)
+    their_prefix = _layout_prefix(dest.tensors)
   elif (dest.config is not None and
         dest.config.get("model_type") == VLM_MODEL_TYPE):
-    prefix = VLM_PREFIX
-  else:
-    prefix = TEXT_PREFIX
+    their_prefix = VLM_PREFIX
+  # A model with a tower is always saved in the multimodal layout.
+  prefix = VLM_PREFIX if cfg.vision is not None else (
+      their_prefix or TEXT_PREFIX)
   ours = _own_entries(cfg, params, shapes, dtype, prefix)
   carried = _carried(path, dest, theirs, cfg, prefix,
-                     {e.key: e.shape for e in ours})
+                     their_prefix or prefix, {e.key: e.shape for e in ours})
   config = _merged_config(dest.config, cfg, dtype or cfg.param_dtype)
 
   shards: list[list[_Entry]] = [[]]
@@ -945,6 +1075,8 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
           f"save_hf_checkpoint: {full!r} is in the way of a new weight file "
           f"and is not part of the checkpoint in {path!r} (no index lists "
           f"it), so saving would lose it; nothing was written: move it away")
+  copies = ([] if tokenizer_from is None else
+            _tokenizer_copies(os.fspath(tokenizer_from), path, cfg))
   if check_only:
     dest.tensors.clear()
     return
@@ -952,6 +1084,9 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
   os.makedirs(path, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path)
   try:
+    for name in copies:
+      _copy_file(os.path.join(os.fspath(tokenizer_from), name),
+                 os.path.join(staging, name))
     meta = {"format": "pt"}
     for name, entries in zip(names, shards):
       _write_file(os.path.join(staging, name), entries, meta)
@@ -969,14 +1104,81 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
   # Every tensor is read: let the old files' memory maps go.
   del ours, carried, shards
   dest.tensors.clear()
-  _commit(path, staging, names, switch, dest.removable)
+  _commit(path, staging, names, switch, dest.removable, copies)
+
+
+def _tokenizer_copies(source: str, path: str, cfg: QwenConfig) -> list[str]:
+  """The tokenizer files of `source` to copy into `path` (relative paths).
+
+  Raises:
+    ValueError: no readable tokenizer in `source`, ids past cfg.vocab_size,
+      or a file of another content in `path` where one would be copied
+      (nothing is written).
+  """
+  if not os.path.isdir(source):
+    raise ValueError(f"tokenizer_from: expected a checkpoint folder, found "
+                     f"{source!r}")
+  if not os.path.isfile(os.path.join(source, tokenizer_lib.TOKENIZER_FILE)):
+    raise ValueError(f"tokenizer_from: expected a folder with "
+                     f"{tokenizer_lib.TOKENIZER_FILE}, found none in "
+                     f"{source!r}")
+  try:
+    tok = tokenizer_lib.load_tokenizer(source)
+    tokenizer_lib.load_generation_config(source)
+  except ValueError as e:
+    raise ValueError(f"tokenizer_from: {e}") from e
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer_from: expected a tokenizer whose ids fit "
+                     f"the model's vocab_size {cfg.vocab_size}, found ids up "
+                     f"to {tok.vocab_size - 1} in {source!r}")
+  if os.path.isdir(path) and os.path.samefile(source, path):
+    return []  # the files are there already
+  names = [n for n in tokenizer_lib.TOKENIZER_FILES + (
+      tokenizer_lib.GENERATION_CONFIG_FILE,)
+           if os.path.isfile(os.path.join(source, n))]
+  extra = os.path.join(source, tokenizer_lib.CHAT_TEMPLATE_DIR)
+  if os.path.isdir(extra):
+    names += [os.path.join(tokenizer_lib.CHAT_TEMPLATE_DIR, n)
+              for n in sorted(os.listdir(extra)) if n.endswith(".jinja")
+              and os.path.isfile(os.path.join(extra, n))]
+  copies = []
+  for name in names:
+    dst = os.path.join(path, name)
+    if not os.path.lexists(dst):
+      copies.append(name)
+      continue
+    if os.path.isfile(dst):
+      with open(dst, "rb") as a, open(os.path.join(source, name), "rb") as b:
+        if a.read() == b.read():
+          continue  # already there
+    raise ValueError(
+        f"save_hf_checkpoint: {dst!r} differs from {name} in "
+        f"tokenizer_from {source!r}, so copying it would lose it; nothing "
+        f"was written: move it away or save to another folder")
+  subdir = os.path.join(path, tokenizer_lib.CHAT_TEMPLATE_DIR)
+  if (any(os.path.dirname(n) for n in copies) and os.path.lexists(subdir)
+      and not os.path.isdir(subdir)):
+    raise ValueError(
+        f"save_hf_checkpoint: {subdir!r} is not a folder, so the chat "
+        f"templates of tokenizer_from cannot go there; nothing was written: "
+        f"move it away")
+  return copies
+
+
+def _copy_file(src: str, dst: str) -> None:
+  """Copies a file's bytes into the staging folder, synced to disk."""
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with open(src, "rb") as fin, open(dst, "wb") as fout:
+    shutil.copyfileobj(fin, fout)
+    fout.flush()
+    os.fsync(fout.fileno())
 
 
 def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
                  dtype: str | None, prefix: str) -> list[_Entry]:
   """The model's tensors in HF layout, checked, as entries (none read)."""
   out = []
-  for hf_key, ours, idx, layout in weight_map(cfg):
+  for key, ours, idx, layout in checkpoint_map(cfg, prefix):
     x = _get(params, ours)
     want = _get(shapes, ours).shape
     if tuple(np.shape(x)) != tuple(want):
@@ -989,7 +1191,6 @@ def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
       raise ValueError(f"params{list(ours)}: expected a floating dtype, "
                        f"found {src}")
     shape = _hf_shape(want if idx is None else want[1:], layout)
-    key = hf_key if hf_key == "lm_head.weight" else prefix + hf_key
 
     def read(x=x, idx=idx, layout=layout, dt=dt):
       x = np.asarray(x if idx is None else x[idx])
@@ -1002,11 +1203,15 @@ def _own_entries(cfg: QwenConfig, params: dict, shapes: dict,
 
 
 def _commit(path: str, staging: str, names: list[str], switch: str,
-            removable: list[str]) -> None:
+            removable: list[str], copies: list[str] = ()) -> None:
   """Moves the staged files into `path`, then removes superseded ones."""
   def move(name):
     os.replace(os.path.join(staging, name), os.path.join(path, name))
 
+  for name in copies:  # tokenizer files: none is in the way (checked)
+    if os.path.dirname(name):
+      os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
+    move(name)
   for name in names:
     if name != switch:
       move(name)
@@ -1024,5 +1229,7 @@ def _commit(path: str, staging: str, names: list[str], switch: str,
       continue
     log.info("Removing %s: every tensor in it is in the new files.", full)
     os.remove(full)
+  for sub in sorted({os.path.dirname(n) for n in copies} - {""}):
+    os.rmdir(os.path.join(staging, sub))
   os.rmdir(staging)
   _fsync_dir(path)

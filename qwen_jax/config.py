@@ -5,8 +5,15 @@ helpers of `qwen_jax.layer_pattern`, re-exported here), never `i % 4` in a
 module. Hugging Face config.json translation lives in `qwen_jax.hf_config`;
 `QwenConfig.from_hf_config`, `to_hf_dict` and `to_hf_config` call it.
 
+A config with a `vision` tower (a `qwen_jax.vision.VisionConfig`) is the
+multimodal model, transformers' `Qwen3_5ForConditionalGeneration`; with
+`vision=None` it is the text model alone (`Qwen3_5ForCausalLM`). The
+published presets carry their towers; `from_preset(name, vision=None)` is
+the same language model without one.
+
 Example:
-  cfg = QwenConfig.from_preset("qwen3.5-0.8b")
+  cfg = QwenConfig.from_preset("qwen3.5-0.8b")               # with its tower
+  text = QwenConfig.from_preset("qwen3.5-0.8b", vision=None)  # text only
   cfg = QwenConfig.from_preset("tiny", layer_types=layer_types_from_ratio(
       "1:1", 4))
 """
@@ -28,6 +35,12 @@ from qwen_jax.layer_pattern import find_period
 from qwen_jax.layer_pattern import layer_types_from_interval
 from qwen_jax.layer_pattern import layer_types_from_ratio
 # pylint: enable=unused-import
+from qwen_jax.vision import VisionConfig
+
+# Released Qwen3.5 models: of the 32 rotary frequencies, 11 follow the
+# temporal row of the multimodal positions, 11 the height, 10 the width
+# (transformers' default `rope_parameters["mrope_section"]`).
+MROPE_SECTION = (11, 11, 10)
 
 # The QwenConfig fields that change how the model is computed, not what it
 # computes (the fields after "Implementation choices" in `QwenConfig`):
@@ -52,14 +65,23 @@ _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
 _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "scan_layers",
                 "gdr_interpret")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Placeholder ids of a multimodal model (transformers' `Qwen3_5Config`
+# keeps them at the top level, beside `vision_config`).
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id",
+                       "vision_start_token_id", "vision_end_token_id")
+# transformers' defaults for them (`Qwen3_5Config`).
+HF_VISION_TOKEN_IDS = {"image_token_id": 248056, "video_token_id": 248057,
+                       "vision_start_token_id": 248053,
+                       "vision_end_token_id": 248054}
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
-  """Hyperparameters of a Qwen3.5 dense text model.
+  """Hyperparameters of a Qwen3.5 model: the language model and its tower.
 
-  The fields mirror transformers' `Qwen3_5TextConfig` (same names), plus a
-  few implementation choices at the end that do not change the math.
+  The fields mirror transformers' `Qwen3_5TextConfig` (same names), the
+  multimodal `Qwen3_5Config`'s vision tower and placeholder ids, plus a few
+  implementation choices at the end that do not change the math.
 
   Attributes:
     vocab_size: rows of the embedding and the LM head.
@@ -83,6 +105,19 @@ class QwenConfig:
     tie_word_embeddings: LM head shares the embedding matrix.
     hidden_act: MLP and conv activation (only "silu").
     bos_token_id, eos_token_id, pad_token_id: special ids (metadata).
+    mrope_section: how many of the rotary_dim / 2 frequencies follow the
+      (t, h, w) rows of multimodal positions (interleaved; see
+      `qwen_jax.mrope`). Text positions have three equal rows, so it only
+      matters with images or videos. transformers reads it from
+      `rope_parameters["mrope_section"]`.
+    vision: the vision tower (`qwen_jax.vision.VisionConfig`), or None for
+      a text-only model. Its dtype and param_dtype follow this config's.
+    image_token_id, video_token_id: the placeholder each merged image or
+      video token takes in a prompt; None where the model has none (images
+      or videos are then refused).
+    vision_start_token_id, vision_end_token_id: the ids around each image
+      or video frame (metadata: prompts carry them, the model reads only
+      the placeholders).
     dtype: compute dtype name ("float32", "bfloat16").
     param_dtype: parameter dtype name.
     scan_layers: scan over repeats of the periodic layer pattern.
@@ -125,6 +160,12 @@ class QwenConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  mrope_section: tuple[int, int, int] = MROPE_SECTION
+  vision: VisionConfig | None = None
+  image_token_id: int | None = None
+  video_token_id: int | None = None
+  vision_start_token_id: int | None = None
+  vision_end_token_id: int | None = None
   # Implementation choices (no effect on the math).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -142,6 +183,12 @@ class QwenConfig:
     if not lt:
       lt = layer_types_from_interval(4, self.num_hidden_layers)
     object.__setattr__(self, "layer_types", tuple(lt))
+    if self.vision is not None and (
+        (self.vision.dtype, self.vision.param_dtype) !=
+        (self.dtype, self.param_dtype)):
+      # One compute and one parameter dtype for the whole model.
+      object.__setattr__(self, "vision", self.vision.replace(
+          dtype=self.dtype, param_dtype=self.param_dtype))
     self.validate()
 
   def _check_types(self) -> None:
@@ -172,6 +219,21 @@ class QwenConfig:
       if not isinstance(x, (bool, np.bool_)):
         bad(f, "True or False", x)
       put(f, bool(x))
+    for f in VISION_TOKEN_FIELDS:
+      x = getattr(self, f)
+      if x is not None:
+        if not is_int(x) or x < 0:
+          bad(f, "an integer >= 0 or None", x)
+        put(f, int(x))
+    x = self.mrope_section
+    if (not isinstance(x, (list, tuple)) or len(x) != 3 or
+        not all(is_int(s) and s >= 0 for s in x)):
+      bad("mrope_section", "three integers >= 0 (t, h, w)", x)
+    put("mrope_section", tuple(int(s) for s in x))
+    if self.vision is not None and not isinstance(self.vision,
+                                                  VisionConfig):
+      bad("vision", "a qwen_jax.vision.VisionConfig or None",
+          type(self.vision).__name__)
     for f in _TOKEN_ID_FIELDS:
       x = getattr(self, f)
       if f == "eos_token_id" and isinstance(x, (list, tuple)):
@@ -248,6 +310,16 @@ class QwenConfig:
       if getattr(self, f) not in ("float32", "bfloat16", "float16",
                                   "float64"):
         bad(f, "float32, bfloat16, float16 or float64", getattr(self, f))
+    if self.vision is not None:
+      if self.vision.out_hidden_size != self.hidden_size:
+        bad("vision.out_hidden_size",
+            f"the language model's hidden_size={self.hidden_size}",
+            self.vision.out_hidden_size)
+      ids = {f: getattr(self, f) for f in VISION_TOKEN_FIELDS
+             if getattr(self, f) is not None}
+      if len(set(ids.values())) != len(ids):
+        bad("image_token_id, video_token_id, vision_start_token_id, "
+            "vision_end_token_id", "different ids", ids)
 
   # ---------------------------------------------------------------- derived
   @property
@@ -265,6 +337,11 @@ class QwenConfig:
   @property
   def linear_conv_dim(self) -> int:
     return 2 * self.linear_key_dim + self.linear_value_dim
+
+  @property
+  def spatial_merge_size(self) -> int | None:
+    """m of the tower (m x m patches per language token), None without."""
+    return None if self.vision is None else self.vision.spatial_merge_size
 
   @property
   def period(self) -> int:
@@ -321,16 +398,19 @@ class QwenConfig:
     return hf_config.config_from_hf(cls, hf, overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """config.json contents for transformers' `Qwen3_5ForCausalLM`."""
+    """config.json contents: transformers' `Qwen3_5ForCausalLM`, or
+    `Qwen3_5ForConditionalGeneration` when the config has a tower."""
     return hf_config.to_hf_dict(self)
 
   def to_hf_config(self):
-    """transformers' `Qwen3_5TextConfig` (needs the [hf] extra)."""
+    """transformers' `Qwen3_5TextConfig`, or `Qwen3_5Config` with a tower
+    (needs the [hf] extra)."""
     return hf_config.to_hf_config(self)
 
   # ---------------------------------------------------------------- numbers
   def num_params(self) -> int:
-    """Parameter count (tied head counted once), from the shapes alone."""
+    """Parameter count (tied head counted once, the tower included), from
+    the shapes alone."""
     h, i = self.hidden_size, self.intermediate_size
     per_full = (h * 2 * self.num_attention_heads * self.head_dim +
                 2 * h * self.num_key_value_heads * self.head_dim +
@@ -350,10 +430,12 @@ class QwenConfig:
       total += self.vocab_size * h
     for t in self.layer_types:
       total += per_layer + (per_full if t == FULL else per_lin)
+    if self.vision is not None:
+      total += self.vision.num_params()
     return total
 
 
-def _qwen35(hidden, layers, inter, heads, kv_heads, v_heads, tied):
+def _qwen35(name, hidden, layers, inter, heads, kv_heads, v_heads, tied):
   return QwenConfig(
       vocab_size=248320, hidden_size=hidden, intermediate_size=inter,
       num_hidden_layers=layers,
@@ -363,26 +445,41 @@ def _qwen35(hidden, layers, inter, heads, kv_heads, v_heads, tied):
       linear_key_head_dim=128, linear_value_head_dim=128,
       linear_conv_kernel_dim=4, rms_norm_eps=1e-6, rope_theta=1e7,
       partial_rotary_factor=0.25, max_position_embeddings=262144,
-      tie_word_embeddings=tied, eos_token_id=248044)
+      tie_word_embeddings=tied, eos_token_id=248044,
+      mrope_section=MROPE_SECTION, vision=VisionConfig.from_preset(name),
+      **HF_VISION_TOKEN_IDS)
 
+
+_TINY = QwenConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=4, layer_types=layer_types_from_ratio("3:1", 4),
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=16, linear_value_head_dim=24,
+    linear_conv_kernel_dim=4, rope_theta=1e7, partial_rotary_factor=0.25,
+    max_position_embeddings=4096, tie_word_embeddings=True)
 
 # The published models' hyperparameters, as their config.json files give
-# them (the Qwen3.5 0.8B, 2B, 4B and 9B checkpoints).
+# them (the Qwen3.5 0.8B, 2B, 4B and 9B checkpoints, each
+# `Qwen3_5ForConditionalGeneration`: the language model and its vision
+# tower, `qwen_jax.vision.VISION_PRESETS`). `vision=None` gives the
+# language model alone.
 PRESETS: dict[str, QwenConfig] = {
-    "qwen3.5-0.8b": _qwen35(1024, 24, 3584, 8, 2, 16, True),
-    "qwen3.5-2b": _qwen35(2048, 24, 6144, 8, 2, 16, True),
-    "qwen3.5-4b": _qwen35(2560, 32, 9216, 16, 4, 32, True),
-    "qwen3.5-9b": _qwen35(4096, 32, 12288, 16, 4, 32, False),
+    "qwen3.5-0.8b": _qwen35("qwen3.5-0.8b", 1024, 24, 3584, 8, 2, 16, True),
+    "qwen3.5-2b": _qwen35("qwen3.5-2b", 2048, 24, 6144, 8, 2, 16, True),
+    "qwen3.5-4b": _qwen35("qwen3.5-4b", 2560, 32, 9216, 16, 4, 32, True),
+    "qwen3.5-9b": _qwen35("qwen3.5-9b", 4096, 32, 12288, 16, 4, 32, False),
     # A few-MB model for tests, CPU demos and notebooks: the same structure
     # (3:1, GQA, GVA with r = 2, d_k != d_v, partial RoPE).
-    "tiny": QwenConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, layer_types=layer_types_from_ratio("3:1", 4),
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=16, linear_value_head_dim=24,
-        linear_conv_kernel_dim=4, rope_theta=1e7, partial_rotary_factor=0.25,
-        max_position_embeddings=4096, tie_word_embeddings=True),
+    "tiny": _TINY,
+    # "tiny" with a two-block tower (`VisionConfig` preset "tiny": 4-pixel
+    # patches, a 4 x 4 position table), for multimodal tests and demos. Its
+    # 8 rotary dims give 4 frequencies: t, h, w, t. The placeholders take
+    # the top ids of the 256-token vocabulary.
+    "tiny-vl": _TINY.replace(
+        vision=VisionConfig.from_preset("tiny"), mrope_section=(2, 1, 1),
+        vision_start_token_id=252, vision_end_token_id=253,
+        image_token_id=254, video_token_id=255),
 }
 
 

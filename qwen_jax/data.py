@@ -45,7 +45,13 @@ BYTE_VOCAB = 256
 
 # ------------------------------------------------------------ batch format
 BATCH_KEYS = ("inputs", "targets")
-OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask")
+# Images and videos of a batch (a model with a vision tower): patches and
+# their grids, as `Qwen35` takes them; not [b, t].
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos",
+              "video_grid_thw")
+GRID_KEYS = ("image_grid_thw", "video_grid_thw")
+OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids", "attention_mask"
+                      ) + MEDIA_KEYS
 
 
 def _is_host_array(x: Any) -> bool:
@@ -61,7 +67,11 @@ def check_batch(batch: Mapping[str, Any],
   Every batch in the project (data generators, training, the sharded
   programs) is a dict with "inputs" and "targets" [b, t] (integer token
   ids) and optionally "loss_mask", "segment_ids", "attention_mask" [b, t],
-  with b >= 1 and t >= 1. Keys, shapes and dtypes are checked always (they
+  with b >= 1 and t >= 1, and, for a model with a vision tower, the
+  images and videos of its rows ("pixel_values" [n, C*T*P*P] with
+  "image_grid_thw" [k, 3], "pixel_values_videos" with "video_grid_thw":
+  checked against the model by `Qwen35`; `with_static_grids` makes the
+  grids static for jit). Keys, shapes and dtypes are checked always (they
   are static, so this also works on tracers inside jit, at no cost). With
   `vocab_size`, the ids of "inputs" and "targets" are checked to lie in
   [0, vocab_size) when they are NumPy arrays (values on the host): device
@@ -82,7 +92,7 @@ def check_batch(batch: Mapping[str, Any],
     raise ValueError(f"batch: expected at least one row and one token "
                      f"(inputs [b, t] with b, t >= 1), found shape {shape}")
   for key, value in batch.items():
-    if value is None and key in OPTIONAL_BATCH_KEYS:
+    if (value is None and key in OPTIONAL_BATCH_KEYS) or key in MEDIA_KEYS:
       continue
     found = tuple(np.shape(value))
     if found != shape:
@@ -103,6 +113,38 @@ def check_batch(batch: Mapping[str, Any],
         raise ValueError(f"batch: expected {key} ids in [0, {vocab_size}) "
                          f"(the model's vocab_size), found ids from {lo} "
                          f"to {hi}")
+
+
+def with_static_grids(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch with its image/video grids as `vision.StaticGrid`s.
+
+  A grid fixes shapes, so a jitted step must see its values: as a
+  StaticGrid it is part of the batch's tree structure (one compilation per
+  distinct grid), not a traced array. Other entries are unchanged.
+  """
+  from qwen_jax.vision import StaticGrid  # pylint: disable=g-import-not-at-top
+  out = dict(batch)
+  for key in GRID_KEYS:
+    if out.get(key) is not None:
+      out[key] = StaticGrid(out[key])
+  return out
+
+
+def media_args(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The images and videos of a batch, as `Qwen35` keyword arguments."""
+  return {k: batch[k] for k in MEDIA_KEYS if batch.get(k) is not None}
+
+
+def placeholder_loss_mask(cfg: Any, targets: Any, mask: Any) -> Any:
+  """The loss mask without the targets that are image or video
+  placeholders (their inputs are the tower's features, not tokens to
+  predict), for a config with a tower; otherwise `mask` itself."""
+  if cfg.vision is None:
+    return mask
+  for token in (cfg.image_token_id, cfg.video_token_id):
+    if token is not None:
+      mask = jnp.where(targets == token, jnp.zeros_like(mask), mask)
+  return mask
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -331,6 +373,49 @@ def module_source_bytes(name: str) -> bytes:
                      f"{name!r} at {origin!r}")
   with open(origin, "rb") as f:
     return f.read()
+
+
+def _byte_chars() -> list[str]:
+  """The character standing for each byte in byte-level BPE vocabularies.
+
+  The printable Latin-1 bytes stand for themselves; the others (controls,
+  space, soft hyphen, ...) take the characters from U+0100 on, in byte
+  order, as in GPT-2's byte-level BPE (what `tokenizers`' ByteLevel
+  pre-tokenizer and decoder use).
+  """
+  shown = set(range(ord("!"), ord("~") + 1)) | set(
+      range(ord("\u00a1"), ord("\u00ac") + 1)) | set(
+          range(ord("\u00ae"), ord("\u00ff") + 1))
+  chars, extra = [], 0
+  for b in range(BYTE_VOCAB):
+    if b in shown:
+      chars.append(chr(b))
+    else:
+      chars.append(chr(256 + extra))
+      extra += 1
+  return chars
+
+
+def save_byte_tokenizer(folder: str) -> str:
+  """Writes the tokenizer.json of the byte-level text data into `folder`.
+
+  Token i is byte i (the ids `text_documents` uses), so a model trained on
+  this data reads and writes UTF-8 text through `qwen_jax.tokenizer.
+  load_tokenizer(folder)`, `transformers.AutoTokenizer` or
+  experiments.generate: a byte-level BPE model without merges.
+
+  Returns:
+    The file's path.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = {c: i for i, c in enumerate(_byte_chars())}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  path = os.path.join(folder, "tokenizer.json")
+  tok.save(path)
+  return path
 
 
 def text_documents(split: str = "train",

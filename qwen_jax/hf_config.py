@@ -9,7 +9,9 @@ functions here.
 The field names are transformers' (qwen3_5/configuration_qwen3_5.py); RoPE
 settings sit under `rope_parameters` (older files: `rope_scaling` or the top
 level), and a config without `layer_types` gets transformers' rule from
-`full_attention_interval`.
+`full_attention_interval`. A "qwen3_5" config with a `vision_config` gives
+a QwenConfig with its tower (`QwenConfig.vision`) and the placeholder ids
+of its top level; one is written back for a config with a tower.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ HF_DEFAULT_ROPE_THETA = 10000.0
 
 # The fields of QwenConfig that config.json does not set (or sets otherwise:
 # its "dtype" is the weights' dtype, QwenConfig's the compute dtype).
-_NOT_READ = ("layer_types", "rope_theta", "partial_rotary_factor", "dtype")
+_NOT_READ = ("layer_types", "rope_theta", "partial_rotary_factor", "dtype",
+             "mrope_section", "vision", "image_token_id", "video_token_id",
+             "vision_start_token_id", "vision_end_token_id")
+# The placeholder ids of a "qwen3_5" config's top level.
+_VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id",
+                        "vision_start_token_id", "vision_end_token_id")
 
 ConfigT = TypeVar("ConfigT")
 
@@ -185,7 +192,8 @@ def config_from_hf(config_cls: type[ConfigT], hf: Any,
       "qwen3_5" config without text_config, or a bad field value (the
       message names the field, and the file when `hf` is a path).
   """
-  d = hf_text_config(read_hf_config(hf))
+  top = read_hf_config(hf)
+  d = hf_text_config(top)
   rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
   if not isinstance(rope, Mapping):
     raise ValueError(f"rope_parameters: expected an object, found {rope!r}")
@@ -215,8 +223,20 @@ def config_from_hf(config_cls: type[ConfigT], hf: Any,
         if f.name in d and f.name not in _NOT_READ}
   kw.update(layer_types=tuple(layer_types), rope_theta=float(theta),
             partial_rotary_factor=float(prf), num_hidden_layers=n)
-  kw.update(overrides)
+  section = rope.get("mrope_section")
+  if section is not None:
+    kw["mrope_section"] = (tuple(section) if isinstance(section, list)
+                           else section)
+  vision = top.get("vision_config") if top.get(
+      "model_type") == VLM_MODEL_TYPE else None
   try:
+    if vision is not None and "vision" not in overrides:
+      # pylint: disable-next=g-import-not-at-top
+      from qwen_jax.vision import VisionConfig
+      kw["vision"] = VisionConfig.from_hf_dict(vision)
+      # An id the file does not give is None: no such placeholder.
+      kw.update({f: top.get(f) for f in _VISION_TOKEN_FIELDS})
+    kw.update(overrides)
     return config_cls(**kw)
   except ValueError as e:
     path = _config_json_path(hf)
@@ -226,8 +246,36 @@ def config_from_hf(config_cls: type[ConfigT], hf: Any,
 
 
 def to_hf_dict(cfg: Any) -> dict[str, Any]:
-  """`QwenConfig.to_hf_dict`: config.json contents of a QwenConfig for
-  transformers' `Qwen3_5ForCausalLM`."""
+  """`QwenConfig.to_hf_dict`: config.json contents of a QwenConfig, for
+  transformers' `Qwen3_5ForCausalLM`, or for its
+  `Qwen3_5ForConditionalGeneration` when the config has a tower (the text
+  model's fields then sit in `text_config`)."""
+  text = _text_dict(cfg)
+  if cfg.vision is None:
+    return text
+  text.pop("architectures")
+  text["model_type"] = TEXT_MODEL_TYPE
+  out = {
+      "architectures": ["Qwen3_5ForConditionalGeneration"],
+      "model_type": VLM_MODEL_TYPE,
+      "text_config": text,
+      "vision_config": cfg.vision.to_hf_dict(),
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+  }
+  out.update({f: getattr(cfg, f) for f in _VISION_TOKEN_FIELDS})
+  out["dtype"] = cfg.param_dtype
+  return out
+
+
+def _text_dict(cfg: Any) -> dict[str, Any]:
+  """The text model's config.json fields (a `Qwen3_5ForCausalLM` file)."""
+  rope = {
+      "rope_type": "default",
+      "rope_theta": cfg.rope_theta,
+      "partial_rotary_factor": cfg.partial_rotary_factor,
+  }
+  if tuple(cfg.mrope_section) != (11, 11, 10):  # else transformers' default
+    rope["mrope_section"] = list(cfg.mrope_section)
   return {
       "architectures": ["Qwen3_5ForCausalLM"],
       "model_type": TEXT_MODEL_TYPE,
@@ -245,11 +293,7 @@ def to_hf_dict(cfg: Any) -> dict[str, Any]:
       "linear_value_head_dim": cfg.linear_value_head_dim,
       "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
       "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_parameters": {
-          "rope_type": "default",
-          "rope_theta": cfg.rope_theta,
-          "partial_rotary_factor": cfg.partial_rotary_factor,
-      },
+      "rope_parameters": rope,
       "max_position_embeddings": cfg.max_position_embeddings,
       "attention_bias": cfg.attention_bias,
       "tie_word_embeddings": cfg.tie_word_embeddings,
@@ -265,9 +309,17 @@ def to_hf_dict(cfg: Any) -> dict[str, Any]:
 
 def to_hf_config(cfg: Any):
   """`QwenConfig.to_hf_config`: transformers' `Qwen3_5TextConfig` of a
-  QwenConfig (needs the [hf] extra)."""
+  QwenConfig, or its `Qwen3_5Config` with a tower (needs the [hf] extra)."""
   import transformers  # pylint: disable=g-import-not-at-top
   d = to_hf_dict(cfg)
+  if cfg.vision is not None:
+    for k in ("architectures", "model_type", "dtype"):
+      d.pop(k)
+    d["text_config"] = dict(d["text_config"])
+    d["text_config"].pop("dtype")
+    d["vision_config"] = dict(d["vision_config"])
+    d["vision_config"].pop("model_type")
+    return transformers.Qwen3_5Config(**d)
   d.pop("architectures")
   d.pop("model_type")
   d.pop("dtype")

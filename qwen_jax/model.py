@@ -6,6 +6,14 @@
                                                       cfg.layer_types[i]
   logits  = RMSNorm(h_N) W_lm     (W_lm = embed_tokens^T when tied)
 
+With a vision tower (`cfg.vision`, transformers'
+`Qwen3_5ForConditionalGeneration`), images and videos enter as the image
+processor's patches: the tower (`qwen_jax.vision.VisionTower`) turns them
+into [n, d] features, which replace the embeddings of the placeholder
+tokens (`cfg.image_token_id` / `video_token_id`) in reading order (row by
+row, as transformers' `masked_scatter`), and the positions become the
+three-row multimodal positions of `qwen_jax.mrope`.
+
 Parameter tree (`params`):
   embed_tokens/embedding [vocab, d]
   layers/layer_{j}/...   one entry per layer of the repeating period
@@ -14,6 +22,8 @@ Parameter tree (`params`):
                          otherwise layer_{i} for every layer i, unstacked.
   norm/weight [d]
   lm_head/kernel [d, vocab]  (absent when tied)
+  visual/...             the vision tower (`qwen_jax.vision`; present
+                         when cfg.vision is set, created at init)
 
 `qwen_jax.stack` holds that layout (`layer_location(cfg, i)` maps layer i to
 its place in the tree); the checkpoint converter and the cache read it there,
@@ -22,7 +32,7 @@ so nothing else needs to know whether the stack was scanned.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,10 +41,13 @@ import numpy as np
 
 from qwen_jax import cache as cache_lib
 from qwen_jax import layers
+from qwen_jax import mrope
 from qwen_jax import stack
+from qwen_jax import vision as vision_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.attention import GatedAttention
 from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax.config import VISION_TOKEN_FIELDS
 from qwen_jax.gated_deltanet import GatedDeltaNet
 from qwen_jax.mlp import MLP
 
@@ -128,6 +141,229 @@ def segment_positions(segment_ids: Array) -> Array:
   return idx - first
 
 
+class Media(NamedTuple):
+  """The images and videos of a call, checked (`check_media`).
+
+  Attributes:
+    image_grid, video_grid: int64 [k, 3] host grids, or None.
+    any: whether the call carries images or videos.
+  """
+  image_grid: np.ndarray | None
+  video_grid: np.ndarray | None
+  any: bool
+
+
+def check_media(cfg: QwenConfig, input_ids: Any, pixel_values: Any = None,
+                image_grid_thw: Any = None, pixel_values_videos: Any = None,
+                video_grid_thw: Any = None, image_features: Any = None,
+                video_features: Any = None, need_grids: bool = True
+                ) -> Media:
+  """Checks a call's images and videos against the config and the ids.
+
+  Everything is checked before any work: that the model has a tower and
+  the placeholder, that grids are host data of the right form, that the
+  pixel values have the tower's width and as many rows as the grids have
+  patches, and, when the ids are concrete, that the prompt holds one
+  placeholder per feature (and that each run of them fits the grids).
+
+  Args:
+    cfg: the model config.
+    input_ids: [b, t] ids (concrete or traced).
+    pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+    image_features, video_features: as `Qwen35.__call__` takes them.
+    need_grids: whether the positions will be computed from the grids (no
+      explicit positions), so features need their grids too.
+
+  Returns:
+    A `Media`: the grids as int64 NumPy arrays (None where not given).
+
+  Raises:
+    ValueError: naming the argument, the expected and the found value.
+  """
+  given = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+           "pixel_values_videos": pixel_values_videos,
+           "video_grid_thw": video_grid_thw,
+           "image_features": image_features,
+           "video_features": video_features}
+  given = {k: v for k, v in given.items() if v is not None}
+  if not given:
+    return Media(None, None, False)
+  first = next(iter(given))
+  if cfg.vision is None:
+    raise ValueError(
+        f"{first}: expected no images or videos for a text-only model "
+        f"(QwenConfig.vision is None), found {_describe(given[first])}; "
+        f"load a multimodal checkpoint or give the config a vision tower")
+  m = cfg.vision.spatial_merge_size
+  ids = host_values(input_ids)
+  grids = {}
+  for kind, pixels, grid_name, pixel_name, feats, feats_name, token in (
+      ("image", pixel_values, "image_grid_thw", "pixel_values",
+       image_features, "image_features", "image_token_id"),
+      ("video", pixel_values_videos, "video_grid_thw", "pixel_values_videos",
+       video_features, "video_features", "video_token_id")):
+    grid = given.get(grid_name)
+    if pixels is None and feats is None and grid is None:
+      continue
+    token_id = getattr(cfg, token)
+    if token_id is None:
+      name = pixel_name if pixels is not None else (
+          feats_name if feats is not None else grid_name)
+      raise ValueError(
+          f"{name}: expected no {kind}s: the model has no {kind} "
+          f"placeholder ({token} is None in its config), found "
+          f"{_describe(given[name])}")
+    if pixels is not None and feats is not None:
+      raise ValueError(f"{feats_name}: expected either {pixel_name} or "
+                       f"{feats_name}, found both")
+    if pixels is not None and grid is None:
+      raise ValueError(f"{grid_name}: expected the (t, h, w) patch grid of "
+                       f"each {kind} of {pixel_name}, found None")
+    if grid is None and feats is not None and need_grids:
+      raise ValueError(f"{grid_name}: expected the (t, h, w) patch grid of "
+                       f"each {kind} for the positions (or pass positions),"
+                       f" found None")
+    if grid is not None and pixels is None and feats is None:
+      raise ValueError(f"{pixel_name}: expected the patches of the {kind}s "
+                       f"of {grid_name}, found None")
+    if grid is not None:
+      grid = vision_lib.check_grid_thw(grid, m, grid_name)
+    if pixels is not None:
+      shape = tuple(np.shape(pixels))
+      width = cfg.vision.patch_dim
+      if len(shape) != 2 or shape[1] != width:
+        raise ValueError(
+            f"{pixel_name}: expected shape [n_patches, {width}] (in_channels "
+            f"* temporal_patch_size * patch_size^2 = {cfg.vision.in_channels}"
+            f" * {cfg.vision.temporal_patch_size} * "
+            f"{cfg.vision.patch_size}^2), found {shape}")
+      patches = int(grid.prod(axis=1).sum())
+      if shape[0] != patches:
+        raise ValueError(
+            f"{grid_name}: expected its patches (sum of t * h * w = "
+            f"{patches}) to equal {pixel_name}' rows, found {shape[0]} rows "
+            f"for {grid_name} {grid.tolist()}")
+      count = patches // (m * m)
+    else:
+      shape = tuple(np.shape(feats))
+      if len(shape) != 2 or shape[1] != cfg.hidden_size:
+        raise ValueError(f"{feats_name}: expected shape [n, hidden_size="
+                         f"{cfg.hidden_size}], found {shape}")
+      count = shape[0]
+      if grid is not None and int(grid.prod(axis=1).sum()) // (m * m) != (
+          count):
+        raise ValueError(
+            f"{feats_name}: expected one row per merged token of "
+            f"{grid_name} ({int(grid.prod(axis=1).sum()) // (m * m)}), "
+            f"found {count}")
+    if ids is not None:
+      found = int(np.sum(ids == token_id))
+      if found != count:
+        source = (f"{grid_name} {grid.tolist()}" if grid is not None
+                  else feats_name)
+        raise ValueError(
+            f"input_ids: expected {count} {token} ({token_id}) placeholders,"
+            f" one per {kind} feature of {source} ({count} features), found "
+            f"{found} placeholders")
+    grids[kind] = grid
+  return Media(grids.get("image"), grids.get("video"), True)
+
+
+def _describe(x: Any) -> str:
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    try:
+      shape = np.shape(x)
+    except (TypeError, ValueError):
+      return type(x).__name__
+  return f"an array of shape {tuple(shape)}"
+
+
+def check_placeholder_runs(cfg: QwenConfig, input_ids: Any,
+                           attention_mask: Any, media: Media) -> None:
+  """When ids and mask are concrete: every run of placeholders fits the
+  grids, in order (`mrope.multimodal_positions` names what does not).
+  Needs all four placeholder ids; skipped otherwise."""
+  ids = host_values(input_ids)
+  mask = None if attention_mask is None else host_values(attention_mask)
+  if ids is None or (attention_mask is not None and mask is None):
+    return
+  values = {f: getattr(cfg, f) for f in VISION_TOKEN_FIELDS}
+  if None in values.values() or len(set(values.values())) != 4:
+    return
+  mrope.multimodal_positions(
+      ids, media.image_grid, media.video_grid, mask,
+      spatial_merge_size=cfg.vision.spatial_merge_size,
+      tokens=vision_lib.VisionTokens(**values))
+
+
+def media_positions(cfg: QwenConfig, input_ids: Array,
+                     attention_mask: Array | None, media: Media,
+                     cache_index: Array | None, rope_delta: Array | None
+                     ) -> tuple[Array, Array]:
+  """(positions [3, b, t], rope_delta [b]) of a call with images/videos.
+
+  Without a cache: transformers' `get_rope_index` of the tokens. With one,
+  this call's tokens continue the cached ones: their positions are offset
+  by the real tokens already cached plus the cached rope_delta, and the
+  returned rope_delta adds this call's.
+  """
+  b, t = input_ids.shape
+  mask = attention_mask
+  if mask is not None and cache_index is not None:
+    mask = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, t, 1)
+  check_placeholder_runs(cfg, input_ids, mask, media)
+  positions, delta = mrope.mrope_positions(
+      input_ids, mask, media.image_grid, media.video_grid,
+      spatial_merge_size=cfg.vision.spatial_merge_size,
+      image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id)
+  if cache_index is None:
+    return positions, delta
+  before = _tokens_before(b, attention_mask, cache_index)
+  if rope_delta is not None:
+    before = before + rope_delta
+    delta = delta + rope_delta
+  return positions + before[None, :, None], delta
+
+
+def _tokens_before(b: int, attention_mask: Array | None,
+                   cache_index: Array) -> Array:
+  """[b] real (unmasked) tokens in the cache slots before cache_index."""
+  if attention_mask is None:
+    return jnp.full((b,), cache_index, jnp.int32)
+  slots = jnp.arange(attention_mask.shape[1])
+  return jnp.sum(attention_mask & (slots < cache_index)[None], axis=1,
+                 dtype=jnp.int32)
+
+
+def _text_positions(shape: tuple[int, int], attention_mask: Array | None,
+                    cache_index: Array, rope_delta: Array) -> Array:
+  """[b, t] positions of text that follows cached multimodal tokens: the
+  real tokens before each plus the row's rope_delta (transformers'
+  cumsum(mask) - 1 + rope_deltas)."""
+  b, t = shape
+  if attention_mask is None:
+    before = jnp.full((b, t), cache_index, jnp.int32) + jnp.arange(
+        t, dtype=jnp.int32)
+  else:
+    seen = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1)
+    before = jax.lax.dynamic_slice_in_dim(seen, cache_index, t, 1) - 1
+  return before + rope_delta[:, None].astype(jnp.int32)
+
+
+def _scatter(x: Array, placeholders: Array, features: Array) -> Array:
+  """x with the placeholders' rows replaced by the features, in reading
+  order (row by row; transformers' `masked_scatter`)."""
+  n = features.shape[0]
+  if n == 0:
+    return x
+  b, t = placeholders.shape
+  k = jnp.cumsum(placeholders.reshape(-1).astype(jnp.int32)) - 1
+  k = jnp.clip(k, 0, n - 1).reshape(b, t)
+  return jnp.where(placeholders[..., None],
+                   features.astype(x.dtype)[k], x)
+
+
 class DecoderLayer(nn.Module):
   """Pre-norm residual block: token mixer then SwiGLU MLP.
 
@@ -217,7 +453,8 @@ class Period(nn.Module):
 
 
 class Qwen35(nn.Module):
-  """Qwen3.5 causal language model (text part).
+  """Qwen3.5: the causal language model, and its vision tower when
+  cfg.vision is set.
 
   Attributes:
     cfg: the model config (validated on construction).
@@ -241,7 +478,13 @@ class Qwen35(nn.Module):
                positions: Array | None = None,
                cache: PyTree | None = None,
                segment_ids: Array | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False,
+               pixel_values: Array | None = None,
+               image_grid_thw: Any = None,
+               pixel_values_videos: Array | None = None,
+               video_grid_thw: Any = None,
+               image_features: Array | None = None,
+               video_features: Array | None = None):
     """Runs the model.
 
     Shapes are always checked. Values (ids in the vocabulary, a 0/1 mask,
@@ -258,19 +501,42 @@ class Qwen35(nn.Module):
       attention_mask: padding mask, 1 (or True) = token, 0 = padding (left
         padding); [b, t] without a cache; [b, S] over every cache slot with
         one ([b, >= index + t] when no layer keeps K/V). Read as bool.
-      positions: [b, t] integer positions; default arange(t) (+ the cache
-        index), or restarting per document when `segment_ids` is given.
+      positions: [b, t] integer positions, or [3, b, t] multimodal (t, h,
+        w) positions (`qwen_jax.mrope`); default arange(t) (+ the cache
+        index), restarting per document when `segment_ids` is given, or,
+        with images or videos, their multimodal positions (padding
+        skipped, as transformers' `get_rope_index`). A cache that holds a
+        multimodal prompt carries each row's offset (cache["rope_delta"],
+        see Returns): text after it continues from the prompt's positions.
       cache: the model cache (`qwen_jax.cache.init_cache` for this config
         and batch) or None.
       segment_ids: [b, t] integer packed-document ids (training; not with a
         cache).
         Documents never attend to or pass state to each other.
       return_hidden: also return the final normalised hidden states.
+      pixel_values: [n_patches, C*T*P*P] image patches as transformers'
+        image processor returns them (`qwen_jax.load_image_processor`),
+        the images of every row one after another; needs cfg.vision.
+      image_grid_thw: [n_images, 3] (t, h, w) patch grid of each image:
+        host data (a NumPy array, nested lists or tuples), since it fixes
+        shapes. Under jit close over it, make it a static argument (a
+        tuple of tuples, `qwen_jax.vision.grid_key`) or pass a
+        `qwen_jax.vision.StaticGrid` (static inside a pytree); a traced
+        grid is refused. One program is compiled per distinct grid set.
+      pixel_values_videos, video_grid_thw: the same for videos.
+      image_features, video_features: [n, d] tower outputs to use instead
+        of pixel values (e.g. computed once and reused; in reading order
+        of this call's placeholders). The grids are still needed for the
+        positions unless `positions` is given.
 
     Returns:
       logits [b, t, vocab] in cfg.dtype; with a cache `(logits, cache)`;
       with return_hidden the hidden states [b, t, d] are appended. An empty
-      batch (b = 0) gives empty results (not at init).
+      batch (b = 0) gives empty results (not at init). After a call with
+      images or videos (positions not given), the returned cache holds
+      "rope_delta" [b] int32: what each row's multimodal positions are
+      ahead of (or behind) its token count, so later text tokens get
+      (tokens before them) + rope_delta.
 
     Raises:
       ValueError: a sequence longer than max_position_embeddings, bad
@@ -278,7 +544,12 @@ class Qwen35(nn.Module):
         float array could hold NaN), a cache of another config or batch,
         more tokens than the cache has slots left, segment_ids together
         with a cache, and (when concrete) ids outside the vocabulary or mask
-        values other than 0/1.
+        values other than 0/1. Images and videos: given to a model without
+        a tower or without that placeholder id, a grid that is traced,
+        malformed or whose patches differ from the pixel rows given, pixel
+        values of the wrong width, and (when the ids are concrete) a
+        placeholder count that differs from the features' count, each
+        naming the argument, the expected and the found value.
     """
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -338,9 +609,11 @@ class Qwen35(nn.Module):
       raise ValueError(f"attention_mask: expected shape {(b, t)}, found "
                        f"{tuple(attention_mask.shape)}")
     for name, x in (("positions", positions), ("segment_ids", segment_ids)):
-      if x is not None and tuple(x.shape) != (b, t):
-        raise ValueError(f"{name}: expected shape {(b, t)} (as input_ids), "
-                         f"found {tuple(x.shape)}")
+      if (x is not None and tuple(x.shape) != (b, t) and
+          not (name == "positions" and tuple(x.shape) == (3, b, t))):
+        also = f" or {(3, b, t)} (multimodal)" if name == "positions" else ""
+        raise ValueError(f"{name}: expected shape {(b, t)} (as input_ids)"
+                         f"{also}, found {tuple(x.shape)}")
       # The dtype is known under jit too. A float array could hold NaN or
       # 2.5: NaN positions give NaN logits, and float document ids compare
       # NaN != NaN (a token that attends to nothing).
@@ -349,6 +622,13 @@ class Qwen35(nn.Module):
         raise ValueError(f"{name}: expected an integer array of {what}, "
                          f"found dtype {x.dtype}")
     check_input_ids(input_ids, cfg.vocab_size)
+    media = check_media(cfg, input_ids, pixel_values, image_grid_thw,
+                        pixel_values_videos, video_grid_thw, image_features,
+                        video_features, need_grids=positions is None)
+    if media.any and segment_ids is not None and positions is None:
+      raise ValueError("segment_ids: packed documents with images or videos "
+                       "need their positions: pass positions ([3, b, t], "
+                       "qwen_jax.mrope)")
     if attention_mask is not None:
       check_mask_values(attention_mask)
       # One meaning for both mixers: attention keeps the keys where True,
@@ -358,16 +638,23 @@ class Qwen35(nn.Module):
       # Nothing to compute (the chunked delta rule cannot take 0 rows).
       out = [jnp.zeros((0, t, cfg.vocab_size), dtype)]
       if cache is not None:
-        out.append({"layers": cache["layers"], "index": cache["index"] + t})
+        out.append(dict(cache, index=cache["index"] + t))
       if return_hidden:
         out.append(jnp.zeros((0, t, cfg.hidden_size), dtype))
       return out[0] if len(out) == 1 else tuple(out)
     if b == 0:
       raise ValueError(f"input_ids: init needs at least one row, found shape "
                        f"{(b, t)}")
+    rope_delta = None if cache is None else cache.get("rope_delta")
     if positions is None:
-      if segment_ids is not None:
+      if media.any:
+        positions, rope_delta = media_positions(
+            cfg, input_ids, attention_mask, media, cache_index, rope_delta)
+      elif segment_ids is not None:
         positions = segment_positions(segment_ids)
+      elif rope_delta is not None:  # text after a multimodal prompt
+        positions = _text_positions(input_ids.shape, attention_mask,
+                                    cache_index, rope_delta)
       else:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache_index is not None:
@@ -379,6 +666,25 @@ class Qwen35(nn.Module):
                                          ("vocab", "embed")),
         name="embed_tokens")
     x = embed(input_ids)
+    if cfg.vision is not None:
+      tower = vision_lib.VisionTower(cfg.vision, name="visual")
+      feats = {}
+      for kind, pixels, grid, given in (
+          ("image", pixel_values, media.image_grid, image_features),
+          ("video", pixel_values_videos, media.video_grid, video_features)):
+        if pixels is not None:
+          feats[kind] = tower(pixels, vision_lib.grid_key(grid))
+        elif given is not None:
+          feats[kind] = jnp.asarray(given)
+      if self.is_initializing() and not feats:
+        # Create the tower's parameters from a one-token image.
+        m = cfg.vision.spatial_merge_size
+        tower(jnp.zeros((m * m, cfg.vision.patch_dim), dtype),
+              ((1, m, m),))
+      if "image" in feats:
+        x = _scatter(x, input_ids == cfg.image_token_id, feats["image"])
+      if "video" in feats:
+        x = _scatter(x, input_ids == cfg.video_token_id, feats["video"])
 
     layer_cache = None if cache is None else cache["layers"]
     new_layers = None
@@ -408,7 +714,10 @@ class Qwen35(nn.Module):
     logits = layers.constrain(logits, ("batch", "seq", "vocab_act"))
     out = [logits]
     if cache is not None:
-      out.append({"layers": new_layers, "index": cache["index"] + t})
+      new_cache = {"layers": new_layers, "index": cache["index"] + t}
+      if rope_delta is not None:
+        new_cache["rope_delta"] = rope_delta
+      out.append(new_cache)
     if return_hidden:
       out.append(hidden)
     return out[0] if len(out) == 1 else tuple(out)

@@ -14,11 +14,17 @@ The rotary tables interleave the three rows over the frequencies: of the
 rotary_dim / 2 frequencies, index i takes h when i % 3 == 1 and
 i < 3 * mrope_section[1], w when i % 3 == 2 and i < 3 * mrope_section[2],
 and t otherwise ([11, 11, 10] for the released models: 64 rotary dims of a
-256-wide head). When the three rows are equal (text) this is ordinary 1-D
-RoPE, bit for bit the tables of `qwen_jax.layers.rope_cos_sin`.
+256-wide head). Counts that do not add up to rotary_dim / 2 are read the
+same way (transformers' `Qwen3_5TextRotaryEmbedding` slices them so). When
+the three rows are equal (text) this is ordinary 1-D RoPE, bit for bit the
+tables of `qwen_jax.layers.rope_cos_sin`.
 
-The positions are computed on the host with NumPy: they depend on where
-the placeholders are, which fixes no shape but needs the ids' values.
+The positions are computed two ways, equal wherever the placeholders fit
+the grids: `multimodal_positions` on the host with NumPy (it checks every
+run of placeholders against the grids, naming what does not fit), and
+`mrope_positions` in jnp, for ids that are traced (under jit, in training
+and the sharded programs). Both need the grids as host data: they fix the
+tables the positions are read from.
 """
 
 from __future__ import annotations
@@ -38,7 +44,13 @@ MROPE_SECTION = (11, 11, 10)
 
 def check_mrope_section(mrope_section: Sequence[int],
                         rotary_dim: int) -> tuple[int, int, int]:
-  """mrope_section as a tuple, or ValueError naming it."""
+  """mrope_section as a tuple, or ValueError naming it.
+
+  Counts need not add up to rotary_dim / 2: as in transformers, h takes
+  the frequencies i % 3 == 1 below 3 * section[1], w those i % 3 == 2
+  below 3 * section[2], t the rest (released models: [11, 11, 10] of 32).
+  """
+  del rotary_dim  # any count is read the same way (see above)
   sec = tuple(mrope_section) if isinstance(mrope_section,
                                            (list, tuple)) else None
   if (sec is None or len(sec) != 3 or
@@ -46,10 +58,6 @@ def check_mrope_section(mrope_section: Sequence[int],
               and s >= 0 for s in sec)):
     raise ValueError(f"mrope_section: expected three counts (t, h, w) >= 0, "
                      f"found {mrope_section!r}")
-  if sum(sec) != rotary_dim // 2:
-    raise ValueError(f"mrope_section: expected counts summing to rotary_dim "
-                     f"/ 2 = {rotary_dim // 2}, found {list(sec)} (sum "
-                     f"{sum(sec)})")
   return tuple(int(s) for s in sec)
 
 
@@ -79,7 +87,7 @@ def mrope_cos_sin(positions: Array, rotary_dim: int, theta: float, dtype,
     rotary_dim: rotated dims of a head (head_dim * partial_rotary_factor).
     theta: RoPE base.
     dtype: dtype of the tables.
-    mrope_section: frequencies per row, summing to rotary_dim / 2.
+    mrope_section: frequencies per row (t, h, w), interleaved.
 
   Returns:
     (cos, sin), each [b, t, rotary_dim].
@@ -227,3 +235,96 @@ def text_positions(rope_deltas: Any, start: Any, length: int) -> Array:
   s = jnp.asarray(start, jnp.int32).reshape(-1, 1)
   p = s + d + jnp.arange(length, dtype=jnp.int32)
   return jnp.broadcast_to(p, (3,) + p.shape)
+
+
+def _block_tables(grids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per placeholder of a list of blocks, in order: its (t, h, w) offset
+  from the block's start position [3, n], and how far the position moves
+  on after it [n] (max(h, w) / m after a block's last token, else 0)."""
+  offsets, advance = [np.zeros((3, 0), np.int32)], [np.zeros(0, np.int32)]
+  for gt, gh, gw in grids:
+    lh, lw = int(gh) // m, int(gw) // m
+    tt, hh, ww = np.meshgrid(np.arange(int(gt)), np.arange(lh),
+                             np.arange(lw), indexing="ij")
+    offsets.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]))
+    adv = np.zeros(int(gt) * lh * lw, np.int32)
+    adv[-1] = max(lh, lw)
+    advance.append(adv)
+  return (np.concatenate(offsets, axis=1).astype(np.int32),
+          np.concatenate(advance).astype(np.int32))
+
+
+def _placeholder_tables(kind_mask: Array, offsets: np.ndarray,
+                        advance: np.ndarray):
+  """(offset [3, b, t], advance [b, t]) of each placeholder of one kind.
+
+  The k-th placeholder of the batch (row-major, the order the features come
+  in) reads entry k of the tables; k is clipped to the tables, so extra
+  placeholders under jit read the last entry (only concrete ids can be
+  counted: `Qwen35` refuses a mismatch there).
+  """
+  n = advance.shape[0]
+  b, t = kind_mask.shape
+  if n == 0:
+    return (jnp.zeros((3, b, t), jnp.int32), jnp.zeros((b, t), jnp.int32))
+  flat = kind_mask.reshape(-1).astype(jnp.int32)
+  k = jnp.clip(jnp.cumsum(flat) - 1, 0, n - 1).reshape(b, t)
+  return jnp.asarray(offsets)[:, k], jnp.asarray(advance)[k]
+
+
+def mrope_positions(input_ids: Array, attention_mask: Array | None = None,
+                    image_grid_thw: Any = None, video_grid_thw: Any = None,
+                    *, spatial_merge_size: int = 2,
+                    image_token_id: int | None = None,
+                    video_token_id: int | None = None
+                    ) -> tuple[Array, Array]:
+  """`multimodal_positions` in jnp: the ids and mask may be traced.
+
+  Each token's position is where the text before it leaves off: text and
+  the last token of an image (or video frame) move it on by 1 and by
+  max(h, w) / m, other placeholders by 0, padding by nothing (a running
+  sum); a placeholder adds its (t, h, w) offset inside its block, read
+  from tables built from the grids. For placeholders that fit the grids
+  this equals `multimodal_positions` (and transformers' `get_rope_index`);
+  it checks nothing (see `multimodal_positions` for that).
+
+  Args:
+    input_ids: [b, t] int ids.
+    attention_mask: [b, t] (1 = token, 0 = padding) or None.
+    image_grid_thw: [n_images, 3] host data, or None.
+    video_grid_thw: [n_videos, 3] host data, or None.
+    spatial_merge_size: m of the tower.
+    image_token_id, video_token_id: the placeholders (None: no such kind).
+
+  Returns:
+    (positions int32 [3, b, t] (padding 0), rope_deltas int32 [b]: each
+    row's largest position + 1 - its token count).
+  """
+  m = spatial_merge_size
+  ids = jnp.asarray(input_ids)
+  b, t = ids.shape
+  mask = (jnp.ones((b, t), bool) if attention_mask is None
+          else jnp.asarray(attention_mask).astype(bool))
+  kinds = []
+  if image_grid_thw is not None and image_token_id is not None:
+    grids = check_grid_thw(image_grid_thw, m, "image_grid_thw")
+    kinds.append((ids == image_token_id, grids))
+  if video_grid_thw is not None and video_token_id is not None:
+    grids = check_grid_thw(video_grid_thw, m, "video_grid_thw")
+    frames = np.repeat(grids, grids[:, 0], axis=0)
+    frames[:, 0] = 1  # each frame its own block, as the processor splits
+    kinds.append((ids == video_token_id, frames))
+  offset = jnp.zeros((3, b, t), jnp.int32)
+  advance = mask.astype(jnp.int32)  # text: 1, padding: 0
+  for kind, grids in kinds:
+    kind = kind & mask
+    off, adv = _placeholder_tables(kind, *_block_tables(grids, m))
+    offset = jnp.where(kind[None], off, offset)
+    advance = jnp.where(kind, adv, advance)
+  start = jnp.cumsum(advance, axis=1) - advance  # exclusive running sum
+  positions = jnp.where(mask[None], start[None] + offset, 0)
+  count = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  top = jnp.max(jnp.where(mask[None], positions, -1), axis=(0, 2))
+  deltas = jnp.where(count > 0, top + 1 - count, 0)
+  return positions.astype(jnp.int32), deltas.astype(jnp.int32)
+

@@ -18,6 +18,10 @@ programs with `NamedSharding`s for a (config, mesh); inside them the
 sequence-parallel context is active, so Gated DeltaNet passes its state
 between shards and attention is context parallel. They run unchanged over a
 multi-host mesh after `jax.distributed.initialize()` (docs/sharding.md).
+They take images and videos too (a model with a vision tower): the pixel
+values are replicated and the tower runs on every device (its parameters
+are replicated by the rules), the grids are static (one compilation per
+grid set), and the language model stays sequence parallel.
 
 Example:
   mesh = make_mesh("data:2,seq:4")
@@ -47,7 +51,11 @@ from qwen_jax import head
 from qwen_jax import sequence_parallel
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
+from qwen_jax.data import MEDIA_KEYS
 from qwen_jax.data import check_batch
+from qwen_jax.data import media_args
+from qwen_jax.data import placeholder_loss_mask
+from qwen_jax.data import with_static_grids
 from qwen_jax.model import Qwen35
 
 AXES = ("data", "fsdp", "tensor", "seq")
@@ -372,16 +380,38 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
   """Mean next-token cross-entropy of a batch (unsharded or inside SP).
 
   batch: "inputs" [b, t]; "targets" [b, t]; optional "loss_mask",
-  "attention_mask", "segment_ids" [b, t] (`data.check_batch`).
+  "attention_mask", "segment_ids" [b, t], and images or videos
+  (`data.MEDIA_KEYS`, grids static; placeholder targets are left out of
+  the loss as in `train_step.loss_and_stats`) (`data.check_batch`).
   """
   check_batch(batch)
   _, hidden = Qwen35(cfg).apply(
       {"params": params}, batch["inputs"],
       attention_mask=batch.get("attention_mask"),
-      segment_ids=batch.get("segment_ids"), return_hidden=True)
+      segment_ids=batch.get("segment_ids"), return_hidden=True,
+      **media_args(batch))
+  mask = batch.get("loss_mask")
+  if cfg.vision is not None:
+    if mask is None:
+      mask = jnp.ones(batch["inputs"].shape, jnp.float32)
+    mask = placeholder_loss_mask(cfg, batch["targets"], mask)
   total, count = chunked_lm_loss(cfg, params, hidden, batch["targets"],
-                                 batch.get("loss_mask"), loss_chunk, mesh)
+                                 mask, loss_chunk, mesh)
   return total / jnp.maximum(count, 1.0)
+
+
+def _media(mesh: Mesh, media: Mapping[str, Any]
+           ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+  """(media with static grids, their shardings: replicated) or Nones."""
+  media = {k: v for k, v in media.items() if v is not None}
+  unknown = sorted(set(media) - set(MEDIA_KEYS))
+  if unknown:
+    raise TypeError(f"unexpected keyword arguments {unknown}; images and "
+                    f"videos take {MEDIA_KEYS}")
+  if not media:
+    return None, None
+  media = with_static_grids(media)
+  return media, {k: NamedSharding(mesh, P()) for k in media}
 
 
 # --------------------------------------------------------------- programs
@@ -402,7 +432,9 @@ def make_forward(cfg: QwenConfig, mesh: Mesh, logits: str = "all",
                  sequence_parallel_options: Mapping[str, Any] | None = None
                  ) -> Callable[..., Array]:
   """Sharded forward pass: fn(params, input_ids, attention_mask=None,
-  segment_ids=None) -> logits.
+  segment_ids=None, **media) -> logits, media being pixel_values,
+  image_grid_thw, pixel_values_videos, video_grid_thw (as `Qwen35` takes
+  them; grids as host data).
 
   Args:
     cfg: the model config.
@@ -424,11 +456,12 @@ def make_forward(cfg: QwenConfig, mesh: Mesh, logits: str = "all",
   p_sh = param_shardings(cfg, mesh)
   sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
 
-  def fn(params, input_ids, attention_mask=None, segment_ids=None):
+  def fn(params, input_ids, attention_mask=None, segment_ids=None,
+         media=None):
     with activate(mesh, **sp):
       out, hidden = model.apply(
           {"params": params}, input_ids, attention_mask=attention_mask,
-          segment_ids=segment_ids, return_hidden=True)
+          segment_ids=segment_ids, return_hidden=True, **(media or {}))
       if logits == "all":
         return out
       if logits == "hidden":
@@ -438,15 +471,24 @@ def make_forward(cfg: QwenConfig, mesh: Mesh, logits: str = "all",
   def bsh(x):
     return None if x is None else batch_sharding(mesh, x.shape)
 
-  def call(params, input_ids, attention_mask=None, segment_ids=None):
+  def jitted(input_ids, attention_mask, segment_ids, media_sh):
     shapes = (input_ids, attention_mask, segment_ids)
-    jitted = _jit_cached(fn, (p_sh,) + tuple(bsh(x) for x in shapes))
-    return jitted(params, input_ids, attention_mask, segment_ids)
+    return _jit_cached(fn, (p_sh,) + tuple(bsh(x) for x in shapes) + (
+        media_sh,))
 
-  call.lower = lambda params, input_ids, attention_mask=None, segment_ids=None: (  # pylint: disable=g-long-lambda
-      _jit_cached(fn, (p_sh,) + tuple(bsh(x) for x in (
-          input_ids, attention_mask, segment_ids))).lower(
-              params, input_ids, attention_mask, segment_ids))
+  def call(params, input_ids, attention_mask=None, segment_ids=None,
+           **media):
+    media, media_sh = _media(mesh, media)
+    return jitted(input_ids, attention_mask, segment_ids, media_sh)(
+        params, input_ids, attention_mask, segment_ids, media)
+
+  def lower(params, input_ids, attention_mask=None, segment_ids=None,
+            **media):
+    media, media_sh = _media(mesh, media)
+    return jitted(input_ids, attention_mask, segment_ids, media_sh).lower(
+        params, input_ids, attention_mask, segment_ids, media)
+
+  call.lower = lower
   return call
 
 
@@ -471,11 +513,13 @@ def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
                  sequence_parallel_options: Mapping[str, Any] | None = None
                  ) -> Callable[..., tuple[Array, PyTree]]:
   """Sharded prefill into an empty cache: fn(params, input_ids,
-  attention_mask=None) -> (last-position logits [b, vocab] f32, cache).
+  attention_mask=None, **media) -> (last-position logits [b, vocab] f32,
+  cache), media as in `make_forward`.
 
   The prompt runs in one call with its tokens split over "seq"; the cache
-  (`qwen_jax.cache`, KV slots over "seq" when they divide) is then ready for
-  `qwen_jax.generate`'s decode step on any mesh or one device.
+  (`qwen_jax.cache`, KV slots over "seq" when they divide; with images or
+  videos also "rope_delta") is then ready for `qwen_jax.generate`'s decode
+  step on any mesh or one device.
 
   Args:
     cfg: the model config.
@@ -490,7 +534,7 @@ def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
   p_sh = param_shardings(cfg, mesh)
   sp = _sp_args(mesh, sequence_parallel_on, sequence_parallel_options)
 
-  def fn(params, input_ids, attention_mask=None):
+  def fn(params, input_ids, attention_mask=None, media=None):
     b, t = input_ids.shape
     if t > max_len:
       raise ValueError(f"prompt length: expected at most max_len={max_len},"
@@ -503,26 +547,34 @@ def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
     with activate(mesh, **sp):
       _, new_cache, hidden = model.apply(
           {"params": params}, input_ids, attention_mask=attention_mask,
-          cache=cache, return_hidden=True)
+          cache=cache, return_hidden=True, **(media or {}))
       last = _last_logits(cfg, params, hidden)
     return last, new_cache
 
-  def jitted(input_ids, attention_mask):
+  def jitted(input_ids, attention_mask, media_sh):
     b = input_ids.shape[0]
     ins = (p_sh, batch_sharding(mesh, input_ids.shape),
            None if attention_mask is None
-           else batch_sharding(mesh, attention_mask.shape))
+           else batch_sharding(mesh, attention_mask.shape), media_sh)
+    cache_sh = cache_shardings(cfg, mesh, b, max_len)
+    if media_sh is not None:
+      cache_sh = dict(cache_sh, rope_delta=NamedSharding(mesh, P()))
     outs = (NamedSharding(mesh, fit_spec(("batch", "vocab_act"),
                                          (b, cfg.vocab_size), mesh)),
-            cache_shardings(cfg, mesh, b, max_len))
+            cache_sh)
     return _jit_cached(fn, ins, outs)
 
-  def call(params, input_ids, attention_mask=None):
-    return jitted(input_ids, attention_mask)(params, input_ids,
-                                             attention_mask)
+  def call(params, input_ids, attention_mask=None, **media):
+    media, media_sh = _media(mesh, media)
+    return jitted(input_ids, attention_mask, media_sh)(
+        params, input_ids, attention_mask, media)
 
-  call.lower = lambda params, input_ids, attention_mask=None: jitted(  # pylint: disable=g-long-lambda
-      input_ids, attention_mask).lower(params, input_ids, attention_mask)
+  def lower(params, input_ids, attention_mask=None, **media):
+    media, media_sh = _media(mesh, media)
+    return jitted(input_ids, attention_mask, media_sh).lower(
+        params, input_ids, attention_mask, media)
+
+  call.lower = lower
   return call
 
 
@@ -533,10 +585,12 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
   """Sharded loss and gradients: fn(params, batch) -> (loss, grads).
 
   batch: {"inputs", "targets"[, "loss_mask", "attention_mask",
-  "segment_ids"]}, each [b, t]. The loss is the mean next-token
-  cross-entropy (`loss_fn`), computed in chunks (no [t, vocab] logits);
-  gradients come back with the parameters' shardings. Rematerialisation
-  follows `cfg.remat_policy` ("full" for long sequences).
+  "segment_ids"]}, each [b, t], and for a model with a tower optionally
+  its images and videos (`data.MEDIA_KEYS`: pixel values replicated, grids
+  static). The loss is the mean next-token cross-entropy (`loss_fn`),
+  computed in chunks (no [t, vocab] logits); gradients come back with the
+  parameters' shardings, the tower's included. Rematerialisation follows
+  `cfg.remat_policy` ("full" for long sequences).
 
   Args:
     cfg: the model config.
@@ -557,12 +611,21 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
     return jax.value_and_grad(f)(params)
 
   def jitted(batch):
-    some = next(iter(batch.values()))
-    bsh = batch_sharding(mesh, some.shape)
-    return _jit_cached(fn, (p_sh, bsh), (NamedSharding(mesh, P()), p_sh))
+    tokens = batch["inputs"] if "inputs" in batch else next(
+        iter(batch.values()))
+    bsh = batch_sharding(mesh, np.shape(tokens))
+    rep = NamedSharding(mesh, P())
+    shardings = {k: rep if k in MEDIA_KEYS else bsh for k in batch}
+    return _jit_cached(fn, (p_sh, shardings),
+                       (NamedSharding(mesh, P()), p_sh))
 
   def call(params, batch):
-    return jitted(batch)(params, dict(batch))
+    batch = with_static_grids(batch)
+    return jitted(batch)(params, batch)
 
-  call.lower = lambda params, batch: jitted(batch).lower(params, dict(batch))  # pylint: disable=g-long-lambda
+  def lower(params, batch):
+    batch = with_static_grids(batch)
+    return jitted(batch).lower(params, batch)
+
+  call.lower = lower
   return call

@@ -56,6 +56,7 @@ from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.data import check_batch
+from qwen_jax.data import with_static_grids
 from qwen_jax.train_step import Batch
 from qwen_jax.train_step import BatchFn
 from qwen_jax.train_step import device_peak_flops
@@ -307,6 +308,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   def get_batch(step: int) -> Batch:
     batch = batch_fn(step)
     check_batch(batch, cfg.vocab_size)
+    batch = with_static_grids(batch)  # images' grids: static for the step
     found = tuple(np.shape(batch["inputs"]))
     if found != expected:
       raise ValueError(

@@ -554,19 +554,22 @@ def _as_dict(state: TrainState) -> dict[str, Any]:
 
 
 def export_hf(path: str, cfg: QwenConfig, params: PyTree,
-              dtype: Any = None) -> None:
-  """Writes trained params as a transformers checkpoint folder.
+              dtype: Any = None, tokenizer_from: str | None = None) -> None:
+  """Writes trained params as a transformers checkpoint folder, with the
+  tokenizer files of `tokenizer_from` (see `save_hf_checkpoint`).
 
   Through `save_hf_checkpoint`: each file is moved into place whole, and
   nothing the folder holds beyond the text model's weights and config is
   lost (or the save refuses with a ValueError before writing).
   """
-  save_hf_checkpoint(path, cfg, jax.device_get(params), dtype=dtype)
+  save_hf_checkpoint(path, cfg, jax.device_get(params), dtype=dtype,
+                     tokenizer_from=tokenizer_from)
 
 
-def check_export(path: str, cfg: QwenConfig, dtype: Any = None) -> None:
+def check_export(path: str, cfg: QwenConfig, dtype: Any = None,
+                 tokenizer_from: str | None = None) -> None:
   """Runs the checks of `export_hf(path, cfg, ...)` without parameters and
   without writing: a folder whose contents that save would refuse to
   replace raises its ValueError now, before any training."""
   save_hf_checkpoint(path, cfg, param_shapes(cfg), dtype=dtype,
-                     check_only=True)
+                     check_only=True, tokenizer_from=tokenizer_from)

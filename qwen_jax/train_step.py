@@ -44,7 +44,11 @@ from qwen_jax import sharding
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import FULL, QwenConfig
 from qwen_jax.config import is_int, is_real
+from qwen_jax.data import MEDIA_KEYS
 from qwen_jax.data import check_batch
+from qwen_jax.data import media_args
+from qwen_jax.data import placeholder_loss_mask
+from qwen_jax.data import with_static_grids
 from qwen_jax.model import Qwen35
 
 Batch = Mapping[str, Any]
@@ -261,7 +265,12 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
     params: model parameters.
     cfg: model config (its dtype is the compute dtype).
     batch: "inputs", "targets" [b, t]; optional "loss_mask" [b, t] (default
-      all ones) and "segment_ids" [b, t] (packed documents).
+      all ones) and "segment_ids" [b, t] (packed documents); for a model
+      with a tower, optional images and videos (`data.MEDIA_KEYS`; grids
+      static under jit: `data.with_static_grids`). Targets that are image
+      or video placeholders are left out of the loss (their embeddings are
+      the tower's features, not tokens to predict); gradients reach the
+      tower through the features.
     chunk_size: cross-entropy chunk (see `head.chunked_cross_entropy`).
     mesh: a device mesh: the model runs inside `sharding.activate(mesh)`
       (sequence parallel) and the loss is `sharding.chunked_lm_loss`
@@ -275,11 +284,13 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   mask = batch.get("loss_mask")
   if mask is None:
     mask = jnp.ones(inputs.shape, jnp.float32)
+  mask = placeholder_loss_mask(cfg, targets, mask)
   if mesh is not None:
     with sharding.activate(mesh):
       _, hidden = Qwen35(cfg).apply(
           {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
-          attention_mask=batch.get("attention_mask"), return_hidden=True)
+          attention_mask=batch.get("attention_mask"), return_hidden=True,
+          **media_args(batch))
       loss_sum, tokens = sharding.chunked_lm_loss(
           cfg, params, hidden, targets, mask, chunk_size or 1024, mesh)
     correct = jnp.full((), jnp.nan, jnp.float32)
@@ -287,7 +298,7 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
     _, hidden = Qwen35(cfg).apply(
         {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
         attention_mask=batch.get("attention_mask"),
-        return_hidden=True)
+        return_hidden=True, **media_args(batch))
     w, vocab_major = head.head_weights(cfg, params)
     loss_sum, tokens, correct = head.chunked_cross_entropy(
         hidden, w, targets, mask, vocab_major=vocab_major,
@@ -341,8 +352,10 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
   Calls with the same model config and the same optimizer settings return
-  the same jit object, so a second run in the process (a resume, another
-  seed) does not compile again.
+  the same function, so a second run in the process (a resume, another
+  seed) does not compile again. A batch's image and video grids become
+  static (`data.with_static_grids`): one compilation per grid set;
+  `fn.lower(state, batch[, base])` lowers the program for that batch.
 
   Args:
     cfg: the model config (compute dtype set).
@@ -351,7 +364,8 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
     lora: train these adapters: `step(state, batch, base)`, state.params
       the adapters, `base` the frozen weights (not donated).
     mesh: shard the step over this mesh (`state_shardings`; the batch's
-      rows over data/fsdp and its tokens over seq).
+      rows over data/fsdp and its tokens over seq, images and videos
+      replicated).
   """
   key = tcfg.replace(**{f: getattr(TrainConfig, f)
                         for f in _LOOP_ONLY_FIELDS})
@@ -379,16 +393,30 @@ def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig, donate: bool,
 
   donate_argnums = (0,) if donate else ()
   if mesh is None:
-    return jax.jit(step, donate_argnums=donate_argnums)
+    return _static_grid_call(jax.jit(step, donate_argnums=donate_argnums))
   st = state_shardings(cfg, tcfg, mesh, lora)
   frozen_sh = None if lora is None else sharding.param_shardings(cfg, mesh)
   return _MeshStep(step, st, frozen_sh, NamedSharding(mesh, P()), mesh,
                    donate_argnums)
 
 
+def _static_grid_call(jitted: Callable) -> Callable:
+  """fn(x, batch, *rest) -> jitted(x, with_static_grids(batch), *rest),
+  with `lower`."""
+  def call(x, batch, *rest):
+    return jitted(x, with_static_grids(batch), *rest)
+
+  def lower(x, batch, *rest):
+    return jitted.lower(x, with_static_grids(batch), *rest)
+
+  call.lower = lower
+  return call
+
+
 class _MeshStep:
   """The sharded step: one `jax.jit` per batch shape, with the state's
-  shardings in and out (a resumed or next step reuses the placement)."""
+  shardings in and out (a resumed or next step reuses the placement);
+  images and videos replicated, their grids static."""
 
   def __init__(self, step, state_sh, frozen_sh, replicated, mesh,
                donate_argnums):
@@ -401,25 +429,33 @@ class _MeshStep:
 
   def _jit(self, batch: Batch):
     shapes = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()
-                          if v is not None))
-    if shapes not in self._jits:
+                          if k not in MEDIA_KEYS))
+    media = tuple(sorted(k for k in batch if k in MEDIA_KEYS))
+    key = (shapes, media)
+    if key not in self._jits:
       batch_sh = {k: sharding.batch_sharding(self._mesh, s)
                   for k, s in shapes}
+      batch_sh.update({k: self._replicated for k in media})
       ins = (self._state_sh, batch_sh)
       if self._frozen_sh is not None:
         ins += (self._frozen_sh,)
-      self._jits[shapes] = jax.jit(
+      self._jits[key] = jax.jit(
           self._step, in_shardings=ins,
           out_shardings=(self._state_sh, self._replicated),
           donate_argnums=self._donate)
-    return self._jits[shapes]
+    return self._jits[key]
+
+  @staticmethod
+  def _batch(batch: Batch) -> dict[str, Any]:
+    return with_static_grids({k: v for k, v in batch.items()
+                              if v is not None})
 
   def lower(self, state, batch, *frozen):
-    batch = {k: v for k, v in batch.items() if v is not None}
+    batch = self._batch(batch)
     return self._jit(batch).lower(state, batch, *frozen)
 
   def __call__(self, state, batch, *frozen):
-    batch = {k: v for k, v in batch.items() if v is not None}
+    batch = self._batch(batch)
     return self._jit(batch)(state, batch, *frozen)
 
 
@@ -428,15 +464,15 @@ def make_eval_step(cfg: QwenConfig, chunk_size: int = 0,
                    lora: lora_lib.LoraSpec | None = None,
                    mesh: Any = None) -> Callable:
   """jit-compiled `eval(params, batch[, base]) -> {"loss_sum", "tokens",
-  "correct"}` (sums over the batch's masked tokens; one jit object per
-  (cfg, chunk_size, lora, mesh)). With `lora`, params are the adapters and
-  `base` the frozen weights."""
+  "correct"}` (sums over the batch's masked tokens; one function per
+  (cfg, chunk_size, lora, mesh); grids static as in `make_train_step`).
+  With `lora`, params are the adapters and `base` the frozen weights."""
 
   def evaluate(params, batch, frozen=None):
     return _model_loss(params, frozen, cfg, batch, chunk_size, lora,
                        mesh)[1]
 
-  return jax.jit(evaluate)
+  return _static_grid_call(jax.jit(evaluate))
 
 
 # ------------------------------------------------------------- flops / mfu

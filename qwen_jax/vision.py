@@ -410,6 +410,42 @@ def grid_key(grid_thw: Any) -> tuple[tuple[int, int, int], ...]:
   return tuple((int(t), int(h), int(w)) for t, h, w in np.asarray(grid_thw))
 
 
+class StaticGrid:
+  """A grid_thw that rides through jit as static data inside a pytree.
+
+  A pytree node with no leaves: the grid is part of the tree's structure,
+  so a jitted function that takes it (say in a training batch dict) is
+  traced once per distinct grid and sees the values, not a Tracer.
+  `np.asarray` gives the [k, 3] int64 grid back.
+
+  Attributes:
+    value: the grid as a tuple of (t, h, w) tuples (`grid_key`).
+  """
+
+  __slots__ = ("value",)
+
+  def __init__(self, grid_thw: Any):
+    self.value = grid_key(grid_thw.value if isinstance(grid_thw, StaticGrid)
+                          else np.asarray(grid_thw).reshape(-1, 3))
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    return np.asarray(self.value, dtype or np.int64).reshape(-1, 3)
+
+  def __eq__(self, other):
+    return isinstance(other, StaticGrid) and other.value == self.value
+
+  def __hash__(self):
+    return hash(self.value)
+
+  def __repr__(self):
+    return f"StaticGrid({list(map(list, self.value))})"
+
+
+jax.tree_util.register_pytree_node(
+    StaticGrid, lambda g: ((), g.value), lambda value, _: StaticGrid(value))
+
+
 def num_merged_tokens(grid_thw: Any, spatial_merge_size: int) -> np.ndarray:
   """Language-model tokens per image or video: t * h * w / m^2."""
   g = check_grid_thw(grid_thw, spatial_merge_size)

@@ -6,10 +6,11 @@
     parameters;
   * a multimodal checkpoint (transformers' `Qwen3_5ForConditionalGeneration`
     with fake `mtp.*` tensors) loaded in bfloat16 and saved into its own
-    folder keeps `model.visual.*`, `mtp.*` (bit-equal, in float32), its
-    wrapper config (vision_config, token ids, every other entry) and every
-    other file; transformers loads it as the same model with bf16 text
-    weights; sharded <-> single file both ways;
+    folder keeps `mtp.*` (bit-equal, in float32), its wrapper config
+    (vision_config, token ids, every other entry) and every other file,
+    and writes its own `model.visual.*` tower in bf16 beside the text
+    weights; transformers loads it as the same model with bf16 weights;
+    sharded <-> single file both ways;
   * what cannot be kept (a folder whose checkpoint cannot be read, parts of
     another model, a file in the way) is refused by name before anything is
     written;
@@ -257,13 +258,13 @@ def test_save_killed_midway_leaves_the_old_checkpoint(vlm, tmp_path):
 
 # ------------------------------------------ bf16 in place, multimodal
 def _reference_logits(model, ids):
-  """The torch model with its language-model weights rounded to bf16."""
+  """The torch model with its weights rounded to bf16 (mtp.* is not one of
+  them)."""
   import copy  # pylint: disable=g-import-not-at-top
   ref = copy.deepcopy(model)
   with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name.startswith("model.language_model.") or name == "lm_head.weight":
-        p.copy_(p.to(torch.bfloat16).float())
+    for _, p in ref.named_parameters():
+      p.copy_(p.to(torch.bfloat16).float())
   with torch.no_grad():
     out = ref(input_ids=torch.as_tensor(ids, dtype=torch.long),
               use_cache=False)
@@ -288,14 +289,13 @@ def test_bf16_in_place_keeps_the_multimodal_checkpoint(vlm, tmp_path):
     assert _snapshot(dst)[k] == v, k
   new = hf_utils.read_tensors(dst)
   assert sorted(new) == sorted(orig_tensors)
-  foreign = [k for k in new if k.startswith(("mtp.", "model.visual."))]
-  assert any(k.startswith("mtp.") for k in foreign)
-  assert any(k.startswith("model.visual.") for k in foreign)
+  foreign = [k for k in new if k.startswith("mtp.")]
+  assert foreign and any(k.startswith("model.visual.") for k in new)
   for k, v in orig_tensors.items():
     if k in foreign:  # carried: original dtype, bit for bit
       assert new[k].dtype == v.dtype == np.float32, k
       np.testing.assert_array_equal(new[k], v, err_msg=k)
-    else:  # ours: converted
+    else:  # ours (the tower too): converted
       assert new[k].dtype == ml_dtypes.bfloat16, k
       np.testing.assert_array_equal(new[k], v.astype(ml_dtypes.bfloat16),
                                     err_msg=k)
@@ -303,21 +303,24 @@ def test_bf16_in_place_keeps_the_multimodal_checkpoint(vlm, tmp_path):
   config = hf_utils.read_config(dst)
   assert sorted(config) == sorted(orig_config)
   for k, v in orig_config.items():
-    if k not in ("text_config", "dtype"):
+    if k not in ("text_config", "vision_config", "dtype"):
       assert config[k] == v, k
   assert config["dtype"] == "bfloat16"
-  assert sorted(config["text_config"]) == sorted(orig_config["text_config"])
-  for k, v in orig_config["text_config"].items():
-    assert config["text_config"][k] == v, k
+  for part in ("text_config", "vision_config"):
+    assert sorted(config[part]) == sorted(orig_config[part]), part
+    for k, v in orig_config[part].items():
+      if k != "dtype":
+        assert config[part][k] == v, (part, k)
   # transformers loads the same multimodal model, text weights in bf16.
   model, info = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
       dst, dtype=torch.float32, output_loading_info=True)
   assert not info["missing_keys"]
   assert all(k.startswith("mtp.") for k in info["unexpected_keys"])
   theirs = model.state_dict()
-  for k in foreign:
+  for k, v in orig_tensors.items():
     if k.startswith("model.visual."):
-      np.testing.assert_array_equal(theirs[k].numpy(), orig_tensors[k])
+      np.testing.assert_array_equal(
+          theirs[k].numpy(), v.astype(ml_dtypes.bfloat16).astype(np.float32))
   ids = hf_utils.random_ids(np.random.default_rng(3), 2, 19, 128)
   got = hf_utils.hf_logits(model.eval(), ids)
   ref = _reference_logits(vlm[1], ids)

@@ -11,19 +11,50 @@ import transformers
 import qwen_jax
 from qwen_jax import checkpoint
 from qwen_jax.config import FULL, LINEAR, PRESETS, layer_types_from_ratio
+from qwen_jax.vision import VisionConfig
 
 L, F = LINEAR, FULL
 
 
+@pytest.mark.parametrize("text_only", [False, True],
+                         ids=["as_published", "vision_none"])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_param_count_matches_transformers(name):
+def test_preset_param_count_matches_transformers(name, text_only):
+  """Presets with a tower count as transformers'
+  Qwen3_5ForConditionalGeneration, `vision=None` as its Qwen3_5ForCausalLM."""
   cfg = qwen_jax.QwenConfig.from_preset(name)
+  if text_only:
+    cfg = cfg.replace(vision=None)
   shapes = checkpoint.param_shapes(cfg)  # jax.eval_shape: no memory
   ours = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
   with torch.device("meta"):
-    hf = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config())
+    if cfg.vision is None:
+      hf = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config())
+    else:
+      hf = transformers.Qwen3_5ForConditionalGeneration(cfg.to_hf_config())
   theirs = sum(p.numel() for p in hf.parameters())
   assert ours == theirs == cfg.num_params()
+  assert ("visual" in shapes) == (cfg.vision is not None)
+
+
+def test_published_presets_carry_their_towers():
+  for name in ("qwen3.5-0.8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b"):
+    cfg = qwen_jax.QwenConfig.from_preset(name)
+    assert cfg.vision == VisionConfig.from_preset(name)
+    assert cfg.mrope_section == (11, 11, 10)
+    hf = transformers.Qwen3_5Config()
+    assert (cfg.image_token_id, cfg.video_token_id,
+            cfg.vision_start_token_id, cfg.vision_end_token_id) == (
+                hf.image_token_id, hf.video_token_id,
+                hf.vision_start_token_id, hf.vision_end_token_id)
+  text = qwen_jax.QwenConfig.from_preset("qwen3.5-0.8b", vision=None)
+  assert text.vision is None and text.to_hf_dict()["model_type"] == (
+      "qwen3_5_text")
+  assert qwen_jax.QwenConfig.from_preset("tiny").vision is None
+  # The tower computes in the model's dtypes.
+  bf16 = qwen_jax.QwenConfig.from_preset("qwen3.5-0.8b", dtype="bfloat16")
+  assert bf16.vision.dtype == "bfloat16"
+  assert bf16.vision.param_dtype == "float32"
 
 
 @pytest.mark.parametrize("name,billions", [
@@ -135,6 +166,19 @@ def test_sequence_too_long():
     (dict(pad_token_id=1.0), "pad_token_id: expected an integer or None"),
     (dict(layer_types="linear_attention"), "layer_types: expected a "
      "sequence"),
+    (dict(mrope_section=(11, 11)), r"mrope_section: expected three integers"
+     r" >= 0 \(t, h, w\), found \(11, 11\)"),
+    (dict(mrope_section=(11, 11, -1)), "mrope_section: expected three"),
+    (dict(vision={"depth": 2}), "vision: expected a qwen_jax.vision."
+     "VisionConfig or None, found 'dict'"),
+    (dict(vision=VisionConfig.from_preset("tiny", out_hidden_size=32)),
+     r"vision.out_hidden_size: expected the language model's "
+     r"hidden_size=64, found 32"),
+    (dict(image_token_id=-1), "image_token_id: expected an integer >= 0 or "
+     "None, found -1"),
+    (dict(vision=VisionConfig.from_preset("tiny"), image_token_id=5,
+          video_token_id=5), r"image_token_id, video_token_id.*: expected "
+     r"different ids, found \{'image_token_id': 5, 'video_token_id': 5\}"),
 ])
 def test_bad_field_type_or_range(change, message):
   with pytest.raises(ValueError, match=message):

@@ -101,12 +101,20 @@ def test_other_configs(key, t):
 
 @pytest.mark.parametrize("key", ["vlm_untied", "vlm_tied"])
 def test_conditional_generation_checkpoint(key, caplog):
+  """Text through a multimodal checkpoint: its tower is loaded (mtp.* is
+  skipped), or left out with vision=None; the logits are the same."""
   path, model = _saved(key)
   ids = hf_utils.random_ids(np.random.default_rng(0), 2, 70, 128)
   with caplog.at_level("INFO", logger="qwen_jax.checkpoint"):
     ours = _ours(path, ids)
+  assert "mtp.*" in caplog.text and "model.visual.*" not in caplog.text
+  ref = _hf_vlm_logits(model, ids)
+  _check(ours, ref, key)
+  caplog.clear()
+  with caplog.at_level("INFO", logger="qwen_jax.checkpoint"):
+    text_only = _ours(path, ids, vision=None)
   assert "mtp.*" in caplog.text and "model.visual.*" in caplog.text
-  _check(ours, _hf_vlm_logits(model, ids), key)
+  np.testing.assert_array_equal(text_only, ours)
 
 
 def test_left_padding():

@@ -9,6 +9,7 @@ and `Qwen3_5TextRotaryEmbedding`; for text, `qwen_jax.layers.rope_cos_sin`.
 import functools
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,8 +133,10 @@ def test_text_after_the_prompt_continues_as_transformers(hf_model):
   np.testing.assert_array_equal(np.asarray(ours), ref[:, :, len(prompt):])
 
 
-@pytest.mark.parametrize("head_dim,section", [(64, (3, 3, 2)),
-                                              (256, (11, 11, 10))])
+@pytest.mark.parametrize("head_dim,section", [
+    (64, (3, 3, 2)), (256, (11, 11, 10)),
+    (32, (11, 11, 10)),   # more counts than the 4 frequencies: clipped
+    (64, (2, 2, 1))])     # fewer than the 8: the rest follow t
 def test_cos_sin_match_transformers(head_dim, section):
   cfg = hf_utils.make_text_config(
       head_dim=head_dim, rope_parameters={
@@ -171,6 +174,27 @@ def test_text_positions_give_ordinary_rope_exactly():
   np.testing.assert_array_equal(delta, 0)
 
 
+@pytest.mark.parametrize("name,ids,image_grid,video_grid,mask", CASES,
+                         ids=[c[0] for c in CASES])
+def test_traced_positions_equal_the_host_ones(name, ids, image_grid,
+                                              video_grid, mask):
+  """mrope_positions under jit (ids and mask traced, grids static) gives
+  multimodal_positions' positions and deltas."""
+  del name
+  ref_pos, ref_delta = mrope.multimodal_positions(
+      ids, image_grid, video_grid, mask, spatial_merge_size=MERGE,
+      tokens=TOKENS)
+  fn = jax.jit(lambda i, m: mrope.mrope_positions(
+      i, m, image_grid, video_grid, spatial_merge_size=MERGE,
+      image_token_id=TOKENS.image_token_id,
+      video_token_id=TOKENS.video_token_id))
+  ids = np.asarray(ids)
+  pos, delta = fn(ids, np.ones(ids.shape, np.int32) if mask is None
+                  else np.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(pos), ref_pos)
+  np.testing.assert_array_equal(np.asarray(delta), ref_delta[:, 0])
+
+
 def test_axes_interleave():
   axes = mrope.mrope_axes(64, (11, 11, 10))
   assert np.bincount(axes).tolist() == [11, 11, 10]
@@ -204,8 +228,10 @@ class TestBadInputs:
                        r"\(1, 3\), found \(1, 4\)"):
       mrope.multimodal_positions([[1, 2, 3]], attention_mask=[[1, 1, 1, 1]])
 
-  def test_mrope_section(self):
-    with pytest.raises(ValueError, match=r"mrope_section: expected counts "
-                       r"summing to rotary_dim / 2 = 32, found \[11, 11, 11\]"):
+  @pytest.mark.parametrize("section", [(11, 11), (11, -1, 10), [1.5, 1, 1],
+                                       "11,11,10"])
+  def test_mrope_section(self, section):
+    with pytest.raises(ValueError, match=r"mrope_section: expected three "
+                       r"counts \(t, h, w\) >= 0, found"):
       mrope.mrope_cos_sin(jnp.zeros((1, 2), jnp.int32), 64, 1e7, jnp.float32,
-                          (11, 11, 11))
+                          section)

@@ -9,8 +9,10 @@ checked: experiments/forward.py and experiments/generate.py both have
 --checkpoint, --seed and --dtype.
 
 Covered: generate (--top_p, --top_k, --stop_tokens, --temperature,
---max_new_tokens, --max_len, --block_steps, --prefill_block, --prompt; an
-error raised while streaming starts on its own line), forward (--batch,
+--max_new_tokens, --max_len, --block_steps, --prefill_block, --prompt,
+--min_p, --repetition_penalty, --presence_penalty, --stop_strings, --chat
+without a chat template; an error raised while streaming starts on its
+own line), forward (--batch,
 --seq_len, --repeats, --preset), compare_ratios (every study flag checked
 before training, including --eval_lengths 0 and a clamped --num_pairs),
 long_context (--attention_block, --gdr_block). The command lines
@@ -56,6 +58,10 @@ def _parse(define, *args):
     (["--block_steps=0"], "block_steps"),
     (["--prefill_block=1"], "prefill_block"),
     (["--prompt="], "prompt"),
+    (["--min_p=1.5"], "min_p"),
+    (["--repetition_penalty=0"], "repetition_penalty"),
+    (["--presence_penalty=inf"], "presence_penalty"),
+    (["--stop_strings="], "stop_strings"),
 ])
 def test_generate_bad_flags_fail_at_parse_time(args, flag):
   with pytest.raises(flags.IllegalFlagValueError, match=f"--{flag}"):
@@ -68,7 +74,9 @@ def test_generate_good_flags_parse():
   assert holders["top_p"].value == 1.0 and holders["top_k"].value == 0
   assert holders["stop_tokens"].value == ["1", "2"]
   holders = _parse(generate.define_flags)
-  assert holders["top_p"].value == 1.0 and holders["stop_tokens"].value is None
+  # Unset: the checkpoint's generation_config.json decides.
+  assert holders["top_p"].value is None and holders["stop_tokens"].value is None
+  assert holders["temperature"].value is None
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -90,6 +98,13 @@ def test_generate_good_flags_parse():
      "found 1"),
     (dict(max_len=0), "--max_len: expected an int >= 1, found 0"),
     (dict(prompt=""), "--prompt: expected some text, found ''"),
+    (dict(min_p=-0.1), "--min_p: expected a value in [0, 1] (0 = off), "
+     "found -0.1"),
+    (dict(repetition_penalty=0.0), "--repetition_penalty: expected a "
+     "finite value > 0 (1 = off), found 0.0"),
+    (dict(stop_strings=[""]), "--stop_strings: expected non-empty strings"),
+    (dict(chat=True), "--chat: the random model's byte tokenizer has no "
+     "chat template"),
     (dict(max_new_tokens=5000), "--prompt: 2 tokens + --max_new_tokens "
      "5000 = 5002 exceeds the maximum of 4096 tokens"),
     (dict(max_len=3), "exceeds the maximum of 3 tokens"),
@@ -175,6 +190,15 @@ def test_forward_run_forward_names_the_flag(kw, flag):
     (["--learning_rate=-1"], "learning_rate: expected a finite number > 0"),
     (["--ratios=3:1,3:1"], "ratios: expected distinct ratios"),
     (["--batch_size=1"], "batch_size: expected an int >= 2, found 1"),
+    (["--seeds=0"], "--seeds: expected an int >= 1, found 0"),
+    (["--placements=sideways"], "--placements: 'sideways' of "
+     "placement_ratio='3:1' over num_layers=8: placement: expected one of "
+     "periodic, bottom, top, middle, ends, found 'sideways'"),
+    (["--patterns=LLXFLLLF"], "--patterns: expected letters L (linear) and "
+     "F (full), one per layer, found 'LLXFLLLF'"),
+    (["--patterns=LLF"], "--patterns: expected num_layers=8 letters L/F"),
+    (["--retrieval_lengths=64,2"], "--retrieval_lengths: expected lengths "
+     ">= 3"),
 ])
 def test_compare_ratios_bad_flags_fail_before_training(args, message,
                                                        tmp_path,

@@ -194,6 +194,15 @@ def way(tmp_path_factory):
   _checkpoint(os.path.join(root, "bad_weights"))
   _checkpoint(os.path.join(root, "bad_tokenizer"), tokenizer=False)
   _checkpoint(os.path.join(root, "bad_eos"), eos=999)
+  with open(os.path.join(root, "prompts.jsonl"), "w") as f:
+    f.write('{"prompt": "Hi", "id": "a"}\n{"prompt": "Yo"}\n')
+  with open(os.path.join(root, "bad_prompts.jsonl"), "w") as f:
+    f.write('{"prompt": "Hi"}\n{"prompt": "Yo", "top_p": 2}\n')
+  with open(os.path.join(root, "other_results.jsonl"), "w") as f:
+    f.write(json.dumps({"id": "a", "index": 0, "text": "x", "num_tokens": 1,
+                        "stop_reason": "length", "stop": None,
+                        "prompt_tokens": 2, "input_sha256": "0" * 64})
+            + "\n")
   return root
 
 
@@ -277,8 +286,10 @@ def test_forward_misuse(way):
   ], way)
 
 
-def test_generate_misuse(way):
+def test_generate_misuse(way, tmp_path):
   weights = os.path.join(way, "bad_weights")
+  prompts = os.path.join(way, "prompts.jsonl")
+  out = _new(tmp_path, "out.jsonl")
   _check_cases("generate", [
       Case(["--checkpoint", os.path.join(way, "bad_tokenizer")],
            ["tokenizer.json", "bad_tokenizer"]),
@@ -293,8 +304,44 @@ def test_generate_misuse(way):
       Case(["--checkpoint", os.path.join(way, "bad_eos")],
            ["config.json", "eos_token_id", "999"],
            not_prefix="--stop_tokens"),
+      # Images and videos: paths, then whether the model takes them.
+      Case(["--image", os.path.join(way, "nothing.png")],
+           ["--image", "nothing.png"]),
+      Case(["--video", os.path.join(way, "afile")], ["--video", "afile"]),
+      Case(["--video", os.path.join(way, "adir")],
+           ["--video", "adir", "frame images"]),
+      Case(["--image", os.path.join(way, "afile")],
+           ["--image", "afile", "Pillow cannot read"]),
+      Case(["--checkpoint", weights, "--image", os.path.join(way, "afile")],
+           ["--image", "vision tower"]),
       # Every flag good: the weights' error is one line too.
       Case(["--checkpoint", weights], ["model.safetensors"]),
+      # Batch mode: the prompts and the output file, before the weights.
+      Case(["--checkpoint", weights, "--prompts_file", prompts],
+           ["--output", "required with --prompts_file"]),
+      Case(["--checkpoint", weights, "--prompts_file",
+            os.path.join(way, "bad_prompts.jsonl"), "--output", out],
+           ["--prompts_file", "line 2", "top_p", "found 2"],
+           not_created=[out]),
+      Case(["--checkpoint", weights, "--prompts_file", prompts, "--output",
+            os.path.join(way, "afile")],
+           ["--output", "afile", "line 1", "not ours"]),
+      Case(["--checkpoint", weights, "--prompts_file", prompts, "--output",
+            os.path.join(way, "other_results.jsonl")],
+           ["--output", "line 1", "id 'a'", "another prompts file"]),
+  ], way)
+
+
+def test_chat_misuse(way):
+  weights = os.path.join(way, "bad_weights")
+  _check_cases("chat", [
+      Case([], ["--checkpoint", "required"], status=2),
+      Case(["--checkpoint", weights, "hello"], ["hello"], status=2),
+      Case(["--checkpoint", os.path.join(way, "bad_tokenizer")],
+           ["tokenizer.json", "bad_tokenizer"]),
+      Case(["--checkpoint", weights, "--min_p=2"], ["--min_p", "found 2"]),
+      # Its tokenizer has no chat template: said before the weights.
+      Case(["--checkpoint", weights], ["--checkpoint", "chat template"]),
   ], way)
 
 
@@ -363,6 +410,14 @@ def test_bench_gated_delta_rule_misuse(way):
            ["--pallas_variants", "bogus"]),
       Case(["--interpret", f"--json_out={os.path.join(way, 'adir')}"],
            ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_bench_vision_misuse(way):
+  _check_cases("bench_vision", [
+      Case(["--image_size=100", "--hf=false"], ["--image_size", "32",
+                                                "found 100"]),
+      Case(["--preset=nope", "--hf=false"], ["--preset", "nope"]),
   ], way)
 
 
