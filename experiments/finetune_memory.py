@@ -23,6 +23,10 @@ Two numbers per configuration:
     the program needs when compiled for the CPU, an estimate of the GPU's
     and not a measurement on one.
 
+The presets are the released checkpoints, vision tower included (its
+weights are loaded with the checkpoint; the step, on text, does not run
+it).
+
 The step is the one `experiments.train` runs (`train_step.make_train_step`
 with `lora=`): batch 1 x seq_len tokens, bfloat16 compute, per-layer full
 rematerialisation (`--remat full`), the chunked cross-entropy.
@@ -43,6 +47,7 @@ from experiments import cli
 from qwen_jax import checkpoint as checkpoint_lib
 from qwen_jax import lora as lora_lib
 from qwen_jax import train_step
+from qwen_jax.config import PRESETS
 from qwen_jax.config import QwenConfig
 
 _PRESET = flags.DEFINE_string("preset", "qwen3.5-4b", "Model preset.")
@@ -154,15 +159,24 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  del argv  # cli.run refuses positional arguments
+  # Every flag checked before the (minutes long) compilation.
+  cli.positive_int("--seq_len", _SEQ.value)
+  cli.positive_int("--batch", _BATCH.value)
+  cli.positive_int("--lora_rank", _RANK.value, low=0)
+  json_out = (cli.writable_file("--json_out", _JSON.value)
+              if _JSON.value else None)
+  if _PRESET.value not in PRESETS:
+    raise cli.UserError(f"--preset: expected one of {sorted(PRESETS)}, "
+                        f"found {_PRESET.value!r}")
   try:
     r = report(_PRESET.value, _SEQ.value, _BATCH.value, _RANK.value,
                _REMAT.value, _COMPILE.value)
   except ValueError as e:
     raise cli.UserError(str(e)) from e
   print(format_report(r))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if json_out:
+    with open(json_out, "w") as f:
       json.dump(r, f, indent=2)
 
 
