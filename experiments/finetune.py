@@ -38,7 +38,8 @@ optimizer moments only; the base weights are read from init_checkpoint at
 each start, so a resume needs the same folder (its config.json digest and
 weight file sizes are recorded and compared). --export_hf merges the
 adapters into the base weights and writes a full checkpoint, with the init
-checkpoint's tokenizer and generation config copied beside it.
+checkpoint's tokenizer, chat template and generation config copied
+beside it (`save_hf_checkpoint(tokenizer_from=...)`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -416,26 +416,14 @@ def _export_dtype(config: ml_collections.ConfigDict) -> str:
   return found if found in FLOAT_DTYPES else "float32"
 
 
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-  """Copies the tokenizer, chat template and generation config files of
-  `src` that `dst` lacks (never replacing one); returns their names."""
-  names = list(tokenizer_lib.TOKENIZER_FILES) + [
-      tokenizer_lib.GENERATION_CONFIG_FILE]
-  copied = []
-  for name in names:
-    s, d = os.path.join(src, name), os.path.join(dst, name)
-    if os.path.isfile(s) and not os.path.exists(d):
-      shutil.copyfile(s, d)
-      copied.append(name)
-  tdir = os.path.join(src, tokenizer_lib.CHAT_TEMPLATE_DIR)
-  ddir = os.path.join(dst, tokenizer_lib.CHAT_TEMPLATE_DIR)
-  if os.path.isdir(tdir) and not os.path.exists(ddir):
-    shutil.copytree(tdir, ddir)
-    copied.append(tokenizer_lib.CHAT_TEMPLATE_DIR)
-  return copied
-
-
 # -------------------------------------------------------------------- run
+def _remove_if_empty(folder: str) -> None:
+  try:
+    os.rmdir(folder)
+  except OSError:  # not empty, or gone: nothing of the user's is touched
+    pass
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         export_hf: str | None = None, progress: bool | str = True,
         allow_changes: Sequence[str] = (),
@@ -454,14 +442,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     plan = build(config)
     if export_hf:
-      train_checkpoint.check_export(export_hf, plan.cfg)
+      try:
+        train_checkpoint.check_export(
+            export_hf, plan.cfg, tokenizer_from=config.init_checkpoint)
+      except ValueError as e:
+        raise ValueError(f"--export_hf: {e}") from None
     contents = train_workdir.scan(workdir, other_files)
   except ValueError as e:
     message = str(e)
     if message.startswith("workdir "):
       message = "--workdir " + message[len("workdir "):]
     raise ConfigError(message) from e
-  # The data: read, checked and tokenized into the workdir's cache.
+  # The data: read, checked and tokenized into the workdir's cache. Folders
+  # made for it are removed again when the data is refused.
+  made = [p for p in (workdir, os.path.join(workdir, DATA_DIR))
+          if not os.path.exists(p)]
   try:
     corpus = finetune_data.prepare_corpus(
         config.data.path, plan.tok, os.path.join(workdir, DATA_DIR),
@@ -470,6 +465,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                       plan.tcfg.batch_size,
                                       plan.options.seed)
   except ValueError as e:
+    for folder in reversed(made):
+      _remove_if_empty(folder)
     raise ConfigError(str(e)) from e
   settings = settings_of(config, plan, corpus)
   cfg_run = train_step.model_config_for_training(plan.cfg, plan.tcfg)
@@ -583,13 +580,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     out_params = jax.device_get(out_params)
     try:
       train_checkpoint.export_hf(export_hf, cfg, out_params,
-                                 dtype=_export_dtype(config))
+                                 dtype=_export_dtype(config),
+                                 tokenizer_from=config.init_checkpoint)
     except ValueError as e:  # the folder changed since the check
       raise cli.UserError(
           f"--export_hf: {e}; the trained state is in the checkpoints of "
           f"{os.path.abspath(workdir)}: the same command with another "
           f"--export_hf exports it without training") from e
-    copy_tokenizer_files(config.init_checkpoint, export_hf)
     summary["export_hf"] = os.path.abspath(export_hf)
   train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
                              json.dumps(summary, indent=2,

@@ -6,7 +6,9 @@ recursively, in sorted order; hidden entries skipped):
   *.jsonl   one JSON object per line (blank lines skipped), either
             {"text": "..."} (a document) or {"messages": [{"role": ...,
             "content": ...}, ...]} (a conversation; optional "tools": the
-            tool schemas the template lists).
+            tool schemas the template lists). Content is text (a string,
+            or a list of text parts as chat APIs write it); a conversation
+            with an image or video part is refused.
   *.txt, *.md, *.text  plain UTF-8 text, one document per file. A single
             file given by path is read as text whatever its name, unless
             it ends in .jsonl.
@@ -103,6 +105,9 @@ CACHE_FORMAT = "qwen_jax.finetune_cache/1"
 # line ends, and tokenized block by block.
 _TEXT_BLOCK = 1 << 20
 _ENCODE_BATCH = 256
+# Content parts of images and videos (the chat-API and transformers
+# spellings), refused in the data.
+_MEDIA_PARTS = ("image", "video", "image_url", "video_url")
 # Private-use characters that bracket `{% generation %}` output.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 
@@ -197,6 +202,15 @@ def _check_messages(where: str, messages: Any) -> None:
       raise ValueError(f"{where}: messages[{i}]: expected a \"role\" "
                        f"string, found {json.dumps(role)}")
     roles.append(role)
+    content = m.get("content")
+    for part in content if isinstance(content, list) else ():
+      kind = part.get("type") if isinstance(part, dict) else None
+      if kind in _MEDIA_PARTS or (isinstance(part, dict) and any(
+          k in part for k in _MEDIA_PARTS)):
+        raise ValueError(
+            f"{where}: messages[{i}]: expected text content (fine-tuning "
+            f"reads no images or videos), found a content part "
+            f"{json.dumps(part)[:80]}")
   if "assistant" not in roles:
     raise ValueError(f"{where}: expected at least one assistant message "
                      f"(the loss is on assistant turns), found the roles "

@@ -247,7 +247,7 @@ _GOOD = json.dumps({"messages": fu.CHATS[0]}) + "\n"
 
 @pytest.mark.parametrize("case", [
     "missing", "bad_json", "no_role", "no_assistant", "empty", "not_object",
-    "text_not_string", "other_file_in_folder"])
+    "text_not_string", "image_part", "other_file_in_folder"])
 def test_bad_data_is_one_error_before_the_weights(case, tmp_path,
                                                   checkpoint, monkeypatch):
   def no_weights(*args, **kwargs):
@@ -276,6 +276,12 @@ def test_bad_data_is_one_error_before_the_weights(case, tmp_path,
   elif case == "text_not_string":
     path = _write(p, json.dumps({"text": 3}) + "\n")
     want = f"{p}:1: expected \"text\" to be a string"
+  elif case == "image_part":
+    path = _write(p, _GOOD + json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                     {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A cat."}]}) + "\n")
+    want = f"{p}:2: messages[0]: expected text content"
   else:
     os.makedirs(tmp_path / "folder")
     _write(tmp_path / "folder" / "a.jsonl", _GOOD)
@@ -287,9 +293,8 @@ def test_bad_data_is_one_error_before_the_weights(case, tmp_path,
     train_script.run(_config(checkpoint, path), workdir, progress=False)
   assert want in str(e.value)
   assert "\n" not in str(e.value)
-  # Nothing but the (empty) token cache folder was written.
-  if os.path.exists(workdir):
-    assert set(os.listdir(workdir)) <= {"data"}
+  # Nothing was written: the workdir made for the data is gone again.
+  assert not os.path.exists(workdir)
 
 
 def test_bad_data_on_the_command_line(tmp_path, checkpoint):
