@@ -32,7 +32,9 @@ The trainable state is the adapter tree alone (its optimizer moments too):
 kernels (then `save_hf_checkpoint`), and `save_adapter` / `load_adapter`
 write and read the adapters alone in PEFT's layout (adapter_config.json and
 adapter_model.safetensors, keys
-`base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight`, A stored
+`base_model.model.model.layers.{i}.{module}.lora_{A,B}.weight`, or
+`base_model.model.model.language_model.layers...` for a model with a
+vision tower, A stored
 [r, d_in] and B [d_out, r] as torch Linear weights), which transformers'
 PEFT integration loads onto the exported base checkpoint.
 """
@@ -68,7 +70,8 @@ DEFAULT_TARGETS = (r"layers/.*/(self_attn/[qkvo]_proj|"
                    r"mlp/(gate|up|down)_proj)/kernel")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model.model."
+# PEFT's wrapper names a module of the wrapped model base_model.model.NAME.
+_PEFT_PREFIX = "base_model.model."
 A, B = "lora_a", "lora_b"
 
 
@@ -273,10 +276,18 @@ def applied() -> Iterator[None]:
 # ----------------------------------------------------------------- files
 def _hf_modules(cfg: QwenConfig, paths: list[tuple]
                 ) -> list[tuple[str, tuple, int | None]]:
-  """(HF module name, our kernel path, stacked index) of adapted kernels."""
+  """(HF module name, our kernel path, stacked index) of adapted kernels.
+
+  The names are those of the checkpoint `save_hf_checkpoint` writes for
+  `cfg`: `model.layers.*` for a text model, `model.language_model.layers.*`
+  for one with a vision tower (transformers'
+  Qwen3_5ForConditionalGeneration).
+  """
+  prefix = (checkpoint_lib.VLM_PREFIX if cfg.vision is not None
+            else checkpoint_lib.TEXT_PREFIX)
   wanted = set(paths)
   out = []
-  for key, path, idx, layout in checkpoint_lib.weight_map(cfg):
+  for key, path, idx, layout in checkpoint_lib.checkpoint_map(cfg, prefix):
     if layout == "linear" and tuple(path) in wanted:
       out.append((key[:-len(".weight")], tuple(path), idx))
   return out
@@ -301,7 +312,7 @@ def save_adapter(path: str, cfg: QwenConfig, adapters: PyTree,
       a, b = a[idx], b[idx]
     tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    modules.append("model." + name)
+    modules.append(name)
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM",
       "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0,

@@ -33,6 +33,7 @@ from qwen_jax import train_step
 from qwen_jax.checkpoint import save_hf_checkpoint
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import layer_types_from_ratio
+from qwen_jax.vision import VisionConfig
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED = ["<think>", "</think>"]
@@ -127,9 +128,18 @@ def tiny_config(layers: int = 4, vocab_size: int = 384,
 
 
 def tiny_checkpoint(folder: str, template: str = CHATML, layers: int = 4,
-                    seed: int = 0) -> tuple[str, QwenConfig]:
-  """A random tiny Qwen3.5 checkpoint folder with the tiny tokenizer."""
+                    seed: int = 0, vision: bool = False
+                    ) -> tuple[str, QwenConfig]:
+  """A random tiny Qwen3.5 checkpoint folder with the tiny tokenizer
+  (with `vision`, the tiny tower too: a multimodal checkpoint, as the
+  released ones are, its placeholder ids the top four of the vocabulary)."""
   cfg = tiny_config(layers)
+  if vision:
+    top = cfg.vocab_size
+    cfg = cfg.replace(
+        vision=VisionConfig.from_preset("tiny"), mrope_section=(2, 1, 1),
+        vision_start_token_id=top - 4, vision_end_token_id=top - 3,
+        image_token_id=top - 2, video_token_id=top - 1)
   build_tokenizer(folder, template)
   tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
   cfg = cfg.replace(eos_token_id=tok.token_to_id("<|im_end|>"),
