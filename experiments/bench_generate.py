@@ -8,10 +8,35 @@
            --decode_batches with a --decode_prompt-token prompt and
            --decode_new new tokens: new tokens/s end to end (prefill
            included, as transformers' `generate` throughput is timed)
-           and for the decode loop alone.
+           and for the decode loop alone (the same call's time less that
+           of the call for one new token, over the tokens after the first).
+
+Each workload runs for every variant of the weights in --variants:
+
+  scan      the float parameters (scanned stack) through the layer loop
+            they were built with: `qwen_jax.decode_loop.auto_convert(False)`
+  unscan    the same model built unscanned (other random values), likewise
+  layout    the decode layout in the parameters' dtype, what `generate`
+            runs on a CPU (`qwen_jax.decode_loop.prepare`)
+  bfloat16, int8
+            `qwen_jax.quantize(cfg, params, mode)`
+
+(prefill only for the variants in --prefill_variants). Each decode row
+gives the bandwidth floor beside it: batch x memory bandwidth / bytes read
+per step, the bytes being every parameter array (the head's included; of
+an untied embedding only the rows looked up) plus the whole cache; the
+bandwidth is measured in the same process, the best of 5 row sums over a
+1 GiB float32 array (XLA, every core). The quality table compares each
+variant with the float parameters on one prompt of --decode_prompt tokens
+and the float model's --decode_new greedy tokens: the largest logit error
+relative to the largest logit (teacher forced, every position), how often
+the teacher-forced argmax agrees, and how many of the variant's own greedy
+tokens equal the float model's (and where they first differ).
+
 With --hf the same workloads run through transformers (torch, same config,
 random weights, `model.model(...)` without logits for prefill, greedy
-`generate` for decoding) and the table gives ours / theirs.
+`generate` for decoding, its decode loop timed as ours) and the table gives
+ours / theirs.
 
   # H100, the 0.8B preset against transformers (bf16, random weights):
   python -m experiments.bench_generate --hf --json_out bench_generate.json
@@ -20,6 +45,10 @@ random weights, `model.model(...)` without logits for prefill, greedy
       --decode_batches ""
   # CPU smoke run (tiny preset, short prompts):
   python -m experiments.bench_generate --small --hf
+  # CPU, 0.8B, float32: every variant against transformers' float32
+  python -m experiments.bench_generate --dtype float32 \
+      --prefill_lengths 256 --decode_batches 1,4 --decode_prompt 64 \
+      --decode_new 24 --repeats 3 --hf --json_out cpu.json
 
 Timings are medians of --repeats runs after one compiling run.
 
@@ -31,9 +60,11 @@ and exit status 1 (2 for usage errors); see experiments/cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -48,8 +79,14 @@ import numpy as np
 from experiments import cli
 import qwen_jax
 from qwen_jax import cache as cache_lib
+from qwen_jax import decode_loop
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
 from qwen_jax.generate import prefill
+from qwen_jax.quantize import MODES
+from qwen_jax.quantize import weight_bytes
+
+VARIANTS = ("scan", "unscan", "layout") + tuple(
+    m for m in MODES if m != "float32")
 
 _PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b", "Model preset "
                               "(random weights).")
@@ -65,6 +102,12 @@ _DECODE_PROMPT = flags.DEFINE_integer("decode_prompt", 1024,
                                       "Prompt tokens of the decode bench.")
 _DECODE_NEW = flags.DEFINE_integer("decode_new", 128, "New tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (median).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["scan", "layout", "bfloat16", "int8"],
+    f"Weight variants to time, of {list(VARIANTS)} (module docstring).")
+_PREFILL_VARIANTS = flags.DEFINE_list(
+    "prefill_variants", ["scan", "layout"],
+    "Variants (of --variants) whose prefill is timed.")
 _HF = flags.DEFINE_bool("hf", False, "Also run transformers (torch).")
 _SMALL = flags.DEFINE_bool(
     "small", False, "CPU smoke run: the flags not given on the command line "
@@ -77,6 +120,8 @@ _SMALL_VALUES = dict(preset="tiny", dtype="float32",
                      prefill_lengths=["256", "1024"], prefill_block=512,
                      decode_batches=["1", "4"], decode_prompt=64,
                      decode_new=16, repeats=2)
+# Bytes of the array the bandwidth is measured on.
+BANDWIDTH_BYTES = 1 << 30
 
 
 def _flag(name: str) -> Any:
@@ -86,11 +131,12 @@ def _flag(name: str) -> Any:
   return f.value
 
 
-def random_model(preset: str, dtype: str, seed: int):
+def random_model(preset: str, dtype: str, seed: int, scan: bool = True):
   """(cfg, params) of a preset's language model (no vision tower) with
   random weights, built on the device."""
   cfg = qwen_jax.QwenConfig.from_preset(preset, dtype=dtype,
-                                        param_dtype=dtype, vision=None)
+                                        param_dtype=dtype, vision=None,
+                                        scan_layers=scan)
   model = qwen_jax.Qwen35(cfg)
   init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))
   params = flax.linen.meta.unbox(init(jax.random.PRNGKey(seed)))["params"]
@@ -116,39 +162,116 @@ def _peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5
+                      ) -> float:
+  """Bytes/s of reading an array: the best of `repeats` row sums over a
+  [n, 1024] float32 array of `nbytes` (one pass over memory, every core)."""
+  x = jnp.ones((nbytes // 4096, 1024), jnp.float32)
+  f = jax.jit(lambda a: jnp.sum(a, axis=1))
+  jax.block_until_ready(f(x))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    best = min(best, time.perf_counter() - t0)
+  del x
+  return nbytes / best
+
+
+def step_bytes(cfg, tree, batch: int, cache_len: int) -> int:
+  """Bytes one decode step reads at most: every parameter array (of an
+  untied embedding only the rows looked up) and the whole cache."""
+  total = weight_bytes(tree)
+  if not cfg.tie_word_embeddings:
+    emb = tree["embed_tokens"]
+    table = weight_bytes(emb)
+    rows = emb.get("embedding", emb.get("embedding_q"))
+    total -= table - table * batch // rows.shape[0]
+  return total + cache_lib.cache_bytes(cfg, batch, cache_len)
+
+
+@contextlib.contextmanager
+def _variant_context(name: str):
+  """The old layer loops run with the conversion off."""
+  with decode_loop.auto_convert(name not in ("scan", "unscan")):
+    yield
+
+
 def bench_ours(cfg, params, prefill_lengths, prefill_block, batches,
-               prompt_len, new_tokens, repeats, seed) -> list[dict]:
-  """Rows {"workload", "value", "unit", ...} for our implementation."""
+               prompt_len, new_tokens, repeats, seed, variant="layout",
+               bandwidth=None) -> list[dict]:
+  """Rows {"workload", "value", "unit", ...} for our implementation, on
+  `params` (a float or decode-layout tree) run as `variant` runs."""
   rng = np.random.default_rng(seed)
   rows = []
-  for t in prefill_lengths:
-    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t), np.int32))
-    sec = _median_s(
-        lambda c, ids=ids: prefill(cfg, params, ids, c,
-                                   prefill_block=prefill_block)[0],
-        repeats, setup=lambda t=t: cache_lib.init_cache(cfg, 1, t + 1))
-    rows.append(dict(workload=f"prefill 1 x {t}", value=t / sec,
-                     unit="tokens/s", seconds=sec,
-                     peak_bytes=_peak_bytes(),
-                     cache_bytes=cache_lib.cache_bytes(cfg, 1, t + 1)))
-  for b in batches:
-    ids = rng.integers(0, cfg.vocab_size, (b, prompt_len), np.int32)
-    total = _median_s(lambda ids=ids: qwen_jax.generate(
-        cfg, params, ids, new_tokens, stop_tokens=(),
-        prefill_block=prefill_block), repeats)
-    pre = _median_s(
-        lambda c, ids=ids: prefill(cfg, params, ids, c,
-                                   prefill_block=prefill_block)[0],
-        repeats, setup=lambda b=b: cache_lib.init_cache(
-            cfg, b, prompt_len + new_tokens))
-    loop = max(total - pre, 1e-9)
-    rows.append(dict(workload=f"generate b={b}, {prompt_len}+{new_tokens}",
-                     value=b * new_tokens / total, unit="new tokens/s",
-                     seconds=total))
-    rows.append(dict(workload=f"decode loop only b={b}",
-                     value=b * (new_tokens - 1) / loop, unit="new tokens/s",
-                     seconds=loop))
+  with _variant_context(variant):
+    for t in prefill_lengths:
+      ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t), np.int32))
+      run_cfg, run_params = decode_loop.prepare(cfg, params)
+      sec = _median_s(
+          lambda c, ids=ids: prefill(run_cfg, run_params, ids, c,
+                                     prefill_block=prefill_block)[0],
+          repeats, setup=lambda t=t: cache_lib.init_cache(run_cfg, 1, t + 1))
+      rows.append(dict(variant=variant, workload=f"prefill 1 x {t}",
+                       value=t / sec, unit="tokens/s", seconds=sec,
+                       peak_bytes=_peak_bytes(),
+                       cache_bytes=cache_lib.cache_bytes(cfg, 1, t + 1)))
+    for b in batches:
+      ids = rng.integers(0, cfg.vocab_size, (b, prompt_len), np.int32)
+      gen = lambda n, ids=ids: qwen_jax.generate(
+          cfg, params, ids, n, stop_tokens=(), prefill_block=prefill_block,
+          cache_len=prompt_len + new_tokens)
+      total = _median_s(lambda: gen(new_tokens), repeats)
+      # The same call for one new token: prefill, first token, no loop.
+      first = _median_s(lambda: gen(1), repeats)
+      loop = total - first
+      run_cfg, run_params = decode_loop.prepare(cfg, params)
+      nbytes = step_bytes(run_cfg, run_params, b, prompt_len + new_tokens)
+      floor = None if bandwidth is None else b * bandwidth / nbytes
+      rows.append(dict(variant=variant,
+                       workload=f"generate b={b}, {prompt_len}+{new_tokens}",
+                       value=b * new_tokens / total, unit="new tokens/s",
+                       seconds=total))
+      rows.append(dict(variant=variant, workload=f"decode loop only b={b}",
+                       value=b * (new_tokens - 1) / loop if loop > 0 else None,
+                       unit="new tokens/s", seconds=loop, floor=floor,
+                       step_bytes=nbytes))
   return rows
+
+
+def quality_reference(cfg, params, prompt_len: int, new_tokens: int,
+                      seed: int) -> dict[str, Any]:
+  """The float model's greedy tokens after one prompt, and its logits over
+  prompt + tokens (the scanned layer loop, no conversion)."""
+  rng = np.random.default_rng(seed + 1)
+  ids = rng.integers(0, cfg.vocab_size, (1, prompt_len), np.int32)
+  with decode_loop.auto_convert(False):
+    new = np.asarray(qwen_jax.generate(cfg, params, ids, new_tokens,
+                                       stop_tokens=()))
+  seq = np.concatenate([ids, new], axis=1)
+  return dict(ids=ids, new=new, seq=seq,
+              logits=np.asarray(_forward(cfg, params, seq)))
+
+
+_forward = jax.jit(decode_loop.apply_model, static_argnums=0)
+
+
+def quality(cfg, tree, name: str, ref: dict[str, Any]) -> dict[str, Any]:
+  """One variant against the float model (module docstring)."""
+  ids, seq, want = ref["ids"], ref["seq"], ref["logits"]
+  logits = np.asarray(_forward(cfg, tree, seq))
+  err = float(np.abs(logits - want).max() / np.abs(want).max())
+  span = slice(ids.shape[1] - 1, seq.shape[1] - 1)
+  top1 = float(np.mean(logits[0, span].argmax(-1)
+                       == want[0, span].argmax(-1)))
+  n = ref["new"].shape[1]
+  new = np.asarray(qwen_jax.generate(cfg, tree, ids, n, stop_tokens=()))
+  same = new[0] == ref["new"][0]
+  first = None if same.all() else int(np.argmin(same))
+  return dict(variant=name, weight_bytes=weight_bytes(tree),
+              max_logit_err_rel=err, teacher_forced_top1=top1,
+              greedy_equal=int(same.sum()), greedy_tokens=n,
+              first_difference=first)
 
 
 def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
@@ -186,12 +309,16 @@ def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
     for b in batches:
       ids = torch.as_tensor(rng.integers(0, cfg.vocab_size,
                                          (b, prompt_len)), device=dev)
-      sec = median(lambda ids=ids: model.generate(
+      gen = lambda n, ids=ids: model.generate(
           input_ids=ids, attention_mask=torch.ones_like(ids),
-          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-          do_sample=False, eos_token_id=None, pad_token_id=0))
+          max_new_tokens=n, min_new_tokens=n, do_sample=False,
+          eos_token_id=None, pad_token_id=0)
+      sec = median(lambda: gen(new_tokens))
+      first = median(lambda: gen(1))
       out[f"generate b={b}, {prompt_len}+{new_tokens}"] = (
           b * new_tokens / sec)
+      if sec > first:  # timed as ours: the same call less one new token's
+        out[f"decode loop only b={b}"] = b * (new_tokens - 1) / (sec - first)
   return out
 
 
@@ -203,9 +330,9 @@ def check_flags() -> dict[str, Any]:
   """The settings of the run (with --small's), every one checked.
 
   Raises:
-    cli.UserError: a flag out of range (named), an unknown preset, lengths
-      past the preset's max_position_embeddings, an unwritable --json_out,
-      or --hf without torch and transformers.
+    cli.UserError: a flag out of range (named), an unknown preset or
+      variant, lengths past the preset's max_position_embeddings, an
+      unwritable --json_out, or --hf without torch and transformers.
   """
   v = dict(preset=_flag("preset"), dtype=_flag("dtype"),
            block=cli.positive_int("--prefill_block", _flag("prefill_block"),
@@ -218,7 +345,21 @@ def check_flags() -> dict[str, Any]:
            repeats=cli.positive_int("--repeats", _flag("repeats")),
            lengths=cli.int_list("--prefill_lengths",
                                 _flag("prefill_lengths")),
-           batches=cli.int_list("--decode_batches", _flag("decode_batches")))
+           batches=cli.int_list("--decode_batches", _flag("decode_batches")),
+           variants=list(_flag("variants")),
+           prefill_variants=list(_flag("prefill_variants")))
+  for name in ("variants", "prefill_variants"):
+    for x in v[name]:
+      if x not in VARIANTS:
+        raise cli.UserError(f"--{name}: expected names of {list(VARIANTS)}, "
+                            f"found {x!r}")
+  if not v["variants"]:
+    raise cli.UserError(f"--variants: expected at least one of "
+                        f"{list(VARIANTS)}, found none")
+  for x in v["prefill_variants"]:
+    if x not in v["variants"]:
+      raise cli.UserError(f"--prefill_variants: expected names among "
+                          f"--variants {v['variants']}, found {x!r}")
   with cli.user_errors("--preset"):
     cfg = qwen_jax.QwenConfig.from_preset(v["preset"])
   limit = cfg.max_position_embeddings
@@ -245,6 +386,28 @@ def check_flags() -> dict[str, Any]:
   return v
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _variant_tree(name, preset, cfg, params, dtype, seed):
+  """(cfg, tree) of one variant (module docstring)."""
+  if name == "scan":
+    return cfg, params
+  if name == "unscan":
+    return random_model(preset, dtype, seed, scan=False)
+  if name == "layout":
+    return cfg, decode_loop.prepare(cfg, params)[1]
+  return cfg, qwen_jax.quantize(cfg, params, name)
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   v = check_flags()
@@ -252,42 +415,79 @@ def main(argv):
                                      v["batches"])
   block, prompt_len = v["block"], v["prompt_len"]
   new_tokens, repeats = v["new_tokens"], v["repeats"]
+  load_start = os.getloadavg()
   cfg, params = random_model(preset, dtype, _SEED.value)
   dev = jax.devices()[0]
   print(f"preset {preset} ({cfg.num_params():,} parameters), {dtype}, "
-        f"{dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  rows = bench_ours(cfg, params, lengths, block, batches, prompt_len,
-                    new_tokens, repeats, _SEED.value)
+        f"{dev.device_kind} ({jax.default_backend()}; {_cpu_name()}), jax "
+        f"{jax.__version__}; load average {load_start[0]:.2f}")
+  bandwidth = measure_bandwidth()
+  print(f"memory bandwidth (row sums over 1 GiB, best of 5): "
+        f"{bandwidth / 1e9:.1f} GB/s")
+  ref = quality_reference(cfg, params, prompt_len, new_tokens, _SEED.value)
+  rows, qual = [], []
+  for name in v["variants"]:
+    vcfg, tree = _variant_tree(name, preset, cfg, params, dtype,
+                               _SEED.value)
+    rows += bench_ours(
+        vcfg, tree, lengths if name in v["prefill_variants"] else [],
+        block, batches, prompt_len, new_tokens, repeats, _SEED.value,
+        variant=name, bandwidth=bandwidth)
+    if name not in ("scan", "unscan"):  # the reference; other weights
+      qual.append(quality(cfg, tree, name, ref))
+    print(f"  {name} done ({weight_bytes(tree) / 2**20:,.1f} MiB of "
+          f"weights)", flush=True)
+    del tree
+    decode_loop.clear_cache()
+  del ref
   hf = {}
   if _HF.value:
     del params
     hf = bench_hf(cfg, lengths, batches, prompt_len, new_tokens, repeats,
                   _SEED.value)
-  print("| workload | qwen_jax | transformers | ratio | unit |\n"
-        "| --- | --- | --- | --- | --- |")
+  load_end = os.getloadavg()
+  print("| variant | workload | qwen_jax | floor | of floor | transformers "
+        "| ratio | unit |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     theirs = hf.get(r["workload"])
     r["hf"] = theirs
-    r["ratio"] = r["value"] / theirs if theirs else None
+    r["ratio"] = r["value"] / theirs if theirs and r["value"] else None
     extra = ""
     if r.get("peak_bytes"):
       extra = f" (peak {r['peak_bytes'] / 2**30:.2f} GiB)"
     ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    print(f"| {r['workload']} | {_fmt(r['value'])}{extra} | {_fmt(theirs)} "
-          f"| {ratio} | {r['unit']} |")
+    floor = r.get("floor")
+    share = ("—" if floor is None or r["value"] is None
+             else f"{r['value'] / floor:.0%}")
+    print(f"| {r['variant']} | {r['workload']} | {_fmt(r['value'])}{extra} "
+          f"| {_fmt(floor)} | {share} | {_fmt(theirs)} | {ratio} "
+          f"| {r['unit']} |")
+  print("\n| variant | weights (MiB) | max logit err / max logit | "
+        "teacher-forced argmax agreement | greedy tokens equal | "
+        "first difference |\n| --- | --- | --- | --- | --- | --- |")
+  for q in qual:
+    first = "—" if q["first_difference"] is None else q["first_difference"]
+    print(f"| {q['variant']} | {q['weight_bytes'] / 2**20:,.1f} | "
+          f"{q['max_logit_err_rel']:.2e} | {q['teacher_forced_top1']:.2f} | "
+          f"{q['greedy_equal']}/{q['greedy_tokens']} | {first} |")
+  print(f"load average: {load_start[0]:.2f} at the start, "
+        f"{load_end[0]:.2f} at the end")
   if _JSON_OUT.value:
     meta = dict(preset=preset, dtype=dtype, device=dev.device_kind,
-                backend=jax.default_backend(), jax=jax.__version__,
+                cpu=_cpu_name(), backend=jax.default_backend(),
+                jax=jax.__version__, flax=flax.__version__,
                 python=platform.python_version(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
-                prefill_block=block, repeats=repeats)
+                prefill_block=block, repeats=repeats,
+                bandwidth_bytes_per_s=bandwidth,
+                loadavg_start=load_start, loadavg_end=load_end)
     if _HF.value:
       import torch  # pylint: disable=g-import-not-at-top
       import transformers  # pylint: disable=g-import-not-at-top
       meta.update(torch=torch.__version__,
                   transformers=transformers.__version__)
     with open(_JSON_OUT.value, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=2)
+      json.dump(dict(meta=meta, rows=rows, quality=qual), f, indent=2)
     print(f"wrote {_JSON_OUT.value}")
 
 

@@ -73,6 +73,7 @@ import numpy as np
 from experiments import cli
 from experiments import generate as gen_script
 from qwen_jax import cache as cache_lib
+from qwen_jax import decode_loop
 from qwen_jax import tokenizer as tokenizer_lib
 from qwen_jax.array_typing import PyTree
 from qwen_jax.config import QwenConfig
@@ -208,6 +209,9 @@ class Chat:
                block_steps: int = 8, cache_len: int = 4096,
                prefill_block: int = DEFAULT_PREFILL_BLOCK,
                chat_template: str | None = None):
+    # The layout `stream` runs (on a CPU, the decode layout), so that its
+    # prefills and the cache they fill are in the same one.
+    cfg, params = decode_loop.prepare(cfg, params)
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.generation_config = generation_config
     self.system = system

@@ -22,6 +22,7 @@ offline (the text is noise).
       --image b.png --prompt "Describe these pictures."
   python -m experiments.generate --checkpoint DIR --video frames_dir \
       --prompt "What happens here?"
+  python -m experiments.generate --checkpoint DIR --quantize int8
 
 One prompt: decoding runs `--block_steps` tokens per compiled call and the
 text is printed after each call (`qwen_jax.generate.stream`), never
@@ -97,6 +98,7 @@ from qwen_jax.config import is_int
 from qwen_jax.generate import DEFAULT_PREFILL_BLOCK
 from qwen_jax.generate import Sampler
 from qwen_jax.generate import stream
+from qwen_jax.quantize import MODES as QUANTIZE_MODES
 
 # Flags whose values mean "off" when given (a generation config's value is
 # then not used).
@@ -254,6 +256,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS
           "video", [], "A folder of video frames (image files, in name "
           "order) to put before the prompt (repeat for several).",
           flag_values=fv),
+      "quantize": flags.DEFINE_enum(
+          "quantize", "none", ["none", *QUANTIZE_MODES],
+          "Weight-only quantization of the loaded weights "
+          "(qwen_jax.quantize): int8 reads a quarter of float32's bytes a "
+          "token.", flag_values=fv),
   }
   holders.update(define_sampling_flags(fv))
   _validate(fv, "prompt", _prompt_error)
@@ -555,10 +562,19 @@ def prepare_media(cfg: qwen_jax.QwenConfig, checkpoint: str | None,
   return ids, out
 
 
+def check_quantize(quantize: str) -> None:
+  """Raises cli.UserError unless `quantize` is "none" or a mode of
+  `qwen_jax.quantize`."""
+  if quantize != "none" and quantize not in QUANTIZE_MODES:
+    raise cli.UserError(f"--quantize: expected one of "
+                        f"{['none', *QUANTIZE_MODES]}, found {quantize!r}")
+
+
 def load(checkpoint: str | None, dtype: str, seed: int,
-         vision_model: bool = False):
+         vision_model: bool = False, quantize: str = "none"):
   """(cfg, params): the checkpoint's weights, or the random `tiny` model
-  (`tiny-vl` with vision_model).
+  (`tiny-vl` with vision_model), in the `quantize` mode of
+  `qwen_jax.quantize` unless "none".
 
   Raises:
     cli.UserError: a bad checkpoint (the loader's message says which).
@@ -575,9 +591,12 @@ def load(checkpoint: str | None, dtype: str, seed: int,
     # Scale the init up so the random model's choices are not all ties.
     params = jax.tree_util.tree_map(lambda x: x * 30 if x.ndim > 1 else x,
                                     params)
-    return cfg, params
-  with cli.user_errors(f"--checkpoint {checkpoint!r}"):
-    return qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
+  else:
+    with cli.user_errors(f"--checkpoint {checkpoint!r}"):
+      cfg, params = qwen_jax.load_hf_checkpoint(checkpoint, dtype=dtype)
+  if quantize != "none":
+    params = qwen_jax.quantize(cfg, params, quantize)
+  return cfg, params
 
 
 def _max_tokens(cfg: qwen_jax.QwenConfig, max_len: int | None) -> int:
@@ -653,7 +672,8 @@ def run(checkpoint: str | None, prompt: str,
         presence_penalty: float | None = None,
         stop_strings: Sequence[str] | None = None, chat: bool = False,
         enable_thinking: bool | None = None, images: Sequence[str] = (),
-        videos: Sequence[str] = ()) -> dict[str, Any]:
+        videos: Sequence[str] = (), quantize: str = "none"
+        ) -> dict[str, Any]:
   """Loads, generates and streams the prompt and new text to `out`.
 
   Sampling values left None come from the checkpoint's
@@ -682,6 +702,7 @@ def run(checkpoint: str | None, prompt: str,
                 prompt=prompt, min_p=min_p,
                 repetition_penalty=repetition_penalty,
                 presence_penalty=presence_penalty, stop_strings=stop_strings)
+  check_quantize(quantize)
   check_media_paths(images, videos)
   media = bool(images or videos)
   if media and chat:
@@ -713,7 +734,7 @@ def run(checkpoint: str | None, prompt: str,
                             repetition_penalty, presence_penalty)
   with cli.user_errors():  # a bad generation_config.json value, named
     sampler = Sampler.from_generation_config(gc, **sampling)
-  cfg, params = load(checkpoint, dtype, seed, media)
+  cfg, params = load(checkpoint, dtype, seed, media, quantize)
   t0 = time.perf_counter()
   gen = stream(cfg, params, np.asarray([ids], np.int32), max_new_tokens,
                seed=seed, stop_tokens=stops, block_steps=block_steps,
@@ -985,7 +1006,8 @@ def run_batch(checkpoint: str | None, prompts_file: str, output: str, *,
               enable_thinking: bool | None = None, dtype: str = "auto",
               max_len: int | None = None, block_steps: int = 8,
               prefill_block: int = DEFAULT_PREFILL_BLOCK,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None,
+              quantize: str = "none") -> dict[str, Any]:
   """Runs every prompt of `prompts_file` not yet in `output`.
 
   Returns:
@@ -1008,6 +1030,7 @@ def run_batch(checkpoint: str | None, prompts_file: str, output: str, *,
   if os.path.abspath(output) == os.path.abspath(prompts_file):
     raise cli.UserError(f"--output: expected another file than "
                         f"--prompts_file, found {output!r} for both")
+  check_quantize(quantize)
   d = describe(checkpoint, stop_tokens)
   if max_new_tokens is None:
     max_new_tokens = d.generation_config.max_new_tokens or 64
@@ -1024,7 +1047,7 @@ def run_batch(checkpoint: str | None, prompts_file: str, output: str, *,
   if not todo:
     log(f"[{output}: every one of the {len(jobs)} prompts is done]")
     return stats
-  cfg, params = load(checkpoint, dtype, seed)
+  cfg, params = load(checkpoint, dtype, seed, quantize=quantize)
   t0 = time.perf_counter()
   with open(output, "a", encoding="utf-8") as out:
     for batch in batches(todo, batch_size):
@@ -1109,7 +1132,8 @@ def main(argv):
                 block_steps=v["block_steps"],
                 prefill_block=v["prefill_block"],
                 stop_strings=v["stop_strings"], chat=v["chat"],
-                enable_thinking=v["enable_thinking"], **sampling)
+                enable_thinking=v["enable_thinking"],
+                quantize=v["quantize"], **sampling)
   if (v["prompts_file"] is None) != (v["output"] is None):
     given, missing = (("--prompts_file", "--output")
                       if v["output"] is None else

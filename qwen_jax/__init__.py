@@ -2,8 +2,9 @@
 
 Public API:
   QwenConfig, Qwen35, load_hf_checkpoint, save_hf_checkpoint, generate,
-  layer_types_from_ratio, load_image_processor (a checkpoint's image and
-  video preprocessing), load_tokenizer (its tokenizer).
+  quantize (weights for decoding), layer_types_from_ratio,
+  load_image_processor (a checkpoint's image and video preprocessing),
+  load_tokenizer (its tokenizer).
 """
 
 from qwen_jax.checkpoint import load_hf_checkpoint
@@ -13,6 +14,7 @@ from qwen_jax.config import layer_types_from_ratio
 from qwen_jax.generate import generate
 from qwen_jax.image_processing import load_image_processor
 from qwen_jax.model import Qwen35
+from qwen_jax.quantize import quantize
 from qwen_jax.tokenizer import load_tokenizer
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "load_hf_checkpoint",
     "load_image_processor",
     "load_tokenizer",
+    "quantize",
     "save_hf_checkpoint",
 ]
 

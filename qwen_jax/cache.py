@@ -114,6 +114,38 @@ def init_cache(cfg: QwenConfig, batch: int, max_len: int,
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def to_layout(cfg_from: QwenConfig, cfg_to: QwenConfig, cache: Any) -> Any:
+  """`cache`, laid out for `cfg_to` when it is a cache of `cfg_from` in the
+  other stack layout (scanned <-> unscanned), else `cache` as it is.
+
+  Generation on a CPU runs the unscanned decode layout
+  (`qwen_jax.decode_loop.prepare`); this lets a cache made for the
+  scanned config continue there. The tree is told by its slot names only;
+  the caller's checks (`check_cache`) come after.
+  """
+  if (not isinstance(cache, Mapping) or not isinstance(cache.get("layers"),
+                                                       Mapping)
+      or stack.is_scanned(cfg_from) == stack.is_scanned(cfg_to)):
+    return cache
+  slots_from = {name for name, _ in stack.stack_slots(cfg_from)}
+  if set(cache["layers"]) != slots_from:
+    return cache
+  layers = {}
+  if stack.is_scanned(cfg_from):  # split the [num_periods] axis
+    for i in range(cfg_from.num_hidden_layers):
+      slot, idx = stack.layer_location(cfg_from, i)
+      layers[stack.layer_location(cfg_to, i)[0]] = jax.tree_util.tree_map(
+          lambda a, idx=idx: a[idx], cache["layers"][slot])
+  else:  # stack each period position over the periods
+    for slot, _ in stack.stack_slots(cfg_to):
+      j = int(slot.split("_")[1])
+      members = [cache["layers"][f"layer_{i}"]
+                 for i in range(j, cfg_to.num_hidden_layers, cfg_to.period)]
+      layers[slot] = jax.tree_util.tree_map(
+          lambda *a: jnp.stack(a), *members)
+  return dict(cache, layers=layers)
+
+
 def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -63,6 +63,13 @@ ends the row at the token that completes it, as transformers'
 every sampling argument left None, with transformers' meanings
 (`Sampler.from_generation_config`), and adds its eos and pad ids.
 
+Layer loop: on a CPU, `generate` and `stream` run float parameters in the
+decode layout (`qwen_jax.decode_loop.prepare`: unscanned, output-major
+kernels; converted once per parameter object and kept while it lives), the
+fastest layout for reading the weights there. Every function here also
+takes a decode-layout tree from `qwen_jax.quantize` (int8 or bfloat16
+weights), with the unscanned config's cache.
+
 Example:
   cfg, params = qwen_jax.load_hf_checkpoint(path)
   tok = qwen_jax.load_tokenizer(path)
@@ -72,6 +79,8 @@ Example:
       cfg, params, [ids], max_new_tokens=256,
       generation_config=qwen_jax.tokenizer.load_generation_config(path))
   print(tok.decode(new[0], skip_special_tokens=True))
+  new = qwen_jax.generate(cfg, qwen_jax.quantize(cfg, params, "int8"),
+                          [ids], max_new_tokens=256)
 
 `qwen_jax.generate` is the function (the package's public API), which hides
 this module's name on the package; import the other names with
@@ -88,6 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import cache as cache_lib
+from qwen_jax import decode_loop
 from qwen_jax import head
 from qwen_jax import model as model_lib
 from qwen_jax import tokenizer as tokenizer_lib
@@ -97,7 +107,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.model import check_input_ids
 from qwen_jax.model import check_mask_values
 from qwen_jax.model import host_values
-from qwen_jax.model import Qwen35
+from qwen_jax.quantize import is_decode_layout
 
 # Prompt tokens per prefill call. Bounds activation memory for long prompts
 # (a 262,144-token prompt runs as 32 such blocks).
@@ -356,6 +366,8 @@ _seen_init_jit = jax.jit(_seen_init, static_argnums=0)
 def _head(cfg: QwenConfig, params: PyTree, hidden: Array) -> Array:
   """Logits [b, V] (float32) from final normalised hidden states [b, d],
   computed in cfg.dtype as the model's forward computes them."""
+  if is_decode_layout(params):
+    return decode_loop.head_logits(cfg, params, hidden)
   w, vocab_major = head.head_weights(cfg, params)
   return head.lm_logits(hidden, w, vocab_major, jnp.dtype(cfg.dtype),
                         accumulate=False).astype(jnp.float32)
@@ -368,8 +380,8 @@ def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,
                    video_features: Array | None = None):
   # Only the last hidden state leaves the function, so XLA drops the
   # [b, t, V] logits the model would otherwise compute.
-  _, cache, hidden = Qwen35(cfg).apply(
-      {"params": params}, ids, attention_mask=mask, cache=cache,
+  _, cache, hidden = decode_loop.apply_model(
+      cfg, params, ids, attention_mask=mask, cache=cache,
       positions=positions, image_features=image_features,
       video_features=video_features, return_hidden=True)
   return _head(cfg, params, hidden[:, -1]), cache
@@ -381,8 +393,8 @@ _prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnums=0,
 
 def _decode(cfg: QwenConfig, params: PyTree, tokens: Array, cache: PyTree,
             mask: Array | None):
-  logits, cache = Qwen35(cfg).apply(
-      {"params": params}, tokens[:, None], attention_mask=mask, cache=cache)
+  logits, cache = decode_loop.apply_model(
+      cfg, params, tokens[:, None], attention_mask=mask, cache=cache)
   return logits[:, 0].astype(jnp.float32), cache
 
 
@@ -506,6 +518,7 @@ def prefill(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       take (`qwen_jax.model.check_media`).
   """
   _check_block(prefill_block)
+  cfg = decode_loop.layout_cfg(cfg, params)
   prompt_ids = _token_ids("prompt_ids", prompt_ids, 2, cfg.vocab_size)
   if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
     raise ValueError(f"prompt_ids: expected shape [batch>=1, time>=1], found "
@@ -600,6 +613,7 @@ def decode_step(cfg: QwenConfig, params: PyTree, tokens: Array,
     ValueError: tokens of another shape or outside [0, vocab_size), a cache
       of another config or batch, a full cache, or a bad mask.
   """
+  cfg = decode_loop.layout_cfg(cfg, params)
   tokens = _token_ids("tokens", tokens, 1, cfg.vocab_size)
   b = tokens.shape[0]
   slots = cache_lib.check_cache(cfg, cache, b)
@@ -897,7 +911,15 @@ def _setup(cfg, params, prompt_ids, max_new_tokens, temperature, top_k,
            prefill_block, cache_len, min_p, repetition_penalty,
            presence_penalty, generation_config, stop_strings, tokenizer,
            cache, context_ids, media):
-  """Everything `generate` and `stream` check, then the prefill."""
+  """Everything `generate` and `stream` check, then the prefill.
+
+  Returns the config and parameters the programs run
+  (`decode_loop.prepare`'s) with the rest.
+  """
+  given_cfg = cfg
+  cfg, params = decode_loop.prepare(cfg, params)
+  if cache is not None:
+    cache = cache_lib.to_layout(given_cfg, cfg, cache)
   sampler = Sampler.from_generation_config(
       generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
       min_p=min_p, repetition_penalty=repetition_penalty,
@@ -909,7 +931,7 @@ def _setup(cfg, params, prompt_ids, max_new_tokens, temperature, top_k,
   model_lib.check_media(cfg, plan.prompt, **media)  # before any work
   state, loop_args = _begin(cfg, params, sampler, plan, prefill_block, cache,
                             media)
-  return sampler, plan, rows, state, loop_args
+  return cfg, params, sampler, plan, rows, state, loop_args
 
 
 class TokenStream:
@@ -1084,7 +1106,7 @@ def stream(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
   if not isinstance(block_steps, (int, np.integer)) or block_steps < 1:
     raise ValueError(f"block_steps: expected an int >= 1, found "
                      f"{block_steps!r}")
-  sampler, plan, rows, state, loop_args = _setup(
+  cfg, params, sampler, plan, rows, state, loop_args = _setup(
       cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
       attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
       cache_len, min_p, repetition_penalty, presence_penalty,
@@ -1169,7 +1191,7 @@ def generate(cfg: QwenConfig, params: PyTree, prompt_ids: Array,
       placeholder id, a grid that does not match the pixel values,
       placeholders that do not match the features).
   """
-  sampler, plan, rows, state, loop_args = _setup(
+  cfg, params, sampler, plan, rows, state, loop_args = _setup(
       cfg, params, prompt_ids, max_new_tokens, temperature, top_k, top_p,
       attention_mask, seed, stop_tokens, pad_token_id, prefill_block,
       cache_len, min_p, repetition_penalty, presence_penalty,

@@ -297,6 +297,8 @@ def test_generate_misuse(way, tmp_path):
       Case(["--checkpoint", weights, "--max_new_tokens=0"],
            ["--max_new_tokens"]),
       Case(["--checkpoint", weights, "--temperature=-1"], ["--temperature"]),
+      Case(["--checkpoint", weights, "--quantize=int3"],
+           ["--quantize", "int3"]),
       Case(["--checkpoint", weights, "--prompt="], ["--prompt"]),
       Case(["--checkpoint", weights, "--prompt=xxxx",
             "--max_new_tokens=600"], ["--max_new_tokens", "512"]),
@@ -454,6 +456,9 @@ def test_bench_generate_misuse(way):
       Case(["--small", "--prefill_lengths=64,abc"], ["--prefill_lengths"]),
       Case(["--preset=nope"], ["--preset", "nope"]),
       Case(["--small", "--decode_prompt=5000"], ["--decode_prompt", "4096"]),
+      Case(["--small", "--variants=scan,int3"], ["--variants", "int3"]),
+      Case(["--small", "--variants=scan", "--prefill_variants=int8"],
+           ["--prefill_variants", "int8"]),
       Case(["--small", f"--json_out={os.path.join(way, 'adir')}"],
            ["--json_out", "a folder"]),
   ], way)

@@ -226,6 +226,13 @@ def test_greedy_generation_matches_transformers(vlm):
                            stop_tokens=(), prefill_block=12)
   np.testing.assert_array_equal(np.asarray(ours),
                                 ref[:, ids.shape[1]:].numpy())
+  # The decode layout built by qwen_jax.quantize keeps the tower as it is.
+  laid_out = qwen_jax.quantize(cfg, params, "float32")
+  ours = qwen_jax.generate(cfg, laid_out, ids, 6, attention_mask=mask,
+                           pixel_values=pixels, image_grid_thw=grid,
+                           stop_tokens=(), prefill_block=12)
+  np.testing.assert_array_equal(np.asarray(ours),
+                                ref[:, ids.shape[1]:].numpy())
 
 
 # -------------------------------------------------------------- checkpoints
