@@ -59,6 +59,7 @@ import numpy as np
 
 from experiments import cli
 from qwen_jax import checkpoint as checkpoint_lib
+from qwen_jax import decode_loop
 from qwen_jax import finetune_data
 from qwen_jax import lora as lora_lib
 from qwen_jax import tokenizer as tokenizer_lib
@@ -333,6 +334,9 @@ class Evaluator:
         new = np.asarray(generate(
             self.cfg, params, ids, max_new_tokens=self.max_new_tokens,
             attention_mask=mask, stop_tokens=stops or (), pad_token_id=0))
+      # generate keeps a decode-layout copy of float weights it converted
+      # (on a CPU); these weights change every step: free it now.
+      decode_loop.clear_cache()
       for p, row in zip(self.prompts, new):
         row = [int(i) for i in row]
         ends = [k for k, t in enumerate(row) if t in stops]
