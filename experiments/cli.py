@@ -24,6 +24,12 @@ what was found, and the exit status says what kind of misuse it was:
 
 Any other exception is a bug: it keeps its traceback (exit status 1).
 
+In a multi-process run (--distributed, experiments/multihost.py) an error
+in one process, a misuse or a bug, ends every process: the failing one
+writes its line as above, each other one writes
+`experiments.NAME: error: process K of N failed: MESSAGE` and exits 1
+(`qwen_jax.distributed.abort`), none waits in a collective for it.
+
 Each script checks all its flags and paths before it loads a checkpoint,
 imports an optional heavy module (torch, transformers, fla) or compiles
 anything, with the path checks here (`existing_folder`, `existing_file`,
@@ -66,9 +72,23 @@ def one_line(text: Any) -> str:
   return " ".join(s.strip() for s in str(text).splitlines() if s.strip())
 
 
+def _distributed_run() -> Any:
+  """qwen_jax.distributed when this process has joined a multi-process run
+  (imported only if a script imported it), else None."""
+  module = sys.modules.get("qwen_jax.distributed")
+  return module if module is not None and module.is_active() else None
+
+
 def fail(message: Any, status: int = EXIT_ERROR,
          name: str | None = None) -> NoReturn:
-  """Writes "NAME: error: MESSAGE" to stderr and exits with `status`."""
+  """Writes "NAME: error: MESSAGE" to stderr and exits with `status`.
+
+  In a multi-process run (`qwen_jax.distributed`), every other process
+  then ends too, with the message and the index of this process.
+  """
+  run_ = _distributed_run()
+  if run_ is not None:
+    run_.abort(one_line(message), status)
   sys.stdout.flush()
   sys.stderr.write(f"{name or script_name()}: error: {one_line(message)}\n")
   sys.stderr.flush()
@@ -448,5 +468,13 @@ def run(main: Callable[[list[str]], Any], name: str | None = None,
       fail(e, EXIT_USAGE, name)
     except UserError as e:
       fail(e, EXIT_ERROR, name)
+    except Exception as e:  # pylint: disable=broad-except
+      if _distributed_run() is None:
+        raise
+      # A bug, or a collective whose peer died: the traceback, then every
+      # process ends (the others would wait in their next collective).
+      if not _distributed_run().ending():
+        traceback.print_exc()
+      fail(f"{type(e).__name__}: {e}", EXIT_ERROR, name)
 
   app.run(guarded, flags_parser=parse)

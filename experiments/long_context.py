@@ -28,9 +28,19 @@ before jax starts its backend; the script sets it first thing):
   # sharded == unsharded on 8 fake devices, tiny model:
   python -m experiments.long_context --verify --num_devices 8 \
       --preset tiny --seq_len 512 --batch 2 --mesh data:2,seq:4
-  # on 8 GPUs (one host) or a TPU slice (after jax.distributed.initialize()
-  # on every host; see docs/sharding.md), the same commands without
-  # --num_devices.
+  # the same as 2 processes with 4 fake devices each (run both):
+  python -m experiments.long_context --verify --distributed \
+      --coordinator_address 127.0.0.1:12355 --num_processes 2 \
+      --process_id 0 --num_devices 4 --preset tiny --seq_len 512 \
+      --batch 2 --mesh data:2,seq:4          # and --process_id 1
+  # on 8 GPUs (one host), the same commands without --num_devices; on
+  # several hosts or a TPU slice, with --distributed on every host (see
+  # experiments/multihost.py and docs/sharding.md).
+
+Under --distributed every process builds the same random weights from
+--seed, keeps its own part of the batch, and computes the --verify
+reference on one of its own devices; process 0 prints the report and
+writes --json_out and --hlo_out.
 
 A bad --mesh (an unknown axis, sizes that do not multiply to the device
 count), a --seq_len the mesh cannot split, a number out of range or an
@@ -58,7 +68,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
+from experiments import multihost
 from qwen_jax import cache as cache_lib
+from qwen_jax import distributed
 from qwen_jax import sharding
 from qwen_jax.array_typing import PyTree
 from qwen_jax.config import QwenConfig
@@ -77,7 +89,7 @@ def define_flags() -> None:
   too.
   """
   global _PRESET, _SEQ_LEN, _BATCH, _MESH, _MODE, _REMAT, _DTYPE, _PARAM_DTYPE
-  global _AOT, _VERIFY, _NUM_DEVICES, _DISTRIBUTED, _JSON_OUT, _LOGITS
+  global _AOT, _VERIFY, _JSON_OUT, _LOGITS
   global _MAX_LEN, _LOSS_CHUNK, _ATTENTION_BLOCK, _GDR_BLOCK, _RATIO
   global _NUM_LAYERS, _TOLERANCE, _SEED, _HLO_OUT
   _PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b",
@@ -103,12 +115,9 @@ def define_flags() -> None:
                            "memory, FLOPs and collectives.")
   _VERIFY = flags.DEFINE_bool("verify", False, "Run sharded and unsharded "
                               "and compare.")
-  _NUM_DEVICES = flags.DEFINE_integer(
-      "num_devices", None, "Fake CPU devices (sets the CPU platform with N "
-      "devices before jax starts; for --aot / --verify on one machine).")
-  _DISTRIBUTED = flags.DEFINE_bool(
-      "distributed", False, "Call jax.distributed.initialize() first (several "
-      "hosts: run the same command on every host; --aot only).")
+  # --distributed, --coordinator_address, --num_processes, --process_id,
+  # --distributed_timeout, --num_devices.
+  multihost.define_flags()
   _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the report here.")
   _LOGITS = flags.DEFINE_enum("logits", "last", ["hidden", "last", "all"],
                               "What --mode forward returns (--aot).")
@@ -162,28 +171,6 @@ class ConfigError(cli.UserError):
 
 
 # ----------------------------------------------------------------- setup
-def configure_devices(num_devices: int | None) -> None:
-  """Gives the CPU platform `num_devices` devices (before jax starts).
-
-  Raises:
-    ConfigError: num_devices < 1, or the backend already started with a
-      different number of devices.
-  """
-  if num_devices is None:
-    return
-  if num_devices < 1:
-    raise ConfigError(f"--num_devices: expected a positive integer, found "
-                      f"{num_devices}")
-  try:
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", num_devices)
-  except RuntimeError:  # the backend already started (e.g. in a test)
-    if jax.device_count() != num_devices:
-      raise ConfigError(
-          f"--num_devices: jax already started with {jax.device_count()} "
-          f"devices; expected {num_devices}") from None
-
-
 def build_config(preset: str, seq_len: int, dtype: str = "bfloat16",
                  param_dtype: str | None = None, remat: str | None = None,
                  mode: str = "train", ratio: str | None = None,
@@ -616,7 +603,7 @@ def run_aot(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
   t2 = time.perf_counter()
   total, per_device = params_bytes(params)
   text = compiled.as_text()
-  if hlo_out:
+  if hlo_out and distributed.is_primary():
     with open(hlo_out, "w") as f:
       f.write(text)
   return dict(
@@ -682,7 +669,9 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
   """Sharded vs unsharded run of a mode in float32, random weights.
 
   The reference is the plain model (dense attention, no sequence
-  parallelism) jitted on one device. The weights are the model's random
+  parallelism) jitted on one device (in a multi-process run, one of each
+  process's own devices: every process computes it, and the sharded
+  outputs are gathered to every process to compare). The weights are the model's random
   init with slow Gated DeltaNet decays (`long_memory`). Deviations are
   relative to the largest reference value: forward "logits"; prefill
   "last_logits" and "cache" (per leaf: states and K/V differ in scale);
@@ -697,13 +686,14 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
   ids = np.random.default_rng(seed).integers(
       0, cfg.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
   batch_np = {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
-  dev = reference_device or jax.devices()[0]
+  dev = reference_device or jax.local_devices()[0]
   params = jax.jit(lambda k: nn.unbox(model.init(k, ids[:1, :8])["params"]))(
       jax.random.PRNGKey(seed))
   params = jax.device_put(long_memory(params, seed), dev)
   ref_batch = jax.device_put(batch_np, dev)
   sparams = sharding.shard_params(params, cfg, mesh)
-  placed = {k: sharding.put_batch(v, mesh) for k, v in batch_np.items()}
+  # Each process transfers only the part of the batch its devices hold.
+  placed = distributed.global_batch(batch_np, mesh)
   opts = sp_options(attention_block, gdr_block)
   out: dict[str, float] = {}
 
@@ -712,7 +702,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
         params, ref_batch["inputs"])
     got = build_program(cfg, mesh, "forward", seq_len, "all",
                         options=opts)(sparams, placed)
-    out["logits"] = max_rel_dev(got, want)
+    out["logits"] = max_rel_dev(distributed.fetch(got), want)
   if mode == "prefill":
     slots = max_len or seq_len
 
@@ -726,6 +716,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
     got_last, got_cache = build_program(
         cfg, mesh, "prefill", seq_len, max_len=slots, options=opts)(
             sparams, placed)
+    got_last, got_cache = distributed.fetch((got_last, got_cache))
     out["last_logits"] = max_rel_dev(got_last, want_last)
     out["cache"] = max_leaf_rel_dev(got_cache, want_cache)
   if mode == "train":
@@ -734,6 +725,7 @@ def run_verify(cfg: QwenConfig, mesh: jax.sharding.Mesh, mode: str,
     got_loss, got_grads = build_program(
         cfg, mesh, "train", seq_len, loss_chunk=loss_chunk, options=opts)(
             sparams, placed)
+    got_loss, got_grads = distributed.fetch((got_loss, got_grads))
     out["loss"] = max_rel_dev(got_loss, want_loss)
     out["grads"] = max_rel_dev(got_grads, want_grads)
   return out
@@ -752,8 +744,14 @@ def describe(report: Mapping[str, Any]) -> str:
   return (f"{report['mode']} ({report['program']}), {report['preset']} "
           f"[{report['layers']}], {report['seq_len']:,} tokens x "
           f"{report['batch']}, mesh {report['mesh']} "
-          f"({report['num_devices']} devices), {report['dtype']} compute, "
+          f"({report['num_devices']} devices{_in_processes(report)}), "
+          f"{report['dtype']} compute, "
           f"{report['param_dtype']} params, remat {report['remat']}")
+
+
+def _in_processes(report: Mapping[str, Any]) -> str:
+  n = report.get("processes", 1)
+  return f" in {n} processes" if n > 1 else ""
 
 
 def format_aot(report: Mapping[str, Any]) -> str:
@@ -817,7 +815,8 @@ def _base_report(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str,
   return dict(
       preset=preset, mode=mode, program=program, seq_len=seq_len,
       batch=batch, mesh=sharding.mesh_spec_string(mesh),
-      num_devices=int(mesh.devices.size), dtype=cfg.dtype,
+      num_devices=int(mesh.devices.size), processes=jax.process_count(),
+      dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
       layers=f"{n_lin} GDN + {cfg.num_hidden_layers - n_lin} attention",
       platform=f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
@@ -830,17 +829,13 @@ def _base_report(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str,
 def main(argv: Sequence[str]) -> None:
   del argv  # cli.run refuses positional arguments
   # A ConfigError (a cli.UserError) is one line on stderr, exit status 1.
+  # First: with --distributed the processes meet before the other checks,
+  # so that an error in one of them ends them all (experiments/cli.py).
+  multihost.start()
   if _AOT.value == _VERIFY.value:
     raise ConfigError("expected exactly one of --aot and --verify")
   check_flags()
   check_blocks(_ATTENTION_BLOCK.value, _GDR_BLOCK.value)
-  if _DISTRIBUTED.value:
-    if _VERIFY.value or _NUM_DEVICES.value:
-      raise ConfigError("--distributed: only with --aot, without "
-                        "--num_devices (the unsharded reference of "
-                        "--verify needs one host)")
-    jax.distributed.initialize()
-  configure_devices(_NUM_DEVICES.value)
   cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
                      _PARAM_DTYPE.value, _REMAT.value, _MODE.value,
                      _RATIO.value, _NUM_LAYERS.value)
@@ -859,7 +854,8 @@ def main(argv: Sequence[str]) -> None:
                           hlo_out=_HLO_OUT.value, **common))
     report.update(notes=dict(memory=MEMORY_NOTE, flops=FLOPS_NOTE,
                              collectives=COLLECTIVES_NOTE))
-    print(format_aot(report))
+    if distributed.is_primary():
+      print(format_aot(report))
   else:
     dev = run_verify(cfg, mesh, _MODE.value, _SEQ_LEN.value, _BATCH.value,
                      _SEED.value, **common)
@@ -867,7 +863,8 @@ def main(argv: Sequence[str]) -> None:
                   tolerance=_TOLERANCE.value)
     bad = failures(dev, _TOLERANCE.value)
     report["passed"] = not bad
-    print(format_verify(report))
+    if distributed.is_primary():
+      print(format_verify(report))
   if _JSON_OUT.value and jax.process_index() == 0:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(report, f, indent=2)

@@ -32,6 +32,22 @@ The finetune config adapts a transformers checkpoint (its config, weights
 and tokenizer) to the user's text or chats, fully or with LoRA, on one
 device or a mesh; experiments/finetune.py runs it.
 
+Several devices, several processes: `--mesh data:8` (axes data, fsdp,
+tensor, seq; `qwen_jax.sharding.make_mesh`) shards the step over the
+devices (`--num_devices 8` gives a CPU 8 fake ones); with `--distributed`
+every process (host) runs the same command and the mesh spans them all
+(default `data:<all devices>`), see experiments/multihost.py and
+docs/sharding.md. Then each process builds the step's batch and keeps the
+rows its devices hold, orbax writes each checkpoint with all processes
+together, and process 0 alone writes metrics.csv, run_history.json,
+run_config.json, eval.json, the --export_hf folder and the output; an
+error in any process ends them all with its message.
+
+  python -m experiments.train --config=experiments/configs/mqar.py:runlocal \
+      --workdir=/tmp/qwen_mqar_2p --distributed --num_processes 2 \
+      --process_id 0 --coordinator_address 127.0.0.1:12355 \
+      --num_devices 4 --mesh data:8 &          # and --process_id 1
+
 `--export_hf DIR` writes the trained weights as a transformers checkpoint
 folder (`AutoModelForCausalLM.from_pretrained(DIR)` loads it); a text run
 adds the byte-level tokenizer.json of its data, so that
@@ -66,7 +82,10 @@ from ml_collections import config_flags
 
 from experiments import cli
 from experiments import finetune
+from experiments import multihost
 from qwen_jax import data
+from qwen_jax import distributed
+from qwen_jax import sharding
 from qwen_jax import train as train_lib
 from qwen_jax import train_checkpoint
 from qwen_jax import train_step
@@ -291,7 +310,8 @@ def _export_tokenizer(task: Task) -> Iterator[str | None]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         export_hf: str | None = None, progress: bool | str = True,
-        allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+        allow_changes: Sequence[str] = (),
+        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir`), evaluates, writes eval.json.
 
   Args:
@@ -302,6 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     progress: progress bar on stderr (a string sets its label).
     allow_changes: settings ("train.learning_rate") or sections ("eval") a
       resume may change from the recorded run's.
+    mesh: train and evaluate sharded over this device mesh (it may span
+      several processes: each runs `run` with the same arguments, process
+      0 writes the files).
 
   Returns:
     The summary written to eval.json.
@@ -315,6 +338,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       contents the export would not keep.
   """
   if finetune.is_finetune_config(config):
+    if mesh is not None:
+      raise ConfigError(
+          f"--mesh: expected none with the finetune config (it shards over "
+          f"--config.mesh, in one process), found a mesh of "
+          f"{mesh.devices.size} devices ({dict(mesh.shape)})")
     entry = _export_entry(workdir, export_hf)
     return finetune.run(config, workdir, export_hf=export_hf,
                         progress=progress, allow_changes=allow_changes,
@@ -350,20 +378,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       if message.startswith(lib):
         message = flag + message[len(lib):]
     raise ConfigError(message) from e
-  os.makedirs(workdir, exist_ok=True)
-  train_workdir.atomic_write(
-      os.path.join(workdir, CONFIG_FILE),
-      config.to_json_best_effort(indent=2, sort_keys=True))
+  if distributed.is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    train_workdir.atomic_write(
+        os.path.join(workdir, CONFIG_FILE),
+        config.to_json_best_effort(indent=2, sort_keys=True))
   label = progress if isinstance(progress, str) else task.kind
   result = train_lib.train(cfg, tcfg, task.batch_fn, workdir,
                            progress=label if progress else False,
                            settings=settings, allow_changes=allow_changes,
-                           other_files=other)
+                           other_files=other, mesh=mesh)
   params = result.state.params
   # Peak device memory of the training so far (GPU/TPU; None on a CPU).
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   peak_bytes = stats.get("peak_bytes_in_use")
   batches = task.eval_batches()
+  if mesh is not None:
+    batches = [distributed.global_batch(b, mesh) for b in batches]
   ev = train_lib.evaluate(result.cfg, params, batches, tcfg.ce_chunk_size)
   ev["batches"] = len(batches)
   if task.kind == "text":
@@ -393,12 +424,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "train_s": result.train_s,
           "tokens_per_s": result.tokens_per_s,
           "peak_memory_bytes": peak_bytes,
-          "device": jax.devices()[0].device_kind,
+          "device": jax.local_devices()[0].device_kind,
       },
       "data": task.info,
       "eval": ev,
   }
-  if export_hf:
+  if export_hf and mesh is not None:
+    params = distributed.fetch(params)  # every process: a collective
+  if export_hf and distributed.is_primary():
     # Recorded first: a later run then knows the folder if it lies in the
     # workdir, even when this export is cut short.
     train_workdir.record_export(workdir, export_hf)
@@ -411,9 +444,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             f"--export_hf: {e}; the trained state is in the checkpoints of "
             f"{os.path.abspath(workdir)}: the same command with another "
             f"--export_hf exports it without training") from e
+  if export_hf:
     summary["export_hf"] = os.path.abspath(export_hf)
-  train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
-                             json.dumps(summary, indent=2))
+  if distributed.is_primary():
+    train_workdir.atomic_write(os.path.join(workdir, EVAL_FILE),
+                               json.dumps(summary, indent=2))
   return summary
 
 
@@ -491,6 +526,35 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   return config, workdir, export, allow
 
 
+def define_mesh_flags(flag_values: flags.FlagValues = flags.FLAGS
+                      ) -> flags.FlagHolder:
+  """Defines --mesh and the multi-process flags (experiments/multihost.py)
+  on `flag_values`; returns the --mesh holder."""
+  multihost.define_flags(flag_values)
+  return flags.DEFINE_string(
+      "mesh", None, "Shard the step over a device mesh such as 'data:8' or "
+      "'data:2,seq:4' (axes data, fsdp, tensor, seq); default one device, "
+      "or data:<all devices> with --distributed.", flag_values=flag_values)
+
+
+def build_mesh(spec: str | None, distributed_run: bool
+               ) -> jax.sharding.Mesh | None:
+  """The mesh of --mesh (None: one device, or data:N over all devices of a
+  multi-process run).
+
+  Raises:
+    cli.UserError: a bad spec, named with the flag.
+  """
+  if spec is None:
+    if not distributed_run:
+      return None
+    spec = f"data:{jax.device_count()}"
+  try:
+    return sharding.make_mesh(spec)
+  except ValueError as e:
+    raise cli.UserError(f"--mesh {spec!r}: {e}") from e
+
+
 def check_paths(workdir: str, export_hf: str | None) -> None:
   """Raises cli.UserError for a --workdir or --export_hf that cannot be a
   folder to write in (a file, or under a folder that is not writable)."""
@@ -533,13 +597,22 @@ def main(argv: Sequence[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   config, workdir, export, allow = (h.value for h in _HOLDERS)
+  # First: with --distributed the processes meet before the other checks,
+  # so that an error in one of them ends them all (experiments/cli.py).
+  multihost.start()
   check_paths(workdir, export)
+  mesh = build_mesh(_MESH.value, distributed.is_active())
   cli.hold_interrupts_inside("orbax")  # no half-written checkpoint
   # A bad config raises ConfigError (a cli.UserError): one line, exit 1.
-  summary = run(config, workdir, export_hf=export, allow_changes=allow)
-  print(format_summary(summary))
+  summary = run(config, workdir, export_hf=export, allow_changes=allow,
+                mesh=mesh)
+  if distributed.is_primary():
+    print(format_summary(summary))
 
+
+_MESH = None
 
 if __name__ == "__main__":
   _HOLDERS = define_flags()
+  _MESH = define_mesh_flags()
   cli.run(main, on_interrupt=_interrupted)

@@ -268,9 +268,21 @@ def cache_shardings(cfg: QwenConfig, mesh: Mesh, batch: int,
 
 
 def shard_params(params: PyTree, cfg: QwenConfig, mesh: Mesh) -> PyTree:
-  """Places (unboxed) params on the mesh with `param_shardings`."""
+  """Places (unboxed) params on the mesh with `param_shardings`.
+
+  Multi-process: every process passes the same full tree (one seed, one
+  file) and transfers only its own devices' shards.
+  """
   params = nn.unbox(params)
-  return jax.device_put(params, param_shardings(cfg, mesh))
+  shardings = param_shardings(cfg, mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(params, shardings)
+
+  def one(x, sh):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sh, lambda i: x[i])
+
+  return jax.tree_util.tree_map(one, params, shardings)
 
 
 def put_batch(x: Any, mesh: Mesh) -> jax.Array:

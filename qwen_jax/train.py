@@ -23,11 +23,21 @@ update's batch, the learning rate it applied). Tokens/s and MFU measure the
 steps only: the time of checkpoint saves, callbacks, evaluations and the
 CSV and progress output between them is left out.
 
-Options for fine-tuning (`qwen_jax.finetune` uses them): `frozen=` and
+Options for fine-tuning (`experiments/finetune.py` uses them): `frozen=` and
 `lora=` train low-rank adapters over frozen base weights (the state, and so
 the checkpoints, hold the adapters alone), `mesh=` shards the step over a
 device mesh, and `evaluator=` runs every `eval_every` steps on the state
 (held-out loss, samples).
+
+With a device mesh (`mesh=`, `qwen_jax.sharding.make_mesh`), the step runs
+sharded: the state is placed with `train_step.state_shardings`, and each
+step's batch becomes global arrays, rows over the mesh's data and fsdp axes
+and tokens over seq, each process transferring only the part its devices
+hold (`qwen_jax.distributed.global_batch`). The mesh may span several
+processes (`qwen_jax.distributed.initialize`): every process then runs
+`train` with the same arguments, orbax saves and restores each checkpoint
+with all of them together, and only process 0 writes metrics.csv, the
+history and the progress bar.
 
 The workdir is checked before anything is written (`train_checkpoint.
 plan_run`): a folder that is not a training workdir, a metrics.csv this
@@ -51,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import distributed
+from qwen_jax import sharding
 from qwen_jax import train_checkpoint
 from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
@@ -65,6 +77,7 @@ from qwen_jax.train_step import init_state
 from qwen_jax.train_step import make_eval_step
 from qwen_jax.train_step import make_train_step
 from qwen_jax.train_step import model_config_for_training
+from qwen_jax.train_step import state_shardings
 from qwen_jax.train_step import TrainConfig
 from qwen_jax.train_step import TrainState
 
@@ -188,7 +201,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           other_files: Sequence[str] = (),
           frozen: PyTree | None = None,
           lora: Any = None,
-          mesh: Any = None,
+          mesh: jax.sharding.Mesh | None = None,
           evaluator: Callable[[int, TrainState], None] | None = None,
           eval_every: int = 0,
           ) -> TrainResult:
@@ -228,9 +241,10 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     frozen: with `lora`, the frozen base weights (not copied, not
       donated); `params` are then the adapters (`qwen_jax.lora`).
     lora: a `qwen_jax.lora.LoraSpec`: train adapters over `frozen`.
-    mesh: a device mesh: the state is placed with
-      `train_step.state_shardings` (and `frozen` with the weights'
-      shardings) and the step runs sharded.
+    mesh: run the step sharded over this device mesh (one or several
+      processes; see the module docstring). `batch_fn(step)` then returns
+      the step's whole batch on every process, each keeping its part;
+      `frozen` is placed with the weights' shardings.
     evaluator: called as evaluator(steps_done, state) every `eval_every`
       steps and after the last step (outside the timed steps); it must not
       change the state.
@@ -265,6 +279,13 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
         workdir, cfg, tcfg, settings=settings, allow_changes=allow_changes,
         other_files=other_files)
   state = init_state(cfg, tcfg, params)
+  if mesh is not None:
+    # Before a restore, which then reads each shard onto its device.
+    state = distributed.put_global(state,
+                                   state_shardings(cfg, tcfg, mesh, lora))
+    if frozen is not None:
+      frozen = distributed.put_global(frozen,
+                                      sharding.param_shardings(cfg, mesh))
   ckpt = None
   resumed_from = None
   csv_path = None
@@ -276,33 +297,30 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       plan = train_checkpoint.plan_run(
           workdir, cfg, tcfg, settings=settings,
           allow_changes=allow_changes, other_files=other_files)
+    # Every process has read the workdir before process 0 writes to it.
+    distributed.barrier("qwen_jax.train: workdir checked")
     try:
-      train_checkpoint.begin_run(plan)
+      if distributed.is_primary():
+        train_checkpoint.begin_run(plan)
     except BaseException:
       if ckpt is not None:
         ckpt.close()
       raise
-    csv_path = os.path.join(workdir, train_workdir.METRICS_FILE)
+    if distributed.is_primary():
+      csv_path = os.path.join(workdir, train_workdir.METRICS_FILE)
   # One placement for fresh and restored states (orbax returns committed
   # arrays, a fresh init does not): the step then lowers to one program, and
   # a resumed run in the same process reuses its compilation.
-  step_fn = make_train_step(cfg, tcfg, lora=lora, mesh=mesh)
-  extra = ()
-  if mesh is not None:
-    state = jax.device_put(state, step_fn.state_shardings)
+  devices = {d for x in jax.tree_util.tree_leaves(state)
+             for d in getattr(x, "devices", set)()}
+  if len(devices) == 1 and mesh is None:  # a sharded state keeps its own
+    device = devices.pop()
+    state = jax.device_put(state, device)
     if frozen is not None:
-      frozen = jax.device_put(frozen, step_fn.frozen_shardings)
-  else:
-    devices = {d for x in jax.tree_util.tree_leaves(state)
-               for d in getattr(x, "devices", set)()}
-    if len(devices) == 1:  # a sharded state keeps its placement
-      device = devices.pop()
-      state = jax.device_put(state, device)
-      if frozen is not None:
-        frozen = jax.device_put(frozen, device)
-  if frozen is not None:
-    extra = (frozen,)
+      frozen = jax.device_put(frozen, device)
   start = int(jax.device_get(state.step))
+  step_fn = make_train_step(cfg, tcfg, lora=lora, mesh=mesh)
+  extra = () if frozen is None else (frozen,)
   expected = (tcfg.batch_size, tcfg.seq_len)
 
   def get_batch(step: int) -> Batch:
@@ -314,6 +332,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       raise ValueError(
           f"batch_fn({step}): expected inputs of shape (TrainConfig."
           f"batch_size, TrainConfig.seq_len) = {expected}, found {found}")
+    if mesh is not None:
+      batch = distributed.global_batch(batch, mesh)
     return batch
 
   try:
@@ -330,7 +350,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   peak = tcfg.peak_flops or device_peak_flops() or 0.0
   peak *= jax.device_count()
   label = progress if isinstance(progress, str) else "train"
-  bar = ProgressBar(tcfg.num_steps, label, start, enabled=bool(progress))
+  bar = ProgressBar(tcfg.num_steps, label, start,
+                    enabled=bool(progress) and distributed.is_primary())
   losses: dict[int, float] = {}
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict[str, Array]]] = []

@@ -324,7 +324,8 @@ def state_shardings(cfg: QwenConfig, tcfg: TrainConfig, mesh: Any,
                     lora: lora_lib.LoraSpec | None = None) -> TrainState:
   """NamedShardings of the TrainState on `mesh`: the weights and their
   optimizer moments as `sharding.param_shardings` places the weights
-  (ZeRO-3); adapters, the step and the optimizer's counters replicated."""
+  (ZeRO-3 over fsdp and seq, Megatron over tensor); adapters, the step and
+  the optimizer's counters replicated."""
   replicated = NamedSharding(mesh, P())
   shapes = sharding.abstract_params(cfg)
   shapes = nn.meta.unbox(shapes)
@@ -348,6 +349,11 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
                     lora: lora_lib.LoraSpec | None = None,
                     mesh: Any = None) -> Callable:
   """jit-compiled `step(state, batch) -> (state, metrics)`.
+
+  With `mesh`, the state comes back with `state_shardings` and the metrics
+  replicated (the batch and state go in as global arrays on the mesh, the
+  batch's rows over data/fsdp and its tokens over seq; the model runs
+  inside `sharding.activate`, sequence parallel).
 
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).

@@ -376,6 +376,10 @@ def test_train_misuse(way, tmp_path):
       Case([MQAR_LOCAL,
             f"--workdir={os.path.join(_unwritable(str(tmp_path)), 'run')}"],
            ["--workdir", "not writable"]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--mesh=data:3"],
+           ["--mesh", "data:3", "device count"], not_created=[new]),
+      Case([MQAR_LOCAL, f"--workdir={new}", "--process_id=1"],
+           ["--process_id", "--distributed"], not_created=[new]),
   ], way)
 
 
@@ -426,6 +430,8 @@ def test_long_context_misuse(way):
            ["--hlo_out", "nothing"]),
       Case(["--verify", "--preset=tiny", "--seq_len=64", "--loss_chunk=-1"],
            ["--loss_chunk", "found -1"]),
+      Case(aot + ["--distributed", "--num_processes=2", "--process_id=2"],
+           ["--process_id", "expected 0 to 1", "found 2"]),
   ], way)
 
 
