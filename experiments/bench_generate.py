@@ -35,14 +35,25 @@ tokens equal the float model's (and where they first differ).
 
 With --hf the same workloads run through transformers (torch, same config,
 random weights, `model.model(...)` without logits for prefill, greedy
-`generate` for decoding, its decode loop timed as ours) and the table gives
-ours / theirs.
+`generate` for decoding, its decode loop timed as ours; prefill at
+--hf_prefill_lengths when given) and the table gives ours / theirs. On a
+GPU transformers runs first and gives its cached memory back before ours
+starts; on a CPU it runs last. Each measured row is also logged as it is
+taken, so a run cut short keeps what it measured. With --attention cudnn,
+a failure of cuDNN's attention that jax cannot foresee (in XLA's compile)
+reruns the variant with the jnp attention, noted in its rows.
 
   # H100, the 0.8B preset against transformers (bf16, random weights):
   python -m experiments.bench_generate --hf --json_out bench_generate.json
   # 262,144-token prompt:
   python -m experiments.bench_generate --prefill_lengths 262144 \
       --decode_batches ""
+  # GPU: each prompt in one block, its attention through cuDNN's fused
+  # attention (the jnp attention reads every cache slot per query block):
+  python -m experiments.bench_generate --attention cudnn \
+      --prefill_block 262144 --prefill_lengths 32768,131072,262144 \
+      --decode_batches "" --variants scan --prefill_variants scan \
+      --noquality
   # CPU smoke run (tiny preset, short prompts):
   python -m experiments.bench_generate --small --hf
   # CPU, 0.8B, float32: every variant against transformers' float32
@@ -108,7 +119,18 @@ _VARIANTS = flags.DEFINE_list(
 _PREFILL_VARIANTS = flags.DEFINE_list(
     "prefill_variants", ["scan", "layout"],
     "Variants (of --variants) whose prefill is timed.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "xla", ["xla", "cudnn"],
+    "QwenConfig.attention_implementation (ours): cudnn runs a prompt's "
+    "first block through cuDNN's fused attention where it can; with "
+    "--prefill_block at least the prompt, the whole prompt.")
+_QUALITY = flags.DEFINE_bool(
+    "quality", True, "Compare each variant with the float model (the "
+    "quality table; compiles a forward and a generate of its own).")
 _HF = flags.DEFINE_bool("hf", False, "Also run transformers (torch).")
+_HF_PREFILL_LENGTHS = flags.DEFINE_list(
+    "hf_prefill_lengths", None,
+    "Prompt lengths transformers' prefill runs (default --prefill_lengths).")
 _SMALL = flags.DEFINE_bool(
     "small", False, "CPU smoke run: the flags not given on the command line "
     "become preset tiny, float32, prefill_lengths 256,1024, prefill_block "
@@ -131,12 +153,14 @@ def _flag(name: str) -> Any:
   return f.value
 
 
-def random_model(preset: str, dtype: str, seed: int, scan: bool = True):
+def random_model(preset: str, dtype: str, seed: int, scan: bool = True,
+                 attention: str = "xla"):
   """(cfg, params) of a preset's language model (no vision tower) with
   random weights, built on the device."""
   cfg = qwen_jax.QwenConfig.from_preset(preset, dtype=dtype,
                                         param_dtype=dtype, vision=None,
-                                        scan_layers=scan)
+                                        scan_layers=scan,
+                                        attention_implementation=attention)
   model = qwen_jax.Qwen35(cfg)
   init = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))
   params = flax.linen.meta.unbox(init(jax.random.PRNGKey(seed)))["params"]
@@ -190,6 +214,22 @@ def step_bytes(cfg, tree, batch: int, cache_len: int) -> int:
   return total + cache_lib.cache_bytes(cfg, batch, cache_len)
 
 
+def prefill_slots(cfg, t: int) -> int:
+  """Cache slots of the prefill bench: the prompt and one more token, within
+  max_position_embeddings (a 262,144-token prompt fills the cache)."""
+  return min(t + 1, cfg.max_position_embeddings)
+
+
+def _row_text(r: dict[str, Any]) -> str:
+  """One measured row as a log line (kept if the run is cut short)."""
+  text = f"{r['variant']} {r['workload']}: {_fmt(r['value'])} {r['unit']}"
+  if r.get("floor"):
+    text += f" (floor {_fmt(r['floor'])})"
+  if r.get("peak_bytes"):
+    text += f" (peak {r['peak_bytes'] / 2**30:.2f} GiB)"
+  return text
+
+
 @contextlib.contextmanager
 def _variant_context(name: str):
   """The old layer loops run with the conversion off."""
@@ -211,11 +251,14 @@ def bench_ours(cfg, params, prefill_lengths, prefill_block, batches,
       sec = _median_s(
           lambda c, ids=ids: prefill(run_cfg, run_params, ids, c,
                                      prefill_block=prefill_block)[0],
-          repeats, setup=lambda t=t: cache_lib.init_cache(run_cfg, 1, t + 1))
+          repeats, setup=lambda t=t: cache_lib.init_cache(
+              run_cfg, 1, prefill_slots(cfg, t)))
       rows.append(dict(variant=variant, workload=f"prefill 1 x {t}",
                        value=t / sec, unit="tokens/s", seconds=sec,
                        peak_bytes=_peak_bytes(),
-                       cache_bytes=cache_lib.cache_bytes(cfg, 1, t + 1)))
+                       cache_bytes=cache_lib.cache_bytes(
+                           cfg, 1, prefill_slots(cfg, t))))
+      print(f"  measured {_row_text(rows[-1])}", flush=True)
     for b in batches:
       ids = rng.integers(0, cfg.vocab_size, (b, prompt_len), np.int32)
       gen = lambda n, ids=ids: qwen_jax.generate(
@@ -236,6 +279,8 @@ def bench_ours(cfg, params, prefill_lengths, prefill_block, batches,
                        value=b * (new_tokens - 1) / loop if loop > 0 else None,
                        unit="new tokens/s", seconds=loop, floor=floor,
                        step_bytes=nbytes))
+      print(f"  measured {_row_text(rows[-2])}; {_row_text(rows[-1])}",
+            flush=True)
   return rows
 
 
@@ -282,7 +327,8 @@ def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
   torch.manual_seed(seed)
-  model = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config()).to(dev, tdt)
+  with torch.device(dev):  # initialised where it runs
+    model = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config()).to(tdt)
   model.eval()
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
   rng = np.random.default_rng(seed)
@@ -306,6 +352,8 @@ def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
       sec = median(lambda ids=ids: model.model(input_ids=ids,
                                                use_cache=False))
       out[f"prefill 1 x {t}"] = t / sec
+      print(f"  measured transformers prefill 1 x {t}: {t / sec:,.0f} "
+            f"tokens/s", flush=True)
     for b in batches:
       ids = torch.as_tensor(rng.integers(0, cfg.vocab_size,
                                          (b, prompt_len)), device=dev)
@@ -319,6 +367,10 @@ def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
           b * new_tokens / sec)
       if sec > first:  # timed as ours: the same call less one new token's
         out[f"decode loop only b={b}"] = b * (new_tokens - 1) / (sec - first)
+      print(f"  measured transformers b={b}: {out}", flush=True)
+  del model
+  if dev == "cuda":
+    torch.cuda.empty_cache()
   return out
 
 
@@ -345,6 +397,10 @@ def check_flags() -> dict[str, Any]:
            repeats=cli.positive_int("--repeats", _flag("repeats")),
            lengths=cli.int_list("--prefill_lengths",
                                 _flag("prefill_lengths")),
+           hf_lengths=cli.int_list(
+               "--hf_prefill_lengths",
+               _flag("prefill_lengths") if _HF_PREFILL_LENGTHS.value is None
+               else _HF_PREFILL_LENGTHS.value),
            batches=cli.int_list("--decode_batches", _flag("decode_batches")),
            variants=list(_flag("variants")),
            prefill_variants=list(_flag("prefill_variants")))
@@ -363,7 +419,7 @@ def check_flags() -> dict[str, Any]:
   with cli.user_errors("--preset"):
     cfg = qwen_jax.QwenConfig.from_preset(v["preset"])
   limit = cfg.max_position_embeddings
-  for n in v["lengths"]:
+  for n in v["lengths"] + v["hf_lengths"]:
     if n > limit:
       raise cli.UserError(f"--prefill_lengths: expected lengths <= "
                           f"{limit} (max_position_embeddings of "
@@ -402,10 +458,36 @@ def _variant_tree(name, preset, cfg, params, dtype, seed):
   if name == "scan":
     return cfg, params
   if name == "unscan":
-    return random_model(preset, dtype, seed, scan=False)
+    return random_model(preset, dtype, seed, scan=False,
+                        attention=cfg.attention_implementation)
   if name == "layout":
     return cfg, decode_loop.prepare(cfg, params)[1]
   return cfg, qwen_jax.quantize(cfg, params, name)
+
+
+def with_attention_fallback(fn: Callable[[Any], list[dict]], cfg
+                            ) -> list[dict]:
+  """fn(cfg)'s rows; when cuDNN's attention fails where jax could not tell
+  beforehand (XLA's compile), fn again with the jnp attention, each row
+  then noting the error ("attention_error")."""
+  try:
+    return fn(cfg)
+  except Exception as e:  # pylint: disable=broad-except
+    if cfg.attention_implementation != "cudnn":
+      raise
+    error = cli.one_line(f"{type(e).__name__}: {e}")[:300]
+    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
+          f"runs instead", flush=True)
+    jax.clear_caches()
+    rows = fn(cfg.replace(attention_implementation="xla"))
+    return [dict(r, attention_error=error) for r in rows]
+
+
+def _bench_hf(v: dict[str, Any]) -> dict[str, float]:
+  cfg = qwen_jax.QwenConfig.from_preset(v["preset"], dtype=v["dtype"],
+                                        param_dtype=v["dtype"], vision=None)
+  return bench_hf(cfg, v["hf_lengths"], v["batches"], v["prompt_len"],
+                  v["new_tokens"], v["repeats"], _SEED.value)
 
 
 def main(argv):
@@ -416,35 +498,45 @@ def main(argv):
   block, prompt_len = v["block"], v["prompt_len"]
   new_tokens, repeats = v["new_tokens"], v["repeats"]
   load_start = os.getloadavg()
-  cfg, params = random_model(preset, dtype, _SEED.value)
+  hf = {}
+  # On a GPU transformers runs first: torch gives its cached memory back
+  # before JAX takes what it needs (JAX's allocator keeps what it took).
+  # On a CPU it runs last, as measured so far (the order changes its
+  # threads' speed there).
+  hf_first = jax.default_backend() == "gpu"
+  if _HF.value and hf_first:
+    hf = _bench_hf(v)
+  cfg, params = random_model(preset, dtype, _SEED.value,
+                             attention=_ATTENTION.value)
   dev = jax.devices()[0]
   print(f"preset {preset} ({cfg.num_params():,} parameters), {dtype}, "
-        f"{dev.device_kind} ({jax.default_backend()}; {_cpu_name()}), jax "
-        f"{jax.__version__}; load average {load_start[0]:.2f}")
+        f"attention {cfg.attention_implementation}, {dev.device_kind} "
+        f"({jax.default_backend()}; {_cpu_name()}), jax {jax.__version__}; "
+        f"load average {load_start[0]:.2f}")
   bandwidth = measure_bandwidth()
   print(f"memory bandwidth (row sums over 1 GiB, best of 5): "
         f"{bandwidth / 1e9:.1f} GB/s")
-  ref = quality_reference(cfg, params, prompt_len, new_tokens, _SEED.value)
+  ref = (quality_reference(cfg, params, prompt_len, new_tokens, _SEED.value)
+         if _QUALITY.value else None)
   rows, qual = [], []
   for name in v["variants"]:
     vcfg, tree = _variant_tree(name, preset, cfg, params, dtype,
                                _SEED.value)
-    rows += bench_ours(
-        vcfg, tree, lengths if name in v["prefill_variants"] else [],
-        block, batches, prompt_len, new_tokens, repeats, _SEED.value,
-        variant=name, bandwidth=bandwidth)
-    if name not in ("scan", "unscan"):  # the reference; other weights
+    rows += with_attention_fallback(lambda c, vcfg=vcfg, tree=tree, name=name:
+        bench_ours(c, tree, lengths if name in v["prefill_variants"] else [],
+                   block, batches, prompt_len, new_tokens, repeats,
+                   _SEED.value, variant=name, bandwidth=bandwidth), vcfg)
+    if ref is not None and name not in ("scan", "unscan"):
+      # (scan is the reference; unscan has other weights)
       qual.append(quality(cfg, tree, name, ref))
     print(f"  {name} done ({weight_bytes(tree) / 2**20:,.1f} MiB of "
           f"weights)", flush=True)
     del tree
     decode_loop.clear_cache()
   del ref
-  hf = {}
-  if _HF.value:
+  if _HF.value and not hf_first:
     del params
-    hf = bench_hf(cfg, lengths, batches, prompt_len, new_tokens, repeats,
-                  _SEED.value)
+    hf = _bench_hf(v)
   load_end = os.getloadavg()
   print("| variant | workload | qwen_jax | floor | of floor | transformers "
         "| ratio | unit |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -474,6 +566,7 @@ def main(argv):
         f"{load_end[0]:.2f} at the end")
   if _JSON_OUT.value:
     meta = dict(preset=preset, dtype=dtype, device=dev.device_kind,
+                attention=cfg.attention_implementation,
                 cpu=_cpu_name(), backend=jax.default_backend(),
                 jax=jax.__version__, flax=flax.__version__,
                 python=platform.python_version(),

@@ -12,12 +12,28 @@
 Decoding cache (`GatedAttention.init_cache`): the keys and values of every
 slot written so far, {"k": [b, S, n, e], "v": [b, S, n, e]}, S fixed when
 the cache is allocated.
+
+Implementations (`QwenConfig.attention_implementation`):
+
+  xla    the jnp attention of this module (`dot_product_attention`): the
+         queries in blocks of `QUERY_BLOCK`, each block's float32 scores
+         over every key.
+  cudnn  cuDNN's fused (flash) attention through
+         `jax.nn.dot_product_attention` for the causal attention of a
+         block over its own keys without padding or packing masks: the
+         training and forward passes, and a prefill call that starts from
+         an empty cache (a `lax.cond` on the cache index picks it at run
+         time). Everything else, and every input cuDNN does not take
+         (`fused_fallback_reason`: not a CUDA GPU, not float16/bfloat16,
+         head_dim over 256 on Hopper and later or 128 before), runs the
+         jnp attention; the reason is logged once.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,9 +106,87 @@ def dot_product_attention(q: Array, k: Array, v: Array, q_pos: Array,
     sb = args[2] if q_seg is not None else None
     return _attend_block(qb, k, v, pb, k_pos, key_valid, sb, k_seg)
 
-  o = jax.lax.map(one, tuple(blocks))  # [nb, b, block, n, g, e]
+  # Under autodiff each block's scores and probabilities are recomputed in
+  # the backward instead of being stored for every block at once (at 32k
+  # tokens the stored float32 scores alone would be about 32 GiB a layer).
+  # [nb, b, block, n, g, e]
+  o = jax.lax.map(jax.checkpoint(one), tuple(blocks))
   o = o.swapaxes(0, 1).reshape(b, nb * block, h, e)
   return o[:, :t]
+
+
+# The `implementation` the "cudnn" option passes to
+# `jax.nn.dot_product_attention`; tests set "xla" to run the option's code
+# path on a CPU (jax's own attention, a full [t, s] score matrix).
+FUSED_IMPLEMENTATION = "cudnn"
+_FALLBACKS_LOGGED = set()
+
+
+def fused_fallback_reason(q: Array, implementation: str = "cudnn"
+                          ) -> str | None:
+  """Why `jax.nn.dot_product_attention(implementation=...)` cannot take q
+  here, or None when it can.
+
+  cuDNN's conditions as jax 0.10 checks them
+  (`jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention`): a
+  CUDA GPU, float16 or bfloat16 inputs, a head_dim that is a multiple of 8
+  and at most 256 on compute capability 9.0 and later (128 before).
+  Anything jax still refuses while tracing is caught by the caller.
+  """
+  if implementation != "cudnn":
+    return None
+  dev = jax.devices()[0]
+  if dev.platform != "gpu":
+    return f"backend {dev.platform!r} is not a GPU"
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(q.dtype).name} (cuDNN takes float16/bfloat16)"
+  try:
+    major, minor = (int(x) for x in str(dev.compute_capability).split("."))
+  except (AttributeError, ValueError):
+    return (f"device {dev.device_kind!r} reports no CUDA compute "
+            f"capability")
+  e = q.shape[-1]
+  limit = 256 if (major, minor) >= (9, 0) else 128
+  if e > limit or e % 8:
+    return (f"head_dim {e} (cuDNN on compute capability {major}.{minor} "
+            f"takes multiples of 8 up to {limit})")
+  return None
+
+
+def _log_fallback(reason: str) -> None:
+  if reason not in _FALLBACKS_LOGGED:
+    _FALLBACKS_LOGGED.add(reason)
+    logging.warning("attention_implementation='cudnn': the jnp attention "
+                    "runs instead: %s", reason)
+
+
+def causal_attention(q: Array, k: Array, v: Array,
+                     fused: str | None = None) -> Array:
+  """Causal GQA attention of a block over its own keys (no masks).
+
+  Args:
+    q: [b, t, h, e]; k, v: [b, t, n, e].
+    fused: None for the jnp attention; else the `implementation` of
+      `jax.nn.dot_product_attention` to try first ("cudnn"; "xla" in
+      tests), falling back to the jnp attention when it cannot run.
+
+  Returns:
+    [b, t, h, e] in v.dtype.
+  """
+  b, t, _, e = q.shape
+  if fused is not None:
+    reason = fused_fallback_reason(q, fused)
+    if reason is None:
+      try:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=e ** -0.5,
+            implementation=fused).astype(v.dtype)
+      except (NotImplementedError, RuntimeError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}"
+    _log_fallback(reason)
+  ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return dot_product_attention(q, k, v, ar, ar, jnp.ones((b, t), bool))
 
 
 class GatedAttention(nn.Module):
@@ -178,6 +272,8 @@ class GatedAttention(nn.Module):
     k = layers.apply_partial_rope(k, cos, sin)
     q = layers.constrain(q, ("batch", "seq", "heads", "head_dim"))
     k = layers.constrain(k, ("batch", "seq", "kv_heads_act", "head_dim"))
+    fused = (FUSED_IMPLEMENTATION
+             if cfg.attention_implementation == "cudnn" else None)
 
     if cache is not None:
       # Write this step's keys/values at cache_index, attend over the cache.
@@ -202,9 +298,23 @@ class GatedAttention(nn.Module):
                                              1))
         o = sequence_parallel.attention(q, k, v, mask)
       else:
-        o = dot_product_attention(q, k_all.astype(dtype),
-                                  v_all.astype(dtype), q_pos, k_pos,
-                                  key_valid)
+        def over_cache():
+          return dot_product_attention(q, k_all.astype(dtype),
+                                       v_all.astype(dtype), q_pos, k_pos,
+                                       key_valid)
+
+        if fused is not None and t > 1 and attention_mask is None:
+          # A prompt's first block sees only its own keys: causal attention
+          # over t keys instead of every cache slot.
+          # (K and V rounded as the cache stores them, as over_cache reads
+          # them.)
+          k_own = k.astype(k_all.dtype).astype(dtype)
+          v_own = v.astype(v_all.dtype).astype(dtype)
+          o = jax.lax.cond(cache_index == 0,
+                           lambda: causal_attention(q, k_own, v_own, fused),
+                           over_cache)
+        else:
+          o = over_cache()
     else:
       new_cache = None
       ar = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -213,11 +323,9 @@ class GatedAttention(nn.Module):
       sp = sequence_parallel.current()
       if sp is not None:  # the token axis split over devices
         o = sequence_parallel.attention(q, k, v, attention_mask, segment_ids)
-      elif (cfg.attention_implementation == "cudnn" and attention_mask is None
+      elif (fused is not None and attention_mask is None
             and segment_ids is None):
-        o = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, scale=e ** -0.5,
-            implementation="cudnn")
+        o = causal_attention(q, k, v, fused)
       else:
         o = dot_product_attention(q, k, v, ar, ar, key_valid,
                                   segment_ids, segment_ids)

@@ -134,7 +134,11 @@ class QwenConfig:
       stored: from 32k tokens a forward+backward holds fewer bytes than the
       per-chunk states alone would; `block_sizes.PRESETS`); "" for the
       defaults. Used only where the Pallas kernels run.
-    attention_implementation: "xla" or "cudnn" (jax.nn.dot_product_attention).
+    attention_implementation: "xla" (the jnp attention) or "cudnn" (cuDNN's
+      fused attention through jax.nn.dot_product_attention where it takes
+      the inputs: causal attention without padding or packing masks, in
+      training, forward passes and a prompt's first prefill block; the
+      jnp attention elsewhere; `qwen_jax.attention`).
   """
 
   vocab_size: int = 248320

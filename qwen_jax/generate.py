@@ -387,7 +387,16 @@ def _prefill_chunk(cfg: QwenConfig, params: PyTree, ids: Array,
   return _head(cfg, params, hidden[:, -1]), cache
 
 
-_prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnums=0,
+def _prefill_program(cfg, params, ids, cache, mask, positions=None,
+                     image_features=None, video_features=None):
+  # `_prefill_chunk` is looked up when traced, not bound when jitted, so a
+  # wrapper of the module's function sees every trace of this program
+  # (tests/test_retrace.py counts them with chex.assert_max_traces).
+  return _prefill_chunk(cfg, params, ids, cache, mask, positions,
+                        image_features, video_features)
+
+
+_prefill_chunk_jit = jax.jit(_prefill_program, static_argnums=0,
                              donate_argnums=3)
 
 
@@ -398,7 +407,12 @@ def _decode(cfg: QwenConfig, params: PyTree, tokens: Array, cache: PyTree,
   return logits[:, 0].astype(jnp.float32), cache
 
 
-_decode_jit = jax.jit(_decode, static_argnums=0, donate_argnums=3)
+def _decode_program(cfg, params, tokens, cache, mask):
+  # `_decode` looked up when traced, as in `_loop` (see `_prefill_program`).
+  return _decode(cfg, params, tokens, cache, mask)
+
+
+_decode_jit = jax.jit(_decode_program, static_argnums=0, donate_argnums=3)
 
 
 def _slot_mask(mask: Array | None, b: int, t: int, index: int,

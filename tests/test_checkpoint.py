@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,10 +156,6 @@ def _scaled(params, factor):
   return jax.tree_util.tree_map(lambda x: x * factor, params)
 
 
-def _assert_params_equal(a, b):
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-
-
 def test_save_removes_stale_weight_files(saved, tmp_path):
   """Sharded, then single, then sharded again into one folder."""
   cfg, params = qwen_jax.load_hf_checkpoint(saved[0])
@@ -173,7 +170,7 @@ def test_save_removes_stale_weight_files(saved, tmp_path):
   qwen_jax.save_hf_checkpoint(out, cfg, params2)
   assert sorted(os.listdir(out)) == sorted(
       ["config.json", checkpoint.SINGLE_FILE] + user_files)
-  _assert_params_equal(qwen_jax.load_hf_checkpoint(out)[1], params2)
+  chex.assert_trees_all_equal(qwen_jax.load_hf_checkpoint(out)[1], params2)
   # Back to shards: the single file goes, fewer shards leave none behind.
   qwen_jax.save_hf_checkpoint(out, cfg, params, max_shard_bytes=200_000)
   names = os.listdir(out)
@@ -185,7 +182,7 @@ def test_save_removes_stale_weight_files(saved, tmp_path):
     assert set(new_shards) == set(json.load(f)["weight_map"].values())
   for f in user_files:
     assert (out / f).read_text() == "keep me"
-  _assert_params_equal(qwen_jax.load_hf_checkpoint(out)[1], params)
+  chex.assert_trees_all_equal(qwen_jax.load_hf_checkpoint(out)[1], params)
 
 
 def test_single_file_beats_index_as_in_transformers(saved, tmp_path):
@@ -198,7 +195,7 @@ def test_single_file_beats_index_as_in_transformers(saved, tmp_path):
   shutil.copy(single / checkpoint.SINGLE_FILE, both / checkpoint.SINGLE_FILE)
   assert os.path.exists(both / checkpoint.INDEX_FILE)
   _, loaded = qwen_jax.load_hf_checkpoint(both)
-  _assert_params_equal(loaded, params2)
+  chex.assert_trees_all_equal(loaded, params2)
   ids = hf_utils.random_ids(np.random.default_rng(2), 1, 12, cfg.vocab_size)
   theirs = hf_utils.hf_logits(hf_utils.load_hf_causal_lm(both), ids)
   assert tolerances.max_rel_err(_logits(cfg, loaded, ids), theirs) < (
@@ -392,10 +389,9 @@ def test_save_accepts_boxed_and_frozen_params(tmp_path, tiny_init):
     qwen_jax.save_hf_checkpoint(tmp_path / name, cfg, p, dtype="bfloat16")
     back_cfg, back = qwen_jax.load_hf_checkpoint(tmp_path / name)
     assert back_cfg == cfg
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_array_equal(
-            a, np.asarray(b).astype(jnp.bfloat16).astype(np.float32)),
-        back, plain)
+    chex.assert_trees_all_equal(back, jax.tree_util.tree_map(
+        lambda b: np.asarray(b).astype(jnp.bfloat16).astype(np.float32),
+        plain))
 
 
 def test_save_structure_errors_name_the_key(tmp_path, tiny_init):

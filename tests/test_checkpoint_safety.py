@@ -27,6 +27,7 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import ml_dtypes
 import numpy as np
@@ -66,10 +67,6 @@ def _visible(path):
 def _staging(path):
   return [f for f in os.listdir(path)
           if f.startswith(checkpoint.STAGING_PREFIX)]
-
-
-def _assert_params_equal(a, b):
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
 def _add_user_files(path):
@@ -178,7 +175,7 @@ def test_failed_save_leaves_the_old_checkpoint(text_ckpt, tmp_path,
   monkeypatch.undo()
   assert _snapshot(dst) == before  # every byte, no half-written file
   assert _staging(dst) == []  # the partial files went with their folder
-  _assert_params_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
+  chex.assert_trees_all_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
 
 
 _KILLED_SAVE = textwrap.dedent("""
@@ -244,14 +241,14 @@ def test_save_killed_midway_leaves_the_old_checkpoint(vlm, tmp_path):
   # What the killed save left is only its hidden folder.
   staged = _staging(dst)
   assert len(staged) == 1 and os.listdir(dst / staged[0])
-  _assert_params_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
+  chex.assert_trees_all_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
   # Another save goes through beside the leftover, and leaves it alone.
   leftover = _snapshot(dst / staged[0])
   qwen_jax.save_hf_checkpoint(dst, cfg, params, dtype="bfloat16")
   assert _staging(dst) == staged
   assert _snapshot(dst / staged[0]) == leftover
   assert hf_utils.read_config(dst)["dtype"] == "bfloat16"
-  _assert_params_equal(
+  chex.assert_trees_all_equal(
       qwen_jax.load_hf_checkpoint(dst, dtype="bfloat16")[1],
       jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params))
 
@@ -328,7 +325,7 @@ def test_bf16_in_place_keeps_the_multimodal_checkpoint(vlm, tmp_path):
   # And we load it back: the bf16 parameters we saved.
   back_cfg, back = qwen_jax.load_hf_checkpoint(dst, dtype="bfloat16")
   assert back_cfg == cfg
-  _assert_params_equal(back, params)
+  chex.assert_trees_all_equal(back, params)
 
 
 @pytest.mark.parametrize("direction", ["shards_to_single", "single_to_shards"])
@@ -359,7 +356,7 @@ def test_in_place_between_shards_and_single_file(vlm, vlm_sharded, tmp_path,
     np.testing.assert_array_equal(new[k], v, err_msg=k)
   assert (dst / "README.md").read_text() == "my notes"
   assert (dst / "notes" / "run.txt").read_text() == "lr 1e-4"
-  _assert_params_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
+  chex.assert_trees_all_equal(qwen_jax.load_hf_checkpoint(dst)[1], params)
 
 
 def test_text_config_entries_we_do_not_own_are_kept(text_ckpt, tmp_path):
@@ -386,7 +383,7 @@ def test_text_only_checkpoint_of_another_shape_is_replaced(text_ckpt,
   qwen_jax.save_hf_checkpoint(dst, cfg, params)
   back_cfg, back = qwen_jax.load_hf_checkpoint(dst)
   assert back_cfg.hidden_size == cfg.hidden_size
-  _assert_params_equal(back, params)
+  chex.assert_trees_all_equal(back, params)
 
 
 # ------------------------------------------------------------ refusals

@@ -7,6 +7,7 @@ written here independently of the package.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from tests import tolerances
 
 B, HK, HV, DK, DV = 2, 2, 4, 16, 24
 IMPLS = ("recurrent", "chunked")
+GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
 
 
 def make_inputs(seed, t, dtype=jnp.float32, with_state=True,
@@ -128,6 +130,13 @@ def assert_scaled_close(actual, expected, dtype, err_msg=""):
                           dtype, err_msg=err_msg)
 
 
+def _assert_grads_close(grads, expected, dtype):
+  """The six gradients (q, k, v, g, beta, initial state) against the
+  float64 ones, each relative to its own size as `assert_scaled_close`."""
+  tolerances.assert_trees_scaled_close(dict(zip(GRAD_NAMES, grads)),
+                                       dict(zip(GRAD_NAMES, expected)), dtype)
+
+
 def run(impl, inputs, **kw):
   return gated_delta_rule(**inputs, implementation=impl, **kw)
 
@@ -139,8 +148,9 @@ def test_forward_matches_float64(impl, t, with_state):
   inputs = make_inputs(t, t, with_state=with_state)
   o, s = run(impl, inputs)
   o_ref, s_ref = np_recurrence(**inputs)
-  assert o.shape == (B, t, HV, DV) and o.dtype == jnp.float32
-  assert s.shape == (B, HV, DK, DV) and s.dtype == jnp.float32
+  chex.assert_shape(o, (B, t, HV, DV))
+  chex.assert_shape(s, (B, HV, DK, DV))
+  chex.assert_type([o, s], jnp.float32)
   assert_scaled_close(o, o_ref, jnp.float32, "output")
   assert_scaled_close(s, s_ref, jnp.float32, "final state")
 
@@ -217,10 +227,7 @@ def test_gradients_match_float64(impl, t, dtype, with_state, with_segments):
   names = ("q", "k", "v", "g", "beta")
   grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(
       *[inputs[n] for n in names], s0)
-  expected = reference_grads(inputs, r_o, r_s)
-  for name, got, want in zip(names + ("initial_state",), grads, expected):
-    assert got.shape == want.shape, name
-    assert_scaled_close(got, want, dtype, f"d{name}")
+  _assert_grads_close(grads, reference_grads(inputs, r_o, r_s), dtype)
 
 
 def _check_rule_against_float64(impl, inputs, seed, **kw):
@@ -244,13 +251,11 @@ def _check_rule_against_float64(impl, inputs, seed, **kw):
   args = [inputs[n] for n in names] + [s0]
   o, s = jax.jit(fwd)(*args)
   o_ref, s_ref = np_recurrence(**inputs)
-  assert o.shape == (B, t, HV, DV)
+  chex.assert_shape(o, (B, t, HV, DV))
   assert_scaled_close(o, o_ref, jnp.float32, "output")
   assert_scaled_close(s, s_ref, jnp.float32, "final state")
   grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
-  expected = reference_grads(inputs, r_o, r_s)
-  for name, got, want in zip(names + ("initial_state",), grads, expected):
-    assert_scaled_close(got, want, jnp.float32, f"d{name}")
+  _assert_grads_close(grads, reference_grads(inputs, r_o, r_s), jnp.float32)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ("pallas",))
@@ -264,14 +269,18 @@ def test_slow_decay_matches_float64(impl):
                               seed=600)
 
 
-def test_chunk_size_and_jit():
-  inputs = make_inputs(11, 37)
-  fn = jax.jit(functools.partial(gated_delta_rule, implementation="chunked",
-                                 chunk_size=16))
-  o, s = fn(**inputs)
-  o_ref, s_ref = np_recurrence(**inputs)
-  assert_scaled_close(o, o_ref, jnp.float32)
-  assert_scaled_close(s, s_ref, jnp.float32)
+class ChunkSizeTest(chex.TestCase):
+  """A chunk size other than the default, eager and under jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chunk_size(self):
+    inputs = make_inputs(11, 37)
+    fn = self.variant(functools.partial(
+        gated_delta_rule, implementation="chunked", chunk_size=16))
+    o, s = fn(**inputs)
+    o_ref, s_ref = np_recurrence(**inputs)
+    assert_scaled_close(o, o_ref, jnp.float32)
+    assert_scaled_close(s, s_ref, jnp.float32)
 
 
 def test_auto_names_registered_implementations():

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -300,8 +301,7 @@ def test_each_mixer_decodes_from_its_own_cache(mixer):
     cache = GatedDeltaNet.init_cache(cfg, b)
     shapes = GatedDeltaNet.cache_shapes(cfg, b)
     step = lambda i, c: layer.apply(params, x[:, i:i + 1], None, c)
-  assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), cache) == (
-      jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes))
+  chex.assert_trees_all_equal_shapes_and_dtypes(cache, shapes)
   outs = []
   for i in range(t):  # one token at a time, from the zero cache
     y, cache = step(i, cache)

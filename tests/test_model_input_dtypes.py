@@ -8,6 +8,7 @@ Every model here is the tiny preset with random weights.
 
 import functools
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -62,11 +63,15 @@ def test_positions_must_be_integer(case):
     _apply(model, params, _ids(), positions=pos)
 
 
-def test_float_positions_refused_under_jit_too():
-  _, model, params = _setup()
-  fn = jax.jit(lambda p, i, pos: _apply(model, p, i, positions=pos))
-  with pytest.raises(ValueError, match="positions: expected an integer"):
-    fn(params, _ids(), jnp.asarray(_positions(np.float32)))
+class FloatPositionsTest(chex.TestCase):
+  """The dtype is known eagerly and under jit: refused in both."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_float_positions_refused(self):
+    _, model, params = _setup()
+    fn = self.variant(lambda p, i, pos: _apply(model, p, i, positions=pos))
+    with pytest.raises(ValueError, match="positions: expected an integer"):
+      fn(params, _ids(), jnp.asarray(_positions(np.float32)))
 
 
 def test_integer_positions_of_any_width_accepted():

@@ -18,6 +18,7 @@ seconds.
 import functools
 import re
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ def test_ids_under_jit_are_not_checked():
   # runs (this documents the limit) and valid ids give the eager logits.
   _, _, params = _setup()
   out = _jitted()(params, _ids().at[0, 0].set(VOCAB), None)  # no error
-  assert out.shape == (B, T, VOCAB)
+  chex.assert_shape(out, (B, T, VOCAB))
 
 
 def test_eager_model_does_not_read_g_to_the_host(monkeypatch):
@@ -220,16 +221,19 @@ def test_all_linear_cache_with_a_short_mask_raises():
          attention_mask=jnp.ones((B, 10)))
 
 
-def test_valid_cache_checks_pass_under_jit():
-  # Shapes are checked at trace time; the traced index is not read.
-  cfg, model, params = _setup()
-  fn = jax.jit(lambda p, i, c: _apply(model, p, i, cache=c))
-  ids = _ids()
-  out, cache = fn(params, ids[:, :6], cache_lib.init_cache(cfg, B, 16))
-  ref, _ = _apply(model, params, ids[:, :6],
-                  cache=cache_lib.init_cache(cfg, B, 16))
-  tolerances.assert_close(out, ref, "float32")
-  assert int(cache["index"]) == 6
+class ValidCacheTest(chex.TestCase):
+  """A valid cache passes the checks eagerly and under jit (there shapes
+  are checked at trace time and the traced index is not read), and the
+  logits are those of the forward without a cache."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_valid_cache_checks_pass(self):
+    cfg, model, params = _setup()
+    fn = self.variant(lambda p, i, c: _apply(model, p, i, cache=c))
+    ids = _ids()[:, :6]
+    out, cache = fn(params, ids, cache_lib.init_cache(cfg, B, 16))
+    tolerances.assert_close(out, _apply(model, params, ids), "float32")
+    assert int(cache["index"]) == 6
 
 
 # ---------------------------------------------- positions, segment_ids
@@ -247,13 +251,21 @@ def test_positions_and_segment_ids_shapes(name, shape):
 
 
 # ------------------------------------------------------------ the rest
-def test_empty_batch_gives_empty_results():
-  cfg, model, params = _setup()
-  out = _apply(model, params, _ids()[:0])
-  assert out.shape == (0, T, VOCAB) and out.dtype == jnp.dtype(cfg.dtype)
-  out, hidden = jax.jit(lambda p, i: _apply(model, p, i, return_hidden=True))(
-      params, _ids()[:0])
-  assert out.shape == (0, T, VOCAB) and hidden.shape == (0, T, 64)
+class EmptyBatchTest(chex.TestCase):
+  """An empty batch gives empty results, eagerly and under jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_empty_batch_gives_empty_results(self):
+    cfg, model, params = _setup()
+    fn = self.variant(lambda p, i: _apply(model, p, i, return_hidden=True))
+    out, hidden = fn(params, _ids()[:0])
+    chex.assert_shape(out, (0, T, VOCAB))
+    chex.assert_shape(hidden, (0, T, 64))
+    chex.assert_type(out, jnp.dtype(cfg.dtype))
+
+
+def test_init_needs_a_sequence():
+  _, model, _ = _setup()
   with pytest.raises(ValueError, match="input_ids: init needs at least one"):
     model.init(jax.random.PRNGKey(0), _ids()[:0])
 

@@ -11,6 +11,7 @@ run (g = 0, very negative g, t = 0, a traced scale, block_sizes None or a
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +77,7 @@ def test_log_decay_values_accepted():
     got, _ = _run("chunked", dict(inputs, g=g))
     ref, _ = _run("recurrent", dict(inputs, g=g))
     tolerances.assert_close(got, ref, jnp.float32, scale=0.01)
-  assert want.shape == (B, T, H, D)
+  chex.assert_shape(want, (B, T, H, D))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -97,7 +98,7 @@ def test_log_decay_values_not_checked_under_jit():
   rest = {n: x for n, x in inputs.items() if n != "g"}
   fn = jax.jit(lambda g: _run("chunked", dict(rest, g=g)))
   o, _ = fn(g_bad)
-  assert o.shape == (B, T, H, D)
+  chex.assert_shape(o, (B, T, H, D))
   # The program of a valid g is the program of any g.
   text = fn.lower(inputs["g"]).as_text()
   assert text == fn.lower(g_bad).as_text()
@@ -153,7 +154,8 @@ def test_empty_sequence_still_runs():
   inputs = _inputs(t=0)
   for impl in IMPLS:
     o, s = _run(impl, inputs)
-    assert o.shape == (B, 0, H, D) and s.shape == (B, H, D, D)
+    chex.assert_shape(o, (B, 0, H, D))
+    chex.assert_shape(s, (B, H, D, D))
 
 
 # ----------------------------------------------------------------- scale
@@ -283,7 +285,7 @@ def test_block_dv_checked_against_the_padded_gpu_dim(monkeypatch):
                      r"kernels\), found 5"):
     _run("recurrent", inputs, block_sizes="block_dv=5")
   o, _ = _run("recurrent", inputs, block_sizes="block_dv=8")
-  assert o.shape == (B, 20, H, 12)
+  chex.assert_shape(o, (B, 20, H, 12))
 
 
 # ------------------------------------------------------ sequence parallel

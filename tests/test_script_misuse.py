@@ -470,6 +470,33 @@ def test_bench_generate_misuse(way):
   ], way)
 
 
+def test_bench_train_misuse(way):
+  _check_cases("bench_train", [
+      Case(["--small", "--seq_lens=64,abc"], ["--seq_lens"]),
+      Case(["--small", "--steps=0"], ["--steps", "found 0"]),
+      Case(["--preset=nope"], ["--preset", "nope"]),
+      Case(["--small", "--seq_lens=5000"], ["--seq_lens", "4096"]),
+      Case(["--small", "--gdr_block_sizes=bogus=1"],
+           ["--gdr_block_sizes", "bogus"]),
+      Case(["--small", f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
+def test_model_memory_misuse(way):
+  _check_cases("model_memory", [
+      Case(["--preset=tiny", "--programs=train,fit"], ["--programs", "fit"]),
+      Case(["--preset=tiny", "--seq_lens=0"], ["--seq_lens"]),
+      Case(["--preset=tiny", "--seq_lens=5000"], ["--seq_lens", "4096"]),
+      Case(["--preset=tiny", "--prefill_block=1"], ["--prefill_block"]),
+      Case(["--preset=tiny", "--seq_lens=64", "--decode_cache=5000"],
+           ["--decode_cache", "found 5000"]),
+      Case(["--preset=tiny", "--seq_lens=64",
+            f"--json_out={os.path.join(way, 'adir')}"],
+           ["--json_out", "a folder"]),
+  ], way)
+
+
 # ------------------------------------------------------------ train Ctrl-C
 def test_train_ctrl_c_names_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")

@@ -35,6 +35,7 @@ import subprocess
 import sys
 
 from absl import flags
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,13 +68,6 @@ def _local():
   return config, cfg, tcfg, task
 
 
-def _tree_equal(a, b) -> bool:
-  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-          and all(np.array_equal(np.asarray(x), np.asarray(y))
-                  for x, y in zip(la, lb)))
-
-
 def _csv_rows(path):
   with open(path) as f:
     return list(csv.DictReader(f))
@@ -103,8 +97,9 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
   result = train.train(cfg, tcfg, lambda step: batch, params=params,
                        progress=False)
   # The caller's parameters are neither donated (deleted) nor changed.
-  assert _tree_equal(params, before)
-  assert not _tree_equal(result.state.params, before)
+  chex.assert_trees_all_equal(params, before)
+  with pytest.raises(AssertionError):  # the result's have moved
+    chex.assert_trees_all_equal(result.state.params, before)
   losses = np.array([result.losses[s] for s in range(tcfg.num_steps)])
   # Starts near the uniform guess, ends clearly below it.
   assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.3, losses
@@ -383,8 +378,8 @@ def test_killed_run_resumes_with_identical_losses(reference_run, tmp_path):
   for step, value in resumed.losses.items():
     assert value == ref.losses[step], (step, value, ref.losses[step])
   assert int(resumed.state.step) == tcfg.num_steps
-  assert _tree_equal(resumed.state.params, ref.state.params)
-  assert _tree_equal(resumed.state.opt_state, ref.state.opt_state)
+  chex.assert_trees_all_equal(resumed.state.params, ref.state.params)
+  chex.assert_trees_all_equal(resumed.state.opt_state, ref.state.opt_state)
   # metrics.csv holds each logged step once, as in the uninterrupted run.
   rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
   ref_rows = _csv_rows(os.path.join(ref_dir, "metrics.csv"))
@@ -427,7 +422,7 @@ def test_restore_for_another_model_config_names_the_field(reference_run):
   finally:
     ckpt.close()
   assert int(state.step) == tcfg.num_steps
-  assert _tree_equal(state.params, ref.state.params)
+  chex.assert_trees_all_equal(state.params, ref.state.params)
 
 
 def test_export_hf_loads_in_transformers(reference_run, tmp_path):
@@ -946,7 +941,7 @@ def test_resume_with_clipping_switched_is_refused(reference_run):
   finally:
     ckpt.close()
   assert int(state.step) == tcfg.num_steps
-  assert _tree_equal(state.opt_state, ref.state.opt_state)
+  chex.assert_trees_all_equal(state.opt_state, ref.state.opt_state)
 
 
 def test_resume_past_num_steps_is_refused(reference_run, tmp_path):

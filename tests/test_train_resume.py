@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 
-import jax
+import chex
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -75,13 +75,6 @@ def _snapshot(root):
 def _rows(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
-
-
-def _tree_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-          and all(np.array_equal(np.asarray(x), np.asarray(y))
-                  for x, y in zip(la, lb)))
 
 
 def _restore(workdir, cfg, tcfg, step=None):
@@ -340,8 +333,8 @@ def test_allowed_changes_are_recorded_and_the_schedule_follows_them(
           == [r["loss"] for r in rows])
   cfg, tcfg, _, _ = _build(config)
   cfg = train_step.model_config_for_training(cfg, tcfg)
-  assert _tree_equal(_restore(replay, cfg, tcfg), _restore(workdir, cfg,
-                                                           tcfg))
+  chex.assert_trees_all_equal(_restore(replay, cfg, tcfg),
+                              _restore(workdir, cfg, tcfg))
 
 
 # -------------------------------------------------------- checkpoint saves
@@ -382,10 +375,10 @@ def test_an_exception_inside_a_save_keeps_the_previous_checkpoint(
   run_cfg = train_step.model_config_for_training(cfg, tcfg)
   restored = _restore(workdir, run_cfg, tcfg)
   assert int(restored.step) == 4
-  assert _tree_equal(restored, _restore(ref_dir, run_cfg, tcfg, 4))
+  chex.assert_trees_all_equal(restored, _restore(ref_dir, run_cfg, tcfg, 4))
   resumed = train.train(cfg, tcfg, task.batch_fn, workdir, progress=False)
   assert resumed.resumed_from == 4
-  assert _tree_equal(resumed.state.params, ref.state.params)
+  chex.assert_trees_all_equal(resumed.state.params, ref.state.params)
   assert ([r["loss"] for r in _rows(os.path.join(workdir, "metrics.csv"))]
           == [r["loss"] for r in _rows(os.path.join(ref_dir,
                                                     "metrics.csv"))])

@@ -6,6 +6,7 @@ map and the layouts are tested with the math. Presets are counted against
 transformers' models built on the meta device.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +70,7 @@ def test_tower_matches_transformers(tiny, grid, block):
     ref = model(torch.tensor(x), grid_thw=torch.tensor(grid))
   ref = ref.pooler_output.numpy()
   ours = np.asarray(vision.encode(vcfg, params, x, grid))
-  assert ours.shape == (n // 4, vcfg.out_hidden_size)
+  chex.assert_shape(ours, (n // 4, vcfg.out_hidden_size))
   assert tolerances.max_rel_err(ours, ref) < tolerances.HF_LOGITS_REL
   parts = vision.split_features(ours, grid, vcfg.spatial_merge_size)
   assert [p.shape[0] for p in parts] == list(grid.prod(axis=1) // 4)
@@ -113,9 +114,7 @@ def test_weight_map_covers_the_checkpoint_and_round_trips(tiny):
   assert set(back) == set(tensors)
   for key, x in tensors.items():
     np.testing.assert_array_equal(back[key], x, err_msg=key)
-  shapes = jax.tree_util.tree_map(lambda a: a.shape,
-                                  vision.param_shapes(vcfg))
-  assert jax.tree_util.tree_map(lambda a: a.shape, params) == shapes
+  chex.assert_trees_all_equal_shapes(params, vision.param_shapes(vcfg))
 
 
 def test_params_from_hf_names_a_wrong_shape(tiny):

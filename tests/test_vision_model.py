@@ -27,6 +27,7 @@ placeholder ids inside the 128-token vocabulary; we load that folder once
 import functools
 import io
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,7 +257,7 @@ def test_our_save_loads_in_transformers_with_our_logits(vlm, tmp_path):
   assert tolerances.max_rel_err(ours, ref) < tolerances.HF_LOGITS_REL
   back_cfg, back = qwen_jax.load_hf_checkpoint(tmp_path)
   assert back_cfg == cfg
-  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  chex.assert_trees_all_equal(back, params)
 
 
 def test_transformers_sharded_save_loads_as_its_single_file(vlm, tmp_path):
@@ -265,7 +266,7 @@ def test_transformers_sharded_save_loads_as_its_single_file(vlm, tmp_path):
   assert len(hf_utils.safetensors_files(tmp_path)) > 1
   back_cfg, back = qwen_jax.load_hf_checkpoint(tmp_path)
   assert back_cfg == cfg and "visual" in back
-  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  chex.assert_trees_all_equal(back, params)
 
 
 def test_saves_switch_layouts_and_keep_what_they_do_not_own(vlm, tmp_path):
@@ -291,7 +292,7 @@ def test_saves_switch_layouts_and_keep_what_they_do_not_own(vlm, tmp_path):
   assert config["text_config"]["my_field"] == [1, 2]
   back_cfg, back = qwen_jax.load_hf_checkpoint(dst)
   assert back_cfg == cfg
-  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  chex.assert_trees_all_equal(back, params)
   theirs = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
       dst, dtype=torch.float32).state_dict()
   for k, v in model.state_dict().items():

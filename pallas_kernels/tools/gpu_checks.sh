@@ -20,41 +20,9 @@
 # bench32k tests_all profile32k prep32k best32k final32k base32k split32k
 # scaling bench8k.
 set -u
-OUT=${OUT:-/tmp/gpu_checks}
-mkdir -p "$OUT"
-LOG="$OUT/gpu_checks.log"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false FLA_TILELANG=0
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# No shared compilation cache for the tests here (tests/conftest.py makes one
-# on CPU runs): not tried with the Triton kernels on a GPU yet.
-export QWEN_JAX_TEST_JAX_CACHE=0
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-
-# BUDGET_S=N: the whole run ends within N seconds of starting (the call's
-# limit): each step's limit is cut to what is left, and a step with under
-# MIN_STEP_S (45) seconds left is skipped, so order steps by priority.
-DEADLINE=${BUDGET_S:+$(( $(date +%s) + BUDGET_S ))}
-
-step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2 start rc left
-  shift 2
-  start=$(date +%s)
-  if [ -n "$DEADLINE" ]; then
-    left=$(( DEADLINE - start ))
-    if [ "$left" -lt "${MIN_STEP_S:-45}" ]; then
-      echo "=== $name skipped: ${left}s left of BUDGET_S" | tee -a "$LOG"
-      return
-    fi
-    [ "$left" -lt "$limit" ] && limit=$left
-  fi
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  rc=$?
-  echo "=== $name rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$LOG"
-}
+LOG_NAME=gpu_checks
+# OUT, LOG, the environment, the carried wheels, BUDGET_S and `step`.
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"
 
 bench() {  # bench NAME SECONDS SEQ_LEN ITERS [extra flags]
   local name=$1 limit=$2 t=$3 iters=$4
