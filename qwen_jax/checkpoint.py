@@ -51,9 +51,10 @@ from qwen_jax import tokenizer as tokenizer_lib
 from qwen_jax import vision as vision_lib
 from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import LINEAR
+from qwen_jax.config import MOE
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import is_int
-from qwen_jax.hf_config import VLM_MODEL_TYPE
+from qwen_jax.hf_config import MULTIMODAL_MODEL_TYPES
 from qwen_jax.hf_config import hf_text_config
 from qwen_jax.hf_config import read_hf_config
 from qwen_jax.hf_config import read_json_object
@@ -91,13 +92,26 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                  "attention_bias", "tie_word_embeddings")
 
 # (HF suffix inside a layer, our path inside the layer, layout).
-_COMMON = [
+_NORMS = [
     ("input_layernorm.weight", ("input_layernorm", "weight"), "vector"),
     ("post_attention_layernorm.weight", ("post_attention_layernorm",
                                          "weight"), "vector"),
+]
+_DENSE_MLP = [
     ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear"),
     ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear"),
     ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear"),
+]
+# transformers' Qwen3_5MoeSparseMoeBlock; the fused experts are [E, out, in]
+# there and [E, in, out] here (layout "experts": the last two axes swap).
+_MOE_MLP = [
+    ("mlp.gate.weight", ("mlp", "router", "kernel"), "linear"),
+    ("mlp.experts.gate_up_proj", ("mlp", "gate_up_proj"), "experts"),
+    ("mlp.experts.down_proj", ("mlp", "down_proj"), "experts"),
+] + [(f"mlp.shared_expert.{p}.weight", ("mlp", "shared_expert", p, "kernel"),
+      "linear") for p in ("gate_proj", "up_proj", "down_proj")] + [
+    ("mlp.shared_expert_gate.weight", ("mlp", "shared_expert_gate",
+                                       "kernel"), "linear"),
 ]
 _LINEAR_ATTN = [
     ("linear_attn.in_proj_qkv.weight", ("linear_attn", "in_proj_qkv",
@@ -146,8 +160,10 @@ def weight_map(cfg: QwenConfig) -> list[tuple[str, tuple, int | None, str]]:
           ("norm.weight", ("norm", "weight"), None, "vector")]
   for i, layer_type in enumerate(cfg.layer_types):
     slot, idx = stack.layer_location(cfg, i)
-    entries = _COMMON + (_LINEAR_ATTN if layer_type == LINEAR
-                         else _full_attn(cfg.attention_bias))
+    entries = _NORMS + (_MOE_MLP if cfg.mlp_types[i] == MOE
+                        else _DENSE_MLP)
+    entries += (_LINEAR_ATTN if layer_type == LINEAR
+                else _full_attn(cfg.attention_bias))
     for suffix, sub, layout in entries:
       rows.append((f"layers.{i}.{suffix}", ("layers", slot) + sub, idx,
                    layout))
@@ -181,6 +197,8 @@ def checkpoint_map(cfg: QwenConfig, prefix: str
 def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
   if layout == "linear":
     return x.T
+  if layout == "experts":
+    return x.transpose(0, 2, 1)
   if layout == "conv":
     return x[:, 0, :].T
   if layout == "conv3d":
@@ -191,6 +209,8 @@ def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
 def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
   if layout == "linear":
     return x.T
+  if layout == "experts":
+    return x.transpose(0, 2, 1)
   if layout == "conv":
     return x.T[:, None, :]
   if layout == "conv3d":
@@ -201,6 +221,8 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
 def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
   if layout == "linear":
     return tuple(reversed(shape))
+  if layout == "experts":
+    return (shape[0], shape[2], shape[1])
   if layout == "conv":
     return (shape[1], 1, shape[0])
   if layout == "conv3d":
@@ -450,6 +472,89 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
       f"{sorted(os.listdir(path))}")
 
 
+# One expert's projection, as checkpoints that store the experts one by one
+# hold them (transformers' conversion mapping for qwen3_5_moe fuses
+# `mlp.experts.{j}.{gate,up,down}_proj.weight` on load).
+_PER_EXPERT = re.compile(
+    r"^(?P<layer>.*\.mlp\.experts)\.(?P<j>\d+)\."
+    r"(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+class _FusedExperts:
+  """The fused `experts.gate_up_proj` / `experts.down_proj` of a layer
+  whose checkpoint stores one tensor per expert, read like a
+  SafetensorsFile (only the layer's experts are in memory while read).
+
+  gate_up_proj is [E, 2I, d]: expert j's gate_proj rows, then its up_proj
+  rows; down_proj is [E, d, I].
+  """
+
+  def __init__(self, key: str, parts: list[list[tuple[str, Any]]]):
+    self.key = key
+    self.parts = parts  # per expert: [(key, file)] of its pieces, in order
+    first = [f.shape(k) for k, f in parts[0]]
+    for j, pieces in enumerate(parts):
+      for (k, f), want in zip(pieces, first):
+        if tuple(f.shape(k)) != tuple(want):
+          raise ValueError(f"weight {k}: expected shape {tuple(want)} (as "
+                           f"expert 0's), found {tuple(f.shape(k))}")
+    rows = sum(s[0] for s in first)
+    self.header = {key: None}
+    self._shape = (len(parts), rows) + tuple(first[0][1:])
+    self.path = parts[0][0][1].path
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    del key
+    return self._shape
+
+  def dtype_name(self, key: str) -> str:
+    del key
+    names = {f.dtype_name(k) for pieces in self.parts for k, f in pieces}
+    return names.pop() if len(names) == 1 else f"mixed {sorted(names)}"
+
+  def get(self, key: str) -> np.ndarray:
+    del key
+    return np.stack([np.concatenate([f.get(k) for k, f in pieces])
+                     for pieces in self.parts])
+
+
+def _fuse_per_expert(files: dict[str, Any]) -> dict[str, Any]:
+  """`files` with per-expert tensors replaced by fused virtual ones.
+
+  Raises:
+    ValueError: a layer whose experts are not numbered 0 .. E-1, or whose
+      expert lacks a projection (named).
+  """
+  layers: dict[str, dict[int, dict[str, str]]] = {}
+  for key in files:
+    m = _PER_EXPERT.match(key)
+    if m:
+      layers.setdefault(m["layer"], {}).setdefault(int(m["j"]), {})[
+          m["proj"]] = key
+  if not layers:
+    return files
+  out = {k: f for k, f in files.items() if not _PER_EXPERT.match(k)}
+  for layer, experts in layers.items():
+    n = len(experts)
+    if sorted(experts) != list(range(n)):
+      raise ValueError(
+          f"weight {layer}.*: expected experts numbered 0 .. {n - 1}, found "
+          f"{sorted(experts)}")
+    for fused, projs in (("gate_up_proj", ("gate_proj", "up_proj")),
+                         ("down_proj", ("down_proj",))):
+      parts = []
+      for j in range(n):
+        missing = [p for p in projs if p not in experts[j]]
+        if missing:
+          raise ValueError(f"weight {layer}.{j}.{missing[0]}.weight: "
+                           f"expected with the other experts' "
+                           f"{missing[0]}, found none")
+        parts.append([(experts[j][p], files[experts[j][p]]) for p in projs])
+      key = f"{layer}.{fused}"
+      out[key] = _FusedExperts(key, parts)
+  return out
+
+
 def _layout_prefix(keys) -> str:
   if any(k.startswith(VLM_PREFIX) for k in keys):
     return VLM_PREFIX
@@ -583,7 +688,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32",
   source = (f"from {CONFIG_NAME}" if not defaulted else
             f"from {CONFIG_NAME}; {', '.join(defaulted)} not in it, "
             f"QwenConfig defaults used")
-  files = _open_checkpoint(path)
+  files = _fuse_per_expert(_open_checkpoint(path))
   prefix = _layout_prefix(files)
   pdt = np.dtype(jnp.dtype(param_dtype))
 
@@ -695,7 +800,8 @@ _ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                 "num_key_value_heads", "head_dim", "linear_num_key_heads",
                 "linear_num_value_heads", "linear_key_head_dim",
                 "linear_value_head_dim", "linear_conv_kernel_dim",
-                "attention_bias")
+                "attention_bias", "mlp_types", "num_experts",
+                "moe_intermediate_size", "shared_expert_intermediate_size")
 # config.json names that say what `to_hf_dict` says under another name
 # (older transformers releases); updated where present, so none disagrees.
 _DTYPE_ALIASES = ("torch_dtype",)
@@ -835,7 +941,7 @@ def _carried(path: str, dest: _Destination, theirs: QwenConfig | None,
   if cfg.vision is not None:
     foreign = [k for k in foreign if not _VISION_KEY.match(k)]
   wrapper = (dest.config is not None and
-             dest.config.get("model_type") == VLM_MODEL_TYPE)
+             dest.config.get("model_type") in MULTIMODAL_MODEL_TYPES)
   differs = _differences(dest, theirs, cfg, prefix, their_prefix, ours)
   if differs:
     own = _WRAPPER_OWN + (_WRAPPER_VISION if cfg.vision is not None else ())
@@ -878,7 +984,8 @@ def _merged_config(old: dict[str, Any] | None, cfg: QwenConfig,
     ours["text_config"] = dict(ours["text_config"], dtype=dtype)
   if old is None:
     return ours
-  if cfg.vision is not None and old.get("model_type") != VLM_MODEL_TYPE:
+  if (cfg.vision is not None and
+      old.get("model_type") not in MULTIMODAL_MODEL_TYPES):
     new = ours
     text = new["text_config"]
     for k, v in old.items():
@@ -889,7 +996,7 @@ def _merged_config(old: dict[str, Any] | None, cfg: QwenConfig,
     _update_aliases(text, cfg, dtype)
     return new
   new = dict(old)
-  if old.get("model_type") == VLM_MODEL_TYPE:
+  if old.get("model_type") in MULTIMODAL_MODEL_TYPES:
     ours_text = (ours["text_config"] if cfg.vision is not None else ours)
     text = dict(old["text_config"])
     had_dtype = "dtype" in text
@@ -920,7 +1027,8 @@ def _merged_config(old: dict[str, Any] | None, cfg: QwenConfig,
     new["rope_parameters"] = _merged_rope(old.get("rope_parameters"),
                                           ours["rope_parameters"], cfg)
   _update_aliases(new, cfg, dtype,
-                  rope=old.get("model_type") != VLM_MODEL_TYPE)
+                  rope=old.get("model_type") not in
+                  MULTIMODAL_MODEL_TYPES)
   return new
 
 
@@ -1044,7 +1152,7 @@ def save_hf_checkpoint(path: str | os.PathLike, cfg: QwenConfig,
   if dest.tensors:
     their_prefix = _layout_prefix(dest.tensors)
   elif (dest.config is not None and
-        dest.config.get("model_type") == VLM_MODEL_TYPE):
+        dest.config.get("model_type") in MULTIMODAL_MODEL_TYPES):
     their_prefix = VLM_PREFIX
   # A model with a tower is always saved in the multimodal layout.
   prefix = VLM_PREFIX if cfg.vision is not None else (

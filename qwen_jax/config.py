@@ -31,6 +31,7 @@ from qwen_jax import hf_config
 # pylint: disable=unused-import
 from qwen_jax.checks import check_int, is_int, is_real
 from qwen_jax.layer_pattern import FULL, LAYER_KINDS, LINEAR
+from qwen_jax.layer_pattern import DENSE, MLP_KINDS, MOE
 from qwen_jax.layer_pattern import find_period
 from qwen_jax.layer_pattern import layer_types_from_interval
 from qwen_jax.layer_pattern import layer_types_from_ratio
@@ -51,7 +52,7 @@ MROPE_SECTION = (11, 11, 10)
 IMPLEMENTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
                          "gdr_implementation", "gdr_interpret",
                          "gdr_chunk_size", "gdr_block_sizes",
-                         "attention_implementation")
+                         "attention_implementation", "moe_implementation")
 
 # Field types checked by `QwenConfig.validate`.
 _POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
@@ -61,7 +62,13 @@ _POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                         "linear_key_head_dim", "linear_value_head_dim",
                         "linear_conv_kernel_dim", "max_position_embeddings",
                         "gdr_chunk_size")  # a conv kernel of width 1 is legal
-_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor",
+                 "router_aux_loss_coef")
+# Mixture-of-experts sizes: integers >= 0 (0 experts: a dense model), each
+# checked >= 1 when a layer is "moe".
+MOE_SIZE_FIELDS = ("num_experts", "num_experts_per_tok",
+                   "moe_intermediate_size",
+                   "shared_expert_intermediate_size")
 _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "scan_layers",
                 "gdr_interpret")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -139,6 +146,18 @@ class QwenConfig:
       the inputs: causal attention without padding or packing masks, in
       training, forward passes and a prompt's first prefill block; the
       jnp attention elsewhere; `qwen_jax.attention`).
+    mlp_types: per layer, "dense" (SwiGLU of intermediate_size) or "moe"
+      (routed experts plus a gated shared expert, `qwen_jax.moe`). Default:
+      every layer "moe" when num_experts > 0, else every layer "dense".
+    num_experts: routed experts of each "moe" layer (0: a dense model).
+    num_experts_per_tok: experts each token is routed to (top-k).
+    moe_intermediate_size: SwiGLU width of each routed expert.
+    shared_expert_intermediate_size: SwiGLU width of the shared expert.
+    router_aux_loss_coef: weight of the router's load-balancing loss in
+      training (transformers' `Qwen3_5MoeTextConfig` default 0.001).
+    moe_implementation: "ragged" (tokens sorted by expert, one grouped
+      matmul `jax.lax.ragged_dot`) or "dense" (every expert on every token,
+      weighted by the routing: for tests and tiny models).
   """
 
   vocab_size: int = 248320
@@ -180,6 +199,15 @@ class QwenConfig:
   gdr_chunk_size: int = 64
   gdr_block_sizes: str = ""
   attention_implementation: str = "xla"
+  # Mixture of experts (after the implementation choices so that existing
+  # positional uses are unchanged; only moe_implementation is one).
+  mlp_types: tuple[str, ...] = ()
+  num_experts: int = 0
+  num_experts_per_tok: int = 8
+  moe_intermediate_size: int = 512
+  shared_expert_intermediate_size: int = 512
+  router_aux_loss_coef: float = 0.001
+  moe_implementation: str = "ragged"
 
   def __post_init__(self):
     self._check_types()
@@ -187,6 +215,10 @@ class QwenConfig:
     if not lt:
       lt = layer_types_from_interval(4, self.num_hidden_layers)
     object.__setattr__(self, "layer_types", tuple(lt))
+    mt = self.mlp_types
+    if not mt:
+      mt = (MOE if self.num_experts > 0 else DENSE,) * len(lt)
+    object.__setattr__(self, "mlp_types", tuple(mt))
     if self.vision is not None and (
         (self.vision.dtype, self.vision.param_dtype) !=
         (self.dtype, self.param_dtype)):
@@ -238,6 +270,13 @@ class QwenConfig:
                                                   VisionConfig):
       bad("vision", "a qwen_jax.vision.VisionConfig or None",
           type(self.vision).__name__)
+    for f in MOE_SIZE_FIELDS:
+      x = getattr(self, f)
+      if not is_int(x) or x < 0:
+        bad(f, "an integer >= 0", x)
+      put(f, int(x))
+    if isinstance(self.mlp_types, str):
+      bad("mlp_types", "a sequence of MLP kind names", self.mlp_types)
     for f in _TOKEN_ID_FIELDS:
       x = getattr(self, f)
       if f == "eos_token_id" and isinstance(x, (list, tuple)):
@@ -250,7 +289,7 @@ class QwenConfig:
         put(f, int(x))
     for f in ("hidden_act", "dtype", "param_dtype", "remat_policy",
               "gdr_implementation", "gdr_block_sizes",
-              "attention_implementation"):
+              "attention_implementation", "moe_implementation"):
       if not isinstance(getattr(self, f), str):
         bad(f, "a string", getattr(self, f))
     if isinstance(self.layer_types, str):
@@ -268,6 +307,7 @@ class QwenConfig:
     for t in self.layer_types:
       if t not in LAYER_KINDS:
         bad("layer_types", f"entries in {LAYER_KINDS}", t)
+    self._validate_moe(bad)
     if self.rope_theta <= 0:
       bad("rope_theta", "a RoPE base > 0", self.rope_theta)
     if self.rms_norm_eps < 0:
@@ -325,7 +365,36 @@ class QwenConfig:
         bad("image_token_id, video_token_id, vision_start_token_id, "
             "vision_end_token_id", "different ids", ids)
 
+  def _validate_moe(self, bad) -> None:
+    """The MLP kinds and, when a layer is "moe", the experts' sizes."""
+    if len(self.mlp_types) != self.num_hidden_layers:
+      bad("mlp_types", f"length num_hidden_layers={self.num_hidden_layers}",
+          f"length {len(self.mlp_types)}")
+    for t in self.mlp_types:
+      if t not in MLP_KINDS:
+        bad("mlp_types", f"entries in {MLP_KINDS}", t)
+    if self.moe_implementation not in ("ragged", "dense"):
+      bad("moe_implementation", "'ragged' or 'dense'",
+          self.moe_implementation)
+    if self.router_aux_loss_coef < 0:
+      bad("router_aux_loss_coef", "a weight >= 0", self.router_aux_loss_coef)
+    if not self.is_moe:
+      return
+    for f in MOE_SIZE_FIELDS:
+      if getattr(self, f) < 1:
+        bad(f, "a positive integer when mlp_types has 'moe' layers",
+            getattr(self, f))
+    if self.num_experts_per_tok > self.num_experts:
+      bad("num_experts_per_tok",
+          f"at most num_experts={self.num_experts}",
+          self.num_experts_per_tok)
+
   # ---------------------------------------------------------------- derived
+  @property
+  def is_moe(self) -> bool:
+    """Whether any layer's MLP is the mixture of experts."""
+    return MOE in self.mlp_types
+
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.partial_rotary_factor)
@@ -349,8 +418,8 @@ class QwenConfig:
 
   @property
   def period(self) -> int:
-    """Length of the repeating group of layers."""
-    return find_period(self.layer_types)
+    """Length of the repeating group of layers (mixer and MLP kinds)."""
+    return find_period(tuple(zip(self.layer_types, self.mlp_types)))
 
   @property
   def num_periods(self) -> int:
@@ -374,6 +443,22 @@ class QwenConfig:
             f"period {len(period)} {list(period)} to extend it, found {n}; "
             f"pass layer_types as well")
       changes["layer_types"] = period * (n // len(period))
+    if ("num_hidden_layers" in changes and "mlp_types" not in changes and
+        is_int(n) and n >= 1 and len(self.mlp_types) != n):
+      kinds = self.mlp_types[:self.period]
+      if len(set(kinds)) == 1:
+        kinds = kinds[:1]  # a uniform stack extends to any depth
+      if n % len(kinds):
+        raise ValueError(
+            f"num_hidden_layers: expected a multiple of the layer pattern's "
+            f"period {len(kinds)} {list(kinds)} to extend mlp_types, found "
+            f"{n}; pass mlp_types as well")
+      changes["mlp_types"] = kinds * (n // len(kinds))
+    if ("num_experts" in changes and "mlp_types" not in changes and
+        len(set(self.mlp_types)) == 1 and
+        "num_hidden_layers" not in changes):
+      # A uniform stack follows the expert count: 0 experts is dense.
+      changes["mlp_types"] = ()
     return dataclasses.replace(self, **changes)
 
   # ---------------------------------------------------------------- presets
@@ -428,18 +513,27 @@ class QwenConfig:
                2 * h * nv + self.linear_conv_kernel_dim *
                self.linear_conv_dim + 2 * nv + self.linear_value_head_dim +
                self.linear_value_dim * h)
-    per_layer = 3 * h * i + 2 * h
+    per_mlp = {DENSE: 3 * h * i, MOE: self.moe_mlp_params()}
     total = self.vocab_size * h + h
     if not self.tie_word_embeddings:
       total += self.vocab_size * h
-    for t in self.layer_types:
-      total += per_layer + (per_full if t == FULL else per_lin)
+    for t, m in zip(self.layer_types, self.mlp_types):
+      total += 2 * h + per_mlp[m] + (per_full if t == FULL else per_lin)
     if self.vision is not None:
       total += self.vision.num_params()
     return total
 
+  def moe_mlp_params(self, active: bool = False) -> int:
+    """Parameters of one "moe" MLP: router, experts, shared expert and its
+    gate; `active=True` counts only the experts a token is routed to."""
+    h = self.hidden_size
+    e = self.num_experts_per_tok if active else self.num_experts
+    return (h * self.num_experts + e * 3 * h * self.moe_intermediate_size +
+            3 * h * self.shared_expert_intermediate_size + h)
 
-def _qwen35(name, hidden, layers, inter, heads, kv_heads, v_heads, tied):
+
+def _qwen35(name, hidden, layers, inter, heads, kv_heads, v_heads, tied,
+            **moe):
   return QwenConfig(
       vocab_size=248320, hidden_size=hidden, intermediate_size=inter,
       num_hidden_layers=layers,
@@ -450,8 +544,20 @@ def _qwen35(name, hidden, layers, inter, heads, kv_heads, v_heads, tied):
       linear_conv_kernel_dim=4, rms_norm_eps=1e-6, rope_theta=1e7,
       partial_rotary_factor=0.25, max_position_embeddings=262144,
       tie_word_embeddings=tied, eos_token_id=248044,
-      mrope_section=MROPE_SECTION, vision=VisionConfig.from_preset(name),
-      **HF_VISION_TOKEN_IDS)
+      mrope_section=MROPE_SECTION,
+      vision=VisionConfig.from_preset(name, out_hidden_size=hidden),
+      **HF_VISION_TOKEN_IDS, **moe)
+
+
+def _qwen35_moe(hidden, layers, heads, v_heads, experts, top_k, inter):
+  """A published Qwen3.5 mixture-of-experts model (every layer "moe", one
+  shared expert as wide as a routed one, the 9B's tower). Their config.json
+  has no intermediate_size (no dense layer): it keeps QwenConfig's default,
+  as a loaded config does."""
+  return _qwen35("qwen3.5-9b", hidden, layers, 12288, heads, 2, v_heads,
+                 False, num_experts=experts, num_experts_per_tok=top_k,
+                 moe_intermediate_size=inter,
+                 shared_expert_intermediate_size=inter)
 
 
 _TINY = QwenConfig(
@@ -473,6 +579,12 @@ PRESETS: dict[str, QwenConfig] = {
     "qwen3.5-2b": _qwen35("qwen3.5-2b", 2048, 24, 6144, 8, 2, 16, True),
     "qwen3.5-4b": _qwen35("qwen3.5-4b", 2560, 32, 9216, 16, 4, 32, True),
     "qwen3.5-9b": _qwen35("qwen3.5-9b", 4096, 32, 12288, 16, 4, 32, False),
+    # The mixture-of-experts models (`Qwen3_5MoeForConditionalGeneration`):
+    # hidden, layers, query heads, Gated DeltaNet value heads, experts,
+    # experts per token, expert width.
+    "qwen3.5-35b-a3b": _qwen35_moe(2048, 40, 16, 32, 256, 8, 512),
+    "qwen3.5-122b-a10b": _qwen35_moe(3072, 48, 32, 64, 256, 8, 1024),
+    "qwen3.5-397b-a17b": _qwen35_moe(4096, 60, 32, 64, 512, 10, 1024),
     # A few-MB model for tests, CPU demos and notebooks: the same structure
     # (3:1, GQA, GVA with r = 2, d_k != d_v, partial RoPE).
     "tiny": _TINY,
@@ -484,6 +596,11 @@ PRESETS: dict[str, QwenConfig] = {
         vision=VisionConfig.from_preset("tiny"), mrope_section=(2, 1, 1),
         vision_start_token_id=252, vision_end_token_id=253,
         image_token_id=254, video_token_id=255),
+    # "tiny" with 8 experts of width 32, two per token, and a shared expert
+    # of width 48 in every layer (tests of the mixture of experts).
+    "tiny-moe": _TINY.replace(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48),
 }
 
 

@@ -27,7 +27,16 @@ from qwen_jax.layer_pattern import layer_types_from_interval
 # model_type values whose text path we implement.
 TEXT_MODEL_TYPE = "qwen3_5_text"
 VLM_MODEL_TYPE = "qwen3_5"
-SUPPORTED_MODEL_TYPES = (TEXT_MODEL_TYPE, VLM_MODEL_TYPE)
+# The mixture-of-experts models (transformers' models/qwen3_5_moe): every
+# layer's MLP is routed experts plus a gated shared expert.
+MOE_TEXT_MODEL_TYPE = "qwen3_5_moe_text"
+MOE_VLM_MODEL_TYPE = "qwen3_5_moe"
+SUPPORTED_MODEL_TYPES = (TEXT_MODEL_TYPE, VLM_MODEL_TYPE, MOE_TEXT_MODEL_TYPE,
+                         MOE_VLM_MODEL_TYPE)
+MULTIMODAL_MODEL_TYPES = (VLM_MODEL_TYPE, MOE_VLM_MODEL_TYPE)
+# config.json fields of the mixture of experts (QwenConfig's names).
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "router_aux_loss_coef")
 
 # transformers falls back to this theta when `rope_theta` is absent.
 HF_DEFAULT_ROPE_THETA = 10000.0
@@ -36,7 +45,8 @@ HF_DEFAULT_ROPE_THETA = 10000.0
 # its "dtype" is the weights' dtype, QwenConfig's the compute dtype).
 _NOT_READ = ("layer_types", "rope_theta", "partial_rotary_factor", "dtype",
              "mrope_section", "vision", "image_token_id", "video_token_id",
-             "vision_start_token_id", "vision_end_token_id")
+             "vision_start_token_id", "vision_end_token_id", "mlp_types",
+             "moe_implementation") + MOE_FIELDS
 # The placeholder ids of a "qwen3_5" config's top level.
 _VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id",
                         "vision_start_token_id", "vision_end_token_id")
@@ -97,12 +107,12 @@ def hf_text_config(d: Mapping[str, Any]) -> dict[str, Any]:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES},"
                      f" found {model_type!r}")
-  if model_type != VLM_MODEL_TYPE:
+  if model_type not in MULTIMODAL_MODEL_TYPES:
     return dict(d)
   text = d.get("text_config")
   if not isinstance(text, Mapping):
     raise ValueError(
-        f"text_config: model_type {VLM_MODEL_TYPE!r} needs a text_config "
+        f"text_config: model_type {model_type!r} needs a text_config "
         f"object with the text model's fields, found {text!r}")
   text = dict(text)
   top = d.get("tie_word_embeddings")
@@ -151,12 +161,12 @@ def hf_text_config(d: Mapping[str, Any]) -> dict[str, Any]:
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES},"
                      f" found {model_type!r}")
-  if model_type != VLM_MODEL_TYPE:
+  if model_type not in MULTIMODAL_MODEL_TYPES:
     return dict(d)
   text = d.get("text_config")
   if not isinstance(text, Mapping):
     raise ValueError(
-        f"text_config: model_type {VLM_MODEL_TYPE!r} needs a text_config "
+        f"text_config: model_type {model_type!r} needs a text_config "
         f"object with the text model's fields, found {text!r}")
   text = dict(text)
   top = d.get("tie_word_embeddings")
@@ -227,8 +237,9 @@ def config_from_hf(config_cls: type[ConfigT], hf: Any,
   if section is not None:
     kw["mrope_section"] = (tuple(section) if isinstance(section, list)
                            else section)
+  kw.update(_moe_fields(top.get("model_type"), d, n))
   vision = top.get("vision_config") if top.get(
-      "model_type") == VLM_MODEL_TYPE else None
+      "model_type") in MULTIMODAL_MODEL_TYPES else None
   try:
     if vision is not None and "vision" not in overrides:
       # pylint: disable-next=g-import-not-at-top
@@ -245,6 +256,22 @@ def config_from_hf(config_cls: type[ConfigT], hf: Any,
     raise ValueError(f"{e} (in {path})") from e
 
 
+def _moe_fields(model_type: str, d: Mapping[str, Any], n: Any
+                ) -> dict[str, Any]:
+  """QwenConfig's mixture-of-experts fields of a text config dict.
+
+  A "qwen3_5_moe" model has the experts in every layer (transformers'
+  `Qwen3_5MoeDecoderLayer`); a dense "qwen3_5" one has none.
+  """
+  if model_type not in (MOE_TEXT_MODEL_TYPE, MOE_VLM_MODEL_TYPE):
+    return {}
+  kw = {f: d[f] for f in MOE_FIELDS if f in d}
+  kw.setdefault("num_experts", 256)  # transformers' defaults
+  kw.setdefault("num_experts_per_tok", 8)
+  kw["mlp_types"] = ("moe",) * n
+  return kw
+
+
 def to_hf_dict(cfg: Any) -> dict[str, Any]:
   """`QwenConfig.to_hf_dict`: config.json contents of a QwenConfig, for
   transformers' `Qwen3_5ForCausalLM`, or for its
@@ -254,12 +281,17 @@ def to_hf_dict(cfg: Any) -> dict[str, Any]:
   if cfg.vision is None:
     return text
   text.pop("architectures")
-  text["model_type"] = TEXT_MODEL_TYPE
+  moe = cfg.is_moe
+  text["model_type"] = MOE_TEXT_MODEL_TYPE if moe else TEXT_MODEL_TYPE
+  vision = cfg.vision.to_hf_dict()
+  if moe:
+    vision["model_type"] = "qwen3_5_moe_vision"
   out = {
-      "architectures": ["Qwen3_5ForConditionalGeneration"],
-      "model_type": VLM_MODEL_TYPE,
+      "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else
+                        "Qwen3_5ForConditionalGeneration"],
+      "model_type": MOE_VLM_MODEL_TYPE if moe else VLM_MODEL_TYPE,
       "text_config": text,
-      "vision_config": cfg.vision.to_hf_dict(),
+      "vision_config": vision,
       "tie_word_embeddings": cfg.tie_word_embeddings,
   }
   out.update({f: getattr(cfg, f) for f in _VISION_TOKEN_FIELDS})
@@ -276,6 +308,21 @@ def _text_dict(cfg: Any) -> dict[str, Any]:
   }
   if tuple(cfg.mrope_section) != (11, 11, 10):  # else transformers' default
     rope["mrope_section"] = list(cfg.mrope_section)
+  out = _dense_text_dict(cfg, rope)
+  if cfg.is_moe:
+    if set(cfg.mlp_types) != {"moe"}:
+      raise ValueError(
+          f"mlp_types: expected every layer 'moe' or every layer 'dense' "
+          f"for a transformers config (Qwen3_5Moe has experts in every "
+          f"layer), found {list(cfg.mlp_types)}")
+    out["architectures"] = ["Qwen3_5MoeForCausalLM"]
+    out["model_type"] = MOE_TEXT_MODEL_TYPE
+    out.update({f: getattr(cfg, f) for f in MOE_FIELDS})
+  return out
+
+
+def _dense_text_dict(cfg: Any, rope: dict[str, Any]) -> dict[str, Any]:
+  """The fields a dense and a mixture-of-experts config.json share."""
   return {
       "architectures": ["Qwen3_5ForCausalLM"],
       "model_type": TEXT_MODEL_TYPE,
@@ -312,6 +359,7 @@ def to_hf_config(cfg: Any):
   QwenConfig, or its `Qwen3_5Config` with a tower (needs the [hf] extra)."""
   import transformers  # pylint: disable=g-import-not-at-top
   d = to_hf_dict(cfg)
+  moe = cfg.is_moe
   if cfg.vision is not None:
     for k in ("architectures", "model_type", "dtype"):
       d.pop(k)
@@ -319,8 +367,10 @@ def to_hf_config(cfg: Any):
     d["text_config"].pop("dtype")
     d["vision_config"] = dict(d["vision_config"])
     d["vision_config"].pop("model_type")
-    return transformers.Qwen3_5Config(**d)
+    return (transformers.Qwen3_5MoeConfig if moe
+            else transformers.Qwen3_5Config)(**d)
   d.pop("architectures")
   d.pop("model_type")
   d.pop("dtype")
-  return transformers.Qwen3_5TextConfig(**d)
+  return (transformers.Qwen3_5MoeTextConfig if moe
+          else transformers.Qwen3_5TextConfig)(**d)

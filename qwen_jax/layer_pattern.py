@@ -21,6 +21,12 @@ from qwen_jax.checks import is_int
 LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_KINDS = (LINEAR, FULL)
+# A layer's feed-forward kind (`QwenConfig.mlp_types`), beside its mixer:
+# the dense SwiGLU or the routed experts with a shared expert
+# (`qwen_jax.moe`).
+DENSE = "dense"
+MOE = "moe"
+MLP_KINDS = (DENSE, MOE)
 # Named depths of the full-attention layers (`layer_types_from_placement`).
 PLACEMENTS = ("periodic", "bottom", "top", "middle", "ends")
 

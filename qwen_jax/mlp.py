@@ -16,14 +16,17 @@ class MLP(nn.Module):
 
   Attributes:
     cfg: the model config.
+    intermediate_size: the hidden width; None for cfg.intermediate_size
+      (the shared expert of a mixture-of-experts layer has its own).
   """
   cfg: QwenConfig
+  intermediate_size: int | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    f = cfg.intermediate_size
+    f = self.intermediate_size or cfg.intermediate_size
     gate = layers.Dense(f, ("embed", "mlp"), False, dtype, pdtype,
                         name="gate_proj")(x)
     up = layers.Dense(f, ("embed", "mlp"), False, dtype, pdtype,

@@ -46,10 +46,11 @@ from qwen_jax import stack
 from qwen_jax import vision as vision_lib
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.attention import GatedAttention
-from qwen_jax.config import FULL, LINEAR, QwenConfig
+from qwen_jax.config import FULL, LINEAR, MOE, QwenConfig
 from qwen_jax.config import VISION_TOKEN_FIELDS
 from qwen_jax.gated_deltanet import GatedDeltaNet
 from qwen_jax.mlp import MLP
+from qwen_jax.moe import SparseMoeBlock
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -370,9 +371,11 @@ class DecoderLayer(nn.Module):
   Attributes:
     cfg: the model config.
     layer_type: LINEAR ("linear_attention") or FULL ("full_attention").
+    mlp_type: "dense" (SwiGLU) or "moe" (`qwen_jax.moe.SparseMoeBlock`).
   """
   cfg: QwenConfig
   layer_type: str
+  mlp_type: str = "dense"
 
   @nn.compact
   def __call__(self, x: Array, positions: Array,
@@ -400,11 +403,12 @@ class DecoderLayer(nn.Module):
     x = layers.constrain(x, ("batch", "seq", "embed_act"))
     h = layers.RMSNorm(cfg.rms_norm_eps, "norm", pdtype,
                        name="input_layernorm")(x)
+    mask = attention_mask
+    if mask is not None and cache is not None:
+      # The linear layer (and the router's statistics) see only this
+      # call's tokens.
+      mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, x.shape[1], 1)
     if self.layer_type == LINEAR:
-      mask = attention_mask
-      if mask is not None and cache is not None:
-        # The linear layer masks only this call's tokens.
-        mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, x.shape[1], 1)
       y, new_cache = GatedDeltaNet(cfg, name="linear_attn")(
           h, mask, cache, segment_ids)
     elif self.layer_type == FULL:
@@ -416,7 +420,11 @@ class DecoderLayer(nn.Module):
     x = x + y.astype(x.dtype)
     h = layers.RMSNorm(cfg.rms_norm_eps, "norm", pdtype,
                        name="post_attention_layernorm")(x)
-    x = x + MLP(cfg, name="mlp")(h).astype(x.dtype)
+    if self.mlp_type == MOE:
+      y = SparseMoeBlock(cfg, name="mlp")(h, mask)
+    else:
+      y = MLP(cfg, name="mlp")(h)
+    x = x + y.astype(x.dtype)
     return x, new_cache
 
 
@@ -443,9 +451,12 @@ class Period(nn.Module):
                segment_ids):
     block = _maybe_remat(self.cfg, DecoderLayer, scanned=True)
     new_cache = {} if cache is not None else None
-    for name, layer_type in stack.stack_slots(self.cfg):
+    for j, (name, layer_type) in enumerate(stack.stack_slots(self.cfg)):
       c = None if cache is None else cache[name]
-      x, c = block(self.cfg, layer_type, name=name)(
+      # Slot j holds layer j (scanned: of the period, which covers the MLP
+      # kinds too).
+      mlp_type = self.cfg.mlp_types[j]
+      x, c = block(self.cfg, layer_type, mlp_type, name=name)(
           x, positions, attention_mask, c, cache_index, segment_ids)
       if cache is not None:
         new_cache[name] = c
@@ -691,7 +702,8 @@ class Qwen35(nn.Module):
     if stack.is_scanned(cfg):
       scan = nn.scan(
           _maybe_remat(cfg, Period, scanned=True),
-          variable_axes={"params": 0},
+          # "intermediates": the router statistics MoE layers sow.
+          variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True},
           metadata_params={nn.PARTITION_NAME: "layers"},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast,

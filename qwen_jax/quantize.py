@@ -83,12 +83,21 @@ _NOT_DENSE = ("conv1d",)
 ROW_LOOP_MAX = 8
 
 
+def _first_gate_proj(params: Any) -> Any:
+  """Layer 0's SwiGLU gate projection: the dense MLP's, or a mixture of
+  experts' shared expert's (the stacked experts are not Dense kernels and
+  keep their layout); None when there is none."""
+  try:
+    mlp = params["layers"]["layer_0"]["mlp"]
+    return mlp["gate_proj"] if "gate_proj" in mlp else (
+        mlp["shared_expert"]["gate_proj"])
+  except (KeyError, TypeError, IndexError):
+    return None
+
+
 def is_decode_layout(params: Any) -> bool:
   """Whether `params` is a decode-layout tree (see the module docstring)."""
-  try:
-    mlp = params["layers"]["layer_0"]["mlp"]["gate_proj"]
-  except (KeyError, TypeError, IndexError):
-    return False
+  mlp = _first_gate_proj(params)
   return isinstance(mlp, Mapping) and KERNEL_T in mlp
 
 
@@ -97,7 +106,7 @@ def weight_mode(params: Any) -> str | None:
   its matrices); None for any other tree."""
   if not is_decode_layout(params):
     return None
-  k = params["layers"]["layer_0"]["mlp"]["gate_proj"][KERNEL_T]
+  k = _first_gate_proj(params)[KERNEL_T]
   return "int8" if jnp.dtype(k.dtype) == jnp.int8 else jnp.dtype(k.dtype).name
 
 

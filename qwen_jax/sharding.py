@@ -1,10 +1,10 @@
 """Device meshes, the logical-axis rules table and sharded jit programs.
 
-One mesh with the named axes ("data", "fsdp", "tensor", "seq"), built from
-a spec such as "data:2,fsdp:2,tensor:1,seq:4" (absent axes have size 1).
-Parameters and activations carry logical axis names (qwen_jax/layers.py,
-model.py, ...); `RULES` maps them to mesh axes, and every sharding here is
-derived from it:
+One mesh with the named axes ("data", "fsdp", "tensor", "expert", "seq"),
+built from a spec such as "data:2,fsdp:2,tensor:1,seq:4" (absent axes have
+size 1). Parameters and activations carry logical axis names
+(qwen_jax/layers.py, model.py, ...); `RULES` maps them to mesh axes, and
+every sharding here is derived from it:
 
   data, fsdp  the batch (plain data parallelism; fsdp also shards weights)
   tensor      heads, MLP width, vocabulary (Megatron-style)
@@ -12,6 +12,12 @@ derived from it:
               qwen_jax/sequence_parallel.py); weights are also sharded over
               it (ZeRO-3 style, gathered layer by layer) so that a long
               sequence on many devices does not replicate the model.
+  expert      the batch outside the mixture-of-experts layers (as data)
+              and the routed experts inside them: each device holds
+              num_experts / n experts, gathers the axis' tokens, runs its
+              experts on the pairs routed to them, and a reduce-scatter
+              returns each device its tokens' sums
+              (`qwen_jax.moe.experts_expert_parallel`).
 
 `make_forward`, `make_prefill` and `make_train_step` return `jax.jit`
 programs with `NamedSharding`s for a (config, mesh); inside them the
@@ -58,7 +64,7 @@ from qwen_jax.data import placeholder_loss_mask
 from qwen_jax.data import with_static_grids
 from qwen_jax.model import Qwen35
 
-AXES = ("data", "fsdp", "tensor", "seq")
+AXES = ("data", "fsdp", "tensor", "expert", "seq")
 
 # The one table from logical axis names to mesh axes. Flax applies the first
 # rule whose mesh axes are still free in the array, so order matters only
@@ -77,8 +83,10 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("conv_width", None),
     ("norm", None),
     ("layers", None),
+    ("expert", "expert"),  # mixture of experts: the stacked experts
+    ("moe_mlp", None),
     # Activations ("heads" above serves the query activations too).
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("seq", "seq"),
     ("embed_act", None),
     ("kv_heads_act", "tensor"),
@@ -232,7 +240,8 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   if len(shape) > 1 and n > 1 and shape[1] % n:
     raise ValueError(f"sequence length: expected a multiple of the mesh's "
                      f"seq axis ({n}), found {shape[1]}")
-  batch_axes = [a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1]
+  batch_axes = [a for a in ("data", "fsdp", "expert")
+                if mesh.shape.get(a, 1) > 1]
   want = math.prod(mesh.shape[a] for a in batch_axes)
   if shape and want > 1 and shape[0] % want:
     kept = spec[0] if len(spec) else None

@@ -40,6 +40,7 @@ import optax
 
 from qwen_jax import head
 from qwen_jax import lora as lora_lib
+from qwen_jax import moe
 from qwen_jax import sharding
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import FULL, QwenConfig
@@ -277,7 +278,11 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
       (each device's own tokens); "correct" is then NaN (not computed).
 
   Returns:
-    (mean loss, {"loss_sum", "tokens", "correct"}).
+    (mean loss, {"loss_sum", "tokens", "correct"}). A mixture-of-experts
+    model adds `cfg.router_aux_loss_coef` times the router's
+    load-balancing loss to the mean (as transformers'
+    `Qwen3_5MoeForCausalLM` does with `output_router_logits`), and the
+    stats hold `moe.load_summary`'s scalars.
   """
   check_batch(batch, cfg.vocab_size)
   inputs, targets = batch["inputs"], batch["targets"]
@@ -285,26 +290,39 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   if mask is None:
     mask = jnp.ones(inputs.shape, jnp.float32)
   mask = placeholder_loss_mask(cfg, targets, mask)
+
+  def forward():
+    out = Qwen35(cfg).apply(
+        {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
+        attention_mask=batch.get("attention_mask"),
+        return_hidden=True, **media_args(batch),
+        mutable=["intermediates"] if cfg.is_moe else False)
+    if cfg.is_moe:
+      (_, hidden), inter = out
+      return hidden, inter
+    return out[1], None
+
   if mesh is not None:
     with sharding.activate(mesh):
-      _, hidden = Qwen35(cfg).apply(
-          {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
-          attention_mask=batch.get("attention_mask"), return_hidden=True,
-          **media_args(batch))
+      hidden, inter = forward()
       loss_sum, tokens = sharding.chunked_lm_loss(
           cfg, params, hidden, targets, mask, chunk_size or 1024, mesh)
     correct = jnp.full((), jnp.nan, jnp.float32)
   else:
-    _, hidden = Qwen35(cfg).apply(
-        {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
-        attention_mask=batch.get("attention_mask"),
-        return_hidden=True, **media_args(batch))
+    hidden, inter = forward()
     w, vocab_major = head.head_weights(cfg, params)
     loss_sum, tokens, correct = head.chunked_cross_entropy(
         hidden, w, targets, mask, vocab_major=vocab_major,
         chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
+  if cfg.is_moe:
+    routing = moe.load_summary(moe.collected_router_stats(inter),
+                               cfg.num_experts_per_tok)
   loss = loss_sum / jnp.maximum(tokens, 1.0)
-  return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+  stats = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+  if cfg.is_moe:
+    loss = loss + cfg.router_aux_loss_coef * routing["router_aux_loss"]
+    stats.update(routing)
+  return loss, stats
 
 
 def _model_loss(trained: PyTree, frozen: PyTree | None, cfg: QwenConfig,
@@ -394,6 +412,8 @@ def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig, donate: bool,
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "learning_rate": schedule(state.step),
                "tokens": stats["tokens"]}
+    metrics.update({k: v for k, v in stats.items() if k.startswith(
+        ("router_", "expert_"))})
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
@@ -496,7 +516,8 @@ def flops_per_token(cfg: QwenConfig, seq_len: int,
   hv = cfg.linear_num_value_heads
   dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
   c = min(chunk_size, seq_len)
-  mlp = 2 * 3 * d * i
+  mlp = {"dense": 2 * 3 * d * i,  # a "moe" layer: its active experts
+         "moe": 2 * cfg.moe_mlp_params(active=True)}
   full = 2 * (d * 2 * h * e + 2 * d * n * e + h * e * d)
   full += 2 * 2 * h * e * (seq_len / 2)
   lin = 2 * (d * cfg.linear_conv_dim + d * cfg.linear_value_dim
@@ -504,8 +525,8 @@ def flops_per_token(cfg: QwenConfig, seq_len: int,
   lin += 2 * cfg.linear_conv_kernel_dim * cfg.linear_conv_dim
   lin += 2 * hv * (c * (2 * dk + 2 * dv) + 3 * dk * dv)
   fwd = 2 * d * cfg.vocab_size
-  for kind in cfg.layer_types:
-    fwd += mlp + (full if kind == FULL else lin)
+  for kind, mlp_kind in zip(cfg.layer_types, cfg.mlp_types):
+    fwd += mlp[mlp_kind] + (full if kind == FULL else lin)
   return 3.0 * fwd
 
 

@@ -65,7 +65,8 @@ from qwen_jax.array_typing import Array
 # transformers' model_type of `vision_config` (old checkpoints wrote the
 # top-level "qwen3_5", which transformers also accepts).
 VISION_MODEL_TYPE = "qwen3_5_vision"
-_ACCEPTED_MODEL_TYPES = (VISION_MODEL_TYPE, "qwen3_5")
+_ACCEPTED_MODEL_TYPES = (VISION_MODEL_TYPE, "qwen3_5", "qwen3_5_moe_vision",
+                         "qwen3_5_moe")
 # Epsilon of every LayerNorm of the tower (fixed in transformers, not a
 # config field).
 LAYER_NORM_EPS = 1e-6

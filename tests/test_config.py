@@ -21,17 +21,21 @@ L, F = LINEAR, FULL
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_param_count_matches_transformers(name, text_only):
   """Presets with a tower count as transformers'
-  Qwen3_5ForConditionalGeneration, `vision=None` as its Qwen3_5ForCausalLM."""
+  Qwen3_5ForConditionalGeneration, `vision=None` as its Qwen3_5ForCausalLM
+  (the Qwen3_5Moe classes for the mixture-of-experts presets)."""
   cfg = qwen_jax.QwenConfig.from_preset(name)
   if text_only:
     cfg = cfg.replace(vision=None)
   shapes = checkpoint.param_shapes(cfg)  # jax.eval_shape: no memory
   ours = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+  moe = "Moe" if cfg.is_moe else ""  # the mixture-of-experts classes
   with torch.device("meta"):
     if cfg.vision is None:
-      hf = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config())
+      hf = getattr(transformers, f"Qwen3_5{moe}ForCausalLM")(
+          cfg.to_hf_config())
     else:
-      hf = transformers.Qwen3_5ForConditionalGeneration(cfg.to_hf_config())
+      hf = getattr(transformers, f"Qwen3_5{moe}ForConditionalGeneration")(
+          cfg.to_hf_config())
   theirs = sum(p.numel() for p in hf.parameters())
   assert ours == theirs == cfg.num_params()
   assert ("visual" in shapes) == (cfg.vision is not None)

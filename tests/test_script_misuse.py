@@ -456,6 +456,13 @@ def test_bench_vision_misuse(way):
   ], way)
 
 
+def test_bench_moe_misuse(way):
+  _check_cases("bench_moe", [
+      Case(["--experts=8", "--top_k=9"], ["--top_k", "8", "found 9"]),
+      Case(["--tokens=0"], ["--tokens"]),
+  ], way)
+
+
 def test_bench_generate_misuse(way):
   _check_cases("bench_generate", [
       Case(["--small", "--decode_batches=0"], ["--decode_batches"]),

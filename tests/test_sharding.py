@@ -90,11 +90,12 @@ class TestMeshSpec:
 
   def test_parse(self):
     assert sharding.parse_mesh_spec("data:2, seq:4") == {
-        "data": 2, "fsdp": 1, "tensor": 1, "seq": 4}
+        "data": 2, "fsdp": 1, "tensor": 1, "expert": 1, "seq": 4}
 
   def test_make_mesh(self):
     mesh = sharding.make_mesh("data:2,fsdp:2,tensor:1,seq:2")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1, "seq": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1,
+                                "expert": 1, "seq": 2}
     assert sharding.mesh_spec_string(mesh) == "data:2,fsdp:2,seq:2"
 
   @pytest.mark.parametrize("spec, match", [

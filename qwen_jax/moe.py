@@ -1,0 +1,279 @@
+"""The mixture-of-experts MLP of Qwen3.5's MoE models.
+
+A layer whose `cfg.mlp_types[i]` is "moe" replaces the dense SwiGLU with
+(transformers' models/qwen3_5_moe `Qwen3_5MoeSparseMoeBlock`):
+
+  p        = softmax(x W_router)                      [T, E], float32
+  (w, e)   = top_k(p, k);  w = w / sum(w)             k experts per token
+  routed   = sum_j w_j * SwiGLU_{e_j}(x)              experts of width I
+  y        = routed + sigmoid(x w_gate) * SwiGLU_shared(x)
+
+Parameters (under the layer's `mlp`): `router/kernel [d, E]`, the stacked
+experts `gate_up_proj [E, d, 2I]` (the gate's I columns, then the up
+projection's) and `down_proj [E, I, d]`, `shared_expert/{gate,up,down}_proj`
+and `shared_expert_gate/kernel [d, 1]`. The stacked experts are
+transformers' fused `experts.gate_up_proj [E, 2I, d]` and
+`experts.down_proj [E, d, I]` with the last two axes swapped, as every
+torch Linear is transposed here.
+
+Dropless: every (token, expert) pair is computed. `moe_implementation`
+"ragged" sorts the T * k pairs by expert and runs one grouped matmul per
+projection (`jax.lax.ragged_dot`, group sizes = tokens per expert), so the
+work is that of the chosen experts only; "dense" runs every expert on every
+token and weights the results by the routing (E / k times the work; the
+plain reference, and a choice for tiny models).
+
+The router's statistics for the load-balancing loss (Switch Transformer,
+arXiv:2101.03961, eqs. 4-6, as transformers' `load_balancing_loss_func`)
+are sown into the "intermediates" collection as `router_stats`: per
+expert, the fraction of routed slots it received and its mean routing
+probability, over the tokens of the call (`router_stats` below).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from qwen_jax import layers
+from qwen_jax import sequence_parallel
+from qwen_jax.array_typing import Array
+from qwen_jax.config import QwenConfig
+from qwen_jax.mlp import MLP
+
+
+def route(logits: Array, k: int) -> tuple[Array, Array]:
+  """Top-k routing: (weights [T, k] float32 summing to 1, experts [T, k]).
+
+  The softmax is over all experts in float32, the k largest are kept and
+  renormalised (transformers' `Qwen3_5MoeTopKRouter`).
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  top, idx = jax.lax.top_k(probs, k)
+  return top / jnp.sum(top, axis=-1, keepdims=True), idx
+
+
+def router_stats(logits: Array, idx: Array, num_experts: int,
+                 mask: Array | None = None) -> Array:
+  """[2, E] float32: the fraction of routed slots each expert got, and its
+  mean routing probability, over the tokens where `mask` ([T]) is True."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  m = (jnp.ones(logits.shape[:1], jnp.float32) if mask is None
+       else mask.astype(jnp.float32))
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  counts = jnp.zeros((num_experts,), jnp.float32).at[idx].add(
+      jnp.broadcast_to(m[:, None], idx.shape))
+  return jnp.stack([counts / n, jnp.sum(probs * m[:, None], axis=0) / n])
+
+
+def load_balancing_loss(stats: Array) -> Array:
+  """E * sum_e f_e P_e from `router_stats` (one layer's [2, E] or a stack's
+  [..., 2, E], averaged over the leading axes first, as transformers sums
+  counts and probabilities over layers before the product)."""
+  s = stats.reshape((-1,) + stats.shape[-2:]).mean(axis=0)
+  return stats.shape[-1] * jnp.sum(s[0] * s[1])
+
+
+def collected_router_stats(intermediates) -> Array:
+  """[n, 2, E]: every "moe" layer's `router_stats` from the
+  "intermediates" collection of `Qwen35.apply(..., mutable=
+  ["intermediates"])` (a scanned stack's come with a leading periods
+  axis, flattened here)."""
+  leaves = [x for path, x in jax.tree_util.tree_flatten_with_path(
+      intermediates)[0] if any(getattr(k, "key", None) == "router_stats"
+                               for k in path)]
+  if not leaves:
+    raise ValueError("intermediates: expected router_stats of mixture-of-"
+                     "experts layers, found none (a dense model?)")
+  return jnp.concatenate([x.reshape((-1,) + x.shape[-2:]) for x in leaves])
+
+
+def load_summary(stats: Array, k: int) -> dict[str, Array]:
+  """Scalars of the routing for metrics: the load-balancing loss and the
+  busiest and idlest expert's share of the routed slots relative to an
+  even share (1 = balanced; 0 = an expert received no token). Every
+  routed slot is computed (dropless): no token is dropped."""
+  load = stats[:, 0] * stats.shape[-1] / k  # [n, E], mean 1 per layer
+  return {"router_aux_loss": load_balancing_loss(stats),
+          "expert_load_max": jnp.max(load),
+          "expert_load_min": jnp.min(load)}
+
+
+def experts_ragged(x: Array, weights: Array, idx: Array, gate_up: Array,
+                   down: Array) -> Array:
+  """The routed experts' sum by grouped matmuls over expert-sorted pairs.
+
+  Args:
+    x: [T, d] tokens.
+    weights: [T, k] routing weights.
+    idx: [T, k] int expert ids.
+    gate_up: [E, d, 2I] stacked gate and up projections.
+    down: [E, I, d] stacked down projections.
+
+  Returns:
+    [T, d]: sum_j weights[:, j] * SwiGLU_{idx[:, j]}(x), in x's dtype.
+  """
+  t, k = idx.shape
+  e = gate_up.shape[0]
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+  xs = x[order // k]
+  h = jax.lax.ragged_dot(xs, gate_up.astype(x.dtype), group_sizes)
+  g, u = jnp.split(h, 2, axis=-1)
+  y = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(x.dtype),
+                         group_sizes)
+  y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+  # Back to (token, slot) order; the k slots of a token are summed.
+  inverse = jnp.argsort(order)
+  return y[inverse].reshape(t, k, -1).sum(axis=1)
+
+
+def experts_dense(x: Array, weights: Array, idx: Array, gate_up: Array,
+                  down: Array) -> Array:
+  """`experts_ragged`'s result with every expert run on every token."""
+  e = gate_up.shape[0]
+  combine = jnp.zeros((x.shape[0], e), jnp.float32).at[
+      jnp.arange(x.shape[0])[:, None], idx].add(weights.astype(jnp.float32))
+  h = jnp.einsum("td,edf->tef", x, gate_up.astype(x.dtype))
+  g, u = jnp.split(h, 2, axis=-1)
+  y = jnp.einsum("tei,eid->ted", jax.nn.silu(g) * u, down.astype(x.dtype))
+  return jnp.einsum("ted,te->td", y, combine.astype(y.dtype))
+
+
+EXPERT_IMPLEMENTATIONS = {"ragged": experts_ragged, "dense": experts_dense}
+
+# The mesh axis the experts' weights are split over (qwen_jax.sharding).
+EXPERT_AXIS = "expert"
+
+
+def _local_experts(x: Array, weights: Array, idx: Array, gate_up: Array,
+                   down: Array, axis: str) -> Array:
+  """One expert shard's part of `experts_ragged` (inside a shard_map).
+
+  This shard holds experts [s * E_l, (s + 1) * E_l); the pairs routed
+  elsewhere go to an extra all-zero group, so the grouped matmul keeps a
+  static shape and they add nothing. The shards' parts sum to the whole.
+  """
+  e_local = gate_up.shape[0]
+  shard = jax.lax.axis_index(axis)
+  local = idx - shard * e_local
+  here = (local >= 0) & (local < e_local)
+  local = jnp.where(here, local, e_local)
+  zero = lambda w: jnp.zeros((1,) + w.shape[1:], w.dtype)
+  return experts_ragged(
+      x, jnp.where(here, weights, 0).astype(weights.dtype), local,
+      jnp.concatenate([gate_up, zero(gate_up)]),
+      jnp.concatenate([down, zero(down)]))
+
+
+def experts_expert_parallel(ctx: sequence_parallel.SPContext, x: Array,
+                            weights: Array, idx: Array, gate_up: Array,
+                            down: Array) -> Array:
+  """`experts_ragged` with the experts split over the mesh's expert axis.
+
+  Each device holds E / n experts. The batch is split over the expert axis
+  too (with data and fsdp; tokens over seq): a device gathers the tokens
+  of its expert group, runs its experts on the pairs routed to them, and a
+  reduce-scatter over the axis sums the groups' parts and returns each
+  device its own tokens. When the batch does not divide over the axis
+  (it is then replicated over it), a plain sum combines the parts.
+
+  Args:
+    ctx: the active sharding context (its mesh has EXPERT_AXIS).
+    x: [b, t, d]; weights, idx: [b, t, k]; gate_up: [E, d, 2I];
+      down: [E, I, d].
+
+  Returns:
+    [b, t, d].
+
+  Raises:
+    ValueError: E not a multiple of the expert axis' size.
+  """
+  n = int(ctx.mesh.shape[EXPERT_AXIS])
+  if gate_up.shape[0] % n:
+    raise ValueError(f"num_experts: expected a multiple of the mesh's "
+                     f"{EXPERT_AXIS} axis ({n}), found {gate_up.shape[0]}")
+  xs = ctx.spec(("batch", "seq", None), x.shape)
+  ks = ctx.spec(("batch", "seq", None), idx.shape)
+  es = P(EXPERT_AXIS, None, None)
+
+  batch_axes = xs[0] if isinstance(xs[0], tuple) else (xs[0],)
+  split = EXPERT_AXIS in batch_axes
+
+  def body(xl, wl, il, gl, dl):
+    if split:  # the expert group's tokens, batch-major
+      xl, wl, il = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+                    for a in (xl, wl, il))
+    b, t, d = xl.shape
+    y = _local_experts(xl.reshape(b * t, d), wl.reshape(b * t, -1),
+                       il.reshape(b * t, -1), gl, dl, EXPERT_AXIS)
+    y = y.reshape(b, t, d)
+    if split:
+      return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0,
+                                  tiled=True)
+    return jax.lax.psum(y, EXPERT_AXIS)
+
+  return jax.shard_map(body, mesh=ctx.mesh, in_specs=(xs, ks, ks, es, es),
+                       out_specs=xs, check_vma=False)(
+                           x, weights, idx, gate_up, down)
+
+
+def _expert_context() -> sequence_parallel.SPContext | None:
+  """The active sharding context when its mesh splits the experts."""
+  ctx = sequence_parallel.current()
+  if ctx is None or ctx.mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    return None
+  return ctx
+
+
+class SparseMoeBlock(nn.Module):
+  """Routed experts plus a gated shared expert (see the module docstring).
+
+  Attributes:
+    cfg: the model config (num_experts, num_experts_per_tok,
+      moe_intermediate_size, shared_expert_intermediate_size,
+      moe_implementation).
+  """
+  cfg: QwenConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    """[b, t, d] -> [b, t, d]; `mask` ([b, t], True = token) only limits
+    the router statistics to real tokens."""
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t, d = x.shape
+    e, k, f = (cfg.num_experts, cfg.num_experts_per_tok,
+               cfg.moe_intermediate_size)
+    xf = x.reshape(b * t, d).astype(dtype)
+    logits = layers.Dense(e, ("embed", None), False, dtype, pdtype,
+                          name="router")(xf)
+    weights, idx = route(logits, k)
+    self.sow("intermediates", "router_stats", router_stats(
+        logits, idx, e, None if mask is None else mask.reshape(-1)))
+    init = nn.initializers.normal(0.02)
+    gate_up = self.param(
+        "gate_up_proj",
+        layers.param_init(init, ("expert", "embed", "moe_mlp")),
+        (e, d, 2 * f), pdtype)
+    down = self.param(
+        "down_proj", layers.param_init(init, ("expert", "moe_mlp", "embed")),
+        (e, f, d), pdtype)
+    # transformers casts the renormalised weights to the logits' dtype.
+    weights = weights.astype(dtype)
+    ctx = _expert_context()
+    if ctx is not None:
+      routed = experts_expert_parallel(
+          ctx, xf.reshape(b, t, d), weights.reshape(b, t, k),
+          idx.reshape(b, t, k), gate_up.astype(dtype), down.astype(dtype))
+    else:
+      routed = EXPERT_IMPLEMENTATIONS[cfg.moe_implementation](
+          xf, weights, idx, gate_up, down)
+    shared = MLP(cfg, cfg.shared_expert_intermediate_size,
+                 name="shared_expert")(x)
+    gate = layers.Dense(1, ("embed", None), False, dtype, pdtype,
+                        name="shared_expert_gate")(x)
+    return routed.reshape(b, t, d) + jax.nn.sigmoid(gate) * shared
