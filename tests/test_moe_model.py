@@ -229,3 +229,31 @@ def test_training_loss_adds_transformers_router_aux_loss():
       rtol=tolerances.tol("float32")[0])
   assert 0 <= float(stats["expert_load_min"]) <= 1 <= float(
       stats["expert_load_max"])
+
+
+def test_save_in_place_over_per_expert_tensors(tmp_path):
+  """Saving into the folder of transformers' per-expert tensors replaces
+  them by the fused ones (none left behind) and transformers reads the
+  result with the same logits."""
+  path, model = _saved("top2")
+  dst = os.fspath(tmp_path / "ckpt")
+  shutil.copytree(path, dst)
+  before = _tensor_names(dst)
+  assert any(".experts.0.gate_proj." in k for k in before)
+  cfg, params = qwen_jax.load_hf_checkpoint(dst)
+  qwen_jax.save_hf_checkpoint(dst, cfg, params)
+  after = _tensor_names(dst)
+  assert not any(".experts.0." in k for k in after), sorted(after)[:5]
+  assert any(k.endswith("mlp.experts.gate_up_proj") for k in after)
+  ids = hf_utils.random_ids(np.random.default_rng(4), 2, 19, VOCAB)
+  np.testing.assert_array_equal(_hf(hf_utils.load_hf_causal_lm(dst), ids),
+                                _hf(model, ids))
+
+
+def _tensor_names(folder):
+  names = []
+  for name in os.listdir(folder):
+    if name.endswith(".safetensors"):
+      with safetensors.safe_open(os.path.join(folder, name), "np") as f:
+        names += list(f.keys())
+  return names
