@@ -24,6 +24,13 @@ for the rules and the learning-rate schedule after a change.
       --workdir=/tmp/qwen_text --export_hf=/tmp/qwen_text/hf
   python -m experiments.train --config=experiments/configs/qwen3_5_0_8b.py \
       --workdir=/tmp/qwen08b_bench                      # GPU benchmark
+  python -m experiments.train --config=experiments/configs/finetune.py \
+      --config.init_checkpoint=DIR --config.data.path=FILE_OR_FOLDER \
+      --workdir=/tmp/ft [--export_hf=OUT] [--config.lora_rank=16]
+
+The finetune config adapts a transformers checkpoint (its config, weights
+and tokenizer) to the user's text or chats, fully or with LoRA, on one
+device or a mesh; experiments/finetune.py runs it.
 
 Several devices, several processes: `--mesh data:8` (axes data, fsdp,
 tensor, seq; `qwen_jax.sharding.make_mesh`) shards the step over the
@@ -74,6 +81,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments import finetune
 from experiments import multihost
 from qwen_jax import data
 from qwen_jax import distributed
@@ -329,6 +337,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       the recorded run's and not allowed; an --export_hf folder whose
       contents the export would not keep.
   """
+  if finetune.is_finetune_config(config):
+    if mesh is not None:
+      raise ConfigError(
+          f"--mesh: expected none with the finetune config (it shards over "
+          f"--config.mesh, in one process), found a mesh of "
+          f"{mesh.devices.size} devices ({dict(mesh.shape)})")
+    entry = _export_entry(workdir, export_hf)
+    return finetune.run(config, workdir, export_hf=export_hf,
+                        progress=progress, allow_changes=allow_changes,
+                        other_files=[entry] if entry else [])
   try:
     cfg, tcfg, task = build(config)
   except ValueError as e:
@@ -436,6 +454,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def format_summary(summary: Mapping[str, Any]) -> str:
   """A few human-readable lines of a `run` summary."""
+  if summary.get("task") == "finetune":
+    return finetune.format_summary(summary)
   m, t, ev = summary["model"], summary["train"], summary["eval"]
   lines = [
       f"model:   {m['preset']}, {m['num_hidden_layers']} layers "
