@@ -33,7 +33,9 @@ With a device mesh (`mesh=`, `qwen_jax.sharding.make_mesh`), the step runs
 sharded: the state is placed with `train_step.state_shardings`, and each
 step's batch becomes global arrays, rows over the mesh's data and fsdp axes
 and tokens over seq, each process transferring only the part its devices
-hold (`qwen_jax.distributed.global_batch`). The mesh may span several
+hold (`qwen_jax.distributed.global_batch`); a batch function that builds
+rows alone (`qwen_jax.data.RowBatches`, as the MQAR and text tasks of
+experiments/train.py are) builds only those rows. The mesh may span several
 processes (`qwen_jax.distributed.initialize`): every process then runs
 `train` with the same arguments, orbax saves and restores each checkpoint
 with all of them together, and only process 0 writes metrics.csv, the
@@ -68,6 +70,8 @@ from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.data import check_batch
+from qwen_jax.data import MEDIA_KEYS
+from qwen_jax.data import RowBatches
 from qwen_jax.data import with_static_grids
 from qwen_jax.train_step import Batch
 from qwen_jax.train_step import BatchFn
@@ -244,6 +248,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
     mesh: run the step sharded over this device mesh (one or several
       processes; see the module docstring). `batch_fn(step)` then returns
       the step's whole batch on every process, each keeping its part;
+      a `data.RowBatches` builds only the rows each process holds;
       `frozen` is placed with the weights' shardings.
     evaluator: called as evaluator(steps_done, state) every `eval_every`
       steps and after the last step (outside the timed steps); it must not
@@ -323,7 +328,38 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   extra = () if frozen is None else (frozen,)
   expected = (tcfg.batch_size, tcfg.seq_len)
 
+  # A batch function that builds rows alone (`data.RowBatches`), on a mesh:
+  # each process builds only the rows (and keeps the tokens) its devices
+  # hold, and the global batch is assembled from those parts.
+  part = None
+  if mesh is not None and isinstance(batch_fn, RowBatches):
+    part = distributed.process_slices(
+        sharding.batch_sharding(mesh, expected), expected)
+
+  def get_part(step: int) -> Batch:
+    rows, tokens = part
+    batch = batch_fn.rows(step, rows)
+    check_batch(batch, cfg.vocab_size)
+    want = (rows.stop - rows.start, tcfg.seq_len)
+    found = tuple(np.shape(batch["inputs"]))
+    if found != want:
+      raise ValueError(
+          f"batch_fn.rows({step}, {rows}): expected inputs of shape {want} "
+          f"(rows {rows.start} to {rows.stop - 1} of a batch of "
+          f"TrainConfig.batch_size, TrainConfig.seq_len = {expected}), "
+          f"found {found}")
+    media = sorted(k for k in MEDIA_KEYS if batch.get(k) is not None)
+    if media:
+      raise ValueError(f"batch_fn.rows({step}, {rows}): expected no images "
+                       f"or videos (a RowBatches builds token rows), found "
+                       f"{media}")
+    batch = {k: v[:, tokens] for k, v in batch.items() if v is not None}
+    return distributed.global_batch(batch, mesh, local=True,
+                                    global_shape=expected)
+
   def get_batch(step: int) -> Batch:
+    if part is not None:
+      return get_part(step)
     batch = batch_fn(step)
     check_batch(batch, cfg.vocab_size)
     batch = with_static_grids(batch)  # images' grids: static for the step
