@@ -24,14 +24,21 @@ for the rules and the learning-rate schedule after a change.
       --workdir=/tmp/qwen_text --export_hf=/tmp/qwen_text/hf
   python -m experiments.train --config=experiments/configs/qwen3_5_0_8b.py \
       --workdir=/tmp/qwen08b_bench                      # GPU benchmark
+  python -m experiments.train --config=experiments/configs/finetune.py \
+      --config.init_checkpoint=DIR --config.data.path=FILE_OR_FOLDER \
+      --workdir=/tmp/ft [--export_hf=OUT] [--config.lora_rank=16]
+
+The finetune config adapts a transformers checkpoint (its config, weights
+and tokenizer) to the user's text or chats, fully or with LoRA, on one
+device or a mesh; experiments/finetune.py runs it.
 
 Several devices, several processes: `--mesh data:8` (axes data, fsdp,
 tensor, seq; `qwen_jax.sharding.make_mesh`) shards the step over the
 devices (`--num_devices 8` gives a CPU 8 fake ones); with `--distributed`
 every process (host) runs the same command and the mesh spans them all
 (default `data:<all devices>`), see experiments/multihost.py and
-docs/sharding.md. Then each process builds the step's batch and keeps the
-rows its devices hold, orbax writes each checkpoint with all processes
+docs/sharding.md. Then each process builds only the rows of each batch
+(training and evaluation) that its devices hold, orbax writes each checkpoint with all processes
 together, and process 0 alone writes metrics.csv, run_history.json,
 run_config.json, eval.json, the --export_hf folder and the output; an
 error in any process ends them all with its message.
@@ -74,6 +81,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments import finetune
 from experiments import multihost
 from qwen_jax import data
 from qwen_jax import distributed
@@ -170,14 +178,16 @@ class Task:
   Attributes:
     kind: "mqar" or "text".
     vocab_size: token ids the data uses (the model needs at least these).
-    batch_fn: step -> training batch, a pure function of the step.
-    eval_batches: builds the held-out batches (called after training).
+    batch_fn: step -> training batch, a pure function of the step (a
+      `data.RowBatches`: each process of a mesh builds only its rows).
+    eval_batches: builds the held-out batches (called after training);
+      eval_batches(rows) builds only the rows `rows` (a slice) of each.
     info: settings recorded in eval.json.
   """
   kind: str
   vocab_size: int
   batch_fn: Callable[[int], data.Batch]
-  eval_batches: Callable[[], list[data.Batch]]
+  eval_batches: Callable[..., list[data.Batch]]
   info: dict[str, Any]
 
 
@@ -215,22 +225,26 @@ def build_task(config: ml_collections.ConfigDict,
     eval_seed = ev.get("seed", seed + 1)
     return Task(
         kind=kind, vocab_size=task.vocab_size,
-        batch_fn=lambda step: data.mqar_batch(task, bs, seed, step),
-        eval_batches=lambda: [
-            data.mqar_batch(task, ev.batch_size, eval_seed, i)
+        batch_fn=data.RowBatches(
+            lambda step, rows: data.mqar_batch(task, bs, seed, step, rows),
+            bs),
+        eval_batches=lambda rows=None: [
+            data.mqar_batch(task, ev.batch_size, eval_seed, i, rows)
             for i in range(ev.num_batches)],
         info={"task": dataclasses.asdict(task), "queries": task.queries,
               "chance_accuracy": task.chance_accuracy})
   if kind == "text":
     text = data.TextData(tcfg.seq_len, "train", d.get("max_bytes"))
 
-    def eval_batches() -> list[data.Batch]:
+    def eval_batches(rows: slice | None = None) -> list[data.Batch]:
       held_out = data.TextData(tcfg.seq_len, "eval", ev.get("max_bytes"))
-      return held_out.eval_batches(ev.batch_size, ev.get("num_batches"))
+      return held_out.eval_batches(ev.batch_size, ev.get("num_batches"),
+                                   rows)
 
     return Task(
         kind=kind, vocab_size=data.BYTE_VOCAB,
-        batch_fn=lambda step: text.batch(bs, seed, step),
+        batch_fn=data.RowBatches(
+            lambda step, rows: text.batch(bs, seed, step, rows), bs),
         eval_batches=eval_batches,
         info={"train_rows": text.num_rows, "train_tokens": text.num_tokens})
   raise ValueError(f"config.data.kind: expected one of {DATA_KINDS}, found "
@@ -329,6 +343,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       the recorded run's and not allowed; an --export_hf folder whose
       contents the export would not keep.
   """
+  if finetune.is_finetune_config(config):
+    if mesh is not None:
+      raise ConfigError(
+          f"--mesh: expected none with the finetune config (it shards over "
+          f"--config.mesh, in one process), found a mesh of "
+          f"{mesh.devices.size} devices ({dict(mesh.shape)})")
+    entry = _export_entry(workdir, export_hf)
+    return finetune.run(config, workdir, export_hf=export_hf,
+                        progress=progress, allow_changes=allow_changes,
+                        other_files=[entry] if entry else [])
   try:
     cfg, tcfg, task = build(config)
   except ValueError as e:
@@ -374,9 +398,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # Peak device memory of the training so far (GPU/TPU; None on a CPU).
   stats = jax.local_devices()[0].memory_stats() or {}
   peak_bytes = stats.get("peak_bytes_in_use")
-  batches = task.eval_batches()
-  if mesh is not None:
-    batches = [distributed.global_batch(b, mesh) for b in batches]
+  if mesh is None:
+    batches = task.eval_batches()
+  else:
+    # Each process builds the rows (and keeps the tokens) its devices hold.
+    shape = (config.eval.batch_size, tcfg.seq_len)
+    rows, tokens = distributed.process_slices(
+        sharding.batch_sharding(mesh, shape), shape)
+    batches = [distributed.global_batch(
+        {k: v[:, tokens] for k, v in b.items()}, mesh, local=True,
+        global_shape=shape) for b in task.eval_batches(rows)]
   ev = train_lib.evaluate(result.cfg, params, batches, tcfg.ce_chunk_size)
   ev["batches"] = len(batches)
   if task.kind == "text":
@@ -436,6 +467,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def format_summary(summary: Mapping[str, Any]) -> str:
   """A few human-readable lines of a `run` summary."""
+  if summary.get("task") == "finetune":
+    return finetune.format_summary(summary)
   m, t, ev = summary["model"], summary["train"], summary["eval"]
   lines = [
       f"model:   {m['preset']}, {m['num_hidden_layers']} layers "

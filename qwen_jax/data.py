@@ -21,8 +21,11 @@ kernel take: tokens of different documents never attend to or pass state to
 each other, and the loss never predicts across a boundary.
 
 Every batch is a pure function of (seed, step): a run restarted from a
-checkpoint sees exactly the batches it would have seen. `check_batch` is the
-one check of the batch format, used by training and the sharded programs.
+checkpoint sees exactly the batches it would have seen. Each row is one
+too (of seed, step and its row number), so that every process of a
+multi-process run builds only its own rows (`rows=`, `RowBatches`).
+`check_batch` is the one check of the batch format, used by training and
+the sharded programs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -212,47 +215,75 @@ class MQARConfig:
     return dataclasses.replace(self, **changes)
 
 
+def _row_range(rows: slice | None, batch_size: int) -> tuple[int, int]:
+  """(start, stop) of `rows`, a contiguous part of [0, batch_size)."""
+  if rows is None:
+    return 0, batch_size
+  if isinstance(rows, slice) and rows.step in (None, 1):
+    start = 0 if rows.start is None else rows.start
+    stop = batch_size if rows.stop is None else rows.stop
+    if (isinstance(start, (int, np.integer))
+        and isinstance(stop, (int, np.integer))
+        and 0 <= start < stop <= batch_size):
+      return int(start), int(stop)
+  raise ValueError(f"rows: expected a slice of consecutive rows within "
+                   f"[0, batch_size={batch_size}), found {rows!r}")
+
+
 def mqar_batch(task: MQARConfig, batch_size: int, seed: int = 0,
-               step: int = 0) -> Batch:
+               step: int = 0, rows: slice | None = None) -> Batch:
   """A batch of MQAR examples, a pure function of (task, seed, step).
+
+  Row r is a function of (task, seed, step, r) alone (its own random
+  stream), so a process of a multi-process run builds only the rows its
+  devices hold (`rows`) and the parts put together are the whole batch.
 
   Args:
     task: the task shape.
     batch_size: examples.
     seed: data seed.
     step: batch index (train step, or an eval batch number).
+    rows: build only these rows of the batch (a slice of consecutive
+      rows of [0, batch_size)); None: all.
 
   Returns:
-    dict with "inputs", "targets" int32 [batch, seq_len], "loss_mask"
-    float32 [batch, seq_len] (1 at query keys), and "segment_ids" int32
+    dict with "inputs", "targets" int32 [rows, seq_len], "loss_mask"
+    float32 [rows, seq_len] (1 at query keys), and "segment_ids" int32
     ones (one document per row).
 
   Raises:
-    ValueError: batch_size < 1, or a negative seed or step.
+    ValueError: batch_size < 1, a negative seed or step, or rows outside
+      the batch.
   """
   _check_int("batch_size", batch_size, 1)
   _check_int("seed", seed, 0)
   _check_int("step", step, 0)
-  rng = _rng(seed, 0x4D51, step)
-  n, p, q = batch_size, task.num_pairs, task.queries
+  start, stop = _row_range(rows, batch_size)
+  n, p, q = stop - start, task.num_pairs, task.queries
   length = task.seq_len + 1
-  keys = np.argsort(rng.random((n, task.key_vocab)), axis=1)[:, :p]
-  values = rng.integers(0, task.value_vocab, (n, p))
+  num_slots = (length - 2 * p) // 2
+  keys = np.empty((n, p), np.int64)
+  values = np.empty((n, p), np.int64)
+  which = np.empty((n, q), np.int64)
+  slots = np.empty((n, q), np.int64)
+  for i in range(n):
+    rng = _rng(seed, 0x4D51, step, start + i)
+    keys[i] = rng.permutation(task.key_vocab)[:p]  # distinct keys
+    values[i] = rng.integers(0, task.value_vocab, p)
+    # Queries: q distinct pairs, each at a random 2-token slot after the
+    # context, slots in increasing order.
+    which[i] = rng.permutation(p)[:q]
+    slots[i] = np.sort(rng.permutation(num_slots)[:q])
   seq = np.full((n, length), PAD, np.int64)
   seq[:, 0:2 * p:2] = task.key_token(keys)
   seq[:, 1:2 * p:2] = task.value_token(values)
-  # Queries: q distinct pairs, each at a random 2-token slot after the
-  # context, slots in random order.
-  which = np.argsort(rng.random((n, p)), axis=1)[:, :q]
-  num_slots = (length - 2 * p) // 2
-  slots = np.sort(np.argsort(rng.random((n, num_slots)), axis=1)[:, :q],
-                  axis=1)
   pos = 2 * p + 2 * slots  # [n, q] positions of the query keys
-  rows = np.arange(n)[:, None]
-  seq[rows, pos] = task.key_token(np.take_along_axis(keys, which, 1))
-  seq[rows, pos + 1] = task.value_token(np.take_along_axis(values, which, 1))
+  index = np.arange(n)[:, None]
+  seq[index, pos] = task.key_token(np.take_along_axis(keys, which, 1))
+  seq[index, pos + 1] = task.value_token(np.take_along_axis(values, which,
+                                                            1))
   mask = np.zeros((n, length), np.float32)
-  mask[rows, pos] = 1.0
+  mask[index, pos] = 1.0
   return {
       "inputs": seq[:, :-1].astype(np.int32),
       "targets": seq[:, 1:].astype(np.int32),
@@ -338,8 +369,11 @@ def lm_batch_from_rows(tokens: np.ndarray, segment_ids: np.ndarray) -> Batch:
   """
   seg_in, seg_out = segment_ids[:, :-1], segment_ids[:, 1:]
   mask = (seg_in == seg_out) & (seg_in > 0)
-  # Padding is its own segment so it never joins the last document.
-  seg = np.where(seg_in > 0, seg_in, seg_in.max(initial=0) + 1)
+  # Padding is its own segment so it never joins the last document; one
+  # past the row's own last document, so that a row does not depend on
+  # the other rows built with it.
+  seg = np.where(seg_in > 0, seg_in,
+                 seg_in.max(axis=1, keepdims=True, initial=0) + 1)
   return {
       "inputs": tokens[:, :-1].astype(np.int32),
       "targets": tokens[:, 1:].astype(np.int32),
@@ -484,20 +518,27 @@ class TextData:
   def num_tokens(self) -> int:
     return int((self.segment_ids > 0).sum())
 
-  def batch(self, batch_size: int, seed: int = 0, step: int = 0) -> Batch:
+  def batch(self, batch_size: int, seed: int = 0, step: int = 0,
+            rows: slice | None = None) -> Batch:
     """Rows number step * batch_size ... of the (seed, epoch) order.
 
+    Row r of the batch is row (step * batch_size + r) of that order, so a
+    process of a multi-process run builds only the rows its devices hold
+    (`rows`, a slice of consecutive rows of [0, batch_size); None: all).
+
     Raises:
-      ValueError: batch_size < 1, or a negative seed or step.
+      ValueError: batch_size < 1, a negative seed or step, or rows outside
+        the batch.
     """
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
     _check_int("step", step, 0)
+    lo, hi = _row_range(rows, batch_size)
     n = self.num_rows
     perms = {}
     idx = []
     start = step * batch_size
-    for i in range(start, start + batch_size):
+    for i in range(start + lo, start + hi):
       epoch, j = divmod(i, n)
       if epoch not in perms:
         perms[epoch] = _rng(seed, 0x5445, epoch).permutation(n)
@@ -505,20 +546,23 @@ class TextData:
     idx = np.asarray(idx)
     return lm_batch_from_rows(self.tokens[idx], self.segment_ids[idx])
 
-  def eval_batches(self, batch_size: int,
-                   max_batches: int | None = None) -> list[Batch]:
+  def eval_batches(self, batch_size: int, max_batches: int | None = None,
+                   rows: slice | None = None) -> list[Batch]:
     """The rows in order, in batches (the last one padded with empty rows).
 
     Args:
       batch_size: rows per batch (>= 1).
       max_batches: at most this many batches (>= 1; None = all).
+      rows: only these rows of each batch (a slice of consecutive rows of
+        [0, batch_size); None: all), as in `batch`.
 
     Raises:
-      ValueError: batch_size or max_batches < 1.
+      ValueError: batch_size or max_batches < 1, or rows outside the batch.
     """
     _check_int("batch_size", batch_size, 1)
     if max_batches is not None:
       _check_int("max_batches", max_batches, 1)
+    lo, hi = _row_range(rows, batch_size)
     out = []
     for s in range(0, self.num_rows, batch_size):
       tok = self.tokens[s:s + batch_size]
@@ -527,7 +571,33 @@ class TextData:
         extra = batch_size - tok.shape[0]
         tok = np.pad(tok, ((0, extra), (0, 0)))
         seg = np.pad(seg, ((0, extra), (0, 0)))
-      out.append(lm_batch_from_rows(tok, seg))
+      out.append(lm_batch_from_rows(tok[lo:hi], seg[lo:hi]))
       if max_batches is not None and len(out) >= max_batches:
         break
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBatches:
+  """A batch function whose rows can be built alone.
+
+  `train(..., batch_fn=RowBatches(...), mesh=...)` then has each process
+  build only the rows of each step's batch that its devices hold, and
+  assembles the global batch from those parts; called as `batch_fn(step)`
+  it builds the whole batch, as any batch function does.
+
+  Attributes:
+    rows_fn: (step, rows) -> the rows `rows` (a slice of consecutive rows
+      of [0, batch_size)) of the step's batch; the parts of a partition of
+      the rows, put together, must be the whole batch.
+    batch_size: rows of a whole batch.
+  """
+  rows_fn: Callable[[int, slice], Batch]
+  batch_size: int
+
+  def __call__(self, step: int) -> Batch:
+    return self.rows_fn(step, slice(0, self.batch_size))
+
+  def rows(self, step: int, rows: slice) -> Batch:
+    """The rows `rows` of the step's batch."""
+    return self.rows_fn(step, rows)

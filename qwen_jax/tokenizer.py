@@ -64,6 +64,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import datetime
 import json
@@ -71,7 +73,8 @@ import math
 import numbers
 import operator
 import os
-from typing import Any, Iterable, Mapping, Sequence
+import re
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
@@ -228,11 +231,35 @@ def _chat_templates(folder: str, config: dict[str, Any], config_path: str
 # The template environment.
 
 
+# (opening, closing) strings put around each `{% generation %}` block's
+# output while `generation_marks` is active; None renders the body alone.
+_GENERATION_MARKS: contextvars.ContextVar[tuple[str, str] | None] = (
+    contextvars.ContextVar("generation_marks", default=None))
+
+
+@contextlib.contextmanager
+def generation_marks(opening: str, closing: str) -> Iterator[None]:
+  """While active, templates render `{% generation %}` blocks between
+  `opening` and `closing` (to find the assistant text a template marks;
+  `qwen_jax.finetune_data` uses it for training masks)."""
+  token = _GENERATION_MARKS.set((opening, closing))
+  try:
+    yield
+  finally:
+    _GENERATION_MARKS.reset(token)
+
+
+def has_generation_blocks(source: str) -> bool:
+  """Whether a template source uses `{% generation %}` blocks."""
+  return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+
+
 class _GenerationBlock(jinja2.ext.Extension):
   """`{% generation %}...{% endgeneration %}`, rendered as its body.
 
-  transformers uses the block to mark assistant tokens for training masks;
-  here it only has to parse and render.
+  transformers uses the block to mark assistant tokens for training masks
+  (`return_assistant_tokens_mask`); here it renders its body, between the
+  marks of `generation_marks` when that is active.
   """
   tags = {"generation"}
 
@@ -243,7 +270,10 @@ class _GenerationBlock(jinja2.ext.Extension):
     return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
 
   def _render_body(self, caller: Any) -> str:
-    return caller()
+    marks = _GENERATION_MARKS.get()
+    if marks is None:
+      return caller()
+    return marks[0] + caller() + marks[1]
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):

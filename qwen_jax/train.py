@@ -20,14 +20,22 @@ held-out batches.
 Steps are counted as the progress bar and the checkpoints count them: row
 `step` of metrics.csv is the state after that many updates (the loss of the
 update's batch, the learning rate it applied). Tokens/s and MFU measure the
-steps only: the time of checkpoint saves, callbacks and the CSV and
-progress output between them is left out (the loop runs no evaluation).
+steps only: the time of checkpoint saves, callbacks, evaluations and the
+CSV and progress output between them is left out.
+
+Options for fine-tuning (`experiments/finetune.py` uses them): `frozen=` and
+`lora=` train low-rank adapters over frozen base weights (the state, and so
+the checkpoints, hold the adapters alone), `mesh=` shards the step over a
+device mesh, and `evaluator=` runs every `eval_every` steps on the state
+(held-out loss, samples).
 
 With a device mesh (`mesh=`, `qwen_jax.sharding.make_mesh`), the step runs
 sharded: the state is placed with `train_step.state_shardings`, and each
 step's batch becomes global arrays, rows over the mesh's data and fsdp axes
 and tokens over seq, each process transferring only the part its devices
-hold (`qwen_jax.distributed.global_batch`). The mesh may span several
+hold (`qwen_jax.distributed.global_batch`); a batch function that builds
+rows alone (`qwen_jax.data.RowBatches`, as the MQAR and text tasks of
+experiments/train.py are) builds only those rows. The mesh may span several
 processes (`qwen_jax.distributed.initialize`): every process then runs
 `train` with the same arguments, orbax saves and restores each checkpoint
 with all of them together, and only process 0 writes metrics.csv, the
@@ -56,11 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import distributed
+from qwen_jax import sharding
 from qwen_jax import train_checkpoint
 from qwen_jax import train_workdir
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.data import check_batch
+from qwen_jax.data import MEDIA_KEYS
+from qwen_jax.data import RowBatches
 from qwen_jax.data import with_static_grids
 from qwen_jax.train_step import Batch
 from qwen_jax.train_step import BatchFn
@@ -192,7 +203,11 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           settings: Mapping[str, Mapping[str, Any]] | None = None,
           allow_changes: Sequence[str] = (),
           other_files: Sequence[str] = (),
+          frozen: PyTree | None = None,
+          lora: Any = None,
           mesh: jax.sharding.Mesh | None = None,
+          evaluator: Callable[[int, TrainState], None] | None = None,
+          eval_every: int = 0,
           ) -> TrainResult:
   """Trains for `tcfg.num_steps` steps (resuming from `workdir` if it holds
   checkpoints).
@@ -227,9 +242,18 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       recorded in run_history.json.
     other_files: entries of `workdir` that belong to the caller (e.g. an
       export folder), accepted beside the run's own files.
+    frozen: with `lora`, the frozen base weights (not copied, not
+      donated); `params` are then the adapters (`qwen_jax.lora`).
+    lora: a `qwen_jax.lora.LoraSpec`: train adapters over `frozen`.
     mesh: run the step sharded over this device mesh (one or several
       processes; see the module docstring). `batch_fn(step)` then returns
-      the step's whole batch on every process, each keeping its part.
+      the step's whole batch on every process, each keeping its part;
+      a `data.RowBatches` builds only the rows each process holds;
+      `frozen` is placed with the weights' shardings.
+    evaluator: called as evaluator(steps_done, state) every `eval_every`
+      steps and after the last step (outside the timed steps); it must not
+      change the state.
+    eval_every: steps between evaluator calls (0: only after the last).
 
   Returns:
     A TrainResult.
@@ -243,6 +267,12 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       anything is written.
   """
   cfg = model_config_for_training(cfg, tcfg)
+  if (lora is None) != (frozen is None):
+    raise ValueError("lora and frozen: expected both (adapters over frozen "
+                     "base weights) or neither, found one")
+  if lora is not None and params is None:
+    raise ValueError("params: expected the adapters to train with lora, "
+                     "found None")
   if params is not None:
     # The step donates the state: train on a copy so that the caller's
     # arrays stay valid.
@@ -256,7 +286,11 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   state = init_state(cfg, tcfg, params)
   if mesh is not None:
     # Before a restore, which then reads each shard onto its device.
-    state = distributed.put_global(state, state_shardings(cfg, tcfg, mesh))
+    state = distributed.put_global(state,
+                                   state_shardings(cfg, tcfg, mesh, lora))
+    if frozen is not None:
+      frozen = distributed.put_global(frozen,
+                                      sharding.param_shardings(cfg, mesh))
   ckpt = None
   resumed_from = None
   csv_path = None
@@ -285,12 +319,47 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   devices = {d for x in jax.tree_util.tree_leaves(state)
              for d in getattr(x, "devices", set)()}
   if len(devices) == 1 and mesh is None:  # a sharded state keeps its own
-    state = jax.device_put(state, devices.pop())
+    device = devices.pop()
+    state = jax.device_put(state, device)
+    if frozen is not None:
+      frozen = jax.device_put(frozen, device)
   start = int(jax.device_get(state.step))
-  step_fn = make_train_step(cfg, tcfg, mesh=mesh)
+  step_fn = make_train_step(cfg, tcfg, lora=lora, mesh=mesh)
+  extra = () if frozen is None else (frozen,)
   expected = (tcfg.batch_size, tcfg.seq_len)
 
+  # A batch function that builds rows alone (`data.RowBatches`), on a mesh:
+  # each process builds only the rows (and keeps the tokens) its devices
+  # hold, and the global batch is assembled from those parts.
+  part = None
+  if mesh is not None and isinstance(batch_fn, RowBatches):
+    part = distributed.process_slices(
+        sharding.batch_sharding(mesh, expected), expected)
+
+  def get_part(step: int) -> Batch:
+    rows, tokens = part
+    batch = batch_fn.rows(step, rows)
+    check_batch(batch, cfg.vocab_size)
+    want = (rows.stop - rows.start, tcfg.seq_len)
+    found = tuple(np.shape(batch["inputs"]))
+    if found != want:
+      raise ValueError(
+          f"batch_fn.rows({step}, {rows}): expected inputs of shape {want} "
+          f"(rows {rows.start} to {rows.stop - 1} of a batch of "
+          f"TrainConfig.batch_size, TrainConfig.seq_len = {expected}), "
+          f"found {found}")
+    media = sorted(k for k in MEDIA_KEYS if batch.get(k) is not None)
+    if media:
+      raise ValueError(f"batch_fn.rows({step}, {rows}): expected no images "
+                       f"or videos (a RowBatches builds token rows), found "
+                       f"{media}")
+    batch = {k: v[:, tokens] for k, v in batch.items() if v is not None}
+    return distributed.global_batch(batch, mesh, local=True,
+                                    global_shape=expected)
+
   def get_batch(step: int) -> Batch:
+    if part is not None:
+      return get_part(step)
     batch = batch_fn(step)
     check_batch(batch, cfg.vocab_size)
     batch = with_static_grids(batch)  # images' grids: static for the step
@@ -310,7 +379,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
       ckpt.close()
     raise
   t0 = time.time()
-  compiled = step_fn.lower(state, first).compile()
+  compiled = step_fn.lower(state, first, *extra).compile()
   compile_s = time.time() - t0
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   fpt = flops_per_token(cfg, tcfg.seq_len)
@@ -331,13 +400,15 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   try:
     for step in range(start, tcfg.num_steps):
       batch = first if step == start else get_batch(step)
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, *extra)
       pending.append((step, metrics))
       steps_since += 1
       last = step == tcfg.num_steps - 1
       save_now = (ckpt is not None and tcfg.checkpoint_every > 0
                   and (step + 1) % tcfg.checkpoint_every == 0)
-      if (step + 1) % tcfg.log_every == 0 or last or save_now:
+      eval_now = evaluator is not None and (
+          last or (eval_every > 0 and (step + 1) % eval_every == 0))
+      if (step + 1) % tcfg.log_every == 0 or last or save_now or eval_now:
         fetched = jax.device_get(pending)
         now = time.time()
         interval = max(now - t_last, 1e-9)
@@ -366,6 +437,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
           t_save = time.time()
           ckpt.save(state)
           checkpoint_s += time.time() - t_save
+        if eval_now:
+          evaluator(step + 1, state)
         t_last = time.time()
     jax.block_until_ready(state)
     if ckpt is not None:

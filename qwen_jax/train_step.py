@@ -10,6 +10,13 @@
   * One jit-compiled step with the state donated; metrics loss, gradient
     norm, learning rate and loss tokens. `flops_per_token` and
     `device_peak_flops` give the MFU estimate the loop reports.
+  * Two options of the step (`make_train_step`): `lora=LoraSpec(...)`
+    trains low-rank adapters (`qwen_jax.lora`) over frozen base weights
+    passed as a third argument, `step(state, batch, base)`, the state then
+    holding the adapters and their optimizer moments only; `mesh=` runs
+    the step sharded over a device mesh (`qwen_jax.sharding`: weights and
+    optimizer state ZeRO-3 over fsdp/seq, tokens over seq, sequence
+    parallel Gated DeltaNet and attention).
 
 The loop around the step is `qwen_jax.train`, its checkpoints
 `qwen_jax.train_checkpoint`.
@@ -26,15 +33,19 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
 from qwen_jax import head
+from qwen_jax import lora as lora_lib
 from qwen_jax import moe
 from qwen_jax import sharding
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import FULL, QwenConfig
 from qwen_jax.config import is_int, is_real
+from qwen_jax.data import MEDIA_KEYS
 from qwen_jax.data import check_batch
 from qwen_jax.data import media_args
 from qwen_jax.data import placeholder_loss_mask
@@ -245,25 +256,10 @@ def init_state(cfg: QwenConfig, tcfg: TrainConfig,
                     opt_state=opt_state)
 
 
-def state_shardings(cfg: QwenConfig, tcfg: TrainConfig,
-                    mesh: jax.sharding.Mesh) -> TrainState:
-  """NamedShardings of a TrainState on `mesh`: the weights as
-  `sharding.param_shardings` places them (ZeRO-3 over fsdp and seq,
-  Megatron over tensor), each optimizer moment like its weight, the step
-  and the optimizer's counters replicated."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  param_sh = sharding.param_shardings(cfg, mesh)
-  tx = make_optimizer(tcfg)
-  opt = jax.eval_shape(tx.init, nn.meta.unbox(sharding.abstract_params(cfg)))
-  opt_sh = optax.tree_map_params(
-      tx, lambda _, sh: sh, opt, param_sh,
-      transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-
-
 # -------------------------------------------------------------------- loss
 def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
-                   chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+                   chunk_size: int = 0, mesh: Any = None
+                   ) -> tuple[Array, dict[str, Array]]:
   """Mean masked cross-entropy of a batch, and its sums.
 
   Args:
@@ -277,6 +273,9 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
       the tower's features, not tokens to predict); gradients reach the
       tower through the features.
     chunk_size: cross-entropy chunk (see `head.chunked_cross_entropy`).
+    mesh: a device mesh: the model runs inside `sharding.activate(mesh)`
+      (sequence parallel) and the loss is `sharding.chunked_lm_loss`
+      (each device's own tokens); "correct" is then NaN (not computed).
 
   Returns:
     (mean loss, {"loss_sum", "tokens", "correct"}). A mixture-of-experts
@@ -291,21 +290,33 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   if mask is None:
     mask = jnp.ones(inputs.shape, jnp.float32)
   mask = placeholder_loss_mask(cfg, targets, mask)
-  out = Qwen35(cfg).apply(
-      {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
-      attention_mask=batch.get("attention_mask"),
-      return_hidden=True, **media_args(batch),
-      mutable=["intermediates"] if cfg.is_moe else False)
+
+  def forward():
+    out = Qwen35(cfg).apply(
+        {"params": params}, inputs, segment_ids=batch.get("segment_ids"),
+        attention_mask=batch.get("attention_mask"),
+        return_hidden=True, **media_args(batch),
+        mutable=["intermediates"] if cfg.is_moe else False)
+    if cfg.is_moe:
+      (_, hidden), inter = out
+      return hidden, inter
+    return out[1], None
+
+  if mesh is not None:
+    with sharding.activate(mesh):
+      hidden, inter = forward()
+      loss_sum, tokens = sharding.chunked_lm_loss(
+          cfg, params, hidden, targets, mask, chunk_size or 1024, mesh)
+    correct = jnp.full((), jnp.nan, jnp.float32)
+  else:
+    hidden, inter = forward()
+    w, vocab_major = head.head_weights(cfg, params)
+    loss_sum, tokens, correct = head.chunked_cross_entropy(
+        hidden, w, targets, mask, vocab_major=vocab_major,
+        chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
   if cfg.is_moe:
-    (_, hidden), inter = out
     routing = moe.load_summary(moe.collected_router_stats(inter),
                                cfg.num_experts_per_tok)
-  else:
-    _, hidden = out
-  w, vocab_major = head.head_weights(cfg, params)
-  loss_sum, tokens, correct = head.chunked_cross_entropy(
-      hidden, w, targets, mask, vocab_major=vocab_major,
-      chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
   loss = loss_sum / jnp.maximum(tokens, 1.0)
   stats = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
   if cfg.is_moe:
@@ -314,15 +325,53 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
   return loss, stats
 
 
+def _model_loss(trained: PyTree, frozen: PyTree | None, cfg: QwenConfig,
+                batch: Batch, chunk_size: int,
+                lora: lora_lib.LoraSpec | None, mesh: Any):
+  """`loss_and_stats` of the trained parameters (the adapters over the
+  frozen base when `lora` is set)."""
+  if lora is None:
+    return loss_and_stats(trained, cfg, batch, chunk_size, mesh)
+  with lora_lib.applied():
+    return loss_and_stats(lora_lib.combine(frozen, trained, lora), cfg,
+                          batch, chunk_size, mesh)
+
+
+# ---------------------------------------------------------------- sharding
+def state_shardings(cfg: QwenConfig, tcfg: TrainConfig, mesh: Any,
+                    lora: lora_lib.LoraSpec | None = None) -> TrainState:
+  """NamedShardings of the TrainState on `mesh`: the weights and their
+  optimizer moments as `sharding.param_shardings` places the weights
+  (ZeRO-3 over fsdp and seq, Megatron over tensor); adapters, the step and
+  the optimizer's counters replicated."""
+  replicated = NamedSharding(mesh, P())
+  shapes = sharding.abstract_params(cfg)
+  shapes = nn.meta.unbox(shapes)
+  if lora is None:
+    param_sh = sharding.param_shardings(cfg, mesh)
+    params = shapes
+  else:
+    params = lora_lib.adapter_shapes(shapes, lora)
+    param_sh = jax.tree_util.tree_map(lambda _: replicated, params)
+  tx = make_optimizer(tcfg)
+  opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(
+      tx, lambda _, s: s, opt, param_sh,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
 # -------------------------------------------------------------------- step
 def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
-                    donate: bool = True,
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+                    donate: bool = True, *,
+                    lora: lora_lib.LoraSpec | None = None,
+                    mesh: Any = None) -> Callable:
   """jit-compiled `step(state, batch) -> (state, metrics)`.
 
   With `mesh`, the state comes back with `state_shardings` and the metrics
-  replicated (the batch and state go in as global arrays on the mesh; the
-  compiler partitions the step between them).
+  replicated (the batch and state go in as global arrays on the mesh, the
+  batch's rows over data/fsdp and its tokens over seq; the model runs
+  inside `sharding.activate`, sequence parallel).
 
   The state is donated (its buffers are reused for the new state). Metrics:
   loss, grad_norm (before clipping), learning_rate, tokens (loss tokens).
@@ -330,23 +379,34 @@ def make_train_step(cfg: QwenConfig, tcfg: TrainConfig,
   the same function, so a second run in the process (a resume, another
   seed) does not compile again. A batch's image and video grids become
   static (`data.with_static_grids`): one compilation per grid set;
-  `fn.lower(state, batch)` lowers the program for that batch.
+  `fn.lower(state, batch[, base])` lowers the program for that batch.
+
+  Args:
+    cfg: the model config (compute dtype set).
+    tcfg: the train config.
+    donate: donate the state.
+    lora: train these adapters: `step(state, batch, base)`, state.params
+      the adapters, `base` the frozen weights (not donated).
+    mesh: shard the step over this mesh (`state_shardings`; the batch's
+      rows over data/fsdp and its tokens over seq, images and videos
+      replicated).
   """
   key = tcfg.replace(**{f: getattr(TrainConfig, f)
                         for f in _LOOP_ONLY_FIELDS})
-  return _make_train_step(cfg, key, donate, mesh)
+  return _make_train_step(cfg, key, donate, lora, mesh)
 
 
 @functools.lru_cache(maxsize=16)
 def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig, donate: bool,
-                     mesh: jax.sharding.Mesh | None = None) -> Callable:
+                     lora: lora_lib.LoraSpec | None, mesh: Any
+                     ) -> Callable:
   tx = make_optimizer(tcfg)
   schedule = learning_rate_schedule(tcfg)
 
-  def step(state: TrainState, batch: Batch):
-    grad_fn = jax.value_and_grad(loss_and_stats, has_aux=True)
-    (loss, stats), grads = grad_fn(state.params, cfg, batch,
-                                   tcfg.ce_chunk_size)
+  def step(state: TrainState, batch: Batch, frozen: PyTree = None):
+    grad_fn = jax.value_and_grad(_model_loss, has_aux=True)
+    (loss, stats), grads = grad_fn(state.params, frozen, cfg, batch,
+                                   tcfg.ce_chunk_size, lora, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
@@ -357,32 +417,86 @@ def _make_train_step(cfg: QwenConfig, tcfg: TrainConfig, donate: bool,
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
-  out = {}
-  if mesh is not None:
-    out["out_shardings"] = (
-        state_shardings(cfg, tcfg, mesh),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return _static_grid_call(
-      jax.jit(step, donate_argnums=(0,) if donate else (), **out))
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return _static_grid_call(jax.jit(step, donate_argnums=donate_argnums))
+  st = state_shardings(cfg, tcfg, mesh, lora)
+  frozen_sh = None if lora is None else sharding.param_shardings(cfg, mesh)
+  return _MeshStep(step, st, frozen_sh, NamedSharding(mesh, P()), mesh,
+                   donate_argnums)
 
 
 def _static_grid_call(jitted: Callable) -> Callable:
-  """fn(x, batch) -> jitted(x, with_static_grids(batch)), with `lower`."""
-  def call(x, batch):
-    return jitted(x, with_static_grids(batch))
+  """fn(x, batch, *rest) -> jitted(x, with_static_grids(batch), *rest),
+  with `lower`."""
+  def call(x, batch, *rest):
+    return jitted(x, with_static_grids(batch), *rest)
 
-  call.lower = lambda x, batch: jitted.lower(x, with_static_grids(batch))  # pylint: disable=g-long-lambda
+  def lower(x, batch, *rest):
+    return jitted.lower(x, with_static_grids(batch), *rest)
+
+  call.lower = lower
   return call
 
 
-@functools.lru_cache(maxsize=16)
-def make_eval_step(cfg: QwenConfig, chunk_size: int = 0) -> Callable:
-  """jit-compiled `eval(params, batch) -> {"loss_sum", "tokens",
-  "correct"}` (sums over the batch's masked tokens; one function per
-  (cfg, chunk_size); grids static as in `make_train_step`)."""
+class _MeshStep:
+  """The sharded step: one `jax.jit` per batch shape, with the state's
+  shardings in and out (a resumed or next step reuses the placement);
+  images and videos replicated, their grids static."""
 
-  def evaluate(params, batch):
-    return loss_and_stats(params, cfg, batch, chunk_size)[1]
+  def __init__(self, step, state_sh, frozen_sh, replicated, mesh,
+               donate_argnums):
+    self._step, self._state_sh, self._frozen_sh = step, state_sh, frozen_sh
+    self._replicated, self._mesh = replicated, mesh
+    self._donate = donate_argnums
+    self._jits = {}
+    self.state_shardings = state_sh
+    self.frozen_shardings = frozen_sh
+
+  def _jit(self, batch: Batch):
+    shapes = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()
+                          if k not in MEDIA_KEYS))
+    media = tuple(sorted(k for k in batch if k in MEDIA_KEYS))
+    key = (shapes, media)
+    if key not in self._jits:
+      batch_sh = {k: sharding.batch_sharding(self._mesh, s)
+                  for k, s in shapes}
+      batch_sh.update({k: self._replicated for k in media})
+      ins = (self._state_sh, batch_sh)
+      if self._frozen_sh is not None:
+        ins += (self._frozen_sh,)
+      self._jits[key] = jax.jit(
+          self._step, in_shardings=ins,
+          out_shardings=(self._state_sh, self._replicated),
+          donate_argnums=self._donate)
+    return self._jits[key]
+
+  @staticmethod
+  def _batch(batch: Batch) -> dict[str, Any]:
+    return with_static_grids({k: v for k, v in batch.items()
+                              if v is not None})
+
+  def lower(self, state, batch, *frozen):
+    batch = self._batch(batch)
+    return self._jit(batch).lower(state, batch, *frozen)
+
+  def __call__(self, state, batch, *frozen):
+    batch = self._batch(batch)
+    return self._jit(batch)(state, batch, *frozen)
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(cfg: QwenConfig, chunk_size: int = 0,
+                   lora: lora_lib.LoraSpec | None = None,
+                   mesh: Any = None) -> Callable:
+  """jit-compiled `eval(params, batch[, base]) -> {"loss_sum", "tokens",
+  "correct"}` (sums over the batch's masked tokens; one function per
+  (cfg, chunk_size, lora, mesh); grids static as in `make_train_step`).
+  With `lora`, params are the adapters and `base` the frozen weights."""
+
+  def evaluate(params, batch, frozen=None):
+    return _model_loss(params, frozen, cfg, batch, chunk_size, lora,
+                       mesh)[1]
 
   return _static_grid_call(jax.jit(evaluate))
 

@@ -8,6 +8,11 @@ A workdir of `qwen_jax.train.train` holds
   run_history.json         one entry per start or resume: step, time, the
                            whole config, the settings changed and allowed
   run_config.json, eval.json   written beside them by experiments/train.py
+  loss.png, data/, evals/, tensorboard/, adapter/
+                           written by a fine-tuning run (experiments/
+                           finetune.py): the loss plot, the token cache,
+                           held-out loss and samples per evaluation,
+                           TensorBoard event files, the LoRA adapter
 
 and, where a script exported into it, the folders recorded in the history.
 Hidden entries (names starting with ".") are neither read nor touched; the
@@ -45,9 +50,11 @@ METRICS_FILE = "metrics.csv"
 SUPERSEDED_FILE = "metrics.superseded.csv"
 HISTORY_FILE = "run_history.json"
 # Files experiments/train.py writes beside the loop's.
-SCRIPT_FILES = ("run_config.json", "eval.json")
+SCRIPT_FILES = ("run_config.json", "eval.json", "loss.png")
+# Folders experiments/finetune.py writes beside them.
+SCRIPT_FOLDERS = ("data", "evals", "tensorboard", "adapter")
 OWN_NAMES = (CHECKPOINTS, METRICS_FILE, SUPERSEDED_FILE, HISTORY_FILE
-             ) + SCRIPT_FILES
+             ) + SCRIPT_FILES + SCRIPT_FOLDERS
 
 # metrics.csv columns. step: optimizer updates done (the progress bar's and
 # the checkpoints' count); loss, grad_norm: of the batch of that update;
@@ -255,6 +262,9 @@ def scan(workdir: str, other_files: Sequence[str] = ()) -> Contents:
     elif name in (METRICS_FILE, SUPERSEDED_FILE, HISTORY_FILE) + SCRIPT_FILES:
       if not os.path.isfile(path):
         raise _not_ours(workdir, f"{path!r}, not a file")
+    elif name in SCRIPT_FOLDERS:
+      if not os.path.isdir(path):
+        raise _not_ours(workdir, f"{path!r}, not a folder")
   for name, fields in ((METRICS_FILE, METRICS_FIELDS),
                        (SUPERSEDED_FILE, SUPERSEDED_FIELDS)):
     if name not in names:

@@ -18,7 +18,13 @@ on a free port, each with a time limit:
     then resumes in two processes and, copied, in one process on one
     device; both reproduce the losses of an uninterrupted one-device run
     of the same config (this pytest process), within the float32
-    tolerance, and metrics.csv holds each step once.
+    tolerance, and metrics.csv holds each step once. The two-process
+    resume also evaluates and exports (--export_hf): each process built
+    only its half of every batch (4 of 8 rows), process 0 alone wrote
+    eval.json and the export, once each (the worker's trace lines), and
+    both are complete: eval.json's held-out loss and the exported weights
+    (`qwen_jax.load_hf_checkpoint`) equal the one-device run's within the
+    float32 tolerance.
   * A bad --mesh in process 1 only ends both processes with its message
     (process 0's line names process 1); no hang.
 
@@ -42,12 +48,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import cli
 from experiments import multihost
 from experiments import train as train_script
 from experiments.configs import mqar as mqar_config
+from qwen_jax import checkpoint
 from tests import tolerances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,17 +206,32 @@ def _assert_losses_match(got, want, steps):
         s, got[s], want[s])
 
 
-def _train_two(workdir, env=None, peer_timeout=_PEER_TIMEOUT_S):
+def _train_two(workdir, env=None, peer_timeout=_PEER_TIMEOUT_S, extra=()):
   return _start("tests.multihost_worker", lambda i: [
       "--config=experiments/configs/mqar.py:runlocal", *_OVERRIDES,
-      f"--workdir={workdir}", "--mesh", "fsdp:8"], env=env,
+      f"--workdir={workdir}", "--mesh", "fsdp:8", *extra], env=env,
       peer_timeout=peer_timeout)
+
+
+def _traced(stderr, what):
+  """What a worker's trace lines say it did (`tests/multihost_worker.py`):
+  the rows it built or the files it wrote, in order."""
+  head = f" {what} "
+  return [line.split(head, 1)[1] for line in stderr.splitlines()
+          if line.startswith("trace: process ") and head in line]
+
+
+def _weights(folder):
+  cfg, params = checkpoint.load_hf_checkpoint(folder)
+  return cfg, {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+               jax.tree_util.tree_leaves_with_path(params)}
 
 
 def test_two_process_training_killed_resumes_like_one_device(tmp_path):
   # The uninterrupted reference: one process, one device, no mesh.
   ref = str(tmp_path / "ref")
-  train_script.run(_config(), ref, progress=False)
+  ref_export = str(tmp_path / "ref_hf")
+  train_script.run(_config(), ref, progress=False, export_hf=ref_export)
   want = _losses(ref)
   assert sorted(want) == list(range(1, 21))
 
@@ -232,9 +256,48 @@ def test_two_process_training_killed_resumes_like_one_device(tmp_path):
   crashed = str(tmp_path / "crashed")
   shutil.copytree(workdir, crashed)
 
-  # The same command resumes from step 10 in two processes...
-  results = _finish(_train_two(workdir))
+  # The same command resumes from step 10 in two processes, then
+  # evaluates and exports...
+  export = str(tmp_path / "hf")
+  results = _finish(_train_two(workdir, {"QWEN_JAX_TEST_TRACE": "1"},
+                               extra=[f"--export_hf={export}"]))
   assert all(rc == 0 for rc, _, _ in results), _show(results)
+  # Each process built only its half of every batch (training and
+  # evaluation: 8 rows over fsdp:8, 4 devices each)...
+  built = [set(_traced(err, "builds rows")) for _, _, err in results]
+  assert sorted(map(len, built)) == [1, 1] and built[0] | built[1] == {
+      "0:4", "4:8"}, built
+  # ... and process 0 alone wrote the run's files, eval.json and the
+  # export once each.
+  wrote = [_traced(err, "writes") for _, _, err in results]
+  assert wrote[1] == [], wrote
+  eval_path = os.path.join(workdir, train_script.EVAL_FILE)
+  assert wrote[0].count(eval_path) == 1 and wrote[0].count(export) == 1, (
+      wrote)
+  with open(eval_path) as f:
+    summary = json.load(f)
+  with open(os.path.join(ref, train_script.EVAL_FILE)) as f:
+    ref_summary = json.load(f)
+  assert summary["step"] == 20 and summary["train"]["resumed_from"] == 10
+  assert summary["export_hf"] == os.path.abspath(export)
+  assert summary["eval"]["batches"] == ref_summary["eval"]["batches"] == 2
+  assert summary["eval"]["tokens"] == ref_summary["eval"]["tokens"]
+  got, ref_value = summary["eval"]["loss"], ref_summary["eval"]["loss"]
+  assert abs(got - ref_value) <= _F32_RTOL * (1 + abs(ref_value)), (
+      got, ref_value)
+  # Accuracy counts argmax hits: at most one near-tie may fall the other
+  # way under the sharded run's rounding.
+  assert abs(summary["eval"]["accuracy"] - ref_summary["eval"]["accuracy"]
+             ) <= 1.0 / summary["eval"]["tokens"], (summary, ref_summary)
+  # The export is complete: it loads, with the one-device run's weights.
+  got_cfg, got = _weights(export)
+  want_cfg, want_weights = _weights(ref_export)
+  assert got_cfg == want_cfg and set(got) == set(want_weights)
+  for name, value in got.items():
+    # The losses' criterion, per weight (measured: 9.4e-5 at most).
+    diff = np.abs(value - want_weights[name])
+    assert np.all(diff <= _F32_RTOL * (1 + np.abs(want_weights[name]))), (
+        name, float(diff.max()))
   assert "resumed: from step 10" in results[0][1], _show(results)
   assert "resumed:" not in results[1][1], results[1][1]  # process 0's
   _assert_losses_match(_losses(workdir), want, range(1, 21))

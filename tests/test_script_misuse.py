@@ -383,6 +383,33 @@ def test_train_misuse(way, tmp_path):
   ], way)
 
 
+def test_train_finetune_misuse(way, tmp_path):
+  """experiments.train with the finetune config: the config, the
+  checkpoint's config.json and the data are checked before any weight is
+  read (the checkpoint's weights are broken), and a refused run leaves no
+  workdir behind."""
+  new = _new(tmp_path, "ft")
+  ft = "--config=experiments/configs/finetune.py"
+  init = f"--config.init_checkpoint={os.path.join(way, 'bad_weights')}"
+  data = f"--config.data.path={os.path.join(way, 'prompts.jsonl')}"
+  short = "--config.train.seq_len=64"
+  _check_cases("train", [
+      Case([ft, f"--workdir={new}"], ["config.init_checkpoint", "found none"],
+           not_created=[new]),
+      Case([ft, init, data, f"--workdir={new}", short,
+            "--config.lora_rank=-1"], ["config.lora_rank", "-1"],
+           not_created=[new]),
+      # The checkpoint's max_position_embeddings is 512.
+      Case([ft, init, data, f"--workdir={new}"],
+           ["config.train.seq_len", "512", "2048"], not_created=[new]),
+      # Lines that are neither text nor a conversation, named file:line.
+      Case([ft, init, data, f"--workdir={new}", short,
+            "--config.data.append_eos=false"],
+           [f"{os.path.join(way, 'prompts.jsonl')}:1", "\"messages\""],
+           not_created=[new]),
+  ], way)
+
+
 def test_compare_ratios_misuse(way, tmp_path):
   new = _new(tmp_path, "study")
   _check_cases("compare_ratios", [

@@ -531,6 +531,66 @@ def _random_docs(rng, n):
   return [rng.integers(1, 256, size=k).astype(np.uint8) for k in lengths]
 
 
+def _parts(rng, batch_size, processes):
+  """Consecutive row slices of [0, batch_size), one per process (random
+  cut points)."""
+  cuts = np.sort(rng.choice(np.arange(1, batch_size), processes - 1,
+                            replace=False))
+  bounds = [0, *cuts.tolist(), batch_size]
+  return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("processes", [2, 3, 8])
+def test_batches_built_in_parts_equal_the_one_process_batch(processes):
+  # Each simulated process builds only its rows; put together they must be
+  # the batch one process builds whole (MQAR, text, and the held-out text
+  # batches), at a fresh seed and step.
+  rng = np.random.default_rng()
+  seed, step, bs = int(rng.integers(1000)), int(rng.integers(100)), 8
+  task = data.MQARConfig(seq_len=24, num_pairs=4, key_vocab=12,
+                         value_vocab=9)
+  text = data.TextData(seq_len=11, docs=_random_docs(rng, 30))
+  builders = [
+      lambda rows: data.mqar_batch(task, bs, seed, step, rows),
+      lambda rows: text.batch(bs, seed, step, rows),
+      lambda rows: text.eval_batches(bs, rows=rows)[-1],
+  ]
+  for build in builders:
+    whole = build(None)
+    parts = [build(rows) for rows in _parts(rng, bs, processes)]
+    assert set(whole) == set(parts[0])
+    for name in whole:
+      np.testing.assert_array_equal(
+          np.concatenate([p[name] for p in parts]), whole[name])
+  # A row depends on its own number, not on the other rows built with it.
+  r = int(rng.integers(bs))
+  alone = data.mqar_batch(task, bs, seed, step, slice(r, r + 1))
+  other = data.mqar_batch(task, bs, seed, step + 1, slice(r, r + 1))
+  np.testing.assert_array_equal(alone["inputs"][0],
+                                builders[0](None)["inputs"][r])
+  assert not np.array_equal(alone["inputs"], other["inputs"])
+  # As a training batch function.
+  fn = data.RowBatches(
+      lambda s, rows: data.mqar_batch(task, bs, seed, s, rows), bs)
+  for name, value in fn(step).items():
+    np.testing.assert_array_equal(value, builders[0](None)[name])
+    np.testing.assert_array_equal(fn.rows(step, slice(r, r + 1))[name][0],
+                                  value[r])
+
+
+@pytest.mark.parametrize("rows", [slice(0, 9), slice(3, 3), slice(-1, 8),
+                                  slice(0, 8, 2), (0, 4)])
+def test_rows_outside_the_batch_are_refused(rows):
+  task = data.MQARConfig(seq_len=24, num_pairs=4)
+  text = data.TextData(seq_len=11, docs=[np.arange(1, 200, dtype=np.uint8)])
+  for build in (lambda: data.mqar_batch(task, 8, rows=rows),
+                lambda: text.batch(8, rows=rows),
+                lambda: text.eval_batches(8, rows=rows)):
+    with pytest.raises(ValueError, match=r"^rows: expected a slice of "
+                       r"consecutive rows within \[0, batch_size=8\)"):
+      build()
+
+
 def test_packing_never_crosses_a_document_boundary():
   rng = np.random.default_rng(505)
   docs = _random_docs(rng, 14)
