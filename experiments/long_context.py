@@ -17,6 +17,15 @@ parallelism over the mesh axis "seq"; docs/sharding.md):
             gradients) relative to the largest reference value, and exits
             non-zero above --tolerance.
 
+With `--tpu_topology` (e.g. v5p:4x4x4) --aot compiles for a TPU slice
+that libtpu only describes (deviceless compilation, nothing runs); for a
+mixture-of-experts model this is the memory to read, as XLA's CPU backend
+expands `ragged_dot` into dense per-group products (`tpu_devices`):
+
+  python -m experiments.long_context --aot --tpu_topology v5p:4x4x4 \
+      --mesh expert:16,seq:4 --preset qwen3.5-35b-a3b --seq_len 16384 \
+      --batch 16
+
 On a laptop, `--num_devices N` gives the CPU N fake devices (it must come
 before jax starts its backend; the script sets it first thing):
 
@@ -54,6 +63,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -91,7 +101,7 @@ def define_flags() -> None:
   global _PRESET, _SEQ_LEN, _BATCH, _MESH, _MODE, _REMAT, _DTYPE, _PARAM_DTYPE
   global _AOT, _VERIFY, _JSON_OUT, _LOGITS
   global _MAX_LEN, _LOSS_CHUNK, _ATTENTION_BLOCK, _GDR_BLOCK, _RATIO
-  global _NUM_LAYERS, _TOLERANCE, _SEED, _HLO_OUT
+  global _NUM_LAYERS, _TOLERANCE, _SEED, _HLO_OUT, _TPU_TOPOLOGY
   _PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b",
                                 "QwenConfig preset name (random weights).")
   _SEQ_LEN = flags.DEFINE_integer("seq_len", 262144, "Tokens per sequence.")
@@ -141,6 +151,10 @@ def define_flags() -> None:
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and tokens.")
   _HLO_OUT = flags.DEFINE_string("hlo_out", None, "--aot: write the compiled "
                                  "HLO text here.")
+  _TPU_TOPOLOGY = flags.DEFINE_string(
+      "tpu_topology", None, "--aot: compile for this TPU topology instead "
+      "of the local devices, without a TPU (libtpu's deviceless "
+      "compilation), e.g. v5p:4x4x4 (64 chips).")
 
 # What the collective table counts (printed with it).
 COLLECTIVES_NOTE = (
@@ -153,7 +167,9 @@ COLLECTIVES_NOTE = (
     "every branch of a conditional is counted as if it ran. Source: "
     "'gdn' = inside the Gated DeltaNet shard_map (state transfers, conv "
     "halo), 'attention' = inside the attention shard_map (K/V gathers, "
-    "query swaps), 'other' = parameter gathers, gradient reductions, "
+    "query swaps), 'experts' = inside the expert-parallel shard_map of "
+    "a mixture-of-experts layer (token gathers, reduce-scatters of the "
+    "experts' sums), 'other' = parameter gathers, gradient reductions, "
     "resharding.")
 FLOPS_NOTE = ("XLA cost_analysis: a while-loop body (layer scan, chunk "
               "loops) is counted once, not once per iteration, so this is "
@@ -227,6 +243,37 @@ def build_mesh(spec: str | None,
     return sharding.make_mesh(spec, devices)
   except ValueError as e:
     raise ConfigError(f"--mesh {spec!r}: {e}") from e
+
+
+def tpu_devices(topology: str | None, aot: bool = True
+                ) -> list[Any] | None:
+  """The devices of a TPU topology for deviceless compilation, or None.
+
+  libtpu (`pip install -e ".[tpu]"`) describes the topology and XLA's TPU
+  compiler compiles for it; nothing runs. XLA's CPU backend expands
+  `jax.lax.ragged_dot` into a dense [groups, rows, width] product, so the
+  compiled memory of a mixture-of-experts model on fake CPU devices counts
+  buffers E / n times too large; the TPU compiler lowers it as a grouped
+  matmul.
+
+  Raises:
+    ConfigError: a topology without --aot, or one libtpu cannot describe.
+  """
+  if topology is None:
+    return None
+  if not aot:
+    raise ConfigError(f"--tpu_topology: compiles only (--aot), found "
+                      f"--tpu_topology {topology} without --aot")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(platform="tpu",
+                                        topology_name=topology)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"--tpu_topology: libtpu cannot describe "
+                      f"{topology!r} (expected e.g. v5p:4x4x4): "
+                      f"{str(e)[:200]}") from e
+  return list(desc.devices)
 
 
 def check_lengths(cfg: QwenConfig, mesh: jax.sharding.Mesh, seq_len: int,
@@ -362,7 +409,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter",
                     "collective-permute", "all-to-all")
-SOURCES = ("gdn", "attention", "other")
+SOURCES = ("gdn", "attention", "experts", "other")
 
 
 def _array_bytes(shape_text: str) -> int:
@@ -428,7 +475,7 @@ def _split_instruction(line: str):
 
 
 def _source(op_name: str) -> str:
-  """"gdn", "attention" or "other" from an op's metadata name.
+  """"gdn", "attention", "experts" or "other" from an op's metadata name.
 
   XLA joins the names of combined ops (e.g. one all-reduce of many
   gradients) with ":"; such an op belongs to a source only if all its parts
@@ -440,6 +487,8 @@ def _source(op_name: str) -> str:
       found.add("gdn")
     elif "shard_map" in part and "self_attn" in part:
       found.add("attention")
+    elif "shard_map" in part and "/mlp/" in part:
+      found.add("experts")
     else:
       found.add("other")
   return found.pop() if len(found) == 1 else "other"
@@ -780,7 +829,8 @@ def format_aot(report: Mapping[str, Any]) -> str:
             f"bytes acc.   {c['bytes accessed']:.4g}", "",
             "collectives", note(COLLECTIVES_NOTE),
             f"  {'kind':<20}{'ops':>6}{'executed':>10}{'operand':>14}"
-            f"{'result':>14}   gdn / attention / other (result)"]
+            f"{'result':>14}   gdn / attention / experts / other "
+            "(result)"]
   for kind in COLLECTIVE_KINDS:
     r = col["kinds"][kind]
     by = " / ".join(_size(col["sources"][s][kind]["result_bytes"])
@@ -818,8 +868,11 @@ def _base_report(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str,
       num_devices=int(mesh.devices.size), processes=jax.process_count(),
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
-      layers=f"{n_lin} GDN + {cfg.num_hidden_layers - n_lin} attention",
-      platform=f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+      layers=f"{n_lin} GDN + {cfg.num_hidden_layers - n_lin} attention"
+      + (f", MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
+         if cfg.is_moe else ""),
+      platform=(f"{mesh.devices.flat[0].platform} "
+                f"({mesh.devices.flat[0].device_kind})"),
       jax=jax.__version__, python=platform.python_version(),
       date=datetime.datetime.now().isoformat(timespec="seconds"),
       command=" ".join(["python -m experiments.long_context"]
@@ -839,7 +892,8 @@ def main(argv: Sequence[str]) -> None:
   cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
                      _PARAM_DTYPE.value, _REMAT.value, _MODE.value,
                      _RATIO.value, _NUM_LAYERS.value)
-  mesh = build_mesh(_MESH.value)
+  mesh = build_mesh(_MESH.value, tpu_devices(_TPU_TOPOLOGY.value,
+                                             _AOT.value))
   check_lengths(cfg, mesh, _SEQ_LEN.value, _BATCH.value, _MODE.value,
                 _MAX_LEN.value)
 

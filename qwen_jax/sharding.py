@@ -54,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwen_jax import cache as cache_lib
 from qwen_jax import head
+from qwen_jax import moe
 from qwen_jax import sequence_parallel
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
@@ -396,9 +397,19 @@ def chunked_lm_loss(cfg: QwenConfig, params: PyTree, hidden: Array,
                            w, hidden, targets, loss_mask)
 
 
-def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
-            loss_chunk: int = 1024, mesh: Mesh | None = None) -> Array:
-  """Mean next-token cross-entropy of a batch (unsharded or inside SP).
+def loss_and_metrics(cfg: QwenConfig, params: PyTree,
+                     batch: Mapping[str, Array], loss_chunk: int = 1024,
+                     mesh: Mesh | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
+  """The training loss of a batch and its metrics (unsharded or inside SP).
+
+  The loss is the mean next-token cross-entropy; a mixture-of-experts
+  model adds `cfg.router_aux_loss_coef` times the router's load-balancing
+  loss, as `train_step.loss_and_stats` does. Metrics: "tokens" (the loss
+  tokens) and, for a mixture-of-experts model, `moe.load_summary`'s
+  "router_aux_loss", "expert_load_max" and "expert_load_min". The router
+  statistics are those of the whole global batch: the layers compute them
+  on the logical (global) arrays, and the compiler partitions the sums.
 
   batch: "inputs" [b, t]; "targets" [b, t]; optional "loss_mask",
   "attention_mask", "segment_ids" [b, t], and images or videos
@@ -406,11 +417,16 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
   the loss as in `train_step.loss_and_stats`) (`data.check_batch`).
   """
   check_batch(batch)
-  _, hidden = Qwen35(cfg).apply(
+  out = Qwen35(cfg).apply(
       {"params": params}, batch["inputs"],
       attention_mask=batch.get("attention_mask"),
       segment_ids=batch.get("segment_ids"), return_hidden=True,
+      mutable=["intermediates"] if cfg.is_moe else False,
       **media_args(batch))
+  if cfg.is_moe:
+    (_, hidden), inter = out
+  else:
+    _, hidden = out
   mask = batch.get("loss_mask")
   if cfg.vision is not None:
     if mask is None:
@@ -418,7 +434,21 @@ def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
     mask = placeholder_loss_mask(cfg, batch["targets"], mask)
   total, count = chunked_lm_loss(cfg, params, hidden, batch["targets"],
                                  mask, loss_chunk, mesh)
-  return total / jnp.maximum(count, 1.0)
+  loss = total / jnp.maximum(count, 1.0)
+  metrics = {"tokens": count}
+  if cfg.is_moe:
+    routing = moe.load_summary(moe.collected_router_stats(inter),
+                               cfg.num_experts_per_tok)
+    loss = loss + cfg.router_aux_loss_coef * routing["router_aux_loss"]
+    metrics.update(routing)
+  return loss, metrics
+
+
+def loss_fn(cfg: QwenConfig, params: PyTree, batch: Mapping[str, Array],
+            loss_chunk: int = 1024, mesh: Mesh | None = None) -> Array:
+  """`loss_and_metrics`' loss alone (the mean next-token cross-entropy,
+  plus the weighted load-balancing loss of a mixture-of-experts model)."""
+  return loss_and_metrics(cfg, params, batch, loss_chunk, mesh)[0]
 
 
 def _media(mesh: Mesh, media: Mapping[str, Any]
@@ -601,9 +631,11 @@ def make_prefill(cfg: QwenConfig, mesh: Mesh, max_len: int,
 
 def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
                     sequence_parallel_on: bool = True,
-                    sequence_parallel_options: Mapping[str, Any] | None = None
-                    ) -> Callable[..., tuple[Array, PyTree]]:
-  """Sharded loss and gradients: fn(params, batch) -> (loss, grads).
+                    sequence_parallel_options: Mapping[str, Any] | None = None,
+                    with_metrics: bool = False
+                    ) -> Callable[..., tuple[Array, ...]]:
+  """Sharded loss and gradients: fn(params, batch) -> (loss, grads), or
+  (loss, grads, metrics) with `with_metrics`.
 
   batch: {"inputs", "targets"[, "loss_mask", "attention_mask",
   "segment_ids"]}, each [b, t], and for a model with a tower optionally
@@ -611,13 +643,18 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
   static). The loss is the mean next-token cross-entropy (`loss_fn`),
   computed in chunks (no [t, vocab] logits); gradients come back with the
   parameters' shardings, the tower's included. Rematerialisation follows
-  `cfg.remat_policy` ("full" for long sequences).
+  `cfg.remat_policy` ("full" for long sequences). A mixture-of-experts
+  model's loss includes its weighted load-balancing loss and its metrics
+  the router statistics (`loss_and_metrics`), as the single-device
+  `train_step.make_train_step`'s.
 
   Args:
     cfg: the model config.
     mesh: the device mesh.
     loss_chunk: tokens per chunk of the loss.
     sequence_parallel_on, sequence_parallel_options: as in `make_forward`.
+    with_metrics: also return `loss_and_metrics`' metrics (replicated
+      float32 scalars).
 
   Returns:
     A function; `fn.lower(params, batch)` gives the lowered program.
@@ -628,8 +665,9 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
   def fn(params, batch):
     def f(p):
       with activate(mesh, **sp):
-        return loss_fn(cfg, p, batch, loss_chunk, mesh)
-    return jax.value_and_grad(f)(params)
+        return loss_and_metrics(cfg, p, batch, loss_chunk, mesh)
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return (loss, grads, metrics) if with_metrics else (loss, grads)
 
   def jitted(batch):
     tokens = batch["inputs"] if "inputs" in batch else next(
@@ -637,8 +675,9 @@ def make_train_step(cfg: QwenConfig, mesh: Mesh, loss_chunk: int = 1024,
     bsh = batch_sharding(mesh, np.shape(tokens))
     rep = NamedSharding(mesh, P())
     shardings = {k: rep if k in MEDIA_KEYS else bsh for k in batch}
-    return _jit_cached(fn, (p_sh, shardings),
-                       (NamedSharding(mesh, P()), p_sh))
+    rep_out = NamedSharding(mesh, P())
+    outs = (rep_out, p_sh) + ((rep_out,) if with_metrics else ())
+    return _jit_cached(fn, (p_sh, shardings), outs)
 
   def call(params, batch):
     batch = with_static_grids(batch)

@@ -181,6 +181,25 @@ def test_aot_memory_and_collectives(tmp_path):
           == 4 * att[0]["all-gather"]["result_bytes"] > 0)
 
 
+def test_aot_mixture_of_experts_on_an_expert_axis(tmp_path):
+  """tiny-moe's train step over fsdp x expert x seq: the experts are
+  split over the expert axis and their collectives counted apart."""
+  out = tmp_path / "aot_moe.json"
+  proc = _run(["--aot", "--preset", "tiny-moe", "--mesh",
+               "fsdp:2,expert:2,seq:2", "--seq_len", "256", "--batch", "4",
+               "--attention_block", "64", "--json_out", str(out)],
+              devices=8)
+  assert proc.returncode == 0, _output(proc)
+  r = json.loads(out.read_text())
+  assert r["layers"] == "3 GDN + 1 attention, MoE 8 experts top-2", r
+  assert r["mesh"] == "fsdp:2,expert:2,seq:2"
+  assert r["params_bytes_per_device"] < r["params_bytes"] / 4
+  experts = r["collectives"]["sources"]["experts"]
+  # Forward and backward: token gathers and reduce-scatters of the sums.
+  for kind in ("all-gather", "reduce-scatter"):
+    assert experts[kind]["ops"] > 0 and experts[kind]["result_bytes"] > 0
+
+
 # A compiled-HLO excerpt: one line per instruction, as XLA prints it.
 _HLO = """HloModule m, entry_computation_layout={()->f32[]}
 
@@ -212,6 +231,7 @@ ENTRY %main (x.1: f32[4,8], y.1: bf16[16]) -> f32[] {
   %w = (s32[], f32[4,8]{1,0}) while(%tup), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %cp = (bf16[16]{0}, bf16[16]{0}, u32[], u32[]) collective-permute-start(%y.1), source_target_pairs={{0,1}}, metadata={op_name="jit(f)/layer_3/self_attn/shard_map/ppermute"}
   %cpd = bf16[16]{0} collective-permute-done(%cp)
+  %rs = f32[1,8]{1,0} reduce-scatter(%x.1), dimensions={0}, to_apply=%add, metadata={op_name="jit(f)/layer_1/mlp/shard_map/reduce_scatter"}
   %ar = (f32[4,8]{1,0}, bf16[16]{0}) all-reduce(%x.1, %cpd), to_apply=%add, metadata={op_name="jit(f)/layer_0/linear_attn/shard_map/psum:jit(f)/layer_0/mlp/dot_general"}
   ROOT %r = f32[] constant(0)
 }
@@ -233,7 +253,11 @@ def test_collective_parser():
   ar = kinds["all-reduce"]
   assert ar["result_bytes"] == ar["operand_bytes"] == 4 * 8 * 4 + 16 * 2
   assert src["other"]["all-reduce"]["ops"] == 1  # combined: not all GDN
-  assert kinds["reduce-scatter"]["ops"] == kinds["all-to-all"]["ops"] == 0
+  rs = kinds["reduce-scatter"]  # inside a MoE layer's expert shard_map
+  assert (rs["ops"], rs["operand_bytes"], rs["result_bytes"]) == (
+      1, 4 * 8 * 4, 8 * 4)
+  assert src["experts"]["reduce-scatter"] == rs
+  assert kinds["all-to-all"]["ops"] == 0
   assert stats["unknown_trip_counts"] == 0
 
 
@@ -248,6 +272,8 @@ def test_collective_parser():
      "--seq_len: expected a multiple of the mesh's seq axis (4), found 66"),
     (["--attention_block", "0"],
      "--attention_block: expected a positive integer, found 0"),
+    (["--tpu_topology", "v5p:3x5x7"],
+     "--tpu_topology: libtpu cannot describe 'v5p:3x5x7'"),
 ])
 def test_bad_mesh_or_length_exits_cleanly(args, message):
   proc = _run(["--aot", "--preset", "tiny", "--seq_len", "64", *args])

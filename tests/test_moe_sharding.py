@@ -7,7 +7,9 @@ for tests/test_sharding.py) and fails with its output if it fails.
 
 The model: "tiny-moe" (8 experts, top-2, 4 layers = one scanned 3:1
 period), b = 4, t = 32, float32, about 80 s of CPU time. Meshes compose
-the expert axis with data, fsdp, tensor and seq.
+the expert axis with data, fsdp, tensor and seq. The sharded train step's
+loss (with the load-balancing term) and router metrics are compared with
+the single-device `train_step.loss_and_stats`.
 """
 
 import functools
@@ -55,7 +57,7 @@ def test_expert_parallel_on_8_fake_devices():
   out = proc.stdout[-20000:] + proc.stderr[-5000:]
   assert proc.returncode == 0, out
   passed = re.search(r"(\d+) passed", proc.stdout)
-  assert passed and int(passed.group(1)) >= len(SPECS) + 1, out
+  assert passed and int(passed.group(1)) >= len(SPECS) + 2, out
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,3 +116,37 @@ def test_experts_not_dividing_the_axis_are_named():
                      r"of the mesh's expert axis \(4\), found 6"):
     sharding.make_forward(cfg, mesh)(sharding.shard_params(params, cfg, mesh),
                                      sharding.put_batch(ids[:, :T], mesh))
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="run by the test above")
+def test_sharded_step_loss_and_router_metrics_equal_one_device():
+  cfg, params, ids = _model()
+  # A weight large enough that a missing load-balancing term shows.
+  cfg = cfg.replace(router_aux_loss_coef=0.5)
+  rng = np.random.default_rng(1)
+  batch = {"inputs": ids[:, :T], "targets": ids[:, 1:],
+           "loss_mask": (rng.random((B, T)) < 0.8).astype(np.float32)}
+  (want_loss, want_stats), want_grads = jax.jit(jax.value_and_grad(
+      lambda p: train_step.loss_and_stats(p, cfg, batch, 16),
+      has_aux=True))(params)
+
+  mesh = sharding.make_mesh("expert:4,seq:2")
+  sparams = sharding.shard_params(params, cfg, mesh)
+  placed = {k: sharding.put_batch(v, mesh) for k, v in batch.items()}
+  loss, grads, metrics = sharding.make_train_step(
+      cfg, mesh, loss_chunk=16, with_metrics=True)(sparams, placed)
+  assert set(metrics) == {"tokens", "router_aux_loss", "expert_load_max",
+                          "expert_load_min"}
+  for key in metrics:
+    np.testing.assert_allclose(float(metrics[key]), float(want_stats[key]),
+                               rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  # The load-balancing term is in both losses (about 0.5 of ~7).
+  ce = float(want_stats["loss_sum"]) / float(want_stats["tokens"])
+  np.testing.assert_allclose(
+      float(loss) - ce, 0.5 * float(want_stats["router_aux_loss"]),
+      rtol=1e-4)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                          jax.tree_util.tree_leaves(want_grads)):
+    tolerances.assert_close(g, w, jnp.float32,
+                            err_msg=jax.tree_util.keystr(path))
