@@ -92,6 +92,30 @@ class ConfigError(cli.UserError):
   weight is loaded (the message names the field, file or line)."""
 
 
+def plan_run(error: type[Exception], workdir: str, cfg_run: QwenConfig,
+             tcfg: Any, *, settings: Mapping[str, Any],
+             allow_changes: Any, other_files: Sequence[str]) -> Any:
+  """`train_checkpoint.plan_run`, its refusals raised as `error` with the
+  script's flag and config names (--allow_changes, config.train.,
+  --workdir) in place of the library's."""
+  try:
+    return train_checkpoint.plan_run(
+        workdir, cfg_run, tcfg, settings=settings,
+        allow_changes=allow_changes, other_files=other_files)
+  except train_checkpoint.SettingsChangedError as e:
+    names = ",".join(c.name for c in e.changes)
+    raise error(e.message(f"pass --allow_changes={names}",
+                          "--workdir")) from e
+  except ValueError as e:
+    message = str(e)
+    for lib, flag in (("allow_changes:", "--allow_changes:"),
+                      ("TrainConfig.", "config.train."),
+                      ("workdir ", "--workdir ")):
+      if message.startswith(lib):
+        message = flag + message[len(lib):]
+    raise error(message) from e
+
+
 # ------------------------------------------------------------------ plan
 @dataclasses.dataclass
 class Plan:
@@ -476,21 +500,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   cfg_run = train_step.model_config_for_training(plan.cfg, plan.tcfg)
   try:
     _check_fixed(contents, settings)
-    start = train_checkpoint.plan_run(
-        workdir, cfg_run, plan.tcfg, settings=settings,
-        allow_changes=allow_changes, other_files=other_files).step
-  except train_checkpoint.SettingsChangedError as e:
-    names = ",".join(c.name for c in e.changes)
-    raise ConfigError(e.message(f"pass --allow_changes={names}",
-                                "--workdir")) from e
   except ValueError as e:
-    message = str(e)
-    for lib, flag in (("allow_changes:", "--allow_changes:"),
-                      ("TrainConfig.", "config.train."),
-                      ("workdir ", "--workdir ")):
-      if message.startswith(lib):
-        message = flag + message[len(lib):]
-    raise ConfigError(message) from e
+    raise ConfigError(str(e)) from e
+  start = plan_run(ConfigError, workdir, cfg_run, plan.tcfg,
+                   settings=settings, allow_changes=allow_changes,
+                   other_files=other_files).step
   train_workdir.atomic_write(
       os.path.join(workdir, CONFIG_FILE),
       config.to_json_best_effort(indent=2, sort_keys=True))

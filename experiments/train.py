@@ -368,22 +368,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       raise ConfigError(f"--export_hf: {e}") from e
   settings = _settings(config)
   # Every check of the run before run_config.json is written.
-  try:
-    train_checkpoint.plan_run(
-        workdir, train_step.model_config_for_training(cfg, tcfg), tcfg,
-        settings=settings, allow_changes=allow_changes, other_files=other)
-  except train_checkpoint.SettingsChangedError as e:
-    names = ",".join(c.name for c in e.changes)
-    raise ConfigError(e.message(f"pass --allow_changes={names}",
-                                "--workdir")) from e
-  except ValueError as e:
-    message = str(e)
-    for lib, flag in (("allow_changes:", "--allow_changes:"),
-                      ("TrainConfig.", "config.train."),
-                      ("workdir ", "--workdir ")):
-      if message.startswith(lib):
-        message = flag + message[len(lib):]
-    raise ConfigError(message) from e
+  finetune.plan_run(ConfigError, workdir,
+                    train_step.model_config_for_training(cfg, tcfg), tcfg,
+                    settings=settings, allow_changes=allow_changes,
+                    other_files=other)
   if distributed.is_primary():
     os.makedirs(workdir, exist_ok=True)
     train_workdir.atomic_write(
