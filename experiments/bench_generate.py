@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -430,15 +429,7 @@ def check_flags() -> dict[str, Any]:
         f"{v['new_tokens']}: expected at most {limit} tokens "
         f"(max_position_embeddings of {v['preset']}), found "
         f"{v['prompt_len'] + v['new_tokens']}")
-  if _JSON_OUT.value is not None:
-    cli.writable_file("--json_out", _JSON_OUT.value)
-  if _HF.value:
-    missing = [m for m in ("torch", "transformers")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-      raise cli.UserError(f"--hf: expected torch and transformers "
-                          f"installed, found {' and '.join(missing)} "
-                          f"missing")
+  cli.benchmark_outputs(_JSON_OUT.value, _HF.value)
   return v
 
 

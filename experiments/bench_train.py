@@ -265,15 +265,7 @@ def check_flags() -> dict[str, Any]:
       raise cli.UserError(f"--seq_lens: expected lengths <= {limit} "
                           f"(max_position_embeddings of {v['preset']}), "
                           f"found {n}")
-  if _JSON_OUT.value is not None:
-    cli.writable_file("--json_out", _JSON_OUT.value)
-  if _HF.value:
-    missing = [m for m in ("torch", "transformers")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-      raise cli.UserError(f"--hf: expected torch and transformers "
-                          f"installed, found {' and '.join(missing)} "
-                          f"missing")
+  cli.benchmark_outputs(_JSON_OUT.value, _HF.value)
   return v
 
 

@@ -24,7 +24,6 @@ on stderr and exit status 1 (2 for usage errors); see experiments/cli.py.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import platform
 import statistics
@@ -90,15 +89,7 @@ def check_flags() -> dict[str, Any]:
   if v["size"] % factor:
     raise cli.UserError(f"--image_size: expected a multiple of patch_size "
                         f"* spatial_merge_size = {factor}, found {v['size']}")
-  if _JSON_OUT.value is not None:
-    cli.writable_file("--json_out", _JSON_OUT.value)
-  if _HF.value:
-    missing = [m for m in ("torch", "transformers")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-      raise cli.UserError(f"--hf: expected torch and transformers "
-                          f"installed, found {' and '.join(missing)} "
-                          f"missing")
+  cli.benchmark_outputs(_JSON_OUT.value, _HF.value)
   return v
 
 

@@ -40,6 +40,7 @@ leaves every file as it was.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -228,6 +229,23 @@ def writable_file(flag: str, path: Any) -> str:
 
 
 # ------------------------------------------------------------------ flags
+def benchmark_outputs(json_out: str | None, hf: bool) -> None:
+  """A benchmark's --json_out (writable when given) and --hf (torch and
+  transformers importable), checked before anything is built.
+
+  Raises:
+    UserError: naming the flag.
+  """
+  if json_out is not None:
+    writable_file("--json_out", json_out)
+  if hf:
+    missing = [m for m in ("torch", "transformers")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+      raise UserError(f"--hf: expected torch and transformers installed, "
+                      f"found {' and '.join(missing)} missing")
+
+
 def positive_int(flag: str, value: Any, low: int = 1) -> int:
   """`value` if it is an int >= low, else a UserError naming `flag`."""
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
