@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 
 from experiments import cli
+from experiments import configs
 from qwen_jax import checkpoint as checkpoint_lib
 from qwen_jax import decode_loop
 from qwen_jax import finetune_data
@@ -141,10 +142,6 @@ class Plan:
   overrides: dict[str, Any]
 
 
-def _as_dict(cd: Any) -> dict[str, Any]:
-  return cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-
-
 def is_finetune_config(config: ml_collections.ConfigDict) -> bool:
   return "init_checkpoint" in config
 
@@ -182,18 +179,10 @@ def build(config: ml_collections.ConfigDict) -> Plan:
           targets=config.get("lora_targets", lora_lib.DEFAULT_TARGETS))
     except ValueError as e:
       raise ValueError(str(e).replace("lora ", "config.lora_", 1)) from None
-  train = _as_dict(config.train)
+  train = configs.as_dict(config.train)
   if train.get("learning_rate") is None:
     train["learning_rate"] = 2e-4 if spec is not None else 1e-5
-  names = {f.name for f in dataclasses.fields(train_step.TrainConfig)}
-  unknown = sorted(set(train) - names)
-  if unknown:
-    raise ValueError(f"config.train: expected TrainConfig fields, found "
-                     f"unknown {unknown}")
-  try:
-    tcfg = train_step.TrainConfig(**train)
-  except ValueError as e:
-    raise ValueError(str(e).replace("TrainConfig.", "config.train.")) from None
+  tcfg = configs.build_train_config(train)
   base_dtype = config.get("base_dtype", "auto")
   if base_dtype == "auto":
     base_dtype = "bfloat16" if spec is not None else "float32"
@@ -221,7 +210,7 @@ def build(config: ml_collections.ConfigDict) -> Plan:
       append_eos=config.data.get("append_eos", True),
       eval_fraction=config.data.get("eval_fraction", 0.05),
       seed=config.data.get("seed", 0))
-  overrides = {k: v for k, v in _as_dict(config.model).items()
+  overrides = {k: v for k, v in configs.as_dict(config.model).items()
                if v is not None}
   unknown = sorted(set(overrides) - set(MODEL_FIELDS))
   if unknown:
@@ -277,8 +266,8 @@ def settings_of(config: ml_collections.ConfigDict, plan: Plan,
           "eval_every": config.get("eval_every", 0),
           "export_dtype": config.get("export_dtype", "auto"),
       },
-      "data": _as_dict(config.data),
-      "eval": _as_dict(config.eval),
+      "data": configs.as_dict(config.data),
+      "eval": configs.as_dict(config.eval),
       "corpus": corpus.summary(),
       "base": base_fingerprint(config.init_checkpoint),
   }

@@ -81,6 +81,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments import configs
 from experiments import finetune
 from experiments import multihost
 from qwen_jax import data
@@ -99,10 +100,6 @@ CONFIG_FILE = "run_config.json"
 
 
 # ------------------------------------------------------------------ config
-def _as_dict(cd: Any) -> dict[str, Any]:
-  return cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-
-
 def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
                        data_vocab_size: int | None = None) -> QwenConfig:
   """QwenConfig from the `model` part of a config.
@@ -121,7 +118,7 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
     ValueError: an unknown preset or field, a bad ratio, or a vocabulary
       smaller than the data's.
   """
-  values = _as_dict(model)
+  values = configs.as_dict(model)
   preset = values.pop("preset", None)
   ratio = values.pop("ratio", None)
   fields = {f.name for f in dataclasses.fields(QwenConfig)}
@@ -143,32 +140,6 @@ def build_model_config(model: Mapping[str, Any] | ml_collections.ConfigDict,
                      f"{data_vocab_size} (the data's vocabulary), found "
                      f"{cfg.vocab_size}")
   return cfg
-
-
-def build_train_config(
-    train: Mapping[str, Any] | ml_collections.ConfigDict,
-) -> train_step.TrainConfig:
-  """TrainConfig from the `train` part of a config.
-
-  Raises:
-    ValueError: an unknown field or a value out of range.
-  """
-  values = _as_dict(train)
-  names = {f.name for f in dataclasses.fields(train_step.TrainConfig)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ValueError(f"config.train: expected TrainConfig fields, found "
-                     f"unknown {unknown}")
-  try:
-    # TrainConfig checks every field's type and range.
-    tcfg = train_step.TrainConfig(**values)
-  except ValueError as e:
-    raise ValueError(str(e).replace("TrainConfig.", "config.train.", 1)
-                     ) from e
-  if not tcfg.learning_rate > 0:
-    raise ValueError(f"config.train.learning_rate: expected > 0, found "
-                     f"{tcfg.learning_rate}")
-  return tcfg
 
 
 @dataclasses.dataclass
@@ -257,7 +228,7 @@ def build(config: ml_collections.ConfigDict,
   for part in ("model", "train", "data", "eval"):
     if part not in config:
       raise ValueError(f"config.{part}: expected a section, found none")
-  tcfg = build_train_config(config.train)
+  tcfg = configs.build_train_config(config.train)
   task = build_task(config, tcfg)
   cfg = build_model_config(
       config.model, task.vocab_size if task.kind == "mqar" else None)
@@ -297,7 +268,7 @@ def _export_entry(workdir: str, export_hf: str | None) -> str | None:
 
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The data and eval sections, as recorded and compared on a resume."""
-  return {"data": _as_dict(config.data), "eval": _as_dict(config.eval)}
+  return {"data": configs.as_dict(config.data), "eval": configs.as_dict(config.eval)}
 
 
 

@@ -250,3 +250,20 @@ def test_mesh_matches_one_device(files, tmp_path):
   assert_close(mesh["train"], one["train"], "float32")
   assert_close(mesh["eval"], one["eval"], "float32")
   assert mesh["samples"] == 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", 0.0), ("learning_rate", float("nan")),
+    ("bogus_rate", 1.0), ("grad_clip", -1.0)])
+def test_bad_train_settings_are_named_before_anything_is_written(
+    files, tmp_path, field, value):
+  """The `train` part is checked as the training script checks it."""
+  ckpt, chats = files
+  config = _config(ckpt, chats)
+  with config.ignore_type():
+    config.train[field] = value
+  workdir = str(tmp_path / "never")
+  with pytest.raises(ValueError, match=rf"config\.train.*{field}") as e:
+    train_script.run(config, workdir, progress=False)
+  assert len(str(e.value).splitlines()) == 1
+  assert not os.path.exists(workdir)

@@ -18,7 +18,7 @@ quick CPU run), `name=value` sets a value of the default's type.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -140,3 +140,36 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
                          f"{type(default).__name__}, found {value!r}"
                          ) from None
   return ml_collections.ConfigDict(out)
+
+
+def as_dict(cd: Mapping[str, Any] | ml_collections.ConfigDict
+            ) -> dict[str, Any]:
+  """A config part as a plain dict."""
+  return cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+
+
+def build_train_config(
+    train: Mapping[str, Any] | ml_collections.ConfigDict) -> TrainConfig:
+  """TrainConfig from the `train` part of a config, its errors named by
+  the config's path (`config.train.<field>`).
+
+  Raises:
+    ValueError: an unknown field, a value out of range, or a learning rate
+      that is not > 0.
+  """
+  values = as_dict(train)
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"config.train: expected TrainConfig fields, found "
+                     f"unknown {unknown}")
+  try:
+    # TrainConfig checks every field's type and range.
+    tcfg = TrainConfig(**values)
+  except ValueError as e:
+    raise ValueError(str(e).replace("TrainConfig.", "config.train.", 1)
+                     ) from None
+  if not tcfg.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate: expected > 0, found "
+                     f"{tcfg.learning_rate}")
+  return tcfg
