@@ -102,6 +102,7 @@ def define_flags() -> None:
   global _AOT, _VERIFY, _JSON_OUT, _LOGITS
   global _MAX_LEN, _LOSS_CHUNK, _ATTENTION_BLOCK, _GDR_BLOCK, _RATIO
   global _NUM_LAYERS, _TOLERANCE, _SEED, _HLO_OUT, _TPU_TOPOLOGY
+  global _MOE_DISPATCH, _MOE_CAPACITY
   _PRESET = flags.DEFINE_string("preset", "qwen3.5-0.8b",
                                 "QwenConfig preset name (random weights).")
   _SEQ_LEN = flags.DEFINE_integer("seq_len", 262144, "Tokens per sequence.")
@@ -155,6 +156,14 @@ def define_flags() -> None:
       "tpu_topology", None, "--aot: compile for this TPU topology instead "
       "of the local devices, without a TPU (libtpu's deviceless "
       "compilation), e.g. v5p:4x4x4 (64 chips).")
+  _MOE_DISPATCH = flags.DEFINE_enum(
+      "moe_dispatch", "gather", ["gather", "all_to_all"],
+      "Mixture-of-experts models over an expert axis: how tokens reach the "
+      "experts (QwenConfig.moe_dispatch).")
+  _MOE_CAPACITY = flags.DEFINE_float(
+      "moe_capacity_factor", 0.0, "--moe_dispatch=all_to_all: pairs per "
+      "destination as a multiple of an even share, the rest dropped; 0: "
+      "dropless (QwenConfig.moe_capacity_factor).")
 
 # What the collective table counts (printed with it).
 COLLECTIVES_NOTE = (
@@ -168,9 +177,9 @@ COLLECTIVES_NOTE = (
     "'gdn' = inside the Gated DeltaNet shard_map (state transfers, conv "
     "halo), 'attention' = inside the attention shard_map (K/V gathers, "
     "query swaps), 'experts' = inside the expert-parallel shard_map of "
-    "a mixture-of-experts layer (token gathers, reduce-scatters of the "
-    "experts' sums), 'other' = parameter gathers, gradient reductions, "
-    "resharding.")
+    "a mixture-of-experts layer (token gathers and reduce-scatters of the "
+    "experts' sums, or all-to-alls of the routed pairs), 'other' = "
+    "parameter gathers, gradient reductions, resharding.")
 FLOPS_NOTE = ("XLA cost_analysis: a while-loop body (layer scan, chunk "
               "loops) is counted once, not once per iteration, so this is "
               "a lower bound")
@@ -190,7 +199,8 @@ class ConfigError(cli.UserError):
 def build_config(preset: str, seq_len: int, dtype: str = "bfloat16",
                  param_dtype: str | None = None, remat: str | None = None,
                  mode: str = "train", ratio: str | None = None,
-                 num_layers: int | None = None) -> QwenConfig:
+                 num_layers: int | None = None, moe_dispatch: str = "gather",
+                 moe_capacity_factor: float = 0.0) -> QwenConfig:
   """The preset's language model (no vision tower) with the dtypes, remat
   policy and layer pattern asked for.
 
@@ -208,7 +218,8 @@ def build_config(preset: str, seq_len: int, dtype: str = "bfloat16",
   if param_dtype is None:
     param_dtype = "float32" if mode == "train" else dtype
   over: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype,
-                              remat_policy=remat)
+                              remat_policy=remat, moe_dispatch=moe_dispatch,
+                              moe_capacity_factor=moe_capacity_factor)
   try:
     base = QwenConfig.from_preset(preset, vision=None)  # the text model
     n = base.num_hidden_layers if num_layers is None else num_layers
@@ -870,6 +881,9 @@ def _base_report(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str,
       param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
       layers=f"{n_lin} GDN + {cfg.num_hidden_layers - n_lin} attention"
       + (f", MoE {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
+         f", {cfg.moe_dispatch} dispatch"
+         + (f" (capacity factor {cfg.moe_capacity_factor:g})"
+            if cfg.moe_capacity_factor else "")
          if cfg.is_moe else ""),
       platform=(f"{mesh.devices.flat[0].platform} "
                 f"({mesh.devices.flat[0].device_kind})"),
@@ -891,7 +905,8 @@ def main(argv: Sequence[str]) -> None:
   check_blocks(_ATTENTION_BLOCK.value, _GDR_BLOCK.value)
   cfg = build_config(_PRESET.value, _SEQ_LEN.value, _DTYPE.value,
                      _PARAM_DTYPE.value, _REMAT.value, _MODE.value,
-                     _RATIO.value, _NUM_LAYERS.value)
+                     _RATIO.value, _NUM_LAYERS.value, _MOE_DISPATCH.value,
+                     _MOE_CAPACITY.value)
   mesh = build_mesh(_MESH.value, tpu_devices(_TPU_TOPOLOGY.value,
                                              _AOT.value))
   check_lengths(cfg, mesh, _SEQ_LEN.value, _BATCH.value, _MODE.value,

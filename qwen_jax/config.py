@@ -52,7 +52,8 @@ MROPE_SECTION = (11, 11, 10)
 IMPLEMENTATION_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy",
                          "gdr_implementation", "gdr_interpret",
                          "gdr_chunk_size", "gdr_block_sizes",
-                         "attention_implementation", "moe_implementation")
+                         "attention_implementation", "moe_implementation",
+                         "moe_dispatch")
 
 # Field types checked by `QwenConfig.validate`.
 _POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
@@ -63,9 +64,10 @@ _POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                         "linear_conv_kernel_dim", "max_position_embeddings",
                         "gdr_chunk_size")  # a conv kernel of width 1 is legal
 _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor",
-                 "router_aux_loss_coef")
+                 "router_aux_loss_coef", "moe_capacity_factor")
 # Mixture-of-experts sizes: integers >= 0 (0 experts: a dense model), each
 # checked >= 1 when a layer is "moe".
+MOE_DISPATCHES = ("gather", "all_to_all")
 MOE_SIZE_FIELDS = ("num_experts", "num_experts_per_tok",
                    "moe_intermediate_size",
                    "shared_expert_intermediate_size")
@@ -158,6 +160,22 @@ class QwenConfig:
     moe_implementation: "ragged" (tokens sorted by expert, one grouped
       matmul `jax.lax.ragged_dot`) or "dense" (every expert on every token,
       weighted by the routing: for tests and tiny models).
+    moe_dispatch: how tokens reach the experts when a mesh splits them over
+      its "expert" axis and the batch too: "gather" (each device gathers
+      its expert group's tokens, runs its experts on the pairs routed to
+      them, a reduce-scatter combines) or "all_to_all" (each device sends
+      each (token, expert) pair to the device holding the expert and gets
+      the result back: two all-to-alls of the routed pairs instead of a
+      gather of every token; `qwen_jax.moe`). Both are dropless unless
+      moe_capacity_factor is set. Ignored without an expert axis.
+    moe_capacity_factor: "all_to_all" only: 0 sends every pair (dropless;
+      buffers sized for the worst case, tokens * min(k, experts per
+      device) per destination); c > 0 caps each destination's pairs from
+      one device at ceil(c * tokens * k / devices) (an even share times c)
+      and drops the pairs past it, as GShard and Switch Transformer do: a
+      dropped pair adds nothing to its token, which keeps its other
+      experts and the shared expert. Changes the function computed where
+      a destination overflows; the train step reports the dropped share.
   """
 
   vocab_size: int = 248320
@@ -208,6 +226,8 @@ class QwenConfig:
   shared_expert_intermediate_size: int = 512
   router_aux_loss_coef: float = 0.001
   moe_implementation: str = "ragged"
+  moe_dispatch: str = "gather"
+  moe_capacity_factor: float = 0.0
 
   def __post_init__(self):
     self._check_types()
@@ -289,7 +309,8 @@ class QwenConfig:
         put(f, int(x))
     for f in ("hidden_act", "dtype", "param_dtype", "remat_policy",
               "gdr_implementation", "gdr_block_sizes",
-              "attention_implementation", "moe_implementation"):
+              "attention_implementation", "moe_implementation",
+              "moe_dispatch"):
       if not isinstance(getattr(self, f), str):
         bad(f, "a string", getattr(self, f))
     if isinstance(self.layer_types, str):
@@ -376,6 +397,14 @@ class QwenConfig:
     if self.moe_implementation not in ("ragged", "dense"):
       bad("moe_implementation", "'ragged' or 'dense'",
           self.moe_implementation)
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      bad("moe_dispatch", f"one of {MOE_DISPATCHES}", self.moe_dispatch)
+    if not self.moe_capacity_factor >= 0:
+      bad("moe_capacity_factor", "0 (dropless) or a factor > 0",
+          self.moe_capacity_factor)
+    if self.moe_capacity_factor > 0 and self.moe_dispatch != "all_to_all":
+      bad("moe_capacity_factor", "0 unless moe_dispatch='all_to_all' (the "
+          "gather dispatch is dropless)", self.moe_capacity_factor)
     if self.router_aux_loss_coef < 0:
       bad("router_aux_loss_coef", "a weight >= 0", self.router_aux_loss_coef)
     if not self.is_moe:

@@ -46,7 +46,8 @@ HF_DEFAULT_ROPE_THETA = 10000.0
 _NOT_READ = ("layer_types", "rope_theta", "partial_rotary_factor", "dtype",
              "mrope_section", "vision", "image_token_id", "video_token_id",
              "vision_start_token_id", "vision_end_token_id", "mlp_types",
-             "moe_implementation") + MOE_FIELDS
+             "moe_implementation", "moe_dispatch",
+             "moe_capacity_factor") + MOE_FIELDS
 # The placeholder ids of a "qwen3_5" config's top level.
 _VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id",
                         "vision_start_token_id", "vision_end_token_id")

@@ -23,6 +23,12 @@ work is that of the chosen experts only; "dense" runs every expert on every
 token and weights the results by the routing (E / k times the work; the
 plain reference, and a choice for tiny models).
 
+Expert parallelism (a mesh with an "expert" axis): each device holds
+E / n experts, and tokens reach them by `cfg.moe_dispatch`, a gather of
+the expert group's tokens or an all-to-all of the routed pairs
+(`experts_expert_parallel`); the all-to-all may cap each destination's
+pairs (`cfg.moe_capacity_factor`, `pair_capacity`) and drop the rest.
+
 The router's statistics for the load-balancing loss (Switch Transformer,
 arXiv:2101.03961, eqs. 4-6, as transformers' `load_balancing_loss_func`)
 are sown into the "intermediates" collection as `router_stats`: per
@@ -31,6 +37,8 @@ probability, over the tokens of the call (`router_stats` below).
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -93,12 +101,26 @@ def collected_router_stats(intermediates) -> Array:
 def load_summary(stats: Array, k: int) -> dict[str, Array]:
   """Scalars of the routing for metrics: the load-balancing loss and the
   busiest and idlest expert's share of the routed slots relative to an
-  even share (1 = balanced; 0 = an expert received no token). Every
-  routed slot is computed (dropless): no token is dropped."""
+  even share (1 = balanced; 0 = an expert received no token)."""
   load = stats[:, 0] * stats.shape[-1] / k  # [n, E], mean 1 per layer
   return {"router_aux_loss": load_balancing_loss(stats),
           "expert_load_max": jnp.max(load),
           "expert_load_min": jnp.min(load)}
+
+
+def routing_metrics(intermediates, k: int) -> dict[str, Array]:
+  """`load_summary` of the collected router statistics, plus
+  "expert_dropped_share" (the mean over layers of the routed pairs
+  dropped) where a capacity factor may drop pairs (`moe_capacity_factor`
+  with the all-to-all dispatch); elsewhere every pair is computed."""
+  out = load_summary(collected_router_stats(intermediates), k)
+  dropped = [x for path, x in jax.tree_util.tree_flatten_with_path(
+      intermediates)[0] if any(getattr(key, "key", None) == "dropped_share"
+                               for key in path)]
+  if dropped:
+    out["expert_dropped_share"] = jnp.mean(
+        jnp.concatenate([x.reshape(-1) for x in dropped]))
+  return out
 
 
 def experts_ragged(x: Array, weights: Array, idx: Array, gate_up: Array,
@@ -169,25 +191,106 @@ def _local_experts(x: Array, weights: Array, idx: Array, gate_up: Array,
       jnp.concatenate([down, zero(down)]))
 
 
+def pair_capacity(tokens: int, k: int, e_local: int, n: int,
+                  capacity_factor: float) -> int:
+  """Slots per destination device of the all-to-all dispatch.
+
+  One device sends at most tokens * min(k, e_local) pairs to another
+  (a token's k experts are distinct), so that many is dropless; a
+  capacity factor c > 0 allows ceil(c * tokens * k / n), an even share
+  times c, and never more than the dropless size.
+  """
+  dropless = tokens * min(k, e_local)
+  if capacity_factor <= 0:
+    return dropless
+  return max(1, min(dropless, math.ceil(capacity_factor * tokens * k / n)))
+
+
+def _all_to_all_experts(x: Array, weights: Array, idx: Array,
+                        gate_up: Array, down: Array, axis: str, n: int,
+                        capacity_factor: float) -> tuple[Array, Array]:
+  """One device's part of the all-to-all dispatch (inside a shard_map).
+
+  The T * k (token, expert) pairs, token-major, go to bucket
+  `expert // E_l` (the device holding the expert) in that order; a
+  bucket keeps its first `pair_capacity` pairs. An all-to-all over
+  `axis` hands each device the pairs of its experts from every device,
+  it runs them as one grouped matmul (empty slots in an all-zero group),
+  a second all-to-all returns the results to the pairs' devices, which
+  weight them and sum each token's k slots.
+
+  Args:
+    x: [T, d] this device's tokens; weights, idx: [T, k].
+    gate_up, down: this device's E_l experts.
+    axis: the expert mesh axis, of size n.
+    capacity_factor: see `pair_capacity`.
+
+  Returns:
+    ([T, d] routed sum, the number of pairs dropped here as float32).
+  """
+  t, k = idx.shape
+  d = x.shape[-1]
+  e_local = gate_up.shape[0]
+  cap = pair_capacity(t, k, e_local, n, capacity_factor)
+  flat = idx.reshape(-1)
+  dest = flat // e_local
+  # Each pair's place in its bucket: how many earlier pairs share it.
+  onehot = jax.nn.one_hot(dest, n, dtype=jnp.int32)
+  place = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)
+  kept = place < cap
+  slot = jnp.where(kept, dest * cap + place, n * cap)  # n * cap: dropped
+  send_x = jnp.zeros((n * cap, d), x.dtype).at[slot].set(
+      x[jnp.arange(t * k) // k], mode="drop")
+  send_e = jnp.full((n * cap,), e_local, jnp.int32).at[slot].set(
+      flat % e_local, mode="drop")
+  recv_x, recv_e = (
+      jax.lax.all_to_all(a.reshape((n, cap) + a.shape[1:]), axis, 0, 0)
+      for a in (send_x, send_e))
+  zero = lambda w: jnp.zeros((1,) + w.shape[1:], w.dtype)
+  y = experts_ragged(
+      recv_x.reshape(n * cap, d), jnp.ones((n * cap, 1), x.dtype),
+      recv_e.reshape(n * cap, 1), jnp.concatenate([gate_up, zero(gate_up)]),
+      jnp.concatenate([down, zero(down)]))
+  back = jax.lax.all_to_all(y.reshape(n, cap, d), axis, 0, 0)
+  back = back.reshape(n * cap, d)[jnp.minimum(slot, n * cap - 1)]
+  w = jnp.where(kept, weights.reshape(-1), 0).astype(back.dtype)
+  out = (back * w[:, None]).reshape(t, k, d).sum(axis=1)
+  return out, jnp.sum(~kept).astype(jnp.float32)
+
+
 def experts_expert_parallel(ctx: sequence_parallel.SPContext, x: Array,
                             weights: Array, idx: Array, gate_up: Array,
-                            down: Array) -> Array:
+                            down: Array, dispatch: str = "gather",
+                            capacity_factor: float = 0.0
+                            ) -> tuple[Array, Array]:
   """`experts_ragged` with the experts split over the mesh's expert axis.
 
-  Each device holds E / n experts. The batch is split over the expert axis
-  too (with data and fsdp; tokens over seq): a device gathers the tokens
-  of its expert group, runs its experts on the pairs routed to them, and a
-  reduce-scatter over the axis sums the groups' parts and returns each
-  device its own tokens. When the batch does not divide over the axis
-  (it is then replicated over it), a plain sum combines the parts.
+  Each device holds E / n experts. When the batch is split over the expert
+  axis too (with data and fsdp; tokens over seq), the expert group's
+  tokens reach the experts by `dispatch`:
+
+    "gather"      a device gathers the group's tokens, runs its experts on
+                  the pairs routed to them, and a reduce-scatter over the
+                  axis sums the parts and returns each device its tokens;
+    "all_to_all"  a device sends each of its (token, expert) pairs to the
+                  expert's device and gets the results back
+                  (`_all_to_all_experts`): each device receives the pairs
+                  it computes rather than every token of the group.
+
+  When the batch does not divide over the axis (it is then replicated over
+  it), every device has the group's tokens already: it runs its experts
+  on them and a sum over the axis combines the parts.
 
   Args:
     ctx: the active sharding context (its mesh has EXPERT_AXIS).
     x: [b, t, d]; weights, idx: [b, t, k]; gate_up: [E, d, 2I];
       down: [E, I, d].
+    dispatch: "gather" or "all_to_all".
+    capacity_factor: "all_to_all" only; see `pair_capacity`.
 
   Returns:
-    [b, t, d].
+    ([b, t, d], the share of the routed pairs dropped: 0 but for
+    "all_to_all" with a capacity factor).
 
   Raises:
     ValueError: E not a multiple of the expert axis' size.
@@ -202,22 +305,35 @@ def experts_expert_parallel(ctx: sequence_parallel.SPContext, x: Array,
 
   batch_axes = xs[0] if isinstance(xs[0], tuple) else (xs[0],)
   split = EXPERT_AXIS in batch_axes
+  every_axis = tuple(ctx.mesh.axis_names)
 
   def body(xl, wl, il, gl, dl):
+    b, t, d = xl.shape
+    k = il.shape[-1]
+    if split and dispatch == "all_to_all":
+      y, dropped = _all_to_all_experts(
+          xl.reshape(b * t, d), wl.reshape(b * t, k), il.reshape(b * t, k),
+          gl, dl, EXPERT_AXIS, n, capacity_factor)
+      # Every device holds as many pairs: the mean of the shares is the
+      # share of the whole batch.
+      share = jax.lax.pmean(dropped / (b * t * k), every_axis)
+      return y.reshape(b, t, d), share
     if split:  # the expert group's tokens, batch-major
       xl, wl, il = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                     for a in (xl, wl, il))
-    b, t, d = xl.shape
+      b = xl.shape[0]
     y = _local_experts(xl.reshape(b * t, d), wl.reshape(b * t, -1),
                        il.reshape(b * t, -1), gl, dl, EXPERT_AXIS)
     y = y.reshape(b, t, d)
     if split:
-      return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0,
-                                  tiled=True)
-    return jax.lax.psum(y, EXPERT_AXIS)
+      y = jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0,
+                               tiled=True)
+    else:
+      y = jax.lax.psum(y, EXPERT_AXIS)
+    return y, jnp.zeros((), jnp.float32)
 
   return jax.shard_map(body, mesh=ctx.mesh, in_specs=(xs, ks, ks, es, es),
-                       out_specs=xs, check_vma=False)(
+                       out_specs=(xs, P()), check_vma=False)(
                            x, weights, idx, gate_up, down)
 
 
@@ -266,9 +382,12 @@ class SparseMoeBlock(nn.Module):
     weights = weights.astype(dtype)
     ctx = _expert_context()
     if ctx is not None:
-      routed = experts_expert_parallel(
+      routed, dropped = experts_expert_parallel(
           ctx, xf.reshape(b, t, d), weights.reshape(b, t, k),
-          idx.reshape(b, t, k), gate_up.astype(dtype), down.astype(dtype))
+          idx.reshape(b, t, k), gate_up.astype(dtype), down.astype(dtype),
+          cfg.moe_dispatch, cfg.moe_capacity_factor)
+      if cfg.moe_capacity_factor > 0:
+        self.sow("intermediates", "dropped_share", dropped)
     else:
       routed = EXPERT_IMPLEMENTATIONS[cfg.moe_implementation](
           xf, weights, idx, gate_up, down)

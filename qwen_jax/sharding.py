@@ -406,8 +406,9 @@ def loss_and_metrics(cfg: QwenConfig, params: PyTree,
   The loss is the mean next-token cross-entropy; a mixture-of-experts
   model adds `cfg.router_aux_loss_coef` times the router's load-balancing
   loss, as `train_step.loss_and_stats` does. Metrics: "tokens" (the loss
-  tokens) and, for a mixture-of-experts model, `moe.load_summary`'s
-  "router_aux_loss", "expert_load_max" and "expert_load_min". The router
+  tokens) and, for a mixture-of-experts model, `moe.routing_metrics`:
+  "router_aux_loss", "expert_load_max", "expert_load_min" and, where a
+  capacity factor may drop pairs, "expert_dropped_share". The router
   statistics are those of the whole global batch: the layers compute them
   on the logical (global) arrays, and the compiler partitions the sums.
 
@@ -437,8 +438,7 @@ def loss_and_metrics(cfg: QwenConfig, params: PyTree,
   loss = total / jnp.maximum(count, 1.0)
   metrics = {"tokens": count}
   if cfg.is_moe:
-    routing = moe.load_summary(moe.collected_router_stats(inter),
-                               cfg.num_experts_per_tok)
+    routing = moe.routing_metrics(inter, cfg.num_experts_per_tok)
     loss = loss + cfg.router_aux_loss_coef * routing["router_aux_loss"]
     metrics.update(routing)
   return loss, metrics

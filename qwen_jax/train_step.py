@@ -315,8 +315,7 @@ def loss_and_stats(params: PyTree, cfg: QwenConfig, batch: Batch,
         hidden, w, targets, mask, vocab_major=vocab_major,
         chunk_size=chunk_size, dtype=jnp.dtype(cfg.dtype))
   if cfg.is_moe:
-    routing = moe.load_summary(moe.collected_router_stats(inter),
-                               cfg.num_experts_per_tok)
+    routing = moe.routing_metrics(inter, cfg.num_experts_per_tok)
   loss = loss_sum / jnp.maximum(tokens, 1.0)
   stats = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
   if cfg.is_moe:

@@ -181,23 +181,40 @@ def test_aot_memory_and_collectives(tmp_path):
           == 4 * att[0]["all-gather"]["result_bytes"] > 0)
 
 
-def test_aot_mixture_of_experts_on_an_expert_axis(tmp_path):
+@pytest.mark.parametrize("dispatch", ["gather", "all_to_all"])
+def test_aot_mixture_of_experts_on_an_expert_axis(tmp_path, dispatch):
   """tiny-moe's train step over fsdp x expert x seq: the experts are
-  split over the expert axis and their collectives counted apart."""
+  split over the expert axis and their collectives counted apart: token
+  gathers and reduce-scatters, or all-to-alls of the routed pairs."""
   out = tmp_path / "aot_moe.json"
   proc = _run(["--aot", "--preset", "tiny-moe", "--mesh",
                "fsdp:2,expert:2,seq:2", "--seq_len", "256", "--batch", "4",
-               "--attention_block", "64", "--json_out", str(out)],
-              devices=8)
+               "--attention_block", "64", "--moe_dispatch", dispatch,
+               "--json_out", str(out)], devices=8)
   assert proc.returncode == 0, _output(proc)
   r = json.loads(out.read_text())
-  assert r["layers"] == "3 GDN + 1 attention, MoE 8 experts top-2", r
+  assert r["layers"] == ("3 GDN + 1 attention, MoE 8 experts top-2, "
+                         f"{dispatch} dispatch"), r
   assert r["mesh"] == "fsdp:2,expert:2,seq:2"
   assert r["params_bytes_per_device"] < r["params_bytes"] / 4
   experts = r["collectives"]["sources"]["experts"]
-  # Forward and backward: token gathers and reduce-scatters of the sums.
-  for kind in ("all-gather", "reduce-scatter"):
+  # Forward and backward.
+  used = (("all-gather", "reduce-scatter") if dispatch == "gather"
+          else ("all-to-all",))
+  for kind in used:
     assert experts[kind]["ops"] > 0 and experts[kind]["result_bytes"] > 0
+  unused = ({"all-to-all"} if dispatch == "gather"
+            else {"all-gather", "reduce-scatter"})
+  assert not unused & {k for k, v in experts.items()
+                       if isinstance(v, dict) and v.get("ops")}, experts
+
+
+def test_capacity_factor_without_the_all_to_all_is_one_line(tmp_path):
+  proc = _run(["--aot", "--preset", "tiny-moe", "--mesh", "expert:2",
+               "--seq_len", "64", "--moe_capacity_factor", "1.5"], devices=2)
+  assert proc.returncode == 1, _output(proc)
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and "moe_capacity_factor" in err[0], err
 
 
 # A compiled-HLO excerpt: one line per instruction, as XLA prints it.

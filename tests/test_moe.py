@@ -79,6 +79,11 @@ def test_moe_hf_config_round_trip(vision):
     (dict(mlp_types=("moe", "dense", "moe", "sparse")), "mlp_types"),
     (dict(moe_implementation="loop"), "moe_implementation"),
     (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef"),
+    (dict(moe_dispatch="alltoall"), "moe_dispatch"),
+    (dict(moe_dispatch="all_to_all", moe_capacity_factor=-0.5),
+     "moe_capacity_factor"),
+    # The gather dispatch computes every pair: a capacity means nothing.
+    (dict(moe_capacity_factor=1.25), "moe_capacity_factor"),
 ])
 def test_moe_config_errors_name_the_field(changes, field):
   with pytest.raises(ValueError, match=field) as e:

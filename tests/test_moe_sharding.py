@@ -6,10 +6,14 @@ a fresh interpreter with it set (as tests/test_sharding_8_devices.py does
 for tests/test_sharding.py) and fails with its output if it fails.
 
 The model: "tiny-moe" (8 experts, top-2, 4 layers = one scanned 3:1
-period), b = 4, t = 32, float32, about 80 s of CPU time. Meshes compose
-the expert axis with data, fsdp, tensor and seq. The sharded train step's
-loss (with the load-balancing term) and router metrics are compared with
-the single-device `train_step.loss_and_stats`.
+period), b = 4, t = 32, float32, about 110 s of CPU time. Meshes compose
+the expert axis with data, fsdp, tensor and seq, under both dispatches
+(a gather of the group's tokens, an all-to-all of the routed pairs). The
+sharded train step's loss (with the load-balancing term) and router
+metrics are compared with the single-device `train_step.loss_and_stats`.
+The all-to-all's capacity limit is checked on the experts alone against
+the dense all-experts computation with the pairs past capacity removed
+(which pairs: a NumPy count of the rule).
 """
 
 import functools
@@ -42,6 +46,9 @@ B, T = 4, 32
 # data:2 x expert:4 it does not, and is replicated over the expert axis
 # (results summed).
 SPECS = ["expert:4,seq:2", "fsdp:2,tensor:2,expert:2", "data:2,expert:4"]
+# The all-to-all dispatch (dropless) on the meshes that split the batch
+# over the expert axis.
+A2A_SPECS = ["expert:4,seq:2", "fsdp:2,tensor:2,expert:2"]
 
 
 def test_expert_parallel_on_8_fake_devices():
@@ -57,7 +64,8 @@ def test_expert_parallel_on_8_fake_devices():
   out = proc.stdout[-20000:] + proc.stderr[-5000:]
   assert proc.returncode == 0, out
   passed = re.search(r"(\d+) passed", proc.stdout)
-  assert passed and int(passed.group(1)) >= len(SPECS) + 2, out
+  assert passed and int(passed.group(1)) >= (
+      len(SPECS) + len(A2A_SPECS) + 5), out
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,9 +90,12 @@ def _reference():
 
 
 @pytest.mark.skipif(not IN_PROCESS, reason="run by the test above")
-@pytest.mark.parametrize("spec", SPECS)
-def test_logits_and_gradients_equal_one_device(spec):
+@pytest.mark.parametrize("spec,dispatch",
+                         [(s, "gather") for s in SPECS] +
+                         [(s, "all_to_all") for s in A2A_SPECS])
+def test_logits_and_gradients_equal_one_device(spec, dispatch):
   cfg, params, ids = _model()
+  cfg = cfg.replace(moe_dispatch=dispatch)
   batch = {"inputs": ids[:, :T], "targets": ids[:, 1:]}
   want, want_loss, want_grads = _reference()
 
@@ -150,3 +161,98 @@ def test_sharded_step_loss_and_router_metrics_equal_one_device():
                           jax.tree_util.tree_leaves(want_grads)):
     tolerances.assert_close(g, w, jnp.float32,
                             err_msg=jax.tree_util.keystr(path))
+
+
+def _kept_pairs(idx: np.ndarray, n: int, e_local: int, cap: int
+                ) -> np.ndarray:
+  """[T, k] bool: the pairs the all-to-all keeps. idx's rows are split
+  evenly over the n devices; each device visits its pairs token by token,
+  slot by slot, and keeps a pair while its expert's device has had fewer
+  than `cap` of this device's pairs."""
+  kept = np.zeros(idx.shape, bool)
+  rows = idx.shape[0] // n
+  for dev in range(n):
+    used = np.zeros(n, int)
+    for tok in range(dev * rows, (dev + 1) * rows):
+      for j, e in enumerate(idx[tok]):
+        if used[e // e_local] < cap:
+          used[e // e_local] += 1
+          kept[tok, j] = True
+  return kept
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="run by the test above")
+@pytest.mark.parametrize("factor", [0.5, 1.0, 0.0])
+def test_all_to_all_capacity_drops_the_pairs_past_it(factor):
+  """Experts alone, expert:4 x seq:2: routing skewed to experts 0 and 1
+  (device 0) so that a capacity factor overflows; values and gradients
+  against `experts_dense` with the dropped pairs' weights zeroed."""
+  from qwen_jax import moe  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(int(factor * 10) + 7)
+  b, t, d, e, f, k = 8, 6, 16, 8, 12, 2
+  mesh = sharding.make_mesh("expert:4,seq:2")
+  n, e_local = 4, e // 4
+  x = rng.standard_normal((b, t, d)).astype(np.float32)
+  # Half the tokens pick experts 0 and 1; the rest pick at random.
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(b * t)])
+  idx[rng.random(b * t) < 0.5] = [0, 1]
+  idx = idx.reshape(b, t, k).astype(np.int32)
+  w = rng.random((b, t, k)).astype(np.float32)
+  gate_up = rng.standard_normal((e, d, 2 * f)).astype(np.float32) * 0.3
+  down = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
+
+  # Each device's tokens: its batch rows (expert) and its tokens (seq),
+  # batch-major. Reorder so that device-major rows feed _kept_pairs.
+  per = idx.reshape(n, b // n, 2, t // 2, k).transpose(0, 2, 1, 3, 4)
+  tokens = (b // n) * (t // 2)
+  cap = moe.pair_capacity(tokens, k, e_local, n, factor)
+  assert cap == (tokens * min(k, e_local) if factor == 0 else
+                 int(np.ceil(factor * tokens * k / n)))
+  kept = _kept_pairs(per.reshape(-1, k), 2 * n, e_local, cap)
+  kept = kept.reshape(n, 2, b // n, t // 2, k).transpose(
+      0, 2, 1, 3, 4).reshape(b, t, k)
+  if factor == 0:
+    assert kept.all()
+  else:
+    assert 0 < (~kept).sum() < kept.size  # the routing overflows
+
+  ctx = sharding.sp_context(mesh)
+
+  def ours(x, w, gate_up, down):
+    return moe.experts_expert_parallel(
+        ctx, x, w, jnp.asarray(idx), gate_up, down, "all_to_all", factor)
+
+  def reference(x, w, gate_up, down):
+    y = moe.experts_dense(x.reshape(b * t, d),
+                          (w * kept).reshape(b * t, k),
+                          jnp.asarray(idx).reshape(b * t, k), gate_up, down)
+    return y.reshape(b, t, d)
+
+  y, dropped = jax.jit(ours)(x, w, gate_up, down)
+  tolerances.assert_close(y, reference(x, w, gate_up, down), jnp.float32)
+  np.testing.assert_allclose(float(dropped), (~kept).mean(), rtol=1e-6)
+  cot = rng.standard_normal((b, t, d)).astype(np.float32)
+  grads = jax.grad(lambda *a: jnp.sum(ours(*a)[0] * cot),
+                   argnums=(0, 1, 2, 3))(x, w, gate_up, down)
+  want = jax.grad(lambda *a: jnp.sum(reference(*a) * cot),
+                  argnums=(0, 1, 2, 3))(x, w, gate_up, down)
+  tolerances.assert_trees_close(grads, want, jnp.float32)
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="run by the test above")
+def test_dropped_share_is_a_train_metric_only_with_a_capacity():
+  cfg, params, ids = _model()
+  batch = {"inputs": ids[:, :T], "targets": ids[:, 1:]}
+  mesh = sharding.make_mesh("expert:4,seq:2")
+  sparams = sharding.shard_params(params, cfg, mesh)
+  placed = {k: sharding.put_batch(v, mesh) for k, v in batch.items()}
+  shares = {}
+  for factor in (0.0, 0.25):
+    c = cfg.replace(moe_dispatch="all_to_all", moe_capacity_factor=factor)
+    loss, _, metrics = sharding.make_train_step(
+        c, mesh, loss_chunk=16, with_metrics=True)(sparams, placed)
+    shares[factor] = (float(loss), metrics.get("expert_dropped_share"))
+  assert shares[0.0][1] is None  # dropless: nothing to report
+  # A quarter of an even share per destination drops most pairs.
+  assert 0.5 < float(shares[0.25][1]) < 1.0
+  assert shares[0.25][0] != shares[0.0][0]
