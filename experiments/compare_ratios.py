@@ -35,7 +35,30 @@ bottom (next to the embedding), L = Gated DeltaNet, F = full attention:
   --patterns    explicit patterns, e.g. "FLLL LLLF".
 
 A pattern given twice runs once (the 3:1 ratio is the periodic placement
-at 3:1). Every batch holds MQAR rows and text rows, each text row with a
+at 3:1).
+
+A second axis, the MLP of every layer (`--mlps`, default `dense` only):
+each entry runs with every pattern, as its own configuration.
+
+  dense         the SwiGLU MLP of intermediate_size = 2 * hidden_size.
+  moe:E:k       E routed experts (top-k routing) and a gated shared expert
+                (`qwen_jax.moe`), named "3:1 moe8x2" (folder 3-1_moe8x2).
+                The MLPs are matched at equal active parameters per token:
+                each routed expert has width intermediate_size // (k + 1),
+                the shared expert the rest, so the k experts a token is
+                sent to and the shared expert hold exactly the dense MLP's
+                3 * hidden_size * intermediate_size weights. The router
+                (hidden_size * E) and the shared expert's gate
+                (hidden_size) are left out of the match: they come on top,
+                the cost of routing, and are counted in the reported
+                active parameters (all parameters less the E - k experts a
+                token is not sent to, per layer). The load-balancing loss
+                enters training with QwenConfig's router_aux_loss_coef
+                (0.001); each run reports its routing at the end of
+                training on held-out batches (the load-balancing loss, the
+                busiest and idlest expert's load).
+
+Every batch holds MQAR rows and text rows, each text row with a
 needle: a key-value pair of MQAR tokens at a random depth, its key again
 at the end (separate token ranges of one vocabulary: bytes 0..255, then
 the MQAR tokens). Recall (the MQAR queries and the needles' answers) is
@@ -50,7 +73,8 @@ Writes under --workdir:
   recall_vs_length.png, retrieval_vs_length.png, train_loss.png,
   memory_vs_context.png, summary.png    plots (error bars: 95% intervals)
   runs/<config>/seed-<k>/ checkpoints, metrics.csv, settings.json and
-                          result.json of one run
+                          result.json of one run (<config>: the label,
+                          "3-1", "3-1_bottom", "3-1_moe8x2")
   runs/<config>/memory.json             the memory table of one pattern
   jax_cache/              compiled programs (JAX's persistent cache), so
                           that seeds and reruns compile each program once
@@ -72,6 +96,10 @@ other training settings is refused before anything trains.
   # Your own:
   python -m experiments.compare_ratios --workdir /tmp/r --ratios 3:1 \\
       --placements periodic,bottom,top --patterns "FLLL LLLF" --seeds 5
+  # Dense against mixture of experts at equal active parameters (8 routed
+  # experts, top-2), smoke-sized (a few minutes on 2 CPU cores):
+  python -m experiments.compare_ratios --workdir /tmp/r --preset smoke \\
+      --ratios 3:1,all-linear --placements= --mlps dense,moe:8:2
 
 Every flag, --workdir, the runs already there and (unless --no_plots)
 matplotlib are checked before the first run trains; a misuse ends with one
@@ -91,6 +119,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -108,6 +137,7 @@ from experiments import ratio_report as report
 from qwen_jax import cache as cache_lib
 from qwen_jax import data
 from qwen_jax import layer_pattern
+from qwen_jax import moe as moe_lib
 from qwen_jax import train as train_lib
 from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR, QwenConfig, layer_types_from_ratio
@@ -146,20 +176,72 @@ def _named_placement(layer_types: tuple[str, ...]) -> str | None:
   return None
 
 
+# ------------------------------------------------------------------- MLPs
+DENSE_MLP = "dense"
+_MOE_MLP = re.compile(r"moe:([0-9]+):([0-9]+)")
+
+
+def parse_mlp(mlp: str) -> tuple[int, int] | None:
+  """(E routed experts, top-k) of "moe:E:k"; None for "dense".
+
+  Raises:
+    ValueError: neither "dense" nor "moe:E:k" with integers E >= k >= 1,
+      named as the `mlps` field.
+  """
+  if mlp == DENSE_MLP:
+    return None
+  m = _MOE_MLP.fullmatch(str(mlp))
+  if m is None:
+    raise ValueError(f"mlps: expected entries 'dense' or 'moe:E:k' (E "
+                     f"routed experts, top-k; integers), found {mlp!r}")
+  e, k = int(m.group(1)), int(m.group(2))
+  if not e >= k >= 1:
+    raise ValueError(f"mlps: expected 'moe:E:k' with E >= k >= 1, found "
+                     f"{mlp!r} (E={e}, k={k})")
+  return e, k
+
+
+def moe_widths(intermediate_size: int, k: int) -> tuple[int, int]:
+  """(routed expert width, shared expert width) whose k routed experts and
+  shared expert hold as many weights as one dense MLP of
+  `intermediate_size`: each routed expert intermediate_size // (k + 1),
+  the shared expert the rest (k * expert + shared = intermediate_size
+  exactly, the shared expert at most k wider than a routed one).
+
+  Raises:
+    ValueError: the routed width would be 0 (k + 1 > intermediate_size).
+  """
+  expert = intermediate_size // (k + 1)
+  if expert < 1:
+    raise ValueError(f"k: expected k + 1 <= intermediate_size="
+                     f"{intermediate_size}, found {k}")
+  return expert, intermediate_size - k * expert
+
+
+def mlp_suffix(mlp: str) -> str:
+  """The configuration name's suffix: "" for dense, " moe8x2" for
+  "moe:8:2"."""
+  moe = parse_mlp(mlp)
+  return "" if moe is None else f" moe{moe[0]}x{moe[1]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Configuration:
-  """One layer pattern of the study.
+  """One (layer pattern, MLP) pair of the study.
 
   Attributes:
-    name: "3:1", "3:1 bottom", or the pattern ("FLLLLLLF").
+    name: "3:1", "3:1 bottom", or the pattern ("FLLLLLLF"), with the MLP's
+      suffix for a mixture of experts ("3:1 moe8x2").
     layer_types: one entry per layer, bottom first.
     placement: "periodic", "bottom", "top", "middle", "ends", "pattern"
       (an explicit pattern matching no named placement), or "-" (one kind
       of layer only).
+    mlp: every layer's MLP: "dense" or "moe:E:k" (`parse_mlp`).
   """
   name: str
   layer_types: tuple[str, ...]
   placement: str
+  mlp: str = DENSE_MLP
 
   @property
   def ratio(self) -> str:
@@ -171,7 +253,8 @@ class Configuration:
 
   @property
   def label(self) -> str:
-    """A file-system-safe name: "3:1 bottom" -> "3-1_bottom"."""
+    """A file-system-safe name: "3:1 bottom" -> "3-1_bottom", "3:1
+    moe8x2" -> "3-1_moe8x2"."""
     return self.name.replace(":", "-").replace(" ", "_")
 
 
@@ -199,6 +282,11 @@ class StudyConfig:
       moves.
     patterns: explicit patterns, "LLFF LLLL" (L linear, F full; bottom
       first; spaces ignored).
+    mlps: the MLP of every layer, each entry a second axis of the study
+      (every layer pattern with every entry): "dense" (SwiGLU of
+      `intermediate_size`) or "moe:E:k" (E routed experts, top-k, and a
+      gated shared expert, widths from `moe_widths`: the same active
+      MLP weights per token as the dense MLP).
     seeds: runs per configuration; run k uses seed + k for parameters and
       data order (the evaluation data are the same for every run).
     num_layers: depth (a multiple of every ratio's period).
@@ -237,6 +325,7 @@ class StudyConfig:
   placements: tuple[str, ...] = ("periodic", "bottom", "top")
   placement_ratio: str = "3:1"
   patterns: tuple[str, ...] = ()
+  mlps: tuple[str, ...] = (DENSE_MLP,)
   seeds: int = 1
   num_layers: int = 8
   hidden_size: int = 64
@@ -314,6 +403,7 @@ class StudyConfig:
       if len(types) != self.num_layers:
         bad("patterns", f"num_layers={self.num_layers} letters L/F, one "
             f"per layer", p)
+    self._check_mlps(bad)
     if not self.configurations():
       bad("ratios", "at least one ratio, placement or pattern", "none")
     for name in ("eval_lengths", "retrieval_lengths", "memory_lengths"):
@@ -346,8 +436,26 @@ class StudyConfig:
         raise ValueError(f"retrieval_lengths: MQAR with {self.num_pairs} "
                          f"pairs at length {n}: {e}") from e
 
+  def _check_mlps(self, bad) -> None:
+    if isinstance(self.mlps, str) or not self.mlps:
+      bad("mlps", "one or more of 'dense', 'moe:E:k'", self.mlps)
+    kinds = [parse_mlp(m) for m in self.mlps]
+    if len(set(kinds)) != len(kinds):
+      bad("mlps", "distinct entries (each has its own run directories)",
+          ",".join(self.mlps))
+    for mlp, moe in zip(self.mlps, kinds):
+      if moe is not None and moe[1] + 1 > self.intermediate_size:
+        bad("mlps", f"top-k + 1 <= {self.intermediate_size}, the dense MLP "
+            f"width (2 * hidden_size; each routed expert gets width // "
+            f"(k + 1))", mlp)
+
   def replace(self, **changes: Any) -> "StudyConfig":
     return dataclasses.replace(self, **changes)
+
+  @property
+  def intermediate_size(self) -> int:
+    """Width of the dense MLP (SwiGLU), twice the model width."""
+    return 2 * self.hidden_size
 
   def rows(self) -> tuple[int, int]:
     """(MQAR, text) rows of a training batch."""
@@ -364,6 +472,13 @@ class StudyConfig:
     return types.count(FULL)
 
   def configurations(self) -> list[Configuration]:
+    """The (layer pattern, MLP) pairs of the study, in order: each pattern
+    once, with each of `mlps` in turn."""
+    return [Configuration(c.name + mlp_suffix(m), c.layer_types,
+                          c.placement, m)
+            for c in self._patterns() for m in self.mlps]
+
+  def _patterns(self) -> list[Configuration]:
     """The layer patterns of the study, in order; each pattern once."""
     out: list[Configuration] = []
     seen = set()
@@ -456,17 +571,36 @@ PRESETS: dict[str, StudyConfig] = {
 # ------------------------------------------------------------------ model
 def model_config(study: StudyConfig,
                  configuration: Configuration | str) -> QwenConfig:
-  """The model of one configuration (or ratio): the same shapes for every
-  configuration but the layer pattern."""
+  """The model of one configuration (or ratio, with the dense MLP): the
+  same shapes for every configuration but the layer pattern and the MLP.
+
+  A "moe:E:k" configuration replaces every layer's MLP by E routed experts
+  (top-k) and a gated shared expert, their widths from `moe_widths`: the
+  k routed experts and the shared expert a token goes through hold
+  exactly the dense MLP's 3 * hidden_size * intermediate_size weights;
+  the router (hidden_size * E) and the shared expert's gate (hidden_size)
+  come on top, the cost of routing. The router's load-balancing loss
+  enters the training loss with QwenConfig's default weight
+  (`router_aux_loss_coef`, `train_step`).
+  """
+  mlp = DENSE_MLP
   if isinstance(configuration, str):
     types = layer_types_from_ratio(configuration, study.num_layers)
   else:
-    types = configuration.layer_types
+    types, mlp = configuration.layer_types, configuration.mlp
   h = study.num_heads
   kv = max(1, h // 2)
+  moe = {}
+  experts = parse_mlp(mlp)
+  if experts is not None:
+    e, k = experts
+    expert, shared = moe_widths(study.intermediate_size, k)
+    moe = dict(mlp_types=("moe",) * study.num_layers, num_experts=e,
+               num_experts_per_tok=k, moe_intermediate_size=expert,
+               shared_expert_intermediate_size=shared)
   return QwenConfig(
       vocab_size=study.vocab_size, hidden_size=study.hidden_size,
-      intermediate_size=2 * study.hidden_size,
+      intermediate_size=study.intermediate_size,
       num_hidden_layers=study.num_layers, layer_types=tuple(types),
       num_attention_heads=h, num_key_value_heads=kv,
       head_dim=study.head_dim, linear_num_key_heads=kv,
@@ -474,7 +608,7 @@ def model_config(study: StudyConfig,
       linear_value_head_dim=study.head_dim, linear_conv_kernel_dim=4,
       rope_theta=1e4, partial_rotary_factor=0.5,
       max_position_embeddings=MAX_POSITIONS,
-      tie_word_embeddings=True, gdr_chunk_size=study.gdr_chunk)
+      tie_word_embeddings=True, gdr_chunk_size=study.gdr_chunk, **moe)
 
 
 def _with_positions(cfg: QwenConfig, n: int) -> QwenConfig:
@@ -572,12 +706,14 @@ class MixedData:
   Recall (the MQAR queries and the needles' answers, each the same weight)
   is half of the loss, the text the other half (the loss masks are rescaled
   to these totals). A pure function of (seed, step), so a resumed run sees
-  the same data.
+  the same data. `split` "eval" takes the text from the held-out sources.
   """
 
-  def __init__(self, study: StudyConfig, seed: int | None = None):
+  def __init__(self, study: StudyConfig, seed: int | None = None,
+               split: str = "train"):
     self.study = study
     self.seed = study.seed if seed is None else seed
+    self.split = split
     self.task = study.mqar()
     self.n_mqar, self.n_text = study.rows()
 
@@ -587,7 +723,7 @@ class MixedData:
     recall = _offset_mqar(data.mqar_batch(self.task, self.n_mqar, self.seed,
                                           step))
     tokens, answer, text = _needle_rows(s, s.seq_len, self.n_text,
-                                        self.seed, step, "train")
+                                        self.seed, step, self.split)
     per_query = half / (recall["loss_mask"].sum() + answer.sum())
     rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "loss_mask": (text * (half / max(text.sum(), 1.0)) +
@@ -758,9 +894,17 @@ def _jsonable(x: Any) -> Any:
 
 def run_settings(study: StudyConfig, configuration: Configuration,
                  seed_index: int) -> dict[str, Any]:
-  """What one run was trained with (its settings.json)."""
+  """What one run was trained with (its settings.json).
+
+  The MLP is recorded as "mlp" for a mixture of experts only: a dense run
+  keeps the settings it had before the study had an MLP axis (so its
+  folder is reused), and a dense run's settings never equal a mixture of
+  experts' (so neither is reused for the other).
+  """
   s = {f: getattr(study, f) for f in TRAIN_FIELDS}
   s["pattern"] = configuration.pattern
+  if configuration.mlp != DENSE_MLP:
+    s["mlp"] = configuration.mlp
   s["seed"] = study.seed + seed_index
   return _jsonable(s)
 
@@ -809,6 +953,48 @@ def check_workdir(study: StudyConfig, workdir: str) -> None:
           f"--workdir, or the settings of that run")
 
 
+def active_param_count(params: Any, cfg: QwenConfig) -> int:
+  """Parameters one token goes through, counted from the parameter tree:
+  all of them less the routed experts it is not sent to, (E - k) / E of
+  every "moe" layer's stacked expert weights (`gate_up_proj`,
+  `down_proj`; the router and the shared expert count as active)."""
+  total = train_step.param_count(params)
+  if not cfg.is_moe:
+    return total
+  e, k = cfg.num_experts, cfg.num_experts_per_tok
+  idle = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if getattr(path[-1], "key", None) in ("gate_up_proj", "down_proj"):
+      if x.shape[-3] != e:  # [..., E, in, out]; a scanned stack: [n, ...]
+        raise ValueError(f"params: expected {e} experts on axis -3 of "
+                         f"{jax.tree_util.keystr(path)}, found shape "
+                         f"{x.shape}")
+      idle += int(np.prod(x.shape)) // e * (e - k)
+  return total - idle
+
+
+def router_load(cfg: QwenConfig, params: Any,
+                batches: Sequence[data.Batch]) -> dict[str, float]:
+  """The routing of a mixture-of-experts model over held-out batches
+  (`qwen_jax.moe.load_summary` of the router statistics averaged over the
+  batches, each of the same number of tokens): "router_aux_loss" (the
+  load-balancing loss, k when balanced) and "expert_load_max" /
+  "expert_load_min" (the busiest and idlest expert's share of the routed
+  slots over an even share, over every layer)."""
+
+  @jax.jit
+  def stats(p, ids):
+    _, inter = Qwen35(cfg).apply({"params": p}, ids,
+                                 mutable=["intermediates"])
+    return moe_lib.collected_router_stats(inter)
+
+  mean = np.mean([np.asarray(stats(params, jnp.asarray(b["inputs"])))
+                  for b in batches], axis=0)
+  summary = moe_lib.load_summary(jnp.asarray(mean),
+                                 cfg.num_experts_per_tok)
+  return {k: float(v) for k, v in summary.items()}
+
+
 def _metrics_csv(path: str) -> list[dict[str, float]]:
   try:
     with open(path, newline="") as f:
@@ -827,6 +1013,10 @@ class _EvalData:
     text = _text_data(study.seq_len, "eval")
     self.text = text.eval_batches(study.batch_size, study.text_eval_batches)
     self.retrieval = retrieval_batches(study)
+    # The training mix from seeds no run trains on, the text held out: the
+    # routing statistics of mixture-of-experts runs.
+    mixed = MixedData(study, study.seed + 40_000, split="eval")
+    self.routing = [mixed(i) for i in range(study.eval_batches)]
 
 
 def run_one(study: StudyConfig, configuration: Configuration,
@@ -892,6 +1082,10 @@ def run_one(study: StudyConfig, configuration: Configuration,
   metrics["tokens_per_s"] = speed
   metrics["final_train_loss"] = (history[-1]["loss"] if history
                                  else float("nan"))
+  if cfg.is_moe:
+    # The trained routing on held-out rows of both tasks at the trained
+    # length (MQAR, then text with needles: the training mix).
+    metrics.update(router_load(cfg, params, evals.routing))
   row = {
       "config": configuration.name,
       "pattern": configuration.pattern,
@@ -899,7 +1093,9 @@ def run_one(study: StudyConfig, configuration: Configuration,
       "seed": seed,
       "settings": settings,
       "eval_settings": evals_now,
+      "mlp": configuration.mlp,
       "params": train_step.param_count(params),
+      "active_params": active_param_count(params, cfg),
       "metrics": metrics,
       "compile_s": result.compile_s,
       "train_s": result.train_s,
@@ -936,11 +1132,23 @@ def config_memory(study: StudyConfig, configuration: Configuration,
   return rows
 
 
+def active_params_of(cfg: QwenConfig) -> int:
+  """`active_param_count` from the config's shapes alone (the runs of a
+  workdir written before runs recorded it)."""
+  total = cfg.num_params()
+  if not cfg.is_moe:
+    return total
+  idle = (cfg.num_experts - cfg.num_experts_per_tok) * 3 * (
+      cfg.hidden_size * cfg.moe_intermediate_size)
+  return total - idle * cfg.mlp_types.count("moe")
+
+
 def summarize(study: StudyConfig, runs: Sequence[dict[str, Any]],
               memory: dict[str, list[dict[str, float]]]
               ) -> list[dict[str, Any]]:
   """One row per configuration: mean and 95% interval of every metric over
-  its seeds, with the pattern, counts, parameters and memory."""
+  its seeds, with the pattern, the MLP, counts, parameters (all, and those
+  a token goes through) and memory."""
   out = []
   for conf in study.configurations():
     mine = [r for r in runs if r["config"] == conf.name]
@@ -963,6 +1171,15 @@ def summarize(study: StudyConfig, runs: Sequence[dict[str, Any]],
         "linear_layers": conf.layer_types.count(LINEAR),
         "full_layers": conf.layer_types.count(FULL),
         "params": mine[0]["params"] if mine else cfg.num_params(),
+        "mlp": conf.mlp,
+        "active_params": (mine[0].get("active_params") if mine else None)
+                         or active_params_of(cfg),
+        "experts": cfg.num_experts if cfg.is_moe else 0,
+        "top_k": cfg.num_experts_per_tok if cfg.is_moe else 0,
+        "expert_width": cfg.moe_intermediate_size if cfg.is_moe else 0,
+        "shared_width": (cfg.shared_expert_intermediate_size if cfg.is_moe
+                         else 0),
+        "mlp_width": cfg.intermediate_size,
         "seeds": [r["seed"] for r in mine],
         "metrics": metrics,
         "retrieval_cache_bytes": {str(n): cache_bytes_at(cfg, n)
@@ -1115,6 +1332,10 @@ _FLAG_FIELDS = (
     ("patterns", _list_of_str,
      "Explicit patterns, one letter per layer from the bottom (L linear, F "
      "full), e.g. 'FLLL LLLF,LLFF LLLL'."),
+    ("mlps", _list_of_str,
+     "Every layer's MLP, each entry with every pattern: dense, or moe:E:k "
+     "(E routed experts, top-k, and a shared expert, as many active MLP "
+     "weights per token as dense), e.g. dense,moe:8:2."),
     ("seeds", int, "Runs per configuration (seed, seed + 1, ...); a rerun "
      "trains only the seeds not yet in --workdir."),
     ("num_layers", int, "Depth (a multiple of every ratio's period)."),

@@ -90,6 +90,21 @@ def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- output
+DENSE = "dense"
+
+
+def _mlp(row: dict[str, Any]) -> str:
+  """A configuration's MLP ("dense" in records written before the MLP
+  axis)."""
+  return row.get("mlp", DENSE)
+
+
+def has_moe(record: dict[str, Any]) -> bool:
+  """Whether the study has more MLPs than the dense one (the tables then
+  show the MLP and the active parameters)."""
+  return any(_mlp(r) != DENSE for r in record["configurations"])
+
+
 def _human_bytes(n: float) -> str:
   if not np.isfinite(n):
     return "n/a"
@@ -155,12 +170,17 @@ def markdown_tables(record: dict[str, Any]) -> str:
     return metric.replace("text_bits_per_byte", "text bpb").replace(
         "tokens_per_s", "train tok/s")
 
-  head = (["config", "pattern", "ratio", "placement", "params"] +
+  moe = has_moe(record)
+  head = (["config", "pattern", "ratio", "placement"] +
+          (["mlp", "params", "active params"] if moe else ["params"]) +
           [short(m) for m, *_ in heads] + [f"cache @{n_ret:,}"])
   body = []
   for r in rows:
-    cells = [r["config"], f"`{r['pattern']}`", r["ratio"], r["placement"],
-             f"{r['params']:,}"]
+    cells = [r["config"], f"`{r['pattern']}`", r["ratio"], r["placement"]]
+    if moe:
+      cells += [_mlp(r), f"{r['params']:,}", f"{r['active_params']:,}"]
+    else:
+      cells.append(f"{r['params']:,}")
     for m, *_ in heads:
       fmt = ",.0f" if m == "tokens_per_s" else ".3f"
       cells.append(_cell(r["metrics"].get(m), fmt))
@@ -185,6 +205,10 @@ def markdown_tables(record: dict[str, Any]) -> str:
       f"({record['trained_runs']} runs trained or evaluated, "
       f"{record['reused_runs']} reused).",
       "",
+  ]
+  if moe:
+    lines += moe_table(record) + [""]
+  lines += [
       f"Retrieval past the trained length ({study['seq_len']} tokens): "
       f"needle / MQAR with {study['num_pairs']} pairs, and the decoding "
       f"cache at that length.",
@@ -212,6 +236,41 @@ def markdown_tables(record: dict[str, Any]) -> str:
           for r in rows]
   lines += table(head, body)
   return "\n".join(lines) + "\n"
+
+
+def moe_table(record: dict[str, Any]) -> list[str]:
+  """The mixture-of-experts configurations: sizes, parameters and routing
+  at the end of training (markdown lines, with their note)."""
+  rows = [r for r in record["configurations"] if _mlp(r) != DENSE]
+  head = ["config", "experts", "top-k", "expert / shared width",
+          "params", "active params", "load-balancing loss",
+          "busiest expert", "idlest expert"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    m = r["metrics"]
+    lines.append("| " + " | ".join([
+        r["config"], str(r["experts"]), str(r["top_k"]),
+        f"{r['expert_width']} / {r['shared_width']}", f"{r['params']:,}",
+        f"{r['active_params']:,}", _cell(m.get("router_aux_loss")),
+        _cell(m.get("expert_load_max"), ".2f"),
+        _cell(m.get("expert_load_min"), ".2f")]) + " |")
+  width = rows[0]["mlp_width"] if rows else 0
+  lines += [
+      "",
+      f"Mixture of experts (`--mlps moe:E:k`): every layer's MLP is E "
+      f"routed experts, top-k, and a gated shared expert, matched to the "
+      f"dense MLP (width {width}) at equal active parameters per token: "
+      f"k routed widths plus the shared width make {width}, so the "
+      f"experts a token goes through hold the dense MLP's weights; the "
+      f"router and the shared expert's gate (hidden size x (E + 1) per "
+      f"layer) come on top. Active params: all parameters less the E - k "
+      f"experts a token is not sent to. Routing at the end of training, "
+      f"on held-out batches of the training mix: the load-balancing loss "
+      f"(E x sum of load x mean probability; k when routing is even) and "
+      f"the busiest and idlest expert's share of the routed slots over an "
+      f"even share (1 = even; 0 = an expert unused), over every layer.",
+  ]
+  return lines
 
 
 def _interval(stat: dict[str, Any]) -> tuple[float, float]:
@@ -303,12 +362,12 @@ def findings(record: dict[str, Any]) -> str:
                  f"their {rule[1]}).")
     sentences.append(text)
   # Placement: the configurations with the same number of full layers as
-  # the placement ratio, at different depths.
-  groups: dict[int, list[dict[str, Any]]] = {}
+  # the placement ratio (and the same MLP), at different depths.
+  groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
   for r in rows:
     if r["placement"] not in ("-",):
-      groups.setdefault(r["full_layers"], []).append(r)
-  for full, group in sorted(groups.items()):
+      groups.setdefault((r["full_layers"], _mlp(r)), []).append(r)
+  for (full, mlp), group in sorted(groups.items()):
     if len({r["placement"] for r in group}) < 2:
       continue
     wanted = {f"recall@{study['seq_len']}",
@@ -322,6 +381,8 @@ def findings(record: dict[str, Any]) -> str:
       best, worst = order[0], order[-1]
       text = (f"Placing the {full} full-attention layer"
               f"{'s' if full > 1 else ''} at different depths")
+      if has_moe(record):
+        text += f" (MLP {mlp})"
       if stats[best]["mean"] == stats[worst]["mean"]:
         text += (f", every placement scores {stats[best]['mean']:.3f} on "
                  f"{desc}.")
@@ -335,7 +396,63 @@ def findings(record: dict[str, Any]) -> str:
                    "; their 95% intervals do not overlap")
         text += "."
       sentences.append(text)
+  sentences += moe_findings(record)
   return " ".join(sentences)
+
+
+def moe_findings(record: dict[str, Any]) -> list[str]:
+  """Sentences comparing each mixture-of-experts configuration with the
+  dense one of the same pattern (equal active parameters per token), per
+  headline metric, and how often the mixture of experts came out ahead."""
+  study = record["study"]
+  rows = [r for r in record["configurations"] if r["metrics"]]
+  dense = {r["pattern"]: r for r in rows if _mlp(r) == DENSE}
+  pairs = [(r, dense[r["pattern"]]) for r in rows
+           if _mlp(r) != DENSE and r["pattern"] in dense]
+  if not pairs:
+    return []
+  seeds = min(len(r["seeds"]) for r in rows)
+  heads = headline_metrics(study)
+  out = []
+  wins: dict[str, dict[str, list[str]]] = {}
+  for m, d in pairs:
+    parts = []
+    for metric, desc, higher, _ in heads:
+      if metric not in m["metrics"] or metric not in d["metrics"]:
+        continue
+      a, b = m["metrics"][metric], d["metrics"][metric]
+      if not (np.isfinite(a["mean"]) and np.isfinite(b["mean"])):
+        continue
+      if a["mean"] == b["mean"]:
+        verdict = "equal"
+      else:
+        ahead = (a["mean"] > b["mean"]) == higher
+        verdict = "mixture of experts better" if ahead else "dense better"
+        wins.setdefault(_mlp(m), {}).setdefault(
+            metric, []).append("moe" if ahead else "dense")
+      if seeds >= 2 and verdict != "equal":
+        verdict += ("; intervals overlap" if _overlap(a, b)
+                    else "; intervals apart")
+      parts.append(f"{desc} {_fmt(a, metric)} against {_fmt(b, metric)} "
+                   f"({verdict})")
+    out.append(
+        f"At equal active parameters per token, {m['config']} "
+        f"({m['active_params']:,} active of {m['params']:,} parameters) "
+        f"against the dense {d['config']} ({d['active_params']:,}): "
+        + "; ".join(parts) + ".")
+  descs = {metric: desc for metric, desc, _, _ in heads}
+  for mlp, per_metric in wins.items():
+    n = sum(1 for m, _ in pairs if _mlp(m) == mlp)
+    if n < 2:
+      continue
+    counts = [f"{desc}: {per_metric.get(metric, []).count('moe')} of {n}"
+              for metric, desc in descs.items()]
+    out.append(f"Patterns where {mlp} beats dense: " + "; ".join(counts)
+               + ".")
+  if seeds < 2:
+    out.append("With one seed these dense against mixture-of-experts "
+               "differences carry no interval.")
+  return out
 
 
 PUBLISHED = """\
@@ -368,9 +485,13 @@ def write_results(record: dict[str, Any], workdir: str) -> None:
   """results.json, results.csv and results.md under workdir."""
   write_json(os.path.join(workdir, "results.json"), record)
   rows = record["configurations"]
-  metrics = list(rows[0]["metrics"]) if rows else []
+  # Every metric of any configuration (mixture-of-experts runs add their
+  # routing), in order of appearance; a cell is empty where a row has none.
+  metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
   fields = (["config", "pattern", "ratio", "placement", "linear_layers",
-             "full_layers", "params", "seeds"] +
+             "full_layers", "params"] +
+            (["mlp", "active_params", "experts", "top_k", "expert_width",
+              "shared_width"] if has_moe(record) else []) + ["seeds"] +
             [f"{m}{s}" for m in metrics for s in ("", "_ci95")] +
             [f"cache_bytes@{n}" for n in record["study"]["retrieval_lengths"]]
             + [f"forward_temp_bytes@{m['context']}"
@@ -382,8 +503,9 @@ def write_results(record: dict[str, Any], workdir: str) -> None:
       row = {k: r[k] for k in fields if k in r}
       row["seeds"] = len(r["seeds"])
       for m in metrics:
-        row[m] = r["metrics"][m]["mean"]
-        row[f"{m}_ci95"] = r["metrics"][m]["ci95"]
+        if m in r["metrics"]:
+          row[m] = r["metrics"][m]["mean"]
+          row[f"{m}_ci95"] = r["metrics"][m]["ci95"]
       for n, b in r["retrieval_cache_bytes"].items():
         row[f"cache_bytes@{n}"] = b
       for m in r["memory"]:
@@ -482,7 +604,8 @@ def write_plots(record: dict[str, Any], workdir: str) -> list[str]:
   def curve(ax, r, metric, lengths, **kw):
     means, errs = zip(*[stat(r, f"{metric}@{n}") for n in lengths])
     ls = "-" if r["placement"] in ("periodic", "-") else "--"
-    ax.errorbar(lengths, means, yerr=errs, marker="o", ls=ls, capsize=3,
+    marker = "o" if _mlp(r) == DENSE else "s"
+    ax.errorbar(lengths, means, yerr=errs, marker=marker, ls=ls, capsize=3,
                 label=r["config"], **kw)
 
   fig, ax = plt.subplots(figsize=(6, 4))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 
 from absl import flags
 import jax
@@ -529,3 +530,243 @@ def test_findings_on_placement():
           "overlap.") in text
   # all-linear (no full layer) is in no placement group.
   assert "- (LLLLLLLL)" not in text
+
+
+# ------------------------------------------------------ mixture of experts
+MOE = "moe:4:1"
+MOE_STUDY = TINY.replace(ratios=("3:1",), placements=(),
+                         mlps=("dense", MOE))
+
+
+def _mlp_sizes(params):
+  """{layer path: parameter count under its "mlp"}, and the count of every
+  other parameter, from the shapes of a parameter tree."""
+  mlp, other = {}, 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, "key", None) for k in path]
+    n = int(np.prod(x.shape))
+    if "mlp" in keys:
+      layer = "/".join(keys[:keys.index("mlp")])
+      mlp[layer] = mlp.get(layer, 0) + n
+    else:
+      other += n
+  return mlp, other
+
+
+@pytest.mark.parametrize("mlp, experts, k", [("moe:4:1", 4, 1),
+                                             ("moe:8:2", 8, 2),
+                                             ("moe:5:5", 5, 5)])
+def test_moe_configuration_matches_dense_active_params(mlp, experts, k):
+  study = TINY.replace(ratios=("3:1",), placements=(),
+                       mlps=("dense", mlp))
+  dense_conf, moe_conf = study.configurations()
+  assert (dense_conf.name, dense_conf.label) == ("3:1", "3-1")
+  assert moe_conf.name == f"3:1 moe{experts}x{k}"
+  assert moe_conf.label == f"3-1_moe{experts}x{k}"
+  dense_cfg = cr.model_config(study, dense_conf)
+  moe_cfg = cr.model_config(study, moe_conf)
+  assert dense_cfg == cr.model_config(TINY, dense_conf)
+  assert moe_cfg.mlp_types == ("moe",) * TINY.num_layers
+  assert dense_cfg.mlp_types == ("dense",) * TINY.num_layers
+  assert (moe_cfg.num_experts, moe_cfg.num_experts_per_tok) == (experts, k)
+  # Only the MLPs differ.
+  a, b = dataclasses.asdict(dense_cfg), dataclasses.asdict(moe_cfg)
+  assert {f for f in a if a[f] != b[f]} <= {
+      "mlp_types", "num_experts", "num_experts_per_tok",
+      "moe_intermediate_size", "shared_expert_intermediate_size"}
+
+  dense_p = jax.eval_shape(lambda: train_step.init_params(dense_cfg, 0))
+  moe_p = jax.eval_shape(lambda: train_step.init_params(moe_cfg, 0))
+  dense_mlp, dense_rest = _mlp_sizes(dense_p)
+  moe_mlp, moe_rest = _mlp_sizes(moe_p)
+  assert dense_rest == moe_rest and dense_mlp.keys() == moe_mlp.keys()
+  # Active: every weight less (E - k) / E of the stacked experts.
+  h = TINY.hidden_size
+  idle, stacked = 0, 0
+  for path, x in jax.tree_util.tree_flatten_with_path(moe_p)[0]:
+    if getattr(path[-1], "key", None) in ("gate_up_proj", "down_proj"):
+      assert x.shape[-3] == experts
+      stacked += int(np.prod(x.shape))
+      idle += int(np.prod(x.shape)) * (experts - k) // experts
+  moe_total = sum(moe_mlp.values()) + moe_rest
+  assert cr.active_param_count(moe_p, moe_cfg) == moe_total - idle
+  assert cr.active_params_of(moe_cfg) == moe_total - idle
+  dense_total = sum(dense_mlp.values()) + dense_rest
+  assert cr.active_param_count(dense_p, dense_cfg) == dense_total
+  # The routed experts a token goes through and the shared expert hold
+  # exactly the dense MLP's weights; the router (h x E) and the shared
+  # expert's gate (h) per layer come on top.
+  routing = (h * experts + h) * TINY.num_layers
+  assert moe_total - idle - routing == dense_total
+  assert stacked * k // experts + (sum(moe_mlp.values()) - stacked
+                                   - routing) == sum(dense_mlp.values())
+
+
+@pytest.fixture(scope="module")
+def moe_run(study_run, tmp_path_factory):
+  """The dense 3:1 run of the study above copied into a new workdir, and
+  the two-configuration study (dense, moe:4:1) run there: the dense run is
+  reused, the mixture of experts trains."""
+  workdir = str(tmp_path_factory.mktemp("ratios_moe"))
+  dense, _ = MOE_STUDY.configurations()
+  src = cr.run_dir(study_run[0], dense, 0)
+  shutil.copytree(src, cr.run_dir(workdir, dense, 0))
+  shutil.copy(os.path.join(os.path.dirname(src), "memory.json"),
+              os.path.dirname(cr.run_dir(workdir, dense, 0)))
+  record = cr.run_study(MOE_STUDY, workdir, plots=False)
+  return workdir, record
+
+
+def test_moe_study_reports_both(moe_run):
+  workdir, record = moe_run
+  assert record["trained_runs"] == 1 and record["reused_runs"] == 1
+  dense, moe = record["configurations"]
+  assert (dense["config"], moe["config"]) == ("3:1", "3:1 moe4x1")
+  assert (dense["mlp"], moe["mlp"]) == ("dense", MOE)
+  for row, conf in zip((dense, moe), MOE_STUDY.configurations()):
+    cfg = cr.model_config(MOE_STUDY, conf)
+    assert row["params"] == cfg.num_params()
+    assert row["pattern"] == "LLLF"
+  assert dense["active_params"] == dense["params"]
+  h = TINY.hidden_size
+  assert moe["active_params"] == dense["params"] + (h * 4 + h) * 4
+  assert moe["params"] > moe["active_params"]
+  run = next(r for r in record["runs"] if r["config"] == "3:1 moe4x1")
+  assert run["mlp"] == MOE and run["active_params"] == moe["active_params"]
+  assert os.path.exists(os.path.join(workdir, "runs", "3-1_moe4x1",
+                                     "seed-0", "result.json"))
+  # The routing at the end of training, for the mixture of experts only.
+  m = moe["metrics"]
+  assert 0.0 < m["router_aux_loss"]["mean"] <= 4.0  # at most E
+  # Loads over an even share: the idlest <= 1 <= the busiest <= E / k.
+  assert 0.0 <= m["expert_load_min"]["mean"] <= 1.0
+  assert 1.0 <= m["expert_load_max"]["mean"] <= 4.0
+  assert m["expert_load_min"]["n"] == 1
+  assert "router_aux_loss" not in dense["metrics"]
+
+  with open(os.path.join(workdir, "results.md")) as f:
+    md = f.read()
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  head = ("| config | pattern | ratio | placement | mlp | params | active "
+          "params |")
+  for text in (md, report):
+    assert head in text
+    assert (f"| 3:1 | `LLLF` | 3:1 | periodic | dense | "
+            f"{dense['params']:,} | {dense['active_params']:,} |") in text
+    assert (f"| 3:1 moe4x1 | `LLLF` | 3:1 | periodic | {MOE} | "
+            f"{moe['params']:,} | {moe['active_params']:,} |") in text
+    assert "| 3:1 moe4x1 | 4 | 1 | 32 / 32 |" in text
+  assert (f"At equal active parameters per token, 3:1 moe4x1 "
+          f"({moe['active_params']:,} active of {moe['params']:,} "
+          f"parameters) against the dense 3:1") in report
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["mlp"] for r in rows] == ["dense", MOE]
+  assert rows[0]["router_aux_loss"] == ""
+  assert float(rows[1]["router_aux_loss"]) == pytest.approx(
+      m["router_aux_loss"]["mean"])
+
+
+def test_moe_rerun_trains_nothing(moe_run, monkeypatch):
+  workdir, first = moe_run
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained a finished run")
+
+  monkeypatch.setattr(cr.train_lib, "train", no_training)
+  runs = os.path.join(workdir, "runs")
+  before = _mtimes(runs)
+  again = cr.run_study(MOE_STUDY, workdir, plots=False)
+  assert again["trained_runs"] == 0 and again["reused_runs"] == 2
+  assert _mtimes(runs) == before
+  assert ([r["metrics"] for r in again["runs"]] ==
+          [r["metrics"] for r in first["runs"]])
+
+
+def test_dense_run_is_not_reused_for_moe(study_run, tmp_path):
+  dense, moe = MOE_STUDY.configurations()
+  assert cr.run_settings(MOE_STUDY, dense, 0) == cr.run_settings(
+      TINY, dense, 0)  # dense runs keep their settings
+  assert cr.run_settings(MOE_STUDY, moe, 0) != cr.run_settings(
+      MOE_STUDY, dense, 0)
+  # A dense run's folder where the mixture of experts' run goes: refused.
+  shutil.copytree(cr.run_dir(study_run[0], dense, 0),
+                  cr.run_dir(str(tmp_path), moe, 0))
+  runs = os.path.join(tmp_path, "runs")
+  before = _mtimes(runs)
+  only_moe = MOE_STUDY.replace(mlps=(MOE,))
+  with pytest.raises(cli.UserError, match=r"--workdir: .*3-1_moe4x1.*seed-0 "
+                     r"holds a run of other settings \(mlp: None there, "
+                     r"'moe:4:1' now\)"):
+    cr.run_study(only_moe, str(tmp_path), plots=False)
+  assert _mtimes(runs) == before
+
+
+@pytest.mark.parametrize("value, found", [
+    ("moe:2:4", "'moe:2:4' (E=2, k=4)"),
+    ("moe:x:1", "'moe:x:1'"),
+    ("sparse", "'sparse'"),
+    ("moe:8:0", "'moe:8:0'"),
+    ("dense,dense", "'dense,dense'"),
+    ("moe:65:64", "found 'moe:65:64'"),  # 64 + 1 > the MLP width 64
+])
+def test_bad_mlps_fail_before_training(value, found, tmp_path, monkeypatch):
+  fv = flags.FlagValues()
+  holders = cr.define_flags(fv)
+  fv(["prog", f"--workdir={tmp_path}", "--preset=smoke",
+      f"--mlps={value}"])
+  with pytest.raises(cli.UserError) as info:
+    cr.study_from_flags(holders)
+  message = str(info.value)
+  assert message.startswith("--mlps: expected ") and found in message
+  assert "\n" not in message
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained before checking the flags")
+
+  monkeypatch.setattr(cr, "_HOLDERS", holders, raising=False)
+  monkeypatch.setattr(cr.train_lib, "train", no_training)
+  with pytest.raises(cli.UserError, match="^--mlps: "):
+    cr.main(["prog"])
+  assert not os.path.exists(tmp_path / "runs")
+
+
+def test_mlps_flag_and_command():
+  fv = flags.FlagValues()
+  holders = cr.define_flags(fv)
+  fv(["prog", "--workdir=/tmp/x", "--preset=smoke", "--ratios=3:1",
+      "--mlps=dense, moe:8:2"])
+  study = cr.study_from_flags(holders)
+  assert study.mlps == ("dense", "moe:8:2")
+  assert [c.name for c in study.configurations()] == [
+      "3:1", "3:1 moe8x2", "3:1 bottom", "3:1 bottom moe8x2"]
+  assert cr.PRESETS["smoke"].mlps == cr.PRESETS["default"].mlps == (
+      "dense",)
+  args = shlex.split(cr.reproduce_command(study, "/tmp/x"))
+  assert "--mlps=dense,moe:8:2" in args
+  fv = flags.FlagValues()
+  holders = cr.define_flags(fv)
+  fv(["prog"] + args[3:])
+  assert cr.study_from_flags(holders) == study
+
+
+def test_findings_compare_dense_and_moe():
+  record = _record({
+      "3:1": _metrics([0.50, 0.52, 0.51], text=[3.0, 3.1, 3.05]),
+      "3:1 moe8x2": _metrics([0.40, 0.60, 0.50], text=[2.5, 2.6, 2.55]),
+  }, seeds=3)
+  for row, mlp, params in zip(record["configurations"], ("dense", "moe:8:2"),
+                              (1000, 3000)):
+    row.update(mlp=mlp, params=params, active_params=1000)
+  text = rr.findings(record)
+  assert ("At equal active parameters per token, 3:1 moe8x2 (1,000 active "
+          "of 3,000 parameters) against the dense 3:1 (1,000): MQAR recall "
+          "at the trained length (64 tokens) 0.500 ± 0.248 against 0.510 ± "
+          "0.025 (dense better; intervals overlap)") in text
+  assert ("held-out text (bits per byte, lower is better) 2.550 ± 0.124 "
+          "against 3.050 ± 0.124 (mixture of experts better; intervals "
+          "apart)") in text
+  # A dense-only record says nothing of the mixture of experts.
+  dense_only = _record({"3:1": _metrics([0.5, 0.5, 0.5])}, seeds=3)
+  assert "active parameters" not in rr.findings(dense_only)
