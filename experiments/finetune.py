@@ -80,12 +80,17 @@ PLOT_FILE = "loss.png"
 EVAL_FILE = "eval.json"
 CONFIG_FILE = "run_config.json"
 FLOAT_DTYPES = ("float32", "bfloat16")
-# How the model computes (not what): config.model may set these (the
-# architecture comes from the checkpoint).
+# config.model may set how the model computes (not what it computes) and,
+# for a mixture-of-experts checkpoint, how its experts are trained: the
+# dispatch over an expert axis, a capacity factor, the load-balancing
+# weight. The architecture comes from the checkpoint.
 MODEL_FIELDS = {"scan_layers": bool, "remat_policy": str,
                 "gdr_implementation": str, "gdr_interpret": bool,
                 "gdr_chunk_size": int, "gdr_block_sizes": str,
-                "attention_implementation": str}
+                "attention_implementation": str,
+                # A mixture-of-experts checkpoint's training choices.
+                "moe_implementation": str, "moe_dispatch": str,
+                "moe_capacity_factor": float, "router_aux_loss_coef": float}
 
 
 class ConfigError(cli.UserError):

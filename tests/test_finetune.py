@@ -267,3 +267,23 @@ def test_bad_train_settings_are_named_before_anything_is_written(
     train_script.run(config, workdir, progress=False)
   assert len(str(e.value).splitlines()) == 1
   assert not os.path.exists(workdir)
+
+
+def test_mixture_of_experts_training_choices_reach_the_model(files,
+                                                             tmp_path):
+  """config.model may set the experts' dispatch, capacity and
+  load-balancing weight (checked by QwenConfig, named in one line)."""
+  ckpt, chats = files
+  config = _config(ckpt, chats)
+  config.model.moe_dispatch = "all_to_all"
+  config.model.moe_capacity_factor = 1.5
+  config.model.router_aux_loss_coef = 0.01
+  cfg = finetune.build(config).cfg
+  assert (cfg.moe_dispatch, cfg.moe_capacity_factor,
+          cfg.router_aux_loss_coef) == ("all_to_all", 1.5, 0.01)
+  config.model.moe_dispatch = "gather"  # dropless: no capacity
+  workdir = str(tmp_path / "never")
+  with pytest.raises(ValueError, match="moe_capacity_factor") as e:
+    train_script.run(config, workdir, progress=False)
+  assert len(str(e.value).splitlines()) == 1
+  assert not os.path.exists(workdir)
