@@ -319,16 +319,21 @@ def quality(cfg, tree, name: str, ref: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
-             seed) -> dict[str, float]:
-  """{workload: value} through transformers, same shapes and dtype."""
+             seed) -> tuple[dict[str, float], int]:
+  """({workload: value}, the model's parameter count) through
+  transformers, same shapes and dtype (`Qwen3_5MoeForCausalLM` for a
+  mixture-of-experts config)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
   torch.manual_seed(seed)
+  cls = (transformers.Qwen3_5MoeForCausalLM if cfg.is_moe
+         else transformers.Qwen3_5ForCausalLM)
   with torch.device(dev):  # initialised where it runs
-    model = transformers.Qwen3_5ForCausalLM(cfg.to_hf_config()).to(tdt)
+    model = cls(cfg.to_hf_config()).to(tdt)
   model.eval()
+  n_params = sum(p.numel() for p in model.parameters())
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
   rng = np.random.default_rng(seed)
 
@@ -370,7 +375,7 @@ def bench_hf(cfg, prefill_lengths, batches, prompt_len, new_tokens, repeats,
   del model
   if dev == "cuda":
     torch.cuda.empty_cache()
-  return out
+  return out, n_params
 
 
 def _fmt(x: float | None) -> str:
@@ -474,7 +479,7 @@ def with_attention_fallback(fn: Callable[[Any], list[dict]], cfg
     return [dict(r, attention_error=error) for r in rows]
 
 
-def _bench_hf(v: dict[str, Any]) -> dict[str, float]:
+def _bench_hf(v: dict[str, Any]) -> tuple[dict[str, float], int]:
   cfg = qwen_jax.QwenConfig.from_preset(v["preset"], dtype=v["dtype"],
                                         param_dtype=v["dtype"], vision=None)
   return bench_hf(cfg, v["hf_lengths"], v["batches"], v["prompt_len"],
@@ -489,14 +494,14 @@ def main(argv):
   block, prompt_len = v["block"], v["prompt_len"]
   new_tokens, repeats = v["new_tokens"], v["repeats"]
   load_start = os.getloadavg()
-  hf = {}
+  hf, hf_params = {}, None
   # On a GPU transformers runs first: torch gives its cached memory back
   # before JAX takes what it needs (JAX's allocator keeps what it took).
   # On a CPU it runs last, as measured so far (the order changes its
   # threads' speed there).
   hf_first = jax.default_backend() == "gpu"
   if _HF.value and hf_first:
-    hf = _bench_hf(v)
+    hf, hf_params = _bench_hf(v)
   cfg, params = random_model(preset, dtype, _SEED.value,
                              attention=_ATTENTION.value)
   dev = jax.devices()[0]
@@ -527,7 +532,7 @@ def main(argv):
   del ref
   if _HF.value and not hf_first:
     del params
-    hf = _bench_hf(v)
+    hf, hf_params = _bench_hf(v)
   load_end = os.getloadavg()
   print("| variant | workload | qwen_jax | floor | of floor | transformers "
         "| ratio | unit |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -569,7 +574,8 @@ def main(argv):
       import torch  # pylint: disable=g-import-not-at-top
       import transformers  # pylint: disable=g-import-not-at-top
       meta.update(torch=torch.__version__,
-                  transformers=transformers.__version__)
+                  transformers=transformers.__version__,
+                  parameters=cfg.num_params(), hf_parameters=hf_params)
     with open(_JSON_OUT.value, "w") as f:
       json.dump(dict(meta=meta, rows=rows, quality=qual), f, indent=2)
     print(f"wrote {_JSON_OUT.value}")

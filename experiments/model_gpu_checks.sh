@@ -62,6 +62,12 @@
 #               (experiments.model_memory, compile only): train at 8k and
 #               32k, prefill at 262,144 in one block, decode at 1, 16, 64.
 #   prefill9b   the 9B preset's prefill at 32,768 and 131,072 tokens, ours.
+#   moe35b      the 35B-A3B (mixture of experts; 65 GiB of bf16 weights:
+#               run it on an H200, kind nvidia-h200) against transformers'
+#               Qwen3_5MoeForCausalLM: prefill at 8,192 and 32,768 tokens,
+#               greedy decoding at batch 1 and 16 (1024-token prompt, 32
+#               new tokens). transformers runs first and gives its memory
+#               back; JAX may then take 95% of the GPU.
 set -u
 LOG_NAME=model_gpu_checks
 # OUT, LOG, the environment, the carried wheels, BUDGET_S and `step`.
@@ -137,6 +143,14 @@ for s in "${steps[@]}"; do
         --prefill_lengths 32768,131072 --decode_batches "" --variants scan \
         --prefill_variants scan --noquality --repeats 2 \
         --json_out "$OUT/prefill9b.json" ;;
+    moe35b)
+      step moe35b 300 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 \
+        python3 -m experiments.bench_generate --hf \
+        --preset qwen3.5-35b-a3b --attention cudnn --prefill_block 32768 \
+        --prefill_lengths 8192,32768 --decode_batches 1,16 \
+        --decode_prompt 1024 --decode_new 32 --variants scan \
+        --prefill_variants scan --noquality --repeats 2 \
+        --json_out "$OUT/moe35b.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
