@@ -31,10 +31,15 @@ def test_small_run_times_ours_and_transformers(tmp_path, preset):
   assert set(rows) == {"prefill 1 x 64", "generate b=2, 16+4",
                        "decode loop only b=2"}, rows
   for r in rows.values():
-    assert r["variant"] == "scan" and r["value"] > 0, r
-  # transformers times the prefill and the whole decode (its generate
-  # has no separate loop), and each ratio is ours over theirs.
+    assert r["variant"] == "scan", r
+  # The loop alone is generate(n) less generate(1): with a tiny model the
+  # difference may vanish in the timing noise, and the row then says so
+  # (None) rather than report a rate.
+  loop = rows["decode loop only b=2"]["value"]
+  assert loop is None or loop > 0, rows
+  # transformers times the same workloads; each ratio is ours over
+  # theirs.
   for w in ("prefill 1 x 64", "generate b=2, 16+4"):
     r = rows[w]
-    assert r["hf"] > 0 and r["ratio"] == pytest.approx(
+    assert r["value"] > 0 and r["hf"] > 0 and r["ratio"] == pytest.approx(
         r["value"] / r["hf"]), r
