@@ -65,9 +65,10 @@ _POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size",
                         "gdr_chunk_size")  # a conv kernel of width 1 is legal
 _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor",
                  "router_aux_loss_coef", "moe_capacity_factor")
+# How tokens reach the experts over an expert mesh axis (moe_dispatch).
+MOE_DISPATCHES = ("gather", "all_to_all")
 # Mixture-of-experts sizes: integers >= 0 (0 experts: a dense model), each
 # checked >= 1 when a layer is "moe".
-MOE_DISPATCHES = ("gather", "all_to_all")
 MOE_SIZE_FIELDS = ("num_experts", "num_experts_per_tok",
                    "moe_intermediate_size",
                    "shared_expert_intermediate_size")
