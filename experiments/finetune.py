@@ -88,7 +88,6 @@ MODEL_FIELDS = {"scan_layers": bool, "remat_policy": str,
                 "gdr_implementation": str, "gdr_interpret": bool,
                 "gdr_chunk_size": int, "gdr_block_sizes": str,
                 "attention_implementation": str,
-                # A mixture-of-experts checkpoint's training choices.
                 "moe_implementation": str, "moe_dispatch": str,
                 "moe_capacity_factor": float, "router_aux_loss_coef": float}
 
@@ -135,7 +134,7 @@ class Plan:
     base_dtype: dtype of the loaded weights.
     mesh: the device mesh, or None.
     options: the data options.
-    overrides: implementation fields of config.model.
+    overrides: the fields config.model sets (`MODEL_FIELDS`).
   """
   cfg: QwenConfig
   tcfg: train_step.TrainConfig
