@@ -463,20 +463,11 @@ def _variant_tree(name, preset, cfg, params, dtype, seed):
 
 def with_attention_fallback(fn: Callable[[Any], list[dict]], cfg
                             ) -> list[dict]:
-  """fn(cfg)'s rows; when cuDNN's attention fails where jax could not tell
-  beforehand (XLA's compile), fn again with the jnp attention, each row
-  then noting the error ("attention_error")."""
-  try:
-    return fn(cfg)
-  except Exception as e:  # pylint: disable=broad-except
-    if cfg.attention_implementation != "cudnn":
-      raise
-    error = cli.one_line(f"{type(e).__name__}: {e}")[:300]
-    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
-          f"runs instead", flush=True)
-    jax.clear_caches()
-    rows = fn(cfg.replace(attention_implementation="xla"))
-    return [dict(r, attention_error=error) for r in rows]
+  """fn(cfg)'s rows, or those of the jnp attention after cuDNN's failed,
+  each then noting the error ("attention_error"; `cli.attention_fallback`)."""
+  rows, error = cli.attention_fallback(fn, cfg)
+  return rows if error is None else [dict(r, attention_error=error)
+                                     for r in rows]
 
 
 def _bench_hf(v: dict[str, Any]) -> tuple[dict[str, float], int]:

@@ -272,19 +272,12 @@ def check_flags() -> dict[str, Any]:
 def with_attention_fallback(fn: Callable[[QwenConfig], dict[str, Any]],
                             cfg: QwenConfig) -> dict[str, Any]:
   """fn(cfg)'s row with the attention it ran ("attention"); when cuDNN's
-  attention fails where jax could not tell beforehand (XLA's compile),
-  fn again with the jnp attention, the error in "attention_error"."""
-  try:
-    return dict(fn(cfg), attention=cfg.attention_implementation)
-  except Exception as e:  # pylint: disable=broad-except
-    if cfg.attention_implementation != "cudnn" or _is_oom(e):
-      raise
-    error = cli.one_line(f"{type(e).__name__}: {e}")[:300]
-    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
-          f"runs instead", flush=True)
-    jax.clear_caches()
-    row = fn(cfg.replace(attention_implementation="xla"))
-    return dict(row, attention="xla", attention_error=error)
+  attention fails (not out of memory), the jnp attention's row, the error
+  in "attention_error" (`cli.attention_fallback`)."""
+  row, error = cli.attention_fallback(fn, cfg, fatal=_is_oom)
+  if error is None:
+    return dict(row, attention=cfg.attention_implementation)
+  return dict(row, attention="xla", attention_error=error)
 
 
 def _guarded(name: str, workload: str, fn: Callable[[], dict[str, Any]]

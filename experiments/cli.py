@@ -246,6 +246,26 @@ def benchmark_outputs(json_out: str | None, hf: bool) -> None:
                       f"found {' and '.join(missing)} missing")
 
 
+def attention_fallback(fn: Callable[[Any], Any], cfg: Any,
+                       fatal: Callable[[BaseException], bool] | None = None
+                       ) -> tuple[Any, str | None]:
+  """(fn(cfg), None); when cuDNN's attention fails where jax could not
+  tell beforehand (XLA's compile), (fn(cfg with the jnp attention), the
+  error in one line). A benchmark's rows then say which attention ran.
+  Errors of another attention, or those `fatal` picks, are raised."""
+  try:
+    return fn(cfg), None
+  except Exception as e:  # pylint: disable=broad-except
+    if cfg.attention_implementation != "cudnn" or (fatal and fatal(e)):
+      raise
+    error = one_line(f"{type(e).__name__}: {e}")[:300]
+    print(f"NOTE: cuDNN's attention failed ({error}); the jnp attention "
+          f"runs instead", flush=True)
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.clear_caches()
+    return fn(cfg.replace(attention_implementation="xla")), error
+
+
 def positive_int(flag: str, value: Any, low: int = 1) -> int:
   """`value` if it is an int >= low, else a UserError naming `flag`."""
   if isinstance(value, bool) or not isinstance(value, int) or value < low:

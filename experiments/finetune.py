@@ -543,7 +543,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       jax.device_get(state.step)):
     evaluator(int(jax.device_get(state.step)), state)  # a finished run
   plot = plot_losses(workdir)
-  losses = [result.losses[s] for s in sorted(result.losses)]
   stats = jax.devices()[0].memory_stats() or {}
   summary: dict[str, Any] = {
       "task": "finetune",
@@ -560,18 +559,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "base_dtype": plan.base_dtype,
           "compute_dtype": result.cfg.dtype,
       },
-      "train": {
-          "num_steps": plan.tcfg.num_steps,
-          "resumed_from": result.resumed_from,
-          "first_loss": losses[0] if losses else None,
-          "final_loss": losses[-1] if losses else None,
-          "compile_s": result.compile_s,
-          "train_s": result.train_s,
-          "tokens_per_s": result.tokens_per_s,
-          "peak_memory_bytes": stats.get("peak_bytes_in_use"),
-          "device": jax.devices()[0].device_kind,
-          "mesh": config.get("mesh") or None,
-      },
+      "train": dict(
+          result.summary(plan.tcfg.num_steps,
+                         stats.get("peak_bytes_in_use")),
+          mesh=config.get("mesh") or None),
       "data": dict(corpus.summary(),
                    rows_per_epoch=packed.rows_per_epoch(0)),
       "eval": evaluator.last,

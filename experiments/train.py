@@ -371,7 +371,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   ev["batches"] = len(batches)
   if task.kind == "text":
     ev["bits_per_byte"] = ev["loss"] / math.log(2.0)
-  losses = [result.losses[s] for s in sorted(result.losses)]
   kinds = cfg.layer_types
   summary = {
       "task": task.kind,
@@ -387,17 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "params": train_step.param_count(params),
           "compute_dtype": result.cfg.dtype,
       },
-      "train": {
-          "num_steps": tcfg.num_steps,
-          "resumed_from": result.resumed_from,
-          "first_loss": losses[0] if losses else None,
-          "final_loss": losses[-1] if losses else None,
-          "compile_s": result.compile_s,
-          "train_s": result.train_s,
-          "tokens_per_s": result.tokens_per_s,
-          "peak_memory_bytes": peak_bytes,
-          "device": jax.local_devices()[0].device_kind,
-      },
+      "train": result.summary(tcfg.num_steps, peak_bytes),
       "data": task.info,
       "eval": ev,
   }

@@ -84,14 +84,19 @@ def load_balancing_loss(stats: Array) -> Array:
   return stats.shape[-1] * jnp.sum(s[0] * s[1])
 
 
+def _sown(intermediates, name: str) -> list[Array]:
+  """The values the layers sowed under `name`, in tree order."""
+  return [x for path, x in jax.tree_util.tree_flatten_with_path(
+      intermediates)[0] if any(getattr(k, "key", None) == name
+                               for k in path)]
+
+
 def collected_router_stats(intermediates) -> Array:
   """[n, 2, E]: every "moe" layer's `router_stats` from the
   "intermediates" collection of `Qwen35.apply(..., mutable=
   ["intermediates"])` (a scanned stack's come with a leading periods
   axis, flattened here)."""
-  leaves = [x for path, x in jax.tree_util.tree_flatten_with_path(
-      intermediates)[0] if any(getattr(k, "key", None) == "router_stats"
-                               for k in path)]
+  leaves = _sown(intermediates, "router_stats")
   if not leaves:
     raise ValueError("intermediates: expected router_stats of mixture-of-"
                      "experts layers, found none (a dense model?)")
@@ -114,9 +119,7 @@ def routing_metrics(intermediates, k: int) -> dict[str, Array]:
   dropped) where a capacity factor may drop pairs (`moe_capacity_factor`
   with the all-to-all dispatch); elsewhere every pair is computed."""
   out = load_summary(collected_router_stats(intermediates), k)
-  dropped = [x for path, x in jax.tree_util.tree_flatten_with_path(
-      intermediates)[0] if any(getattr(key, "key", None) == "dropped_share"
-                               for key in path)]
+  dropped = _sown(intermediates, "dropped_share")
   if dropped:
     out["expert_dropped_share"] = jnp.mean(
         jnp.concatenate([x.reshape(-1) for x in dropped]))

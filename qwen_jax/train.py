@@ -182,6 +182,20 @@ class TrainResult:
   resumed_from: int | None
   checkpoint_s: float = 0.0
 
+  def summary(self, num_steps: int, peak_bytes: int | None
+              ) -> dict[str, Any]:
+    """The run's "train" entry of a script's summary.json: steps, first
+    and last loss, timings, `peak_bytes` (device memory, where the device
+    reports it) and this process's device kind."""
+    losses = [self.losses[s] for s in sorted(self.losses)]
+    return {"num_steps": num_steps, "resumed_from": self.resumed_from,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "compile_s": self.compile_s, "train_s": self.train_s,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_memory_bytes": peak_bytes,
+            "device": jax.local_devices()[0].device_kind}
+
 
 def _open_csv(path: str) -> tuple[Any, csv.DictWriter]:
   """(file, writer) appending rows to metrics.csv (checked to be this

@@ -250,6 +250,32 @@ def test_path_checks_name_the_flag_expected_and_found(tmp_path):
   assert os.listdir(adir) == []
 
 
+def test_attention_fallback_runs_the_jnp_attention_after_cudnn_fails():
+  """The benchmarks' fallback: cuDNN's failure gives the jnp attention's
+  result and the error; other failures are raised."""
+  from qwen_jax.config import QwenConfig  # pylint: disable=g-import-not-at-top
+  cfg = QwenConfig.from_preset("tiny", attention_implementation="cudnn")
+
+  def fn(c):
+    if c.attention_implementation == "cudnn":
+      raise RuntimeError("cuDNN\nrefused the shape")
+    return c.attention_implementation
+
+  assert cli.attention_fallback(fn, cfg) == (
+      "xla", "RuntimeError: cuDNN refused the shape")
+  assert cli.attention_fallback(fn, cfg.replace(
+      attention_implementation="xla")) == ("xla", None)
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    cli.attention_fallback(fn, cfg, fatal=lambda e: True)
+
+  def broken(c):
+    raise ValueError("no attention at all")
+
+  with pytest.raises(ValueError):
+    cli.attention_fallback(broken, cfg.replace(
+        attention_implementation="xla"))
+
+
 def test_int_lists_and_flag_error_statuses():
   from absl import flags  # pylint: disable=g-import-not-at-top
   assert cli.int_list("--l", ["1", "", "16"]) == [1, 16]
