@@ -602,16 +602,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   lines = [f"model:   {summary['init_checkpoint']} ({m['params']:,} "
            f"parameters), {summary['mode']} fine-tuning of "
            f"{m['trained_params']:,}"]
-  if t["resumed_from"] is not None:
-    lines.append(f"resumed: from step {t['resumed_from']}")
-  if t["final_loss"] is not None:
-    lines.append(
-        f"train:   step {summary['step']}/{t['num_steps']}, loss "
-        f"{t['first_loss']:.4f} -> {t['final_loss']:.4f}, "
-        f"{t['tokens_per_s']:,.0f} tokens/s on {t['device']}")
-  if t.get("peak_memory_bytes"):
-    lines.append(f"memory:  peak {t['peak_memory_bytes'] / 2**30:.2f} GiB "
-                 f"on the device")
+  lines += train_lib.summary_lines(t, summary["step"])
   if "loss" in ev:
     lines.append(f"eval:    held-out loss {ev['loss']:.4f} (perplexity "
                  f"{ev['perplexity']:.2f}) over {ev['tokens']:.0f} tokens")

@@ -423,17 +423,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
       f"({m['linear_layers']} Gated DeltaNet, {m['full_layers']} full "
       f"attention), width {m['hidden_size']}, {m['params']:,} parameters",
   ]
-  if t["resumed_from"] is not None:
-    lines.append(f"resumed: from step {t['resumed_from']}")
-  if t["final_loss"] is not None:
-    lines.append(
-        f"train:   step {summary['step']}/{t['num_steps']}, loss "
-        f"{t['first_loss']:.4f} -> {t['final_loss']:.4f}, "
-        f"{t['tokens_per_s']:,.0f} tokens/s on {t['device']} (compile "
-        f"{t['compile_s']:.1f} s)")
-  if t.get("peak_memory_bytes"):
-    lines.append(f"memory:  peak {t['peak_memory_bytes'] / 2**30:.2f} GiB "
-                 f"on the device")
+  lines += train_lib.summary_lines(t, summary["step"], compile_time=True)
   if summary["task"] == "mqar":
     lines.append(
         f"eval:    MQAR accuracy {ev['accuracy']:.4f} (chance "

@@ -197,6 +197,26 @@ class TrainResult:
             "device": jax.local_devices()[0].device_kind}
 
 
+def summary_lines(train: Mapping[str, Any], step: int,
+                  compile_time: bool = False) -> list[str]:
+  """Human-readable lines of a `TrainResult.summary` entry (`step`: the
+  state's step), with the compile time when `compile_time`."""
+  lines = []
+  if train["resumed_from"] is not None:
+    lines.append(f"resumed: from step {train['resumed_from']}")
+  if train["final_loss"] is not None:
+    lines.append(
+        f"train:   step {step}/{train['num_steps']}, loss "
+        f"{train['first_loss']:.4f} -> {train['final_loss']:.4f}, "
+        f"{train['tokens_per_s']:,.0f} tokens/s on {train['device']}"
+        + (f" (compile {train['compile_s']:.1f} s)" if compile_time
+           else ""))
+  if train.get("peak_memory_bytes"):
+    lines.append(f"memory:  peak {train['peak_memory_bytes'] / 2**30:.2f} "
+                 f"GiB on the device")
+  return lines
+
+
 def _open_csv(path: str) -> tuple[Any, csv.DictWriter]:
   """(file, writer) appending rows to metrics.csv (checked to be this
   run's by `train_checkpoint.plan_run`); the header goes into a new
