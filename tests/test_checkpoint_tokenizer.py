@@ -162,9 +162,9 @@ def test_byte_tokenizer_and_the_text_export(tmp_path, monkeypatch):
     del batch_fn, workdir, progress, options  # the loop's other options
     state = types.SimpleNamespace(
         params=sampling_tests.random_params(cfg), step=tcfg.num_steps)
-    return types.SimpleNamespace(state=state, cfg=cfg, losses={0: 1.0},
-                                 compile_s=0.0, train_s=0.0,
-                                 tokens_per_s=0.0, resumed_from=None)
+    return train_script.train_lib.TrainResult(
+        state=state, cfg=cfg, losses={0: 1.0}, history=[], compile_s=0.0,
+        train_s=0.0, tokens_per_s=0.0, resumed_from=None)
 
   monkeypatch.setattr(train_script.train_lib, "train", fake_train)
   # The stubbed loop writes no run history for the export to be noted in.
