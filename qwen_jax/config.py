@@ -461,29 +461,22 @@ class QwenConfig:
     When num_hidden_layers changes and layer_types is not given, the current
     pattern's period (`find_period`) is repeated to the new length, so
     (full, lin, lin, lin) stays full-first. A length that is not a multiple
-    of the period raises ValueError: pass layer_types as well.
+    of the period raises ValueError: pass layer_types (mlp_types) as well.
     """
     n = changes.get("num_hidden_layers")
-    if ("num_hidden_layers" in changes and "layer_types" not in changes and
-        is_int(n) and n >= 1 and len(self.layer_types) != n):
-      period = self.layer_types[:self.period]
-      if n % len(period):
-        raise ValueError(
-            f"num_hidden_layers: expected a multiple of the layer pattern's "
-            f"period {len(period)} {list(period)} to extend it, found {n}; "
-            f"pass layer_types as well")
-      changes["layer_types"] = period * (n // len(period))
-    if ("num_hidden_layers" in changes and "mlp_types" not in changes and
-        is_int(n) and n >= 1 and len(self.mlp_types) != n):
-      kinds = self.mlp_types[:self.period]
+    for field in ("layer_types", "mlp_types"):
+      kinds = getattr(self, field)
+      if (field in changes or not is_int(n) or n < 1 or len(kinds) == n):
+        continue
+      kinds = kinds[:self.period]
       if len(set(kinds)) == 1:
         kinds = kinds[:1]  # a uniform stack extends to any depth
       if n % len(kinds):
         raise ValueError(
             f"num_hidden_layers: expected a multiple of the layer pattern's "
-            f"period {len(kinds)} {list(kinds)} to extend mlp_types, found "
-            f"{n}; pass mlp_types as well")
-      changes["mlp_types"] = kinds * (n // len(kinds))
+            f"period {len(kinds)} {list(kinds)} to extend {field}, found "
+            f"{n}; pass {field} as well")
+      changes[field] = kinds * (n // len(kinds))
     if ("num_experts" in changes and "mlp_types" not in changes and
         len(set(self.mlp_types)) == 1 and
         "num_hidden_layers" not in changes):

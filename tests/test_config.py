@@ -310,6 +310,29 @@ def test_replace_layers_not_a_multiple_of_the_period(pattern, n):
     cfg.replace(num_hidden_layers=n)
 
 
+D, M = "dense", "moe"
+
+
+@pytest.mark.parametrize("layers,mlps,n,expected", [
+    ((L, L, L, F), (M,) * 4, 8, ([L, L, L, F] * 2, [M] * 8)),
+    ((L, F), (D, M), 6, ([L, F] * 3, [D, M] * 3)),
+    ((L, L), (D, M), 4, ([L] * 4, [D, M] * 2)),
+    ((L, L), (D, M), 5, "mlp_types"),     # the MLPs' period 2 does not fit
+    ((L, L, L, F), (D, M, D, M), 6, "layer_types"),
+])
+def test_replace_extends_both_patterns(layers, mlps, n, expected):
+  cfg = qwen_jax.QwenConfig.from_preset(
+      "tiny-moe", layer_types=layers, mlp_types=mlps,
+      num_hidden_layers=len(layers))
+  if isinstance(expected, str):
+    with pytest.raises(ValueError, match=r"num_hidden_layers: expected a "
+                       rf"multiple .*found {n}; pass {expected} as well"):
+      cfg.replace(num_hidden_layers=n)
+    return
+  out = cfg.replace(num_hidden_layers=n)
+  assert (list(out.layer_types), list(out.mlp_types)) == expected
+
+
 def test_preset_with_bad_layer_count_names_the_field():
   with pytest.raises(ValueError, match="num_hidden_layers: .*period 4.*"
                      "found 6"):
