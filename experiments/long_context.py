@@ -86,6 +86,7 @@ from qwen_jax.array_typing import PyTree
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import is_int
 from qwen_jax.config import layer_types_from_ratio
+from qwen_jax.layer_pattern import MOE
 from qwen_jax.model import Qwen35
 
 MODES = ("forward", "prefill", "train")
@@ -254,6 +255,27 @@ def build_mesh(spec: str | None,
     return sharding.make_mesh(spec, devices)
   except ValueError as e:
     raise ConfigError(f"--mesh {spec!r}: {e}") from e
+
+
+def check_moe(cfg: QwenConfig, mesh: jax.sharding.Mesh, preset: str
+              ) -> None:
+  """--moe_dispatch / --moe_capacity_factor where they take effect: a model
+  with mixture-of-experts layers, and for the all-to-all an expert axis of
+  more than one device (without one the flags would be ignored).
+
+  Raises:
+    ConfigError: either flag set on a dense model, or the all-to-all asked
+      for without an expert axis.
+  """
+  asked = cfg.moe_dispatch != "gather" or cfg.moe_capacity_factor != 0
+  if asked and MOE not in cfg.mlp_types:
+    raise ConfigError(
+        f"--moe_dispatch/--moe_capacity_factor: expected a preset with "
+        f"mixture-of-experts layers, found the dense {preset!r}")
+  if cfg.moe_dispatch == "all_to_all" and mesh.shape.get("expert", 1) < 2:
+    raise ConfigError(
+        f"--moe_dispatch=all_to_all: expected an expert axis of 2 or more "
+        f"devices in --mesh, found {dict(mesh.shape)}")
 
 
 def tpu_devices(topology: str | None, aot: bool = True
@@ -909,6 +931,7 @@ def main(argv: Sequence[str]) -> None:
                      _MOE_CAPACITY.value)
   mesh = build_mesh(_MESH.value, tpu_devices(_TPU_TOPOLOGY.value,
                                              _AOT.value))
+  check_moe(cfg, mesh, _PRESET.value)
   check_lengths(cfg, mesh, _SEQ_LEN.value, _BATCH.value, _MODE.value,
                 _MAX_LEN.value)
 

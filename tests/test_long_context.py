@@ -217,6 +217,25 @@ def test_capacity_factor_without_the_all_to_all_is_one_line(tmp_path):
   assert len(err) == 1 and "moe_capacity_factor" in err[0], err
 
 
+@pytest.mark.parametrize("args,names", [
+    (["--preset", "tiny", "--mesh", "expert:2", "--moe_dispatch",
+      "all_to_all"], "dense 'tiny'"),
+    (["--preset", "tiny-moe", "--mesh", "seq:2", "--moe_dispatch",
+      "all_to_all"], "expert axis"),
+    (["--preset", "tiny-moe", "--mesh", "fsdp:1,expert:1,seq:2",
+      "--moe_dispatch", "all_to_all", "--moe_capacity_factor", "2"],
+     "expert axis"),
+])
+def test_moe_flags_that_would_be_ignored_are_one_line(args, names):
+  """The dispatch flags on a dense model, or the all-to-all without an
+  expert axis to exchange over, are refused before any compilation."""
+  proc = _run(["--verify", "--seq_len", "64", *args], devices=2)
+  assert proc.returncode == 1, _output(proc)
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and "--moe_dispatch" in err[0], err
+  assert names in err[0], err
+
+
 # A compiled-HLO excerpt: one line per instruction, as XLA prints it.
 _HLO = """HloModule m, entry_computation_layout={()->f32[]}
 
