@@ -22,8 +22,10 @@ run_history.json (`qwen_jax.train_workdir`):
                            references, every `eval_every` steps and at the
                            end
   tensorboard/             event files (tensorboardX): train/loss,
-                           train/grad_norm, train/learning_rate per step,
-                           eval/loss, eval/perplexity and the samples as
+                           train/grad_norm, train/learning_rate per step
+                           (a mixture-of-experts model: and the routing
+                           columns of metrics.csv, train/router_aux_loss
+                           ...), eval/loss, eval/perplexity and the samples as
                            text per evaluation; a resumed run hides the
                            events past its checkpoint (purge_step)
   loss.png                 training loss per step and held-out loss,
@@ -68,6 +70,7 @@ from qwen_jax import train as train_lib
 from qwen_jax import train_checkpoint
 from qwen_jax import train_step
 from qwen_jax import train_workdir
+from qwen_jax.config import IMPLEMENTATION_FIELDS
 from qwen_jax.config import QwenConfig
 from qwen_jax.config import check_int as _check_int
 from qwen_jax.generate import generate
@@ -90,6 +93,9 @@ MODEL_FIELDS = {"scan_layers": bool, "remat_policy": str,
                 "attention_implementation": str,
                 "moe_implementation": str, "moe_dispatch": str,
                 "moe_capacity_factor": float, "router_aux_loss_coef": float}
+# The fields of MODEL_FIELDS that only a mixture-of-experts model uses.
+MOE_FIELDS = ("moe_implementation", "moe_dispatch", "moe_capacity_factor",
+              "router_aux_loss_coef")
 
 
 class ConfigError(cli.UserError):
@@ -223,6 +229,11 @@ def build(config: ml_collections.ConfigDict) -> Plan:
                      f"comes from the checkpoint), found {unknown}")
   cfg = QwenConfig.from_hf_config(init, dtype="float32",
                                   param_dtype=base_dtype, **overrides)
+  experts = sorted(set(overrides) & set(MOE_FIELDS))
+  if experts and not cfg.is_moe:
+    raise ValueError(f"config.model.{experts[0]}: expected a checkpoint "
+                     f"with mixture-of-experts layers, found the dense "
+                     f"{init!r}")
   if tcfg.seq_len > cfg.max_position_embeddings:
     raise ValueError(f"config.train.seq_len: expected <= "
                      f"max_position_embeddings={cfg.max_position_embeddings}"
@@ -241,6 +252,12 @@ def build(config: ml_collections.ConfigDict) -> Plan:
     if tcfg.seq_len % n:
       raise ValueError(f"config.train.seq_len: expected a multiple of the "
                        f"mesh's seq axis ({n}), found {tcfg.seq_len}")
+  if cfg.moe_dispatch == "all_to_all" and (
+      mesh is None or mesh.shape.get("expert", 1) < 2):
+    raise ValueError(f"config.model.moe_dispatch: 'all_to_all' exchanges "
+                     f"over an expert axis: expected config.mesh with one "
+                     f"of 2 or more devices, found "
+                     f"{dict(mesh.shape) if mesh is not None else 'none'}")
   return Plan(cfg, tcfg, tok, spec, base_dtype, mesh, options, overrides)
 
 
@@ -509,9 +526,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       corpus, ev.get("samples", 0), ev.get("prompt_tokens", 64),
       ev.get("max_new_tokens", 64))
   # The weights.
+  # The loader takes the implementation fields; the experts' training
+  # choices (capacity, load-balancing weight) are set on the config after.
+  how = {k: v for k, v in plan.overrides.items()
+         if k in IMPLEMENTATION_FIELDS}
   cfg, weights = checkpoint_lib.load_hf_checkpoint(
       config.init_checkpoint, dtype=plan.cfg.dtype,
-      param_dtype=plan.base_dtype, **plan.overrides)
+      param_dtype=plan.base_dtype, **how)
+  cfg = cfg.replace(**{k: v for k, v in plan.overrides.items()
+                       if k not in how})
   if plan.spec is None:
     params, frozen = weights, None
   else:
@@ -520,9 +543,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   cfg_run = train_step.model_config_for_training(cfg, plan.tcfg)
   writer = _tb_writer(workdir, start)
 
+  routing = train_workdir.ROUTING_FIELDS if cfg_run.is_moe else ()
+
   def callback(step: int, metrics: Mapping[str, float]) -> None:
-    for k in ("loss", "grad_norm", "learning_rate"):
-      writer.add_scalar(f"train/{k}", metrics[k], step + 1)
+    for k in ("loss", "grad_norm", "learning_rate") + routing:
+      # A dropless dispatch drops no pair and reports no share.
+      writer.add_scalar(f"train/{k}", metrics.get(k, 0.0), step + 1)
 
   evaluator = Evaluator(workdir, plan, cfg_run, frozen, batches, prompts,
                         ev.get("max_new_tokens", 64), writer)

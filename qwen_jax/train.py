@@ -217,13 +217,13 @@ def summary_lines(train: Mapping[str, Any], step: int,
   return lines
 
 
-def _open_csv(path: str) -> tuple[Any, csv.DictWriter]:
+def _open_csv(path: str, moe: bool) -> tuple[Any, csv.DictWriter]:
   """(file, writer) appending rows to metrics.csv (checked to be this
-  run's by `train_checkpoint.plan_run`); the header goes into a new
-  file."""
+  run's by `train_checkpoint.plan_run`; `moe`: with the routing columns);
+  the header goes into a new file."""
   new_file = not os.path.exists(path)
   f = open(path, "a", newline="")  # pylint: disable=consider-using-with
-  writer = csv.DictWriter(f, train_workdir.METRICS_FIELDS,
+  writer = csv.DictWriter(f, train_workdir.metrics_fields(moe),
                           lineterminator="\n")
   if new_file:
     writer.writeheader()
@@ -426,7 +426,7 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict[str, Array]]] = []
   csv_file, writer = (None, None) if csv_path is None else _open_csv(
-      csv_path)
+      csv_path, cfg.is_moe)
   t_loop = time.time()
   # Step time is measured from the end of the host work at one log point
   # to the fetch at the next: saves, callbacks and output are left out.
@@ -461,6 +461,9 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
                "tokens_per_s": tps,
                "mfu": fpt * tps / peak if peak else float("nan"),
                "elapsed_s": now - t_loop}
+        if cfg.is_moe:  # a dropless dispatch reports no dropped share
+          row.update({k: float(m.get(k, 0.0))
+                      for k in train_workdir.ROUTING_FIELDS})
         history.append(row)
         if writer is not None:
           writer.writerow(row)

@@ -456,6 +456,14 @@ def plan_run(workdir: str, cfg: QwenConfig, tcfg: TrainConfig, *,
   record = run_record(cfg, tcfg, settings)
   allowed = _check_allow_changes(allow_changes, record)
   contents = train_workdir.scan(workdir, other_files)
+  fields = train_workdir.metrics_fields(cfg.is_moe)
+  for name, header in contents.fields.items():
+    if header not in (fields, fields + ("resumed_from",)):
+      kinds = ("a dense model", "a model with mixture-of-experts layers")
+      raise ValueError(
+          f"{os.path.join(workdir, name)}: written by a run of "
+          f"{kinds[not cfg.is_moe]} (its header), this run trains "
+          f"{kinds[cfg.is_moe]}; nothing was written: use another workdir")
   step, saved = None, None
   if contents.checkpoint_steps:
     directory = os.path.join(os.path.abspath(workdir),

@@ -63,9 +63,23 @@ OWN_NAMES = (CHECKPOINTS, METRICS_FILE, SUPERSEDED_FILE, HISTORY_FILE
 # work excluded); elapsed_s: wall-clock seconds since the loop began.
 METRICS_FIELDS = ("step", "loss", "grad_norm", "learning_rate",
                   "tokens_per_s", "mfu", "elapsed_s")
+# A model with mixture-of-experts layers adds the routing of the row's batch
+# (`qwen_jax.moe.routing_metrics`): router_aux_loss, the load-balancing loss
+# before its coefficient; expert_load_max / expert_load_min, the busiest and
+# idlest expert's share of the routed slots over an even share (1 =
+# balanced, 0 = an expert received no token); expert_dropped_share, the
+# routed pairs a capacity factor dropped (0 where the dispatch is dropless).
+ROUTING_FIELDS = ("router_aux_loss", "expert_load_max", "expert_load_min",
+                  "expert_dropped_share")
 # metrics.superseded.csv: the same, and the step of the resume that redid
 # the row.
 SUPERSEDED_FIELDS = METRICS_FIELDS + ("resumed_from",)
+
+
+def metrics_fields(moe: bool) -> tuple[str, ...]:
+  """metrics.csv's columns for a dense model or one with mixture-of-experts
+  layers."""
+  return METRICS_FIELDS + (ROUTING_FIELDS if moe else ())
 HISTORY_FORMAT = "qwen_jax.run_history/1"
 # orbax writes a step under "<step>.orbax-checkpoint-tmp..." and renames it
 # when complete; a complete step folder holds this file.
@@ -101,9 +115,10 @@ def atomic_write(path: str, text: str) -> None:
     raise
 
 
-def _read_csv(path: str, fields: Sequence[str]
-              ) -> tuple[list[list[str]], list[str] | None]:
-  """(complete rows, torn last row or None) of one of our CSV files.
+def _read_csv(path: str, headers: Sequence[Sequence[str]]
+              ) -> tuple[list[list[str]], list[str] | None, tuple[str, ...]]:
+  """(complete rows, torn last row or None, header) of one of our CSV
+  files, whose header is one of `headers`.
 
   A last line without its newline is a row a killed run was writing.
 
@@ -120,8 +135,10 @@ def _read_csv(path: str, fields: Sequence[str]
     text += "\n" if text else ""
   lines = list(csv.reader(io.StringIO(text)))
   how = (f"move it away or use another workdir (a {os.path.basename(path)} "
-         f"of a run starts with the header {','.join(fields)})")
-  if not lines or lines[0] != list(fields):
+         f"of a run starts with the header {','.join(headers[0])})")
+  fields = next((tuple(h) for h in headers if lines and lines[0] == list(h)),
+                None)
+  if fields is None:
     found = ",".join(lines[0]) if lines else "an empty file"
     raise ValueError(f"{path}: expected a file written by a training run, "
                      f"found the header {found!r}; nothing was written: "
@@ -138,7 +155,7 @@ def _read_csv(path: str, fields: Sequence[str]
       raise ValueError(f"{path}: line {n}: expected {len(fields)} values "
                        f"with an integer step, found {','.join(row)!r}; "
                        f"nothing was written: {how}")
-  return rows, torn
+  return rows, torn, fields
 
 
 @dataclasses.dataclass
@@ -148,9 +165,10 @@ class Contents:
   Attributes:
     workdir: the folder.
     history: run_history.json, or None.
-    metrics: complete rows of metrics.csv (strings, METRICS_FIELDS).
+    metrics: complete rows of metrics.csv (strings, `metrics_fields`).
     torn_row: a last metrics.csv row cut short by a kill, or None.
     superseded: rows of metrics.superseded.csv.
+    fields: {file name: its header} of the CSV files present.
     checkpoint_steps: complete orbax steps under checkpoints/.
   """
   workdir: str
@@ -159,6 +177,8 @@ class Contents:
   torn_row: list[str] | None = None
   superseded: list[list[str]] = dataclasses.field(default_factory=list)
   checkpoint_steps: list[int] = dataclasses.field(default_factory=list)
+  fields: dict[str, tuple[str, ...]] = dataclasses.field(
+      default_factory=dict)
 
 
 def _check_checkpoints(workdir: str, folder: str) -> list[int]:
@@ -265,12 +285,13 @@ def scan(workdir: str, other_files: Sequence[str] = ()) -> Contents:
     elif name in SCRIPT_FOLDERS:
       if not os.path.isdir(path):
         raise _not_ours(workdir, f"{path!r}, not a folder")
-  for name, fields in ((METRICS_FILE, METRICS_FIELDS),
-                       (SUPERSEDED_FILE, SUPERSEDED_FIELDS)):
+  headers = [metrics_fields(False), metrics_fields(True)]
+  for name, extra in ((METRICS_FILE, ()), (SUPERSEDED_FILE, ("resumed_from",))):
     if name not in names:
       continue
     path = os.path.join(workdir, name)
-    rows, torn = _read_csv(path, fields)
+    rows, torn, out.fields[name] = _read_csv(
+        path, [h + extra for h in headers])
     if out.history is None:
       raise ValueError(
           f"{path}: found a {name} with no {HISTORY_FILE} beside it, so no "
@@ -337,7 +358,8 @@ def supersede_rows(contents: Contents, start: int) -> int:
   between the two leaves a row in both files, never in neither (a row
   already in the superseded file is not added twice).
   """
-  n = len(METRICS_FIELDS)
+  fields = contents.fields.get(METRICS_FILE, METRICS_FIELDS)
+  n = len(fields)
   moved = [r for r in contents.metrics if int(r[0]) > start]
   if contents.torn_row is not None:
     moved.append(_padded(contents.torn_row, n))
@@ -350,13 +372,13 @@ def supersede_rows(contents: Contents, start: int) -> int:
          if tuple(r + [str(start)]) not in seen]
   if new:
     atomic_write(os.path.join(workdir, SUPERSEDED_FILE),
-                 _csv_text(SUPERSEDED_FIELDS, old + new))
+                 _csv_text(fields + ("resumed_from",), old + new))
   kept = [r for r in contents.metrics if int(r[0]) <= start]
   atomic_write(os.path.join(workdir, METRICS_FILE),
-               _csv_text(METRICS_FIELDS, kept))
+               _csv_text(fields, kept))
   return len(moved)
 
 
-__all__ = ["Contents", "METRICS_FIELDS", "SUPERSEDED_FIELDS", "append_history",
-           "atomic_write", "read_history", "record_export", "scan",
-           "supersede_rows"]
+__all__ = ["Contents", "METRICS_FIELDS", "ROUTING_FIELDS", "SUPERSEDED_FIELDS",
+           "append_history", "atomic_write", "metrics_fields",
+           "read_history", "record_export", "scan", "supersede_rows"]

@@ -128,12 +128,18 @@ def tiny_config(layers: int = 4, vocab_size: int = 384,
 
 
 def tiny_checkpoint(folder: str, template: str = CHATML, layers: int = 4,
-                    seed: int = 0, vision: bool = False
+                    seed: int = 0, vision: bool = False, moe: bool = False
                     ) -> tuple[str, QwenConfig]:
   """A random tiny Qwen3.5 checkpoint folder with the tiny tokenizer
   (with `vision`, the tiny tower too: a multimodal checkpoint, as the
-  released ones are, its placeholder ids the top four of the vocabulary)."""
+  released ones are, its placeholder ids the top four of the vocabulary;
+  with `moe`, every MLP a mixture of experts: tiny-moe's experts)."""
   cfg = tiny_config(layers)
+  if moe:
+    m = QwenConfig.from_preset("tiny-moe")
+    cfg = cfg.replace(**{f: getattr(m, f) for f in (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+        "shared_expert_intermediate_size")})
   if vision:
     top = cfg.vocab_size
     cfg = cfg.replace(

@@ -13,7 +13,12 @@ A tiny random checkpoint with a tiny trained tokenizer
     subprocess): the same training and held-out losses as on one device,
     and a sample generated with the sharded weights;
   * a checkpoint with a vision tower: LoRA on its language model, the
-    export multimodal with the tower's tensors unchanged.
+    export multimodal with the tower's tensors unchanged;
+  * a mixture-of-experts checkpoint: full fine-tuning trains its experts
+    and writes the routing to metrics.csv and TensorBoard, LoRA leaves the
+    experts as they were, and the experts split over an expert axis
+    (all-to-all dispatch, a subprocess on 4 CPU devices) give one device's
+    losses; experts' choices that cannot apply are one line.
 """
 
 import csv
@@ -33,6 +38,7 @@ from experiments import finetune
 from experiments import train as train_script
 from experiments.configs import finetune as finetune_config
 from qwen_jax import finetune_data
+from qwen_jax import train_workdir
 from tests import finetune_utils as fu
 from tests.tolerances import assert_close
 
@@ -269,21 +275,138 @@ def test_bad_train_settings_are_named_before_anything_is_written(
   assert not os.path.exists(workdir)
 
 
-def test_mixture_of_experts_training_choices_reach_the_model(files,
-                                                             tmp_path):
-  """config.model may set the experts' dispatch, capacity and
-  load-balancing weight (checked by QwenConfig, named in one line)."""
-  ckpt, chats = files
-  config = _config(ckpt, chats)
-  config.model.moe_dispatch = "all_to_all"
-  config.model.moe_capacity_factor = 1.5
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+  base = tmp_path_factory.mktemp("ft_moe")
+  ckpt, _ = fu.tiny_checkpoint(str(base / "ckpt"), fu.THINKING, moe=True)
+  chats = fu.write_chats(str(base / "chats.jsonl"), copies=6)
+  return ckpt, chats
+
+
+def test_mixture_of_experts_checkpoint_fine_tunes(moe_files, tmp_path):
+  """Full fine-tuning of a Qwen3_5MoeForCausalLM folder with a
+  load-balancing weight set in config.model: the loss falls, metrics.csv
+  and TensorBoard carry the routing, the experts' fused tensors train and
+  the export is a mixture-of-experts checkpoint again."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  ckpt, chats = moe_files
+  config = _config(ckpt, chats, num_steps=12)
   config.model.router_aux_loss_coef = 0.01
-  cfg = finetune.build(config).cfg
-  assert (cfg.moe_dispatch, cfg.moe_capacity_factor,
-          cfg.router_aux_loss_coef) == ("all_to_all", 1.5, 0.01)
-  config.model.moe_dispatch = "gather"  # dropless: no capacity
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
+  train_script.run(config, workdir, progress=False, export_hf=out)
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    assert next(csv.reader(f)) == list(train_workdir.metrics_fields(True))
+  rows = _metrics(workdir)
+  losses = [float(r["loss"]) for r in rows]
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+  k, experts = 2, 8  # tiny-moe's routing
+  tb = _tb_scalars(os.path.join(workdir, "tensorboard"))
+  for r in rows:
+    aux = float(r["router_aux_loss"])
+    assert 0.0 < aux <= experts, r
+    assert 0.0 <= float(r["expert_load_min"]) <= 1.0, r
+    assert 1.0 <= float(r["expert_load_max"]) <= experts / k, r
+    assert float(r["expert_dropped_share"]) == 0.0, r  # dropless
+    assert tb["train/router_aux_loss"][int(r["step"])] == np.float32(aux)
+  with open(os.path.join(workdir, "run_history.json")) as f:
+    model = json.load(f)["entries"][-1]["config"]["model"]
+  assert model["router_aux_loss_coef"] == 0.01
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["Qwen3_5MoeForCausalLM"]
+  before = safetensors.numpy.load_file(
+      os.path.join(ckpt, "model.safetensors"))
+  after = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+  assert set(before) == set(after)
+  fused = [n for n in before if n.endswith(("experts.gate_up_proj",
+                                            "experts.down_proj"))]
+  assert len(fused) == 8
+  for n in fused:
+    assert not np.array_equal(before[n], after[n]), n
+
+
+def test_lora_on_a_mixture_of_experts_checkpoint(moe_files, tmp_path):
+  """LoRA's default targets on a mixture-of-experts model: the attention
+  and DeltaNet projections; the merged export leaves the experts, router
+  and shared expert as they were."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  ckpt, chats = moe_files
+  config = _config(ckpt, chats, num_steps=2)
+  config.lora_rank = 2
+  config.base_dtype = "float32"
+  config.eval.samples = 0
+  out = str(tmp_path / "hf")
+  train_script.run(config, str(tmp_path / "w"), progress=False,
+                   export_hf=out)
+  before = safetensors.numpy.load_file(
+      os.path.join(ckpt, "model.safetensors"))
+  after = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
+  changed = {n for n in before if not np.array_equal(before[n], after[n])}
+  assert changed and all(("self_attn." in n or "linear_attn." in n)
+                         for n in changed), sorted(changed)
+  assert not any(".mlp." in n for n in changed)
+
+
+_MOE_MESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from experiments import train as train_script
+    from tests import test_finetune as t
+    ckpt, chats, out = sys.argv[1:4]
+    results = {}
+    for mesh, dispatch in (("", "gather"), ("expert:2,seq:2", "all_to_all")):
+      config = t._config(ckpt, chats, num_steps=3)
+      config.mesh = mesh
+      config.model.moe_dispatch = dispatch
+      config.model.router_aux_loss_coef = 0.01
+      config.eval.samples = 0
+      workdir = f"{out}/w_{dispatch}"
+      summary = train_script.run(config, workdir, progress=False)
+      rows = t._metrics(workdir)
+      results[dispatch] = {
+          "train": [float(r["loss"]) for r in rows],
+          "aux": [float(r["router_aux_loss"]) for r in rows],
+          "eval": summary["eval"]["loss"]}
+    print(json.dumps(results))
+""")
+
+
+def test_mixture_of_experts_on_an_expert_axis_matches_one_device(
+    moe_files, tmp_path):
+  """Full fine-tuning of the mixture-of-experts checkpoint with its experts
+  split over an expert axis and reached by all-to-alls (4 CPU devices,
+  expert:2, seq:2): one device's losses, routing and held-out loss."""
+  ckpt, chats = moe_files
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-c", _MOE_MESH_SCRIPT, ckpt, chats, str(tmp_path)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  one, mesh = results["gather"], results["all_to_all"]
+  assert len(one["train"]) == 3
+  for key in ("train", "aux", "eval"):
+    assert_close(mesh[key], one[key], "float32")
+
+
+@pytest.mark.parametrize("field,value,checkpoint,says", [
+    ("moe_dispatch", "gather", "dense", "mixture-of-experts"),
+    ("router_aux_loss_coef", 0.01, "dense", "mixture-of-experts"),
+    ("moe_dispatch", "all_to_all", "moe", "config.mesh"),
+    ("moe_capacity_factor", 1.5, "moe", "moe_capacity_factor"),
+])
+def test_mixture_of_experts_choices_that_cannot_apply_are_one_line(
+    files, moe_files, tmp_path, field, value, checkpoint, says):
+  """config.model's experts' choices on a dense checkpoint, the all-to-all
+  without an expert axis, a capacity without the all-to-all: one line
+  naming the field, before anything is written."""
+  ckpt, chats = moe_files if checkpoint == "moe" else files
+  config = _config(ckpt, chats)
+  config.model[field] = value
   workdir = str(tmp_path / "never")
-  with pytest.raises(ValueError, match="moe_capacity_factor") as e:
+  with pytest.raises(ValueError, match=field) as e:
     train_script.run(config, workdir, progress=False)
+  assert says in str(e.value)
   assert len(str(e.value).splitlines()) == 1
   assert not os.path.exists(workdir)

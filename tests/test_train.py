@@ -27,6 +27,7 @@ TrainConfig of `experiments/configs/mqar.py:runlocal`.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from qwen_jax import stack
 from qwen_jax import train
 from qwen_jax import train_checkpoint
 from qwen_jax import train_step
+from qwen_jax import train_workdir
 from qwen_jax.config import FULL, LINEAR, QwenConfig
 from qwen_jax.model import Qwen35
 from tests import tolerances
@@ -393,6 +395,58 @@ def test_killed_run_resumes_with_identical_losses(reference_run, tmp_path):
   (ref_6,) = [r for r in ref_rows if r["step"] == "6"]
   assert moved[0]["loss"] == ref_6["loss"]
   assert float(moved[0]["loss"]) == seen[5]  # the batch of step index 5
+
+
+def test_mixture_of_experts_metrics_carry_the_routing(tmp_path):
+  """A mixture-of-experts run's metrics.csv has the routing columns; a
+  resume moves a redone row to metrics.superseded.csv in the same format,
+  equal to the row that replaces it; a dense run's metrics.csv in the
+  workdir is refused by name before anything is written."""
+  _, cfg, tcfg, task = _local()
+  moe_cfg = cfg.replace(num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=16,
+                        shared_expert_intermediate_size=16)
+  tcfg = dataclasses.replace(tcfg, num_steps=4, checkpoint_every=2,
+                             log_every=1)
+  workdir = str(tmp_path / "moe")
+
+  def crash(step, metrics):
+    if step == 3:  # after row 3, written past the checkpoint of step 2
+      raise _Crash()
+
+  with pytest.raises(_Crash):
+    train.train(moe_cfg, tcfg, task.batch_fn, workdir, progress=False,
+                callback=crash)
+  resumed = train.train(moe_cfg, tcfg, task.batch_fn, workdir,
+                        progress=False)
+  assert resumed.resumed_from == 2
+  fields = list(train_workdir.metrics_fields(True))
+  for name, header in (("metrics.csv", fields),
+                       ("metrics.superseded.csv", fields + ["resumed_from"])):
+    with open(os.path.join(workdir, name)) as f:
+      assert next(csv.reader(f)) == header, name
+  rows = _csv_rows(os.path.join(workdir, "metrics.csv"))
+  assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+  for r in rows:
+    assert 0 < float(r["router_aux_loss"]) <= 4, r
+    assert 0 <= float(r["expert_load_min"]) <= 1 <= float(
+        r["expert_load_max"]) <= 2, r
+    assert float(r["expert_dropped_share"]) == 0.0, r
+  (moved,) = _csv_rows(os.path.join(workdir, "metrics.superseded.csv"))
+  assert moved["step"] == "3" and moved["resumed_from"] == "2"
+  for k in train_workdir.ROUTING_FIELDS + ("loss",):
+    assert moved[k] == rows[2][k], k  # the same batch from the same state
+
+  dense_dir = str(tmp_path / "dense")
+  no_ckpt = dataclasses.replace(tcfg, num_steps=1, save_checkpoints=False)
+  train.train(cfg, no_ckpt, task.batch_fn, dense_dir, progress=False)
+  before = sorted(os.listdir(dense_dir))
+  with pytest.raises(ValueError, match=r"metrics\.csv: written by a run of "
+                     r"a dense model .* this run trains a model with "
+                     r"mixture-of-experts layers") as e:
+    train.train(moe_cfg, no_ckpt, task.batch_fn, dense_dir, progress=False)
+  assert len(str(e.value).splitlines()) == 1
+  assert sorted(os.listdir(dense_dir)) == before
 
 
 def test_restore_for_another_model_config_names_the_field(reference_run):
