@@ -39,6 +39,7 @@ probability, over the tokens of the call (`router_stats` below).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -169,6 +170,66 @@ def experts_dense(x: Array, weights: Array, idx: Array, gate_up: Array,
 
 
 EXPERT_IMPLEMENTATIONS = {"ragged": experts_ragged, "dense": experts_dense}
+
+# The experts as the decode layout stores them (`qwen_jax.quantize`):
+# output-major matrices [E, out, in] in the layout's dtype, with a float32
+# scale [E, out] per output channel when they are int8 (w ~ q * scale).
+GATE_UP_T, GATE_UP_SCALE = "gate_up_proj_t", "gate_up_proj_scale"
+DOWN_T, DOWN_SCALE = "down_proj_t", "down_proj_scale"
+# Routed (token, expert) pairs up to which the stored experts are read pair
+# by pair (a decoded token reads its k experts' matrices and no other);
+# above it every expert is converted once for the grouped matmul.
+GATHER_PAIRS_MAX = 16
+
+
+def _stored_as_float(w_t: Array, scale: Array | None, dtype: Any) -> Array:
+  """Stored matrices [..., out, in] as `dtype` values in float32 (an int8
+  matrix exactly; its scale is applied after the product)."""
+  if w_t.dtype == jnp.int8 or scale is not None:
+    return w_t.astype(jnp.float32)
+  return w_t.astype(dtype).astype(jnp.float32)
+
+
+def experts_stored(x: Array, weights: Array, idx: Array, gate_up_t: Array,
+                   gate_up_scale: Array | None, down_t: Array,
+                   down_scale: Array | None) -> Array:
+  """`experts_ragged`'s result from the decode layout's experts.
+
+  Up to GATHER_PAIRS_MAX routed pairs, each pair's two matrices are
+  gathered and applied as `Dense` computes (inputs rounded to x's dtype,
+  float32 sums, an int8 matrix's scale applied per output channel, the
+  result in x's dtype): decoding reads the routed experts alone. Above it
+  every expert is converted to x's dtype and `experts_ragged` runs.
+
+  Args:
+    x: [T, d] tokens; weights, idx: [T, k] routing.
+    gate_up_t: [E, 2I, d]; down_t: [E, d, I] (float, or int8 with the
+      scales gate_up_scale [E, 2I] and down_scale [E, d]; else None).
+  """
+  dtype = x.dtype
+  t, k = idx.shape
+  if t * k > GATHER_PAIRS_MAX:
+    def dense(w_t, scale):
+      w = w_t.astype(jnp.float32)
+      if scale is not None:
+        w = w * scale.astype(jnp.float32)[..., None]
+      return jnp.swapaxes(w, -1, -2).astype(dtype)
+    return experts_ragged(x, weights, idx, dense(gate_up_t, gate_up_scale),
+                          dense(down_t, down_scale))
+
+  def product(h, w_t, scale):  # h [T, k, in] -> [T, k, out] per pair
+    y = jnp.einsum("tki,tkoi->tko", h.astype(jnp.float32),
+                   _stored_as_float(w_t[idx], scale, dtype))
+    if scale is not None:
+      y = y * scale[idx].astype(jnp.float32)
+    return y.astype(dtype)
+
+  h = product(jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1])),
+              gate_up_t, gate_up_scale)
+  g, u = jnp.split(h, 2, axis=-1)
+  y = product(jax.nn.silu(g) * u, down_t, down_scale)
+  y = y * weights[..., None].astype(y.dtype)
+  return y.sum(axis=1)
 
 # The mesh axis the experts' weights are split over (qwen_jax.sharding).
 EXPERT_AXIS = "expert"
@@ -373,6 +434,19 @@ class SparseMoeBlock(nn.Module):
     weights, idx = route(logits, k)
     self.sow("intermediates", "router_stats", router_stats(
         logits, idx, e, None if mask is None else mask.reshape(-1)))
+    # transformers casts the renormalised weights to the logits' dtype.
+    weights = weights.astype(dtype)
+    ctx = _expert_context()
+    if self.has_variable("params", GATE_UP_T):  # the decode layout
+      if ctx is not None:
+        raise ValueError("the decode layout's experts (qwen_jax.quantize) "
+                         "run on one device, found an expert mesh axis")
+      get = lambda n: (self.get_variable("params", n)
+                       if self.has_variable("params", n) else None)
+      routed = experts_stored(xf, weights, idx, get(GATE_UP_T),
+                              get(GATE_UP_SCALE), get(DOWN_T),
+                              get(DOWN_SCALE))
+      return self._with_shared_expert(x, routed.reshape(b, t, d))
     init = nn.initializers.normal(0.02)
     gate_up = self.param(
         "gate_up_proj",
@@ -381,9 +455,6 @@ class SparseMoeBlock(nn.Module):
     down = self.param(
         "down_proj", layers.param_init(init, ("expert", "moe_mlp", "embed")),
         (e, f, d), pdtype)
-    # transformers casts the renormalised weights to the logits' dtype.
-    weights = weights.astype(dtype)
-    ctx = _expert_context()
     if ctx is not None:
       routed, dropped = experts_expert_parallel(
           ctx, xf.reshape(b, t, d), weights.reshape(b, t, k),
@@ -394,8 +465,14 @@ class SparseMoeBlock(nn.Module):
     else:
       routed = EXPERT_IMPLEMENTATIONS[cfg.moe_implementation](
           xf, weights, idx, gate_up, down)
+    return self._with_shared_expert(x, routed.reshape(b, t, d))
+
+  def _with_shared_expert(self, x: Array, routed: Array) -> Array:
+    """routed + sigmoid(gate(x)) * shared_expert(x)."""
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     shared = MLP(cfg, cfg.shared_expert_intermediate_size,
                  name="shared_expert")(x)
     gate = layers.Dense(1, ("embed", None), False, dtype, pdtype,
                         name="shared_expert_gate")(x)
-    return routed.reshape(b, t, d) + jax.nn.sigmoid(gate) * shared
+    return routed + jax.nn.sigmoid(gate) * shared

@@ -8,7 +8,7 @@ decode program reads fastest on a CPU, with the matrices stored in `mode`:
                          scale per channel: w[o, i] ~ q[o, i] * scale[o],
                          q in [-127, 127], scale = max_i |w[o, i]| / 127
 
-The decode layout differs from `Qwen35(cfg).init`'s tree in three ways:
+The decode layout differs from `Qwen35(cfg).init`'s tree in four ways:
 
   * the stack is unscanned: one slot `layer_{i}` per layer, whatever
     `cfg.scan_layers` says (no per-layer slice is cut out of a stacked
@@ -19,6 +19,12 @@ The decode layout differs from `Qwen35(cfg).init`'s tree in three ways:
     `x @ kernel_t.T` (with the int8 -> float32 conversion, when there is
     one) into a single loop that streams each row of the matrix once, so
     int8 weights are read from memory as int8;
+  * a mixture of experts' stacked matrices gate_up_proj [E, d, 2I] and
+    down_proj [E, I, d] are stored output-major as `gate_up_proj_t`
+    [E, 2I, d] and `down_proj_t` [E, d, I], int8 with a scale per expert
+    and output channel (`gate_up_proj_scale` [E, 2I], `down_proj_scale`
+    [E, d]) or in the float dtype; a decoded token reads its k experts'
+    matrices alone (`qwen_jax.moe.experts_stored`);
   * an int8 embedding is stored as `embedding_q` [vocab, d] and
     `embedding_scale` [vocab] (one scale per vocabulary row: per output
     channel of the tied LM head, and the row's own scale for the lookup).
@@ -55,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_jax import moe
 from qwen_jax import stack
 from qwen_jax.array_typing import Array, PyTree
 from qwen_jax.config import QwenConfig
@@ -71,6 +78,9 @@ EMBED_Q = "embedding_q"
 EMBED_SCALE = "embedding_scale"
 # Modules with a "kernel" that is not a Dense matrix (kept as they are).
 _NOT_DENSE = ("conv1d",)
+# A mixture of experts' stacked matrices and their decode-layout names.
+_EXPERTS = {"gate_up_proj": (moe.GATE_UP_T, moe.GATE_UP_SCALE),
+            "down_proj": (moe.DOWN_T, moe.DOWN_SCALE)}
 
 # Rows (tokens x batch) up to which a product with an int8 or bfloat16
 # matrix runs as one fused vector-matrix loop per row (each pass reads the
@@ -200,8 +210,20 @@ def _is_dense(node: Any) -> bool:
           and getattr(node["kernel"], "ndim", 0) >= 2)
 
 
+def _convert_experts(w: Array, mode: str | None, names: tuple[str, str]
+                     ) -> dict[str, Array]:
+  """A mixture of experts' stacked matrices [E, in, out] as the decode
+  layout stores them (`qwen_jax.moe.experts_stored`): output-major
+  [E, out, in], int8 with a scale [E, out] per expert and output channel,
+  or a float dtype."""
+  w_t = jnp.swapaxes(w, -1, -2)
+  if mode in _INT_MODES:
+    return dict(zip(names, _quantize_rows(w_t, mode)))
+  return {names[0]: w_t if mode is None else w_t.astype(jnp.dtype(mode))}
+
+
 def _convert_tree(node: Any, mode: str | None) -> Any:
-  """Converts every Dense kernel under `node`."""
+  """Converts every Dense kernel and stacked experts under `node`."""
   if _is_dense(node):
     k = node["kernel"]
     k_t = jnp.swapaxes(k, -1, -2)
@@ -212,8 +234,13 @@ def _convert_tree(node: Any, mode: str | None) -> Any:
       new[KERNEL_T] = k_t if mode is None else k_t.astype(jnp.dtype(mode))
     return new
   if isinstance(node, Mapping):
-    return {key: v if key in _NOT_DENSE else _convert_tree(v, mode)
-            for key, v in node.items()}
+    out = {}
+    for key, v in node.items():
+      if key in _EXPERTS and getattr(v, "ndim", 0) == 3:
+        out.update(_convert_experts(v, mode, _EXPERTS[key]))
+      else:
+        out[key] = v if key in _NOT_DENSE else _convert_tree(v, mode)
+    return out
   return node
 
 

@@ -194,7 +194,8 @@ def test_greedy_generation_equals_transformers():
   path, model = _saved("top2")
   cfg, params = qwen_jax.load_hf_checkpoint(path)
   # On a CPU generate runs the decode layout (qwen_jax.decode_loop): the
-  # router and shared expert output-major, the stacked experts as stored.
+  # router, shared expert and stacked experts output-major
+  # (moe.experts_stored).
   if jax.default_backend() == "cpu":
     assert is_decode_layout(decode_loop.prepare(cfg, params)[1])
   ids = hf_utils.random_ids(np.random.default_rng(3), 2, 9, VOCAB)

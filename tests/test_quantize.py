@@ -10,6 +10,12 @@
     tests/tolerances.py's QUANT_LOGITS_REL of float32's;
   * every greedy token int8 picks is one float32 ranks (nearly) best at
     that step, and most are float32's own picks;
+  * a mixture of experts: the stacked experts are stored output-major,
+    int8 per expert and output channel; `moe.experts_stored` equals a
+    float64 NumPy sum over the routed experts on both of its paths (pairs
+    gathered; every expert converted), and a tiny mixture-of-experts
+    model's float32 / bfloat16 / int8 logits stay within the float tree's
+    tolerance / QUANT_LOGITS_REL, for a decoded token and a prefill;
   * bad input is refused, naming the argument or entry.
 
 The models are tiny random transformers checkpoints with weights N(0, 0.05)
@@ -28,6 +34,9 @@ import pytest
 
 import qwen_jax
 from qwen_jax import decode_loop
+from qwen_jax import moe
+from qwen_jax import stack
+from qwen_jax import train_step
 from qwen_jax.config import FULL, LINEAR
 from qwen_jax.quantize import is_decode_layout
 from qwen_jax.quantize import KERNEL_T
@@ -160,3 +169,96 @@ def test_quantize_refuses_bad_input():
   with pytest.raises(ValueError, match=r"params\['norm'\]\['weight'\]: "
                      r"expected a float array, found dtype int32"):
     qwen_jax.quantize(cfg, ints)
+
+
+# ------------------------------------------------------- mixture of experts
+def _numpy_experts(x, weights, idx, gate_up_t, gu_scale, down_t, d_scale):
+  """float64 sum over each token's routed experts of SwiGLU with the
+  stored matrices (q * scale when int8)."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  gu = f64(gate_up_t) * (1.0 if gu_scale is None else f64(gu_scale)[..., None])
+  dn = f64(down_t) * (1.0 if d_scale is None else f64(d_scale)[..., None])
+  out = np.zeros((x.shape[0], dn.shape[1]))
+  for t in range(x.shape[0]):
+    for j in range(idx.shape[1]):
+      e = idx[t, j]
+      g, u = np.split(gu[e] @ f64(x[t]), 2)
+      a = g / (1.0 + np.exp(-g)) * u
+      out[t] += weights[t, j] * (dn[e] @ a)
+  return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, moe.GATHER_PAIRS_MAX])
+@pytest.mark.parametrize("int8", [True, False])
+def test_stored_experts_equal_numpy(tokens, int8):
+  """Both paths: k * tokens pairs up to GATHER_PAIRS_MAX read pair by pair,
+  more convert every expert (k = 2: 16 tokens give 32 pairs)."""
+  rng = np.random.default_rng(tokens + 10 * int8)
+  e, d, f, k = 6, 24, 10, 2
+  x = rng.standard_normal((tokens, d)).astype(np.float32)
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)])
+  weights = rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
+  if int8:
+    gate_up_t = rng.integers(-127, 128, (e, 2 * f, d)).astype(np.int8)
+    down_t = rng.integers(-127, 128, (e, d, f)).astype(np.int8)
+    gu_scale = rng.uniform(0.001, 0.01, (e, 2 * f)).astype(np.float32)
+    d_scale = rng.uniform(0.001, 0.01, (e, d)).astype(np.float32)
+  else:
+    gate_up_t = (0.2 * rng.standard_normal((e, 2 * f, d))).astype(np.float32)
+    down_t = (0.2 * rng.standard_normal((e, d, f))).astype(np.float32)
+    gu_scale = d_scale = None
+  args = (x, weights, idx, gate_up_t, gu_scale, down_t, d_scale)
+  got = jax.jit(moe.experts_stored)(*args)
+  tolerances.assert_close(got, _numpy_experts(*args), np.float32)
+
+
+def _moe_model():
+  """A tiny mixture-of-experts model in float32, weights N(0, 0.05) and an
+  N(0, 1) embedding (see the module docstring)."""
+  cfg = qwen_jax.QwenConfig.from_preset(
+      "tiny-moe", vocab_size=128, dtype="float32", param_dtype="float32")
+  rng = np.random.default_rng(5)
+
+  def draw(path, a):
+    std = 1.0 if "embed_tokens" in jax.tree_util.keystr(path) else 0.05
+    return jnp.asarray(rng.normal(0.0, std, a.shape), a.dtype)
+
+  return cfg, jax.tree_util.tree_map_with_path(
+      draw, train_step.init_params(cfg, 0))
+
+
+def test_int8_experts_round_each_row_to_its_step():
+  cfg, params = _moe_model()
+  q = qwen_jax.quantize(cfg, params, "int8")
+  for i in range(cfg.num_hidden_layers):
+    slot, at = stack.layer_location(cfg, i)
+    mlp = params["layers"][slot]["mlp"]
+    got = q["layers"][f"layer_{i}"]["mlp"]
+    assert "gate_up_proj" not in got and "down_proj" not in got
+    for name, (q_name, s_name) in (
+        ("gate_up_proj", (moe.GATE_UP_T, moe.GATE_UP_SCALE)),
+        ("down_proj", (moe.DOWN_T, moe.DOWN_SCALE))):
+      w = np.asarray(mlp[name], np.float64)
+      w = w if at is None else w[at]
+      w_t = np.swapaxes(w, -1, -2)  # [E, out, in]
+      qv, sv = np.asarray(got[q_name]), np.asarray(got[s_name], np.float64)
+      assert qv.dtype == np.int8 and qv.shape == w_t.shape, (i, name)
+      np.testing.assert_allclose(sv, np.abs(w_t).max(-1) / 127, rtol=1e-6)
+      assert np.all(np.abs(qv * sv[..., None] - w_t)
+                    <= sv[..., None] * 0.5001), (i, name)
+  assert weight_mode(q) == "int8"
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (2, 12)])  # decode-sized, prefill
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
+def test_mixture_of_experts_logits_in_the_decode_layout(shape, mode):
+  cfg, params = _moe_model()
+  q = qwen_jax.quantize(cfg, params, mode)
+  ids = np.random.default_rng(shape[1]).integers(0, cfg.vocab_size, shape)
+  want = np.asarray(_forward(cfg, params, ids))
+  got = np.asarray(_forward(cfg, q, ids))
+  if mode == "float32":
+    tolerances.assert_close(got, want, np.float32)
+  else:
+    err = tolerances.max_rel_err(got, want)
+    assert 0 < err < tolerances.QUANT_LOGITS_REL[mode], err
