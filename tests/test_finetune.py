@@ -241,16 +241,21 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mesh_matches_one_device(files, tmp_path):
-  ckpt, chats = files
+def _on_four_devices(script, ckpt, chats, tmp_path):
+  """The JSON a script prints last, run in a subprocess with 4 CPU
+  devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   out = subprocess.run(
-      [sys.executable, "-c", _MESH_SCRIPT, ckpt, chats, str(tmp_path)],
+      [sys.executable, "-c", script, ckpt, chats, str(tmp_path)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_mesh_matches_one_device(files, tmp_path):
+  results = _on_four_devices(_MESH_SCRIPT, *files, tmp_path)
   one, mesh = results[""], results["fsdp:2,seq:2"]
   assert len(one["train"]) == 4
   assert_close(mesh["train"], one["train"], "float32")
@@ -375,15 +380,7 @@ def test_mixture_of_experts_on_an_expert_axis_matches_one_device(
   """Full fine-tuning of the mixture-of-experts checkpoint with its experts
   split over an expert axis and reached by all-to-alls (4 CPU devices,
   expert:2, seq:2): one device's losses, routing and held-out loss."""
-  ckpt, chats = moe_files
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-      [sys.executable, "-c", _MOE_MESH_SCRIPT, ckpt, chats, str(tmp_path)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])
+  results = _on_four_devices(_MOE_MESH_SCRIPT, *moe_files, tmp_path)
   one, mesh = results["gather"], results["all_to_all"]
   assert len(one["train"]) == 3
   for key in ("train", "aux", "eval"):
