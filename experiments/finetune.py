@@ -25,9 +25,10 @@ run_history.json (`qwen_jax.train_workdir`):
                            train/grad_norm, train/learning_rate per step
                            (a mixture-of-experts model: and the routing
                            columns of metrics.csv, train/router_aux_loss
-                           ...), eval/loss, eval/perplexity and the samples as
-                           text per evaluation; a resumed run hides the
-                           events past its checkpoint (purge_step)
+                           ...), eval/loss, eval/perplexity and the
+                           samples as text per evaluation; a resumed run
+                           hides the events past its checkpoint
+                           (purge_step)
   loss.png                 training loss per step and held-out loss,
                            drawn at the end
   adapter/                 LoRA runs: the adapters alone (PEFT layout,

@@ -231,6 +231,7 @@ def experts_stored(x: Array, weights: Array, idx: Array, gate_up_t: Array,
   y = y * weights[..., None].astype(y.dtype)
   return y.sum(axis=1)
 
+
 # The mesh axis the experts' weights are split over (qwen_jax.sharding).
 EXPERT_AXIS = "expert"
 

@@ -74,12 +74,6 @@ ROUTING_FIELDS = ("router_aux_loss", "expert_load_max", "expert_load_min",
 # metrics.superseded.csv: the same, and the step of the resume that redid
 # the row.
 SUPERSEDED_FIELDS = METRICS_FIELDS + ("resumed_from",)
-
-
-def metrics_fields(moe: bool) -> tuple[str, ...]:
-  """metrics.csv's columns for a dense model or one with mixture-of-experts
-  layers."""
-  return METRICS_FIELDS + (ROUTING_FIELDS if moe else ())
 HISTORY_FORMAT = "qwen_jax.run_history/1"
 # orbax writes a step under "<step>.orbax-checkpoint-tmp..." and renames it
 # when complete; a complete step folder holds this file.
@@ -88,6 +82,12 @@ _ORBAX_METADATA = "_CHECKPOINT_METADATA"
 # The items our Checkpointer saves in each step.
 _CHECKPOINT_ITEMS = {"state", "config"}
 _TMP_PREFIX = ".qwen_jax-tmp-"
+
+
+def metrics_fields(moe: bool) -> tuple[str, ...]:
+  """metrics.csv's columns for a dense model or one with mixture-of-experts
+  layers."""
+  return METRICS_FIELDS + (ROUTING_FIELDS if moe else ())
 
 
 def _not_ours(workdir: str, what: str) -> ValueError:
