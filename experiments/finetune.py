@@ -544,12 +544,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   cfg_run = train_step.model_config_for_training(cfg, plan.tcfg)
   writer = _tb_writer(workdir, start)
 
-  routing = train_workdir.ROUTING_FIELDS if cfg_run.is_moe else ()
-
   def callback(step: int, metrics: Mapping[str, float]) -> None:
-    for k in ("loss", "grad_norm", "learning_rate") + routing:
-      # A dropless dispatch drops no pair and reports no share.
-      writer.add_scalar(f"train/{k}", metrics.get(k, 0.0), step + 1)
+    scalars = {k: metrics[k] for k in ("loss", "grad_norm", "learning_rate")}
+    if cfg_run.is_moe:
+      scalars.update(train_workdir.routing_values(metrics))
+    for k, value in scalars.items():
+      writer.add_scalar(f"train/{k}", value, step + 1)
 
   evaluator = Evaluator(workdir, plan, cfg_run, frozen, batches, prompts,
                         ev.get("max_new_tokens", 64), writer)

@@ -268,8 +268,8 @@ def _export_entry(workdir: str, export_hf: str | None) -> str | None:
 
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The data and eval sections, as recorded and compared on a resume."""
-  return {"data": configs.as_dict(config.data), "eval": configs.as_dict(config.eval)}
-
+  return {"data": configs.as_dict(config.data),
+          "eval": configs.as_dict(config.eval)}
 
 
 @contextlib.contextmanager

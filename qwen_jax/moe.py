@@ -210,7 +210,7 @@ def experts_stored(x: Array, weights: Array, idx: Array, gate_up_t: Array,
   t, k = idx.shape
   if t * k > GATHER_PAIRS_MAX:
     def dense(w_t, scale):
-      w = w_t.astype(jnp.float32)
+      w = _stored_as_float(w_t, scale, dtype)
       if scale is not None:
         w = w * scale.astype(jnp.float32)[..., None]
       return jnp.swapaxes(w, -1, -2).astype(dtype)

@@ -461,9 +461,8 @@ def train(cfg: QwenConfig, tcfg: TrainConfig, batch_fn: BatchFn,
                "tokens_per_s": tps,
                "mfu": fpt * tps / peak if peak else float("nan"),
                "elapsed_s": now - t_loop}
-        if cfg.is_moe:  # a dropless dispatch reports no dropped share
-          row.update({k: float(m.get(k, 0.0))
-                      for k in train_workdir.ROUTING_FIELDS})
+        if cfg.is_moe:
+          row.update(train_workdir.routing_values(m))
         history.append(row)
         if writer is not None:
           writer.writerow(row)

@@ -90,6 +90,12 @@ def metrics_fields(moe: bool) -> tuple[str, ...]:
   return METRICS_FIELDS + (ROUTING_FIELDS if moe else ())
 
 
+def routing_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """The ROUTING_FIELDS of a MoE train step's metrics as floats; a dropless
+  dispatch reports no dropped share, which is 0."""
+  return {k: float(metrics.get(k, 0.0)) for k in ROUTING_FIELDS}
+
+
 def _not_ours(workdir: str, what: str) -> ValueError:
   return ValueError(
       f"workdir {workdir!r}: expected a training workdir (only "
@@ -381,4 +387,5 @@ def supersede_rows(contents: Contents, start: int) -> int:
 
 __all__ = ["Contents", "METRICS_FIELDS", "ROUTING_FIELDS", "SUPERSEDED_FIELDS",
            "append_history", "atomic_write", "metrics_fields",
-           "read_history", "record_export", "scan", "supersede_rows"]
+           "read_history", "record_export", "routing_values", "scan",
+           "supersede_rows"]
